@@ -1,0 +1,1 @@
+"""Dagster orchestration: one asset per stage, composed in `assets/definitions.py`."""

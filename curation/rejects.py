@@ -1,0 +1,52 @@
+"""Rejected rows and the reasons they carry.
+
+A row that cannot go on is never dropped silently: it becomes a row of the
+rejects table with a reason from a small fixed vocabulary (so reasons can be
+counted and charted) and a free-text detail (so a person can debug it).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+
+class Reason:
+    """The reject vocabulary. Stages add to it here, never ad hoc strings."""
+
+    UNDECODABLE_IMAGE = "undecodable_image"
+    EMPTY_IMAGE = "empty_image"
+    IMAGE_TOO_LARGE = "image_too_large"
+    EMPTY_CAPTION = "empty_caption"
+    NON_UTF8_CAPTION = "non_utf8_caption"
+    CAPTION_TOO_LONG = "caption_too_long"
+    MISSING_FIELD = "missing_field"
+    DUPLICATE = "duplicate"  # detail is "duplicate_of=<key>"
+    DOWNLOAD_FAILED = "download_failed"
+    BAD_URL = "bad_url"
+    NO_MATCH = "no_metadata_match"
+    FILTERED = "quality_filter"
+
+
+REJECT_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=True),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string(), nullable=True),
+    pa.field("source", pa.string(), nullable=True),
+    pa.field("row", pa.int64(), nullable=True),
+])
+
+
+def reject(key: str | None, stage: str, reason: str, detail: str = "", source: str | None = None, row: int | None = None) -> dict:
+    return {"key": key, "stage": stage, "reason": reason, "detail": detail[:2000], "source": source, "row": row}
+
+
+def rejects_table(rows: Iterable[dict]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=REJECT_SCHEMA)
+
+
+def count_reasons(table: pa.Table) -> dict[str, int]:
+    return dict(sorted(collections.Counter(table.column("reason").to_pylist()).items()))

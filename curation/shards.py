@@ -1,0 +1,266 @@
+"""Parquet shards: atomic writes, deterministic names, a manifest written last, and resume.
+
+Invariants every stage relies on:
+- A shard is visible under its final name only once it is complete: it is
+  written to a hidden temp file and renamed, so a killed run leaves no
+  half-written shard behind.
+- `manifest.json` is written after every shard and says the stage is done.
+- Names are `part-00000.parquet`, `part-00001.parquet`, ...: the same input
+  gives the same names, so a rerun can tell which shards are finished.
+- Readers stream record batches and never hold a dataset in memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation import __version__
+from curation.schema import PAIR_SCHEMA, KeyTracker, SchemaError, validate
+
+MANIFEST = "manifest.json"
+DEFAULT_TARGET_BYTES = 256 * 1024 * 1024
+DEFAULT_ROW_GROUP_ROWS = 1024
+
+
+class ManifestError(RuntimeError):
+    """A manifest that is missing, unreadable or does not match the files beside it."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def shard_name(index: int, prefix: str = "part") -> str:
+    return f"{prefix}-{index:05d}.parquet"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = _temp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def info_for(path: str | Path) -> ShardInfo:
+    path = Path(path)
+    return ShardInfo(path.name, pq.ParquetFile(path).metadata.num_rows, path.stat().st_size, file_sha256(path))
+
+
+def write_table_atomic(table: pa.Table, path: str | Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> ShardInfo:
+    """Write one complete shard: temp file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return info_for(path)
+
+
+def remove_stale_temps(directory: str | Path) -> None:
+    """Temp files of a killed run are garbage: nothing refers to them."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for tmp in directory.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def finished_shards(directory: str | Path, prefix: str = "part") -> list[Path]:
+    """Complete shards, in index order, ignoring temp files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(f"{prefix}-*.parquet") if not p.name.startswith("."))
+
+
+class ShardWriter:
+    """Streams rows into size-bounded shards; with `resume`, continues a killed run exactly.
+
+    Resume relies on the caller feeding the same rows in the same order (every
+    stage derives its order from its input and seed, never from time or
+    scheduling). The writer then skips as many rows as the finished shards hold
+    and carries on at the next shard index, so no row is written twice or lost.
+    """
+
+    def __init__(self, directory: str | Path, schema: pa.Schema = PAIR_SCHEMA, *, rows_per_shard: int | None = None,
+                 target_bytes: int = DEFAULT_TARGET_BYTES, prefix: str = "part",
+                 row_group_rows: int = DEFAULT_ROW_GROUP_ROWS, resume: bool = True):
+        if rows_per_shard is not None and rows_per_shard <= 0:
+            raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
+        if target_bytes <= 0:
+            raise ValueError(f"target_bytes must be positive, got {target_bytes}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.schema, self.prefix = schema, prefix
+        self.rows_per_shard, self.target_bytes, self.row_group_rows = rows_per_shard, target_bytes, row_group_rows
+        remove_stale_temps(self.directory)
+        existing = finished_shards(self.directory, prefix) if resume else []
+        if not resume:
+            for path in finished_shards(self.directory, prefix):
+                path.unlink()
+        self.shards: list[ShardInfo] = [info_for(p) for p in existing]
+        self._skip = sum(s.rows for s in self.shards)
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
+
+    @property
+    def resumed_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def write(self, data: pa.Table | pa.RecordBatch | list[dict]) -> None:
+        if isinstance(data, list):
+            data = pa.Table.from_pylist(data, schema=self.schema)
+        table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
+        if self._skip:
+            dropped = min(self._skip, table.num_rows)
+            table = table.slice(dropped)
+            self._skip -= dropped
+        for batch in table.to_batches(max_chunksize=self.row_group_rows):
+            self._add(batch)
+
+    def _add(self, batch: pa.RecordBatch) -> None:
+        while batch.num_rows:
+            take = batch.num_rows
+            if self.rows_per_shard is not None:
+                take = min(take, self.rows_per_shard - self._pending_rows)
+            head, batch = batch.slice(0, take), batch.slice(take)
+            self._pending.append(head)
+            self._pending_rows += head.num_rows
+            self._pending_bytes += head.nbytes
+            if self._full():
+                self._flush()
+
+    def _full(self) -> bool:
+        if self.rows_per_shard is not None and self._pending_rows >= self.rows_per_shard:
+            return True
+        return self._pending_bytes >= self.target_bytes
+
+    def _flush(self) -> None:
+        if not self._pending_rows:
+            return
+        table = pa.Table.from_batches(self._pending).cast(self.schema)
+        path = self.directory / shard_name(len(self.shards), self.prefix)
+        self.shards.append(write_table_atomic(table, path, self.row_group_rows))
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+
+    def close(self) -> list[ShardInfo]:
+        self._flush()
+        return list(self.shards)
+
+
+def write_manifest(directory: str | Path, *, stage: str, config: dict, shards: list[ShardInfo],
+                   lineage: list[dict] | None = None, **extra) -> dict:
+    """Write manifest.json last, atomically: its presence means the stage finished."""
+    directory = Path(directory)
+    own = {"stage": stage, "config": config, "code_version": __version__}
+    manifest = {
+        "schema_version": PAIR_SCHEMA.metadata[b"clip_curation.schema_version"].decode(),
+        "stage": stage,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": __version__,
+        "config": config,
+        "rows": sum(s.rows for s in shards),
+        "bytes": sum(s.bytes for s in shards),
+        "shards": [asdict(s) for s in shards],
+        "lineage": [*(lineage or []), own],
+        **extra,
+    }
+    atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False, default=str).encode())
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST} in {directory}: the stage that writes it has not finished")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def verify_manifest(directory: str | Path) -> dict:
+    """Refuse a dataset whose files do not match their manifest (size and sha256)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for shard in manifest["shards"]:
+        path = directory / shard["name"]
+        if not path.is_file():
+            raise ManifestError(f"{path} is listed in the manifest but missing")
+        if path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
+            raise ManifestError(f"{path} does not match its manifest checksum")
+    return manifest
+
+
+def is_complete(directory: str | Path) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def shard_paths(source: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Shard files of a dataset directory (manifest order if there is one), a file, or a list of files."""
+    if isinstance(source, (str, Path)):
+        source = Path(source)
+        if source.is_file():
+            return [source]
+        if not source.is_dir():
+            raise FileNotFoundError(f"no shards at {source}")
+        if is_complete(source):
+            return [source / s["name"] for s in read_manifest(source)["shards"]]
+        return finished_shards(source) or sorted(p for p in source.glob("*.parquet") if not p.name.startswith("."))
+    return [Path(p) for p in source]
+
+
+def iter_batches(source: str | Path | Iterable[str | Path], *, columns: list[str] | None = None,
+                 batch_rows: int = DEFAULT_ROW_GROUP_ROWS, check: bool = True) -> Iterator[tuple[Path, pa.RecordBatch]]:
+    """Stream (shard path, record batch); with `check`, validate schema, nulls and key uniqueness on the way."""
+    check = check and columns is None  # a projection cannot be checked against the whole schema
+    keys = KeyTracker.new() if check else None
+    for path in shard_paths(source):
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:
+            raise SchemaError(f"not a readable Parquet file: {exc}", file=str(path)) from exc
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            if check:
+                validate(pa.Table.from_batches([batch]), file=str(path), keys=keys, row_offset=offset)
+            offset += batch.num_rows
+            yield path, batch
+
+
+def read_table(source: str | Path | Iterable[str | Path], columns: list[str] | None = None) -> pa.Table:
+    """Whole dataset as one table: for tests and small outputs only."""
+    paths = shard_paths(source)
+    if not paths:
+        return PAIR_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths], promote_options="default")

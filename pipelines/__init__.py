@@ -1,0 +1,1 @@
+"""Beam pipelines built from `curation/`: one module per stage, each with `run(argv, test_pipeline)`."""

@@ -1,0 +1,49 @@
+"""`clip-curation`: one subcommand per stage, each forwarding its flags to that stage's `main(argv)`.
+
+The CLI and Dagster are two doors into one room: both call the same
+`pipelines.<stage>.run`. A stage whose module is not there yet says so and
+exits non-zero rather than pretending to succeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+STAGES: dict[str, tuple[str, str]] = {
+    "demo": ("pipelines.demo", "Generate the demo data and run every available stage on it."),
+    "ingest": ("pipelines.ingest", "Raw rows or URL lists to canonical pair shards, with rejects."),
+    "balance": ("pipelines.balance", "MetaCLIP metadata matching and balanced sampling."),
+    "rewrite": ("pipelines.rewrite", "LaCLIP: k LLM rewrites per caption."),
+    "caption": ("pipelines.caption", "VeCLIP/ALIP synthetic captions and fusion."),
+    "export": ("pipelines.export", "Training shards, manifest and data card."),
+    "train": ("training.cli", "Train the bundled CLIP model on exported shards."),
+}
+
+
+def usage() -> str:
+    lines = ["usage: clip-curation <stage> [flags]   (clip-curation <stage> --help for its flags)", "", "stages:"]
+    lines += [f"  {name:<8} {text}" for name, (_, text) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    stage, rest = args[0], args[1:]
+    if stage not in STAGES:
+        print(f"clip-curation: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name = STAGES[stage][0]
+    if importlib.util.find_spec(module_name) is None:
+        print(f"clip-curation {stage}: not implemented yet", file=sys.stderr)
+        return 3
+    importlib.import_module(module_name).main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

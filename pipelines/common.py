@@ -1,0 +1,177 @@
+"""What every Beam job shares: options, reading shards, writing shards, and the stage lifecycle.
+
+Output shard i is made from input shard i, so a rerun knows exactly which
+input shards are finished (their output exists under its final name) and
+processes only the rest. Within a shard, rows are sorted by key before they
+are written, so the bytes do not depend on the runner, the worker count or
+the order in which elements arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from curation.rejects import REJECT_SCHEMA, count_reasons
+from curation.schema import PAIR_SCHEMA
+from curation.shards import (
+    finished_shards, info_for, is_complete, remove_stale_temps, shard_name, shard_paths, verify_manifest,
+    write_manifest, write_table_atomic,
+)
+
+REJECTS_DIR = "rejects"
+STAGE_CONFIG = "_stage_config.json"
+
+
+class ShardStageOptions(PipelineOptions):
+    """Flags every stage takes. Each stage subclasses this with its own flags."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        # Not argparse-required: Beam parses every options class against every pipeline's flags.
+        parser.add_argument("--input", help="Directory of input Parquet shards (required).")
+        parser.add_argument("--output", help="Directory for this stage's shards and manifest (required).")
+        parser.add_argument("--seed", type=int, default=0, help="Seed for every random choice of the stage.")
+        parser.add_argument("--batch_rows", type=int, default=512, help="Rows per record batch between steps.")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="Delete a previous output instead of resuming or refusing it.")
+
+
+class StageConfigMismatch(RuntimeError):
+    """The output directory holds a run of the same stage with another config."""
+
+
+@dataclass
+class StagePlan:
+    """Which input shards still need work, decided before the pipeline is built."""
+
+    output: Path
+    todo: list[tuple[int, str]]
+    done: int
+    up_to_date: bool = False
+    input_manifest: dict | None = field(default=None, repr=False)
+
+
+def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False) -> StagePlan:
+    """Check the output against this run's config, clean stale temps, and list the shards left to do.
+
+    A finished output with the same config is up to date; a finished or
+    partial output with another config is refused (or wiped with overwrite),
+    so two different builds never mix in one directory.
+    """
+    if not input_dir or not output_dir:
+        raise ValueError(f"{stage}: --input and --output are required")
+    output = Path(output_dir)
+    if overwrite and output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / REJECTS_DIR).mkdir(exist_ok=True)
+    recorded = output / STAGE_CONFIG
+    wanted = {"stage": stage, "input": str(Path(input_dir).resolve()), "config": config}
+    if recorded.is_file():
+        previous = json.loads(recorded.read_text())
+        if previous != json.loads(json.dumps(wanted, default=str)):
+            raise StageConfigMismatch(
+                f"{output} holds a {previous.get('stage')} run with another input or config; "
+                f"pass --overwrite to replace it or choose another --output")
+    else:
+        recorded.write_text(json.dumps(wanted, indent=2, default=str))
+    remove_stale_temps(output)
+    remove_stale_temps(output / REJECTS_DIR)
+    input_manifest = verify_manifest(input_dir) if is_complete(input_dir) else None
+    inputs = shard_paths(input_dir)
+    if not inputs:
+        raise FileNotFoundError(f"no Parquet shards in {input_dir}")
+    finished = {p.name for p in finished_shards(output)}
+    todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
+    return StagePlan(output, todo, len(inputs) - len(todo), up_to_date=is_complete(output) and not todo,
+                     input_manifest=input_manifest)
+
+
+def write_stage_shard(output: str | Path, index: int, pairs: pa.Table, rejects: pa.Table | None = None,
+                      schema: pa.Schema = PAIR_SCHEMA) -> dict:
+    """Write shard `index` (sorted by key) and its rejects; the pair shard last, as the commit point."""
+    output = Path(output)
+    rejects = rejects if rejects is not None else REJECT_SCHEMA.empty_table()
+    write_table_atomic(rejects.cast(REJECT_SCHEMA).sort_by("key"), output / REJECTS_DIR / shard_name(index))
+    pairs = pairs.sort_by("key")
+    if set(schema.names) <= set(pairs.column_names):
+        pairs = pairs.select(schema.names + [c for c in pairs.column_names if c not in schema.names])
+    info = write_table_atomic(pairs, output / shard_name(index))
+    return asdict(info)
+
+
+class ReadShardBatches(beam.PTransform):
+    """(shard index, (path, row offset, RecordBatch)) for every shard still to do.
+
+    An empty shard yields one empty batch, so it still reaches the writer and
+    gets its (empty) output shard.
+    """
+
+    def __init__(self, todo: Iterable[tuple[int, str]], batch_rows: int = 512, columns: list[str] | None = None):
+        super().__init__()
+        self.todo, self.batch_rows, self.columns = list(todo), batch_rows, columns
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "ShardList" >> beam.Create(self.todo)
+                | "Spread" >> beam.Reshuffle()
+                | "Read" >> beam.FlatMap(_read_shard, self.batch_rows, self.columns))
+
+
+def _read_shard(item: tuple[int, str], batch_rows: int, columns: list[str] | None):
+    index, path = item
+    parquet = pq.ParquetFile(path)
+    offset = 0
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+        yield index, (path, offset, batch)
+        offset += batch.num_rows
+    if offset == 0:
+        yield index, (path, 0, pa.RecordBatch.from_pylist([], schema=parquet.schema_arrow))
+
+
+class WriteShards(beam.PTransform):
+    """Group (index, (kind, table)) by shard index, then write each shard and its rejects atomically.
+
+    `kind` is "pairs" or "rejects". Every index that reaches this transform
+    gets a shard, even an empty one, so the shard count matches the input.
+    """
+
+    def __init__(self, output: str | Path, schema: pa.Schema = PAIR_SCHEMA):
+        super().__init__()
+        self.output, self.schema = str(output), schema
+
+    def expand(self, pcoll):
+        return (pcoll
+                | "ByShard" >> beam.GroupByKey()
+                | "Write" >> beam.Map(_write_group, self.output, self.schema))
+
+
+def _write_group(group: tuple[int, Iterable[tuple[str, pa.Table | pa.RecordBatch]]], output: str,
+                 schema: pa.Schema) -> dict:
+    index, parts = group
+    pairs, rejects = [], []
+    for kind, part in parts:
+        table = part if isinstance(part, pa.Table) else pa.Table.from_batches([part])
+        (pairs if kind == "pairs" else rejects).append(table)
+    pair_table = pa.concat_tables(pairs, promote_options="default") if pairs else schema.empty_table()
+    reject_table = pa.concat_tables(rejects) if rejects else None
+    return write_stage_shard(output, index, pair_table, reject_table, schema)
+
+
+def finish_stage(plan: StagePlan, stage: str, config: dict, **stats) -> dict:
+    """Write the manifest over every finished shard, with rejects counted by reason and the lineage carried on."""
+    shards = [info_for(p) for p in finished_shards(plan.output)]
+    reject_paths = finished_shards(plan.output / REJECTS_DIR)
+    rejects = pa.concat_tables([pq.read_table(p) for p in reject_paths]) if reject_paths else REJECT_SCHEMA.empty_table()
+    lineage = (plan.input_manifest or {}).get("lineage", [])
+    return write_manifest(plan.output, stage=stage, config=config, shards=shards, lineage=lineage,
+                          rejects={"rows": rejects.num_rows, "by_reason": count_reasons(rejects)}, stats=stats)

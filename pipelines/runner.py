@@ -1,0 +1,54 @@
+"""Choosing the Beam runner and reporting a stage's outcome, the same way for every stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+DEFAULT_RUNNER = "DirectRunner"  # Prism's binary cannot be downloaded on offline machines.
+
+# Beam warns about every stage flag it does not know when it makes a view of the options; they are ours.
+logging.getLogger("apache_beam.options.pipeline_options").setLevel(logging.ERROR)
+
+
+@dataclass
+class StageResult:
+    """What `run()` returns: the manifest it wrote and where."""
+
+    manifest: dict
+    output: Path
+
+    @property
+    def rows(self) -> int:
+        return self.manifest["rows"]
+
+    @property
+    def rejects(self) -> dict[str, int]:
+        return self.manifest.get("rejects", {}).get("by_reason", {})
+
+
+def pipeline_for(options: PipelineOptions, test_pipeline: beam.Pipeline | None = None) -> beam.Pipeline:
+    """The test's pipeline if given, else one on the requested runner (DirectRunner when none is named)."""
+    if test_pipeline is not None:
+        return test_pipeline
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = DEFAULT_RUNNER
+    return beam.Pipeline(options=options)
+
+
+def print_summary(result: StageResult) -> None:
+    manifest = result.manifest
+    rejects = manifest.get("rejects", {})
+    print(f"[{manifest['stage']}] {manifest['rows']} rows in {len(manifest['shards'])} shards "
+          f"({manifest['bytes'] / 1e6:.1f} MB) -> {result.output}")
+    if rejects.get("rows"):
+        print(f"[{manifest['stage']}] rejected {rejects['rows']}: {json.dumps(rejects['by_reason'])}")
+    stats = {k: v for k, v in manifest.get("stats", {}).items() if not isinstance(v, (list, dict))}
+    if stats:
+        print(f"[{manifest['stage']}] " + ", ".join(f"{k}={v}" for k, v in stats.items()))
