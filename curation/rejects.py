@@ -19,11 +19,13 @@ class Reason:
     UNDECODABLE_IMAGE = "undecodable_image"
     EMPTY_IMAGE = "empty_image"
     IMAGE_TOO_LARGE = "image_too_large"
+    EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"  # caption stage: VLM processors refuse such shapes
     EMPTY_CAPTION = "empty_caption"
     NON_UTF8_CAPTION = "non_utf8_caption"
     CAPTION_TOO_LONG = "caption_too_long"
     MISSING_FIELD = "missing_field"
     DUPLICATE = "duplicate"  # detail is "duplicate_of=<key>"
+    NEAR_DUPLICATE = "near_duplicate"  # detail is "duplicate_of=<key> by=phash"
     DOWNLOAD_FAILED = "download_failed"
     BAD_URL = "bad_url"
     NO_MATCH = "no_metadata_match"

@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from curation.rejects import REJECT_SCHEMA, count_reasons
 from curation.schema import PAIR_SCHEMA
 from curation.shards import (
-    finished_shards, info_for, is_complete, remove_stale_temps, shard_name, shard_paths, verify_manifest,
+    atomic_write_bytes, finished_shards, info_for, is_complete, remove_stale_temps, shard_name, shard_paths, verify_manifest,
     write_manifest, write_table_atomic,
 )
 
@@ -69,6 +69,11 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     """
     if not input_dir or not output_dir:
         raise ValueError(f"{stage}: --input and --output are required")
+    # Check the input before writing anything, so bad input leaves no output directory behind.
+    input_manifest = verify_manifest(input_dir) if is_complete(input_dir) else None
+    inputs = shard_paths(input_dir)
+    if not inputs:
+        raise FileNotFoundError(f"no Parquet shards in {input_dir}")
     output = Path(output_dir)
     if overwrite and output.exists():
         shutil.rmtree(output)
@@ -83,13 +88,9 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
                 f"{output} holds a {previous.get('stage')} run with another input or config; "
                 f"pass --overwrite to replace it or choose another --output")
     else:
-        recorded.write_text(json.dumps(wanted, indent=2, default=str))
+        atomic_write_bytes(recorded, json.dumps(wanted, indent=2, default=str).encode())
     remove_stale_temps(output)
     remove_stale_temps(output / REJECTS_DIR)
-    input_manifest = verify_manifest(input_dir) if is_complete(input_dir) else None
-    inputs = shard_paths(input_dir)
-    if not inputs:
-        raise FileNotFoundError(f"no Parquet shards in {input_dir}")
     finished = {p.name for p in finished_shards(output)}
     todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
     return StagePlan(output, todo, len(inputs) - len(todo), up_to_date=is_complete(output) and not todo,

@@ -1,57 +1,300 @@
-"""Ingest as a Beam job: raw Parquet rows (image bytes + alt-text) to canonical pair shards plus rejects."""
+"""Ingest as a Beam job: raw rows to canonical pair shards plus rejects, with exact and near dedup.
+
+Inputs (one of):
+- `--input DIR` of Parquet shards with image bytes (the demo's raw pool, or your own files);
+- `--input DIR` that is an img2dataset output folder (parquet or webdataset format);
+- `--input DIR` of image files, with `--captions_file` or a `.txt` beside each image;
+- `--url_list FILE_OR_DIR` (Parquet, CSV, TSV, JSONL): screened, then downloaded by img2dataset with its
+  own distributor into `<output>/_staging/download`, then normalised here.
+
+Dedup is a global decision made with a GroupByKey on each fingerprint
+(sha256, normalised URL, optional pHash bands), the smallest key winning, so
+every shard is normalised on every run (a resumed run too) while only the
+shards still missing are written: a rerun gives exactly the uninterrupted
+output.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import apache_beam as beam
+import pyarrow as pa
 
-from curation.ingest import STAGE, IngestConfig, normalise_batch
-from pipelines.common import ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, finish_stage
+from curation.dedup import DedupConfig, drop_duplicates, fingerprints, losers_in_group, strongest
+from curation.download import (
+    DownloadConfig, ListConfig, download_stats, downloads_by_list_shard, join_downloads, read_downloads,
+    run_img2dataset, stage_url_list, unfinished_shards,
+)
+from curation.folders import check_img2dataset_folder, input_kind, stage_image_folder, tar_images
+from curation.ingest import (
+    ERROR, STAGE, STATUS, IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
+)
+from curation.rejects import rejects_table
+from curation.shards import finished_shards, is_complete, read_manifest, read_table, shard_paths
+from curation.url_lists import is_url_list
+from pipelines.common import (
+    REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, WriteShards, begin_stage,
+    finish_stage, write_stage_shard,
+)
 from pipelines.runner import StageResult, pipeline_for, print_summary
+
+STAGING = "_staging"
 
 
 class IngestOptions(ShardStageOptions):
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        defaults = IngestConfig()
+        defaults, filters, download = IngestConfig(), QualityFilters(), DownloadConfig()
         parser.add_argument("--key_column", default=defaults.key_column)
         parser.add_argument("--url_column", default=defaults.url_column)
         parser.add_argument("--caption_column", default=defaults.caption_column)
         parser.add_argument("--image_column", default=defaults.image_column)
         parser.add_argument("--max_caption_chars", type=int, default=defaults.max_caption_chars)
+        # Sources other than Parquet shards.
+        parser.add_argument("--url_list", help="A URL list (Parquet/CSV/TSV/JSONL) or a directory of them; "
+                                               "downloaded with img2dataset. Replaces --input.")
+        parser.add_argument("--url_list_format", choices=("parquet", "csv", "tsv", "jsonl"), default=None)
+        parser.add_argument("--list_shard_rows", type=int, default=10_000, help="List rows per shard.")
+        parser.add_argument("--allow_private_network", action="store_true",
+                            help="Fetch loopback/private/link-local hosts too (SSRF risk; see README).")
+        parser.add_argument("--allow_file_urls", action="store_true", help="Fetch file:// URLs too (SSRF risk).")
+        parser.add_argument("--captions_file", help="For --input DIR of images: file,caption rows.")
+        parser.add_argument("--captions_file_column", default="file")
+        # img2dataset, passed through.
+        parser.add_argument("--download_image_size", type=int, default=download.image_size)
+        parser.add_argument("--download_resize_mode", default=download.resize_mode)
+        parser.add_argument("--download_encode_format", default=download.encode_format)
+        parser.add_argument("--download_processes", type=int, default=download.processes_count)
+        parser.add_argument("--download_threads", type=int, default=download.thread_count)
+        parser.add_argument("--download_timeout", type=int, default=download.timeout)
+        parser.add_argument("--download_retries", type=int, default=download.retries)
+        parser.add_argument("--download_min_image_size", type=int, default=download.min_image_size)
+        parser.add_argument("--download_max_image_area", type=float, default=download.max_image_area)
+        parser.add_argument("--download_incremental_mode", default=download.incremental_mode)
+        parser.add_argument("--download_user_agent_token", default=None)
+        parser.add_argument("--keep_download", action="store_true",
+                            help="Keep img2dataset's output under <output>/_staging after a finished run.")
+        # Dedup and quality filters.
+        parser.add_argument("--no_dedup_sha256", action="store_true", help="Keep byte-identical images.")
+        parser.add_argument("--no_dedup_url", action="store_true", help="Keep repeated URLs.")
+        parser.add_argument("--near_dup_bits", type=int, default=-1,
+                            help="Reject images whose 64-bit pHash is within this Hamming distance of a "
+                                 "smaller key's; -1 (default) turns it off.")
+        parser.add_argument("--filter_min_caption_chars", type=int, default=filters.min_caption_chars)
+        parser.add_argument("--filter_max_caption_chars", type=int, default=filters.max_caption_chars)
+        parser.add_argument("--filter_min_side", type=int, default=filters.min_side)
+        parser.add_argument("--filter_max_aspect_ratio", type=float, default=filters.max_aspect_ratio)
 
 
-def _normalise(item, config: IngestConfig):
+def config_from(options: IngestOptions, image_column: str | None = None) -> IngestConfig:
+    return IngestConfig(
+        options.key_column, options.url_column, options.caption_column, image_column or options.image_column,
+        options.max_caption_chars,
+        filters=QualityFilters(options.filter_min_caption_chars, options.filter_max_caption_chars,
+                               options.filter_min_side, options.filter_max_aspect_ratio),
+        dedup=DedupConfig(not options.no_dedup_sha256, not options.no_dedup_url, options.near_dup_bits))
+
+
+def download_config_from(options: IngestOptions) -> DownloadConfig:
+    return DownloadConfig(
+        image_size=options.download_image_size, resize_mode=options.download_resize_mode,
+        encode_format=options.download_encode_format, processes_count=options.download_processes,
+        thread_count=options.download_threads, timeout=options.download_timeout, retries=options.download_retries,
+        min_image_size=options.download_min_image_size, max_image_area=options.download_max_image_area,
+        incremental_mode=options.download_incremental_mode, user_agent_token=options.download_user_agent_token)
+
+
+@functools.lru_cache(maxsize=2)
+def _downloads(path: str | None, encode_format: str) -> dict[int, dict]:
+    return read_downloads(Path(path) if path else None, encode_format)
+
+
+@functools.lru_cache(maxsize=2)
+def _tar(path: str, encode_format: str) -> dict[str, bytes]:
+    return tar_images(path, encode_format)
+
+
+def _normalise(item, config: IngestConfig, source: dict):
+    """(index, ("pairs"|"rejects", table)) for one batch; joins downloads or tar images first when needed."""
     index, (path, offset, batch) = item
-    source = Path(path).stem
-    pairs, rejects = normalise_batch(batch, config, source=source, file=path, row_offset=offset)
+    if source["kind"] == "url_list":
+        rows = join_downloads(batch.to_pylist(), _downloads(source["downloads"].get(index), source["format"]),
+                              source["format"])
+        schema = batch.schema
+        for column, kind in (("image", pa.binary()), (STATUS, pa.string()), (ERROR, pa.string())):
+            if column not in schema.names:
+                schema = schema.append(pa.field(column, kind))
+        batch = pa.RecordBatch.from_pylist(rows, schema=schema)
+    elif source["kind"] == "img2dataset" and config.image_column not in batch.schema.names:
+        images = _tar(path, config.image_column)
+        keys = batch.column(config.key_column).to_pylist()
+        batch = batch.append_column(config.image_column, pa.array([images.get(k) for k in keys], pa.binary()))
+    name = source.get("name") or Path(path).stem
+    pairs, rejects = normalise_batch(batch, config, source=name, file=path, row_offset=offset)
     yield index, ("pairs", pairs)
     if rejects.num_rows:
         yield index, ("rejects", rejects)
 
 
+def _fingerprints(item, dedup: DedupConfig):
+    index, (kind, table) = item
+    if kind == "pairs" and table.num_rows:
+        yield from fingerprints(table, index, dedup)
+
+
+def _losers(group, near_dup_bits: int):
+    name, members = group
+    for loser in losers_in_group(name, members, near_dup_bits):
+        yield loser.shard, loser
+
+
+def _write_deduped(item, output: str) -> dict:
+    index, grouped = item
+    pairs, rejects = [], []
+    for kind, table in grouped["parts"]:
+        (pairs if kind == "pairs" else rejects).append(table)
+    table = pa.concat_tables(pairs, promote_options="default")
+    source = table.column("source")[0].as_py() if table.num_rows else None
+    kept, duplicates = drop_duplicates(table, strongest(grouped["losers"]), stage=STAGE, source=source)
+    return write_stage_shard(output, index, kept, pa.concat_tables([*rejects, duplicates]))
+
+
+def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> None:
+    """Before staging anything into the output: wipe it (overwrite) or refuse a run with another config."""
+    if overwrite and output.exists():
+        shutil.rmtree(output)
+    recorded = output / STAGE_CONFIG
+    if recorded.is_file() and json.loads(recorded.read_text()).get("config") != json.loads(
+            json.dumps(stage_config, default=str)):
+        raise StageConfigMismatch(f"{output} holds an ingest run with another input or config; "
+                                  f"pass --overwrite to replace it or choose another --output")
+
+
+def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestConfig, dict, dict]:
+    """(input shard dir, config, recorded config, source description) for whichever input was given."""
+    staging = output / STAGING
+    if options.url_list and options.input:
+        raise ValueError(f"{STAGE}: give --input or --url_list, not both")
+    if options.input and is_url_list(options.input, options.image_column):
+        options.url_list, options.input = options.input, None  # what the Dagster asset passes for a list file
+    if options.url_list:
+        download = download_config_from(options)
+        listing = ListConfig(str(Path(options.url_list).resolve()), options.url_list_format, options.url_column,
+                             options.caption_column, options.key_column, options.list_shard_rows,
+                             options.max_caption_chars, options.allow_private_network, options.allow_file_urls)
+        config = config_from(options, image_column="image")
+        recorded = {**asdict(config), "url_list": asdict(listing), "download": asdict(download)}
+        _refuse_other_run(output, recorded, options.overwrite)
+        stage_url_list(listing, staging / "list", staging / "fetch")
+        source = {"kind": "url_list", "format": download.encode_format, "download": download,
+                  "shard_rows": listing.shard_rows, "name": Path(options.url_list).stem}
+        return str(staging / "list"), config, recorded, source
+    if not options.input:
+        raise ValueError(f"{STAGE}: --input (or --url_list) and --output are required")
+    kind = input_kind(options.input)
+    if kind == "img2dataset":
+        config = config_from(options, image_column=check_img2dataset_folder(Path(options.input)))
+        return options.input, config, asdict(config), {"kind": kind, "name": Path(options.input).name}
+    if kind == "images":
+        config = config_from(options, image_column="image")
+        captions = str(Path(options.captions_file).resolve()) if options.captions_file else None
+        recorded = {**asdict(config), "image_folder": str(Path(options.input).resolve()), "captions_file": captions}
+        _refuse_other_run(output, recorded, options.overwrite)
+        stage_image_folder(Path(options.input), staging / "list", captions_file=Path(captions) if captions else None,
+                           file_column=options.captions_file_column, caption_column=options.caption_column,
+                           shard_rows=options.list_shard_rows)
+        return str(staging / "list"), config, recorded, {"kind": kind, "name": Path(options.input).name}
+    config = config_from(options)
+    return options.input, config, asdict(config), {"kind": kind}
+
+
+def _download(source: dict, staging: Path) -> dict:
+    """Run img2dataset over the staged list; refuse to go on while some of its shards are unfinished."""
+    start = time.perf_counter()
+    run_img2dataset(staging / "fetch", staging / "download", source["download"], source["shard_rows"])
+    seconds = time.perf_counter() - start
+    found = downloads_by_list_shard(staging / "download", source["shard_rows"])
+    missing = unfinished_shards(staging / "fetch", found)
+    if missing:
+        raise RuntimeError(f"img2dataset did not finish list shard(s) {missing[:5]} ({len(missing)} in all); "
+                           f"rerun the same command to resume the download")
+    source["downloads"] = {index: str(path) for index, path in found.items()}
+    stats = download_stats(staging / "download")
+    stats["download_seconds"] = round(seconds, 3)
+    if stats["download_attempted"] and seconds > 0:
+        stats["download_images_per_s"] = round(stats["download_succeeded"] / seconds, 2)
+    return stats
+
+
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     options = IngestOptions(argv)
-    config = IngestConfig(options.key_column, options.url_column, options.caption_column, options.image_column,
-                          options.max_caption_chars)
-    plan = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite)
+    if not options.output:
+        raise ValueError(f"{STAGE}: --output is required")
+    output = Path(options.output)
+    input_dir, config, recorded, source = _prepare_source(options, output)
+    staged = source["kind"] in ("url_list", "images")  # their output was already wiped before staging
+    plan = begin_stage(input_dir, output, STAGE, recorded, options.overwrite and not staged)
     start = time.perf_counter()
+    stats: dict = {}
     if plan.todo:
-        with pipeline_for(options, test_pipeline) as p:
-            _ = (p
-                 | ReadShardBatches(plan.todo, options.batch_rows)
-                 | "Normalise" >> beam.FlatMap(_normalise, config)
-                 | WriteShards(plan.output))
+        if source["kind"] == "url_list":
+            stats.update(_download(source, output / STAGING))
+        source.pop("download", None)
+        write_pipeline(options, plan, input_dir, config, source, test_pipeline)
+    elif source["kind"] == "url_list" and is_complete(output):  # up to date: keep what the download measured
+        stats.update({k: v for k, v in read_manifest(output).get("stats", {}).items() if k.startswith("download_")})
     elapsed = time.perf_counter() - start
-    manifest = finish_stage(plan, STAGE, asdict(config), seconds=round(elapsed, 3), resumed_shards=plan.done)
+    rejects = read_table(finished_shards(output / REJECTS_DIR)) if finished_shards(output / REJECTS_DIR) else \
+        rejects_table([])
+    stats.update(filtered=filter_counts(rejects), duplicates=duplicate_counts(rejects))
+    manifest = finish_stage(plan, STAGE, recorded, seconds=round(elapsed, 3), resumed_shards=plan.done, **stats)
+    if source["kind"] == "url_list" and not options.keep_download:
+        shutil.rmtree(output / STAGING / "download", ignore_errors=True)
     return StageResult(manifest, plan.output)
 
 
+def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestConfig, source: dict,
+                   test_pipeline: beam.Pipeline | None) -> None:
+    """Normalise (every shard when dedup is on, since dedup is global), dedup, and write the missing shards."""
+    todo = {index for index, _ in plan.todo}
+    every = [(index, str(path)) for index, path in enumerate(shard_paths(input_dir))]
+    with pipeline_for(options, test_pipeline) as p:
+        if not config.dedup.enabled:
+            _ = (p | ReadShardBatches(plan.todo, options.batch_rows)
+                 | "Normalise" >> beam.FlatMap(_normalise, config, source)
+                 | WriteShards(plan.output))
+            return
+        normalised = (p | ReadShardBatches(every, options.batch_rows)
+                      | "Normalise" >> beam.FlatMap(_normalise, config, source))
+        losers = (normalised
+                  | "Fingerprint" >> beam.FlatMap(_fingerprints, config.dedup)
+                  | "ByFingerprint" >> beam.GroupByKey()
+                  | "Losers" >> beam.FlatMap(_losers, config.dedup.near_dup_bits)
+                  | "LosersToWrite" >> beam.Filter(lambda kv: kv[0] in todo))
+        parts = normalised | "PartsToWrite" >> beam.Filter(lambda kv: kv[0] in todo)
+        _ = ({"parts": parts, "losers": losers}
+             | "ByShard" >> beam.CoGroupByKey()
+             | "Write" >> beam.Map(_write_deduped, str(plan.output)))
+
+
+def demo_flags(workdir: Path) -> list[str]:
+    """The demo pool is Parquet shards with image bytes; the defaults (exact dedup on, filters off) fit it."""
+    return []
+
+
 def main(argv: list[str] | None = None) -> None:
-    print_summary(run(argv))
+    result = run(argv)
+    print_summary(result)
+    stats = result.manifest["stats"]
+    for name in ("duplicates", "filtered"):
+        if stats.get(name):
+            print(f"[{STAGE}] {name}: {json.dumps(stats[name])}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import sys
 import time
 
 import apache_beam as beam
+import pyarrow.compute as pc
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
@@ -20,7 +21,8 @@ def test_ingest_normalises_and_rejects_with_reasons(demo_dir, tmp_path):
                         test_pipeline=BeamTestPipeline(options=beam.options.pipeline_options.PipelineOptions(
                             ["--runner=DirectRunner"])))
     rejects = result.rejects
-    assert set(rejects) <= {"undecodable_image", "empty_caption"} and rejects
+    # The demo pool holds truncated JPEGs, empty captions and byte-identical duplicates on purpose.
+    assert set(rejects) <= {"undecodable_image", "empty_caption", "duplicate"} and rejects
     assert result.rows + sum(rejects.values()) == 400
     verify_manifest(tmp_path / "raw")
     rows = sum(b.num_rows for _, b in iter_batches(tmp_path / "raw"))  # schema-checked on the way
@@ -28,6 +30,12 @@ def test_ingest_normalises_and_rejects_with_reasons(demo_dir, tmp_path):
     rejected = read_table(tmp_path / "raw" / "rejects")
     assert set(rejected.column_names) >= {"key", "reason", "detail", "source", "row"}
     assert all(r.startswith("demo-") for r in rejected.column("key").to_pylist())
+    kept = read_table(tmp_path / "raw")
+    assert kept.column("sha256").unique().to_pylist().__len__() == kept.num_rows  # exact dedup leaves no twin
+    winners = set(kept.column("key").to_pylist())
+    for row in rejected.filter(pc.equal(rejected.column("reason"), "duplicate")).to_pylist():
+        assert row["detail"].startswith("duplicate_of=") and row["detail"].split()[0][13:] in winners
+        assert row["detail"].split()[0][13:] < row["key"]  # the smallest key wins
 
 
 def test_rerun_is_up_to_date_and_other_config_is_refused(demo_dir, tmp_path):
@@ -74,3 +82,80 @@ def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_result(tmp_path):
     ingest.run(["--input", str(tmp_path / "src" / "pool"), "--output", str(output)])
     assert _digests(output) == _digests(baseline)
     assert read_table(output).equals(read_table(baseline))
+
+
+def test_quality_filters_are_off_by_default_and_count_what_they_remove(demo_dir, tmp_path):
+    plain = ingest.run(["--input", str(demo_dir / "pool"), "--output", str(tmp_path / "plain")])
+    assert "quality_filter" not in plain.rejects and plain.manifest["stats"]["filtered"] == {}
+    result = ingest.run(["--input", str(demo_dir / "pool"), "--output", str(tmp_path / "raw"),
+                         "--filter_min_caption_chars", "12", "--filter_max_caption_chars", "40"])
+    filtered = result.manifest["stats"]["filtered"]
+    assert set(filtered) == {"min_caption_chars", "max_caption_chars"} and all(filtered.values())
+    plain_before_dedup = plain.rows + plain.rejects["duplicate"]
+    filtered_before_dedup = result.rows + result.rejects["duplicate"]
+    assert sum(filtered.values()) == result.rejects["quality_filter"] == plain_before_dedup - filtered_before_dedup
+    lengths = [len(c) for c in read_table(tmp_path / "raw").column("caption").to_pylist()]
+    assert 12 <= min(lengths) and max(lengths) <= 40
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        ingest.run(["--input", str(demo_dir / "pool"), "--output", str(tmp_path / "x"),
+                    "--filter_max_aspect_ratio", "0.5"])
+
+
+def test_near_dup_is_opt_in_and_leaves_no_close_pair(demo_dir, tmp_path):
+    from curation.dedup import perceptual_hash
+
+    result = ingest.run(["--input", str(demo_dir / "pool"), "--output", str(tmp_path / "raw"), "--near_dup_bits", "2"])
+    duplicates = result.manifest["stats"]["duplicates"]
+    assert duplicates.get("phash", 0) == result.rejects.get("near_duplicate", 0) > 0
+    hashes = [perceptual_hash(b) for b in read_table(tmp_path / "raw").column("image").to_pylist()]
+    assert all(bin(a ^ b).count("1") > 2 for i, a in enumerate(hashes) for b in hashes[:i])
+
+
+def test_two_worker_processes_give_the_same_bytes(demo_dir, tmp_path):
+    argv = ["--input", str(demo_dir / "pool")]
+    ingest.run([*argv, "--output", str(tmp_path / "one")])
+    ingest.run([*argv, "--output", str(tmp_path / "two"), "--direct_num_workers=2",
+                "--direct_running_mode=multi_processing"])
+    assert _digests(tmp_path / "one") == _digests(tmp_path / "two")
+    assert _digests(tmp_path / "one" / "rejects") == _digests(tmp_path / "two" / "rejects")
+
+
+def test_folder_of_images_with_a_captions_file(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    (folder / "cats").mkdir(parents=True)
+    for i, name in enumerate(["cats/a.jpg", "cats/b.png", "dog.jpg", "nocaption.jpg"]):
+        Image.new("RGB", (30 + i, 20), (i * 40, 0, 0)).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    (folder / "dog.txt").write_text("a dog from its sidecar file")
+    (tmp_path / "captions.csv").write_text("file,caption\ncats/a.jpg,a cat\ncats/b.png,another cat\n"
+                                           "broken.jpg,broken\n")
+    result = ingest.run(["--input", str(folder), "--captions_file", str(tmp_path / "captions.csv"),
+                         "--output", str(tmp_path / "raw"), "--list_shard_rows", "2"])
+    assert result.rows == 3 and result.rejects == {"empty_caption": 1, "undecodable_image": 1}
+    pairs = read_table(tmp_path / "raw")
+    assert pairs.column("key").to_pylist() == ["cats/a", "cats/b", "dog"]
+    assert pairs.column("caption").to_pylist() == ["a cat", "another cat", "a dog from its sidecar file"]
+    assert len(result.manifest["shards"]) == 3
+    (tmp_path / "captions.csv").write_text("file,caption\nmissing.jpg,x\n")
+    with pytest.raises(ValueError, match="not in"):
+        ingest.run(["--input", str(folder), "--captions_file", str(tmp_path / "captions.csv"),
+                    "--output", str(tmp_path / "raw2")])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"list.csv: line 1: the file is empty"),
+    ("link,alt\nhttp://example.com/a.jpg,x\n", r"list.csv: line 1: missing column\(s\) \['url', 'caption'\]"),
+    ('url,caption\nhttp://example.com/a.jpg,"open quote\n', r"list.csv: line \d+: broken CSV"),
+])
+def test_a_broken_url_list_stops_before_anything_is_written(tmp_path, text, message):
+    from curation.url_lists import UrlListError
+
+    (tmp_path / "list.csv").write_text(text)
+    with pytest.raises(UrlListError, match=message):
+        ingest.run(["--url_list", str(tmp_path / "list.csv"), "--output", str(tmp_path / "raw")])
+    assert not (tmp_path / "raw").exists()
+    with pytest.raises(ValueError, match="not both"):
+        ingest.run(["--url_list", str(tmp_path / "list.csv"), "--input", str(tmp_path),
+                    "--output", str(tmp_path / "r")])

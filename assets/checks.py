@@ -1,0 +1,133 @@
+"""The data-quality gates of a build, evaluated by each asset right after it materialises.
+
+They are `AssetCheckSpec`s declared on the assets (so they appear on the
+asset graph and in the UI) and evaluated inside the asset's step: a check
+sees exactly the partition just written. The blocking ones stop every
+downstream asset of the run when they fail.
+"""
+
+import collections
+import math
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from curation.schema import KeyTracker, SchemaError
+from curation.shards import ManifestError, iter_batches, shard_paths, verify_manifest
+
+SCHEMA_VALID = "schema_valid"
+CHECKSUMS_MATCH = "manifest_checksums_match"
+REJECT_RATIO = "reject_ratio_under_threshold"
+BALANCED = "entries_capped_near_t"
+REWRITES = "valid_rewrite_share"
+CAPTIONS = "synthetic_caption_share"
+
+
+def specs(asset: str, *extra: tuple[str, str, bool]) -> list[dg.AssetCheckSpec]:
+    """The checks every stage output gets, plus the stage's own (name, description, blocking)."""
+    common = [
+        (SCHEMA_VALID, "Every shard matches the pair schema and no key repeats.", True),
+        (CHECKSUMS_MATCH, "The manifest's sizes and sha256 match the files.", True),
+        (REJECT_RATIO, "The share of rejected input rows stays under the QualityGatesResource limit.", True),
+    ]
+    return [dg.AssetCheckSpec(name, asset=asset, description=description, blocking=blocking)
+            for name, description, blocking in [*common, *extra]]
+
+
+def _training_rows(output: Path) -> int:
+    """Training shards hold the training columns only: check those, their types, and key uniqueness."""
+    from curation.export import validate_training_table
+    keys, rows = KeyTracker.new(), 0
+    for path in shard_paths(output):
+        parquet = pq.ParquetFile(path)
+        validate_training_table(parquet.schema_arrow, file=str(path))
+        for batch in parquet.iter_batches(columns=["key"]):
+            keys.add(batch.column(0).to_pylist(), str(path), rows)
+            rows += batch.num_rows
+    return rows
+
+
+def schema_valid(asset: str, output: Path, training: bool = False) -> dg.AssetCheckResult:
+    """The pair schema (or, for training shards, the training columns) holds and no key repeats."""
+    try:
+        rows = _training_rows(output) if training else sum(batch.num_rows for _, batch in iter_batches(output))
+    except SchemaError as exc:
+        return dg.AssetCheckResult(asset_key=asset, check_name=SCHEMA_VALID, passed=False, metadata={"error": str(exc)})
+    return dg.AssetCheckResult(asset_key=asset, check_name=SCHEMA_VALID, passed=True, metadata={"rows": rows})
+
+
+def checksums_match(asset: str, output: Path) -> dg.AssetCheckResult:
+    try:
+        manifest = verify_manifest(output)
+    except ManifestError as exc:
+        return dg.AssetCheckResult(asset_key=asset, check_name=CHECKSUMS_MATCH, passed=False,
+                                   metadata={"error": str(exc)})
+    return dg.AssetCheckResult(asset_key=asset, check_name=CHECKSUMS_MATCH, passed=True,
+                               metadata={"files": len(manifest["shards"])})
+
+
+def reject_ratio(asset: str, ratio: float, threshold: float) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(asset_key=asset, check_name=REJECT_RATIO, passed=ratio <= threshold,
+                               metadata={"reject_ratio": round(ratio, 4), "threshold": threshold})
+
+
+def _column_values(output: Path, column: str):
+    for path in shard_paths(output):
+        parquet = pq.ParquetFile(path)
+        if column not in parquet.schema_arrow.names:
+            continue
+        for batch in parquet.iter_batches(columns=[column]):
+            yield from batch.column(0).to_pylist()
+
+
+def kept_per_entry(output: Path) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for entries in _column_values(output, "matched_entries"):
+        counts.update(set(entries or ()))
+    return counts
+
+
+def entries_capped(asset: str, output: Path, t: float, slack: float) -> dg.AssetCheckResult:
+    """After balancing no entry keeps much more than t pairs.
+
+    A pair is kept when any of its entries draws it, so a head entry also
+    keeps the pairs its rarer co-entries bring in: the cap allows `slack`
+    times t on top, plus four binomial standard deviations.
+    """
+    counts = kept_per_entry(output)
+    limit = t * (1 + slack) + 4 * math.sqrt(t)
+    worst = counts.most_common(5)
+    over = {str(entry): n for entry, n in counts.items() if n > limit}
+    return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=not over, metadata={
+        "t": t, "limit": round(limit, 1), "max_kept": worst[0][1] if worst else 0,
+        "top_entries": dg.MetadataValue.json({str(e): n for e, n in worst}),
+        "entries_over_limit": dg.MetadataValue.json(over),
+    })
+
+
+def share_filled(asset: str, check_name: str, output: Path, column: str, threshold: float) -> dg.AssetCheckResult:
+    """Share of rows whose `column` holds a non-empty value (a list with a non-blank string, or a string)."""
+    total = filled = 0
+    for value in _column_values(output, column):
+        total += 1
+        items = value if isinstance(value, list) else [value]
+        filled += any(isinstance(v, str) and v.strip() for v in items)
+    share = filled / total if total else 0.0
+    return dg.AssetCheckResult(asset_key=asset, check_name=check_name, passed=total > 0 and share >= threshold,
+                               metadata={"rows": total, "filled": filled, "share": round(share, 4),
+                                         "threshold": threshold})
+
+
+def valid_rewrite_share(asset: str, output: Path, threshold: float) -> dg.AssetCheckResult:
+    """Share of rows with at least one real rewrite: a refused slot holds the original caption, which is no rewrite."""
+    total = rewritten = 0
+    for path in shard_paths(output):
+        for batch in pq.ParquetFile(path).iter_batches(columns=["caption", "rewrites"]):
+            for caption, rewrites in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                total += 1
+                rewritten += any(isinstance(r, str) and r.strip() and r != caption for r in rewrites or ())
+    share = rewritten / total if total else 0.0
+    return dg.AssetCheckResult(asset_key=asset, check_name=REWRITES, passed=total > 0 and share >= threshold,
+                               metadata={"rows": total, "rewritten": rewritten, "share": round(share, 4),
+                                         "threshold": threshold})

@@ -1,0 +1,88 @@
+"""Run config of each stage, editable in the launchpad; each class maps itself to the stage's CLI flags.
+
+The stage's own config dataclass (in `curation/<stage>.py`) stays the one
+place a default lives: a field left at `None` here passes no flag, so the
+stage's default applies.
+"""
+
+import os
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+DEMO_SOURCE = "demo"
+
+
+def env_default(name: str, fallback, kind=int):
+    """A launchpad default a deployment may change through the environment of its code location."""
+    value = os.environ.get(name, "")
+    return kind(value) if value.strip() else fallback
+
+
+class StageConfig(dg.Config):
+    """What every stage takes."""
+
+    seed: int = Field(default=0, description="Seed of every random choice (hashed with each row's key).")
+    demo_sized: Optional[bool] = Field(
+        default=None, description="Add the stage's demo_flags (tiny models, small batches). "
+                                  "Empty: yes for a build made from the demo source, no otherwise.")
+    overwrite: bool = Field(default=False, description="Replace this build's previous output of the stage "
+                                                       "instead of resuming from its finished shards.")
+    extra_flags: list[str] = Field(default=[], description="More stage flags, passed as given.")
+
+    def stage_flags(self) -> list[str]:
+        """Flags specific to the stage; subclasses add theirs."""
+        return []
+
+
+def _opt(flag: str, value) -> list[str]:
+    return [] if value is None else [f"--{flag}={value}"]
+
+
+class IngestRunConfig(StageConfig):
+    source: str = Field(default=DEMO_SOURCE, description="Raw Parquet shards directory, a URL list, or 'demo'.")
+    demo_pairs: int = Field(default=env_default("CLIP_CURATION_DEMO_PAIRS", 3000),
+                            description="Pairs generated when source is 'demo' (default: $CLIP_CURATION_DEMO_PAIRS or 3000).")
+    demo_shard_rows: int = Field(default=500, description="Rows per raw shard of the generated demo pool.")
+
+
+class BalanceRunConfig(StageConfig):
+    t: Optional[float] = Field(default=None, description="Per-entry cap t of MetaCLIP balancing (stage default: 20000).")
+    metadata: Optional[str] = Field(default=None, description="MetaCLIP metadata.json; empty: the stage's default.")
+
+    def stage_flags(self) -> list[str]:
+        return _opt("t", self.t) + _opt("metadata", self.metadata)
+
+
+class RewriteRunConfig(StageConfig):
+    rewrites: Optional[int] = Field(default=None, description="k: rewrites generated per caption (LaCLIP).")
+
+    def stage_flags(self) -> list[str]:
+        return _opt("rewrites_per_caption", self.rewrites)
+
+
+class CaptionRunConfig(StageConfig):
+    pass
+
+
+class ExportRunConfig(StageConfig):
+    pass
+
+
+class TrainRunConfig(StageConfig):
+    steps: Optional[int] = Field(default=env_default("CLIP_CURATION_TRAIN_STEPS", None),
+                                 description="Optimiser steps; empty: $CLIP_CURATION_TRAIN_STEPS or the trainer's "
+                                             "(demo-sized: the demo's).")
+    preset: Optional[str] = Field(default=None, description="Model preset: tiny, vit-b-32 or vit-b-16.")
+    fused_ratio: Optional[float] = Field(
+        default=env_default("CLIP_CURATION_FUSED_RATIO", None, float),
+        description="Share of visits that train on the fused caption (VeCLIP); empty: "
+                    "$CLIP_CURATION_FUSED_RATIO or the trainer's (demo-sized: the demo's).")
+
+    batch_size: Optional[int] = Field(default=env_default("CLIP_CURATION_TRAIN_BATCH", None),
+                                      description="Pairs per step; empty: $CLIP_CURATION_TRAIN_BATCH or the trainer's.")
+
+    def stage_flags(self) -> list[str]:
+        return (_opt("steps", self.steps) + _opt("preset", self.preset) + _opt("fused_ratio", self.fused_ratio)
+                + _opt("batch_size", self.batch_size))

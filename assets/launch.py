@@ -1,0 +1,56 @@
+"""Running one stage's job from a Dagster step: in process, or through Dagster Pipes.
+
+Whatever the launcher, the job is the same `pipelines.<stage>.run(argv)` (or
+`training.cli.run`) with the same flags, and it leaves its manifest in the
+output directory; the asset then reads that manifest back. So the metadata
+and checks have one code path, and the job code knows nothing of Dagster.
+"""
+
+import importlib
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from assets.resources import BeamRunnerResource, misconfigured
+
+PIPES_ENTRY = "assets.pipes_job"
+
+
+def load_stage_module(module_name: str):
+    """The stage's job module, or a clear failure when that stage is not implemented in this checkout."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise dg.Failure(description=f"stage module {module_name} is not installed in this code location; "
+                                         f"this asset cannot run until it exists") from exc
+        raise
+
+
+def run_stage(context: dg.AssetExecutionContext, module_name: str, argv: list[str], beam: BeamRunnerResource,
+              env: dict[str, str], is_beam_job: bool = True):
+    """Run `module.run(argv)` with the launcher the Beam resource asks for; raise on failure.
+
+    In process, the job's own result comes back (training's metrics); through
+    Pipes, None: the asset reads what it needs from the output directory.
+    A program that is not a Beam job (training) runs in process unless a
+    launcher is named explicitly.
+    """
+    launcher = beam.effective_launcher()
+    if not is_beam_job and beam.launcher == "auto":
+        launcher = "in_process"  # not a Beam job: the runner does not concern it
+    context.log.info(f"{module_name} via {launcher}: {' '.join(argv)}")
+    if launcher == "in_process":
+        return load_stage_module(module_name).run(argv)
+    command = [sys.executable, "-m", PIPES_ENTRY, module_name, *argv]
+    if launcher == "subprocess":
+        dg.PipesSubprocessClient(env=env, cwd=str(Path.cwd())).run(context=context, command=command)
+        return None
+    try:
+        from dagster_k8s import PipesK8sClient
+    except ImportError as exc:
+        raise misconfigured("BeamRunnerResource", "launcher",
+                            "'k8s' needs dagster-k8s installed in the code location image") from exc
+    PipesK8sClient().run(context=context, image=beam.k8s_image, command=["python", *command[1:]], env=env)
+    return None

@@ -1,0 +1,83 @@
+"""A stage's manifest turned into the metadata the Dagster UI shows for a materialisation."""
+
+import base64
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from curation.shards import shard_paths
+
+SAMPLE_COLUMNS = ("key", "caption", "rewrites", "synthetic_caption", "fused_caption", "matched_entries", "keep_prob")
+SAMPLE_ROWS = 5
+MAX_CELL = 80
+MAX_EMBEDDED_PNG = 400_000
+
+
+def rows_in(manifest: dict) -> int:
+    """Rows the stage read: what it says, else what it wrote plus what it rejected."""
+    stats = manifest.get("stats", {})
+    for name in ("rows_in", "input_rows"):
+        if isinstance(stats.get(name), int):
+            return stats[name]
+    return manifest["rows"] + manifest.get("rejects", {}).get("rows", 0)
+
+
+def stage_metadata(manifest: dict, output: Path, published: str) -> dict:
+    """Rows in and out, rejects by reason, shards, bytes, duration, throughput, plots and sample rows."""
+    stats = manifest.get("stats", {})
+    n_in = rows_in(manifest)
+    seconds = float(stats.get("seconds") or 0.0)
+    metadata: dict = {
+        "path": dg.MetadataValue.path(published),
+        "rows_in": n_in,
+        "rows_out": manifest["rows"],
+        "rejects_by_reason": dg.MetadataValue.json(manifest.get("rejects", {}).get("by_reason", {})),
+        "reject_ratio": manifest.get("rejects", {}).get("rows", 0) / max(n_in, 1),
+        "shards": len(manifest["shards"]),
+        "shard_paths": dg.MetadataValue.json([str(output / s["name"]) for s in manifest["shards"]]),
+        "bytes": manifest["bytes"],
+        "duration_s": seconds,
+        "rows_per_s": round(n_in / seconds, 2) if seconds > 0 else 0.0,
+        "stats": dg.MetadataValue.json({k: v for k, v in stats.items() if k != "plots"}),
+    }
+    for name in stats.get("plots", []):
+        plot = output / name
+        if plot.is_file():
+            metadata[f"plot_{Path(name).stem}"] = plot_markdown(plot)
+    sample = sample_table(output)
+    if sample:
+        metadata["sample_rows"] = dg.MetadataValue.md(sample)
+    return metadata
+
+
+def plot_markdown(path: Path) -> dg.MetadataValue:
+    """The PNG embedded in markdown (the UI renders it inline), or its path when it is too big to embed."""
+    data = path.read_bytes()
+    if len(data) > MAX_EMBEDDED_PNG:
+        return dg.MetadataValue.path(str(path))
+    encoded = base64.b64encode(data).decode()
+    return dg.MetadataValue.md(f"![{path.stem}](data:image/png;base64,{encoded})\n\n`{path}`")
+
+
+def _cell(value) -> str:
+    if isinstance(value, list):
+        value = " / ".join(str(v) for v in value)
+    text = "" if value is None else str(value)
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def sample_table(output: Path, n: int = SAMPLE_ROWS) -> str:
+    """The first rows of the first non-empty shard, text columns only, as a markdown table."""
+    for path in shard_paths(output) if output.is_dir() else []:
+        parquet = pq.ParquetFile(path)
+        columns = [c for c in SAMPLE_COLUMNS if c in parquet.schema_arrow.names]
+        if parquet.metadata.num_rows == 0 or not columns:
+            continue
+        rows = next(parquet.iter_batches(batch_size=n, columns=columns)).to_pylist()
+        columns = [c for c in columns if any(row[c] not in (None, []) for row in rows)]
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+        return "\n".join(lines)
+    return ""

@@ -1,0 +1,341 @@
+"""One asset per stage, all made the same way: the stage's job, its manifest as metadata, its checks.
+
+A build is a partition of the `builds` dynamic partitions: every asset of
+build B reads and writes only under `storage.root/B/`, so rebuilding one
+build never touches another. Within a build, asset X reads the directory of
+the asset before it and writes `B/X/`; the stage job resumes from its
+finished shards, so a step retried from the UI only does the shards left.
+"""
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from assets import checks
+from assets.config import (
+    DEMO_SOURCE, BalanceRunConfig, CaptionRunConfig, ExportRunConfig, IngestRunConfig, RewriteRunConfig,
+    StageConfig, TrainRunConfig,
+)
+from assets.launch import load_stage_module, run_stage
+from assets.report import plot_markdown, stage_metadata
+from assets.resources import QualityGatesResource
+from curation.shards import ManifestError, is_complete, read_manifest, verify_manifest
+from pipelines.common import STAGE_CONFIG
+
+builds = dg.DynamicPartitionsDefinition(name="builds")
+DEFAULT_BUILD = "default"
+GPU_POOL = "gpu"
+UPSTREAM_MARKER = ".upstream"
+DEMO_PARAMS = "demo_params.json"
+RESOURCE_KEYS = ("storage", "beam_runner", "llm", "captioner", "gates")
+
+
+def gpu_k8s_config(cpu: str, memory: str, gpus: int = 1) -> dict:
+    """The dagster-k8s/config tag of a GPU step: a GPU request and a GPU node pool."""
+    return {
+        "container_config": {"resources": {
+            "requests": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)},
+            "limits": {"memory": memory, "nvidia.com/gpu": str(gpus)},
+        }},
+        "pod_spec_config": {
+            "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    }
+
+
+def cpu_k8s_config(cpu: str, memory: str) -> dict:
+    return {"container_config": {"resources": {"requests": {"cpu": cpu, "memory": memory},
+                                               "limits": {"memory": memory}}}}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """How one stage becomes an asset."""
+
+    name: str
+    asset: str
+    module: str
+    upstream: Optional[str]
+    config: type
+    description: str
+    engine: Optional[str] = None                 # resource key whose settings become stage flags
+    extra_assets: tuple[str, ...] = ()           # more outputs of the same job (balance: entry_counts)
+    extra_checks: tuple[tuple[str, str, bool], ...] = ()
+    pair_output: bool = True                     # output holds pair shards with a manifest
+    beam: bool = True                            # a Beam job (takes runner flags); else a plain program
+    gpu: bool = False
+    k8s: dict = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        """Whether the stage's job module exists in this checkout (found without importing it)."""
+        return importlib.util.find_spec(self.module) is not None
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "raw_pairs", "pipelines.ingest", None, IngestRunConfig,
+          "Canonical pair shards from the raw source (demo, Parquet shards or a URL list), with rejects.",
+          k8s=cpu_k8s_config("4", "8Gi")),
+    Stage("balance", "balanced_pairs", "pipelines.balance", "raw_pairs", BalanceRunConfig,
+          "MetaCLIP balancing: substring matching against the metadata, then per-entry sampling with cap t.",
+          extra_assets=("entry_counts",),
+          extra_checks=((checks.BALANCED, "After balancing no entry keeps much more than t pairs.", True),),
+          k8s=cpu_k8s_config("8", "16Gi")),
+    Stage("rewrite", "rewritten_pairs", "pipelines.rewrite", "balanced_pairs", RewriteRunConfig,
+          "LaCLIP rewrites of every caption by the LLM engine.", engine="llm",
+          extra_checks=((checks.REWRITES, "Share of rows with a valid rewrite over the threshold.", True),),
+          gpu=True, k8s=gpu_k8s_config("8", "48Gi")),
+    Stage("caption", "captioned_pairs", "pipelines.caption", "rewritten_pairs", CaptionRunConfig,
+          "Synthetic captions by the vision-language captioner, fused with the alt-text (VeCLIP).",
+          engine="captioner",
+          extra_checks=((checks.CAPTIONS, "Share of rows with a synthetic caption over the threshold.", True),),
+          gpu=True, k8s=gpu_k8s_config("8", "48Gi")),
+    Stage("export", "training_shards", "pipelines.export", "captioned_pairs", ExportRunConfig,
+          "The training shards, their manifest (the contract with training) and a data card.",
+          k8s=cpu_k8s_config("4", "8Gi")),
+    Stage("train", "clip_model", "training.cli", "training_shards", TrainRunConfig,
+          "A CLIP model trained on the training shards, with its zero-shot metrics.", pair_output=False,
+          beam=False, gpu=True, k8s=gpu_k8s_config("16", "64Gi")),
+)
+
+
+def available_stages() -> list[Stage]:
+    """The prefix of the chain whose job modules exist here: an asset is defined only if its input can be."""
+    present: list[Stage] = []
+    for stage in STAGES:
+        if not stage.available or (stage.upstream and stage.upstream not in {s.asset for s in present}):
+            break
+        present.append(stage)
+    return present
+
+
+def build_name(context: dg.AssetExecutionContext) -> str:
+    return context.partition_key if context.has_partition_key else DEFAULT_BUILD
+
+
+def _fingerprint(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps([s["sha256"] for s in manifest["shards"]]).encode()).hexdigest()
+
+
+def _upstream_changed(build_dir: Path, stage: Stage, input_manifest: Optional[dict]) -> bool:
+    """True when this stage's output was made from other upstream files than today's (a rebuilt upstream)."""
+    marker = build_dir / UPSTREAM_MARKER / f"{stage.asset}.sha256"
+    return input_manifest is not None and marker.is_file() and marker.read_text() != _fingerprint(input_manifest)
+
+
+def _record_upstream(build_dir: Path, stage: Stage, input_manifest: Optional[dict]) -> None:
+    if input_manifest is not None:
+        (build_dir / UPSTREAM_MARKER).mkdir(exist_ok=True)
+        (build_dir / UPSTREAM_MARKER / f"{stage.asset}.sha256").write_text(_fingerprint(input_manifest))
+
+
+def _source(config: IngestRunConfig, build_dir: Path, seed: int) -> Path:
+    """The raw input of the build; for the demo, a pool generated once per build under `B/demo`.
+
+    The demo lives at `B/demo` because the later stages' demo flags look for
+    its eval split and classes there. A demo of other size or seed replaces it.
+    """
+    if config.source != DEMO_SOURCE:
+        source = Path(config.source).expanduser()
+        if not source.exists():
+            raise dg.Failure(description=f"IngestRunConfig.source: {source} does not exist")
+        return source
+    from curation.demo_data import generate
+    demo = build_dir / "demo"
+    wanted = {"n_pairs": config.demo_pairs, "seed": seed, "rows_per_shard": config.demo_shard_rows}
+    recorded = demo / DEMO_PARAMS
+    if not (demo / "classes.json").is_file() or not recorded.is_file() or json.loads(recorded.read_text()) != wanted:
+        shutil.rmtree(demo, ignore_errors=True)
+        generate(demo, n_pairs=config.demo_pairs, n_eval=max(config.demo_pairs // 10, 100), seed=seed,
+                 rows_per_shard=config.demo_shard_rows)
+        recorded.write_text(json.dumps(wanted))
+    return demo / "pool"
+
+
+def is_demo_build(build_dir: Path) -> bool:
+    """A build whose raw pairs came from the generated demo pool."""
+    recorded = build_dir / "raw_pairs" / STAGE_CONFIG
+    if not recorded.is_file():
+        return False
+    return json.loads(recorded.read_text()).get("input") == str((build_dir / "demo" / "pool").resolve())
+
+
+def _engine_flags(stage: Stage, resources) -> list[str]:
+    if stage.engine is None:
+        return []
+    engine = getattr(resources, stage.engine)
+    adapter = ENGINE_FLAGS.get(stage.name)
+    return adapter(engine) if adapter else []
+
+
+def _flag(name: str, value) -> list[str]:
+    return [] if value in (None, "") else [f"--{name}={value}"]
+
+
+def _rewrite_engine_flags(llm) -> list[str]:
+    """The llm resource as rewrite flags; an empty field leaves the stage's (or its demo's) value."""
+    flags = [f"--rewrite_engine={llm.engine}", *_flag("rewrite_model", llm.model),
+             *_flag("rewrite_temperature", llm.temperature), *_flag("rewrite_top_p", llm.top_p),
+             *_flag("rewrite_max_new_tokens", llm.max_new_tokens)]
+    return flags + ([f"--rewrite_engine_options={json.dumps({'base_url': llm.base_url})}"] if llm.base_url else [])
+
+
+def _caption_engine_flags(captioner) -> list[str]:
+    """The captioner resource as caption flags; an empty field leaves the stage's (or its demo's) value."""
+    flags = [f"--captioner_engine={captioner.engine}", *_flag("captioner_model", captioner.model),
+             *_flag("vec_max_new_tokens", captioner.max_new_tokens)]
+    return flags + ([f"--captioner_options={json.dumps({'base_url': captioner.base_url})}"] if captioner.base_url else [])
+
+
+# Stage name -> how its engine resource becomes the stage's flags.
+ENGINE_FLAGS: dict[str, Callable] = {"rewrite": _rewrite_engine_flags, "caption": _caption_engine_flags}
+
+
+def stage_argv(stage: Stage, config: StageConfig, input_dir: Path, output: Path, build_dir: Path, resources,
+               overwrite: bool) -> list[str]:
+    """The stage's command line: input/output/seed, runner, demo sizing, engine, stage config, extras."""
+    argv = ["--input", str(input_dir), "--output", str(output), "--seed", str(config.seed)]
+    argv += resources.beam_runner.flags(stage.name) if stage.beam else []
+    demo_sized = config.demo_sized if config.demo_sized is not None else is_demo_build(build_dir)
+    if demo_sized:
+        module = load_stage_module(stage.module)
+        argv += list(module.demo_flags(build_dir)) if hasattr(module, "demo_flags") else []
+    argv += _engine_flags(stage, resources) + config.stage_flags() + list(config.extra_flags)
+    return argv + (["--overwrite"] if overwrite else [])
+
+
+def _environment(stage: Stage, resources) -> dict[str, str]:
+    env = dict(resources.beam_runner.environment())
+    if stage.engine:
+        env.update(getattr(resources, stage.engine).environment())
+    return env
+
+
+def stage_checks(stage: Stage, output: Path, manifest: dict, metadata: dict, config: StageConfig,
+                 gates: QualityGatesResource) -> list[dg.AssetCheckResult]:
+    """Evaluate the stage's declared checks on the output just written."""
+    results = [checks.schema_valid(stage.asset, output, training=stage.name == "export"), checks.checksums_match(stage.asset, output),
+               checks.reject_ratio(stage.asset, metadata["reject_ratio"],
+                                   gates.max_balance_reject_ratio if stage.name == "balance" else gates.max_reject_ratio)]
+    if stage.name == "balance":
+        t = float(manifest.get("config", {}).get("t") or getattr(config, "t", None) or 20000)
+        results.append(checks.entries_capped(stage.asset, output, t, gates.balance_slack))
+    if stage.name == "rewrite":
+        results.append(checks.valid_rewrite_share(stage.asset, output, gates.min_rewrite_share))
+    if stage.name == "caption":
+        results.append(checks.share_filled(stage.asset, checks.CAPTIONS, output, "synthetic_caption",
+                                           gates.min_caption_share))
+    return results
+
+
+def _extra_results(stage: Stage, output: Path, manifest: dict) -> Iterator[dg.MaterializeResult]:
+    """Materialisations of a job's side outputs: balance's entry counts (the file named in its stats)."""
+    stats = manifest.get("stats", {})
+    for asset in stage.extra_assets:
+        path = output / str(stats.get(asset, f"{asset}.parquet"))
+        metadata: dict = {"path": dg.MetadataValue.path(str(path))}
+        if path.is_file():
+            metadata["entries"] = pq.ParquetFile(path).metadata.num_rows
+        metadata.update({k: v for k, v in stats.items() if k.startswith(("before_", "after_", "t", "metadata_"))
+                         and isinstance(v, (int, float))})
+        for name in stats.get("plots", []):
+            if (output / name).is_file():
+                metadata["entry_count_plot"] = plot_markdown(output / name)
+        yield dg.MaterializeResult(asset_key=asset, metadata=metadata)
+
+
+def _model_metadata(output: Path, result) -> dict:
+    """The trained model: where it is, its metrics (from the result, or metrics.json after a Pipes run), curves."""
+    metrics = getattr(result, "metrics", None)
+    if metrics is None and (output / "metrics.json").is_file():
+        metrics = json.loads((output / "metrics.json").read_text())
+    metrics = metrics or {}
+    metadata: dict = {"path": dg.MetadataValue.path(str(output)), "metrics": dg.MetadataValue.json(metrics)}
+    for name in ("zeroshot_top1", "zeroshot_top5", "final_loss", "steps", "seconds"):
+        if isinstance(metrics.get(name), (int, float)):
+            metadata[name] = metrics[name]
+    for plot in sorted(output.glob("*.png")):
+        metadata[f"plot_{plot.stem}"] = plot_markdown(plot)
+    return metadata
+
+
+def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageConfig) -> Iterator[dg.MaterializeResult]:
+    """Run the stage for this build and yield its materialisation(s) with the check results."""
+    resources = context.resources
+    build = build_name(context)
+    build_dir = resources.storage.build_dir(build)
+    output = build_dir / stage.asset
+    input_manifest = None
+    if stage.upstream is None:
+        input_dir = _source(config, build_dir, config.seed)
+        input_manifest = read_manifest(input_dir) if input_dir.is_dir() and is_complete(input_dir) else None
+    else:
+        input_dir = build_dir / stage.upstream
+        if not is_complete(input_dir):
+            raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} of build {build!r} has no "
+                                         f"manifest at {input_dir}; materialise it first")
+        try:
+            input_manifest = verify_manifest(input_dir)
+        except ManifestError as exc:
+            raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} is corrupt: {exc}") from exc
+    overwrite = config.overwrite or _upstream_changed(build_dir, stage, input_manifest)
+    if overwrite and not config.overwrite:
+        context.log.warning(f"{stage.upstream} of build {build!r} changed since {stage.asset} was made: rebuilding it")
+    argv = stage_argv(stage, config, input_dir, output, build_dir, resources, overwrite)
+    start = time.perf_counter()
+    result = run_stage(context, stage.module, argv, resources.beam_runner, _environment(stage, resources),
+                       is_beam_job=stage.beam)
+    elapsed = time.perf_counter() - start
+    _record_upstream(build_dir, stage, input_manifest)
+    if not stage.pair_output:
+        published = resources.storage.publish(build, stage.asset)
+        metadata = {**_model_metadata(output, result), "path": dg.MetadataValue.path(published),
+                    "duration_s": round(elapsed, 3)}
+        yield dg.MaterializeResult(asset_key=stage.asset, metadata=metadata)
+        return
+    manifest = read_manifest(output)
+    published = resources.storage.publish(build, stage.asset)
+    metadata = {**stage_metadata(manifest, output, published), "step_duration_s": round(elapsed, 3)}
+    results = stage_checks(stage, output, manifest, metadata, config, resources.gates)
+    for check in results:
+        if not check.passed:
+            context.log.warning(f"check {check.check_name} failed: {dict(check.metadata)}")
+    yield dg.MaterializeResult(asset_key=stage.asset, metadata=metadata, check_results=results)
+    yield from _extra_results(stage, output, manifest)
+
+
+def stage_asset(stage: Stage) -> dg.AssetsDefinition:
+    """The Dagster definition of one stage (a multi-asset when its job has side outputs)."""
+    specs = [dg.AssetSpec(stage.asset, description=stage.description, group_name="curation",
+                          deps=[stage.upstream] if stage.upstream else [],
+                          kinds={"beam", "parquet"} if stage.pair_output else {"pytorch"})]
+    specs += [dg.AssetSpec(extra, description=f"{extra} written by the {stage.name} job, beside {stage.asset}.",
+                           group_name="curation", deps=[stage.upstream] if stage.upstream else [],
+                           kinds={"parquet"}) for extra in stage.extra_assets]
+    check_specs = checks.specs(stage.asset, *stage.extra_checks) if stage.pair_output else []
+    # Every step needs every resource: a misconfigured one then fails the run at its first step, before
+    # anything is written, rather than hours later at the stage that uses it.
+    resource_keys = set(RESOURCE_KEYS)
+    tags = {"dagster-k8s/config": stage.k8s, "clip-curation/stage": stage.name}
+    if stage.gpu:
+        tags["clip-curation/gpu"] = "true"
+    config_cls = stage.config
+
+    def compute(context: dg.AssetExecutionContext, config: config_cls):
+        yield from materialise(stage, context, config)
+
+    return dg.multi_asset(
+        name=stage.asset, specs=specs, check_specs=check_specs, partitions_def=builds,
+        required_resource_keys=resource_keys, op_tags=tags, pool=GPU_POOL if stage.gpu else None,
+        description=stage.description,
+    )(compute)

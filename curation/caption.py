@@ -1,0 +1,370 @@
+"""VeCLIP-style captions: a short visual caption per image (VeC), then its fusion with the alt-text (VeCap).
+
+Step 1, VeC: a vision-language model sees the image alone, never the
+alt-text (so it cannot copy the alt-text's noise), and is asked for one short
+concrete sentence about what is visible. Decoding is greedy; an output that is
+empty, echoes the prompt or loops on a word is retried with seeded sampling,
+then counted and left null.
+
+Step 2, fusion: a text LLM merges the alt-text and the VeC into one sentence
+that keeps the alt-text's names, places, brands and numbers and adds the VeC's
+visual detail. The output is validated like a rewrite (curation.validation),
+must keep the alt-text's proper nouns, and falls back to the VeC when every
+attempt is refused.
+
+`synthetic_caption` holds the VeC (ALIP's synthetic caption), `fused_caption`
+the VeCap. Both stay null when the captioner produced nothing usable.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, VisionEngine
+from curation.engines.recovery import generate_with_recovery
+from curation.engines.seeding import derive_seed
+from curation.images import ImageConfig
+from curation.rewrite import clean_caption as clean_prompt_text
+from curation.rewrite import parse_output
+from curation.validation import OutputReason, ValidationConfig, check_output, normalise
+
+STAGE = "caption"
+
+# Bump a version whenever its prompt's wording or layout changes: both are recorded in the manifest.
+VEC_PROMPT_VERSION = "vec-v1"
+VEC_PROMPT = ("Write one short sentence, under 20 words, saying what this picture shows: the main objects, "
+              "their number, colours and setting. Only mention what is visible.")
+
+FUSION_PROMPT_VERSION = "vecap-v1"
+FUSION_INSTRUCTION = ("You combine two descriptions of the same picture into one short caption. The web text may "
+                      "name people, places, brands, dates or numbers: keep every one of them. The visual "
+                      "description says what the picture looks like: add its objects, colours and setting. Put "
+                      "adjectives before the nouns they describe. Add nothing that neither text says. Answer with "
+                      "the caption only, in one sentence.")
+FUSION_COMPLETION_HEADER = ("Web text and a visual description of the same picture, merged into one caption that "
+                            "keeps the names from the web text and the visual details from the description:")
+
+
+class Degenerate:
+    """Why a VLM output is not a caption. Stable strings: counted in the manifest."""
+
+    EMPTY = "empty"
+    ECHO = "echo_of_prompt"
+    REPEATED = "repeated_tokens"
+    TOO_SHORT = "too_short"
+
+
+class FusionReason:
+    """Fusion refusals beyond the shared rewrite checks."""
+
+    LOST_PROPER_NOUN = "lost_proper_noun"
+
+
+# Openers a VLM puts before the content ("The image shows ..."): noise for a CLIP caption.
+_OPENER = re.compile(
+    r"^\s*(?:(?:this|the|in this|in the)\s+(?:image|picture|photo(?:graph)?|scene)\s*(?:,\s*)?"
+    r"(?:shows|depicts|features|contains|displays|presents|is of|captures|there (?:is|are))?\s*:?\s*|"
+    r"(?:caption|description)\s*:\s*|(?:assistant)\s*:\s*)",
+    re.IGNORECASE)
+_TEMPLATE_ROLE = re.compile(r"\b(?:USER|ASSISTANT|SYSTEM)\s*:", re.IGNORECASE)
+_WORDS = re.compile(r"\w+(?:'\w+)?", re.UNICODE)
+_PROPER = re.compile(r"^[A-Z][a-z]+(?:[-'][A-Za-z]+)*$")
+_YEAR = re.compile(r"^(1[89]\d\d|20\d\d)$")
+_SENTENCE_END = (".", "!", "?", ":", "|", "-", "–", "—", "•")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """Everything that decides the captions; recorded in the manifest."""
+
+    # The captioner (a VLM): engine, hub id or local folder, dtype, backend options.
+    captioner_engine: str = "transformers"
+    captioner_model: str = ""
+    captioner_dtype: str = "auto"
+    captioner_options: dict[str, Any] = field(default_factory=dict)
+    prompt: str = VEC_PROMPT
+    prompt_version: str = VEC_PROMPT_VERSION
+    max_new_tokens: int = 40
+    temperature: float = 0.0  # greedy first: a caption that does not depend on luck
+    retry_temperature: float = 0.7
+    retry_top_p: float = 0.9
+    retries: int = 2  # extra sampled attempts for a degenerate caption
+    min_words: int = 2
+    image: ImageConfig = field(default_factory=ImageConfig)
+    images_per_batch: int = 16  # RunInference batch of the captioner
+    # Fusion (VeCap) with a text LLM; fuse=False leaves fused_caption null.
+    fuse: bool = True
+    fusion_engine: str = "transformers"
+    fusion_model: str = DEFAULT_MODEL
+    fusion_gguf_file: str | None = None
+    fusion_dtype: str = "auto"
+    fusion_options: dict[str, Any] = field(default_factory=dict)
+    fusion_prompt_format: str = "auto"  # "chat", "completion" or "auto" (chat when the model has a template)
+    fusion_prompt_version: str = FUSION_PROMPT_VERSION
+    fusion_temperature: float = 0.3
+    fusion_top_p: float = 0.9
+    fusion_max_new_tokens: int = 60
+    fusion_attempts: int = 2
+    fusion_per_batch: int = 64
+    fusion_keep_proper_nouns: bool = True
+    validation: ValidationConfig = field(default_factory=lambda: ValidationConfig(max_words=60))
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.fusion_attempts < 1:
+            raise ValueError("retries must be >= 0 and fusion_attempts >= 1")
+        if self.retries and self.retry_temperature <= 0:
+            raise ValueError("retries need retry_temperature > 0, or they repeat the greedy caption")
+        if self.images_per_batch < 1 or self.fusion_per_batch < 1:
+            raise ValueError("images_per_batch and fusion_per_batch must be at least 1")
+        if self.fusion_prompt_format not in ("auto", "chat", "completion"):
+            raise ValueError(f"fusion_prompt_format must be auto, chat or completion, "
+                             f"got {self.fusion_prompt_format!r}")
+        if not self.prompt.strip():
+            raise ValueError("the caption prompt is empty")
+
+    def captioner_spec(self) -> EngineSpec:
+        return EngineSpec(self.captioner_engine, self.captioner_model, None, self.captioner_dtype,
+                          dict(self.captioner_options))
+
+    def fusion_spec(self) -> EngineSpec:
+        return EngineSpec(self.fusion_engine, self.fusion_model, self.fusion_gguf_file, self.fusion_dtype,
+                          dict(self.fusion_options))
+
+
+def clean_vlm_output(text: str) -> str:
+    """The caption in a VLM generation: first non-empty line, openers such as "The image shows" removed."""
+    line = parse_output(text)
+    role = _TEMPLATE_ROLE.search(line, 1)
+    if role:  # the model went on to write the next chat turn: keep what came before it
+        line = line[:role.start()].strip()
+    stripped = _OPENER.sub("", line, count=1).strip()
+    if stripped and stripped != line:
+        stripped = stripped[0].upper() + stripped[1:] if line[:1].isupper() else stripped
+    return " ".join(stripped.split())
+
+
+def degenerate_reason(text: str, prompt: str, min_words: int = 2) -> str | None:
+    """None if `text` can stand as a caption, else why not (Degenerate.*)."""
+    words = [w.casefold() for w in _WORDS.findall(text)]
+    if not words:
+        return Degenerate.EMPTY
+    plain, prompt_plain = " ".join(words), " ".join(w.casefold() for w in _WORDS.findall(prompt))
+    prompt_head = " ".join(prompt_plain.split()[:6])
+    if (prompt_head and prompt_head in plain) or (len(words) >= 3 and plain in prompt_plain):
+        return Degenerate.ECHO
+    if _TEMPLATE_ROLE.search(text):
+        return Degenerate.ECHO
+    if _has_loop(words):
+        return Degenerate.REPEATED
+    if len(words) < min_words:
+        return Degenerate.TOO_SHORT
+    return None
+
+
+def _has_loop(words: list[str]) -> bool:
+    """A word three times in a row, any 2-4 word phrase three times, or a long text of few distinct words."""
+    run = 1
+    for previous, word in zip(words, words[1:]):
+        run = run + 1 if word == previous else 1
+        if run >= 3:
+            return True
+    for n in (2, 3, 4):
+        counts = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        if counts and max(counts.values()) >= 3:
+            return True
+    return len(words) >= 10 and len(set(words)) / len(words) < 0.4
+
+
+@dataclass
+class RowCaption:
+    """One image's VeC (None when every attempt was degenerate) and what producing it took."""
+
+    text: str | None
+    stats: collections.Counter
+
+
+class Captioner:
+    """VeC for a batch of images: greedy first, seeded sampling for the rows that came out degenerate."""
+
+    def __init__(self, engine: VisionEngine, config: CaptionConfig):
+        self.engine, self.config = engine, config
+
+    def caption(self, keys: Sequence[str], images: Sequence[Image.Image], seed: int) -> list[RowCaption]:
+        if len(keys) != len(images):
+            raise ValueError(f"{len(keys)} keys but {len(images)} images")
+        cfg = self.config
+        rows = [RowCaption(None, collections.Counter()) for _ in keys]
+        pending = list(range(len(keys)))
+        for attempt in range(cfg.retries + 1):
+            if not pending:
+                break
+            temperature = cfg.temperature if attempt == 0 else cfg.retry_temperature
+            top_p = 1.0 if temperature == 0 else cfg.retry_top_p
+            params = [SamplingParams(cfg.max_new_tokens, temperature, top_p, derive_seed(seed, keys[i], "vec", attempt))
+                      for i in pending]
+            outputs = self._generate([images[i] for i in pending], params)
+            still = []
+            for i, out in zip(pending, outputs):
+                stats = rows[i].stats
+                if out is None:
+                    stats["vec.engine_error"] += 1
+                    stats["vec.null"] += 1
+                    continue
+                stats["vec.requests"] += 1
+                stats["vec.prompt_tokens"] += out.prompt_tokens
+                stats["vec.completion_tokens"] += out.completion_tokens
+                text = clean_vlm_output(out.text)
+                reason = degenerate_reason(text, cfg.prompt, cfg.min_words)
+                if reason is None:
+                    rows[i].text = text
+                    stats["vec.kept"] += 1
+                    if attempt:
+                        stats["vec.kept_after_retry"] += 1
+                else:
+                    stats[f"vec.degenerate.{reason}"] += 1
+                    still.append(i)
+            pending = still
+        for i in pending:
+            rows[i].stats["vec.null"] += 1
+        return rows
+
+    def _generate(self, images: list[Image.Image], params: list[SamplingParams]) -> list[Generation | None]:
+        """The engine's captions; if the batch fails, image by image, with None for an image that alone fails.
+
+        One image the backend cannot handle (a processor edge case) then costs its own caption, not the
+        shard; when every image fails on its own the engine itself is broken and the error goes up.
+        """
+        try:
+            outputs: list[Generation | None] = list(self.engine.caption(images, self.config.prompt, params))
+        except Exception:
+            if len(images) == 1:
+                raise
+            outputs, errors = [], []
+            for image, p in zip(images, params):
+                try:
+                    outputs.append(self.engine.caption([image], self.config.prompt, [p])[0])
+                except Exception as exc:  # noqa: BLE001 - counted per image; re-raised below if all fail
+                    outputs.append(None)
+                    errors.append(exc)
+            if len(errors) == len(images):
+                raise errors[0]
+        if len(outputs) != len(images):
+            raise RuntimeError(f"captioner {self.engine.name} returned {len(outputs)} captions "
+                               f"for {len(images)} images")
+        return outputs
+
+
+def proper_nouns(alt_text: str) -> list[str]:
+    """Names and years in an alt-text that a fusion must keep: capitalised words inside a sentence, years.
+
+    Sentence-initial words are skipped (capitalised anyway); words glued to
+    digits or underscores (file names) are not names.
+    """
+    found: list[str] = []
+    tokens = alt_text.split()
+    for i, token in enumerate(tokens):
+        word = token.strip("\"'“”‘’()[]{},;!?.:")
+        starts_sentence = i == 0 or tokens[i - 1].endswith(_SENTENCE_END) or tokens[i - 1] in _SENTENCE_END
+        if _YEAR.match(word) or (not starts_sentence and _PROPER.match(word) and not alt_text.isupper()):
+            if word not in found:
+                found.append(word)
+    return found
+
+
+@dataclass
+class RowFusion:
+    """One VeCap (the VeC itself when every fusion was refused) and what it took."""
+
+    text: str
+    stats: collections.Counter
+
+
+class Fuser:
+    """Merges alt-text and VeC with a text LLM; validated like a rewrite; falls back to the VeC."""
+
+    def __init__(self, engine: TextEngine, config: CaptionConfig):
+        self.engine, self.config = engine, config
+        chat_capable = bool(getattr(engine, "has_chat_template", False))
+        if config.fusion_prompt_format == "chat" and not chat_capable:
+            raise ValueError(f"{engine.name} has no chat template; use fusion_prompt_format='completion'")
+        self.chat = config.fusion_prompt_format == "chat" or (config.fusion_prompt_format == "auto" and chat_capable)
+        self.stop = () if self.chat else ("\n",)
+        self.special_tokens = list(getattr(engine, "special_tokens", []) or [])
+
+    @property
+    def format_name(self) -> str:
+        return "chat" if self.chat else "completion"
+
+    def prompt(self, alt_text: str, vec: str) -> str:
+        """The fusion request. Both texts are data: cleaned of chat markup and placed as values only."""
+        alt = clean_prompt_text(alt_text, self.special_tokens)
+        visual = clean_prompt_text(vec, self.special_tokens)
+        if self.chat:
+            messages = [{"role": "system", "content": FUSION_INSTRUCTION},
+                        {"role": "user", "content": f"Web text: {alt}\nVisual description: {visual}"}]
+            return self.engine.format_chat(messages)  # type: ignore[attr-defined]
+        return f"{FUSION_COMPLETION_HEADER}\n\nWeb text: {alt}\nVisual description: {visual}\nCaption:"
+
+    def check(self, alt_text: str, vec: str, fused: str) -> str | None:
+        """None for a usable fusion, else the reason (OutputReason.* or FusionReason.*)."""
+        cfg = self.config
+        reason = check_output(f"{alt_text} {vec}", fused, cfg.validation,
+                              echo_texts=(FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER))
+        if reason is not None:
+            return reason
+        plain = normalise(fused)
+        if plain in (normalise(alt_text), normalise(vec)):
+            return OutputReason.IDENTICAL  # nothing was merged
+        if cfg.fusion_keep_proper_nouns:
+            kept = fused.casefold()
+            if any(noun.casefold() not in kept for noun in proper_nouns(alt_text)):
+                return FusionReason.LOST_PROPER_NOUN
+        return None
+
+    def fuse(self, keys: Sequence[str], alt_texts: Sequence[str], vecs: Sequence[str], seed: int) -> list[RowFusion]:
+        cfg = self.config
+        rows = [RowFusion(vec, collections.Counter()) for vec in vecs]
+        pending = list(range(len(keys)))
+        for attempt in range(cfg.fusion_attempts):
+            if not pending:
+                break
+            prompts = [self.prompt(alt_texts[i], vecs[i]) for i in pending]
+            params = [SamplingParams(cfg.fusion_max_new_tokens, cfg.fusion_temperature, cfg.fusion_top_p,
+                                     derive_seed(seed, keys[i], "fusion", attempt)) for i in pending]
+            outputs = generate_with_recovery(self.engine, prompts, params, stop=self.stop)
+            still = []
+            for i, out in zip(pending, outputs):
+                stats = rows[i].stats
+                stats["fusion.requests"] += 1
+                stats["fusion.prompt_tokens"] += out.prompt_tokens
+                stats["fusion.completion_tokens"] += out.completion_tokens
+                text = clean_vlm_output(out.text)
+                reason = self.check(alt_texts[i], vecs[i], text)
+                if reason is None:
+                    rows[i].text = text
+                    stats["fusion.kept"] += 1
+                else:
+                    stats[f"fusion.rejected.{reason}"] += 1
+                    still.append(i)
+            pending = still
+        for i in pending:
+            rows[i].stats["fusion.fallback_to_vec"] += 1
+        return rows
+
+
+def summarise(stats: collections.Counter) -> dict[str, Any]:
+    """Totals plus the shares a manifest reports."""
+    out: dict[str, Any] = dict(sorted(stats.items()))
+    images = stats.get("vec.kept", 0) + stats.get("vec.null", 0)
+    if images:
+        out["vec_null_share"] = round(stats.get("vec.null", 0) / images, 4)
+    fused = stats.get("fusion.kept", 0) + stats.get("fusion.fallback_to_vec", 0)
+    if fused:
+        out["fusion_fallback_share"] = round(stats.get("fusion.fallback_to_vec", 0) / fused, 4)
+    return out

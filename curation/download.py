@@ -1,0 +1,221 @@
+"""From a URL list to downloaded images: screening, staging and img2dataset.
+
+The list is first staged as Parquet shards of `shard_rows` rows (shard j holds
+list rows [j*shard_rows, (j+1)*shard_rows)), each row with its key, its origin
+(file and line) and the screening verdict. The rows that pass screening go to
+img2dataset, one input file per list shard, so img2dataset shard k is the
+download of exactly one list shard and the ingest output shard j is made from
+list shard j. img2dataset keeps its own distributor (processes x threads) and
+its own resume: in `incremental` mode a rerun skips the shards whose
+`_stats.json` exists, so killing a run and starting it again downloads only
+what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.ingest import ERROR, ORIGIN_FILE, ORIGIN_LINE, SCREEN_DETAIL, SCREEN_REASON, STATUS
+from curation.records import MAX_CAPTION_CHARS, MAX_IMAGE_PIXELS, Rejected, clean_caption
+from curation.shards import finished_shards, shard_name, write_table_atomic
+from curation.url_lists import list_files, read_list, screen_url
+
+ROW = "_row"  # the row's index in the staged list, carried through img2dataset to join the results back
+FIXED_TYPES = {"key": pa.string(), "url": pa.string(), "caption": pa.string(), ROW: pa.int64(),
+               ORIGIN_FILE: pa.string(), ORIGIN_LINE: pa.int64(), SCREEN_REASON: pa.string(),
+               SCREEN_DETAIL: pa.string()}
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """img2dataset's options, passed through as they are named there."""
+
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    encode_format: str = "jpg"
+    processes_count: int = 1
+    thread_count: int = 32
+    timeout: int = 10
+    retries: int = 0
+    min_image_size: int = 0
+    max_image_area: float = float(MAX_IMAGE_PIXELS)  # decompression bombs fail in img2dataset, not later
+    max_aspect_ratio: float = 0.0  # 0: no bound (img2dataset's inf, kept out of the JSON config)
+    incremental_mode: str = "incremental"
+    user_agent_token: str | None = None
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+
+    def __post_init__(self) -> None:
+        if self.incremental_mode not in ("incremental", "overwrite"):
+            raise ValueError(f"incremental_mode must be 'incremental' or 'overwrite', got {self.incremental_mode!r}")
+        if self.resize_mode not in ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"):
+            raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
+        if self.processes_count < 1 or self.thread_count < 1:
+            raise ValueError("processes_count and thread_count must be >= 1")
+
+
+@dataclass(frozen=True)
+class ListConfig:
+    """How to read and screen a URL list."""
+
+    path: str
+    format: str | None = None
+    url_column: str = "url"
+    caption_column: str = "caption"
+    key_column: str = "key"
+    shard_rows: int = 10_000
+    max_caption_chars: int = MAX_CAPTION_CHARS
+    allow_private_network: bool = False
+    allow_file_urls: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}")
+
+
+def _staged_row(row, number: int, config: ListConfig, stem: str) -> dict:
+    values = dict(row.values)
+    url, caption = values.pop(config.url_column, None), values.pop(config.caption_column, None)
+    key = values.pop(config.key_column, None) or f"{stem}-{row.line:09d}"
+    verdict = screen_url(url, allow_private_network=config.allow_private_network,
+                         allow_file_urls=config.allow_file_urls)
+    if not isinstance(verdict, Rejected):
+        verdict = clean_caption(caption, config.max_caption_chars)  # no download for a pair that cannot be one
+    rejected = verdict if isinstance(verdict, Rejected) else None
+    staged = {"key": str(key), "url": url if isinstance(url, str) else None,
+              # a rejected row's caption may be megabytes; its reject detail says what was wrong
+              "caption": caption if isinstance(caption, str) and rejected is None else None, ROW: number,
+              ORIGIN_FILE: row.file, ORIGIN_LINE: row.line,
+              SCREEN_REASON: rejected.reason if rejected else None,
+              SCREEN_DETAIL: rejected.detail if rejected else None}
+    staged.update(values)
+    return staged
+
+
+def _extras_as_text(rows: list[dict], fixed: set[str]) -> None:
+    """JSONL and CSV extras become strings, so every list shard has the same schema."""
+    for row in rows:
+        for name, value in row.items():
+            if name not in fixed and value is not None and not isinstance(value, str):
+                row[name] = json.dumps(value, ensure_ascii=False)
+
+
+def stage_url_list(config: ListConfig, list_dir: Path, fetch_dir: Path) -> int:
+    """Write the list shards and the img2dataset inputs (only missing ones); returns the shard count.
+
+    Rows keep their list order, so the shards, keys and download inputs are
+    the same on every run over the same list.
+    """
+    required = (config.url_column, config.caption_column)
+    fixed = set(FIXED_TYPES)
+    done = {p.name for p in finished_shards(list_dir)}
+    files = list_files(config.path, config.format)
+    keep_types = all(str(f).endswith(".parquet") for f in files)
+    shard, rows, number = 0, [], 0
+
+    def flush() -> None:
+        nonlocal shard, rows
+        name = shard_name(shard)
+        if name not in done:  # directories only now: a list that fails on its first line leaves nothing behind
+            if not keep_types:
+                _extras_as_text(rows, fixed)
+            table = pa.Table.from_pylist(rows)
+            for column, kind in FIXED_TYPES.items():
+                table = table.set_column(table.schema.get_field_index(column), column, table.column(column).cast(kind))
+            ok = table.filter(pc.is_null(table.column(SCREEN_REASON)))
+            if ok.num_rows:
+                write_table_atomic(ok.select(["url", ROW]), fetch_dir / name)
+            write_table_atomic(table, list_dir / name)  # last: its presence means this shard is staged
+        shard, rows = shard + 1, []
+
+    for file in files:
+        stem = Path(file).stem
+        for row in read_list(file, required, config.format):
+            rows.append(_staged_row(row, number, config, stem))
+            number += 1
+            if len(rows) == config.shard_rows:
+                flush()
+    if rows:
+        flush()
+    return shard
+
+
+def run_img2dataset(fetch_dir: Path, download_dir: Path, config: DownloadConfig, shard_rows: int) -> None:
+    """Download every staged fetch file with img2dataset's own distributor, as Parquet."""
+    if not any(fetch_dir.glob("*.parquet")):
+        return
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset import download
+
+    options = asdict(config)
+    directives = list(options.pop("disallowed_header_directives"))
+    options["max_aspect_ratio"] = options["max_aspect_ratio"] or float("inf")
+    download(url_list=str(fetch_dir), input_format="parquet", url_col="url", output_folder=str(download_dir),
+             output_format="parquet", save_additional_columns=[ROW], number_sample_per_shard=shard_rows,
+             extract_exif=False, enable_wandb=False, disallowed_header_directives=directives, **options)
+
+
+def downloads_by_list_shard(download_dir: Path, shard_rows: int) -> dict[int, Path]:
+    """List shard index -> the img2dataset output holding its downloads (finished shards only)."""
+    found: dict[int, Path] = {}
+    if not download_dir.is_dir():
+        return found
+    for stats in sorted(download_dir.glob("*_stats.json")):
+        path = download_dir / f"{stats.name.split('_')[0]}.parquet"
+        rows = pq.read_table(path, columns=[ROW]).column(ROW)
+        if len(rows):
+            found[rows[0].as_py() // shard_rows] = path
+    return found
+
+
+def unfinished_shards(fetch_dir: Path, found: dict[int, Path]) -> list[str]:
+    """List shards that had URLs to fetch but whose img2dataset shard did not finish."""
+    return [p.name for p in finished_shards(fetch_dir) if int(p.stem.split("-")[1]) not in found]
+
+
+def download_stats(download_dir: Path) -> dict:
+    """img2dataset's own counts, summed over its finished shards, with the success rate."""
+    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "duration": 0.0}
+    for stats in sorted(download_dir.glob("*_stats.json")) if download_dir.is_dir() else []:
+        data = json.loads(stats.read_text())
+        for name in totals:
+            totals[name] += data.get(name, 0)
+    return {
+        "download_attempted": totals["count"], "download_succeeded": totals["successes"],
+        "download_failed": totals["failed_to_download"], "download_failed_to_resize": totals["failed_to_resize"],
+        "download_success_rate": round(totals["successes"] / totals["count"], 4) if totals["count"] else None,
+        # Inside img2dataset's workers, without process start-up: the rate one worker process sustains.
+        "download_worker_images_per_s":
+            round(totals["successes"] / totals["duration"], 2) if totals["duration"] else None,
+    }
+
+
+def join_downloads(batch_rows: Iterable[dict], downloads: dict[int, dict], encode_format: str) -> list[dict]:
+    """List rows with their download outcome: image bytes on success, img2dataset's status otherwise."""
+    joined = []
+    for row in batch_rows:
+        row = dict(row)
+        if not row.get(SCREEN_REASON):
+            got = downloads.get(row[ROW])
+            if got is None:
+                raise RuntimeError(f"{row[ORIGIN_FILE]}: line {row[ORIGIN_LINE]}: no download result for key "
+                                   f"{row['key']}; rerun to let img2dataset finish")
+            row[STATUS], row[ERROR] = got[STATUS], got[ERROR]
+            row["image"] = got.get(encode_format)
+        joined.append(row)
+    return joined
+
+
+def read_downloads(path: Path | None, encode_format: str) -> dict[int, dict]:
+    if path is None:
+        return {}
+    table = pq.read_table(path, columns=[ROW, STATUS, ERROR, encode_format])
+    return {row[ROW]: row for row in table.to_pylist()}

@@ -1,0 +1,64 @@
+"""Keep a long run alive through transient engine failures, and stop clearly on persistent ones.
+
+Out of memory, a timeout or a server restart usually passes: retry the batch.
+A batch that keeps failing may just be too big: split it in halves and try
+each. A single request that still fails stops the run with an EngineFailure
+naming it; the stages above have already committed every finished shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from curation.engines.base import Generation, SamplingParams, TextEngine
+
+log = logging.getLogger(__name__)
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed on a request even after retries and splitting."""
+
+
+def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: Sequence[SamplingParams], *,
+                           retries: int = 2, backoff_s: float = 1.0, stop: Sequence[str] = (),
+                           sleep: Callable[[float], None] = time.sleep) -> list[Generation]:
+    """engine.generate with `retries` retries per batch, then halving; raises EngineFailure at one request."""
+    if len(prompts) != len(params):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    if not prompts:
+        return []
+    error: BaseException | None = None
+    for attempt in range(retries + 1):
+        try:
+            out = engine.generate(prompts, params, stop=stop) if stop else engine.generate(prompts, params)
+            if len(out) != len(prompts):
+                raise RuntimeError(f"engine returned {len(out)} generations for {len(prompts)} prompts")
+            return out
+        except (KeyboardInterrupt, EngineFailure):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any backend error is retried, then reported
+            error = exc
+            log.warning("engine %s failed on %d prompts (attempt %d/%d): %s", getattr(engine, "name", "?"),
+                        len(prompts), attempt + 1, retries + 1, exc)
+            _release_memory()
+            if attempt < retries:
+                sleep(backoff_s * 2 ** attempt)
+    if len(prompts) == 1:
+        raise EngineFailure(f"engine {getattr(engine, 'name', '?')} failed on a request after {retries + 1} "
+                            f"attempts: {type(error).__name__}: {error}") from error
+    half = len(prompts) // 2
+    kwargs = {"retries": retries, "backoff_s": backoff_s, "stop": stop, "sleep": sleep}
+    return (generate_with_recovery(engine, prompts[:half], params[:half], **kwargs)
+            + generate_with_recovery(engine, prompts[half:], params[half:], **kwargs))
+
+
+def _release_memory() -> None:
+    """After an out-of-memory error, give cached GPU blocks back before the retry."""
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,57 @@
+"""The `openai` captioner: an OpenAI-compatible server (vLLM serve, SGLang, TGI, a hosted API).
+
+Each image goes inline as a `data:image/jpeg;base64,...` URL in an
+`image_url` content part, so the server needs no access to our storage.
+Requests run concurrently in threads; the server does the batching.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image
+
+from curation.engines.base import Generation, SamplingParams
+
+
+def data_uri(image: Image.Image, quality: int = 90) -> str:
+    """The image as an inline JPEG data URI (RGB; the caption stage has already converted it)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class OpenAIVisionEngine:
+    """VisionEngine over the chat-completions endpoint of an OpenAI-compatible server."""
+
+    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
+                 concurrency: int = 8, timeout: float = 120.0, retries: int = 2, jpeg_quality: int = 90):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url or os.environ.get("OPENAI_BASE_URL"),
+                             api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+                             timeout=timeout, max_retries=retries)
+        self.model, self.concurrency, self.jpeg_quality = model, max(1, concurrency), jpeg_quality
+        self.name = f"openai:{model}@{self.client.base_url}"
+
+    def _one(self, image: Image.Image, prompt: str, params: SamplingParams) -> Generation:
+        content = [{"type": "image_url", "image_url": {"url": data_uri(image, self.jpeg_quality)}},
+                   {"type": "text", "text": prompt}]
+        extra = {"seed": params.seed} if params.seed is not None else {}
+        response = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": content}], max_tokens=params.max_new_tokens,
+            temperature=params.temperature, top_p=params.top_p, **extra)
+        usage = response.usage
+        return Generation(text=(response.choices[0].message.content or "").strip(),
+                          prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                          completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+
+    def caption(self, images: Sequence[Image.Image], prompt: str, params: Sequence[SamplingParams]) -> list[Generation]:
+        if len(images) != len(params):
+            raise ValueError(f"{len(images)} images but {len(params)} sampling params")
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda pair: self._one(pair[0], prompt, pair[1]), zip(images, params)))

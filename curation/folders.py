@@ -1,0 +1,123 @@
+"""Data the user already has: an img2dataset output folder, or a plain folder of images with captions.
+
+An img2dataset folder is read as it is: its Parquet files are the input
+shards (status and error message included, so failed downloads become
+rejects), and in webdataset format the image bytes come from the `.tar`
+beside each Parquet file. A plain folder of images is staged into Parquet
+shards first (sorted paths, so keys and shards are the same on every run);
+captions come from a captions file (CSV, TSV, JSONL or Parquet with a file
+and a caption column) or from a `.txt` file beside each image.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.ingest import ORIGIN_FILE, ORIGIN_LINE
+from curation.shards import finished_shards, shard_name, write_table_atomic
+from curation.url_lists import UrlListError, read_list
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+
+
+def input_kind(path: str | Path) -> str:
+    """'img2dataset' (a folder with *_stats.json), 'images' (image files, no Parquet) or 'shards'."""
+    path = Path(path)
+    if path.is_dir() and any(path.glob("*_stats.json")):
+        return "img2dataset"
+    if path.is_dir() and not any(path.glob("*.parquet")) and any(
+            p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
+        return "images"
+    return "shards"
+
+
+def check_img2dataset_folder(path: Path) -> str:
+    """Refuse a folder with unfinished img2dataset shards; return the image column (encode format)."""
+    unfinished = [p.name for p in sorted(path.glob("*.parquet")) if not (path / f"{p.stem}_stats.json").is_file()]
+    if unfinished:
+        raise ValueError(f"{path}: img2dataset shard(s) {unfinished} have no _stats.json: the download did not "
+                         f"finish; rerun img2dataset in incremental mode first")
+    first = next(iter(sorted(path.glob("*.parquet"))), None)
+    names = pq.read_schema(first).names if first else []
+    for fmt in ENCODE_FORMATS:
+        if fmt in names:
+            return fmt
+    tar = next(iter(sorted(path.glob("*.tar"))), None)
+    if tar is not None:
+        with tarfile.open(tar) as archive:
+            for member in archive:
+                suffix = member.name.rsplit(".", 1)[-1]
+                if suffix in ENCODE_FORMATS:
+                    return suffix
+    return ENCODE_FORMATS[0]
+
+
+def tar_images(parquet_path: str | Path, encode_format: str) -> dict[str, bytes]:
+    """key -> image bytes from the webdataset tar beside an img2dataset Parquet file ({} if none)."""
+    tar = Path(parquet_path).with_suffix(".tar")
+    images: dict[str, bytes] = {}
+    if not tar.is_file():
+        return images
+    with tarfile.open(tar) as archive:
+        for member in archive:
+            stem, _, suffix = member.name.rpartition(".")
+            if suffix == encode_format and member.isfile():
+                images[Path(stem).name] = archive.extractfile(member).read()
+    return images
+
+
+def _captions(captions_file: Path | None, file_column: str, caption_column: str) -> dict[str, str]:
+    if captions_file is None:
+        return {}
+    captions = {}
+    for row in read_list(captions_file, (file_column, caption_column)):
+        name = row.values.get(file_column)
+        if not name:
+            raise UrlListError(f"{row.file}: line {row.line}: empty {file_column!r}")
+        captions[str(name)] = row.values.get(caption_column)
+    return captions
+
+
+def stage_image_folder(folder: Path, list_dir: Path, *, captions_file: Path | None, file_column: str = "file",
+                       caption_column: str = "caption", shard_rows: int = 1000) -> int:
+    """Write Parquet shards (key, caption, image, origin) for every image of the folder; returns the shard count.
+
+    The key is the image's path relative to the folder, without suffix. An
+    image with no caption still gets a row (with a null caption), so it is
+    counted as a reject rather than skipped.
+    """
+    folder = Path(folder)
+    captions = _captions(captions_file, file_column, caption_column)
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                    and list_dir not in p.parents)
+    if not images:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    known = {p.relative_to(folder).as_posix() for p in images}
+    unknown = sorted(set(captions) - known)
+    if unknown:
+        raise ValueError(f"{captions_file}: {len(unknown)} captioned file(s) not in {folder}, e.g. {unknown[:3]}")
+    schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("image", pa.binary()),
+                        (ORIGIN_FILE, pa.string()), (ORIGIN_LINE, pa.int64())])
+    done = {p.name for p in finished_shards(list_dir)}
+    shards = 0
+    for start in range(0, len(images), shard_rows):
+        name = shard_name(shards)
+        shards += 1
+        if name in done:
+            continue
+        rows = []
+        for number, path in enumerate(images[start:start + shard_rows], start=start + 1):
+            relative = path.relative_to(folder).as_posix()
+            caption = captions.get(relative)
+            sidecar = path.with_suffix(".txt")
+            if caption is None and sidecar.is_file():
+                caption = sidecar.read_text(encoding="utf-8", errors="replace")
+            rows.append({"key": relative.rsplit(".", 1)[0], "caption": caption, "image": path.read_bytes(),
+                         ORIGIN_FILE: str(path), ORIGIN_LINE: number})
+        write_table_atomic(pa.Table.from_pylist(rows, schema=schema), list_dir / name)
+    return shards

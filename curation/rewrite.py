@@ -1,0 +1,279 @@
+"""LaCLIP-style caption rewriting: in-context examples, k sampled rewrites, validation, fallback.
+
+Each request shows the model a fixed instruction, a few input => output
+example pairs, then the caption. The examples come from a small fixed set of
+example groups, and rewrite i of a caption uses group (hash(seed, key) + i) mod
+n_groups: a caption gets a different group per rewrite (as LaCLIP does one
+pass per example source), while thousands of requests share each group's
+prompt prefix, which vLLM's prefix cache then computes once.
+
+The caption is data. It only ever fills the last user turn (or the last line
+of a completion prompt) as a value: it is never formatted into a template,
+used in a path, or passed to a shell, and special-token markup in it is
+removed so it cannot open a new chat turn.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine
+from curation.engines.recovery import generate_with_recovery
+from curation.engines.seeding import derive_seed
+from curation.validation import MeaningOverlap, ValidationConfig, check_output
+
+STAGE = "rewrite"
+# Bump when the instruction, the examples or the prompt layout change: it is recorded in the manifest.
+PROMPT_VERSION = "icl-v1"
+
+CHAT_INSTRUCTION = ("You rewrite image captions. Answer with one new caption that says the same thing in other "
+                    "words. Keep every name, number and colour. Drop file names, credits and ads. "
+                    "Answer with the caption only.")
+COMPLETION_HEADER = "Each image caption below is followed by a fresh rewording of it:"
+
+
+@dataclass(frozen=True)
+class ExamplePair:
+    source: str
+    target: str
+
+
+# The project's own examples, by the kinds of alt-text a web pool holds. Group g, slot j takes
+# KINDS[(g + j) % len(KINDS)][g % 4], so every group mixes kinds and no two groups share a pair.
+EXAMPLES_BY_KIND: tuple[tuple[ExamplePair, ...], ...] = (
+    (  # plain descriptive alt-text
+        ExamplePair("three brown horses grazing in a green field", "a green pasture where three brown horses eat grass"),
+        ExamplePair("A photo of a yellow taxi parked on a city street.", "a yellow cab standing at the curb of a busy street"),
+        ExamplePair("two white mugs of coffee on a wooden table", "a wooden tabletop with a pair of white coffee cups"),
+        ExamplePair("small red boat on a calm lake at sunset", "a little red rowing boat resting on still water as the sun goes down"),
+    ),
+    (  # short labels and fragments
+        ExamplePair("blue triangle icon", "a simple blue triangle symbol"),
+        ExamplePair("orange cat", "an orange tabby cat"),
+        ExamplePair("Green squares, flat illustration", "flat vector drawing of several green squares"),
+        ExamplePair("some hexagons", "a group of hexagon shapes"),
+    ),
+    (  # alt-text wrapped in file names, credits, emoji or SEO junk
+        ExamplePair("IMG_2231.jpg | black dog on the beach", "a black dog standing on a sandy beach"),
+        ExamplePair("purple stars - Photo by Ana Lima", "several purple star shapes"),
+        ExamplePair("✨ new post ✨ pink donuts with sprinkles", "pink frosted doughnuts covered in sprinkles"),
+        ExamplePair("Download free HD wallpaper snowy mountain peak", "a snow-covered mountain summit"),
+    ),
+    (  # product, stock and social-media phrasing
+        ExamplePair("Men's Classic Leather Wallet - Brown", "a brown leather wallet for men"),
+        ExamplePair("Stock image: four red apples isolated on white", "four red apples against a white background"),
+        ExamplePair("Our garden this morning! So many tulips 🌷", "a garden full of tulips in the morning"),
+        ExamplePair("Vintage Round Wall Clock, Black Frame", "an old-fashioned round clock on a wall with a black rim"),
+    ),
+)
+
+# Markup that opens or closes a chat turn in common templates; a caption must not carry it into a prompt.
+_SPECIAL_MARKUP = re.compile(r"<\|[^|<>]{0,40}\|>|</?s>|\[/?INST\]|<<?/?SYS>>?|<\|?(?:bos|eos|pad|unk)\|?>",
+                             re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
+_QUOTES = "\"'“”‘’`"
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """Everything that decides the rewrites; recorded in the manifest."""
+
+    engine: str = "transformers"
+    model: str = DEFAULT_MODEL
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    prompt_format: str = "auto"  # "chat" (the model's chat template), "completion" (base model), or "auto"
+    k: int = 4
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 77
+    examples_per_prompt: int = 3
+    example_groups: int = 4
+    max_attempts: int = 3  # generations per rewrite slot before falling back to the original caption
+    requests_per_call: int = 256  # prompts handed to the engine at once (the engine batches further)
+    engine_retries: int = 2
+    max_caption_chars: int = 600
+    meaning_check: bool = False  # reject outputs whose embedding is far from the caption's
+    # Share of rows to rewrite, drawn by hash(seed, key); the others keep a null `rewrites` (small demos).
+    row_fraction: float = 1.0
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    prompt_version: str = PROMPT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in ("auto", "chat", "completion"):
+            raise ValueError(f"prompt_format must be auto, chat or completion, got {self.prompt_format!r}")
+        if self.k < 1 or self.max_attempts < 1 or self.requests_per_call < 1:
+            raise ValueError("k, max_attempts and requests_per_call must be at least 1")
+        per_kind = min(len(kind) for kind in EXAMPLES_BY_KIND)
+        if not 1 <= self.example_groups <= per_kind:
+            raise ValueError(f"example_groups must be in 1..{per_kind}")
+        if not 0 < self.row_fraction <= 1:
+            raise ValueError(f"row_fraction must be in (0, 1], got {self.row_fraction}")
+        if not 0 <= self.examples_per_prompt <= len(EXAMPLES_BY_KIND):
+            raise ValueError(f"examples_per_prompt must be in 0..{len(EXAMPLES_BY_KIND)}")
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(self.engine, self.model, self.gguf_file, self.dtype, dict(self.engine_options))
+
+
+def example_group(group: int, size: int) -> tuple[ExamplePair, ...]:
+    """The fixed examples of group `group`: one pair from each of `size` successive kinds."""
+    kinds = len(EXAMPLES_BY_KIND)
+    return tuple(EXAMPLES_BY_KIND[(group + j) % kinds][group % len(EXAMPLES_BY_KIND[0])] for j in range(size))
+
+
+def selected(seed: int, key: str, fraction: float) -> bool:
+    """Whether row `key` is rewritten when only `fraction` of rows are (a fixed draw per (seed, key))."""
+    return fraction >= 1 or derive_seed(seed, key, "row") / 2 ** 63 < fraction
+
+
+def group_for(seed: int, key: str, rewrite_index: int, n_groups: int) -> int:
+    return (derive_seed(seed, key, "group") + rewrite_index) % n_groups
+
+
+def clean_caption(caption: str, special_tokens: Sequence[str] = (), max_chars: int = 600) -> str:
+    """The caption as it enters a prompt: one line, no chat markup or special tokens, bounded length."""
+    text = _SPECIAL_MARKUP.sub(" ", caption)
+    for token in special_tokens:
+        if token:
+            text = text.replace(token, " ")
+    return _SPACE.sub(" ", text).strip()[:max_chars]
+
+
+def parse_output(text: str) -> str:
+    """The rewrite in a generation: its first non-empty line, without wrapping quotes."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            if len(line) > 1 and line[0] in _QUOTES and line[-1] in _QUOTES:
+                line = line[1:-1].strip()
+            return line
+    return ""
+
+
+@dataclass
+class RowRewrite:
+    """The k rewrites of one caption (originals where every attempt was refused) and what it cost."""
+
+    rewrites: list[str]
+    stats: collections.Counter
+
+
+class Rewriter:
+    """Builds prompts, calls the engine in batches, validates, retries, and falls back."""
+
+    def __init__(self, engine: TextEngine, config: RewriteConfig, overlap: MeaningOverlap | None = None):
+        self.engine, self.config = engine, config
+        chat_capable = bool(getattr(engine, "has_chat_template", False))
+        if config.prompt_format == "chat" and not chat_capable:
+            raise ValueError(f"{engine.name} has no chat template; use prompt_format='completion'")
+        self.chat = config.prompt_format == "chat" or (config.prompt_format == "auto" and chat_capable)
+        self.stop = () if self.chat else ("\n",)
+        self.special_tokens = list(getattr(engine, "special_tokens", []) or [])
+        self.overlap = overlap if overlap is not None else (MeaningOverlap() if config.meaning_check else None)
+        groups = [example_group(g, config.examples_per_prompt) for g in range(config.example_groups)]
+        self.echo_texts = [[CHAT_INSTRUCTION, COMPLETION_HEADER] + [t for p in g for t in (p.source, p.target)]
+                           for g in groups]
+        self.prefixes = [self._prefix(g) for g in groups]
+        self.prefix_tokens = _token_counts(engine, self.prefixes)
+
+    @property
+    def format_name(self) -> str:
+        return "chat" if self.chat else "completion"
+
+    def _layout(self, examples: Sequence[ExamplePair], caption: str) -> str:
+        if self.chat:
+            messages = [{"role": "system", "content": CHAT_INSTRUCTION}]
+            for pair in examples:
+                messages += [{"role": "user", "content": pair.source}, {"role": "assistant", "content": pair.target}]
+            messages.append({"role": "user", "content": caption})
+            return self.engine.format_chat(messages)  # type: ignore[attr-defined]
+        lines = [COMPLETION_HEADER, ""] + [f"{p.source} => {p.target}\n" for p in examples] + [f"{caption} =>"]
+        return "\n".join(lines)
+
+    def _prefix(self, examples: Sequence[ExamplePair]) -> str:
+        """The part of a group's prompts that comes before the caption: identical for every request."""
+        marker = "\x00caption\x00"
+        prompt = self._layout(examples, marker)
+        return prompt[:prompt.index(marker)]
+
+    def prompt(self, caption: str, group: int) -> str:
+        examples = example_group(group, self.config.examples_per_prompt)
+        return self._layout(examples, clean_caption(caption, self.special_tokens, self.config.max_caption_chars))
+
+    def rewrite(self, keys: Sequence[str], captions: Sequence[str], seed: int) -> list[RowRewrite]:
+        """k rewrites per caption. Row order is kept; results depend only on (seed, key, caption, config)."""
+        cfg = self.config
+        rows = [RowRewrite(rewrites=[caption] * cfg.k, stats=collections.Counter()) for caption in captions]
+        groups = [[group_for(seed, key, i, cfg.example_groups) for i in range(cfg.k)] for key in keys]
+        pending = []
+        for r, caption in enumerate(captions):
+            if clean_caption(caption, self.special_tokens, cfg.max_caption_chars):
+                pending += [(r, i) for i in range(cfg.k)]
+            else:
+                rows[r].stats["fallback.empty_caption"] += cfg.k
+        for attempt in range(cfg.max_attempts):
+            if not pending:
+                break
+            refused = []
+            for start in range(0, len(pending), cfg.requests_per_call):
+                chunk = pending[start:start + cfg.requests_per_call]
+                refused += self._attempt(chunk, keys, captions, groups, rows, seed, attempt)
+            pending = refused
+        for r, _ in pending:
+            rows[r].stats["fallback"] += 1
+        return rows
+
+    def _attempt(self, chunk, keys, captions, groups, rows, seed, attempt) -> list[tuple[int, int]]:
+        cfg = self.config
+        prompts = [self.prompt(captions[r], groups[r][i]) for r, i in chunk]
+        params = [SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, derive_seed(seed, keys[r], i, attempt))
+                  for r, i in chunk]
+        outputs: list[Generation] = generate_with_recovery(self.engine, prompts, params, retries=cfg.engine_retries,
+                                                           stop=self.stop)
+        texts = [parse_output(g.text) for g in outputs]
+        if self.overlap is not None:
+            self.overlap.prime([captions[r] for r, _ in chunk] + texts)
+        refused = []
+        for (r, i), generation, text in zip(chunk, outputs, texts):
+            stats = rows[r].stats
+            group = groups[r][i]
+            stats["requests"] += 1
+            stats["prompt_tokens"] += generation.prompt_tokens
+            stats["completion_tokens"] += generation.completion_tokens
+            if self.prefix_tokens is not None:
+                stats["prefix_tokens"] += min(self.prefix_tokens[group], generation.prompt_tokens)
+            reason = check_output(captions[r], text, cfg.validation, echo_texts=self.echo_texts[group],
+                                  overlap=self.overlap)
+            if reason is None:
+                rows[r].rewrites[i] = text
+                stats["kept"] += 1
+            else:
+                stats[f"rejected.{reason}"] += 1
+                refused.append((r, i))
+        return refused
+
+
+def _token_counts(engine: TextEngine, texts: list[str]) -> list[int] | None:
+    """Token counts when the engine has a tokenizer at hand (an OpenAI endpoint may not)."""
+    counter = getattr(engine, "count_tokens", None)
+    try:
+        return counter(texts) if counter else None
+    except (OSError, ValueError):
+        return None
+
+
+def summarise(stats: collections.Counter) -> dict[str, Any]:
+    """Totals plus the derived shares a manifest reports."""
+    out: dict[str, Any] = dict(sorted(stats.items()))
+    if stats.get("prompt_tokens"):
+        out["prefix_token_share"] = round(stats.get("prefix_tokens", 0) / stats["prompt_tokens"], 4)
+    slots = stats.get("kept", 0) + stats.get("fallback", 0)
+    if slots:
+        out["fallback_share"] = round(stats.get("fallback", 0) / slots, 4)
+    return out

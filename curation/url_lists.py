@@ -1,0 +1,245 @@
+"""Reading (url, alt-text) lists the way LAION, DataComp and CC12M ship them, and screening their URLs.
+
+A list is Parquet, CSV, TSV or JSONL. A file that cannot be read as a list
+(missing column, no rows, broken CSV quoting, a line that is not JSON) stops
+the run with an error naming the file and the line, because a silently
+truncated list would look like a successful, smaller download. A single bad
+*row* (empty or non-HTTP URL, private address, huge caption) is instead a
+reject: one bad link must not stop a 400M-row build.
+
+Screening is the SSRF guard: img2dataset fetches whatever URL it is given,
+including `file:///etc/passwd` or `http://169.254.169.254/` (the cloud
+metadata service), and stores the answer as "image bytes" in shards that get
+shared. So `file://` and private, loopback and link-local addresses are
+refused unless the user opts in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ipaddress
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.parquet as pq
+
+from curation.records import Rejected
+from curation.rejects import Reason
+
+FORMATS = ("parquet", "csv", "tsv", "jsonl")
+MAX_URL_CHARS = 4096
+# The csv module refuses fields above 128 KiB by default; a long caption must be a reject, not a crash.
+CSV_FIELD_LIMIT = 1 << 30
+
+
+class UrlListError(ValueError):
+    """A URL list that cannot be read; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class ListRow:
+    file: str
+    line: int  # 1-based line in the file (CSV/TSV/JSONL) or 1-based row (Parquet)
+    values: dict
+
+
+def list_format(path: str | Path, explicit: str | None = None) -> str:
+    if explicit:
+        if explicit not in FORMATS:
+            raise UrlListError(f"{path}: unknown URL list format {explicit!r}; use one of {FORMATS}")
+        return explicit
+    suffix = Path(path).suffix.lower().lstrip(".")
+    fmt = {"json": "jsonl", "ndjson": "jsonl", "txt": None}.get(suffix, suffix)
+    if fmt not in FORMATS:
+        raise UrlListError(f"{path}: cannot tell the URL list format from the extension; pass --url_list_format")
+    return fmt
+
+
+def _known_format(path: Path) -> str | None:
+    try:
+        return list_format(path)
+    except UrlListError:
+        return None
+
+
+def list_files(path: str | Path, fmt: str | None = None) -> list[Path]:
+    """The list itself, or every list file of a directory (sorted, so row numbers are stable)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UrlListError(f"{path}: no such URL list")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
+                   and _known_format(p) is not None and (fmt is None or _known_format(p) == fmt))
+    if not files:
+        raise UrlListError(f"{path}: directory holds no URL list files")
+    return files
+
+
+def is_url_list(path: str | Path, image_column: str = "image") -> bool:
+    """A single CSV/TSV/JSONL file, or a Parquet file without image bytes: what `--input` may name instead of shards."""
+    path = Path(path)
+    fmt = _known_format(path) if path.is_file() else None
+    if fmt == "parquet":
+        try:
+            return image_column not in pq.read_schema(path).names
+        except Exception:
+            return False
+    return fmt is not None
+
+
+def read_list(path: str | Path, required: tuple[str, ...], fmt: str | None = None) -> Iterator[ListRow]:
+    """Every row of one list file, in file order; raises UrlListError naming the file and line."""
+    path = Path(path)
+    fmt = list_format(path, fmt)
+    if path.stat().st_size == 0:
+        raise UrlListError(f"{path}: line 1: the file is empty")
+    reader = {"parquet": _read_parquet, "csv": _read_delimited, "tsv": _read_delimited, "jsonl": _read_jsonl}[fmt]
+    count = 0
+    for row in reader(path, required, "\t" if fmt == "tsv" else ","):
+        count += 1
+        yield row
+    if count == 0:
+        raise UrlListError(f"{path}: line 2: no rows after the header" if fmt in ("csv", "tsv")
+                           else f"{path}: line 1: no rows")
+
+
+def _missing(path: Path, names: list[str], required: tuple[str, ...], line: int) -> None:
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise UrlListError(f"{path}: line {line}: missing column(s) {missing}; found {names}. "
+                           f"Name them with --url_column / --caption_column.")
+
+
+@contextlib.contextmanager
+def _csv_field_limit(limit: int):
+    previous = csv.field_size_limit()
+    csv.field_size_limit(min(limit, sys.maxsize))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _read_delimited(path: Path, required: tuple[str, ...], delimiter: str) -> Iterator[ListRow]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f, _csv_field_limit(CSV_FIELD_LIMIT):
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise UrlListError(f"{path}: line 1: no header row")
+            _missing(path, header, required, 1)
+            for fields in reader:
+                if not fields:
+                    continue  # a blank line
+                if len(fields) != len(header):
+                    raise UrlListError(f"{path}: line {reader.line_num}: {len(fields)} fields, the header has "
+                                       f"{len(header)} (broken quoting or a stray delimiter?)")
+                yield ListRow(str(path), reader.line_num, dict(zip(header, fields)))
+        except csv.Error as exc:
+            raise UrlListError(f"{path}: line {reader.line_num}: broken CSV: {exc}") from exc
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...], _: str) -> Iterator[ListRow]:
+    seen: set[str] = set()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UrlListError(f"{path}: line {number}: not valid JSON: {exc}") from exc
+            if not isinstance(values, dict):
+                raise UrlListError(f"{path}: line {number}: expected a JSON object, got {type(values).__name__}")
+            if not seen:
+                _missing(path, list(values), required, number)
+            seen.update(values)
+            yield ListRow(str(path), number, values)
+
+
+def _read_parquet(path: Path, required: tuple[str, ...], _: str) -> Iterator[ListRow]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:
+        raise UrlListError(f"{path}: line 1: not a readable Parquet file: {exc}") from exc
+    _missing(path, parquet.schema_arrow.names, required, 1)
+    number = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for values in batch.to_pylist():
+            number += 1
+            yield ListRow(str(path), number, values)
+
+
+def normalise_url(url: str) -> str:
+    """The form two URLs share when they name the same resource: for dedup by URL.
+
+    Lower-cases scheme and host, drops the default port, the fragment and
+    surrounding space, and gives an empty path "/". The query is kept as is:
+    its order can matter to the server.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    port = parts.port if parts.port and (scheme, parts.port) not in (("http", 80), ("https", 443)) else None
+    netloc = host if port is None else f"{host}:{port}"
+    if parts.username or parts.password:
+        netloc = f"{parts.username or ''}{':' + parts.password if parts.password else ''}@{netloc}"
+    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+
+
+def _host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a literal host names, in every spelling the resolver accepts (`2130706433`, `0x7f.1`)."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def is_private_host(host: str) -> bool:
+    """Loopback, private, link-local, reserved or unspecified addresses, and `localhost` names."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    address = _host_address(host)
+    if address is None:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
+
+
+def screen_url(url: object, *, allow_private_network: bool = False, allow_file_urls: bool = False) -> str | Rejected:
+    """The URL to fetch, or why it must not be fetched."""
+    if url is None or not isinstance(url, str) or not url.strip():
+        return Rejected(Reason.BAD_URL, "empty URL")
+    url = url.strip()
+    if len(url) > MAX_URL_CHARS:
+        return Rejected(Reason.BAD_URL, f"URL of {len(url)} characters > {MAX_URL_CHARS}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        return Rejected(Reason.BAD_URL, f"unparsable URL: {exc}")
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return url if allow_file_urls else Rejected(Reason.BAD_URL, "file:// URL refused (pass --allow_file_urls)")
+    if scheme not in ("http", "https"):
+        return Rejected(Reason.BAD_URL, f"scheme {scheme or 'none'!r} is not http(s)")
+    if not parts.hostname:
+        return Rejected(Reason.BAD_URL, "URL has no host")
+    if not allow_private_network and is_private_host(parts.hostname):
+        return Rejected(Reason.BAD_URL, f"private-network host {parts.hostname!r} refused "
+                                        f"(pass --allow_private_network)")
+    return url

@@ -1,0 +1,46 @@
+"""Helpers for the Dagster tests: resources rooted in a temp dir, a demo-sized run config, build partitions."""
+
+import dagster as dg
+
+from assets.resources import (
+    BeamRunnerResource, CaptionerResource, LLMEngineResource, QualityGatesResource, StorageResource,
+)
+from assets.stages import available_stages, builds
+
+DEMO_PAIRS = 24
+TRAIN_STEPS = 8
+
+
+def stage_resources(root, **overrides) -> dict:
+    """Every resource the stage assets need, with storage under `root`."""
+    resources = {
+        "storage": StorageResource(root=str(root)),
+        "beam_runner": BeamRunnerResource(),
+        "llm": LLMEngineResource(),
+        "captioner": CaptionerResource(),
+        "gates": QualityGatesResource(),
+    }
+    return {**resources, **overrides}
+
+
+def demo_run_config(pairs: int = DEMO_PAIRS, **ops) -> dict:
+    """Demo-sized config for every available stage: a tiny demo pool, each stage's demo flags, and less work
+    where the demo is still slow on a shared CPU (one rewrite per caption, a few training steps).
+
+    `fused_ratio=0`: with the demo's random tiny VLM the caption stage skips fusion, so `fused_caption`
+    is all null, which the trainer refuses to sample from.
+    """
+    config = {stage.asset: {"config": {"demo_sized": True}} for stage in available_stages()}
+    config["raw_pairs"]["config"]["demo_pairs"] = pairs
+    if "rewritten_pairs" in config:
+        config["rewritten_pairs"]["config"]["rewrites"] = 1
+    if "clip_model" in config:
+        config["clip_model"]["config"].update(steps=TRAIN_STEPS, fused_ratio=0.0, batch_size=8,
+                                              extra_flags=["--eval_every", "0"])
+    for name, extra in ops.items():
+        config[name]["config"].update(extra)
+    return {"ops": config}
+
+
+def add_builds(instance: dg.DagsterInstance, *keys: str) -> None:
+    instance.add_dynamic_partitions(builds.name, list(keys))

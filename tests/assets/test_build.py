@@ -1,0 +1,115 @@
+"""A whole dataset build through Dagster on demo data: every check passes, builds stay apart, retries resume."""
+
+import dagster as dg
+import pytest
+
+from assets.definitions import stage_assets
+from assets.report import rows_in
+from assets.resources import QualityGatesResource
+from assets.stages import available_stages
+from curation.shards import read_manifest
+from tests.assets.helpers import add_builds, demo_run_config, stage_resources
+
+
+def _materialize(instance, root, build, run_config, selection=None, **resources):
+    return dg.materialize(stage_assets, instance=instance, partition_key=build, selection=selection,
+                          resources=stage_resources(root, **resources), run_config=run_config)
+
+
+def _files(directory):
+    return {p.relative_to(directory): p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_whole_graph_builds_and_every_check_passes(instance, tmp_path):
+    add_builds(instance, "b1")
+    result = _materialize(instance, tmp_path, "b1", demo_run_config())
+    assert result.success
+    evaluations = result.get_asset_check_evaluations()
+    expected = sum(len(a.check_specs_by_output_name) for a in stage_assets)
+    assert len(evaluations) == expected
+    failed = [(e.asset_key.to_user_string(), e.check_name, e.metadata) for e in evaluations if not e.passed]
+    assert not failed
+    for stage in available_stages():
+        (materialization,) = result.asset_materializations_for_node(stage.asset)[:1]
+        assert materialization.partition == "b1"
+        if stage.pair_output:
+            metadata = materialization.metadata
+            manifest = read_manifest(tmp_path / "b1" / stage.asset)
+            assert metadata["rows_out"].value == manifest["rows"]
+            assert metadata["bytes"].value == manifest["bytes"]
+            assert metadata["rows_in"].value >= metadata["rows_out"].value
+            assert len(metadata["shard_paths"].value) == len(manifest["shards"])
+            assert "sample_rows" in metadata and metadata["sample_rows"].value.startswith("| key")
+            for name in manifest.get("stats", {}).get("plots", []):
+                assert any(key.startswith("plot_") for key in metadata)
+
+
+def test_builds_are_partitions_that_never_touch_each_other(instance, tmp_path):
+    add_builds(instance, "b1", "b2")
+    config = {"ops": {"raw_pairs": {"config": {"demo_pairs": 120}}}}
+    assert _materialize(instance, tmp_path, "b1", config, selection=["raw_pairs"]).success
+    before = _files(tmp_path / "b1")
+    result = _materialize(instance, tmp_path, "b2", {"ops": {"raw_pairs": {"config": {
+        "demo_pairs": 80, "overwrite": True}}}}, selection=["raw_pairs"])
+    assert result.success
+    assert _files(tmp_path / "b1") == before
+    assert read_manifest(tmp_path / "b1" / "raw_pairs")["rows"] != read_manifest(tmp_path / "b2" / "raw_pairs")["rows"]
+    keys = instance.get_materialized_partitions(dg.AssetKey("raw_pairs"))
+    assert keys == {"b1", "b2"}
+
+
+def test_a_retried_stage_resumes_from_its_finished_shards(instance, tmp_path):
+    """A step that died half-way (a shard and the manifest missing) redoes only the missing shard."""
+    add_builds(instance, "b1")
+    config = {"ops": {"raw_pairs": {"config": {"demo_pairs": 120, "demo_shard_rows": 40}}}}
+    assert _materialize(instance, tmp_path, "b1", config, selection=["raw_pairs"]).success
+    output = tmp_path / "b1" / "raw_pairs"
+    full = read_manifest(output)
+    shards = sorted(output.glob("part-*.parquet"))
+    assert len(shards) == 3
+    kept_mtime = {p.name: p.stat().st_mtime_ns for p in shards[:-1]}
+    shards[-1].unlink()
+    (output / "manifest.json").unlink()
+    result = _materialize(instance, tmp_path, "b1", config, selection=["raw_pairs"])
+    assert result.success
+    stats = result.asset_materializations_for_node("raw_pairs")[0].metadata["stats"].value
+    assert stats["resumed_shards"] == len(shards) - 1
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(output.glob("part-*.parquet"))[:-1]} == kept_mtime
+    assert read_manifest(output)["shards"] == full["shards"]
+
+
+def test_a_rebuilt_upstream_makes_the_downstream_rebuild(instance, tmp_path):
+    stages = available_stages()
+    if len(stages) < 2:
+        pytest.skip("needs a second stage after ingest")
+    add_builds(instance, "b1")
+    selection = ["raw_pairs", stages[1].asset, *stages[1].extra_assets]
+    config = demo_run_config(pairs=120)
+    config["ops"] = {k: v for k, v in config["ops"].items() if k in selection}
+    assert _materialize(instance, tmp_path, "b1", config, selection=selection).success
+    config["ops"]["raw_pairs"]["config"].update(overwrite=True, demo_pairs=90)
+    result = _materialize(instance, tmp_path, "b1", config, selection=selection)
+    assert result.success
+    upstream = read_manifest(tmp_path / "b1" / "raw_pairs")
+    downstream = read_manifest(tmp_path / "b1" / stages[1].asset)
+    assert upstream["rows"] <= 90
+    assert rows_in(downstream) == upstream["rows"]
+
+
+def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path):
+    stages = available_stages()
+    if len(stages) < 2:
+        pytest.skip("needs a second stage after ingest")
+    add_builds(instance, "b1")
+    strict = QualityGatesResource(max_reject_ratio=-1.0)  # any share of rejects, even 0, is too many
+    result = dg.materialize(stage_assets, instance=instance, partition_key="b1", raise_on_error=False,
+                            selection=["raw_pairs", stages[1].asset, *stages[1].extra_assets],
+                            run_config={"ops": {k: v for k, v in demo_run_config(pairs=60)["ops"].items()
+                                                if k in ("raw_pairs", stages[1].asset)}},
+                            resources=stage_resources(tmp_path, gates=strict))
+    assert not result.success
+    failed = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
+    assert failed == ["reject_ratio_under_threshold"]
+    assert result.asset_materializations_for_node("raw_pairs")
+    assert not (tmp_path / "b1" / stages[1].asset).exists()

@@ -1,0 +1,61 @@
+"""Each data-quality check fails on the bad data it exists for, and passes on good data."""
+
+import pyarrow as pa
+
+from assets import checks
+from curation.schema import PAIR_SCHEMA
+from curation.shards import info_for, write_manifest, write_table_atomic
+
+
+def _pairs(n: int, *, keys=None, rewrites=None, entries=None) -> pa.Table:
+    rows = [{"key": (keys or [f"k{i}" for i in range(n)])[i], "url": None, "caption": f"caption {i}",
+             "image": b"\xff\xd8", "width": 8, "height": 8, "sha256": f"{i:064x}", "source": "test",
+             "matched_entries": entries[i] if entries else None, "keep_prob": None,
+             "rewrites": rewrites[i] if rewrites else None, "synthetic_caption": None, "fused_caption": None}
+            for i in range(n)]
+    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+
+
+def _dataset(directory, *tables):
+    infos = [write_table_atomic(t, directory / f"part-{i:05d}.parquet") for i, t in enumerate(tables)]
+    write_manifest(directory, stage="test", config={}, shards=infos)
+    return directory
+
+
+def test_schema_check_catches_a_key_repeated_across_shards(tmp_path):
+    good = _dataset(tmp_path / "good", _pairs(3), _pairs(2, keys=["k3", "k4"]))
+    assert checks.schema_valid("a", good).passed
+    bad = _dataset(tmp_path / "bad", _pairs(3), _pairs(2, keys=["k3", "k0"]))
+    result = checks.schema_valid("a", bad)
+    assert not result.passed and "duplicate key 'k0'" in result.metadata["error"].value
+
+
+def test_checksum_check_catches_a_changed_shard(tmp_path):
+    data = _dataset(tmp_path / "d", _pairs(3))
+    assert checks.checksums_match("a", data).passed
+    write_table_atomic(_pairs(2), data / "part-00000.parquet")
+    assert info_for(data / "part-00000.parquet").rows == 2
+    assert not checks.checksums_match("a", data).passed
+
+
+def test_rewrite_share_does_not_count_the_original_held_as_a_fallback(tmp_path):
+    fallback = [[f"caption {i}", f"caption {i}"] for i in range(4)]
+    data = _dataset(tmp_path / "d", _pairs(4, rewrites=fallback[:3] + [["caption 3", "a new wording"]]))
+    result = checks.valid_rewrite_share("a", data, threshold=0.5)
+    assert not result.passed and result.metadata["rewritten"].value == 1
+    assert checks.valid_rewrite_share("a", data, threshold=0.25).passed
+
+
+def test_balance_cap_flags_an_entry_kept_far_above_t(tmp_path):
+    t = 4.0
+    entries = [[0, 1]] * 20 + [[2]] * 5
+    data = _dataset(tmp_path / "d", _pairs(25, entries=entries))
+    result = checks.entries_capped("a", data, t, slack=0.5)
+    assert not result.passed
+    assert set(result.metadata["entries_over_limit"].value) == {"0", "1"}
+    assert checks.entries_capped("a", data, t=20.0, slack=0.5).passed
+
+
+def test_reject_ratio_check_compares_with_the_threshold():
+    assert checks.reject_ratio("a", 0.1, 0.2).passed
+    assert not checks.reject_ratio("a", 0.3, 0.2).passed

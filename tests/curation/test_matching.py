@@ -1,0 +1,168 @@
+import json
+import random
+
+import ahocorasick
+import pyarrow as pa
+import pytest
+
+from curation.matching import MAX_CODE_LETTERS, Matcher, matcher_for, token_codes
+from curation.metadata import load_metadata
+
+
+def naive_spacing(text: str) -> str:
+    """MetaCLIP's spacing, written from the spec with plain str.replace (the reference, not the project code)."""
+    text = f" {text} "
+    for char in ",.;:?!`":
+        text = text.replace(char, f" {char} ")
+    for char in "\t\n\r":
+        text = text.replace(char, " ")
+    return text
+
+
+def naive_match(entries: list[str], text: str | None, case_fold: bool = False) -> list[int] | None:
+    """The first MetaCLIP release: `" entry " in spaced_text` for every entry."""
+    if text is None:
+        return None
+    if case_fold:
+        text, entries = text.lower(), [e.lower() for e in entries]
+    spaced = naive_spacing(text)
+    return [i for i, entry in enumerate(entries) if f" {entry} " in spaced]
+
+
+ENTRIES = [
+    "dog", "red dog", "red", "New York", "York", "New", "new", "T-shirt", "U.S.", "e.g.", "a, b", "C++", "dog's",
+    "Dog", "York City", "New York City", "café", "東京", "東京 タワー", "İstanbul", "straße", "🔥", "x  y", " lead",
+    "trail ", "tab\there", "0", "99", "a", "A", "?", "rock 'n' roll", "-", "ice cream", "ice", "cream", "ice cream cone",
+    "cone", "dog", "ǅemal", "I", "ı",
+]
+ADVERSARIAL = [
+    "A red dog in the park.", "Dog", "dog's bed", "(dog)", "dog-friendly", "dogs", "red  dog", "red\tdog", "red\ndog",
+    "New York City, New York!", "I ❤ New York", "U.S. army", "e.g. this", "a, b, c", "a,b", "C++ code", "café au lait",
+    "東京 タワー", "東京タワー", "İstanbul by night", "STRASSE straße", "🔥🔥 hot 🔥", "x  y", "x y", " lead", "lead",
+    "trail ", "trail", "tab\there", "0 99 100", "rock 'n' roll", "-", "ice cream cone?", "ice-cream", "", " ", "\t\n",
+    "?", "a?", "ǅemal ǆemal", "I ı i İ", "`dog`", ";dog;", "New York.York", "x\u00a0y", "dog\r\ndog",
+]
+
+
+def _alphabet() -> list[str]:
+    pieces = {piece for entry in ENTRIES for piece in entry.split(" ")} | set(",.;:?!` \t\n\r-'()")
+    return sorted(pieces | {"  ", "X", "é", "ß", "SS"})
+
+
+def _random_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    alphabet = _alphabet()
+    return [rng.choice(["", " "]).join(rng.choices(alphabet, k=rng.randint(0, 14))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("case_fold", [False, True])
+def test_equals_naive_reference_on_adversarial_and_random_text(case_fold):
+    matcher = Matcher(ENTRIES, case_fold=case_fold)
+    texts = ADVERSARIAL + _random_texts(3000, seed=1) + [None]
+    got = matcher.match_array(pa.array(texts, pa.string())).to_pylist()
+    want = [naive_match(ENTRIES, t, case_fold) for t in texts]
+    mismatches = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
+    assert not mismatches, mismatches[:5]
+
+
+def test_metaclip_semantics_examples():
+    matcher = Matcher(ENTRIES)
+
+    def names(text):
+        return {ENTRIES[i] for i in matcher.match_text(text)}
+
+    assert names("A red dog in the park.") == {"A", "red", "dog", "red dog"}
+    assert "Dog" in names("Dog") and "dog" not in names("Dog")  # case-sensitive
+    assert names("dog's bed") == {"dog's"}  # the apostrophe is not split
+    assert names("(dog)") == set() and names("dog-friendly") == set() and names("dogs") == set()
+    assert "red dog" not in names("red  dog")  # a double space breaks a phrase
+    assert names("red\tdog") >= {"red dog"}  # a tab is a space
+    assert {"New York", "York", "New", "New York City", "York City"} <= names("New York City, yes")
+    assert names("U.S. army") == set()  # spacing splits "U.S." into "U . S ."
+    assert names("T-shirt!") == {"T-shirt"}
+    assert names("ice cream cone") == {"ice", "cream", "ice cream", "ice cream cone", "cone"}
+    assert ENTRIES.count("dog") == 2 and set(matcher.match_text("dog")) == {0, ENTRIES.index("dog", 1)}
+
+
+def test_case_fold_is_an_option():
+    folded = Matcher(ENTRIES, case_fold=True)
+    assert {ENTRIES[i] for i in folded.match_text("DOG")} == {"dog", "Dog"}
+    assert {ENTRIES[i] for i in folded.match_text("new york")} >= {"New York", "new", "New"}
+
+
+def test_equals_metaclip_aho_corasick_loop_on_a_larger_vocabulary():
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(6000)]  # more phrase tokens than one- and two-letter codes cover
+    phrases = [" ".join(rng.sample(words, rng.randint(2, 4))) for _ in range(6000)]
+    entries = list(dict.fromkeys(words[::2] + phrases))  # odd words occur only inside phrases
+    automaton = ahocorasick.Automaton()
+    for i, entry in enumerate(entries):
+        automaton.add_word(f" {entry} ", i)
+    automaton.make_automaton()
+    texts = [" ".join(rng.choices(words, k=rng.randint(1, 30))) + rng.choice(["", ".", "!"]) for _ in range(1500)]
+    texts += [" ".join(rng.choice(phrases).split(" ")[rng.randint(0, 1):]) + " " + rng.choice(phrases)
+              for _ in range(1500)]  # phrases, overlapping and cut
+    got = Matcher(entries).match_array(pa.array(texts)).to_pylist()
+    want = [sorted({v for _, v in automaton.iter(naive_spacing(t))}) for t in texts]
+    assert got == want
+
+
+def test_null_empty_and_one_megabyte_captions():
+    matcher = Matcher(ENTRIES)
+    huge = ("filler " * 150_000) + "red dog"
+    assert len(huge) > 1_000_000
+    result = matcher.match_array(pa.array([None, "", "   ", huge], pa.string()))
+    assert result.to_pylist()[:3] == [None, [], []]
+    assert {ENTRIES[i] for i in result[3].as_py()} == {"red", "dog", "red dog"}
+    assert result.type == pa.list_(pa.int32())
+
+
+def test_accepts_chunked_and_large_string_arrays_and_empty_batches():
+    matcher = Matcher(ENTRIES)
+    chunked = pa.chunked_array([pa.array(["red dog"]), pa.array(["York"])])
+    assert matcher.match_array(chunked).to_pylist() == [naive_match(ENTRIES, "red dog"), naive_match(ENTRIES, "York")]
+    assert matcher.match_array(pa.array(["red"], pa.large_string())).to_pylist() == [[ENTRIES.index("red")]]
+    assert len(matcher.match_array(pa.array([], pa.string()))) == 0
+    assert matcher.match_array(pa.array(["nothing here"])).to_pylist() == [[]]
+    with pytest.raises(TypeError, match="string array"):
+        matcher.match_array(pa.array([1, 2]))
+
+
+def test_matcher_is_built_once_per_metadata_and_refuses_a_changed_file(tmp_path):
+    path = tmp_path / "metadata.json"
+    path.write_text(json.dumps(["red", "dog"]))
+    metadata = load_metadata(path)
+    first = matcher_for(str(path), metadata.sha256)
+    assert matcher_for(str(path), metadata.sha256) is first
+    assert matcher_for(metadata, case_fold=True) is not first
+    path.write_text(json.dumps(["cat"]))
+    with pytest.raises(ValueError, match="changed since the stage started"):
+        matcher_for(str(path), "0" * 64)
+
+
+def test_token_codes_are_aligned_and_prefix_free():
+    n = 256 + 64 * 64 + 2 * 64 * 64 + 5  # every code length, and a partly used last start letter
+    codes = token_codes(n)
+    spelled = [tuple(c for c in row if c >= 0) for row in codes.tolist()]
+    assert len(set(spelled)) == n and codes.shape == (n, MAX_CODE_LETTERS)
+    starts = {code[0] for code in spelled}
+    continuations = {c for code in spelled for c in code[1:]}
+    assert not starts & continuations and 0 not in starts | continuations  # 0 is the separator
+    length_of_start = {}
+    for code in spelled:  # the start letter alone says how long the code is: no code is a prefix of another
+        assert length_of_start.setdefault(code[0], len(code)) == len(code)
+    assert [len(code) for code in spelled] == sorted(len(code) for code in spelled)  # frequent ranks shortest
+
+
+def test_repeated_captions_are_matched_once_and_put_back_in_place():
+    matcher = Matcher(ENTRIES)
+    texts = ["red dog", None, "New York City", "red dog", None, "", "New York City", "red dog"]
+    got = matcher.match_array(pa.array(texts)).to_pylist()
+    assert got == [naive_match(ENTRIES, t) for t in texts]
+
+
+@pytest.mark.parametrize("entries", [["red", "dog", "cat"], ["red dog", "big cat", "big red dog"]])
+def test_only_words_or_only_phrases(entries):
+    texts = ["a big red dog", "big cat, red dog.", "dog cat red", "big  cat", "", "big", "cat", "big red", "dog"]
+    got = Matcher(entries).match_array(pa.array(texts)).to_pylist()  # no phrase runs on into the next caption
+    assert got == [naive_match(entries, t) for t in texts]

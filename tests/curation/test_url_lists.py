@@ -1,0 +1,95 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.download import ListConfig, stage_url_list
+from curation.records import Rejected
+from curation.shards import read_table
+from curation.url_lists import UrlListError, is_private_host, normalise_url, read_list, screen_url
+
+
+def rows(path, required=("url", "caption")):
+    return list(read_list(path, required))
+
+
+def test_csv_tsv_jsonl_and_parquet_read_the_same_rows(tmp_path):
+    (tmp_path / "l.csv").write_text('url,caption\nhttp://a.com/1.jpg,"a, quoted caption"\nhttp://a.com/2.jpg,plain\n')
+    (tmp_path / "l.tsv").write_text("url\tcaption\nhttp://a.com/1.jpg\ta, quoted caption\nhttp://a.com/2.jpg\tplain\n")
+    (tmp_path / "l.jsonl").write_text('{"url": "http://a.com/1.jpg", "caption": "a, quoted caption"}\n\n'
+                                      '{"url": "http://a.com/2.jpg", "caption": "plain"}\n')
+    pq.write_table(pa.table({"url": ["http://a.com/1.jpg", "http://a.com/2.jpg"],
+                             "caption": ["a, quoted caption", "plain"]}), tmp_path / "l.parquet")
+    for name in ("l.csv", "l.tsv", "l.jsonl", "l.parquet"):
+        got = rows(tmp_path / name)
+        assert [r.values for r in got] == [{"url": "http://a.com/1.jpg", "caption": "a, quoted caption"},
+                                           {"url": "http://a.com/2.jpg", "caption": "plain"}], name
+    assert [r.line for r in rows(tmp_path / "l.jsonl")] == [1, 3]
+    assert [r.line for r in rows(tmp_path / "l.csv")] == [2, 3]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.csv", "", r"empty.csv: line 1: the file is empty"),
+    ("header.csv", "url,caption\n", r"header.csv: line 2: no rows"),
+    ("cols.csv", "link,alt\nhttp://a/1,x\n", r"cols.csv: line 1: missing column\(s\) \['url', 'caption'\]"),
+    ("quote.csv", 'url,caption\nhttp://a/1,ok\nhttp://a/2,"never closed\nhttp://a/3,x\n',
+     r"quote.csv: line \d+: broken CSV"),
+    ("stray.csv", 'url,caption\nhttp://a/1,ok\nhttp://a/2,"closed" then text\n', r"stray.csv: line 3: broken CSV"),
+    ("fields.csv", "url,caption\nhttp://a/1,ok,extra\n", r"fields.csv: line 2: 3 fields, the header has 2"),
+    ("bad.jsonl", '{"url": "http://a/1", "caption": "x"}\n{"url": \n', r"bad.jsonl: line 2: not valid JSON"),
+    ("cols.jsonl", '{"link": "http://a/1", "caption": "x"}\n', r"cols.jsonl: line 1: missing column\(s\) \['url'\]"),
+])
+def test_broken_lists_name_the_file_and_line(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UrlListError, match=message):
+        rows(tmp_path / name)
+
+
+def test_a_ten_megabyte_caption_is_a_row_not_a_crash(tmp_path):
+    (tmp_path / "big.csv").write_text("url,caption\nhttp://a.com/1.jpg," + "x" * 10_000_000 + "\n")
+    (row,) = rows(tmp_path / "big.csv")
+    assert len(row.values["caption"]) == 10_000_000
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("", "empty URL"), (None, "empty URL"), ("javascript:alert(1)", "scheme 'javascript'"),
+    ("file:///etc/passwd", "file:// URL refused"), ("data:image/png;base64,AAAA", "scheme 'data'"),
+    ("http:///nohost", "no host"), ("http://a.com:notaport/x", "unparsable"),
+    ("http://127.0.0.1/x", "private-network"), ("http://localhost:8080/x", "private-network"),
+    ("http://10.1.2.3/x", "private-network"), ("http://169.254.169.254/latest", "private-network"),
+    ("http://[::1]/x", "private-network"), ("http://[::ffff:192.168.0.1]/x", "private-network"),
+    ("http://2130706433/x", "private-network"), ("http://0x7f.1/x", "private-network"),
+    ("http://0.0.0.0/x", "private-network"),
+])
+def test_screen_refuses_bad_and_internal_urls(url, reason):
+    verdict = screen_url(url)
+    assert isinstance(verdict, Rejected) and reason in verdict.detail
+
+
+def test_screen_opt_ins_and_public_urls():
+    assert screen_url(" https://example.com/a.jpg ") == "https://example.com/a.jpg"
+    assert screen_url("http://8.8.8.8/a.jpg") == "http://8.8.8.8/a.jpg"
+    assert screen_url("http://127.0.0.1/a", allow_private_network=True) == "http://127.0.0.1/a"
+    assert screen_url("file:///tmp/a.jpg", allow_file_urls=True) == "file:///tmp/a.jpg"
+    assert not is_private_host("example.com")
+
+
+def test_normalised_urls_match_when_they_name_the_same_resource():
+    assert normalise_url("HTTP://Example.COM:80/a.jpg#top") == normalise_url("http://example.com/a.jpg")
+    assert normalise_url("https://example.com") == "https://example.com/"
+    assert normalise_url("https://example.com:8443/a?x=1") == "https://example.com:8443/a?x=1"
+    assert normalise_url("http://example.com/a?x=1") != normalise_url("http://example.com/a?x=2")
+
+
+def test_staging_shards_keys_and_only_fetches_what_passed(tmp_path):
+    lines = ["url,caption,license"] + [f"http://example.com/{i}.jpg,c{i},cc" for i in range(5)]
+    lines += ["javascript:x,c,cc", "http://example.com/ok.jpg,,cc"]
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    config = ListConfig(str(tmp_path / "list.csv"), shard_rows=3)
+    assert stage_url_list(config, tmp_path / "list", tmp_path / "fetch") == 3
+    staged = read_table(tmp_path / "list")
+    assert staged.column("key").to_pylist() == [f"list-{n:09d}" for n in range(2, 9)]
+    assert staged.column("_reject_reason").to_pylist() == [None] * 5 + ["bad_url", "empty_caption"]
+    assert staged.column("license").to_pylist() == ["cc"] * 7
+    fetch = read_table(tmp_path / "fetch")
+    assert fetch.column("_row").to_pylist() == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "fetch").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]

@@ -1,0 +1,129 @@
+"""deploy/: the instance YAML validates against Dagster's schema; Helm values, workspace, runner configs and images agree."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+from dagster._config import validate_config
+from dagster._core.instance.config import dagster_instance_config
+from dagster._core.run_coordinator import QueuedRunCoordinator
+from dagster._serdes import ConfigurableClassData
+
+from assets.definitions import defs
+from assets.resources import BeamRunnerResource
+from assets.stages import STAGES
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+PG_ENV = {"DAGSTER_PG_HOST": "db", "DAGSTER_PG_PORT": "5432", "DAGSTER_PG_USER": "dagster",
+          "DAGSTER_PG_PASSWORD": "secret", "DAGSTER_PG_DB": "dagster", "DAGSTER_COMPUTE_LOG_DIR": "/tmp/logs"}
+
+
+def _yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture
+def instance_config(monkeypatch) -> dict:
+    for name, value in PG_ENV.items():
+        monkeypatch.setenv(name, value)
+    config, _ = dagster_instance_config(str(DEPLOY))
+    return config
+
+
+def test_dagster_yaml_validates_against_the_instance_schema(instance_config):
+    assert instance_config["storage"]["postgres"]["postgres_db"]["hostname"] == {"env": "DAGSTER_PG_HOST"}
+    assert instance_config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    gpu_limits = [limit for limit in instance_config["concurrency"]["runs"]["tag_concurrency_limits"]
+                  if limit["key"] == "clip-curation/gpu"]
+    assert gpu_limits and gpu_limits[0]["limit"] >= 1
+
+
+def test_configurable_classes_in_dagster_yaml_accept_their_config(instance_config, tmp_path, monkeypatch):
+    """Each `module/class/config` block is loaded the way the instance loads it, so a bad key fails here."""
+    monkeypatch.setenv("DAGSTER_COMPUTE_LOG_DIR", str(tmp_path / "logs"))
+    for section in ("run_coordinator", "compute_logs"):
+        block = _yaml(DEPLOY / "dagster.yaml")[section]
+        data = ConfigurableClassData(block["module"], block["class"], yaml.safe_dump(block.get("config", {})))
+        assert data.rehydrate(as_type=object) is not None
+
+
+def test_a_broken_instance_yaml_is_refused(tmp_path, monkeypatch):
+    for name, value in PG_ENV.items():
+        monkeypatch.setenv(name, value)
+    broken = (DEPLOY / "dagster.yaml").read_text().replace("max_concurrent_runs", "max_concurent_runs")
+    (tmp_path / "dagster.yaml").write_text(broken)
+    with pytest.raises(dg.DagsterInvalidConfigError):
+        dagster_instance_config(str(tmp_path))
+
+
+def test_workspace_and_pyproject_name_the_same_code_location():
+    (entry,) = _yaml(DEPLOY / "workspace.yaml")["load_from"]
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["dagster"]
+    assert entry["python_module"]["module_name"] == tool["module_name"]
+    assert entry["python_module"]["location_name"] == tool["code_location_name"]
+
+
+def test_helm_values_match_the_instance_and_the_code():
+    values = _yaml(DEPLOY / "helm" / "values.yaml")
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    args = deployment["dagsterApiGrpcArgs"]
+    assert args[args.index("--module-name") + 1] == "assets.definitions"
+    env = {e["name"]: e["value"] for e in deployment["env"]}
+    assert env["CLIP_CURATION_EXECUTOR"] == "k8s"
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    assert values["postgresql"]["enabled"] is False
+
+    # The chart's queued run coordinator config, in Dagster's own names, must validate against its schema.
+    queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    as_dagster = {"max_concurrent_runs": queued["maxConcurrentRuns"],
+                  "tag_concurrency_limits": queued["tagConcurrencyLimits"]}
+    assert validate_config(QueuedRunCoordinator.config_type(), as_dagster).success
+    instance_limits = _yaml(DEPLOY / "dagster.yaml")["concurrency"]["runs"]["tag_concurrency_limits"]
+    assert queued["tagConcurrencyLimits"] == instance_limits
+
+
+def test_gpu_stages_get_gpu_pods_through_their_k8s_tags():
+    assets = {k.to_user_string(): a for a in defs.assets for k in a.keys}
+    gpu_stages = {s.name for s in STAGES if s.gpu}
+    assert gpu_stages == {"rewrite", "caption", "train"}
+    for stage in STAGES:
+        requests = stage.k8s["container_config"]["resources"]["requests"]
+        assert ("nvidia.com/gpu" in requests) == stage.gpu
+        assert set(stage.k8s) <= {"container_config", "pod_spec_config", "pod_template_spec_metadata", "job_spec_config"}
+        if stage.asset in assets:
+            assert "dagster-k8s/config" in assets[stage.asset].op.tags
+
+
+@pytest.mark.parametrize("runner", ["flink", "spark", "dataflow"])
+def test_runner_configs_are_valid_resource_config(runner):
+    config = _yaml(DEPLOY / "runners" / f"{runner}.yaml")
+    resource = config["beam_runner"]["config"]
+    BeamRunnerResource(**resource).check()
+    job = defs.resolve_job_def("dataset_build")
+    assert dg.validate_run_config(job, {"resources": config})
+    flags = BeamRunnerResource(**resource).flags("rewrite")
+    assert flags[0].startswith("--runner=")
+    if runner == "dataflow":
+        assert any("worker_accelerator" in f for f in flags)
+        assert any(f.startswith("--sdk_container_image=") and "gpu" in f for f in flags)
+        assert not any("worker_accelerator" in f for f in BeamRunnerResource(**resource).flags("balance"))
+
+
+def test_images_pin_what_pyproject_and_the_makefile_pin():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    (vllm,) = [d for d in pyproject["project"]["optional-dependencies"]["gpu"] if d.startswith("vllm")]
+    torch = re.search(r"torch==([\d.]+)", (REPO / "Makefile").read_text()).group(1)
+    gpu = (DEPLOY / "docker" / "Dockerfile.gpu").read_text()
+    cpu = (DEPLOY / "docker" / "Dockerfile.cpu").read_text()
+    assert "'.[gpu]'" in gpu and vllm.split("==")[1] in gpu
+    for dockerfile in (gpu, cpu):
+        assert f"torch=={torch}" in dockerfile
+        assert "assets.definitions" in dockerfile
+    assert "download.pytorch.org/whl/cpu" in cpu
+    readme = (REPO / "README.md").read_text()
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        assert f"deploy/docker/{name}" in readme

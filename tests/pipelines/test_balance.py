@@ -1,0 +1,172 @@
+import hashlib
+import json
+import shutil
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+
+from curation.balancing import count_matches
+from curation.matching import Matcher
+from curation.metadata import MetadataError
+from curation.shards import MANIFEST, finished_shards, iter_batches, read_table, verify_manifest
+from pipelines import balance, ingest
+from pipelines.balance import COUNTS_FILE, MATCHES_DIR, PLOT_FILE
+
+
+@pytest.fixture(scope="module")
+def raw_pairs(demo_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("balance") / "raw_pairs"
+    ingest.run(["--input", str(demo_dir / "pool"), "--output", str(output)])
+    return output
+
+
+@pytest.fixture(scope="module")
+def balanced(raw_pairs, demo_dir, tmp_path_factory):
+    """One balance run on the demo at a small t, shared by the tests that only read it."""
+    output = tmp_path_factory.mktemp("balanced") / "out"
+    argv = ["--input", str(raw_pairs), "--output", str(output), *balance.demo_flags(demo_dir.parent), "--seed", "5"]
+    argv[argv.index("--metadata") + 1] = str(demo_dir / "metadata.json")
+    result = balance.run(argv, test_pipeline=BeamTestPipeline(
+        options=beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"])))
+    return result, argv
+
+
+def _digests(directory) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in finished_shards(directory)}
+
+
+def test_balance_writes_kept_pairs_counts_plot_and_stats(balanced, raw_pairs, demo_dir):
+    result, _ = balanced
+    output, stats = result.output, result.manifest["stats"]
+    verify_manifest(output)
+    assert sum(b.num_rows for _, b in iter_batches(output)) == result.rows  # schema-checked on the way
+    raw = read_table(raw_pairs)
+    assert stats["rows_in"] == raw.num_rows
+    assert stats["rows_in"] == result.rows + stats["rows_rejected"] + stats["rows_dropped_by_sampling"]
+    assert set(result.rejects) <= {"no_metadata_match", "empty_caption"} and result.rejects["no_metadata_match"] > 0
+    assert 0 < result.rows < raw.num_rows and stats["rows_dropped_by_sampling"] > 0
+
+    kept = read_table(output)
+    assert all(kept.column("matched_entries").to_pylist()) and min(kept.column("keep_prob").to_pylist()) > 0
+
+    # The saved counts are the pool's counts: recount by matching every caption directly.
+    entries = json.loads((demo_dir / "metadata.json").read_text())
+    direct = count_matches(Matcher(entries).match_array(raw.column("caption")), len(entries))
+    counts = pq.read_table(output / COUNTS_FILE)
+    assert counts.column("count").to_numpy().tolist() == direct.tolist()
+    assert counts.column("kept").to_numpy().tolist() == count_matches(kept.column("matched_entries"),
+                                                                      len(entries)).tolist()
+    assert stats["before_head_entries"] > 0 and stats["after_head_matches"] < stats["before_head_matches"]
+    assert stats["before_matches"] == int(direct.sum())
+    assert stats["plots"] == [PLOT_FILE] and (output / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    # The matches index covers every input shard, row for row.
+    assert len(finished_shards(output / MATCHES_DIR)) == len(finished_shards(raw_pairs))
+
+
+def test_same_seed_same_bytes_other_seed_other_sample(balanced, tmp_path):
+    result, argv = balanced
+    again = list(argv)
+    again[again.index("--output") + 1] = str(tmp_path / "again")
+    assert _digests(balance.run(again).output) == _digests(result.output)
+    other = list(again)
+    other[other.index("--output") + 1] = str(tmp_path / "other")
+    other[other.index("--seed") + 1] = "6"
+    other_keys = set(read_table(balance.run(other).output).column("key").to_pylist())
+    assert other_keys != set(read_table(result.output).column("key").to_pylist())
+
+
+def test_two_worker_processes_give_identical_shards(balanced, tmp_path):
+    result, argv = balanced
+    parallel = list(argv)
+    parallel[parallel.index("--output") + 1] = str(tmp_path / "parallel")
+    out = balance.run(parallel + ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]).output
+    assert _digests(out) == _digests(result.output)
+    assert _digests(out / "rejects") == _digests(result.output / "rejects")
+    assert pq.read_table(out / COUNTS_FILE).equals(pq.read_table(result.output / COUNTS_FILE))
+
+
+def test_rerun_after_a_kill_gives_the_uninterrupted_result(balanced, tmp_path):
+    result, argv = balanced
+    killed = tmp_path / "killed"
+    shutil.copytree(result.output, killed)
+    # A kill in pass 2 after shard 0: manifest, counts and later shards are missing; one matches file was mid-write.
+    (killed / MANIFEST).unlink()
+    (killed / COUNTS_FILE).unlink()
+    for path in finished_shards(killed)[1:]:
+        path.unlink()
+    (killed / MATCHES_DIR / "part-00002.parquet").unlink()
+    (killed / MATCHES_DIR / ".part-00002.parquet.tmp-123").write_bytes(b"half a file")
+    rerun = list(argv)
+    rerun[rerun.index("--output") + 1] = str(killed)
+    resumed = balance.run(rerun)
+    assert resumed.manifest["stats"]["resumed_shards"] == 1
+    assert _digests(killed) == _digests(result.output)
+    assert pq.read_table(killed / COUNTS_FILE).equals(pq.read_table(result.output / COUNTS_FILE))
+    skip = {"seconds", "rows_per_second", "resumed_shards"}
+    assert ({k: v for k, v in resumed.manifest["stats"].items() if k not in skip}
+            == {k: v for k, v in result.manifest["stats"].items() if k not in skip})
+
+
+def test_online_curation_keeps_every_matched_pair(balanced, tmp_path):
+    result, argv = balanced
+    online = list(argv)
+    online[online.index("--output") + 1] = str(tmp_path / "online")
+    out = balance.run(online + ["--online_curation"])
+    assert out.manifest["stats"]["rows_dropped_by_sampling"] == 0
+    assert out.rows == result.manifest["stats"]["rows_in"] - result.manifest["stats"]["rows_rejected"]
+    probs = np.array(read_table(out.output).column("keep_prob").to_pylist())
+    assert (probs > 0).all() and (probs < 1).any()
+
+
+def _write_metadata(tmp_path, content) -> str:
+    path = tmp_path / "metadata.json"
+    path.write_text(json.dumps(content))
+    return str(path)
+
+
+@pytest.mark.parametrize("content, flags, error, message", [
+    ([], [], MetadataError, "metadata is empty"),
+    (["red", " "], [], MetadataError, "entry 1 is empty or whitespace"),
+    (["red"], ["--t", "0"], ValueError, "--t must be positive"),
+    (["red"], ["--t", "-5"], ValueError, "--t must be positive"),
+])
+def test_bad_config_fails_before_any_work(raw_pairs, tmp_path, content, flags, error, message):
+    output = tmp_path / "out"
+    with pytest.raises(error, match=message):
+        balance.run(["--input", str(raw_pairs), "--output", str(output), "--metadata",
+                     _write_metadata(tmp_path, content), *flags])
+    assert not output.exists()
+
+
+def test_null_empty_and_huge_captions_are_counted_not_fatal(tmp_path):
+    source = tmp_path / "pairs"
+    source.mkdir()
+    huge = "lorem " * 200_000 + "red dog"
+    table = pa.table({"key": ["a", "b", "c", "d", "e"],
+                      "caption": pa.array([None, "", "  ", huge, "a red dog"], pa.string())})
+    pq.write_table(table, source / "part-00000.parquet")
+    result = balance.run(["--input", str(source), "--output", str(tmp_path / "out"),
+                          "--metadata", _write_metadata(tmp_path, ["red", "dog", "red dog"]), "--t", "100"])
+    assert result.rejects == {"empty_caption": 3}
+    assert read_table(result.output).column("key").to_pylist() == ["d", "e"]
+    assert result.manifest["stats"]["long_captions"] == 1
+    assert result.manifest["stats"]["before_matches"] == 6
+
+
+def test_missing_caption_column_names_the_file(tmp_path):
+    source = tmp_path / "pairs"
+    source.mkdir()
+    pq.write_table(pa.table({"key": ["a"], "alt": ["red"]}), source / "part-00000.parquet")
+    with pytest.raises(ValueError, match=r"part-00000.parquet: missing column\(s\) \['caption'\]"):
+        balance.run(["--input", str(source), "--output", str(tmp_path / "out"),
+                     "--metadata", _write_metadata(tmp_path, ["red"])])
+
+
+def test_demo_flags_point_at_the_demo_metadata(tmp_path):
+    flags = balance.demo_flags(tmp_path)
+    assert flags[flags.index("--metadata") + 1] == str(tmp_path / "demo" / "metadata.json")
+    assert 0 < float(flags[flags.index("--t") + 1]) < 100

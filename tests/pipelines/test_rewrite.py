@@ -1,0 +1,101 @@
+"""The rewrite stage end to end on a tiny saved model: column, manifest, resume, failure keeps shards."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from curation.engines.recovery import EngineFailure
+from curation.rewrite import PROMPT_VERSION, Rewriter
+from curation.schema import conform
+from curation.shards import ShardWriter, finished_shards, read_table, verify_manifest
+from pipelines import rewrite
+from tests.curation.tiny_llm import tiny_model  # noqa: F401 - fixture
+
+CAPTIONS = ["two red circles", "blue star icon", "IMG_0001.jpg | green squares", "some rings", "Photo by Jane Doe",
+            "a photo of four brown hexagons", "", "orange diamonds, flat illustration", "three pink crosses"]
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    """Three pair shards of three rows (one caption empty after cleaning: it must fall back)."""
+    writer = ShardWriter(tmp_path / "pairs", rows_per_shard=3, resume=False)
+    rows = [{"key": f"r{i:03d}", "url": None, "caption": c or "<|im_end|>", "image": b"jpeg", "width": 8, "height": 8,
+             "sha256": f"{i:064x}", "source": "test"} for i, c in enumerate(CAPTIONS)]
+    writer.write(conform(pa.Table.from_pylist(rows)))
+    writer.close()
+    return tmp_path / "pairs"
+
+
+def _flags(pairs, out, model, *extra):
+    return ["--input", str(pairs), "--output", str(out), "--seed", "1", "--rewrite_model", str(model),
+            "--rewrites_per_caption", "2", "--rewrite_max_new_tokens", "6", "--rewrite_max_attempts", "2",
+            "--rewrite_shards_per_run", "1", *extra]
+
+
+def test_rewrite_stage_writes_rewrites_and_manifest(pairs, tmp_path, tiny_model):  # noqa: F811
+    out = tmp_path / "rewritten"
+    result = rewrite.run(_flags(pairs, out, tiny_model))
+    manifest = verify_manifest(out)
+    assert manifest["config"]["model"] == str(tiny_model) and manifest["config"]["prompt_version"] == PROMPT_VERSION
+    table = read_table(out)
+    assert table.column("key").to_pylist() == sorted(f"r{i:03d}" for i in range(9))
+    original = dict(zip(table.column("key").to_pylist(), table.column("caption").to_pylist()))
+    for key, rewrites in zip(table.column("key").to_pylist(), table.column("rewrites").to_pylist()):
+        assert len(rewrites) == 2 and all(rewrites)
+    stats = result.manifest["stats"]
+    assert stats["rows"] == 9
+    assert stats["kept"] + stats["fallback"] + stats["fallback.empty_caption"] == 18
+    assert stats["fallback.empty_caption"] == 2
+    rejected = sum(v for k, v in stats.items() if k.startswith("rejected."))
+    assert stats["requests"] == stats["kept"] + rejected and stats["prompt_tokens"] > 0
+    assert table.column("rewrites").to_pylist()[6] == [original["r006"]] * 2
+    # Same seed, same input: a second run elsewhere writes the same rewrites.
+    again = rewrite.run(_flags(pairs, tmp_path / "again", tiny_model))
+    assert read_table(again.output).column("rewrites").to_pylist() == table.column("rewrites").to_pylist()
+    # A rerun of a finished output does nothing.
+    rerun = rewrite.run(_flags(pairs, out, tiny_model))
+    assert rerun.manifest["stats"]["resumed_shards"] == 3 and rerun.manifest["stats"]["shards_processed"] == 0
+
+
+def test_persistent_engine_failure_keeps_finished_shards(pairs, tmp_path, tiny_model, monkeypatch):  # noqa: F811
+    out = tmp_path / "rewritten"
+    real = Rewriter.rewrite
+
+    def failing(self, keys, captions, seed):
+        if "r004" in keys:
+            raise EngineFailure("engine transformers failed on a request after 3 attempts: server down")
+        return real(self, keys, captions, seed)
+
+    monkeypatch.setattr(Rewriter, "rewrite", failing)
+    with pytest.raises(Exception, match="server down"):
+        rewrite.run(_flags(pairs, out, tiny_model))
+    kept = [p.name for p in finished_shards(out)]
+    assert kept == ["part-00000.parquet"]  # shard 0 ran in its own pipeline run before shard 1 failed
+    monkeypatch.setattr(Rewriter, "rewrite", real)
+    result = rewrite.run(_flags(pairs, out, tiny_model))
+    assert result.manifest["stats"]["resumed_shards"] == 1 and result.manifest["stats"]["shards_processed"] == 2
+    assert result.manifest["stats"]["rows"] == 9  # counts cover the shards of both runs
+
+
+def test_engine_options_must_be_a_json_object(pairs, tmp_path):
+    with pytest.raises(ValueError, match="JSON object"):
+        rewrite.run(["--input", str(pairs), "--output", str(tmp_path / "x"), "--rewrite_engine_options", "[1]"])
+
+
+def test_demo_flags_parse():
+    options = rewrite.RewriteOptions(["--input", "a", "--output", "b", *rewrite.demo_flags(None)])
+    config = rewrite.config_from(options)
+    assert config.k == 2 and config.max_new_tokens <= 32
+    assert json.loads(options.rewrite_engine_options) == {}
+
+
+def test_row_fraction_rewrites_a_fixed_share(pairs, tmp_path, tiny_model):  # noqa: F811
+    from curation.rewrite import selected
+
+    result = rewrite.run(_flags(pairs, tmp_path / "half", tiny_model, "--rewrite_row_fraction", "0.5"))
+    table = read_table(result.output)
+    chosen = [selected(1, k, 0.5) for k in table.column("key").to_pylist()]
+    assert 0 < sum(chosen) < len(chosen)
+    assert [r is not None for r in table.column("rewrites").to_pylist()] == chosen
+    assert result.manifest["stats"]["rows_not_selected"] == chosen.count(False)

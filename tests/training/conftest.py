@@ -1,0 +1,15 @@
+"""Training fixtures: pair-schema shards made by the real ingest from the session demo data."""
+
+from pathlib import Path
+
+import pytest
+
+from pipelines import ingest
+
+
+@pytest.fixture(scope="session")
+def raw_pairs(demo_dir, tmp_path_factory) -> Path:
+    """The demo pool through ingest: 4 pair-schema shards (about 390 rows) with a manifest."""
+    out = tmp_path_factory.mktemp("train-raw") / "raw_pairs"
+    ingest.run(["--input", str(demo_dir / "pool"), "--output", str(out)])
+    return out

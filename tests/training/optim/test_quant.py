@@ -1,0 +1,127 @@
+"""Simulated 4-bit training: quantizer error bounds, outliers, FP4 grids, STE gradients, model swapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from training.optim.quant import (FP4_GRIDS, QuantConfig, QuantLinear, fp4_groups, int_asym_groups, int_sym_groups,
+                                  quantize_activation, quantize_model, quantize_weight, quantized_layers)
+
+
+def _data(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_int4_weight_error_within_half_a_step_and_on_16_levels():
+    groups = _data(40, 256) * 3 + 1
+    q = int_asym_groups(groups)
+    scale = ((groups.amax(1, keepdim=True) - groups.amin(1, keepdim=True)) / 15).clamp_min(1e-5)
+    assert torch.all((q - groups).abs() <= scale / 2 * (1 + 1e-5))
+    assert all(row.unique().numel() <= 16 for row in q)
+    torch.testing.assert_close(int_asym_groups(q), q)  # values already on the grid stay put
+
+
+def test_int4_activation_keeps_top2_outliers_exact():
+    groups = _data(30, 256)
+    groups[:, 5] = 50.0
+    groups[:, 9] = -80.0
+    q = int_sym_groups(groups, outliers=2)
+    assert torch.equal(q[:, 5], groups[:, 5]) and torch.equal(q[:, 9], groups[:, 9])
+    rest = groups.clone()
+    rest[:, [5, 9]] = 0
+    scale = rest.abs().amax(1, keepdim=True) / 7
+    assert torch.all((q - groups).abs() <= scale / 2 * (1 + 1e-5))
+    no_outliers = int_sym_groups(groups, outliers=0)
+    assert (no_outliers - groups).abs().mean() > 3 * (q - groups).abs().mean()
+
+
+@pytest.mark.parametrize("fmt", sorted(FP4_GRIDS))
+def test_fp4_values_lie_on_the_named_grid(fmt):
+    groups = _data(20, 256)
+    q = fp4_groups(groups, fmt, outliers=2)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, 1).indices, True)
+    assert torch.equal(q[mask], groups[mask])
+    grid = torch.tensor(FP4_GRIDS[fmt])
+    scale = groups.masked_fill(mask, 0).abs().amax(1, keepdim=True) / grid[-1]
+    units = (q / scale).abs()[~mask]
+    assert torch.all((units[:, None] - grid[None]).abs().min(1).values < 1e-5)
+    nearest = (groups / scale).abs()[~mask][:, None].sub(grid[None]).abs().min(1).values
+    assert torch.allclose(((q - groups) / scale).abs()[~mask], nearest, atol=1e-5)
+
+
+def test_e2m1_and_e1m2_grids():
+    assert FP4_GRIDS["fp4_e2m1"] == (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    assert FP4_GRIDS["fp4_e1m2"] == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def test_group_size_is_an_option():
+    w = _data(8, 512)
+    w[:, :64] *= 100  # one loud group of 64: with groups of 64 the other groups keep their resolution
+    err64 = (quantize_weight(w, "int4", group=64) - w)[:, 64:].abs().mean()
+    err256 = (quantize_weight(w, "int4", group=256) - w)[:, 64:].abs().mean()
+    assert err64 < err256 / 5
+    x = _data(4, 100)  # not a multiple of the group: padded, shape kept
+    assert quantize_activation(x, "int4", group=64).shape == x.shape
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4_e1m2", "fp4_e2m1"])
+def test_ste_gradients_use_quantized_operands(fmt):
+    linear = nn.Linear(256, 16)
+    layer = QuantLinear.from_linear(linear, QuantConfig(weight_format=fmt, act_format=fmt))
+    x = _data(3, 5, 256, seed=1).requires_grad_()
+    out = layer(x)
+    upstream = _data(3, 5, 16, seed=2)
+    out.backward(upstream)
+    x_q = quantize_activation(x, fmt)
+    w_q = quantize_weight(layer.weight, fmt)
+    torch.testing.assert_close(out, x_q @ w_q.T + layer.bias)
+    torch.testing.assert_close(x.grad, upstream @ w_q)
+    torch.testing.assert_close(layer.weight.grad, upstream.reshape(-1, 16).T @ x_q.reshape(-1, 256))
+    torch.testing.assert_close(layer.bias.grad, upstream.sum((0, 1)))
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_model_swaps_block_linears_only(dtype):
+    model = _tiny_llama()
+    params_before = {id(p) for p in model.parameters()}
+    assert quantize_model(model, QuantConfig(weight_group=64, act_group=64), master_dtype=dtype) is model
+    names = quantized_layers(model)
+    assert len(names) == 2 * 7
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"}
+    assert type(model.lm_head) is nn.Linear and isinstance(model.model.embed_tokens, nn.Embedding)
+    assert {id(p) for p in model.parameters()} == params_before
+    assert all(p.dtype == dtype for p in model.parameters())
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_quantize_model_include_and_exclude():
+    model = _tiny_llama()
+    quantize_model(model, QuantConfig(include=("q_proj", "v_proj"), exclude=("lm_head", "v_proj")))
+    names = quantized_layers(model)
+    assert len(names) == 2 and all(n.endswith("q_proj") for n in names)
+
+
+@pytest.mark.parametrize("kwargs", [dict(weight_format="int8"), dict(act_format="fp8"), dict(weight_group=0),
+                                    dict(outliers=-1), dict(outliers=300)])
+def test_invalid_quant_config_raises(kwargs):
+    with pytest.raises(ValueError, match="invalid"):
+        QuantConfig(**kwargs)
+
+
+def test_invalid_master_dtype_raises():
+    with pytest.raises(ValueError, match="master_dtype"):
+        quantize_model(_tiny_llama(), master_dtype=torch.float16)

@@ -1,0 +1,276 @@
+"""StableSPAM against the plain reference, step by step, plus its behaviours one at a time."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from tests.training.optim.problems import clone_params, gradient_stream, make_params, set_grads
+from tests.training.optim.reference import ReferenceStableSPAM
+from training.optim import SPAM, StableSPAM, build_optimizer
+
+CONFIGS = [
+    dict(reset_interval=7),
+    dict(reset_interval=7, code_exact=True),
+    dict(reset_interval=6, code_exact=True, total_T=30, weight_decay=0.1, lr=3e-2),
+    dict(reset_interval=None, total_T=20, eta_min=0.2, gamma1=0.85, gamma2=0.99999),
+    dict(reset_interval=4, theta=0.9, lr=1e-1, eps=1e-6),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_matches_reference_every_step(config):
+    params = make_params()
+    ref_params = clone_params(params)
+    opt, ref = StableSPAM(params, **config), ReferenceStableSPAM(ref_params, **config)
+    for grads in gradient_stream(params, 25):
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert ref.clip_events > 0
+
+
+def test_param_groups_use_their_own_options():
+    params = make_params()
+    ref_a, ref_b = clone_params(params[:2]), clone_params(params[2:])
+    opt = StableSPAM([{"params": params[:2], "lr": 0.05}, {"params": params[2:], "gamma1": 0.85}], reset_interval=5)
+    refs = [ReferenceStableSPAM(ref_a, lr=0.05, reset_interval=5),
+            ReferenceStableSPAM(ref_b, gamma1=0.85, reset_interval=5)]
+    for grads in gradient_stream(params, 12):
+        set_grads(params, grads)
+        set_grads(ref_a + ref_b, grads)
+        opt.step()
+        for r in refs:
+            r.step()
+    for p, q in zip(params, ref_a + ref_b):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_code_exact_equals_clean_without_resets_and_drifts_with_them():
+    def run(**kw):
+        params = make_params()
+        opt = StableSPAM(params, lr=1e-2, **kw)
+        for grads in gradient_stream(params, 25):
+            set_grads(params, grads)
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in params])
+
+    torch.testing.assert_close(run(reset_interval=None), run(reset_interval=None, code_exact=True))
+    drift = (run(reset_interval=7) - run(reset_interval=7, code_exact=True)).abs().max()
+    assert drift > 1e-4
+
+
+def test_adaclip_removes_injected_spike_from_second_moment():
+    """Inject a 1000x spike in one element at step 50: v stays within 2x of its pre-spike value (Adam's jumps)."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, generator=gen, dtype=torch.float64)
+    w, a = torch.nn.Parameter(torch.zeros(64, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(64, dtype=torch.float64))
+    opt, adam = StableSPAM([w], lr=1e-3, reset_interval=None), torch.optim.Adam([a], lr=1e-3)
+    for t in range(60):
+        g = base + 0.05 * torch.randn(64, generator=gen, dtype=torch.float64)
+        if t == 50:
+            before, before_adam = opt.state[w]["exp_avg_sq"].max().item(), adam.state[a]["exp_avg_sq"].max().item()
+            g[3] *= 1000
+        w.grad, a.grad = g.clone(), g.clone()
+        opt.step()
+        adam.step()
+        if t == 50:
+            after, after_adam = opt.state[w]["exp_avg_sq"].max().item(), adam.state[a]["exp_avg_sq"].max().item()
+    assert after < 2 * before
+    assert after_adam > 100 * before_adam
+
+
+def test_clipped_elements_land_at_or_below_threshold():
+    """A spike of the max element is scaled to the threshold tau = M / (1 - theta^j); smaller ones by tau/G."""
+    w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = StableSPAM([w], theta=0.9, reset_interval=None, gamma1=0.0, gamma2=0.0)
+    w.grad = torch.ones(5, dtype=torch.float64)
+    opt.step()
+    g = torch.tensor([1.0, 30.0, -100.0, 0.5, 2.0], dtype=torch.float64)
+    w.grad = g.clone()
+    M = 0.9 * 0.1 * 1.0 + 0.1 * 100.0
+    tau = M / (1 - 0.9 ** 2)
+    expected = torch.where(g.abs() > tau, g * tau / 100.0, g)
+    # With gamma1 = gamma2 = 0, AdaGN makes the norm c = n/(n + eps) ~ 1, so m = (1-beta1) * expected/||expected||
+    opt.step()
+    m = opt.state[w]["exp_avg"]
+    first = 0.1 * torch.ones(5, dtype=torch.float64) / math.sqrt(5)
+    torch.testing.assert_close((m - 0.9 * first) / 0.1, expected / expected.norm(), rtol=1e-6, atol=1e-8)
+    assert expected[2].abs() == pytest.approx(tau)
+
+
+def test_adagn_sets_norm_to_one_for_constant_gradient():
+    w = torch.nn.Parameter(torch.zeros(10, 10, dtype=torch.float64))
+    opt = StableSPAM([w], reset_interval=None)
+    g = torch.randn(10, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 37.0
+    for _ in range(200):
+        w.grad = g.clone()
+        opt.step()
+    m = opt.state[w]["exp_avg"] / (1 - 0.9 ** 200)
+    assert m.norm().item() == pytest.approx(1.0, rel=1e-6)
+    torch.testing.assert_close(m / m.norm(), g / g.norm())
+
+
+def test_reset_zeroes_moments_and_restarts_warmup():
+    """Clean: the reset step is a fresh Adam first step (|dp| = lr); code_exact: zeros only after it."""
+    lr = 1e-2
+    for code_exact in (False, True):
+        params = make_params()
+        opt = StableSPAM(params, lr=lr, reset_interval=10, code_exact=code_exact)
+        for grads in gradient_stream(params, 10, spike_every=100):
+            set_grads(params, grads)
+            before = [p.detach().clone() for p in params]
+            opt.step()
+        step = torch.cat([(p.detach() - b).abs().reshape(-1) for p, b in zip(params, before)])
+        state = opt.state[params[0]]
+        if code_exact:
+            assert state["exp_avg"].abs().max() == 0 and state["exp_avg_sq"].abs().max() == 0
+            assert (step - lr).abs().max() > 0.1 * lr  # the old moments with k = 1, not a fresh first step
+        else:
+            torch.testing.assert_close(step, torch.full_like(step, lr), rtol=1e-4, atol=0)
+            assert state["exp_avg"].abs().max() > 0
+        assert state["stats"][StableSPAM.stats_fields.index("adam_count")] == 1
+
+
+@pytest.mark.parametrize("cls", [StableSPAM, SPAM])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_nonfinite_gradient_skips_that_tensor_only(cls, bits):
+    params = make_params(dtype=torch.float32)
+    stream = gradient_stream(params, 6)
+    clean_params = clone_params(params)
+    opt, clean = cls(params, lr=1e-2, state_bits=bits), cls(clean_params, lr=1e-2, state_bits=bits)
+    for t, grads in enumerate(stream):
+        set_grads(params, grads)
+        set_grads(clean_params, grads)
+        if t == 3:
+            params[1].grad[2] = float("nan")
+            params[4].grad[0, 0] = float("inf")
+            clean_params[1].grad, clean_params[4].grad = None, None
+            before = {k: v.clone() for k, v in opt.state[params[1]].items()}
+            frozen = params[1].detach().clone()
+        opt.step()
+        clean.step()
+        if t == 3:
+            torch.testing.assert_close(params[1].detach(), frozen, rtol=0, atol=0)
+            for k, v in before.items():
+                if k != "stats":
+                    torch.testing.assert_close(opt.state[params[1]][k], v, rtol=0, atol=0)
+            # tensors without bad values stepped exactly as if the bad ones had no gradient
+            for i in (0, 2, 3):
+                torch.testing.assert_close(params[i], clean_params[i], rtol=0, atol=0)
+    assert opt.skipped_steps() == 2
+    assert all(torch.isfinite(p).all() for p in params)
+    assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=-1.0), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)),
+                                    dict(reset_interval=0), dict(reset_interval=-5), dict(gamma1=1.0),
+                                    dict(theta=1.5), dict(eps=-1e-8), dict(weight_decay=-0.1),
+                                    dict(state_bits=16), dict(state_bits=8, block_size=7),
+                                    dict(block_size=256), dict(total_T=0), dict(lr=float("nan"))])
+def test_invalid_hyperparameters_raise(kwargs):
+    with pytest.raises(ValueError, match="invalid|must"):
+        StableSPAM(make_params(), **kwargs)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: StableSPAM(p, lr=1e-2, reset_interval=4),
+    lambda p: StableSPAM(p, lr=1e-2, reset_interval=4, state_bits=8),
+    lambda p: StableSPAM(p, lr=1e-2, reset_interval=4, state_bits=4, code_exact=True),
+    lambda p: SPAM(p, lr=1e-2, reset_interval=4, warmup_steps=2, clip_delay=1, state_bits=8),
+])
+def test_state_dict_round_trip_resumes_identically(make):
+    params = make_params(dtype=torch.float32)
+    stream = gradient_stream(params, 10)
+    opt = make(params)
+    for grads in stream[:5]:
+        set_grads(params, grads)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    resumed_params = clone_params(params)
+    resumed = make(resumed_params)
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    for grads in stream[5:]:
+        set_grads(params, grads)
+        set_grads(resumed_params, grads)
+        opt.step()
+        resumed.step()
+    for p, q in zip(params, resumed_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for s, r in zip(opt.state.values(), resumed.state.values()):
+        assert all(s[k].dtype == r[k].dtype for k in s)
+
+
+def _trained(make, params):
+    opt = make(params)
+    for grads in gradient_stream(params, 2):
+        set_grads(params, grads)
+        opt.step()
+    return opt.state_dict()
+
+
+def test_loading_a_mismatched_state_dict_raises():
+    params = make_params(dtype=torch.float32)
+    eight_bit = _trained(lambda p: StableSPAM(p, state_bits=8), clone_params(params))
+    with pytest.raises(ValueError, match="state_bits"):
+        StableSPAM(clone_params(params)).load_state_dict(eight_bit)
+    spam = _trained(lambda p: SPAM(p), clone_params(params))
+    with pytest.raises(ValueError, match="another optimizer"):
+        StableSPAM(clone_params(params)).load_state_dict(spam)
+    other = [torch.nn.Parameter(torch.zeros(s)) for s in ((5, 7), (13,), (4, 3, 2), (1,), (33, 9))]
+    good = _trained(lambda p: StableSPAM(p), clone_params(params))
+    with pytest.raises(ValueError, match="shape"):
+        StableSPAM(other).load_state_dict(good)
+    with pytest.raises(ValueError, match="params"):
+        StableSPAM(clone_params(params)[:3]).load_state_dict(good)
+    with pytest.raises(ValueError, match="code_exact"):
+        StableSPAM(clone_params(params), code_exact=True).load_state_dict(good)
+
+
+def test_closure_and_bf16_params():
+    w = torch.nn.Parameter(torch.randn(16, 8, dtype=torch.bfloat16))
+    x = torch.randn(32, 16, dtype=torch.bfloat16)
+    for bits in (32, 8):
+        opt = StableSPAM([w], lr=1e-2, state_bits=bits)
+
+        def closure():
+            opt.zero_grad()
+            loss = (x @ w).float().pow(2).mean()
+            loss.backward()
+            return loss
+
+        first = opt.step(closure).item()
+        for _ in range(20):
+            last = opt.step(closure).item()
+        assert last < first
+        assert w.dtype == torch.bfloat16
+
+
+def test_build_optimizer_names():
+    assert isinstance(build_optimizer("stable_spam", make_params()), StableSPAM)
+    assert isinstance(build_optimizer("spam", make_params(), lr=1e-4), SPAM)
+    assert isinstance(build_optimizer("adamw", make_params(), lr=1e-4), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer("sgd", make_params())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [32, 8])
+def test_cuda_step_has_no_host_sync(bits):
+    params = [p.cuda() for p in make_params(dtype=torch.float32)]
+    params = [torch.nn.Parameter(p) for p in params]
+    opt = StableSPAM(params, state_bits=bits, reset_interval=3)
+    for grads in gradient_stream(params, 4):
+        set_grads(params, [g.cuda() for g in grads])
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

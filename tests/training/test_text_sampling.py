@@ -1,0 +1,49 @@
+import collections
+
+import pytest
+
+from training.text_sampling import TextSampling, choose_text
+
+
+def _rows(n, **extra):
+    return [{"key": f"k{i}", "caption": "the original alt text", **extra} for i in range(n)]
+
+
+def test_laclip_is_uniform_over_caption_and_valid_rewrites():
+    rows = _rows(5000, rewrites=["first rewrite here", "second rewrite here", "third rewrite here"])
+    texts = collections.Counter(choose_text(r, TextSampling(), seed=0, epoch=0)[0] for r in rows)
+    assert set(texts) == {"the original alt text", "first rewrite here", "second rewrite here", "third rewrite here"}
+    for count in texts.values():
+        assert abs(count / 5000 - 0.25) < 0.03
+
+
+def test_one_word_or_missing_rewrites_fall_back_to_the_caption():
+    rows = _rows(2000, rewrites=["word", None])
+    picks = [choose_text(r, TextSampling(), seed=0, epoch=0) for r in rows]
+    assert {t for t, _ in picks} == {"the original alt text"}
+    assert {s for _, s in picks} == {"caption"}
+    no_rewrites = [choose_text(r, TextSampling(), 0, 0)[0] for r in _rows(50)]
+    assert set(no_rewrites) == {"the original alt text"}
+
+
+def test_veclip_mix_follows_the_ratio_and_synthetic_ratio_too():
+    rows = _rows(4000, fused_caption="a fused caption", synthetic_caption="a synthetic caption")
+    sampling = TextSampling(use_rewrites=False, fused_ratio=0.5, synthetic_ratio=0.15)
+    sources = collections.Counter(choose_text(r, sampling, seed=3, epoch=1)[1] for r in rows)
+    assert abs(sources["fused"] / 4000 - 0.5) < 0.03
+    assert abs(sources["synthetic"] / 4000 - 0.15) < 0.02
+    assert abs(sources["caption"] / 4000 - 0.35) < 0.03
+
+
+def test_null_fused_caption_falls_back_and_choice_is_reproducible_per_epoch():
+    sampling = TextSampling(fused_ratio=1.0)
+    assert choose_text({"key": "a", "caption": "alt text", "fused_caption": None}, sampling, 0, 0) == ("alt text", "caption")
+    rows = _rows(200, rewrites=["one more text", "another more text"])
+    first = [choose_text(r, TextSampling(), 7, 0) for r in rows]
+    assert first == [choose_text(r, TextSampling(), 7, 0) for r in rows]
+    assert first != [choose_text(r, TextSampling(), 7, 1) for r in rows]  # a fresh draw every epoch
+
+
+def test_ratios_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError):
+        TextSampling(fused_ratio=0.7, synthetic_ratio=0.5)

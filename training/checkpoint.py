@@ -1,0 +1,66 @@
+"""Checkpoints that let a run continue as if it had never stopped.
+
+A checkpoint is a directory `checkpoints/step-0000123/` holding the weights
+(safetensors), the optimizer and schedule state, and `state.json` (step,
+data-loader state of every rank, counters, config). It is written under a
+temporary name and renamed, so a run killed while saving leaves the previous
+checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+CHECKPOINTS = "checkpoints"
+WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.pt", "state.json"
+
+
+def checkpoint_dir(output: str | Path, step: int) -> Path:
+    return Path(output) / CHECKPOINTS / f"step-{step:07d}"
+
+
+def list_checkpoints(output: str | Path) -> list[Path]:
+    root = Path(output) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
+
+
+def latest_checkpoint(output: str | Path) -> Path | None:
+    found = list_checkpoints(output)
+    return found[-1] if found else None
+
+
+def save_checkpoint(output: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, state: dict, keep: int = 2) -> Path:
+    """Write step `step` atomically and keep only the newest `keep` checkpoints."""
+    final = checkpoint_dir(output, step)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER)
+    (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    device: torch.device) -> dict:
+    """Restore weights, optimizer and schedule in place; return the saved state.json."""
+    path = Path(path)
+    load_model(model, str(path / WEIGHTS), device=str(device))
+    saved = torch.load(path / OPTIMIZER, map_location=device, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return json.loads((path / STATE).read_text())

@@ -1,0 +1,137 @@
+"""The one place the trainer's settings live: a dataclass read by the CLI, the Dagster asset and the tests.
+
+Every field has a default that makes sense on a laptop; `argparse_flags`
+turns the fields into `--flags` so the CLI never restates a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPTIMIZERS = ("adamw", "stable_spam", "spam")
+
+
+def opt(default, help: str = ""):
+    """A TrainConfig field with its --help text beside it."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data, text sampling, model, optimisation, checkpoints and evaluation."""
+
+    input: str = opt("", "directory (or file) of training shards")
+    output: str = opt("", "model directory: save_pretrained output, checkpoints, metrics")
+    seed: int = opt(0, "seed of every draw: init, data order, crops, text choice, curation")
+
+    # Model and tokenizer.
+    preset: str = opt("tiny", "tiny | vit-b-32 | vit-b-16")
+    image_size: int = opt(0, "0: the preset's")
+    context_length: int = opt(0, "0: the preset's")
+    tokenizer: str = opt("", "empty: train a BPE on the shards' texts; else a CLIP tokenizer id or path")
+    vocab_size: int = opt(0, "size of the trained BPE; 0: the preset's")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+
+    # Data.
+    batch_size: int = opt(64, "per rank and per micro-step")
+    workers: int = opt(2, "DataLoader workers per rank (0: decode in the main process)")
+    shuffle_buffer: int = opt(1000, "rows per reader mixed before batching")
+    holdout_fraction: float = opt(0.05, "share of keys held out of training for retrieval")
+    crop_scale_min: float = opt(0.9, "RandomResizedCrop scale range (min, 1.0)")
+
+    # Text sampling (LaCLIP / VeCLIP / ALIP-MetaCLIP 1.2) and online curation (MetaCLIP).
+    use_rewrites: bool = opt(True, "LaCLIP: uniform over caption + valid rewrites")
+    fused_ratio: float = opt(0.0, "VeCLIP: share of visits that train on the fused caption")
+    synthetic_ratio: float = opt(0.0, "share of visits that train on the synthetic caption")
+    online_curation: bool = opt(False, "keep each row with its keep_prob, drawn anew every epoch")
+
+    # Optimisation.
+    steps: int = opt(200, "optimizer steps of the whole run")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(5e-4, "peak learning rate")
+    weight_decay: float = opt(0.2, "decoupled weight decay (not on gains, biases, logit scale)")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.98, "Adam beta2")
+    eps: float = opt(1e-6, "Adam epsilon")
+    warmup_steps: int = opt(20, "linear warmup steps before the cosine decay")
+    grad_clip: float = opt(1.0, "0 disables clipping")
+    optimizer: str = opt("stable_spam", "from training.optim; adamw is torch's own")
+    precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
+    max_bad_steps: int = opt(5, "NaN/inf losses in a row before the run stops")
+
+    # Checkpoints and resume.
+    checkpoint_every: int = opt(100, "steps between checkpoints")
+    keep_checkpoints: int = opt(2, "newest checkpoints kept")
+    resume: bool = opt(True, "continue from the newest checkpoint in output")
+    stop_after_steps: int = opt(0, "stop (as if killed) after this many steps; 0: run to `steps`")
+
+    # Evaluation and logging.
+    eval: str = opt("", "labelled eval split (key, image, label, ...) for zero-shot")
+    classes: str = opt("", "classes.json (list of class names); default: eval/../classes.json")
+    eval_every: int = opt(0, "0: only at the end")
+    log_every: int = opt(10, "steps between metric rows")
+    progress: bool = opt(True, "progress bar with samples/s")
+    threads: int = opt(0, "torch CPU threads; 0: leave torch's default")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "batch_size": self.batch_size > 0, "steps": self.steps > 0, "grad_accum": self.grad_accum > 0,
+            "workers": self.workers >= 0, "shuffle_buffer": self.shuffle_buffer >= 1,
+            "holdout_fraction": 0.0 <= self.holdout_fraction < 1.0,
+            "crop_scale_min": 0.0 < self.crop_scale_min <= 1.0,
+            "fused_ratio": 0.0 <= self.fused_ratio <= 1.0, "synthetic_ratio": 0.0 <= self.synthetic_ratio <= 1.0,
+            "lr": self.lr > 0 and math.isfinite(self.lr), "warmup_steps": self.warmup_steps >= 0,
+            "max_bad_steps": self.max_bad_steps >= 1, "checkpoint_every": self.checkpoint_every >= 1,
+            "keep_checkpoints": self.keep_checkpoints >= 1, "stop_after_steps": self.stop_after_steps >= 0,
+            "optimizer": self.optimizer in OPTIMIZERS, "precision": self.precision in ("auto", "bf16", "fp32"),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("invalid training settings: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+        if self.fused_ratio + self.synthetic_ratio > 1.0:
+            raise ValueError(f"fused_ratio + synthetic_ratio must be <= 1, got {self.fused_ratio + self.synthetic_ratio}")
+
+    @property
+    def classes_path(self) -> Path | None:
+        if self.classes:
+            return Path(self.classes)
+        if self.eval:
+            return Path(self.eval).parent / "classes.json"
+        return None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def argparse_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per TrainConfig field, typed and defaulted from the dataclass."""
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        flag = f"--{f.name}"
+        text = f.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f"{text} (default: {default!r})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+# Settings that may differ between a run and its resumption without changing what is trained.
+RESUME_FREE = frozenset({"stop_after_steps", "progress", "log_every", "eval_every", "threads",
+                         "checkpoint_every", "keep_checkpoints", "resume", "eval", "classes"})
+
+
+def resume_mismatches(saved: dict, current: TrainConfig) -> list[str]:
+    """Fields whose change would make a resumed run a different run."""
+    now = current.to_dict()
+    return sorted(k for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k])
+
+

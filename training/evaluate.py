@@ -1,0 +1,193 @@
+"""Held-out evaluation: zero-shot classification from prompt templates, and image<->text retrieval.
+
+Zero-shot follows CLIP/open_clip: every class name fills every template, the
+normalised text embeddings of a class are averaged and normalised again, and
+each image goes to the class with the highest cosine. Retrieval ranks all
+held-out texts per image (and all images per text) by cosine and reports
+Recall@1/5/10, counting only the row's own pair as a hit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from contextlib import nullcontext
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from curation.shards import read_table
+from training.data import ShardStream, StreamSpec
+from training.image_transforms import CorruptImage, decode, eval_transform
+from training.model import encode_images, encode_texts
+from training.tokenizer import encode
+
+# Generic CLIP-style templates (not tuned to the demo's alt-texts).
+TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an illustration of a {}.", "a drawing of a {}.",
+             "a close-up photo of a {}.", "a photo of the {}.")
+RECALL_AT = (1, 5, 10)
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def class_weights(model, tokenizer, classes: list[str], templates: Iterable[str], context_length: int,
+                  device: torch.device, precision: str = "fp32") -> torch.Tensor:
+    """(classes x dim) zero-shot weights: mean of normalised template embeddings, renormalised."""
+    templates = list(templates)
+    rows = []
+    for name in classes:
+        tokens, _ = encode(tokenizer, [t.format(name) for t in templates], context_length)
+        with _autocast(device, precision):
+            features = encode_texts(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        mean = features.mean(dim=0)
+        rows.append(mean / mean.norm())
+    return torch.stack(rows)
+
+
+def load_labelled(eval_dir: str | Path) -> pa.Table:
+    table = read_table(eval_dir)
+    missing = [c for c in ("image", "label") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"eval split {eval_dir} lacks column(s) {missing}; it needs image bytes and a label")
+    return table
+
+
+def _image_features(model, images: list[bytes], image_size: int, device: torch.device, precision: str,
+                    batch_size: int) -> tuple[torch.Tensor, list[int]]:
+    """Features of the decodable images, and the indices of those that were."""
+    features, kept = [], []
+    for chunk_start, chunk in zip(range(0, len(images), batch_size), _batches(images, batch_size)):
+        pixels = []
+        for offset, data in enumerate(chunk):
+            try:
+                pixels.append(eval_transform(decode(data), image_size))
+                kept.append(chunk_start + offset)
+            except CorruptImage:
+                continue
+        if pixels:
+            with _autocast(device, precision):
+                features.append(encode_images(model, torch.stack(pixels).to(device)))
+    return (torch.cat(features) if features else torch.empty(0)), kept
+
+
+@torch.no_grad()
+def zero_shot(model, tokenizer, eval_dir: str | Path, classes: list[str], *, image_size: int, context_length: int,
+              device: torch.device, precision: str = "fp32", templates: Iterable[str] = TEMPLATES,
+              batch_size: int = 128) -> dict:
+    """Top-1/top-5 accuracy over `classes`, plus accuracy per attribute column (e.g. colour, shape)."""
+    table = load_labelled(eval_dir)
+    labels = table.column("label").to_pylist()
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ValueError(f"eval labels {unknown[:5]} are not in the class list ({len(classes)} classes)")
+    weights = class_weights(model, tokenizer, classes, templates, context_length, device, precision)
+    features, kept = _image_features(model, table.column("image").to_pylist(), image_size, device, precision, batch_size)
+    logits = 100.0 * features @ weights.T
+    target = torch.tensor([classes.index(labels[i]) for i in kept], device=logits.device)
+    top5 = logits.topk(min(5, len(classes)), dim=1).indices
+    predicted = top5[:, 0]
+    result = {"zeroshot_top1": (predicted == target).float().mean().item(),
+              "zeroshot_top5": (top5 == target[:, None]).any(dim=1).float().mean().item(),
+              "zeroshot_chance": 1.0 / len(classes), "zeroshot_images": len(kept)}
+    # An attribute column whose value is a function of the label (the demo's colour and shape) gets its own score.
+    for column in table.column_names:
+        if column in ("key", "image", "label", "caption"):
+            continue
+        values = table.column(column).to_pylist()
+        by_label: dict[str, set] = {}
+        for label, value in zip(labels, values):
+            by_label.setdefault(label, set()).add(value)
+        if not all(isinstance(v, str) for v in values) or any(len(v) > 1 for v in by_label.values()):
+            continue
+        of_class = [next(iter(by_label.get(c, {None}))) for c in classes]
+        hits = [of_class[p] == values[i] for p, i in zip(predicted.tolist(), kept)]
+        result[f"zeroshot_{column}_acc"] = sum(hits) / max(len(hits), 1)
+        result[f"zeroshot_{column}_chance"] = 1.0 / len(set(values))
+    return result
+
+
+def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, prefix: str) -> dict:
+    """Image->text and text->image Recall@k where row i of each side is the pair."""
+    similarity = image_features @ text_features.T
+    target = torch.arange(similarity.shape[0], device=similarity.device)
+    result = {f"{prefix}_pairs": int(similarity.shape[0])}
+    for direction, scores in (("i2t", similarity), ("t2i", similarity.T)):
+        # Rank of the true pair: how many candidates score strictly higher.
+        rank = (scores > scores[target, target][:, None]).sum(dim=1)
+        for k in RECALL_AT:
+            result[f"{prefix}_{direction}_r@{k}"] = (rank < k).float().mean().item()
+    return result
+
+
+@torch.no_grad()
+def retrieval_on_table(model, tokenizer, images: list[bytes], captions: list[str], *, image_size: int,
+                       context_length: int, device: torch.device, precision: str = "fp32", prefix: str,
+                       batch_size: int = 128) -> dict:
+    image_features, kept = _image_features(model, images, image_size, device, precision, batch_size)
+    texts = [captions[i] for i in kept]
+    text_features = []
+    for chunk in _batches(texts, batch_size):
+        tokens, _ = encode(tokenizer, chunk, context_length)
+        with _autocast(device, precision):
+            text_features.append(encode_texts(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)))
+    if not kept:
+        return {f"{prefix}_pairs": 0}
+    return recall_at_k(image_features, torch.cat(text_features), prefix)
+
+
+@torch.no_grad()
+def holdout_retrieval(model, tokenizer, spec: StreamSpec, *, device: torch.device, precision: str = "fp32",
+                      batch_size: int = 128) -> dict:
+    """Retrieval over the shards' held-out rows (alt-text as the text, centre crop)."""
+    stream = ShardStream(spec, tokenizer)
+    image_features, text_features = [], []
+    for batch in DataLoader(stream, batch_size=batch_size, num_workers=0, collate_fn=stream.collate):
+        with _autocast(device, precision):
+            image_features.append(encode_images(model, batch["pixel_values"].to(device)))
+            text_features.append(encode_texts(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+    if not image_features:
+        return {"holdout_pairs": 0}
+    return recall_at_k(torch.cat(image_features), torch.cat(text_features), "holdout")
+
+
+def load_classes(path: str | Path) -> list[str]:
+    classes = json.loads(Path(path).read_text())
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path} must hold a non-empty JSON list of class names")
+    return classes
+
+
+def evaluate_all(model, tokenizer, *, holdout: StreamSpec | None, eval_dir: str | None, classes_path: Path | None,
+                 image_size: int, context_length: int, device: torch.device, precision: str = "fp32") -> dict:
+    """Every evaluation that has data: zero-shot and retrieval on the labelled split, retrieval on the holdout."""
+    was_training = model.training
+    model.eval()
+    metrics: dict = {}
+    try:
+        if eval_dir:
+            if classes_path is None or not classes_path.is_file():
+                raise FileNotFoundError(f"zero-shot needs a classes.json; none at {classes_path}")
+            metrics.update(zero_shot(model, tokenizer, eval_dir, load_classes(classes_path), image_size=image_size,
+                                     context_length=context_length, device=device, precision=precision))
+            table = load_labelled(eval_dir)
+            if "caption" in table.column_names:
+                metrics.update(retrieval_on_table(
+                    model, tokenizer, table.column("image").to_pylist(), table.column("caption").to_pylist(),
+                    image_size=image_size, context_length=context_length, device=device, precision=precision,
+                    prefix="eval"))
+        if holdout is not None and holdout.holdout_fraction > 0:
+            metrics.update(holdout_retrieval(model, tokenizer, holdout, device=device, precision=precision))
+    finally:
+        model.train(was_training)
+    return metrics

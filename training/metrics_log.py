@@ -1,0 +1,86 @@
+"""Where training metrics go: a long-format CSV (the record), TensorBoard if installed, and a PNG of the curves.
+
+The CSV is appended to, so a resumed run continues the same file and the
+curves stay continuous; rows past the resume step (logged after the last
+checkpoint by the interrupted run) are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+METRICS_CSV = "metrics.csv"
+CURVES_PNG = "curves.png"
+FIELDS = ("step", "metric", "value")
+
+
+class MetricsLog:
+    def __init__(self, output: str | Path, resume_step: int = 0, tensorboard: bool = True):
+        self.path = Path(output) / METRICS_CSV
+        if resume_step and self.path.is_file():
+            rows = [r for r in self.read(self.path) if int(r["step"]) <= resume_step]
+            self._write_all(rows)
+        elif not resume_step:
+            self._write_all([])
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a test extra, not a runtime requirement
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(str(Path(output) / "tensorboard"), purge_step=resume_step or None)
+
+    def _write_all(self, rows: list[dict]) -> None:
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            for name, value in values.items():
+                writer.writerow([step, name, value])
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict]:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    @staticmethod
+    def series(path: str | Path, metric: str) -> list[tuple[int, float]]:
+        return [(int(r["step"]), float(r["value"])) for r in MetricsLog.read(path) if r["metric"] == metric]
+
+
+def plot_curves(output: str | Path, accuracy_metric: str = "zeroshot_top1") -> Path | None:
+    """loss.png-style figure: training loss and, where evaluated, zero-shot accuracy against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(output) / METRICS_CSV
+    loss = MetricsLog.series(path, "loss")
+    if not loss:
+        return None
+    accuracy = MetricsLog.series(path, accuracy_metric)
+    figure, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(10 if accuracy else 5, 3.5), squeeze=False)
+    axes[0][0].plot(*zip(*loss))
+    axes[0][0].set(xlabel="step", ylabel="contrastive loss", title="training loss")
+    if accuracy:
+        axes[0][1].plot(*zip(*accuracy), marker="o")
+        axes[0][1].set(xlabel="step", ylabel=accuracy_metric, title="held-out zero-shot accuracy", ylim=(0, 1))
+    figure.tight_layout()
+    out = Path(output) / CURVES_PNG
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

@@ -1,0 +1,132 @@
+"""Stable-SPAM (Huang et al., 2025): AdamW with AdaClip, AdaGN and momentum reset.
+
+One step for one tensor W with gradient g, at global step T (see shared/spec/stable_spam.md):
+1. W <- W (1 - lr wd).
+2. AdaClip: G = max|g|, M <- theta M + (1-theta) G, tau = M / (1 - theta^j);
+   elements with |g_i| > tau are scaled by tau / G.
+3. AdaGN: n = ||g||, a <- g1 a + (1-g1) n, b <- g2 b + (1-g2) n^2,
+   c = (a / (1-g1^j)) / (sqrt(b / (1-g2^j)) + eps); g <- g c / n when n > 0.
+4. Reset: when T % reset_interval == 0, m = v = 0 and k = 1 before this step's update.
+5. Adam with bias corrections in k.
+
+`code_exact=True` reproduces the reference repository instead: the reset step still updates with the
+old moments (zeroed only afterwards), and AdaClip/AdaGN use the resetting counter k instead of j.
+`total_T` (either mode, default off) multiplies beta1 and gamma1 by a cosine factor from 1 to
+`eta_min` over total_T steps, as the reference trainer always does (it passes 20000).
+
+Non-finite gradients: that tensor's step is skipped (parameter, moments and statistics untouched,
+apart from a scheduled reset) and counted in `skipped_steps()`. Nothing in `step` syncs with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from training.optim.multi_tensor import MomentOptimizer, check_common, check_range, cosine_ramp, masked_scale
+
+
+class StableSPAM(MomentOptimizer):
+    """Stable-SPAM with the paper's 4-bit defaults (gamma1 0.7, gamma2 0.9, theta 0.999, reset every 500)."""
+
+    stats_fields = ("clip_ema", "norm_ema", "norm_sq_ema", "ema_count", "adam_count", "skipped")
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, gamma1: float = 0.7, gamma2: float = 0.9,
+                 theta: float = 0.999, reset_interval: int | None = 500, total_T: int | None = None,
+                 eta_min: float = 0.5, code_exact: bool = False, state_bits: int = 32,
+                 block_size: int | None = None) -> None:
+        block_size = check_common(lr, betas, eps, weight_decay, state_bits, block_size)
+        check_range("gamma1", gamma1, 0.0, 1.0)
+        check_range("gamma2", gamma2, 0.0, 1.0)
+        check_range("theta", theta, 0.0, 1.0)
+        check_range("eta_min", eta_min, 0.0, 1.0, high_open=False)
+        if reset_interval is not None and (not isinstance(reset_interval, int) or reset_interval <= 0):
+            raise ValueError(f"invalid reset_interval={reset_interval!r}: must be a positive int (None: never reset)")
+        if total_T is not None and (not isinstance(total_T, int) or total_T <= 0):
+            raise ValueError(f"invalid total_T={total_T!r}: must be a positive int or None")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
+                        gamma2=gamma2, theta=theta, reset_interval=reset_interval, total_T=total_T,
+                        eta_min=eta_min, code_exact=bool(code_exact), state_bits=state_bits, block_size=block_size)
+        super().__init__(params, defaults)
+
+    def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
+                     states: list[dict]) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        theta, gamma2 = group["theta"], group["gamma2"]
+        interval, total = group["reset_interval"], group["total_T"]
+        code_exact = group["code_exact"]
+        decay = cosine_ramp(step, total, 1.0, group["eta_min"]) if total else 1.0
+        beta1, gamma1 = beta1 * decay, group["gamma1"] * decay
+        reset = interval is not None and step % interval == 0
+
+        stats = torch.stack([s["stats"] for s in states])
+        clip_ema, norm_ema, norm_sq_ema, ema_count, adam_count, skipped = stats.unbind(1)
+        gmax = torch.stack(torch._foreach_norm(grads, math.inf)).to(stats.dtype)
+        finite = torch.isfinite(gmax)
+
+        # The EMA bias counter: j (never reset) in the clean algorithm, the Adam counter before the reset
+        # in the reference code (it increments k, clips, then resets).
+        ema_count_new = ema_count + 1
+        count = adam_count + 1 if code_exact else ema_count_new
+        adam_count_new = torch.ones_like(adam_count) if reset else adam_count + 1
+
+        # AdaClip: threshold from the EMA of pre-clip maxima.
+        clip_ema_new = theta * clip_ema + (1 - theta) * gmax
+        tau = clip_ema_new / (1 - torch.pow(theta, count))
+        ratio = torch.where(gmax > tau, tau / gmax, torch.ones_like(tau))
+        clipped = masked_scale(grads, finite, tau, ratio)
+
+        # AdaGN: rescale each tensor's norm to a smoothed mean/RMS ratio of recent norms.
+        norm = torch.stack(torch._foreach_norm(clipped, 2)).to(stats.dtype)
+        norm_ema_new = gamma1 * norm_ema + (1 - gamma1) * norm
+        norm_sq_ema_new = gamma2 * norm_sq_ema + (1 - gamma2) * norm * norm
+        target = (norm_ema_new / (1 - torch.pow(gamma1, count))) / (
+            torch.sqrt(norm_sq_ema_new / (1 - torch.pow(gamma2, count))) + eps)
+        scale = torch.where(norm > 0, target / norm, torch.ones_like(norm))
+        # (1 - beta1) is folded into the gradient; skipped tensors get 0 and keep m and v.
+        torch._foreach_mul_(clipped, torch.where(finite, scale * (1 - beta1), 0).unbind())
+
+        if wd:
+            torch._foreach_mul_(params, torch.where(finite, 1 - lr * wd, torch.ones_like(gmax)).unbind())
+        exp_avg, exp_avg_sq, coded = self._load_moments(params, states, group)
+        if reset and not code_exact:
+            torch._foreach_zero_(exp_avg)
+            torch._foreach_zero_(exp_avg_sq)
+        one = torch.ones_like(gmax)
+        torch._foreach_mul_(exp_avg, torch.where(finite, beta1, one).unbind())
+        torch._foreach_add_(exp_avg, clipped)
+        torch._foreach_mul_(exp_avg_sq, torch.where(finite, beta2, one).unbind())
+        torch._foreach_addcmul_(exp_avg_sq, clipped, clipped, value=(1 - beta2) / (1 - beta1) ** 2)
+        del clipped  # free the gradient copy before the update buffers are allocated
+
+        # With code_exact the reset step runs with k = 1 on the old moments, so adam_count_new is right
+        # for both modes.
+        bias1 = 1 - torch.pow(beta1, adam_count_new)
+        bias2 = 1 - torch.pow(beta2, adam_count_new)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_mul_(denom, torch.rsqrt(bias2).unbind())
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(exp_avg, denom)
+        del denom
+        torch._foreach_mul_(update, torch.where(finite, -lr / bias1, 0).unbind())
+        torch._foreach_add_(params, update)
+
+        if reset and code_exact:  # the reference replaces the state only after using the old moments
+            torch._foreach_zero_(exp_avg)
+            torch._foreach_zero_(exp_avg_sq)
+        self._store_moments(states, coded)
+
+        kept_count = torch.zeros_like(adam_count) if reset else adam_count
+        new_stats = torch.stack([
+            torch.where(finite, clip_ema_new, clip_ema),
+            torch.where(finite, norm_ema_new, norm_ema),
+            torch.where(finite, norm_sq_ema_new, norm_sq_ema),
+            torch.where(finite, ema_count_new, ema_count),
+            torch.where(finite, adam_count_new, kept_count),
+            skipped + (~finite).to(stats.dtype),
+        ], dim=1)
+        torch._foreach_copy_([s["stats"] for s in states], list(new_stats.unbind(0)))

@@ -1,0 +1,58 @@
+"""Parameter groups, the optimizer and the learning-rate schedule.
+
+Weight decay skips gains, biases and the logit scale (every tensor with
+fewer than two dimensions), as open_clip does. The schedule is linear warmup
+then cosine to zero. The optimizer comes from `training.optim` (Stable-SPAM,
+the default, SPAM or AdamW); `adamw` falls back to torch's AdamW should that
+package be missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _project_builder():
+    try:
+        from training.optim import build_optimizer
+    except ImportError:
+        return None
+    return build_optimizer
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, config.weight_decay)
+    betas = (config.beta1, config.beta2)
+    builder = _project_builder()
+    if builder is not None:
+        return builder(config.optimizer, groups, lr=config.lr, betas=betas, eps=config.eps,
+                       weight_decay=config.weight_decay)
+    if config.optimizer != "adamw":
+        raise RuntimeError(f"optimizer {config.optimizer!r} needs training.optim.build_optimizer, which is not "
+                           f"available; use --optimizer adamw")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Multiplier (step+1)/warmup during warmup, then cosine from 1 to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,63 @@
+"""Which text a row trains on at a given visit: LaCLIP rewrites, VeCLIP fused captions, synthetic captions.
+
+One uniform draw per (seed, key, epoch) splits the unit interval:
+- [0, synthetic_ratio): the synthetic caption (ALIP / MetaCLIP 1.2 "syn_ratio");
+- next fused_ratio: the fused caption (VeCLIP's alt-text / VeCap mix);
+- the rest: uniform over the caption and its valid rewrites (LaCLIP), or the caption alone.
+A missing or empty text falls back to the alt-text, and so does a rewrite of
+fewer than two words, as LaCLIP does. Each fallback is reported by its source,
+so a run can say how often it trained on what it was asked to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from training.randomness import unit_uniform
+
+SOURCES = ("caption", "rewrite", "fused", "synthetic")
+
+
+@dataclass(frozen=True)
+class TextSampling:
+    use_rewrites: bool = True
+    fused_ratio: float = 0.0
+    synthetic_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.fused_ratio <= 1 and 0 <= self.synthetic_ratio <= 1
+                and self.fused_ratio + self.synthetic_ratio <= 1):
+            raise ValueError(f"text ratios must lie in [0, 1] and sum to at most 1: {self}")
+
+    @property
+    def columns(self) -> list[str]:
+        """Optional columns this sampling reads."""
+        wanted = ["rewrites"] if self.use_rewrites else []
+        wanted += ["fused_caption"] if self.fused_ratio else []
+        wanted += ["synthetic_caption"] if self.synthetic_ratio else []
+        return wanted
+
+
+def _usable(text: object, min_words: int = 1) -> bool:
+    return isinstance(text, str) and len(text.split()) >= min_words
+
+
+def choose_text(row: dict, sampling: TextSampling, seed: int, epoch: int) -> tuple[str, str]:
+    """(text, source) for this row at this epoch; source is 'caption' whenever a fallback happened."""
+    caption = row["caption"]
+    u = unit_uniform(seed, row["key"], epoch, "text")
+    if u < sampling.synthetic_ratio:
+        text = row.get("synthetic_caption")
+        return (text, "synthetic") if _usable(text) else (caption, "caption")
+    if u < sampling.synthetic_ratio + sampling.fused_ratio:
+        text = row.get("fused_caption")
+        return (text, "fused") if _usable(text) else (caption, "caption")
+    rewrites = (row.get("rewrites") or []) if sampling.use_rewrites else []
+    pool = [caption, *rewrites]
+    # Rescale the rest of the interval onto the pool, so the choice uses the same single draw.
+    low = sampling.synthetic_ratio + sampling.fused_ratio
+    index = min(int((u - low) / max(1.0 - low, 1e-12) * len(pool)), len(pool) - 1)
+    if index == 0:
+        return caption, "caption"
+    text = pool[index]
+    return (text, "rewrite") if _usable(text, min_words=2) else (caption, "caption")
