@@ -1,14 +1,13 @@
 """`clip-curation`: one subcommand per stage, each forwarding its flags to that stage's `main(argv)`.
 
 The CLI and Dagster are two doors into one room: both call the same
-`pipelines.<stage>.run`. A stage whose module is not there yet says so and
-exits non-zero rather than pretending to succeed.
+`pipelines.<stage>.run`. Stage modules are imported only when their
+subcommand runs, so `clip-curation ingest` never loads torch or a model.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 STAGES: dict[str, tuple[str, str]] = {
@@ -37,11 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"clip-curation: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module_name = STAGES[stage][0]
-    if importlib.util.find_spec(module_name) is None:
-        print(f"clip-curation {stage}: not implemented yet", file=sys.stderr)
-        return 3
-    importlib.import_module(module_name).main(rest)
+    importlib.import_module(STAGES[stage][0]).main(rest)
     return 0
 
 

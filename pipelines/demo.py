@@ -1,15 +1,14 @@
 """`clip-curation demo`: the whole pipeline on the embedded demo data, end to end.
 
-Each stage module may define `demo_flags(workdir) -> list[str]` with the
-flags that make it demo-sized; the demo chains every stage that exists,
-feeding each the previous stage's output.
+Each stage module defines `demo_flags(workdir) -> list[str]` with the flags
+that make it demo-sized; the demo chains the stages, feeding each the
+previous stage's output.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import time
 from pathlib import Path
 
@@ -34,7 +33,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", default=",".join(s for s, _, _ in STEPS),
                         help="Comma-separated stages to run (default: all).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = set(args.stages.split(",")) - {stage for stage, _, _ in STEPS}
+    if unknown:
+        parser.error(f"unknown stage(s) in --stages: {sorted(unknown)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,14 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     for stage, module_name, out_name in STEPS:
         if stage not in wanted:
             continue
-        if importlib.util.find_spec(module_name) is None:
-            print(f"[demo] {stage}: not implemented yet, skipped")
-            continue
         module = importlib.import_module(module_name)
         output = workdir / out_name
-        flags = ["--input", str(current), "--output", str(output), "--seed", str(args.seed)]
-        if hasattr(module, "demo_flags"):
-            flags += module.demo_flags(workdir)
+        flags = ["--input", str(current), "--output", str(output), "--seed", str(args.seed), *module.demo_flags(workdir)]
         start = time.perf_counter()
         print(f"[demo] {stage}: {' '.join(flags)}")
         module.main(flags)

@@ -35,9 +35,14 @@ def run(argv: list[str] | None = None) -> TrainResult:
     return train(config_from_args(parse_args(argv)))
 
 
-def _columns(directory: Path) -> set[str]:
-    shards = sorted(directory.glob("part-*.parquet"))
-    return set(pq.read_schema(shards[0]).names) if shards else set()
+def _has_values(directory: Path, column: str) -> bool:
+    """True when some shard holds a non-null `column` (the caption stage may leave fused captions null)."""
+    for shard in sorted(directory.glob("part-*.parquet")):
+        if column in pq.read_schema(shard).names:
+            values = pq.read_table(shard, columns=[column]).column(0)
+            if values.null_count < len(values):
+                return True
+    return False
 
 
 def demo_flags(workdir: Path) -> list[str]:
@@ -50,7 +55,7 @@ def demo_flags(workdir: Path) -> list[str]:
              "--lr", "2e-3", "--weight_decay", "0.1", "--eval", str(workdir / "demo" / "eval"),
              "--classes", str(workdir / "demo" / "classes.json"), "--eval_every", "50", "--no-resume"]
     newest = next((workdir / name for name in DEMO_INPUTS if (workdir / name).is_dir()), None)
-    if newest is not None and "fused_caption" in _columns(newest):
+    if newest is not None and _has_values(newest, "fused_caption"):
         flags += ["--fused_ratio", "0.5"]
     return flags
 

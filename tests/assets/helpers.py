@@ -24,16 +24,14 @@ def stage_resources(root, **overrides) -> dict:
 
 
 def demo_run_config(pairs: int = DEMO_PAIRS, **ops) -> dict:
-    """Demo-sized config for every available stage: a tiny demo pool, each stage's demo flags, and less work
-    where the demo is still slow on a shared CPU (one rewrite per caption, a few training steps).
+    """Demo-sized config for every available stage: a tiny demo pool, each stage's demo flags, and a few
+    training steps (the demo's own training takes minutes on a CPU).
 
     `fused_ratio=0`: with the demo's random tiny VLM the caption stage skips fusion, so `fused_caption`
     is all null, which the trainer refuses to sample from.
     """
     config = {stage.asset: {"config": {"demo_sized": True}} for stage in available_stages()}
     config["raw_pairs"]["config"]["demo_pairs"] = pairs
-    if "rewritten_pairs" in config:
-        config["rewritten_pairs"]["config"]["rewrites"] = 1
     if "clip_model" in config:
         config["clip_model"]["config"].update(steps=TRAIN_STEPS, fused_ratio=0.0, batch_size=8,
                                               extra_flags=["--eval_every", "0"])

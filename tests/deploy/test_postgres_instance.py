@@ -41,7 +41,7 @@ def test_a_demo_build_is_recorded_in_postgres(postgres_instance, tmp_path):
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     instance.add_dynamic_partitions(builds.name, ["pg-build"])
     result = dg.materialize(stage_assets, instance=instance, partition_key="pg-build",
-                            resources=stage_resources(tmp_path / "builds"), run_config=demo_run_config(pairs=16))
+                            resources=stage_resources(tmp_path / "builds"), run_config=demo_run_config())
     assert result.success
     assets = {name for stage in available_stages() for name in (stage.asset, *stage.extra_assets)}
 

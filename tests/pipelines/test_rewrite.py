@@ -86,7 +86,7 @@ def test_engine_options_must_be_a_json_object(pairs, tmp_path):
 def test_demo_flags_parse():
     options = rewrite.RewriteOptions(["--input", "a", "--output", "b", *rewrite.demo_flags(None)])
     config = rewrite.config_from(options)
-    assert config.k == 2 and config.max_new_tokens <= 32
+    assert config.k >= 1 and config.max_new_tokens <= 32 and 0.5 < config.row_fraction <= 1
     assert json.loads(options.rewrite_engine_options) == {}
 
 
