@@ -41,6 +41,12 @@ class Generation:
     completion_tokens: int
 
 
+def check_paired(inputs: Sequence, params: Sequence[SamplingParams], what: str = "prompts") -> None:
+    """Every engine takes one SamplingParams per input; a length mismatch is a caller bug, caught up front."""
+    if len(inputs) != len(params):
+        raise ValueError(f"{len(inputs)} {what} but {len(params)} sampling params")
+
+
 @runtime_checkable
 class TextEngine(Protocol):
     """Generates one completion per prompt. Prompts are already formatted (chat template or completion)."""

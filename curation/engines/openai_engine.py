@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from curation.engines.base import Generation, SamplingParams
+from curation.engines.base import Generation, SamplingParams, check_paired
 
 
 class OpenAIEngine:
@@ -79,8 +79,7 @@ class OpenAIEngine:
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams],
                  stop: Sequence[str] = ()) -> list[Generation]:
-        if len(prompts) != len(params):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        check_paired(prompts, params)
         if not prompts:
             return []
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from curation.engines.base import Generation, SamplingParams, TextEngine
+from curation.engines.base import Generation, SamplingParams, TextEngine, check_paired
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,7 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
                            retries: int = 2, backoff_s: float = 1.0, stop: Sequence[str] = (),
                            sleep: Callable[[float], None] = time.sleep) -> list[Generation]:
     """engine.generate with `retries` retries per batch, then halving; raises EngineFailure at one request."""
-    if len(prompts) != len(params):
-        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    check_paired(prompts, params)
     if not prompts:
         return []
     error: BaseException | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from curation.engines.base import Generation, SamplingParams
+from curation.engines.base import Generation, SamplingParams, check_paired
 from curation.engines.seeding import SeededSampler
 
 CPU_BATCH = 32
@@ -90,8 +90,7 @@ class TransformersEngine:
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams],
                  stop: Sequence[str] = ()) -> list[Generation]:
-        if len(prompts) != len(params):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        check_paired(prompts, params)
         if not prompts:
             return []
         ids = [row[-self.max_prompt_tokens:] for row in

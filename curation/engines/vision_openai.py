@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from curation.engines.base import Generation, SamplingParams
+from curation.engines.base import Generation, SamplingParams, check_paired
 
 
 def data_uri(image: Image.Image, quality: int = 90) -> str:
@@ -51,7 +51,6 @@ class OpenAIVisionEngine:
                           completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
 
     def caption(self, images: Sequence[Image.Image], prompt: str, params: Sequence[SamplingParams]) -> list[Generation]:
-        if len(images) != len(params):
-            raise ValueError(f"{len(images)} images but {len(params)} sampling params")
+        check_paired(images, params, "images")
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda pair: self._one(pair[0], prompt, pair[1]), zip(images, params)))

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from curation.engines.base import Generation, SamplingParams
+from curation.engines.base import Generation, SamplingParams, check_paired
 from curation.engines.seeding import SeededSampler
 
 PROMPT_MODES = ("auto", "chat", "plain", "none")
@@ -88,8 +88,7 @@ class TransformersVisionEngine:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def caption(self, images: Sequence[Image.Image], prompt: str, params: Sequence[SamplingParams]) -> list[Generation]:
-        if len(images) != len(params):
-            raise ValueError(f"{len(images)} images but {len(params)} sampling params")
+        check_paired(images, params, "images")
         text = self.format_prompt(prompt)
         results: list[Generation] = []
         for start in range(0, len(images), self.batch_size):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from curation.engines.base import Generation, SamplingParams
+from curation.engines.base import Generation, SamplingParams, check_paired
 
 DEFAULT_MAX_PIXELS = 768 * 768
 
@@ -46,8 +46,7 @@ class VLLMVisionEngine:
     def caption(self, images: Sequence[Image.Image], prompt: str, params: Sequence[SamplingParams]) -> list[Generation]:
         from vllm import SamplingParams as VLLMSampling
 
-        if len(images) != len(params):
-            raise ValueError(f"{len(images)} images but {len(params)} sampling params")
+        check_paired(images, params, "images")
         if not images:
             return []
         sampling = [VLLMSampling(max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from curation.engines.base import Generation, SamplingParams
+from curation.engines.base import Generation, SamplingParams, check_paired
 
 
 class VLLMEngine:
@@ -54,8 +54,7 @@ class VLLMEngine:
                  stop: Sequence[str] = ()) -> list[Generation]:
         from vllm import SamplingParams as VSamplingParams
 
-        if len(prompts) != len(params):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        check_paired(prompts, params)
         if not prompts:
             return []
         sampling = [VSamplingParams(n=1, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
