@@ -1,4 +1,4 @@
-"""Does curation help? The same tiny CLIP, the same steps, on raw / balanced / balanced+rewrites+VeCap demo shards.
+"""Does curation help? The same tiny CLIP, the same steps, on raw / balanced / balanced+rewrites / balanced+rewrites+VeC(ap) demo shards.
 
     python benchmarks/ablation.py [--pairs 2000] [--steps 150] [--workdir DIR]
 
@@ -100,7 +100,10 @@ def main() -> None:
             if done:
                 ran.append(stage)
                 current = done
-        if current not in (raw, balanced):
+                if stage == "rewrite" and has_values(done, "rewrites"):
+                    # Its own row too, so that the rewrites' effect is not mixed with the captioner's.
+                    datasets[("balanced" if balanced else "raw") + "+rewrites"] = (done, {})
+        if current.name == "captioned_pairs":
             # The texts the later stages added, each used as its paper does: rewrites uniformly with the
             # alt-text (LaCLIP), fused captions half the time (VeCLIP); without fusion, the VLM caption half the time.
             parts, extra = ["balanced" if balanced else "raw"], {}

@@ -9,6 +9,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton kernels (StableSPAM(fused=True)) then run in Triton's CPU interpreter. The variable must be
+    # set before triton is first imported: its own library functions are built according to it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from curation.demo_data import generate  # noqa: E402
 
 

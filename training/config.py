@@ -60,6 +60,8 @@ class TrainConfig:
     warmup_steps: int = opt(20, "linear warmup steps before the cosine decay")
     grad_clip: float = opt(1.0, "0 disables clipping")
     optimizer: str = opt("stable_spam", "from training.optim; adamw is torch's own")
+    optimizer_state_bits: int = opt(32, "stable_spam/spam moments stored in 32, 8 or 4 bits (blockwise)")
+    fused_optimizer: bool = opt(False, "stable_spam's Triton kernels instead of foreach ops (CUDA)")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
     max_bad_steps: int = opt(5, "NaN/inf losses in a row before the run stops")
 
@@ -88,6 +90,9 @@ class TrainConfig:
             "max_bad_steps": self.max_bad_steps >= 1, "checkpoint_every": self.checkpoint_every >= 1,
             "keep_checkpoints": self.keep_checkpoints >= 1, "stop_after_steps": self.stop_after_steps >= 0,
             "optimizer": self.optimizer in OPTIMIZERS, "precision": self.precision in ("auto", "bf16", "fp32"),
+            "optimizer_state_bits": self.optimizer_state_bits in (32, 8, 4)
+            and (self.optimizer_state_bits == 32 or self.optimizer != "adamw"),
+            "fused_optimizer": not self.fused_optimizer or self.optimizer == "stable_spam",
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -2,9 +2,8 @@
 
 Weight decay skips gains, biases and the logit scale (every tensor with
 fewer than two dimensions), as open_clip does. The schedule is linear warmup
-then cosine to zero. The optimizer comes from `training.optim` (Stable-SPAM,
-the default, SPAM or AdamW); `adamw` falls back to torch's AdamW should that
-package be missing.
+then cosine to zero. The optimizer comes from `training.optim`: Stable-SPAM
+(the default), SPAM or torch's AdamW.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
+from training.optim import build_optimizer
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -26,25 +26,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _project_builder():
-    try:
-        from training.optim import build_optimizer
-    except ImportError:
-        return None
-    return build_optimizer
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, config.weight_decay)
-    betas = (config.beta1, config.beta2)
-    builder = _project_builder()
-    if builder is not None:
-        return builder(config.optimizer, groups, lr=config.lr, betas=betas, eps=config.eps,
-                       weight_decay=config.weight_decay)
+    options = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
     if config.optimizer != "adamw":
-        raise RuntimeError(f"optimizer {config.optimizer!r} needs training.optim.build_optimizer, which is not "
-                           f"available; use --optimizer adamw")
-    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps)
+        options["state_bits"] = config.optimizer_state_bits
+    if config.fused_optimizer:
+        options["fused"] = True
+    return build_optimizer(config.optimizer, groups, **options)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -16,6 +16,9 @@ old moments (zeroed only afterwards), and AdaClip/AdaGN use the resetting counte
 
 Non-finite gradients: that tensor's step is skipped (parameter, moments and statistics untouched,
 apart from a scheduled reset) and counted in `skipped_steps()`. Nothing in `step` syncs with the host.
+
+`fused=True` runs the per-element work as two multi-tensor Triton kernels (`fused_triton.py`) instead
+of the foreach passes; the per-tensor statistics are the same code in both paths.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ import torch
 from training.optim.multi_tensor import MomentOptimizer, check_common, check_range, cosine_ramp, masked_scale
 
 
+def load_fused_kernels():
+    """Import the Triton kernels on demand: the foreach path must work where triton is not installed."""
+    try:
+        from training.optim import fused_triton
+    except ImportError as error:
+        raise ImportError(f"StableSPAM(fused=True) needs triton ({error}); install it or use fused=False") from error
+    return fused_triton
+
+
 class StableSPAM(MomentOptimizer):
     """Stable-SPAM with the paper's 4-bit defaults (gamma1 0.7, gamma2 0.9, theta 0.999, reset every 500)."""
 
@@ -37,7 +49,7 @@ class StableSPAM(MomentOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, gamma1: float = 0.7, gamma2: float = 0.9,
                  theta: float = 0.999, reset_interval: int | None = 500, total_T: int | None = None,
                  eta_min: float = 0.5, code_exact: bool = False, state_bits: int = 32,
-                 block_size: int | None = None) -> None:
+                 block_size: int | None = None, fused: bool = False) -> None:
         block_size = check_common(lr, betas, eps, weight_decay, state_bits, block_size)
         check_range("gamma1", gamma1, 0.0, 1.0)
         check_range("gamma2", gamma2, 0.0, 1.0)
@@ -49,8 +61,16 @@ class StableSPAM(MomentOptimizer):
             raise ValueError(f"invalid total_T={total_T!r}: must be a positive int or None")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
                         gamma2=gamma2, theta=theta, reset_interval=reset_interval, total_T=total_T,
-                        eta_min=eta_min, code_exact=bool(code_exact), state_bits=state_bits, block_size=block_size)
+                        eta_min=eta_min, code_exact=bool(code_exact), state_bits=state_bits, block_size=block_size,
+                        fused=bool(fused))
         super().__init__(params, defaults)
+        if fused:
+            self._kernels = load_fused_kernels()
+            for group in self.param_groups:
+                for param in group["params"]:
+                    reason = self._kernels.unsupported_reason(param)
+                    if reason:
+                        raise ValueError(f"fused=True cannot step a parameter of shape {tuple(param.shape)}: {reason}")
 
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
                      states: list[dict]) -> None:
@@ -78,42 +98,59 @@ class StableSPAM(MomentOptimizer):
         clip_ema_new = theta * clip_ema + (1 - theta) * gmax
         tau = clip_ema_new / (1 - torch.pow(theta, count))
         ratio = torch.where(gmax > tau, tau / gmax, torch.ones_like(tau))
-        clipped = masked_scale(grads, finite, tau, ratio)
+        if group["fused"]:
+            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+            norm = self._kernels.clipped_norms(grads, tau, ratio).to(stats.dtype)
+        else:
+            clipped = masked_scale(grads, finite, tau, ratio)
+            norm = torch.stack(torch._foreach_norm(clipped, 2)).to(stats.dtype)
 
         # AdaGN: rescale each tensor's norm to a smoothed mean/RMS ratio of recent norms.
-        norm = torch.stack(torch._foreach_norm(clipped, 2)).to(stats.dtype)
         norm_ema_new = gamma1 * norm_ema + (1 - gamma1) * norm
         norm_sq_ema_new = gamma2 * norm_sq_ema + (1 - gamma2) * norm * norm
         target = (norm_ema_new / (1 - torch.pow(gamma1, count))) / (
             torch.sqrt(norm_sq_ema_new / (1 - torch.pow(gamma2, count))) + eps)
         scale = torch.where(norm > 0, target / norm, torch.ones_like(norm))
         # (1 - beta1) is folded into the gradient; skipped tensors get 0 and keep m and v.
-        torch._foreach_mul_(clipped, torch.where(finite, scale * (1 - beta1), 0).unbind())
-
-        if wd:
-            torch._foreach_mul_(params, torch.where(finite, 1 - lr * wd, torch.ones_like(gmax)).unbind())
-        exp_avg, exp_avg_sq, coded = self._load_moments(params, states, group)
-        if reset and not code_exact:
-            torch._foreach_zero_(exp_avg)
-            torch._foreach_zero_(exp_avg_sq)
+        grad_scale = torch.where(finite, scale * (1 - beta1), 0)
         one = torch.ones_like(gmax)
-        torch._foreach_mul_(exp_avg, torch.where(finite, beta1, one).unbind())
-        torch._foreach_add_(exp_avg, clipped)
-        torch._foreach_mul_(exp_avg_sq, torch.where(finite, beta2, one).unbind())
-        torch._foreach_addcmul_(exp_avg_sq, clipped, clipped, value=(1 - beta2) / (1 - beta1) ** 2)
-        del clipped  # free the gradient copy before the update buffers are allocated
-
+        decay_factor = torch.where(finite, 1 - lr * wd, one)
         # With code_exact the reset step runs with k = 1 on the old moments, so adam_count_new is right
         # for both modes.
         bias1 = 1 - torch.pow(beta1, adam_count_new)
         bias2 = 1 - torch.pow(beta2, adam_count_new)
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_mul_(denom, torch.rsqrt(bias2).unbind())
-        torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(exp_avg, denom)
-        del denom
-        torch._foreach_mul_(update, torch.where(finite, -lr / bias1, 0).unbind())
-        torch._foreach_add_(params, update)
+        step_size = torch.where(finite, -lr / bias1, 0)
+        exp_avg, exp_avg_sq, coded = self._load_moments(params, states, group)
+        clean_reset = reset and not code_exact
+
+        if group["fused"]:
+            columns = dict(tau=tau, ratio=ratio, grad_scale=grad_scale, finite=finite.to(stats.dtype),
+                           keep_old=0.0 if clean_reset else 1.0, m_decay=torch.where(finite, beta1, one),
+                           v_decay=torch.where(finite, beta2, one), v_coef=(1 - beta2) / (1 - beta1) ** 2,
+                           decay=decay_factor, step_size=step_size, rsqrt_bias2=torch.rsqrt(bias2), eps=eps)
+            coefficients = torch.stack([columns[name].to(gmax.dtype) if torch.is_tensor(columns[name])
+                                        else torch.full_like(gmax, columns[name])
+                                        for name in self._kernels.COEFFICIENTS], dim=1)
+            self._kernels.update(params, grads, exp_avg, exp_avg_sq, coefficients)
+        else:
+            torch._foreach_mul_(clipped, grad_scale.unbind())
+            if wd:
+                torch._foreach_mul_(params, decay_factor.unbind())
+            if clean_reset:
+                torch._foreach_zero_(exp_avg)
+                torch._foreach_zero_(exp_avg_sq)
+            torch._foreach_mul_(exp_avg, torch.where(finite, beta1, one).unbind())
+            torch._foreach_add_(exp_avg, clipped)
+            torch._foreach_mul_(exp_avg_sq, torch.where(finite, beta2, one).unbind())
+            torch._foreach_addcmul_(exp_avg_sq, clipped, clipped, value=(1 - beta2) / (1 - beta1) ** 2)
+            del clipped  # free the gradient copy before the update buffers are allocated
+            denom = torch._foreach_sqrt(exp_avg_sq)
+            torch._foreach_mul_(denom, torch.rsqrt(bias2).unbind())
+            torch._foreach_add_(denom, eps)
+            update = torch._foreach_div(exp_avg, denom)
+            del denom
+            torch._foreach_mul_(update, step_size.unbind())
+            torch._foreach_add_(params, update)
 
         if reset and code_exact:  # the reference replaces the state only after using the old moments
             torch._foreach_zero_(exp_avg)

@@ -39,4 +39,25 @@ def gradient_stream(params: list[torch.Tensor], steps: int, seed: int = 1, spike
 
 def set_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     for p, g in zip(params, grads):
-        p.grad = g.clone()
+        p.grad = g.to(p.device, copy=True)
+
+
+def fused_device() -> str:
+    """Where StableSPAM(fused=True) runs in tests: CUDA, else the CPU under Triton's interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_device(params: list[torch.nn.Parameter], device: str) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(p.detach().to(device, copy=True)) for p in params]
+
+
+def assert_same_trajectory(opt, params: list[torch.Tensor], ref, ref_params: list[torch.Tensor],
+                           stream: list[list[torch.Tensor]], rtol: float = 1e-10, atol: float = 1e-12) -> None:
+    """Step `opt` and `ref` on the same gradients; their parameters must agree after every step."""
+    for grads in stream:
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), rtol=rtol, atol=atol)

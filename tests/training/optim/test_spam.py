@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.training.optim.problems import clone_params, gradient_stream, make_params, set_grads
+from tests.training.optim.problems import assert_same_trajectory, clone_params, gradient_stream, make_params
 from tests.training.optim.reference import ReferenceSPAM
 from training.optim import SPAM
 
@@ -23,13 +23,7 @@ def test_matches_reference_every_step(config):
     params = make_params()
     ref_params = clone_params(params)
     opt, ref = SPAM(params, **config), ReferenceSPAM(ref_params, **config)
-    for grads in gradient_stream(params, 25, spike_every=3):
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        opt.step()
-        ref.step()
-        for p, q in zip(params, ref_params):
-            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert_same_trajectory(opt, params, ref, ref_params, gradient_stream(params, 25, spike_every=3))
     assert ref.clip_events > 0 or not config.get("threshold", 1)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 
 import pytest
 import torch
 
-from tests.training.optim.problems import clone_params, gradient_stream, make_params, set_grads
+from tests.training.optim.problems import (assert_same_trajectory, clone_params, fused_device, gradient_stream,
+                                          make_params, set_grads, to_device)
 from tests.training.optim.reference import ReferenceStableSPAM
 from training.optim import SPAM, StableSPAM, build_optimizer
 
@@ -21,18 +23,17 @@ CONFIGS = [
 ]
 
 
+NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+FUSED = [False, pytest.param(True, marks=NEEDS_TRITON)]
+
+
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_matches_reference_every_step(config):
-    params = make_params()
-    ref_params = clone_params(params)
-    opt, ref = StableSPAM(params, **config), ReferenceStableSPAM(ref_params, **config)
-    for grads in gradient_stream(params, 25):
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        opt.step()
-        ref.step()
-        for p, q in zip(params, ref_params):
-            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+def test_matches_reference_every_step(config, fused):
+    ref_params = make_params()
+    params = to_device(ref_params, fused_device() if fused else "cpu")
+    opt, ref = StableSPAM(params, fused=fused, **config), ReferenceStableSPAM(ref_params, **config)
+    assert_same_trajectory(opt, params, ref, ref_params, gradient_stream(ref_params, 25))
     assert ref.clip_events > 0
 
 
@@ -138,13 +139,15 @@ def test_reset_zeroes_moments_and_restarts_warmup():
         assert state["stats"][StableSPAM.stats_fields.index("adam_count")] == 1
 
 
-@pytest.mark.parametrize("cls", [StableSPAM, SPAM])
+@pytest.mark.parametrize("cls, options", [(StableSPAM, {}), (SPAM, {}),
+                                          pytest.param(StableSPAM, {"fused": True}, marks=NEEDS_TRITON)])
 @pytest.mark.parametrize("bits", [32, 8])
-def test_nonfinite_gradient_skips_that_tensor_only(cls, bits):
-    params = make_params(dtype=torch.float32)
+def test_nonfinite_gradient_skips_that_tensor_only(cls, options, bits):
+    params = to_device(make_params(dtype=torch.float32), fused_device() if options else "cpu")
     stream = gradient_stream(params, 6)
     clean_params = clone_params(params)
-    opt, clean = cls(params, lr=1e-2, state_bits=bits), cls(clean_params, lr=1e-2, state_bits=bits)
+    opt = cls(params, lr=1e-2, state_bits=bits, **options)
+    clean = cls(clean_params, lr=1e-2, state_bits=bits, **options)
     for t, grads in enumerate(stream):
         set_grads(params, grads)
         set_grads(clean_params, grads)
@@ -197,13 +200,7 @@ def test_state_dict_round_trip_resumes_identically(make):
     resumed_params = clone_params(params)
     resumed = make(resumed_params)
     resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
-    for grads in stream[5:]:
-        set_grads(params, grads)
-        set_grads(resumed_params, grads)
-        opt.step()
-        resumed.step()
-    for p, q in zip(params, resumed_params):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert_same_trajectory(opt, params, resumed, resumed_params, stream[5:], rtol=0, atol=0)
     for s, r in zip(opt.state.values(), resumed.state.values()):
         assert all(s[k].dtype == r[k].dtype for k in s)
 
@@ -262,11 +259,11 @@ def test_build_optimizer_names():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("bits", [32, 8])
-def test_cuda_step_has_no_host_sync(bits):
-    params = [p.cuda() for p in make_params(dtype=torch.float32)]
-    params = [torch.nn.Parameter(p) for p in params]
-    opt = StableSPAM(params, state_bits=bits, reset_interval=3)
+def test_cuda_step_has_no_host_sync(bits, fused):
+    params = to_device(make_params(dtype=torch.float32), "cuda")
+    opt = StableSPAM(params, state_bits=bits, reset_interval=3, fused=fused)
     for grads in gradient_stream(params, 4):
         set_grads(params, [g.cuda() for g in grads])
         torch.cuda.set_sync_debug_mode("error")

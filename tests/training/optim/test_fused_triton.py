@@ -1,0 +1,92 @@
+"""StableSPAM(fused=True): the Triton kernels against the foreach path (the reference and non-finite
+tests run both paths in test_stable_spam.py).
+
+Without CUDA the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before triton is imported): the same kernel source, checked element by element. On CUDA they are compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tests.training.optim.problems import (assert_same_trajectory, fused_device, gradient_stream,  # noqa: E402
+                                          make_params, set_grads, to_device)
+from training.optim import StableSPAM  # noqa: E402
+
+DEVICE = fused_device()
+BIG_SHAPES = ((3, 1100), (1025,), (2048,), (5,))
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from training.optim import fused_triton
+    return fused_triton
+
+
+def on_device(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    return to_device(params, DEVICE)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_fused_equals_foreach_on_tensors_spanning_many_blocks(bits, kernels):
+    assert max(torch.Size(s).numel() for s in BIG_SHAPES) > 2 * kernels.BLOCK
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in BIG_SHAPES]
+    fused_params, foreach_params = on_device(base), on_device(base)
+    fused = StableSPAM(fused_params, fused=True, reset_interval=5, weight_decay=0.1, state_bits=bits)
+    foreach = StableSPAM(foreach_params, reset_interval=5, weight_decay=0.1, state_bits=bits)
+    assert_same_trajectory(fused, fused_params, foreach, foreach_params, gradient_stream(base, 12))
+    for p, q in zip(fused_params, foreach_params):
+        for name, value in fused.state[p].items():
+            torch.testing.assert_close(value, foreach.state[q][name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="Triton's interpreter truncates fp32 to bf16 instead of rounding to nearest"))])
+def test_fused_low_precision_params_stay_as_close_to_fp64_as_foreach(dtype):
+    """The kernels compute in fp32 and round once per element; the foreach path rounds every op."""
+    fused_params = on_device(make_params(dtype=dtype))
+    foreach_params = on_device(make_params(dtype=dtype))
+    exact_params = [torch.nn.Parameter(p.detach().double()) for p in fused_params]
+    runs = [StableSPAM(fused_params, fused=True, lr=1e-2, reset_interval=4),
+            StableSPAM(foreach_params, lr=1e-2, reset_interval=4),
+            StableSPAM(exact_params, lr=1e-2, reset_interval=4)]
+    start = [p.detach().double().clone() for p in exact_params]
+    for grads in gradient_stream(fused_params, 10):
+        for params in (fused_params, foreach_params, exact_params):
+            set_grads(params, [g.to(device=DEVICE, dtype=params[0].dtype) for g in grads])
+        for opt in runs:
+            opt.step()
+    moved = max((p - s).abs().max().item() for p, s in zip(exact_params, start))
+    fused_err = max((p.double() - e).abs().max().item() for p, e in zip(fused_params, exact_params))
+    foreach_err = max((p.double() - e).abs().max().item() for p, e in zip(foreach_params, exact_params))
+    assert all(p.dtype == dtype for p in fused_params)
+    assert fused_err < 0.05 * moved
+    assert fused_err <= 1.5 * foreach_err + 1e-7
+
+
+def test_fused_resumes_from_a_foreach_state_dict():
+    """The state layout is the same in both paths: a run may switch between them at a checkpoint."""
+    params, resumed_params = on_device(make_params()), on_device(make_params())
+    first = StableSPAM(params, reset_interval=5)
+    stream = gradient_stream(params, 12)
+    for grads in stream[:6]:
+        set_grads(params, grads)
+        first.step()
+    for p, q in zip(resumed_params, params):
+        p.data.copy_(q.data)
+    resumed = StableSPAM(resumed_params, reset_interval=5, fused=True)
+    resumed.load_state_dict(first.state_dict())
+    assert_same_trajectory(resumed, resumed_params, first, params, stream[6:])
+
+
+def test_fused_refuses_what_the_kernels_cannot_step(kernels, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "need CUDA" in kernels.unsupported_reason(torch.zeros(3))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "dtype" in kernels.unsupported_reason(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="not contiguous"):
+        StableSPAM([torch.nn.Parameter(torch.zeros(4, 6).t())], fused=True)
