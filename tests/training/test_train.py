@@ -75,6 +75,7 @@ def test_wrong_shards_fail_before_any_training(raw_pairs, tmp_path):
         loop.train(_config(raw_pairs, tmp_path / "out", fused_ratio=0.5))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_step_on_cuda(raw_pairs, tmp_path):
     result = loop.train(_config(raw_pairs, tmp_path / "gpu", steps=4))

@@ -258,6 +258,7 @@ def test_build_optimizer_names():
         build_optimizer("sgd", make_params())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("bits", [32, 8])
