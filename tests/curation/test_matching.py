@@ -1,32 +1,12 @@
 import json
 import random
 
-import ahocorasick
 import pyarrow as pa
 import pytest
 
 from curation.matching import MAX_CODE_LETTERS, Matcher, matcher_for, token_codes
 from curation.metadata import load_metadata
-
-
-def naive_spacing(text: str) -> str:
-    """MetaCLIP's spacing, written from the spec with plain str.replace (the reference, not the project code)."""
-    text = f" {text} "
-    for char in ",.;:?!`":
-        text = text.replace(char, f" {char} ")
-    for char in "\t\n\r":
-        text = text.replace(char, " ")
-    return text
-
-
-def naive_match(entries: list[str], text: str | None, case_fold: bool = False) -> list[int] | None:
-    """The first MetaCLIP release: `" entry " in spaced_text` for every entry."""
-    if text is None:
-        return None
-    if case_fold:
-        text, entries = text.lower(), [e.lower() for e in entries]
-    spaced = naive_spacing(text)
-    return [i for i, entry in enumerate(entries) if f" {entry} " in spaced]
+from tests.curation.matching_reference import automaton_match, metaclip_automaton, naive_match
 
 
 ENTRIES = [
@@ -95,15 +75,12 @@ def test_equals_metaclip_aho_corasick_loop_on_a_larger_vocabulary():
     words = [f"w{i}" for i in range(6000)]  # more phrase tokens than one- and two-letter codes cover
     phrases = [" ".join(rng.sample(words, rng.randint(2, 4))) for _ in range(6000)]
     entries = list(dict.fromkeys(words[::2] + phrases))  # odd words occur only inside phrases
-    automaton = ahocorasick.Automaton()
-    for i, entry in enumerate(entries):
-        automaton.add_word(f" {entry} ", i)
-    automaton.make_automaton()
+    automaton = metaclip_automaton(entries)
     texts = [" ".join(rng.choices(words, k=rng.randint(1, 30))) + rng.choice(["", ".", "!"]) for _ in range(1500)]
     texts += [" ".join(rng.choice(phrases).split(" ")[rng.randint(0, 1):]) + " " + rng.choice(phrases)
               for _ in range(1500)]  # phrases, overlapping and cut
     got = Matcher(entries).match_array(pa.array(texts)).to_pylist()
-    want = [sorted({v for _, v in automaton.iter(naive_spacing(t))}) for t in texts]
+    want = [automaton_match(automaton, t) for t in texts]
     assert got == want
 
 

@@ -1,0 +1,42 @@
+"""MetaCLIP's two matching methods, written from the spec, as references for the tests and the benchmark.
+
+Not the project's code: `curation.matching` computes the same sets another way, and is checked against these.
+"""
+
+from __future__ import annotations
+
+import ahocorasick
+
+
+def metaclip_spacing(text: str) -> str:
+    """MetaCLIP's spacing with plain str.replace: punctuation padded with spaces, tab/newline/CR to spaces."""
+    text = f" {text} "
+    for char in ",.;:?!`":
+        text = text.replace(char, f" {char} ")
+    for char in "\t\n\r":
+        text = text.replace(char, " ")
+    return text
+
+
+def naive_match(entries: list[str], text: str | None, case_fold: bool = False) -> list[int] | None:
+    """The first MetaCLIP release: `" entry " in spaced_text` for every entry."""
+    if text is None:
+        return None
+    if case_fold:
+        text, entries = text.lower(), [e.lower() for e in entries]
+    spaced = metaclip_spacing(text)
+    return [i for i, entry in enumerate(entries) if f" {entry} " in spaced]
+
+
+def metaclip_automaton(entries: list[str]) -> ahocorasick.Automaton:
+    """MetaCLIP's current index: one pyahocorasick automaton over `" entry "`, valued by entry id."""
+    automaton = ahocorasick.Automaton()
+    for i, entry in enumerate(entries):
+        automaton.add_word(f" {entry} ", i)
+    automaton.make_automaton()
+    return automaton
+
+
+def automaton_match(automaton: ahocorasick.Automaton, text: str) -> list[int]:
+    """MetaCLIP's per-caption loop: one `iter` call over the spaced caption, ids sorted and unique."""
+    return sorted({value for _, value in automaton.iter(metaclip_spacing(text))})
