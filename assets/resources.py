@@ -20,6 +20,11 @@ RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "Port
 LAUNCHERS = ("auto", "in_process", "subprocess", "k8s")
 TEXT_ENGINES = ("transformers", "vllm", "openai")
 LOCAL_PROTOCOLS = ("", "file", "local")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# LLMEngineResource fields that only some backends read.
+ENGINE_ONLY_FIELDS = {"gguf_file": ("transformers", "vllm"), "max_num_seqs": ("vllm",),
+                      "gpu_memory_utilization": ("vllm",), "tensor_parallel_size": ("vllm",),
+                      "enable_prefix_caching": ("transformers", "vllm")}
 
 
 def misconfigured(resource: str, field: str, problem: str) -> dg.Failure:
@@ -157,17 +162,28 @@ class BeamRunnerResource(dg.ConfigurableResource):
 
 
 class LLMEngineResource(dg.ConfigurableResource):
-    """The text engine that rewrites captions: backend, model and sampling.
+    """The text engine that rewrites captions: backend, model, loading and serving settings, sampling.
 
-    A field left empty keeps the stage's own default (and its demo sizing).
+    A field left empty keeps the stage's own default (and its demo sizing), so
+    a vLLM run picks its own hardware-dependent `max_num_seqs` unless told.
     """
 
     engine: str = Field(default="transformers", description=f"One of {', '.join(TEXT_ENGINES)}.")
     model: str = Field(default="", description="Model directory or hub id (openai: the served model name). "
                                                "Empty: the stage's default (the demo's bundled model).")
+    gguf_file: Optional[str] = Field(default=None, description="GGUF file inside `model` (transformers, vllm).")
+    dtype: Optional[str] = Field(default=None, description=f"One of {', '.join(DTYPES)}; empty: auto "
+                                                           "(bf16 on CUDA, fp32 on CPU).")
     temperature: Optional[float] = Field(default=None, description="Sampling temperature.")
     top_p: Optional[float] = Field(default=None, description="Nucleus sampling mass.")
     max_new_tokens: Optional[int] = Field(default=None, description="Tokens generated per rewrite at most.")
+    max_num_seqs: Optional[int] = Field(default=None, description="vllm: sequences scheduled at once; "
+                                                                  "empty: vLLM's hardware-dependent default.")
+    gpu_memory_utilization: Optional[float] = Field(default=None, description="vllm: share of GPU memory it "
+                                                                              "may use, in (0, 1].")
+    tensor_parallel_size: Optional[int] = Field(default=None, description="vllm: GPUs one model is split over.")
+    enable_prefix_caching: Optional[bool] = Field(
+        default=None, description="transformers, vllm: compute a prompt prefix shared by many requests once.")
     base_url: Optional[str] = Field(default=None, description="OpenAI-compatible endpoint (engine openai).")
     api_key: Optional[str] = Field(default=None, description="API key of the endpoint; set with EnvVar('OPENAI_API_KEY').")
 
@@ -179,6 +195,27 @@ class LLMEngineResource(dg.ConfigurableResource):
             raise misconfigured("LLMEngineResource", "top_p", f"must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise misconfigured("LLMEngineResource", "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise misconfigured("LLMEngineResource", "dtype", f"unknown dtype {self.dtype!r}; use one of {list(DTYPES)}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise misconfigured("LLMEngineResource", "gpu_memory_utilization",
+                                f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_num_seqs", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise misconfigured("LLMEngineResource", name, f"must be >= 1, got {value}")
+        # A setting the chosen backend has no use for is a mistake in the config, not something to drop quietly.
+        for name, engines in ENGINE_ONLY_FIELDS.items():
+            if getattr(self, name) is not None and self.engine not in engines:
+                raise misconfigured("LLMEngineResource", name, f"applies to engine {' or '.join(engines)}, "
+                                    f"not {self.engine!r}")
+
+    def engine_options(self) -> dict:
+        """The backend settings that are set, as the stage's engine options (its --rewrite_engine_options)."""
+        names = ("max_num_seqs", "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching")
+        options = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        # base_url may come from OPENAI_BASE_URL for every resource; only the openai backend takes it.
+        return options | ({"base_url": self.base_url} if self.engine == "openai" and self.base_url else {})
 
     def environment(self) -> dict[str, str]:
         return {"OPENAI_API_KEY": self.api_key} if self.api_key else {}

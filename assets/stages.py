@@ -185,9 +185,11 @@ def _flag(name: str, value) -> list[str]:
 def _rewrite_engine_flags(llm) -> list[str]:
     """The llm resource as rewrite flags; an empty field leaves the stage's (or its demo's) value."""
     flags = [f"--rewrite_engine={llm.engine}", *_flag("rewrite_model", llm.model),
+             *_flag("rewrite_gguf_file", llm.gguf_file), *_flag("rewrite_dtype", llm.dtype),
              *_flag("rewrite_temperature", llm.temperature), *_flag("rewrite_top_p", llm.top_p),
              *_flag("rewrite_max_new_tokens", llm.max_new_tokens)]
-    return flags + ([f"--rewrite_engine_options={json.dumps({'base_url': llm.base_url})}"] if llm.base_url else [])
+    options = llm.engine_options()
+    return flags + ([f"--rewrite_engine_options={json.dumps(options)}"] if options else [])
 
 
 def _caption_engine_flags(captioner) -> list[str]:

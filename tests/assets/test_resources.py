@@ -65,3 +65,37 @@ def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_pat
 def test_an_unknown_storage_protocol_names_the_field():
     with pytest.raises(dg.Failure, match="StorageResource.root"):
         StorageResource(root="nosuchproto://bucket").setup_for_execution(dg.build_init_resource_context())
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"engine": "transformers", "max_num_seqs": 8}, "LLMEngineResource.max_num_seqs"),
+    ({"engine": "transformers", "tensor_parallel_size": 2}, "LLMEngineResource.tensor_parallel_size"),
+    ({"engine": "openai", "base_url": "http://127.0.0.1:1/v1", "gguf_file": "m.gguf"}, "LLMEngineResource.gguf_file"),
+    ({"engine": "openai", "base_url": "http://127.0.0.1:1/v1", "enable_prefix_caching": False},
+     "LLMEngineResource.enable_prefix_caching"),
+    ({"dtype": "int3"}, "LLMEngineResource.dtype"),
+    ({"engine": "transformers", "gpu_memory_utilization": 0.5}, "LLMEngineResource.gpu_memory_utilization"),
+])
+def test_llm_settings_a_backend_cannot_use_are_refused(fields, field):
+    with pytest.raises(dg.Failure, match=field):
+        LLMEngineResource(**fields).setup_for_execution(dg.build_init_resource_context())
+
+
+def test_llm_resource_settings_reach_the_rewrite_engine():
+    """Every LLMEngineResource field lands in the rewrite stage's RewriteConfig through the stage's own flags."""
+    from assets.stages import ENGINE_FLAGS
+    from pipelines.rewrite import RewriteOptions, config_from
+
+    llm = LLMEngineResource(engine="vllm", model="/models/llama", gguf_file="q4.gguf", dtype="float16",
+                            max_num_seqs=512, gpu_memory_utilization=0.8, tensor_parallel_size=2,
+                            enable_prefix_caching=False, base_url="http://ignored-for-vllm/v1")
+    config = config_from(RewriteOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["rewrite"](llm)]))
+    assert (config.engine, config.model, config.gguf_file, config.dtype) == ("vllm", "/models/llama", "q4.gguf",
+                                                                             "float16")
+    assert config.engine_options == {"max_num_seqs": 512, "gpu_memory_utilization": 0.8, "tensor_parallel_size": 2,
+                                     "enable_prefix_caching": False}
+    served = LLMEngineResource(engine="openai", model="m", base_url="http://127.0.0.1:9/v1")
+    config = config_from(RewriteOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["rewrite"](served)]))
+    assert config.engine_options == {"base_url": "http://127.0.0.1:9/v1"} and config.dtype == "auto"
+    LLMEngineResource(engine="transformers", enable_prefix_caching=True, dtype="bfloat16").setup_for_execution(
+        dg.build_init_resource_context())
