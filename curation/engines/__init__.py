@@ -32,9 +32,11 @@ class EngineSpec:
     `model` is a hub id, a local folder, or DEFAULT_MODEL; `gguf_file` names a
     GGUF file inside that folder. `dtype` is "auto" (bf16 on CUDA, fp32 on
     CPU), "float32", "bfloat16" or "float16". `options` carries backend
-    settings (batch_size, max_num_seqs, gpu_memory_utilization,
-    tensor_parallel_size, enable_prefix_caching, base_url, concurrency,
-    timeout, retries, ...); unknown keys are refused by the backend.
+    settings; unknown keys are refused by the backend. transformers:
+    batch_size, max_batch_size, memory_fraction, cache ("dynamic"/"static"),
+    compile, enable_prefix_caching, threads. vllm: max_num_seqs,
+    gpu_memory_utilization, tensor_parallel_size, enable_prefix_caching,
+    max_model_len. openai: base_url, concurrency, timeout, retries, tokenizer.
     """
 
     engine: str = "transformers"

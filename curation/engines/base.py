@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -34,11 +34,16 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Generation:
-    """One output text with its token counts, for throughput and prefix-cache accounting."""
+    """One output text with its token counts, for throughput and prefix-cache accounting.
+
+    `cached_tokens` are the prompt tokens the engine served from a cached
+    prefix instead of computing them (as measured by the engine; 0 if it cannot tell).
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 def check_paired(inputs: Sequence, params: Sequence[SamplingParams], what: str = "prompts") -> None:
@@ -49,11 +54,52 @@ def check_paired(inputs: Sequence, params: Sequence[SamplingParams], what: str =
 
 @runtime_checkable
 class TextEngine(Protocol):
-    """Generates one completion per prompt. Prompts are already formatted (chat template or completion)."""
+    """Generates one completion per prompt. Prompts are already formatted (chat template or completion).
+
+    Engines may also offer `preferred_requests_per_call(prompt_tokens,
+    new_tokens) -> int | None`: how many requests one `generate` call should
+    carry to keep the hardware busy (None: as many as there are).
+    """
 
     name: str
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[Generation]: ...
+
+
+class ChatTokenizer:
+    """Chat formatting and token counting over a Hugging Face tokenizer at `self.tokenizer`.
+
+    Shared by the text engines, so a prompt is laid out and counted the same
+    way whichever backend runs it. An engine whose tokenizer may be missing
+    (a remote server's model) raises OSError or ValueError from `tokenizer`:
+    then it has no chat template and no special tokens.
+    """
+
+    tokenizer: Any
+
+    @property
+    def has_chat_template(self) -> bool:
+        try:
+            return bool(getattr(self.tokenizer, "chat_template", None))
+        except (OSError, ValueError):
+            return False
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        """The model's own chat template, ending with the assistant's turn opened."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """Every special or added token: markup a caption must not smuggle into a prompt."""
+        try:
+            tokenizer = self.tokenizer
+        except (OSError, ValueError):
+            return []
+        added = getattr(tokenizer, "get_added_vocab", dict)()
+        return list(dict.fromkeys([*getattr(tokenizer, "all_special_tokens", []), *map(str, added)]))
 
 
 @runtime_checkable

@@ -4,6 +4,11 @@ Out of memory, a timeout or a server restart usually passes: retry the batch.
 A batch that keeps failing may just be too big: split it in halves and try
 each. A single request that still fails stops the run with an EngineFailure
 naming it; the stages above have already committed every finished shard.
+
+An engine that retries each request itself (`retries_requests = True`, the
+openai backend, whose client retries with backoff) is called once: stacking
+this layer's retries and splits on top would multiply the attempts on a dead
+server, and a server's load does not shrink with our batch.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
     check_paired(prompts, params)
     if not prompts:
         return []
+    retried_inside = bool(getattr(engine, "retries_requests", False))
+    attempts = 1 if retried_inside else retries + 1
     error: BaseException | None = None
-    for attempt in range(retries + 1):
+    for attempt in range(attempts):
         try:
             out = engine.generate(prompts, params, stop=stop) if stop else engine.generate(prompts, params)
             if len(out) != len(prompts):
@@ -40,13 +47,14 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
         except Exception as exc:  # noqa: BLE001 - any backend error is retried, then reported
             error = exc
             log.warning("engine %s failed on %d prompts (attempt %d/%d): %s", getattr(engine, "name", "?"),
-                        len(prompts), attempt + 1, retries + 1, exc)
+                        len(prompts), attempt + 1, attempts, exc)
             _release_memory()
-            if attempt < retries:
+            if attempt + 1 < attempts:
                 sleep(backoff_s * 2 ** attempt)
-    if len(prompts) == 1:
-        raise EngineFailure(f"engine {getattr(engine, 'name', '?')} failed on a request after {retries + 1} "
-                            f"attempts: {type(error).__name__}: {error}") from error
+    if len(prompts) == 1 or retried_inside:
+        how = "with the engine's own retries" if retried_inside else f"after {attempts} attempts"
+        raise EngineFailure(f"engine {getattr(engine, 'name', '?')} failed on {len(prompts)} request(s) {how}: "
+                            f"{type(error).__name__}: {error}") from error
     half = len(prompts) // 2
     kwargs = {"retries": retries, "backoff_s": backoff_s, "stop": stop, "sleep": sleep}
     return (generate_with_recovery(engine, prompts[:half], params[:half], **kwargs)

@@ -3,19 +3,33 @@
 Hugging Face `generate` draws from one global RNG for the whole batch, so a
 request's output would depend on its batch neighbours. Here each row draws its
 own uniform number per step from a counter-based hash of (request seed, step),
-and picks its token by inverse-CDF over the temperature/top-p distribution. The
-result depends only on the request, and the whole step stays one vectorised
-operation on the device.
+and picks its token by inverse CDF over its temperature/top-p distribution:
+the token depends only on the row's logits, seed and step.
+
+On a GPU the sampler must not stall the host: the whole (rows, steps) table of
+uniforms and the per-row settings go to the device once per batch, rows with
+temperature 0 skip sampling, and the nucleus is found from a top-k head, with a
+full sort only for the rare rows whose nucleus is wider than the head.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# Most nuclei of a trained model fit in this many tokens; wider ones fall back to a full sort.
+HEAD_TOKENS = 256
+# Bytes the sampler holds per logit at its peak, worst case (every row falls back to the full sort):
+# its fp32 input copy and scaled logits, the probabilities, the kept-mass weights and their cumulative sum
+# (4 + 4 + 4 + 4 + 4), a comparison mask (1), the sort's values and int64 indices (4 + 8) with the sort's
+# own scratch (12), the -inf output (4). tests/curation/test_engines.py measures it with the profiler.
+SAMPLER_PEAK_BYTES_PER_LOGIT = 56
 
 
 def derive_seed(*parts: object) -> int:
@@ -24,52 +38,132 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def uniforms(seeds: np.ndarray, step: int) -> np.ndarray:
-    """One float in [0, 1) per seed for decoding step `step` (splitmix64 of seed + step)."""
+def request_seeds(seeds: Sequence[int | None]) -> list[int]:
+    """The seed of each request; one without a seed gets a fresh random one, as vLLM does."""
+    return [secrets.randbits(63) if seed is None else seed for seed in seeds]
+
+
+def uniform_table(seeds: Sequence[int], steps: int) -> np.ndarray:
+    """(len(seeds), steps) float32 uniforms in [0, 1): entry [r, s] is splitmix64(seed_r + s) in 24 bits.
+
+    24 bits make every value exact in float32 and strictly below 1, so a row's
+    inverse-CDF target always falls inside its kept mass.
+    """
+    seeds_u = np.asarray([s % (1 << 63) for s in seeds], dtype=np.uint64)[:, None]
+    step = np.arange(1, steps + 1, dtype=np.uint64)[None, :]
     with np.errstate(over="ignore"):
-        z = (seeds.astype(np.uint64) + np.uint64(step + 1) * np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = (seeds_u + step * np.uint64(0x9E3779B97F4A7C15)) & _MASK64
         z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
         z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
         z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return ((z >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)).reshape(len(seeds_u), steps)
+
+
+@dataclass
+class _DeviceState:
+    """What the sampler keeps on the device for one batch (made at the first step)."""
+
+    rows: Any  # indices of the sampled rows (temperature > 0), or None when every row is sampled
+    nucleus: Any  # positions among the sampled rows with top_p < 1, or None when all of them
+    temperature: Any  # (sampled,) float32
+    top_p: Any  # (nucleus rows,) float32
+    uniforms: Any  # (sampled, steps) float32
+    out: Any  # (rows, vocab) buffer for the returned scores
 
 
 class SeededSampler:
     """A logits processor that samples each row with its own seed, temperature and top-p.
 
-    It returns scores with every token but the sampled one at -inf, so a greedy
-    `generate` (do_sample=False) emits exactly the sampled token. Rows with
-    temperature 0 stay greedy.
+    It returns scores with every token but the chosen one at -inf, so a greedy
+    `generate` (do_sample=False) emits exactly that token. Rows with
+    temperature 0 stay greedy. `max_steps` is the batch's max_new_tokens: the
+    uniforms of every step are drawn up front.
     """
 
-    def __init__(self, seeds: Sequence[int], temperatures: Sequence[float], top_ps: Sequence[float]):
-        self.seeds = np.asarray([s % (1 << 63) for s in seeds], dtype=np.uint64)
-        self.temperatures = list(temperatures)
-        self.top_ps = list(top_ps)
+    def __init__(self, seeds: Sequence[int], temperatures: Sequence[float], top_ps: Sequence[float], max_steps: int):
+        if not len(seeds) == len(temperatures) == len(top_ps):
+            raise ValueError("seeds, temperatures and top_ps must have one entry per row")
+        self.n_rows, self.max_steps = len(seeds), max_steps
+        self.sampled = [r for r, t in enumerate(temperatures) if t > 0]
+        self.temperatures = [float(temperatures[r]) for r in self.sampled]
+        self.nucleus = [j for j, r in enumerate(self.sampled) if top_ps[r] < 1]
+        self.top_ps = [float(top_ps[self.sampled[j]]) for j in self.nucleus]
+        self.table = uniform_table([seeds[r] for r in self.sampled], max_steps)
         self.step = 0
+        self._state: _DeviceState | None = None
 
-    def __call__(self, input_ids, scores):
+    def _device_state(self, scores) -> _DeviceState:
         import torch
 
-        device = scores.device
-        temperature = torch.tensor(self.temperatures, dtype=torch.float32, device=device)
-        top_p = torch.tensor(self.top_ps, dtype=torch.float32, device=device)
-        u = torch.tensor(uniforms(self.seeds, self.step), dtype=torch.float32, device=device)
-        self.step += 1
-        logits = scores.float()
-        greedy = logits.argmax(dim=-1)
-        scaled = logits / temperature.clamp_min(1e-5).unsqueeze(1)
-        probs = torch.softmax(scaled, dim=-1)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        cumulative = sorted_probs.cumsum(dim=-1)
-        # Keep the smallest head whose mass reaches top_p (always at least one token).
-        keep = (cumulative - sorted_probs) < top_p.unsqueeze(1)
-        sorted_probs = sorted_probs * keep
-        cumulative = sorted_probs.cumsum(dim=-1)
-        target = u * cumulative[:, -1]
-        position = torch.searchsorted(cumulative, target.unsqueeze(1)).clamp_max(cumulative.shape[1] - 1)
-        sampled = order.gather(1, position).squeeze(1)
-        chosen = torch.where(temperature > 0, sampled, greedy)
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, chosen.unsqueeze(1), 0.0)
-        return out
+        if self._state is None:
+            device = scores.device
+
+            def indices(values: list[int], full: int):
+                return None if len(values) == full else torch.tensor(values, dtype=torch.long, device=device)
+
+            self._state = _DeviceState(
+                rows=indices(self.sampled, self.n_rows), nucleus=indices(self.nucleus, len(self.sampled)),
+                temperature=torch.tensor(self.temperatures, dtype=torch.float32, device=device),
+                top_p=torch.tensor(self.top_ps, dtype=torch.float32, device=device),
+                uniforms=torch.from_numpy(self.table).to(device), out=torch.empty_like(scores))
+        return self._state
+
+    def __call__(self, input_ids, scores):
+        if self.step >= self.max_steps:
+            raise RuntimeError(f"SeededSampler made for {self.max_steps} steps was called for step {self.step + 1}")
+        state = self._device_state(scores)
+        step, self.step = self.step, self.step + 1
+        chosen = scores.argmax(dim=-1)
+        if self.sampled:
+            logits = scores if state.rows is None else scores.index_select(0, state.rows)
+            tokens = self._sample(logits.float(), state, step)
+            chosen = tokens if state.rows is None else chosen.index_copy(0, state.rows, tokens)
+        out = state.out.fill_(float("-inf"))
+        return out.scatter_(1, chosen.unsqueeze(1), 0.0)
+
+    def _sample(self, logits, state: _DeviceState, step: int):
+        """One token per sampled row: inverse CDF, in vocabulary order, over the row's nucleus."""
+        import torch
+
+        probs = torch.softmax(logits / state.temperature.unsqueeze(1), dim=-1)
+        floor = torch.zeros(probs.shape[0], dtype=probs.dtype, device=probs.device)
+        if self.nucleus:
+            nucleus_probs = probs if state.nucleus is None else probs.index_select(0, state.nucleus)
+            threshold = _nucleus_threshold(nucleus_probs, state.top_p)
+            floor = threshold if state.nucleus is None else floor.index_copy(0, state.nucleus, threshold)
+        # Every token at least as likely as the nucleus's least likely one is kept, ties included, so the
+        # kept set does not depend on how a sort orders equal values.
+        weights = torch.where(probs >= floor.unsqueeze(1), probs, 0.0)
+        cumulative = weights.cumsum(dim=-1)
+        target = state.uniforms[:, step] * cumulative[:, -1]
+        position = torch.searchsorted(cumulative, target.unsqueeze(1), right=True).squeeze(1)
+        position = position.clamp_max(probs.shape[1] - 1)
+        # A parallel cumsum may be off by an ulp; never let that pick a token outside the nucleus.
+        inside = weights.gather(1, position.unsqueeze(1)).squeeze(1) > 0
+        return torch.where(inside, position, probs.argmax(dim=-1))
+
+
+def _nucleus_threshold(probs, top_p):
+    """Per row, the probability of the nucleus's least likely token (top-p: smallest head with mass >= top_p).
+
+    Found from the top HEAD_TOKENS values; rows whose nucleus is wider are
+    sorted in full. Checking for them costs one small device-to-host copy.
+    """
+    import torch
+
+    head = probs.topk(min(HEAD_TOKENS, probs.shape[1]), dim=-1).values
+    threshold, covered = _threshold_in(head, top_p)
+    if head.shape[1] < probs.shape[1] and not bool(covered.all()):
+        wide = (~covered).nonzero().squeeze(1)
+        full = probs.index_select(0, wide).sort(dim=-1, descending=True).values
+        threshold = threshold.index_copy(0, wide, _threshold_in(full, top_p.index_select(0, wide))[0])
+    return threshold
+
+
+def _threshold_in(values, top_p):
+    """For values sorted high to low: the last value of the smallest head reaching top_p, and whether one does."""
+    cumulative = values.cumsum(dim=-1)
+    # Keep a token while the mass before it is under top_p: the first token is always kept.
+    kept = ((cumulative - values) < top_p.unsqueeze(1)).sum(dim=-1)
+    threshold = values.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)
+    return threshold, cumulative[:, -1] >= top_p

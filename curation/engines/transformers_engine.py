@@ -4,34 +4,90 @@ Loads by hub id, local folder, or a GGUF file inside a folder (dequantised on
 load). bf16 on CUDA, fp32 on CPU. Each request is sampled with its own seed
 (see seeding.py), so a caption's rewrites do not depend on its batch.
 
+Batch size: on a GPU the rows of one `generate` call are what fits in free
+memory (`bytes_per_row`: the KV cache, plus the larger of the prefill's
+activations and one decode step's logits and sampler temporaries), so a big
+GPU runs thousands of rows at once; `preferred_requests_per_call` tells the
+caller that number, so it hands over enough requests to fill the batch.
+
 Prefix reuse: prompts are batched in text order, so prompts that share a long
 prefix (the rewrite stage's instruction and examples) land in one batch. The
 batch's common token prefix is run once, its KV cache is repeated over the
 rows, and only each row's own suffix is prefilled; the padding sits between
-prefix and suffix, masked out, and positions follow the mask. On CPU this
-removes most of the prefill work, as vLLM's prefix cache does on a GPU.
+prefix and suffix, masked out, and positions follow the mask.
+
+`cache="static"` preallocates the KV cache (transformers' StaticCache) and,
+with `compile=True` on CUDA, lets `generate` compile its decode step with
+CUDA graphs, which removes the per-layer kernel-launch overhead of small models.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Sequence
+from typing import Any
 
-from curation.engines.base import Generation, SamplingParams, check_paired
-from curation.engines.seeding import SeededSampler
+from curation.engines.base import ChatTokenizer, Generation, SamplingParams, check_paired
+from curation.engines.seeding import SAMPLER_PEAK_BYTES_PER_LOGIT, SeededSampler, request_seeds
 
 CPU_BATCH = 32
-MAX_GPU_BATCH = 1024
+# Past this many rows a decode step is bound by memory bandwidth and grows linearly with the rows, so a
+# larger batch gains no throughput and only delays the first results.
+MAX_GPU_BATCH = 16384
+CACHES = ("dynamic", "static")
 
 
-class TransformersEngine:
+def bytes_per_row(config: Any, dtype_bytes: int, prompt_tokens: int, new_tokens: int) -> int:
+    """GPU memory one row of a `generate` batch needs at its peak, from the model config.
+
+    KV cache: keys and values of every layer for prompt + new tokens (a growing
+    cache briefly holds one layer twice while it concatenates). On top of it,
+    whichever is larger: the prefill's activations (per prompt token the
+    hidden states, q/k/v, the MLP's gate, up and product, and the boolean
+    attention mask), or a decode step's logits (the model's output in its
+    dtype, generate's fp32 copy) plus the sampler's temporaries.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, hidden, vocab = text.num_hidden_layers, text.hidden_size, text.vocab_size
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    kv = 2 * layers * kv_heads * head_dim * (prompt_tokens + new_tokens) * dtype_bytes
+    kv += kv // layers
+    prefill = prompt_tokens * (5 * hidden + 2 * kv_heads * head_dim + 3 * intermediate) * dtype_bytes
+    prefill += prompt_tokens * prompt_tokens
+    decode = vocab * (dtype_bytes + 4 + SAMPLER_PEAK_BYTES_PER_LOGIT)
+    return kv + max(prefill, decode)
+
+
+def gpu_rows(config: Any, dtype_bytes: int, prompt_tokens: int, new_tokens: int, device: Any, *,
+             memory_fraction: float, max_rows: int) -> int:
+    """Rows per `generate` call that fit in `memory_fraction` of the device's free memory."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    per_row = bytes_per_row(config, dtype_bytes, prompt_tokens, new_tokens)
+    return int(max(1, min(max_rows, memory_fraction * free // per_row)))
+
+
+class TransformersEngine(ChatTokenizer):
     """TextEngine over a causal LM loaded with `from_pretrained`."""
 
     def __init__(self, model: str, *, gguf_file: str | None = None, dtype: str = "auto", device: str | None = None,
-                 batch_size: int | None = None, max_prompt_tokens: int = 1024, compile: bool = False,
-                 reuse_prefix: bool = True, min_prefix_tokens: int = 16, threads: int | None = None):
+                 batch_size: int | None = None, max_batch_size: int = MAX_GPU_BATCH, memory_fraction: float = 0.8,
+                 max_prompt_tokens: int = 1024, cache: str = "dynamic", compile: bool = False,
+                 enable_prefix_caching: bool = True, min_prefix_tokens: int = 16, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
+        if compile and cache != "static":
+            raise ValueError("compile=True needs cache='static': a growing cache changes shape every step")
+        if not 0 < memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if threads and self.device.type == "cpu":
             # Process-wide. On busy shared cores one thread avoids OpenMP barrier stalls that cost
@@ -44,49 +100,30 @@ class TransformersEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, **load).to(self.device).eval()
-        if compile:
-            self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead")
         self.name = f"transformers:{model}" + (f"/{gguf_file}" if gguf_file else "")
-        self.batch_size = batch_size
-        self.max_prompt_tokens = max_prompt_tokens
-        self.reuse_prefix, self.min_prefix_tokens = reuse_prefix, min_prefix_tokens
-        self._prefix_cache: dict[tuple[int, ...], object] = {}
+        self.batch_size, self.max_batch_size, self.memory_fraction = batch_size, max_batch_size, memory_fraction
+        self.max_prompt_tokens, self.cache, self.compile = max_prompt_tokens, cache, compile
+        self.enable_prefix_caching, self.min_prefix_tokens = enable_prefix_caching, min_prefix_tokens
+        self._prefix_cache: dict[tuple[int, ...], Any] = {}
+        self._eos = _eos_ids(self.model.generation_config, self.tokenizer)
         # Prompt tokens computed vs served from a reused prefix, for throughput reports.
         self.stats = {"prompt_tokens": 0, "prefix_reused_tokens": 0}
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def format_chat(self, messages: list[dict[str, str]]) -> str:
-        """The model's own chat template, ending with the assistant's turn opened."""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-    @property
-    def special_tokens(self) -> list[str]:
-        return list(self.tokenizer.all_special_tokens) + [str(t) for t in self.tokenizer.get_added_vocab()]
-
     def batch_size_for(self, prompt_tokens: int, new_tokens: int) -> int:
-        """Rows per `generate` call: fixed if configured, else what fits in free GPU memory (KV cache bound)."""
+        """Rows per `generate` call: fixed if configured, else what fits in free GPU memory."""
         if self.batch_size:
             return self.batch_size
         if self.device.type != "cuda":
             return CPU_BATCH
         import torch
 
-        config = self.model.config
-        layers = config.num_hidden_layers
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        bytes_per = torch.finfo(self.model.dtype).bits // 8
-        per_row = 2 * layers * kv_heads * head_dim * (prompt_tokens + new_tokens) * bytes_per
-        # Logits of one step (vocab x fp32, plus the sampler's sorted copies) also scale with the batch.
-        per_row += 4 * config.vocab_size * 4
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return int(max(1, min(MAX_GPU_BATCH, 0.6 * free // per_row)))
+        dtype_bytes = torch.finfo(self.model.dtype).bits // 8
+        return gpu_rows(self.model.config, dtype_bytes, prompt_tokens, new_tokens, self.device,
+                        memory_fraction=self.memory_fraction, max_rows=self.max_batch_size)
+
+    def preferred_requests_per_call(self, prompt_tokens: int, new_tokens: int) -> int:
+        """One full batch: fewer requests leave the GPU idle, more only queue behind it."""
+        return self.batch_size_for(min(prompt_tokens, self.max_prompt_tokens), new_tokens)
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams],
                  stop: Sequence[str] = ()) -> list[Generation]:
@@ -95,14 +132,18 @@ class TransformersEngine:
             return []
         ids = [row[-self.max_prompt_tokens:] for row in
                self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+        seeds = request_seeds([p.seed for p in params])
         # Text order puts prompts with a shared prefix side by side (see the module docstring);
         # the results go back in request order.
         order = sorted(range(len(prompts)), key=lambda i: prompts[i])
         size = self.batch_size_for(max(map(len, ids)), max(p.max_new_tokens for p in params))
+        # Equal batches rather than full ones and a small remainder.
+        size = math.ceil(len(order) / math.ceil(len(order) / size))
         results: list[Generation | None] = [None] * len(prompts)
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
-            outs = self._generate_batch([ids[i] for i in chunk], [params[i] for i in chunk], stop)
+            outs = self._generate_batch([ids[i] for i in chunk], [params[i] for i in chunk],
+                                        [seeds[i] for i in chunk], stop)
             for i, out in zip(chunk, outs):
                 results[i] = out
         return results  # type: ignore[return-value]
@@ -115,51 +156,68 @@ class TransformersEngine:
         if cache is None:
             if len(self._prefix_cache) >= 16:
                 self._prefix_cache.pop(next(iter(self._prefix_cache)))
+            # Only the cache is wanted: skip the logits of every prefix position where the model allows it.
+            keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
             with torch.inference_mode():
-                out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+                out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True, **keep)
             cache = self._prefix_cache[prefix] = out.past_key_values
         return cache
 
-    def _generate_batch(self, rows: list[list[int]], params: list[SamplingParams], stop: Sequence[str]) -> list[Generation]:
+    def _batch_cache(self, prefix: tuple[int, ...], rows: int, max_cache_len: int) -> dict[str, Any]:
+        """generate's cache arguments for a batch whose rows all start with `prefix` (possibly empty)."""
         import copy
 
         import torch
-        from transformers import LogitsProcessorList
+        from transformers import StaticCache
 
-        shared = _common_prefix_length(rows) if self.reuse_prefix else 0
+        if not prefix:
+            return {"cache_implementation": "static"} if self.cache == "static" else {}
+        source = self._prefix_kv(prefix)
+        if self.cache == "dynamic":
+            cache = copy.deepcopy(source)
+            cache.batch_repeat_interleave(rows)
+            return {"past_key_values": cache}
+        cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
+        positions = {"cache_position": torch.arange(len(prefix), device=self.device)}
+        for index, layer in enumerate(source.layers):
+            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index, positions)
+        return {"past_key_values": cache}
+
+    def _generate_batch(self, rows: list[list[int]], params: list[SamplingParams], seeds: list[int],
+                        stop: Sequence[str]) -> list[Generation]:
+        import torch
+        from transformers import CompileConfig, LogitsProcessorList
+
+        shared = _common_prefix_length(rows) if self.enable_prefix_caching else 0
         # Leave at least one token per row to prefill, and only bother for a real shared prefix.
         shared = max(0, min(shared, min(map(len, rows)) - 1))
+        shared = shared if shared >= self.min_prefix_tokens else 0
         pad = self.tokenizer.pad_token_id
         width = max(map(len, rows)) - shared
         input_ids = [row[:shared] + [pad] * (width - len(row) + shared) + row[shared:] for row in rows]
         mask = [[1] * shared + [0] * (width - len(row) + shared) + [1] * (len(row) - shared) for row in rows]
         enc = {"input_ids": torch.tensor(input_ids, device=self.device),
                "attention_mask": torch.tensor(mask, device=self.device)}
-        extra_cache = {}
-        if shared >= self.min_prefix_tokens:
-            cache = copy.deepcopy(self._prefix_kv(tuple(rows[0][:shared])))
-            cache.batch_repeat_interleave(len(rows))
-            extra_cache = {"past_key_values": cache}
-            self.stats["prefix_reused_tokens"] += shared * len(rows)
-        self.stats["prompt_tokens"] += sum(map(len, rows))
         max_new = max(p.max_new_tokens for p in params)
-        sampler = SeededSampler([p.seed if p.seed is not None else 0 for p in params],
-                                [p.temperature for p in params], [p.top_p for p in params])
+        cache = self._batch_cache(tuple(rows[0][:shared]), len(rows), shared + width + max_new)
+        self.stats["prefix_reused_tokens"] += shared * len(rows)
+        self.stats["prompt_tokens"] += sum(map(len, rows))
+        sampler = SeededSampler(seeds, [p.temperature for p in params], [p.top_p for p in params], max_new)
         extra = {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
+        compiled = {"compile_config": CompileConfig()} if self.compile else {"disable_compile": True}
         with torch.inference_mode():
             out = self.model.generate(
                 **enc, max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
-                logits_processor=LogitsProcessorList([sampler]), pad_token_id=pad, **extra_cache, **extra)
+                logits_processor=LogitsProcessorList([sampler]), pad_token_id=pad, **cache, **compiled, **extra)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
-        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
-        eos = _eos_ids(self.model.generation_config, self.tokenizer)
         results = []
-        for row, p, n_prompt in zip(new, params, prompt_tokens):
-            tokens = _until_eos(row[:p.max_new_tokens], eos)
+        for row, p, prompt in zip(new, params, rows):
+            tokens = _until_eos(row[:p.max_new_tokens], self._eos)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             for s in stop:
-                text = text.split(s, 1)[0] if s in text else text
-            results.append(Generation(text=text, prompt_tokens=int(n_prompt), completion_tokens=len(tokens)))
+                text = text.split(s, 1)[0]
+            results.append(Generation(text=text, prompt_tokens=len(prompt), completion_tokens=len(tokens),
+                                      cached_tokens=shared))
         return results
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from curation.engines.base import Generation, SamplingParams, check_paired
-from curation.engines.seeding import SeededSampler
+from curation.engines.seeding import SeededSampler, request_seeds
 
 PROMPT_MODES = ("auto", "chat", "plain", "none")
 CAPTION_ONLY_MODELS = ("blip", "blip-2", "vision-encoder-decoder")
@@ -109,11 +109,12 @@ class TransformersVisionEngine:
         inputs = self.processor(**kwargs).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        sampler = SeededSampler([p.seed if p.seed is not None else 0 for p in params],
-                                [p.temperature for p in params], [p.top_p for p in params])
+        max_new = max(p.max_new_tokens for p in params)
+        sampler = SeededSampler(request_seeds([p.seed for p in params]), [p.temperature for p in params],
+                                [p.top_p for p in params], max_new)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else None
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max(p.max_new_tokens for p in params),
+            out = self.model.generate(**inputs, max_new_tokens=max_new,
                                       do_sample=False, temperature=None, top_p=None, top_k=None,
                                       logits_processor=LogitsProcessorList([sampler]), pad_token_id=pad_id)
         prompt_ids = inputs.get("input_ids")

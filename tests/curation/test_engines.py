@@ -1,15 +1,18 @@
-"""The engine factory, the transformers backend on a tiny saved model, seeded sampling, a dead server."""
-
-import socket
+"""The engine factory, the transformers backend on a tiny saved model, its batch sizing, seeded sampling,
+and the openai backend against a fake local server (concurrency, timeouts, one retry layer, a dead server)."""
 
 import numpy as np
 import pytest
 import torch
 
 from curation.engines import DEFAULT_MODEL, EngineSpec, SamplingParams, TextEngine, make_text_engine, resolve_model
+from curation.engines import seeding
 from curation.engines.recovery import EngineFailure, generate_with_recovery
-from curation.engines.seeding import SeededSampler, derive_seed, uniforms
+from curation.engines.seeding import SAMPLER_PEAK_BYTES_PER_LOGIT, SeededSampler, derive_seed, uniform_table
+from tests.curation.servers import FakeCompletionsServer, free_port
 from tests.curation.tiny_llm import build_tiny_chat_model, tiny_model  # noqa: F401 - fixture
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +50,82 @@ def test_outputs_depend_on_the_request_only(engine):
     assert len(set(reseeded)) > 1
 
 
+def _chat_prompts(engine, captions, system="rewrite image captions in other words " * 4):
+    return [engine.format_chat([{"role": "system", "content": system}, {"role": "user", "content": c}])
+            for c in captions]
+
+
+MIXED = [SamplingParams(max_new_tokens=6, temperature=t, top_p=p, seed=i)
+         for i, (t, p) in enumerate([(1.0, 0.9), (0.0, 1.0), (0.7, 1.0), (1.3, 0.5)])]
+
+
 def test_shared_prefix_reuse_changes_nothing_but_work(tiny_model):  # noqa: F811
     engine = make_text_engine(EngineSpec(model=str(tiny_model), options={"batch_size": 8}))
-    prefix = [{"role": "system", "content": "rewrite image captions in other words " * 4}]
-    prompts = [engine.format_chat(prefix + [{"role": "user", "content": c}])
-               for c in ("a red circle", "two blue squares on white", "some rings")]
+    prompts = _chat_prompts(engine, ("a red circle", "two blue squares on white", "some rings"))
     params = [SamplingParams(max_new_tokens=6, seed=i) for i in range(3)]
     reused = engine.generate(prompts, params)
     assert engine.stats["prefix_reused_tokens"] > 0
-    engine.reuse_prefix = False
-    assert [g.text for g in engine.generate(prompts, params)] == [g.text for g in reused]
+    assert all(0 < g.cached_tokens < g.prompt_tokens for g in reused)  # measured per request
+    assert sum(g.cached_tokens for g in reused) == engine.stats["prefix_reused_tokens"]
+    engine.enable_prefix_caching = False
+    alone = engine.generate(prompts, params)
+    assert [g.text for g in alone] == [g.text for g in reused] and all(g.cached_tokens == 0 for g in alone)
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_static_cache_gives_the_dynamic_tokens(tiny_model, prefix):  # noqa: F811
+    """cache='static' (the path compiled on a GPU) samples exactly what the growing cache does."""
+    spec = {"batch_size": 4, "enable_prefix_caching": prefix}
+    dynamic = make_text_engine(EngineSpec(model=str(tiny_model), options=spec))
+    static = make_text_engine(EngineSpec(model=str(tiny_model), options=spec | {"cache": "static"}))
+    prompts = _chat_prompts(dynamic, ("a red circle", "two blue squares on white", "some rings", "x"))
+    expected = [g.text for g in dynamic.generate(prompts, MIXED)]
+    got = static.generate(prompts, MIXED)
+    assert [g.text for g in got] == expected and len(set(expected)) > 1
+    assert (sum(g.cached_tokens for g in got) > 0) == prefix
+    with pytest.raises(ValueError, match="needs cache='static'"):
+        make_text_engine(EngineSpec(model=str(tiny_model), options={"compile": True}))
+
+
+def test_requests_without_a_seed_get_fresh_ones(engine):
+    prompt = engine.format_chat([{"role": "user", "content": "a red circle"}])
+    unseeded = [SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0)] * 4
+    texts = [g.text for g in engine.generate([prompt] * 4, unseeded)]
+    assert len(set(texts)) > 1  # seed 0 for all would give four identical samples
+    seeded = [SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=9)] * 4
+    assert len({g.text for g in engine.generate([prompt] * 4, seeded)}) == 1
+
+
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152)
+
+
+def test_gpu_batch_size_follows_free_memory(monkeypatch, engine):
+    from transformers import LlamaConfig
+
+    from curation.engines import transformers_engine as te
+
+    config = LlamaConfig(**SMOLLM2_135M)
+    per_row = te.bytes_per_row(config, 2, 160, 64)
+    kv = 2 * 30 * 3 * 64 * (160 + 64) * 2
+    # Honest: the KV cache plus at least ~40 bytes per logit for the sampler's fp32 temporaries.
+    assert per_row >= kv + 40 * 49152 and per_row == kv + kv // 30 + 49152 * (2 + 4 + SAMPLER_PEAK_BYTES_PER_LOGIT)
+    assert te.bytes_per_row(config, 2, 1024, 64) > per_row  # longer prompts: more KV, bigger prefill
+    free = {"bytes": 139 * 2 ** 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 141 * 2 ** 30))
+    rows = te.gpu_rows(config, 2, 160, 64, "cuda:0", memory_fraction=0.8, max_rows=10 ** 6)
+    assert rows == int(0.8 * 139 * 2 ** 30 // per_row) and rows > 10_000  # far past the old 1024 cap
+    free["bytes"] //= 2
+    assert te.gpu_rows(config, 2, 160, 64, "cuda:0", memory_fraction=0.8, max_rows=10 ** 6) in (rows // 2, rows // 2 - 1)
+    assert te.gpu_rows(config, 2, 160, 64, "cuda:0", memory_fraction=0.8, max_rows=4096) == 4096
+    free["bytes"] = 1
+    assert te.gpu_rows(config, 2, 160, 64, "cuda:0", memory_fraction=0.8, max_rows=4096) == 1
+    # The engine asks the same question of its own model when it sits on a GPU, and tells callers.
+    free["bytes"] = 2 ** 30
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    monkeypatch.setattr(engine, "batch_size", None)
+    expected = int(0.8 * 2 ** 30 // te.bytes_per_row(engine.model.config, 4, 100, 20))
+    assert engine.batch_size_for(100, 20) == engine.preferred_requests_per_call(100, 20) == expected
 
 
 def test_stop_strings_cut_the_completion(engine):
@@ -84,7 +153,7 @@ def test_seeded_sampler_top_p_and_greedy():
     scores = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]))
     picks = []
     for seed in range(40):
-        sampler = SeededSampler([seed, seed, seed], [1.0, 1.0, 0.0], [0.5, 1.0, 1.0])
+        sampler = SeededSampler([seed, seed, seed], [1.0, 1.0, 0.0], [0.5, 1.0, 1.0], max_steps=1)
         out = sampler(None, scores)
         picks.append(out.argmax(dim=1).tolist())
         assert torch.isinf(out).sum() == 2 * 3  # one finite score per row
@@ -92,20 +161,140 @@ def test_seeded_sampler_top_p_and_greedy():
     assert (picks[:, 0] == 0).all()  # top_p 0.5 keeps only the 0.7 token
     assert set(picks[:, 1]) == {0, 1, 2}  # full distribution
     assert (picks[:, 2] == 2).all()  # temperature 0 is greedy
-    u = uniforms(np.array([1, 2, 3], dtype=np.uint64), 0)
-    assert ((0 <= u) & (u < 1)).all() and len(set(u)) == 3
-    assert (uniforms(np.array([1], dtype=np.uint64), 4) == uniforms(np.array([1], dtype=np.uint64), 4)).all()
+    with pytest.raises(RuntimeError, match="made for 1 steps"):
+        sampler(None, scores)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_uniform_table_is_per_seed_and_step():
+    table = uniform_table([1, 2, 3], 5)
+    assert table.shape == (3, 5) and table.dtype == np.float32
+    assert ((0 <= table) & (table < 1)).all() and len(np.unique(table)) == 15
+    assert (uniform_table([2], 5)[0] == table[1]).all()  # a row's numbers do not depend on the others
+    assert (uniform_table([1, 2, 3], 3) == table[:, :3]).all()  # nor on how many steps are drawn
+
+
+def test_sampler_draws_from_the_nucleus_in_proportion():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 4000
+    scores = torch.log(probs).expand(rows, -1).contiguous()
+    tokens = SeededSampler(range(rows), [1.0] * rows, [0.85] * rows, 1)(None, scores).argmax(dim=1)
+    counts = torch.bincount(tokens, minlength=4).double() / rows
+    assert counts[3] == 0  # outside the 0.85 nucleus
+    assert torch.allclose(counts[:3], probs[:3].double() / 0.95, atol=0.03)
+
+
+def test_sampler_is_batch_independent_and_its_shortcut_exact(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(48, 300, generator=generator) * torch.linspace(0.2, 6, 48).unsqueeze(1)
+    temps = [0.0 if r % 5 == 0 else 0.5 + (r % 3) * 0.4 for r in range(48)]
+    tops = [1.0 if r % 4 == 0 else 0.6 + (r % 4) * 0.1 for r in range(48)]
+    seeds = [derive_seed("b", r) for r in range(48)]
+
+    def sample(rows):
+        sampler = SeededSampler([seeds[r] for r in rows], [temps[r] for r in rows], [tops[r] for r in rows], 2)
+        sampler(None, scores[rows])  # step 0
+        return sampler(None, scores[rows]).argmax(dim=1).tolist()  # step 1
+
+    together = sample(list(range(48)))
+    assert [sample([r])[0] for r in range(0, 48, 7)] == together[::7]
+    assert sample(list(range(47, -1, -1))) == together[::-1]
+    # Flat rows have nuclei wider than a 2-token head: the full-sort fallback must pick the same tokens.
+    monkeypatch.setattr(seeding, "HEAD_TOKENS", 2)
+    assert sample(list(range(48))) == together
+
+
+def _cpu_peak_bytes(fn) -> int:
+    """Peak bytes of live CPU tensors while fn runs, from the profiler's memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        live += size if action in (Action.CREATE, Action.PREEXISTING) else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak
+
+
+def test_sampler_memory_stays_within_its_declared_peak():
+    rows, vocab = 64, 4000
+    flat = torch.randn(rows, vocab) * 0.01  # every nucleus wider than the head: the full sort for all rows
+    sampler = SeededSampler(range(rows), [1.0] * rows, [0.95] * rows, 1)
+    peak = _cpu_peak_bytes(lambda: sampler(None, flat))
+    assert 16 * rows * vocab < peak <= SAMPLER_PEAK_BYTES_PER_LOGIT * rows * vocab
+
+
+@cuda
+def test_sampler_on_cuda_does_not_stall_the_host_and_fits_its_peak():
+    rows, vocab = 256, 49152
+    scores = torch.randn(rows, vocab, device="cuda")
+    sampler = SeededSampler(range(rows), [0.0, 0.9] * (rows // 2), [1.0] * rows, 2)
+    sampler(None, scores)  # first step: the per-batch tensors go to the device once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampler(None, scores)  # later steps: no host-device copy, no synchronisation
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    flat = torch.randn(rows, vocab, device="cuda") * 0.01
+    sampler = SeededSampler(range(rows), [1.0] * rows, [0.95] * rows, 1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    sampler(None, flat)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= SAMPLER_PEAK_BYTES_PER_LOGIT * rows * vocab
+
+
+@cuda
+def test_static_compiled_decoding_on_cuda_matches_the_dynamic_path(tiny_model):  # noqa: F811
+    spec = EngineSpec(model=str(tiny_model), dtype="float32", options={"batch_size": 4})
+    dynamic = make_text_engine(spec)
+    compiled = make_text_engine(EngineSpec(model=str(tiny_model), dtype="float32",
+                                           options={"batch_size": 4, "cache": "static", "compile": True}))
+    prompts = _chat_prompts(dynamic, ("a red circle", "two blue squares on white", "some rings", "x"))
+    greedy = [SamplingParams(max_new_tokens=8, temperature=0.0, seed=i) for i in range(4)]
+    expected = [g.text for g in dynamic.generate(prompts, greedy)]
+    assert [g.text for g in compiled.generate(prompts, greedy)] == expected
+
+
+def _openai(base_url: str, **options):
+    return make_text_engine(EngineSpec(engine="openai", model="served", options={"base_url": base_url, **options}))
+
+
+def _seeded(n: int) -> list[SamplingParams]:
+    return [SamplingParams(max_new_tokens=4, seed=i) for i in range(n)]
+
+
+def test_openai_engine_sends_requests_concurrently():
+    # The server holds every request until 8 are in flight together; a serial client would be answered 500.
+    with FakeCompletionsServer(gather=8) as server:
+        engine = _openai(server.base_url, concurrency=8, retries=0, timeout=60)
+        gens = generate_with_recovery(engine, [f"caption {i}" for i in range(8)], _seeded(8))
+    assert server.max_in_flight == 8
+    assert [g.text for g in gens] == [f" rewrite of caption {i}" for i in range(8)]
+    assert all(g.prompt_tokens == 2 and g.completion_tokens == 3 and g.cached_tokens == 1 for g in gens)
+
+
+def test_openai_engine_retries_a_request_that_timed_out():
+    with FakeCompletionsServer(stall={"slow one": 3.0}) as server:
+        engine = _openai(server.base_url, timeout=0.5, retries=1)
+        gens = generate_with_recovery(engine, ["slow one", "fast one"], _seeded(2))
+    assert server.requests == {"slow one": 2, "fast one": 1}  # only the timed-out request went again
+    assert [g.text for g in gens] == [" rewrite of slow one", " rewrite of fast one"]
+
+
+def test_openai_engine_has_one_retry_layer():
+    """A failing server sees each request 1 + retries times: the recovery layer neither retries nor splits."""
+    with FakeCompletionsServer(status=503) as server:
+        engine = _openai(server.base_url, retries=2, timeout=5)
+        with pytest.raises(EngineFailure, match="engine's own retries"):
+            generate_with_recovery(engine, ["a", "b", "c", "d"], _seeded(4), retries=2, backoff_s=0)
+    assert server.requests == {"a": 3, "b": 3, "c": 3, "d": 3}
 
 
 def test_openai_engine_reports_a_dead_server():
-    engine = make_text_engine(EngineSpec(engine="openai", model="none", options={
-        "base_url": f"http://127.0.0.1:{_free_port()}/v1", "retries": 1, "backoff_s": 0.01, "timeout": 2}))
-    assert not engine.has_chat_template  # no local tokenizer named "none"
-    with pytest.raises(EngineFailure, match="failed on a request"):
+    engine = _openai(f"http://127.0.0.1:{free_port()}/v1", retries=1, timeout=2)
+    assert not engine.has_chat_template and engine.special_tokens == []  # no local tokenizer named "served"
+    with pytest.raises(EngineFailure, match="failed on 1 request"):
         generate_with_recovery(engine, ["a"], [SamplingParams(seed=1)], retries=1, backoff_s=0.01)

@@ -8,7 +8,6 @@ on 127.0.0.1. Both skip, saying why, when the venv is absent.
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.curation.servers import free_port
 from tests.curation.tiny_llm import build_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,9 +42,15 @@ if __name__ == "__main__":  # vLLM starts worker processes
                                          options={"max_num_seqs": 8, "max_model_len": 512}))
     prompt = engine.format_chat([{"role": "user", "content": "two blue squares"}])
     gens = engine.generate([prompt] * 4, [SamplingParams(max_new_tokens=6, seed=s) for s in (1, 2, 1, 3)])
+    # A prompt longer than a KV block, computed once, then served from vLLM's prefix cache.
+    long = engine.format_chat([{"role": "system", "content": "rewrite image captions in other words " * 40},
+                               {"role": "user", "content": "some rings"}])
+    first = engine.generate([long], [SamplingParams(max_new_tokens=2, seed=1)])
+    again = engine.generate([long] * 2, [SamplingParams(max_new_tokens=2, seed=s) for s in (2, 3)])
     rewriter = Rewriter(engine, RewriteConfig(k=2, max_new_tokens=6, max_attempts=1))
     rows = rewriter.rewrite(["a", "b"], ["a red circle", "two blue squares"], seed=0)
     json.dump({"gens": [g.__dict__ for g in gens], "chat": rewriter.chat, "stats": engine.stats,
+               "first": first[0].__dict__, "again": [g.__dict__ for g in again],
                "rows": [{"rewrites": r.rewrites, "stats": dict(r.stats)} for r in rows]}, open(out, "w"))
 '''
 
@@ -73,21 +79,19 @@ def test_vllm_engine_offline_on_cpu(vllm_model, tmp_path):
     assert len({g["text"] for g in gens}) >= 2
     assert result["chat"] is True
     assert result["stats"]["prompt_tokens"] > 0
+    # Prefix caching really serves tokens: the repeated long prompt comes mostly from the cache.
+    assert result["first"]["cached_tokens"] == 0
+    assert all(0 < g["cached_tokens"] < g["prompt_tokens"] for g in result["again"])
+    assert result["stats"]["prefix_reused_tokens"] >= sum(g["cached_tokens"] for g in result["again"])
     for row, caption in zip(result["rows"], ["a red circle", "two blue squares"]):
         assert len(row["rewrites"]) == 2
         assert row["stats"]["requests"] == 2
         assert row["stats"].get("kept", 0) + row["stats"].get("fallback", 0) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(vllm_model, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("vllm_serve") / "serve.log").open("w")
     server = subprocess.Popen(
         # The api_server module, not the `vllm serve` CLI: the CLI looks up the version of a distribution
