@@ -5,12 +5,19 @@ plus one fp32 scale per block brings that to ~2.03 (8-bit, block 256) or ~1.06 (
 per parameter, in the spirit of 8-bit blockwise Adam (Dettmers et al.) and 4-bit states (Li et al., 2023).
 
 The two moments need different maps:
-- m is signed and spans orders of magnitude, so it is companded: the code stores
-  sign(x) * sqrt(|x| / absmax) on a uniform signed grid. Small values keep more relative precision
-  than with a linear map.
-- v is non-negative and only ever used as sqrt(v) in the denominator, so sqrt(v) is stored on a
-  *zero-free* linear grid (levels (c+1)/2^bits * max). A small non-zero v can never be rounded to 0,
-  which would blow up m / (sqrt(v) + eps): it is rounded up instead, which only shrinks that update.
+- m is signed and spans orders of magnitude, so it is companded: level c of L = 2^(bits-1) - 1 stands
+  for sign * (c / L)^2 * absmax. Small values keep more relative precision than with a linear map.
+- v is non-negative and only ever used as sqrt(v), so sqrt(v) is stored on a *logarithmic* grid below
+  the block's largest sqrt(v): level c of N = 2^bits stands for top * 2^(-(N-1-c) R/(N-1)), R octaves
+  (`log_octaves`: 12 at 8 bits, 3.3% per level). Why logarithmic: every magnitude gets the same relative
+  precision, so a quiet element beside loud ones in its block is stored as precisely as the loudest (a
+  linear grid leaves it one or two levels). The grid is zero-free: values below its floor are rounded up
+  to it, which only shrinks their update, and m / (sqrt(v) + eps) can never blow up on a v rounded to 0.
+- Rounding: re-encoding after a step rounds *stochastically* (up with the probability that makes the
+  stored value unbiased), with a generator the optimizer seeds from the step. Why: with beta2 = 0.999 an
+  EMA changes v by 0.1% per step, under half a level of any 8-bit grid, so round-to-nearest hands back
+  the old code and v of an element whose gradient went quiet never decays (its updates stay ~10x too
+  small). Without a generator (initial states, direct calls) values round to the nearest level.
 
 All functions are pure tensor code (no host sync) and work on any device.
 """
@@ -24,6 +31,15 @@ import torch
 
 SUPPORTED_BITS = (4, 8)
 DEFAULT_BLOCK = {8: 256, 4: 128}
+KINDS = ("signed", "nonneg")  # m, v
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def log_octaves(bits: int) -> int:
+    """Dynamic range of the v grid, in octaves of sqrt(v) below the block's top: 12 at 8 bits (a 4096x
+    range at 3.3% per level), 6 at 4 bits (64x at 32%). Why not wider: each rounding step moves a
+    decaying v by one level, so the spread of v around its fp32 value grows with the level size."""
+    return 12 if bits == 8 else 6
 
 
 @dataclass(frozen=True)
@@ -76,57 +92,84 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)
 
 
-def encode_signed(blocks: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _round_up(value: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """1 where `value` (between the levels `low` and `high`) takes the upper level, else 0.
+
+    Stochastic with a generator: up with probability (value - low) / (high - low), so the stored value
+    is unbiased. Without one: to the nearer level.
+    """
+    position = (value - low) / (high - low)
+    if generator is None:
+        return (position >= 0.5).to(value.dtype)
+    noise = torch.rand(position.shape, generator=generator, device=position.device, dtype=position.dtype)
+    return (noise < position).to(value.dtype)
+
+
+def _signed_level(code: torch.Tensor, levels: int) -> torch.Tensor:
+    """|value| / absmax of magnitude code `code` (0..levels) on the companded grid."""
+    return (code / levels).square()
+
+
+def _log_level(code: torch.Tensor, bits: int) -> torch.Tensor:
+    """sqrt(v) / top of code `code` (0..2^bits - 1) on the logarithmic grid."""
+    top_code = 2 ** bits - 1
+    return torch.exp2((code - top_code) * (log_octaves(bits) / top_code))
+
+
+def encode_signed(blocks: torch.Tensor, bits: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Companded absmax codes of fp32 (n_blocks, block) values: (packed uint8 codes, fp32 absmax per block)."""
     levels = 2 ** (bits - 1) - 1
     absmax = blocks.abs().amax(dim=1, keepdim=True)
-    unit = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(torch.copysign(unit.abs().sqrt(), unit) * levels)
-    return _pack(q + (levels + 1), bits), absmax.reshape(-1)
+    unit = blocks / absmax.clamp_min(_TINY)
+    magnitude = unit.abs()
+    low = torch.floor(magnitude.sqrt() * levels).clamp_(0, levels - 1)
+    code = low + _round_up(magnitude, _signed_level(low, levels), _signed_level(low + 1, levels), generator)
+    signed = torch.where(unit < 0, -code, code)
+    return _pack(signed + (levels + 1), bits), absmax.reshape(-1)
 
 
 def decode_signed(packed: torch.Tensor, scale: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """Inverse of encode_signed: fp32 (n_blocks, block)."""
     levels = 2 ** (bits - 1) - 1
-    unit = (_unpack(packed, bits).float().view(-1, block) - (levels + 1)) / levels
-    return unit.abs() * unit * scale.view(-1, 1)
+    signed = _unpack(packed, bits).float().view(-1, block) - (levels + 1)
+    return _signed_level(signed.abs(), levels) * signed.sign() * scale.view(-1, 1)
 
 
-def encode_nonneg_sqrt(blocks: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """sqrt of non-negative fp32 (n_blocks, block) values on a zero-free grid: (packed codes, max sqrt per block)."""
+def encode_nonneg(blocks: torch.Tensor, bits: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt of non-negative fp32 (n_blocks, block) values on the zero-free logarithmic grid:
+    (packed codes, max sqrt per block). Rounding is decided on v itself, the quantity Adam averages."""
+    top_code = 2 ** bits - 1
     root = blocks.clamp_min(0).sqrt()
     top = root.amax(dim=1, keepdim=True)
-    n = 2 ** bits
-    codes = torch.round(root / top.clamp_min(torch.finfo(torch.float32).tiny) * n) - 1
-    return _pack(codes.clamp(0, n - 1), bits), top.reshape(-1)
+    unit = (root / top.clamp_min(_TINY)).clamp_min(2.0 ** -log_octaves(bits))
+    low = torch.floor(top_code + torch.log2(unit) * (top_code / log_octaves(bits))).clamp_(0, top_code - 1)
+    code = low + _round_up(unit.square(), _log_level(low, bits).square(), _log_level(low + 1, bits).square(),
+                           generator)
+    return _pack(code, bits), top.reshape(-1)
 
 
-def decode_nonneg_sqrt(packed: torch.Tensor, scale: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """Inverse of encode_nonneg_sqrt: fp32 (n_blocks, block), never 0 in a block whose max is not 0."""
-    n = 2 ** bits
-    root = (_unpack(packed, bits).float().view(-1, block) + 1) / n * scale.view(-1, 1)
-    return root.square()
+def decode_nonneg(packed: torch.Tensor, scale: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """Inverse of encode_nonneg: fp32 (n_blocks, block), never 0 in a block whose max is not 0."""
+    codes = _unpack(packed, bits).float().view(-1, block)
+    return (_log_level(codes, bits) * scale.view(-1, 1)).square()
 
 
-def quantize_signed(x: torch.Tensor, layout: StateLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """One signed tensor (m) to (packed uint8 codes, fp32 scale per block)."""
-    return encode_signed(_blocks(x, layout), layout.bits)
+_CODECS = {"signed": (encode_signed, decode_signed), "nonneg": (encode_nonneg, decode_nonneg)}
 
 
-def dequantize_signed(packed: torch.Tensor, scale: torch.Tensor, layout: StateLayout,
-                      shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    values = decode_signed(packed, scale, layout.bits, layout.block)
-    return values.reshape(-1)[: layout.numel].view(shape).to(dtype)
+def quantize(x: torch.Tensor, layout: StateLayout, kind: str,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tensor to (packed uint8 codes, fp32 scale per block); `kind` is "signed" (m) or "nonneg" (v)."""
+    return _CODECS[kind][0](_blocks(x, layout), layout.bits, generator)
 
 
-def quantize_nonneg_sqrt(v: torch.Tensor, layout: StateLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """One non-negative tensor (v) to (packed uint8 codes, fp32 max of sqrt(v) per block)."""
-    return encode_nonneg_sqrt(_blocks(v, layout), layout.bits)
-
-
-def dequantize_nonneg_sqrt(packed: torch.Tensor, scale: torch.Tensor, layout: StateLayout,
-                           shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    values = decode_nonneg_sqrt(packed, scale, layout.bits, layout.block)
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, layout: StateLayout, kind: str,
+               shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize`, as a tensor of `shape` and `dtype`."""
+    values = _CODECS[kind][1](packed, scale, layout.bits, layout.block)
     return values.reshape(-1)[: layout.numel].view(shape).to(dtype)
 
 
@@ -147,34 +190,39 @@ def _tail_mask(numels: tuple[int, ...], block: int, device: torch.device) -> tup
 
 
 class BucketMoments:
-    """A bucket's m and v decoded into two flat fp buffers at once, with per-tensor views for the foreach math.
+    """A bucket's m and v decoded into two flat buffers at once, with per-tensor views for the foreach math.
 
     Why: coding tensor by tensor costs ~20 tiny ops per tensor; one concatenated buffer per bucket makes it
     ~20 ops per step in all, whatever the tensor count. Each tensor's region is padded to whole blocks, so
-    the codes and scales split back per tensor exactly.
+    the codes and scales split back per tensor exactly. The buffers are `dtype` (fp32, or fp64 for fp64
+    parameters), never the parameters' bf16.
     """
 
     def __init__(self, params: list[torch.Tensor], layouts: list[StateLayout], m_codes: list[torch.Tensor],
-                 m_scales: list[torch.Tensor], v_codes: list[torch.Tensor], v_scales: list[torch.Tensor]) -> None:
+                 m_scales: list[torch.Tensor], v_codes: list[torch.Tensor], v_scales: list[torch.Tensor],
+                 dtype: torch.dtype) -> None:
         self.layouts = layouts
         self.bits, self.block = layouts[0].bits, layouts[0].block
-        dtype = params[0].dtype
         self.m_flat = decode_signed(torch.cat(m_codes), torch.cat(m_scales), self.bits, self.block).to(dtype)
-        self.v_flat = decode_nonneg_sqrt(torch.cat(v_codes), torch.cat(v_scales), self.bits, self.block).to(dtype)
+        self.v_flat = decode_nonneg(torch.cat(v_codes), torch.cat(v_scales), self.bits, self.block).to(dtype)
         sizes = [layout.padded for layout in layouts]
         self.m = [c[: p.numel()].view(p.shape) for c, p in zip(self.m_flat.view(-1).split(sizes), params)]
         self.v = [c[: p.numel()].view(p.shape) for c, p in zip(self.v_flat.view(-1).split(sizes), params)]
         self.tail = _tail_mask(tuple(layout.numel for layout in layouts), self.block, params[0].device)
 
-    def encode(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Per-tensor (m codes, m scales, v codes, v scales) of the current buffers; padding coded as 0."""
+    def encode(self, generator: torch.Generator | None) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                                 list[torch.Tensor], list[torch.Tensor]]:
+        """Per-tensor (m codes, m scales, v codes, v scales) of the current buffers; padding coded as 0.
+
+        `generator` drives the stochastic rounding (see the module docstring); None rounds to nearest.
+        """
         last, valid = self.tail
-        m, v = self.m_flat.float(), self.v_flat.float()  # .float() copies only for bf16 moments
-        v[last] = v[last] * valid  # the zero-free grid decodes padding to top/2^bits: code it as 0 again
+        m, v = self.m_flat.float(), self.v_flat.float()  # .float() copies only for fp64 moments
+        v[last] = v[last] * valid  # the zero-free grid decodes padding to its floor: code it as 0 again
         code_sizes = [layout.code_bytes for layout in self.layouts]
         block_counts = [layout.n_blocks for layout in self.layouts]
-        m_codes, m_scales = encode_signed(m, self.bits)
-        v_codes, v_scales = encode_nonneg_sqrt(v, self.bits)
+        m_codes, m_scales = encode_signed(m, self.bits, generator)
+        v_codes, v_scales = encode_nonneg(v, self.bits, generator)
         return (list(m_codes.split(code_sizes)), list(m_scales.split(block_counts)),
                 list(v_codes.split(code_sizes)), list(v_scales.split(block_counts)))
 

@@ -1,9 +1,18 @@
 """The shared machinery of the spike-aware optimizers: tensor buckets, moment storage, state validation.
 
 Why a base class: StableSPAM and SPAM differ only in how they reshape the gradient and schedule the
-reset. Both keep Adam's m and v (fp32 or blockwise 8/4-bit), a small per-tensor statistics vector
-(kept as a device tensor so that no step ever needs `.item()`), and a count of skipped non-finite steps.
-The step works on buckets of tensors that share a device and dtype, with `torch._foreach_*` ops.
+reset. Both keep Adam's m and v (fp32 whatever the parameter dtype, or blockwise 8/4-bit), a small
+per-tensor statistics vector (kept as a device tensor so that no step ever needs `.item()`), and a count
+of skipped non-finite steps. The step works on buckets of tensors that share a device and dtypes, with
+`torch._foreach_*` ops.
+
+Launch counts. torch's multi-tensor kernels take one scalar for the whole list (or a list of *host*
+floats); a list of per-tensor 0-d device tensors runs as one kernel per tensor (the fast path needs equal
+shapes), and the `Tensor scalars` overloads of addcmul/addcdiv want CPU tensors, i.e. a host sync. So
+every per-tensor device scalar (clip threshold, AdaGN scale, skip flag, bias corrections) costs one
+kernel per tensor in this path; the code keeps those ops few and issues them from C++ loops
+(`_foreach_*` with per-tensor lists) rather than Python loops. `StableSPAM(fused=True)` does the whole
+per-element step in two Triton launches per bucket.
 """
 
 from __future__ import annotations
@@ -18,8 +27,13 @@ from torch.optim import Optimizer
 from training.optim import lowbit_state as lb
 
 STATE_BITS = (32, 8, 4)
-# Options that decide the layout of a tensor's state: loading a state saved with other values is an error.
-LAYOUT_OPTIONS = ("state_bits", "block_size")
+# Group options that schedulers change during training (any of them lr, OneCycleLR/CyclicLR the betas,
+# some recipes weight decay): load_state_dict restores them from the checkpoint, as torch's optimizers
+# do. Every other option of `defaults` defines the algorithm or the state layout: a checkpoint saved with
+# another value is refused.
+SCHEDULED_OPTIONS = ("lr", "betas", "weight_decay")
+# Keys that older state dicts may carry but that are implementation choices of the constructor.
+IMPLEMENTATION_KEYS = ("fused",)
 
 
 def check_range(name: str, value: float, low: float, high: float, high_open: bool = True) -> None:
@@ -28,6 +42,15 @@ def check_range(name: str, value: float, low: float, high: float, high_open: boo
     if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
         bracket = ")" if high_open else "]"
         raise ValueError(f"invalid {name}={value!r}: must be in [{low}, {high}{bracket}")
+
+
+def check_interval(name: str, value: int | None, allow_none: bool = True) -> None:
+    """Raise a ValueError unless `value` is a positive int (or None, meaning "never", when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        never = " or None (never)" if allow_none else ""
+        raise ValueError(f"invalid {name}={value!r}: must be a positive int{never}")
 
 
 def check_common(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
@@ -51,8 +74,9 @@ def check_common(lr: float, betas: tuple[float, float], eps: float, weight_decay
     return block
 
 
-def stats_dtype(param: torch.Tensor) -> torch.dtype:
-    """Per-tensor statistics in fp32, or fp64 for fp64 parameters (so tests can compare at 1e-12)."""
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """Moments, statistics and arithmetic in fp32 whatever the parameter dtype (bf16 moments cannot follow
+    a 0.1% per-step decay), fp64 for fp64 parameters (so tests can compare at 1e-12)."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
@@ -64,21 +88,30 @@ def cosine_ramp(step: int, length: int, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def masked_scale(grads: list[torch.Tensor], finite: torch.Tensor, tau: torch.Tensor | None,
-                 ratio: torch.Tensor | None) -> list[torch.Tensor]:
-    """New gradient tensors: elements with |g| > tau scaled by ratio, whole tensor zeroed where not finite.
+def sanitized(grads: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Working copies of the gradients in `dtype` with NaN/inf replaced by 0 (the user's grads stay intact).
 
-    One fused `where` per tensor (foreach has no select); the scalars stay on the device.
+    The one per-tensor Python op of a step: foreach has no select, and no arithmetic turns a NaN into a
+    number. A non-finite tensor is then zeroed entirely by its per-tensor factors.
     """
-    out = []
-    keep = finite.unbind()
-    if tau is None:
-        for g, k in zip(grads, keep):
-            out.append(torch.where(k, g, 0))
-        return out
-    for g, k, t, r in zip(grads, keep, tau.unbind(), ratio.unbind()):
-        out.append(torch.where(k, torch.where(g.abs() > t, g * r, g), 0))
-    return out
+    return [torch.nan_to_num(g.to(dtype), nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+
+
+def adaclip(work: list[torch.Tensor], tau: torch.Tensor, ratio: torch.Tensor) -> None:
+    """In place: elements with |g| > tau (per tensor) scaled by ratio (per tensor), the rest unchanged.
+
+    The tensor splits into an above-threshold part and the rest (every element in exactly one, so the
+    split and the sum back are exact); only the subtraction of tau and the scaling by ratio are
+    per-tensor kernels. tau = -1 with ratio = 0 zeroes a tensor.
+    """
+    above = torch._foreach_abs(work)
+    torch._foreach_sub_(above, list(tau.unbind()))
+    torch._foreach_sign_(above)
+    torch._foreach_clamp_min_(above, 0.0)  # 1 where |g| > tau, else 0
+    torch._foreach_mul_(above, work)
+    torch._foreach_sub_(work, above)
+    torch._foreach_mul_(above, list(ratio.unbind()))
+    torch._foreach_add_(work, above)
 
 
 class MomentOptimizer(Optimizer):
@@ -97,12 +130,13 @@ class MomentOptimizer(Optimizer):
         return None if bits == 32 else lb.StateLayout(bits, group["block_size"], p.numel())
 
     def _expected_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Name -> (shape, dtype) of every state tensor of `p`; the contract checked on load."""
-        spec = {"stats": ((len(self.stats_fields),), stats_dtype(p))}
+        """Name -> (shape, dtype) of every state tensor of `p`: what is allocated, checked on load, counted."""
+        dtype = compute_dtype(p)
+        spec = {"stats": ((len(self.stats_fields),), dtype)}
         layout = self._layout(p, group)
         if layout is None:
-            spec["exp_avg"] = (tuple(p.shape), p.dtype)
-            spec["exp_avg_sq"] = (tuple(p.shape), p.dtype)
+            spec["exp_avg"] = (tuple(p.shape), dtype)
+            spec["exp_avg_sq"] = (tuple(p.shape), dtype)
         else:
             for name in ("exp_avg", "exp_avg_sq"):
                 spec[name] = ((layout.code_bytes,), torch.uint8)
@@ -116,9 +150,9 @@ class MomentOptimizer(Optimizer):
                 state[name] = torch.zeros(shape, dtype=dtype, device=p.device)
             if group["state_bits"] != 32:  # all-zero blocks must decode to 0 whatever the code
                 layout = self._layout(p, group)
-                zeros = torch.zeros_like(p)
-                state["exp_avg"], state["exp_avg_scale"] = lb.quantize_signed(zeros, layout)
-                state["exp_avg_sq"], state["exp_avg_sq_scale"] = lb.quantize_nonneg_sqrt(zeros, layout)
+                zeros = torch.zeros(p.shape, device=p.device)
+                state["exp_avg"], state["exp_avg_scale"] = lb.quantize(zeros, layout, "signed")
+                state["exp_avg_sq"], state["exp_avg_sq_scale"] = lb.quantize(zeros, layout, "nonneg")
         return state
 
     def _load_moments(self, params: list[torch.Tensor], states: list[dict],
@@ -128,14 +162,21 @@ class MomentOptimizer(Optimizer):
             return [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], None
         coded = lb.BucketMoments(params, [self._layout(p, group) for p in params],
                                  [s["exp_avg"] for s in states], [s["exp_avg_scale"] for s in states],
-                                 [s["exp_avg_sq"] for s in states], [s["exp_avg_sq_scale"] for s in states])
+                                 [s["exp_avg_sq"] for s in states], [s["exp_avg_sq_scale"] for s in states],
+                                 compute_dtype(params[0]))
         return coded.m, coded.v, coded
 
-    def _store_moments(self, states: list[dict], coded: lb.BucketMoments | None) -> None:
-        """Write decoded moments back as codes (a no-op for fp32 states, which were updated in place)."""
+    def _store_moments(self, states: list[dict], coded: lb.BucketMoments | None, seed: int) -> None:
+        """Write decoded moments back as codes, rounding stochastically from a generator seeded with `seed`
+        (deterministic: a resumed run draws the same noise). A no-op for fp32 states, updated in place."""
         if coded is None:
             return
-        parts = coded.encode()
+        device = states[0]["exp_avg"].device
+        # Made on first use: torch's Optimizer pickles only defaults/state/param_groups.
+        generators = self.__dict__.setdefault("_rounding_generators", {})
+        if device not in generators:
+            generators[device] = torch.Generator(device=device)
+        parts = coded.encode(generators[device].manual_seed(seed))
         names = ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
         for name, chunks in zip(names, parts):
             torch._foreach_copy_([s[name] for s in states], chunks)
@@ -147,20 +188,31 @@ class MomentOptimizer(Optimizer):
         return int(total) if torch.is_tensor(total) else 0
 
     def state_bytes_per_param(self) -> float:
-        """Bytes of optimizer state per parameter element (moments, codes, scales and statistics)."""
-        n = sum(p.numel() for g in self.param_groups for p in g["params"] if p in self.state)
-        return lb.state_bytes(self.state) / max(n, 1)
+        """Bytes of optimizer state per parameter element once every parameter has stepped (moments, codes,
+        scales, statistics), from the same spec that allocates the state: no step or memory needed, so it
+        works on "meta" parameters too."""
+        total = numel = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                numel += p.numel()
+                for shape, dtype in self._expected_state(p, group).values():
+                    total += math.prod(shape) * dtype.itemsize
+        return total / max(numel, 1)
 
     # ---- step ---------------------------------------------------------------------------------
     def _buckets(self, group: dict) -> dict[tuple, list[torch.Tensor]]:
-        """Parameters with a gradient, grouped by (device, dtype): the unit of one foreach pass."""
+        """Parameters with a gradient, grouped by (device, dtype, grad dtype): the unit of one foreach pass.
+
+        torch itself refuses a .grad on another device or of another shape; another dtype is allowed with
+        `param.grad_dtype` (e.g. fp32 gradients of bf16 weights), so the grad dtype is part of the key.
+        """
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            buckets[(p.device, p.dtype)].append(p)
+            buckets[(p.device, p.dtype, p.grad.dtype)].append(p)
         return buckets
 
     @torch.no_grad()
@@ -169,24 +221,27 @@ class MomentOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             group["step"] += 1
-            for params in self._buckets(group).values():
+            for bucket, params in enumerate(self._buckets(group).values()):
                 states = [self._init_state(p, group) for p in params]
                 grads = [p.grad for p in params]
-                self._step_bucket(group, group["step"], params, grads, states)
+                seed = (group["step"] * 1_000_003 + index * 7_919 + bucket) % (2 ** 63)
+                self._step_bucket(group, group["step"], params, grads, states, seed)
         return loss
 
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
-                     states: list[dict]) -> None:
+                     states: list[dict], seed: int) -> None:
         raise NotImplementedError
 
     # ---- state dicts --------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by the same class with the same layout options, or raise a clear ValueError.
+        """Load a state saved by the same class with the same algorithm options, or raise a clear ValueError.
 
-        torch's own loader would cast every floating state to the parameter's dtype (and quantized codes
-        with them); this one keeps each state tensor's own dtype and checks every shape.
+        Scheduled options (SCHEDULED_OPTIONS) and the step counter are restored from the state dict, as
+        torch does; implementation choices made by the constructor (fused) are kept. torch's own loader
+        would also cast every floating state to the parameter's dtype (and quantized codes with them);
+        this one keeps each state tensor's own dtype and checks every shape.
         """
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
@@ -204,10 +259,12 @@ class MomentOptimizer(Optimizer):
             if missing:
                 raise ValueError(f"param group {i}: options {sorted(missing)} are missing; the state dict was saved "
                                  f"by another optimizer than {type(self).__name__}")
-            for option in LAYOUT_OPTIONS + ("code_exact",):
-                if option in group and saved.get(option) != group[option]:
-                    raise ValueError(f"param group {i}: state dict was saved with {option}={saved.get(option)!r}, "
-                                     f"this optimizer uses {option}={group[option]!r}")
+            for option in self.defaults:
+                if option not in SCHEDULED_OPTIONS and saved[option] != group[option]:
+                    raise ValueError(
+                        f"param group {i}: the state dict was saved with {option}={saved[option]!r}, this "
+                        f"optimizer has {option}={group[option]!r}; {option} is part of the algorithm or the state "
+                        f"layout, so build the optimizer with the saved value to resume")
             id_to_param.update((pid, (p, group)) for pid, p in zip(saved["params"], group["params"]))
         new_state: dict[torch.Tensor, dict] = defaultdict(dict)
         for pid, entry in saved_state.items():
@@ -225,5 +282,5 @@ class MomentOptimizer(Optimizer):
                                      f"for a parameter of shape {tuple(p.shape)}")
                 new_state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
         for group, saved in zip(self.param_groups, saved_groups):  # in place: schedulers hold these dicts
-            group.update({k: v for k, v in saved.items() if k != "params"})
+            group.update({k: v for k, v in saved.items() if k not in ("params",) + IMPLEMENTATION_KEYS})
         self.state = new_state

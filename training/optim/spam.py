@@ -17,7 +17,8 @@ from typing import Iterable
 
 import torch
 
-from training.optim.multi_tensor import MomentOptimizer, check_common, check_range, cosine_ramp, masked_scale
+from training.optim.multi_tensor import (MomentOptimizer, check_common, check_interval, check_range, cosine_ramp,
+                                        sanitized)
 
 
 def warmup_factor(steps_since_reset: int, warmup_steps: int) -> float:
@@ -36,8 +37,7 @@ class SPAM(MomentOptimizer):
                  state_bits: int = 32, block_size: int | None = None) -> None:
         block_size = check_common(lr, betas, eps, weight_decay, state_bits, block_size)
         check_range("threshold", threshold, 0.0, math.inf)
-        if reset_interval is not None and (not isinstance(reset_interval, int) or reset_interval <= 0):
-            raise ValueError(f"invalid reset_interval={reset_interval!r}: must be a positive int (None: never reset)")
+        check_interval("reset_interval", reset_interval)
         for name, value in (("warmup_steps", warmup_steps), ("clip_delay", clip_delay)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"invalid {name}={value!r}: must be an int >= 0")
@@ -47,7 +47,7 @@ class SPAM(MomentOptimizer):
         super().__init__(params, defaults)
 
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
-                     states: list[dict]) -> None:
+                     states: list[dict], seed: int) -> None:
         lr, wd, eps, threshold = group["lr"], group["weight_decay"], group["eps"], group["threshold"]
         beta1, beta2 = group["betas"]
         interval = group["reset_interval"]
@@ -57,7 +57,7 @@ class SPAM(MomentOptimizer):
         adam_count, skipped = stats.unbind(1)
         gmax = torch.stack(torch._foreach_norm(grads, math.inf)).to(stats.dtype)
         finite = torch.isfinite(gmax)
-        clean = masked_scale(grads, finite, None, None)
+        clean = sanitized(grads, stats.dtype)  # a skipped tensor is zeroed by its factor below
 
         exp_avg, exp_avg_sq, coded = self._load_moments(params, states, group)
         if since_reset == 0:
@@ -89,7 +89,7 @@ class SPAM(MomentOptimizer):
         torch._foreach_add_(params, update)
         if wd:
             torch._foreach_mul_(params, torch.where(finite, 1 - lr * wd, torch.ones_like(gmax)).unbind())
-        self._store_moments(states, coded)
+        self._store_moments(states, coded, seed)
 
         new_stats = torch.stack([torch.where(finite, count, adam_count), skipped + (~finite).to(stats.dtype)], dim=1)
         torch._foreach_copy_([s["stats"] for s in states], list(new_stats.unbind(0)))

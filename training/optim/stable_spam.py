@@ -10,15 +10,19 @@ One step for one tensor W with gradient g, at global step T (see shared/spec/sta
 5. Adam with bias corrections in k.
 
 `code_exact=True` reproduces the reference repository instead: the reset step still updates with the
-old moments (zeroed only afterwards), and AdaClip/AdaGN use the resetting counter k instead of j.
-`total_T` (either mode, default off) multiplies beta1 and gamma1 by a cosine factor from 1 to
-`eta_min` over total_T steps, as the reference trainer always does (it passes 20000).
+old moments (zeroed only afterwards), AdaClip/AdaGN use the resetting counter k instead of j, and the
+c_T decay (below) is the repo's. `total_T` (either mode, default off) multiplies beta1 and gamma1 by a
+cosine factor c_T from 1 towards `eta_min`, as the reference trainer always does (it passes 20000):
+clean, c_T reaches eta_min at T = total_T and stays; code_exact, c_T is torch's CosineAnnealingLR with
+T_max = total_T + 1 evaluated at T, i.e. eta_min + (1 - eta_min)(1 + cos(pi T / (total_T + 1))) / 2,
+unclamped (it rises again after T = total_T + 1, as the repo's does).
 
 Non-finite gradients: that tensor's step is skipped (parameter, moments and statistics untouched,
 apart from a scheduled reset) and counted in `skipped_steps()`. Nothing in `step` syncs with the host.
 
 `fused=True` runs the per-element work as two multi-tensor Triton kernels (`fused_triton.py`) instead
-of the foreach passes; the per-tensor statistics are the same code in both paths.
+of the foreach passes; the per-tensor statistics are the same code in both paths. It is a choice of the
+constructor for the whole optimizer: param groups cannot set it, and load_state_dict keeps it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Iterable
 
 import torch
 
-from training.optim.multi_tensor import MomentOptimizer, check_common, check_range, cosine_ramp, masked_scale
+from training.optim.multi_tensor import (MomentOptimizer, adaclip, check_common, check_interval, check_range,
+                                        cosine_ramp, sanitized)
 
 
 def load_fused_kernels():
@@ -38,6 +43,15 @@ def load_fused_kernels():
     except ImportError as error:
         raise ImportError(f"StableSPAM(fused=True) needs triton ({error}); install it or use fused=False") from error
     return fused_triton
+
+
+def beta_decay(step: int, total_T: int | None, eta_min: float, code_exact: bool) -> float:
+    """c_T, the factor on beta1 and gamma1 at global step `step` (1 without total_T); see the module docstring."""
+    if not total_T:
+        return 1.0
+    if code_exact:
+        return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * step / (total_T + 1))) / 2
+    return cosine_ramp(step, total_T, 1.0, eta_min)
 
 
 class StableSPAM(MomentOptimizer):
@@ -55,31 +69,43 @@ class StableSPAM(MomentOptimizer):
         check_range("gamma2", gamma2, 0.0, 1.0)
         check_range("theta", theta, 0.0, 1.0)
         check_range("eta_min", eta_min, 0.0, 1.0, high_open=False)
-        if reset_interval is not None and (not isinstance(reset_interval, int) or reset_interval <= 0):
-            raise ValueError(f"invalid reset_interval={reset_interval!r}: must be a positive int (None: never reset)")
-        if total_T is not None and (not isinstance(total_T, int) or total_T <= 0):
-            raise ValueError(f"invalid total_T={total_T!r}: must be a positive int or None")
+        check_interval("reset_interval", reset_interval)
+        check_interval("total_T", total_T)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
                         gamma2=gamma2, theta=theta, reset_interval=reset_interval, total_T=total_T,
-                        eta_min=eta_min, code_exact=bool(code_exact), state_bits=state_bits, block_size=block_size,
-                        fused=bool(fused))
+                        eta_min=eta_min, code_exact=bool(code_exact), state_bits=state_bits, block_size=block_size)
+        self.fused = bool(fused)  # before super().__init__, which adds the param groups
+        self._kernels = load_fused_kernels() if self.fused else None
         super().__init__(params, defaults)
-        if fused:
-            self._kernels = load_fused_kernels()
-            for group in self.param_groups:
-                for param in group["params"]:
-                    reason = self._kernels.unsupported_reason(param)
-                    if reason:
-                        raise ValueError(f"fused=True cannot step a parameter of shape {tuple(param.shape)}: {reason}")
+
+    def __getstate__(self) -> dict:
+        """torch pickles only defaults/state/param_groups; the implementation choice travels too."""
+        return {**super().__getstate__(), "fused": self.fused}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("fused", False)
+        self._kernels = load_fused_kernels() if self.fused else None
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As the base class; a group may not choose another implementation, and fused groups are checked."""
+        if param_group.get("fused", self.fused) != self.fused:
+            raise ValueError(f"a param group sets fused={param_group['fused']!r} but this optimizer was built with "
+                             f"fused={self.fused}: the implementation is chosen for the whole optimizer")
+        super().add_param_group({k: v for k, v in param_group.items() if k != "fused"})
+        if self.fused:
+            for param in self.param_groups[-1]["params"]:
+                reason = self._kernels.unsupported_reason(param)
+                if reason:
+                    raise ValueError(f"fused=True cannot step a parameter of shape {tuple(param.shape)}: {reason}")
 
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
-                     states: list[dict]) -> None:
+                     states: list[dict], seed: int) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         theta, gamma2 = group["theta"], group["gamma2"]
-        interval, total = group["reset_interval"], group["total_T"]
-        code_exact = group["code_exact"]
-        decay = cosine_ramp(step, total, 1.0, group["eta_min"]) if total else 1.0
+        interval, code_exact = group["reset_interval"], group["code_exact"]
+        decay = beta_decay(step, group["total_T"], group["eta_min"], code_exact)
         beta1, gamma1 = beta1 * decay, group["gamma1"] * decay
         reset = interval is not None and step % interval == 0
 
@@ -98,12 +124,13 @@ class StableSPAM(MomentOptimizer):
         clip_ema_new = theta * clip_ema + (1 - theta) * gmax
         tau = clip_ema_new / (1 - torch.pow(theta, count))
         ratio = torch.where(gmax > tau, tau / gmax, torch.ones_like(tau))
-        if group["fused"]:
+        if self.fused:
             grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
             norm = self._kernels.clipped_norms(grads, tau, ratio).to(stats.dtype)
         else:
-            clipped = masked_scale(grads, finite, tau, ratio)
-            norm = torch.stack(torch._foreach_norm(clipped, 2)).to(stats.dtype)
+            work = sanitized(grads, stats.dtype)
+            adaclip(work, torch.where(finite, tau, -1.0), torch.where(finite, ratio, 0.0))  # skipped: all 0
+            norm = torch.stack(torch._foreach_norm(work, 2))
 
         # AdaGN: rescale each tensor's norm to a smoothed mean/RMS ratio of recent norms.
         norm_ema_new = gamma1 * norm_ema + (1 - gamma1) * norm
@@ -113,49 +140,46 @@ class StableSPAM(MomentOptimizer):
         scale = torch.where(norm > 0, target / norm, torch.ones_like(norm))
         # (1 - beta1) is folded into the gradient; skipped tensors get 0 and keep m and v.
         grad_scale = torch.where(finite, scale * (1 - beta1), 0)
-        one = torch.ones_like(gmax)
-        decay_factor = torch.where(finite, 1 - lr * wd, one)
         # With code_exact the reset step runs with k = 1 on the old moments, so adam_count_new is right
         # for both modes.
         bias1 = 1 - torch.pow(beta1, adam_count_new)
-        bias2 = 1 - torch.pow(beta2, adam_count_new)
+        rsqrt_bias2 = torch.rsqrt(1 - torch.pow(beta2, adam_count_new))
         step_size = torch.where(finite, -lr / bias1, 0)
         exp_avg, exp_avg_sq, coded = self._load_moments(params, states, group)
         clean_reset = reset and not code_exact
+        v_coef = (1 - beta2) / (1 - beta1) ** 2
 
-        if group["fused"]:
-            columns = dict(tau=tau, ratio=ratio, grad_scale=grad_scale, finite=finite.to(stats.dtype),
-                           keep_old=0.0 if clean_reset else 1.0, m_decay=torch.where(finite, beta1, one),
-                           v_decay=torch.where(finite, beta2, one), v_coef=(1 - beta2) / (1 - beta1) ** 2,
-                           decay=decay_factor, step_size=step_size, rsqrt_bias2=torch.rsqrt(bias2), eps=eps)
-            coefficients = torch.stack([columns[name].to(gmax.dtype) if torch.is_tensor(columns[name])
-                                        else torch.full_like(gmax, columns[name])
-                                        for name in self._kernels.COEFFICIENTS], dim=1)
-            self._kernels.update(params, grads, exp_avg, exp_avg_sq, coefficients)
+        if self.fused:
+            per_tensor = dict(tau=tau, ratio=ratio, grad_scale=grad_scale, finite=finite, step_size=step_size,
+                              rsqrt_bias2=rsqrt_bias2)
+            constants = dict(keep_old=0.0 if clean_reset else 1.0, beta1=beta1, beta2=beta2, v_coef=v_coef,
+                             decay=1 - lr * wd, eps=eps)
+            self._kernels.update(params, grads, exp_avg, exp_avg_sq, per_tensor, constants)
         else:
-            torch._foreach_mul_(clipped, grad_scale.unbind())
+            one = torch.ones_like(gmax)
+            torch._foreach_mul_(work, list(grad_scale.unbind()))
             if wd:
-                torch._foreach_mul_(params, decay_factor.unbind())
+                torch._foreach_mul_(params, list(torch.where(finite, 1 - lr * wd, one).unbind()))
             if clean_reset:
                 torch._foreach_zero_(exp_avg)
                 torch._foreach_zero_(exp_avg_sq)
-            torch._foreach_mul_(exp_avg, torch.where(finite, beta1, one).unbind())
-            torch._foreach_add_(exp_avg, clipped)
-            torch._foreach_mul_(exp_avg_sq, torch.where(finite, beta2, one).unbind())
-            torch._foreach_addcmul_(exp_avg_sq, clipped, clipped, value=(1 - beta2) / (1 - beta1) ** 2)
-            del clipped  # free the gradient copy before the update buffers are allocated
+            torch._foreach_mul_(exp_avg, list(torch.where(finite, beta1, one).unbind()))
+            torch._foreach_add_(exp_avg, work)
+            torch._foreach_mul_(exp_avg_sq, list(torch.where(finite, beta2, one).unbind()))
+            torch._foreach_addcmul_(exp_avg_sq, work, work, value=v_coef)
+            del work  # free the gradient copy before the update buffers are allocated
             denom = torch._foreach_sqrt(exp_avg_sq)
-            torch._foreach_mul_(denom, torch.rsqrt(bias2).unbind())
+            torch._foreach_mul_(denom, list(rsqrt_bias2.unbind()))
             torch._foreach_add_(denom, eps)
             update = torch._foreach_div(exp_avg, denom)
             del denom
-            torch._foreach_mul_(update, step_size.unbind())
+            torch._foreach_mul_(update, list(step_size.unbind()))
             torch._foreach_add_(params, update)
 
         if reset and code_exact:  # the reference replaces the state only after using the old moments
             torch._foreach_zero_(exp_avg)
             torch._foreach_zero_(exp_avg_sq)
-        self._store_moments(states, coded)
+        self._store_moments(states, coded, seed)
 
         kept_count = torch.zeros_like(adam_count) if reset else adam_count
         new_stats = torch.stack([

@@ -18,6 +18,20 @@ def cosine(step: int, length: int, start: float, end: float) -> float:
     return end + (start - end) * (1 + math.cos(math.pi * frac)) / 2
 
 
+class RepoCosineDecay:
+    """The reference repo's c_T: torch's CosineAnnealingLR on a dummy optimizer with lr 1 and
+    T_max = total_T + 1, read at every global step (galore_torch/stablespam.py, CosineDecay)."""
+
+    def __init__(self, total_T: int, eta_min: float):
+        self.sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.sgd, total_T + 1, eta_min)
+
+    def next(self) -> float:
+        self.sgd.step()  # no gradient: a no-op that keeps the scheduler from warning
+        self.schedule.step()
+        return self.sgd.param_groups[0]["lr"]
+
+
 class ReferenceStableSPAM:
     """Stable-SPAM per shared/spec/stable_spam.md, clean algorithm or the reference repo's behaviour."""
 
@@ -28,6 +42,7 @@ class ReferenceStableSPAM:
         self.gamma1, self.gamma2, self.theta = gamma1, gamma2, theta
         self.interval, self.total_T, self.eta_min, self.code_exact = reset_interval, total_T, eta_min, code_exact
         self.T = 0
+        self.repo_decay = RepoCosineDecay(total_T, eta_min) if total_T and code_exact else None
         self.clip_events = 0  # (tensor, step) pairs where AdaClip changed something: tests check it is exercised
         self.state = {id(p): dict(m=torch.zeros_like(p), v=torch.zeros_like(p), k=0, j=0, M=0.0, a=0.0, b=0.0)
                       for p in self.params}
@@ -35,7 +50,10 @@ class ReferenceStableSPAM:
     @torch.no_grad()
     def step(self):
         self.T += 1
-        c_T = cosine(self.T, self.total_T, 1.0, self.eta_min) if self.total_T else 1.0
+        if self.repo_decay is not None:
+            c_T = self.repo_decay.next()
+        else:  # clean: 1 down to eta_min at total_T, then flat
+            c_T = cosine(self.T, self.total_T, 1.0, self.eta_min) if self.total_T else 1.0
         beta1, beta2 = self.betas[0] * c_T, self.betas[1]
         gamma1 = self.gamma1 * c_T
         reset = self.interval is not None and self.T % self.interval == 0

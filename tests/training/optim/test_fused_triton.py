@@ -68,19 +68,57 @@ def test_fused_low_precision_params_stay_as_close_to_fp64_as_foreach(dtype):
     assert fused_err <= 1.5 * foreach_err + 1e-7
 
 
-def test_fused_resumes_from_a_foreach_state_dict():
-    """The state layout is the same in both paths: a run may switch between them at a checkpoint."""
+@pytest.mark.parametrize("save_fused", [False, True])
+def test_resuming_keeps_the_constructors_implementation(save_fused, kernels, monkeypatch):
+    """The state layout is the same in both paths: a run may switch at a checkpoint, and the loaded
+    optimizer runs the path it was built with (the saved groups used to overwrite it)."""
     params, resumed_params = on_device(make_params()), on_device(make_params())
-    first = StableSPAM(params, reset_interval=5)
+    first = StableSPAM(params, reset_interval=5, fused=save_fused)
     stream = gradient_stream(params, 12)
     for grads in stream[:6]:
         set_grads(params, grads)
         first.step()
     for p, q in zip(resumed_params, params):
         p.data.copy_(q.data)
-    resumed = StableSPAM(resumed_params, reset_interval=5, fused=True)
+    launches = []
+    monkeypatch.setattr(kernels, "update", lambda *args, real=kernels.update: launches.append(1) or real(*args))
+    resumed = StableSPAM(resumed_params, reset_interval=5, fused=not save_fused)
     resumed.load_state_dict(first.state_dict())
+    assert resumed.fused is not save_fused
+    launches.clear()
     assert_same_trajectory(resumed, resumed_params, first, params, stream[6:])
+    assert len(launches) == 6  # one bucket per step, in whichever of the two runs is fused
+
+
+def test_a_param_group_cannot_choose_another_implementation():
+    params = make_params()
+    with pytest.raises(ValueError, match="fused=True but this optimizer was built with fused=False"):
+        StableSPAM([{"params": params[:2], "fused": True}, {"params": params[2:]}])
+    fused = StableSPAM(on_device(params[:2]), fused=True)
+    with pytest.raises(ValueError, match="not contiguous"):
+        fused.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 6, device=DEVICE).t())]})
+
+
+def test_fused_reads_non_contiguous_and_reallocated_gradients(kernels):
+    """A transposed gradient is copied to a contiguous one; a gradient replaced by a tensor at another
+    address is read there (the cached address table is keyed by the pointers themselves)."""
+    base = make_params()
+    fused_params, foreach_params = on_device(base), on_device(base)
+    fused, foreach = StableSPAM(fused_params, fused=True), StableSPAM(foreach_params)
+    kept = []  # keeps every gradient alive, so no new one can reuse an old address
+    for grads in gradient_stream(base, 4):
+        for params in (fused_params, foreach_params):
+            for p, g in zip(params, grads):
+                g = g.to(DEVICE)
+                p.grad = g.t().contiguous().t() if g.ndim == 2 else g.clone()
+                kept.append(p.grad)
+        assert not fused_params[0].grad.is_contiguous()
+        fused.step()
+        foreach.step()
+        for p, q in zip(fused_params, foreach_params):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    tensors = [[p for p in fused_params]]
+    assert kernels.address_table(tensors, fused_params[0].device) is kernels.address_table(tensors, fused_params[0].device)
 
 
 def test_fused_refuses_what_the_kernels_cannot_step(kernels, monkeypatch):

@@ -13,11 +13,13 @@ from tests.training.optim.problems import (assert_same_trajectory, clone_params,
                                           make_params, set_grads, to_device)
 from tests.training.optim.reference import ReferenceStableSPAM
 from training.optim import SPAM, StableSPAM, build_optimizer
+from training.optim.stable_spam import beta_decay
 
 CONFIGS = [
     dict(reset_interval=7),
     dict(reset_interval=7, code_exact=True),
     dict(reset_interval=6, code_exact=True, total_T=30, weight_decay=0.1, lr=3e-2),
+    dict(reset_interval=9, code_exact=True, total_T=10, eta_min=0.3),  # 25 steps: past total_T + 1
     dict(reset_interval=None, total_T=20, eta_min=0.2, gamma1=0.85, gamma2=0.99999),
     dict(reset_interval=4, theta=0.9, lr=1e-1, eps=1e-6),
 ]
@@ -67,24 +69,47 @@ def test_code_exact_equals_clean_without_resets_and_drifts_with_them():
     assert drift > 1e-4
 
 
-def test_adaclip_removes_injected_spike_from_second_moment():
-    """Inject a 1000x spike in one element at step 50: v stays within 2x of its pre-spike value (Adam's jumps)."""
+def test_code_exact_decay_is_the_repos_cosine_annealing():
+    """code_exact: torch's CosineAnnealingLR(T_max = total_T + 1) read at T, as the repo's CosineDecay does,
+    including past total_T + 1 where it rises again; clean: 1 down to eta_min at total_T, then flat."""
+    total_T, eta_min = 12, 0.5
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, total_T + 1, eta_min)
+    for T in range(1, 3 * total_T):
+        sgd.step()
+        schedule.step()
+        assert beta_decay(T, total_T, eta_min, code_exact=True) == pytest.approx(sgd.param_groups[0]["lr"], abs=1e-12)
+    assert beta_decay(total_T, total_T, eta_min, code_exact=True) > eta_min  # the repo's is one step short
+    assert beta_decay(total_T, total_T, eta_min, code_exact=False) == pytest.approx(eta_min)
+    assert beta_decay(2 * total_T, total_T, eta_min, code_exact=False) == pytest.approx(eta_min)
+    assert beta_decay(7, None, eta_min, code_exact=True) == 1.0
+
+
+def _spike_share(theta: float) -> float:
+    """Inject a 1000x spike in one element at step 50; return that element's share of the step's m
+    increment, (1 - beta1) * clipped and AdaGN-scaled gradient, over the median element's."""
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(64, generator=gen, dtype=torch.float64)
-    w, a = torch.nn.Parameter(torch.zeros(64, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(64, dtype=torch.float64))
-    opt, adam = StableSPAM([w], lr=1e-3, reset_interval=None), torch.optim.Adam([a], lr=1e-3)
-    for t in range(60):
+    w = torch.nn.Parameter(torch.zeros(64, dtype=torch.float64))
+    opt = StableSPAM([w], lr=1e-3, reset_interval=None, theta=theta)
+    for t in range(51):
         g = base + 0.05 * torch.randn(64, generator=gen, dtype=torch.float64)
         if t == 50:
-            before, before_adam = opt.state[w]["exp_avg_sq"].max().item(), adam.state[a]["exp_avg_sq"].max().item()
             g[3] *= 1000
-        w.grad, a.grad = g.clone(), g.clone()
+            m_before = opt.state[w]["exp_avg"].clone()
+        w.grad = g
         opt.step()
-        adam.step()
-        if t == 50:
-            after, after_adam = opt.state[w]["exp_avg_sq"].max().item(), adam.state[a]["exp_avg_sq"].max().item()
-    assert after < 2 * before
-    assert after_adam > 100 * before_adam
+    increment = (opt.state[w]["exp_avg"] - 0.9 * m_before).abs()
+    return increment[3].item() / increment[torch.arange(64) != 3].median().item()
+
+
+def test_adaclip_clips_the_spike_that_adagn_alone_lets_dominate():
+    """With AdaClip the spike enters m at the threshold tau (the EMA of maxima, itself raised ~7x by the
+    spike this early: ~27x the median element). With AdaClip off (theta = 0: tau = max|g|, nothing
+    above it) AdaGN only rescales the whole tensor, so the spike keeps its ~1000x share."""
+    clipped, unclipped = _spike_share(theta=0.999), _spike_share(theta=0.0)
+    assert clipped < 40
+    assert unclipped > 700
 
 
 def test_clipped_elements_land_at_or_below_threshold():
@@ -229,6 +254,77 @@ def test_loading_a_mismatched_state_dict_raises():
         StableSPAM(clone_params(params)[:3]).load_state_dict(good)
     with pytest.raises(ValueError, match="code_exact"):
         StableSPAM(clone_params(params), code_exact=True).load_state_dict(good)
+
+
+@pytest.mark.parametrize("option, value", [("reset_interval", 7), ("gamma1", 0.85), ("gamma2", 0.99999),
+                                           ("theta", 0.99), ("total_T", 1000), ("eta_min", 0.2), ("eps", 1e-6),
+                                           ("code_exact", True), ("state_bits", 8)])
+def test_loading_a_state_saved_with_another_algorithm_option_names_it(option, value):
+    params = make_params(dtype=torch.float32)
+    saved = _trained(lambda p: StableSPAM(p, reset_interval=4, total_T=100), clone_params(params))
+    options = dict(reset_interval=4, total_T=100) | {option: value}
+    with pytest.raises(ValueError, match=f"saved with {option}="):
+        StableSPAM(clone_params(params), **options).load_state_dict(saved)
+
+
+def test_loading_restores_scheduled_options_as_torch_does():
+    """lr (any scheduler), betas (OneCycleLR) and weight decay change legitimately during a run: the
+    checkpoint's values win, and a scheduler resumed beside the optimizer continues where it stopped."""
+    params = make_params(dtype=torch.float32)
+    opt = StableSPAM(params, lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for grads in gradient_stream(params, 3):
+        set_grads(params, grads)
+        opt.step()
+        schedule.step()
+    resumed = StableSPAM(clone_params(params), lr=1e-2, betas=(0.95, 0.99), weight_decay=0.3)
+    resumed_schedule = torch.optim.lr_scheduler.LambdaLR(resumed, lambda step: 0.5 ** step)
+    resumed.load_state_dict(opt.state_dict())
+    resumed_schedule.load_state_dict(schedule.state_dict())
+    group = resumed.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"], group["step"]) == (1e-2 / 8, (0.9, 0.999), 0.0, 3)
+    resumed_schedule.step()
+    assert group["lr"] == pytest.approx(1e-2 / 16)
+
+
+@pytest.mark.parametrize("cls", [StableSPAM, SPAM])
+def test_bf16_params_keep_fp32_moments_that_decay(cls):
+    """bf16 master weights: m and v are fp32, so v follows a 0.1% per-step decay (bf16 moments, with 8
+    mantissa bits, stayed where they were). Same gradients as an fp32-parameter run: same v."""
+    gen = torch.Generator().manual_seed(0)
+    runs = {dtype: torch.nn.Parameter(torch.zeros(256, dtype=dtype)) for dtype in (torch.bfloat16, torch.float32)}
+    opts = {dtype: cls([w], lr=1e-4, reset_interval=None) for dtype, w in runs.items()}
+    for t in range(400):
+        g = torch.randn(256, generator=gen) * (1.0 if t < 100 else 0.01)
+        for dtype, w in runs.items():
+            w.grad = g.to(torch.bfloat16).to(dtype)
+            opts[dtype].step()
+    state = opts[torch.bfloat16].state[runs[torch.bfloat16]]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert runs[torch.bfloat16].dtype == torch.bfloat16
+    torch.testing.assert_close(state["exp_avg_sq"], opts[torch.float32].state[runs[torch.float32]]["exp_avg_sq"],
+                               rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_gradients_of_another_dtype_are_read_as_they_are(fused):
+    """torch allows fp64 gradients on fp32 weights with `grad_dtype = None`: both paths read them in their
+    own dtype (the fused kernel used to read them as fp32) and match an fp32 run on the rounded values."""
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        pytest.skip("this torch has no grad_dtype")
+    device = fused_device() if fused else "cpu"
+    params, plain = to_device(make_params(dtype=torch.float32), device), to_device(make_params(dtype=torch.float32), device)
+    for p in params:
+        p.grad_dtype = None
+    opt, ref = StableSPAM(params, fused=fused, lr=1e-2), StableSPAM(plain, lr=1e-2)
+    for grads in gradient_stream(params, 6):
+        for p, q, g in zip(params, plain, grads):
+            p.grad = g.to(device=device, dtype=torch.float64).float().double()  # fp32 values held in fp64
+            q.grad = g.to(device=device, dtype=torch.float32)
+        opt.step()
+        ref.step()
+    for p, q in zip(params, plain):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_closure_and_bf16_params():
