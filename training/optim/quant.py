@@ -4,10 +4,16 @@
   scale = (max - min)/15 clamped at 1e-5, a rounded zero point, round to nearest.
 - INT4 activations: the input of each quantized linear, in groups along the feature dimension
   (default 256: what the reference code actually ran, not the 64 its scripts ask for); the top-k (2)
-  absolute values per group stay in full precision; the rest symmetric absmax signed 4-bit,
-  optionally with stochastic rounding.
+  absolute values per group stay in full precision; the rest symmetric absmax signed 4-bit
+  (x * 7 / absmax). `act_rounding="floor"` (the default) is what the reference code ran: it truncates,
+  floor(x), and with stochastic rounding floor(x + U - 0.5), so codes are biased half a step down;
+  "nearest" rounds to nearest, and floor(x + U) (unbiased) when stochastic.
 - FP4: per-group absmax scale onto an FP4 grid with the top-k outliers kept, for weights and
-  activations alike; "fp4_e1m2" is the reference code's grid, "fp4_e2m1" the OCP MX hardware format.
+  activations alike. "fp4_e1m2" is the grid the reference code's E1M2 fake-quantizer (1 exponent bit,
+  2 mantissa bits, bias 1) actually produces: its exponent always lands on the lowest binade, so every
+  value is rounded with one step of absmax/4, i.e. {0, 1/4, 1/2, 3/4, 1} x absmax (5 magnitudes, 9
+  levels), not the 8 magnitudes (0..1.75) of an E1M2 format. "fp4_e2m1" is the OCP MX hardware format,
+  {0, 0.5, 1, 1.5, 2, 3, 4, 6} x absmax/6. Values round to the nearest level.
 - Straight-through estimator: forward with the quantized tensor, gradient as if unquantized; the
   backward of the linear therefore sees the quantized activation (grad_W = g^T x_q) and weight
   (grad_x = g W_q). Gradients themselves are not quantized.
@@ -24,12 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMATS = ("int4", "fp4_e1m2", "fp4_e2m1")
-# Non-negative magnitudes of each FP4 grid. E1M2 (1 exponent bit, 2 mantissa bits, bias 1): subnormals
-# m/4 and normals 1 + m/4. E2M1: the OCP MX FP4 values.
+ACT_ROUNDING = ("floor", "nearest")
+# Non-negative magnitudes of each FP4 grid, largest = the group's absmax. E1M2 as the reference code ran
+# it (see the module docstring); E2M1: the OCP MX FP4 values.
 FP4_GRIDS = {
-    "fp4_e1m2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+    "fp4_e1m2": (0.0, 0.25, 0.5, 0.75, 1.0),
     "fp4_e2m1": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
 }
+# The reference code's floor on a group's absmax (activations and FP4).
+MIN_ABSMAX = 1e-6
 MASTER_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -38,7 +47,8 @@ class QuantConfig:
     """What to quantize and how. `None` as a format leaves that side in full precision.
 
     `outliers` is the top-k kept per group for activations (both formats) and for FP4 weights;
-    INT4 weights are plain asymmetric min-max, as in the paper. `exclude` names (full or last
+    INT4 weights are plain asymmetric min-max, as in the paper. `act_rounding` applies to INT4
+    activations ("floor": as the reference code ran; "nearest"). `exclude` names (full or last
     component) are never swapped, on top of the model's output head, which is always skipped unless
     `quantize_head` is set; `include`, when given, restricts swapping to those names.
     """
@@ -49,6 +59,7 @@ class QuantConfig:
     act_group: int = 256
     outliers: int = 2
     stochastic_round: bool = False
+    act_rounding: str = "floor"
     exclude: tuple[str, ...] = ("lm_head",)
     include: tuple[str, ...] | None = None
     quantize_head: bool = False
@@ -58,6 +69,8 @@ class QuantConfig:
             value = getattr(self, name)
             if value is not None and value not in FORMATS:
                 raise ValueError(f"invalid {name}={value!r}: must be one of {FORMATS} or None")
+        if self.act_rounding not in ACT_ROUNDING:
+            raise ValueError(f"invalid act_rounding={self.act_rounding!r}: must be one of {ACT_ROUNDING}")
         for name in ("weight_group", "act_group"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be > 0")
@@ -110,15 +123,23 @@ def int_asym_groups(groups: torch.Tensor, bits: int = 4) -> torch.Tensor:
     return (q - zero) * scale
 
 
-def int_sym_groups(groups: torch.Tensor, bits: int = 4, outliers: int = 2, stochastic: bool = False) -> torch.Tensor:
-    """Symmetric absmax signed quantize-dequantize of each row, its top-`outliers` |values| kept exact."""
+def int_sym_groups(groups: torch.Tensor, bits: int = 4, outliers: int = 2, stochastic: bool = False,
+                   rounding: str = "floor") -> torch.Tensor:
+    """Symmetric absmax signed quantize-dequantize of each row, its top-`outliers` |values| kept exact.
+
+    rounding "floor" (the reference code): floor(x), or floor(x + U - 0.5) when stochastic;
+    "nearest": round(x), or floor(x + U) when stochastic.
+    """
     mask = _outlier_mask(groups, outliers)
     rest = groups.masked_fill(mask, 0.0)
     levels = 2 ** (bits - 1) - 1
-    scale = (rest.abs().amax(dim=1, keepdim=True) / levels).clamp_min(1e-8)
-    scaled = rest / scale
-    rounded = torch.floor(scaled + torch.rand_like(scaled)) if stochastic else torch.round(scaled)
-    q = torch.clamp(rounded, -levels - 1, levels) * scale
+    absmax = rest.abs().amax(dim=1, keepdim=True).clamp_min(MIN_ABSMAX)
+    scaled = rest * (levels / absmax)  # the reference's order of operations: floor() is sensitive to it
+    if stochastic:
+        rounded = torch.floor(scaled + torch.rand_like(scaled) - (0.5 if rounding == "floor" else 0.0))
+    else:
+        rounded = torch.floor(scaled) if rounding == "floor" else torch.round(scaled)
+    q = torch.clamp(rounded, -levels - 1, levels) * absmax / levels
     return torch.where(mask, groups, q)
 
 
@@ -133,7 +154,7 @@ def fp4_groups(groups: torch.Tensor, fmt: str, outliers: int = 2) -> torch.Tenso
     grid = _grid(fmt, groups.device, groups.dtype)
     mask = _outlier_mask(groups, outliers)
     rest = groups.masked_fill(mask, 0.0)
-    scale = (rest.abs().amax(dim=1, keepdim=True) / grid[-1]).clamp_min(1e-12)
+    scale = rest.abs().amax(dim=1, keepdim=True).clamp_min(MIN_ABSMAX) / grid[-1]
     scaled = rest / scale
     index = torch.bucketize(scaled.abs(), (grid[1:] + grid[:-1]) / 2)
     q = grid[index] * scaled.sign() * scale
@@ -148,10 +169,13 @@ def quantize_weight(w: torch.Tensor, fmt: str, group: int = 256, outliers: int =
 
 
 def quantize_activation(x: torch.Tensor, fmt: str, group: int = 256, outliers: int = 2,
-                        stochastic: bool = False) -> torch.Tensor:
+                        stochastic: bool = False, rounding: str = "floor") -> torch.Tensor:
     """Quantize-dequantize an activation in feature groups (no gradient; see `ste`)."""
     groups = _last_dim_groups(x.detach(), group)
-    q = int_sym_groups(groups, 4, outliers, stochastic) if fmt == "int4" else fp4_groups(groups, fmt, outliers)
+    if fmt == "int4":
+        q = int_sym_groups(groups, 4, outliers, stochastic, rounding)
+    else:
+        q = fp4_groups(groups, fmt, outliers)
     return _ungroup_last_dim(q, x)
 
 
@@ -183,13 +207,13 @@ class QuantLinear(nn.Linear):
             weight = ste(weight, quantize_weight(weight, cfg.weight_format, cfg.weight_group, cfg.outliers))
         if cfg.act_format is not None:
             x = ste(x, quantize_activation(x, cfg.act_format, cfg.act_group, cfg.outliers,
-                                           cfg.stochastic_round and self.training))
+                                           cfg.stochastic_round and self.training, cfg.act_rounding))
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         cfg = self.config
         return (f"{super().extra_repr()}, weight={cfg.weight_format}/g{cfg.weight_group}, "
-                f"act={cfg.act_format}/g{cfg.act_group}, outliers={cfg.outliers}")
+                f"act={cfg.act_format}/g{cfg.act_group}/{cfg.act_rounding}, outliers={cfg.outliers}")
 
 
 def _excluded(name: str, config: QuantConfig) -> bool:

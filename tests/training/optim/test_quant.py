@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -27,14 +29,33 @@ def test_int4_activation_keeps_top2_outliers_exact():
     groups = _data(30, 256)
     groups[:, 5] = 50.0
     groups[:, 9] = -80.0
-    q = int_sym_groups(groups, outliers=2)
+    q = int_sym_groups(groups, outliers=2, rounding="nearest")
     assert torch.equal(q[:, 5], groups[:, 5]) and torch.equal(q[:, 9], groups[:, 9])
     rest = groups.clone()
     rest[:, [5, 9]] = 0
     scale = rest.abs().amax(1, keepdim=True) / 7
     assert torch.all((q - groups).abs() <= scale / 2 * (1 + 1e-5))
-    no_outliers = int_sym_groups(groups, outliers=0)
+    no_outliers = int_sym_groups(groups, outliers=0, rounding="nearest")
     assert (no_outliers - groups).abs().mean() > 3 * (q - groups).abs().mean()
+
+
+def test_int4_activation_floor_truncates_as_the_reference_code_ran():
+    """The default: codes floor(x * 7 / absmax), so every error lies in (-step, 0] and averages half a
+    step; with stochastic rounding floor(x + U - 0.5) keeps that bias, "nearest" + stochastic removes it."""
+    groups = _data(64, 256)
+    rest = ~torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, 1).indices, True)
+    step = groups.masked_fill(~rest, 0).abs().amax(1, keepdim=True) / 7  # the outliers stay out of the scale
+    error = ((int_sym_groups(groups) - groups) / step)[rest]
+    assert torch.all((error <= 1e-5) & (error > -1 - 1e-5))
+    assert error.mean().item() == pytest.approx(-0.5, abs=0.03)
+    nearest = ((int_sym_groups(groups, rounding="nearest") - groups) / step)[rest]
+    assert nearest.abs().max() <= 0.5 + 1e-5 and abs(nearest.mean().item()) < 0.03
+    torch.manual_seed(0)
+    floor_sr = torch.stack([(int_sym_groups(groups, stochastic=True) - groups) / step for _ in range(20)])
+    nearest_sr = torch.stack([(int_sym_groups(groups, stochastic=True, rounding="nearest") - groups) / step
+                              for _ in range(20)])
+    assert floor_sr[:, rest].mean().item() == pytest.approx(-0.5, abs=0.03)
+    assert abs(nearest_sr[:, rest].mean().item()) < 0.03
 
 
 @pytest.mark.parametrize("fmt", sorted(FP4_GRIDS))
@@ -51,9 +72,32 @@ def test_fp4_values_lie_on_the_named_grid(fmt):
     assert torch.allclose(((q - groups) / scale).abs()[~mask], nearest, atol=1e-5)
 
 
-def test_e2m1_and_e1m2_grids():
-    assert FP4_GRIDS["fp4_e2m1"] == (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-    assert FP4_GRIDS["fp4_e1m2"] == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+@pytest.mark.parametrize("fmt, levels", [("fp4_e1m2", [0.0, 0.25, 0.5, 0.75, 1.0]),
+                                         ("fp4_e2m1", [0.0, 1 / 12, 1 / 6, 0.25, 1 / 3, 0.5, 2 / 3, 1.0])])
+def test_each_fp4_grid_has_exactly_its_levels(fmt, levels):
+    """Every level in units of the group's absmax (outliers off), both signs, and nothing else:
+    E1M2 as the reference code ran it has 5 magnitudes, the E2M1 hardware format 8."""
+    groups = torch.linspace(-1, 1, 4001).view(1, -1)
+    values = (fp4_groups(groups, fmt, outliers=0) / groups.abs().max()).unique()
+    expected = torch.tensor(sorted({sign * level for level in levels for sign in (-1.0, 1.0)}))
+    torch.testing.assert_close(values, expected)
+
+
+def _reference_e1m2(groups: torch.Tensor) -> torch.Tensor:
+    """The reference code's FP4 fake quantizer (utils/act_weight_fp4.py), from its equations: e = 1,
+    m = 2, b = 1; alpha = group absmax, alpha_hat = alpha 2^-b, b_hat = 2^e - log2(alpha) + log2(2 - 2^-m) - 1,
+    v = 2^max(floor(log2|x| + b_hat) - m, 1 - m), q = alpha_hat v round(x / (alpha_hat v))."""
+    e, m, b = 1, 2, 1
+    alpha = groups.abs().amax(1, keepdim=True).clamp_min(1e-6)
+    alpha_hat = alpha * 2.0 ** -b
+    b_hat = 2 ** e - torch.log2(alpha) + math.log2(2 - 2.0 ** -m) - 1
+    v = torch.pow(2.0, torch.clamp(torch.floor(torch.log2(groups.abs() + 1e-8) + b_hat) - m, min=1 - m))
+    return alpha_hat * v * torch.round(groups / (alpha_hat * v))
+
+
+def test_e1m2_matches_the_reference_codes_arithmetic():
+    groups = _data(40, 256) * torch.exp(_data(40, 1, seed=5))
+    torch.testing.assert_close(fp4_groups(groups, "fp4_e1m2", outliers=0), _reference_e1m2(groups))
 
 
 def test_group_size_is_an_option():
@@ -116,6 +160,7 @@ def test_quantize_model_include_and_exclude():
 
 
 @pytest.mark.parametrize("kwargs", [dict(weight_format="int8"), dict(act_format="fp8"), dict(weight_group=0),
+                                    dict(act_rounding="ceil"),
                                     dict(outliers=-1), dict(outliers=300)])
 def test_invalid_quant_config_raises(kwargs):
     with pytest.raises(ValueError, match="invalid"):
