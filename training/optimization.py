@@ -2,7 +2,7 @@
 
 Weight decay skips gains, biases and the logit scale (every tensor with
 fewer than two dimensions), as open_clip does. The schedule is linear warmup
-then cosine to zero. The optimizer comes from `training.optim`: Stable-SPAM
+then cosine to zero (or to a floor). The optimizer comes from `training.optim`: Stable-SPAM
 (the default), SPAM or torch's AdamW.
 """
 
@@ -36,12 +36,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return build_optimizer(config.optimizer, groups, **options)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Multiplier (step+1)/warmup during warmup, then cosine from 1 to 0 at total_steps."""
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  final_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Multiplier (step+1)/warmup during warmup, then cosine from 1 to `final_ratio` at total_steps
+    (the trainer decays to 0; the Stable-SPAM paper's runs to 0.1)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

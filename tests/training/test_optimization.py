@@ -6,7 +6,7 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.optim import SPAM, StableSPAM
-from training.optimization import make_optimizer, param_groups
+from training.optimization import make_optimizer, param_groups, warmup_cosine
 
 
 def model(width: int = 8) -> nn.Module:
@@ -44,3 +44,17 @@ def test_param_groups_skip_frozen_parameters():
     net[0].weight.requires_grad_(False)
     groups = param_groups(net, 0.1)
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters())) - 1
+
+
+@pytest.mark.parametrize("final_ratio", [0.0, 0.1])
+def test_warmup_cosine_ramps_then_decays_to_the_floor(final_ratio):
+    opt = torch.optim.SGD(model().parameters(), lr=2.0)
+    schedule = warmup_cosine(opt, warmup_steps=4, total_steps=14, final_ratio=final_ratio)
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert lrs[9] == pytest.approx(2.0 * (final_ratio + (1 - final_ratio) * 0.5))  # half-way through the decay
+    assert lrs[14:] == pytest.approx([2.0 * final_ratio] * 2)
