@@ -16,13 +16,13 @@ FIELDS = ("step", "metric", "value")
 
 
 class MetricsLog:
+    """Appends metric rows; on resume keeps the rows up to the resume step (a fresh file, header first, if none)."""
+
     def __init__(self, output: str | Path, resume_step: int = 0, tensorboard: bool = True):
         self.path = Path(output) / METRICS_CSV
-        if resume_step and self.path.is_file():
-            rows = [r for r in self.read(self.path) if int(r["step"]) <= resume_step]
-            self._write_all(rows)
-        elif not resume_step:
-            self._write_all([])
+        kept = [r for r in self.read(self.path) if int(r["step"]) <= resume_step] \
+            if resume_step and self.path.is_file() else []
+        self._write_all(kept)
         self.writer = None
         if tensorboard:
             try:
