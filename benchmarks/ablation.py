@@ -28,13 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import pyarrow.parquet as pq  # noqa: E402
-
 from curation.demo_data import generate  # noqa: E402
 from curation.shards import read_manifest  # noqa: E402
 from pipelines import ingest  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.loop import train  # noqa: E402
+from training.shard_set import has_values  # noqa: E402
 
 COLUMNS = ("zeroshot_top1", "zeroshot_top5", "zeroshot_colour_acc", "zeroshot_shape_acc", "eval_i2t_r@1",
            "eval_t2i_r@1", "holdout_i2t_r@1", "holdout_t2i_r@1", "holdout_i2t_r@10", "final_loss")
@@ -53,14 +52,6 @@ def run_stage(module_name: str, source: Path, output: Path, workdir: Path, seed:
     module.run(flags)
     print(f"[ablation] {module_name}: {read_manifest(output)['rows']} rows in {time.perf_counter() - start:.0f}s")
     return output
-
-
-def has_values(directory: Path, column: str) -> bool:
-    for shard in sorted(directory.glob("part-*.parquet")):
-        table = pq.read_table(shard, columns=[column]) if column in pq.read_schema(shard).names else None
-        if table is not None and table.column(column).null_count < table.num_rows:
-            return True
-    return False
 
 
 def main() -> None:
@@ -124,7 +115,7 @@ def main() -> None:
             config = TrainConfig(input=str(source), output=str(workdir / "models" / name), seed=args.seed,
                                  preset="tiny", image_size=args.image_size, steps=args.steps,
                                  batch_size=args.batch_size, lr=2e-3, warmup_steps=max(args.steps // 10, 1),
-                                 weight_decay=0.1, workers=1, threads=args.threads, progress=False, resume=False,
+                                 weight_decay=0.1, workers=1, threads=args.threads, progress=False, overwrite=True,
                                  eval=str(demo / "eval"), classes=str(demo / "classes.json"), **extra)
             start = time.perf_counter()
             results[name] = train(config).metrics

@@ -15,10 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from training.config import argparse_flags, config_from_args
 from training.loop import TrainResult, train
+from training.shard_set import has_values
 
 # The demo chain's outputs, most processed first: the first that exists is what train reads.
 DEMO_INPUTS = ("training_shards", "captioned_pairs", "rewritten_pairs", "balanced_pairs", "raw_pairs")
@@ -35,27 +34,18 @@ def run(argv: list[str] | None = None) -> TrainResult:
     return train(config_from_args(parse_args(argv)))
 
 
-def _has_values(directory: Path, column: str) -> bool:
-    """True when some shard holds a non-null `column` (the caption stage may leave fused captions null)."""
-    for shard in sorted(directory.glob("part-*.parquet")):
-        if column in pq.read_schema(shard).names:
-            values = pq.read_table(shard, columns=[column]).column(0)
-            if values.null_count < len(values):
-                return True
-    return False
-
-
 def demo_flags(workdir: Path) -> list[str]:
     """Demo-sized training: the tiny model for a few minutes on CPU, scored on the demo's labelled split.
 
-    Fused captions join the mix half the time (VeCLIP) when the caption stage has produced them.
+    Fused captions join the mix half the time (VeCLIP) when the caption stage has produced them. Each demo
+    run starts over (`--overwrite`): the demo's input is rebuilt between runs.
     """
     workdir = Path(workdir)
     flags = ["--preset", "tiny", "--image_size", "32", "--steps", "200", "--batch_size", "64", "--warmup_steps", "20",
              "--lr", "2e-3", "--weight_decay", "0.1", "--eval", str(workdir / "demo" / "eval"),
-             "--classes", str(workdir / "demo" / "classes.json"), "--eval_every", "50", "--no-resume"]
+             "--classes", str(workdir / "demo" / "classes.json"), "--eval_every", "50", "--overwrite"]
     newest = next((workdir / name for name in DEMO_INPUTS if (workdir / name).is_dir()), None)
-    if newest is not None and _has_values(newest, "fused_caption"):
+    if newest is not None and has_values(newest, "fused_caption"):
         flags += ["--fused_ratio", "0.5"]
     return flags
 

@@ -35,6 +35,7 @@ class TrainConfig:
     tokenizer: str = opt("", "empty: train a BPE on the shards' texts; else a CLIP tokenizer id or path")
     vocab_size: int = opt(0, "size of the trained BPE; 0: the preset's")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    compile: bool = opt(False, "torch.compile the two towers (saved weights come from the uncompiled model)")
 
     # Data.
     batch_size: int = opt(64, "per rank and per micro-step")
@@ -48,6 +49,10 @@ class TrainConfig:
     fused_ratio: float = opt(0.0, "VeCLIP: share of visits that train on the fused caption")
     synthetic_ratio: float = opt(0.0, "share of visits that train on the synthetic caption")
     online_curation: bool = opt(False, "keep each row with its keep_prob, drawn anew every epoch")
+    t: float = opt(0.0, "online curation at this MetaCLIP t, from matched_entries and the balance stage's "
+                        "entry counts; 0: the keep_prob the balance stage wrote")
+    entry_counts: str = opt("", "the balance stage's entry_counts.parquet for --t; empty: found through the "
+                                "shards' stage chain")
 
     # Optimisation.
     steps: int = opt(200, "optimizer steps of the whole run")
@@ -61,20 +66,23 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "0 disables clipping")
     optimizer: str = opt("stable_spam", "from training.optim; adamw is torch's own")
     optimizer_state_bits: int = opt(32, "stable_spam/spam moments stored in 32, 8 or 4 bits (blockwise)")
-    fused_optimizer: bool = opt(False, "stable_spam's Triton kernels instead of foreach ops (CUDA)")
+    fused_optimizer: bool = opt(False, "stable_spam's Triton kernels, or torch's fused AdamW, instead of foreach "
+                                       "ops; fused AdamW skips a non-finite step on the GPU without a host sync")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
     max_bad_steps: int = opt(5, "NaN/inf losses in a row before the run stops")
 
     # Checkpoints and resume.
     checkpoint_every: int = opt(100, "steps between checkpoints")
     keep_checkpoints: int = opt(2, "newest checkpoints kept")
-    resume: bool = opt(True, "continue from the newest checkpoint in output")
+    resume: bool = opt(True, "continue from the newest checkpoint in output (same settings, same input)")
+    overwrite: bool = opt(False, "delete what an earlier run left in output (checkpoints, metrics, model), start over")
     stop_after_steps: int = opt(0, "stop (as if killed) after this many steps; 0: run to `steps`")
 
     # Evaluation and logging.
     eval: str = opt("", "labelled eval split (key, image, label, ...) for zero-shot")
     classes: str = opt("", "classes.json (list of class names); default: eval/../classes.json")
     eval_every: int = opt(0, "0: only at the end")
+    holdout_max_pairs: int = opt(1000, "held-out pairs scored for retrieval, the first ones in shard order")
     log_every: int = opt(10, "steps between metric rows")
     progress: bool = opt(True, "progress bar with samples/s")
     threads: int = opt(0, "torch CPU threads; 0: leave torch's default")
@@ -92,11 +100,16 @@ class TrainConfig:
             "optimizer": self.optimizer in OPTIMIZERS, "precision": self.precision in ("auto", "bf16", "fp32"),
             "optimizer_state_bits": self.optimizer_state_bits in (32, 8, 4)
             and (self.optimizer_state_bits == 32 or self.optimizer != "adamw"),
-            "fused_optimizer": not self.fused_optimizer or self.optimizer == "stable_spam",
+            "fused_optimizer": not self.fused_optimizer or self.optimizer in ("stable_spam", "adamw"),
+            "t": self.t >= 0 and math.isfinite(self.t),
+            "holdout_max_pairs": self.holdout_max_pairs >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError("invalid training settings: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+        if (self.t or self.entry_counts) and not (self.online_curation and self.t):
+            raise ValueError("--t (and --entry_counts with it) sets the cap of online curation: pass "
+                             "--online_curation --t T")
         if self.fused_ratio + self.synthetic_ratio > 1.0:
             raise ValueError(f"fused_ratio + synthetic_ratio must be <= 1, got {self.fused_ratio + self.synthetic_ratio}")
 
@@ -131,7 +144,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 # Settings that may differ between a run and its resumption without changing what is trained.
 RESUME_FREE = frozenset({"stop_after_steps", "progress", "log_every", "eval_every", "threads",
-                         "checkpoint_every", "keep_checkpoints", "resume", "eval", "classes"})
+                         "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "eval", "classes",
+                         "holdout_max_pairs", "compile"})
 
 
 def resume_mismatches(saved: dict, current: TrainConfig) -> list[str]:

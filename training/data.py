@@ -1,20 +1,27 @@
-"""Streaming Parquet shards into training batches: checks first, then split, shuffle, curate, decode, tokenize.
+"""Streaming the checked shards into training batches: split, curate, shuffle, decode, tokenize, batch.
 
-- `inspect_shards` reads only Parquet footers and refuses, before any
-  training, a dataset with a missing required column, a mistyped column or an
-  incompatible schema version, naming the file and the column.
-- The unit of work is one row group of one shard. Every epoch the units are
-  put in an order drawn from (seed, epoch) and dealt to the
-  `world_size x workers` readers, so no two readers share a row.
+- The unit of work is one row group of one shard (`training.shard_set`).
+  Every epoch the units are put in an order drawn from (seed, epoch) and dealt
+  to the `world_size x readers` readers, so no two readers share a row.
 - Each reader runs its rows through: held-out filter (a hash of the key, the
   same for every seed, so every run is scored on the same rows), online
-  curation (keep with keep_prob, drawn anew each epoch), a shuffle buffer, then
-  image decoding, cropping, text choice and tokenization, all in the
-  DataLoader worker. A corrupt image is skipped and counted.
-- Resume: every sample carries its reader and its position in that reader's
-  stream (before decoding), so `LoaderState` knows exactly what was consumed;
-  a resumed reader fast-forwards without decoding, and the reader order is
-  rotated so batches arrive in the same order as in an uninterrupted run.
+  curation (`training.online_curation`, drawn anew each epoch), a shuffle
+  buffer, then image decoding, cropping, text choice, tokenization and
+  batching, all in its DataLoader worker. A corrupt image is skipped and counted.
+- A reader is endless: epoch after epoch, each epoch closed by an end marker
+  that carries the counts of its rows that no batch carried (the dropped last
+  partial batch, curated-out or corrupt rows after the last sample). So one
+  DataLoader serves the whole run (no worker start-up per epoch), and every
+  counter covers every row exactly once.
+- `train_batches` hands batches out in a fixed schedule: readers take turns,
+  a reader that reached its end of the epoch drops out until all have, then
+  the next epoch starts with reader 0. Batches a reader delivers early wait in
+  a queue (at most about one row group's worth per reader).
+- Resume: every batch carries its reader and its position in that reader's
+  stream (before decoding), and `LoaderState` records, per reader, what was
+  consumed and whether its epoch end was. A resumed reader fast-forwards
+  without decoding and drops the counts of what it skips (they were counted
+  before the checkpoint), so batches and counters equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -24,126 +31,19 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from curation.schema import PAIR_FIELDS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaError
-from curation.shards import is_complete, read_manifest, shard_paths
 from training.image_transforms import CorruptImage, decode, eval_transform, train_transform
+from training.online_curation import keep_probabilities_of
 from training.randomness import derive_seed, unit_uniform
+from training.shard_set import REQUIRED_COLUMNS, ShardSet, Unit, is_holdout, read_unit
 from training.text_sampling import SOURCES, TextSampling, choose_text
 from training.tokenizer import encode
 
-REQUIRED_COLUMNS = ("key", "image", "caption")
-OPTIONAL_COLUMNS = ("rewrites", "fused_caption", "synthetic_caption", "keep_prob", "matched_entries")
-HOLDOUT_SALT = "retrieval-holdout"
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' own threads fight the DataLoader's forks
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One row group of one shard: the smallest piece handed to a reader."""
-
-    path: str
-    row_group: int
-    rows: int
-
-
-@dataclass
-class ShardSet:
-    """What `inspect_shards` learned: the units to read and which optional columns exist."""
-
-    units: list[Unit]
-    columns: list[str]          # columns to read: required + present optional ones
-    rows: int
-
-    @property
-    def shards(self) -> int:
-        return len({u.path for u in self.units})
-
-
-def _check_version(version: bytes | str | None, where: str) -> None:
-    if version is None:
-        return
-    text = version.decode() if isinstance(version, bytes) else str(version)
-    if text.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise SchemaError(f"schema version {text} is not compatible with the trainer's {SCHEMA_VERSION}", file=where)
-
-
-def _has_values(parquet: pq.ParquetFile, column: str) -> bool:
-    """Whether a column holds any non-null value, judged from the footer's statistics (no data read)."""
-    metadata = parquet.metadata
-    index = parquet.schema_arrow.get_field_index(column)
-    leaves = [i for i in range(metadata.num_columns)
-              if metadata.row_group(0).column(i).path_in_schema.split(".")[0] == column] if metadata.num_row_groups else []
-    for g in range(metadata.num_row_groups):
-        group = metadata.row_group(g)
-        for leaf in leaves or [index]:
-            stats = group.column(leaf).statistics
-            if stats is None or not stats.has_null_count or stats.null_count < group.num_rows:
-                return True
-    return False
-
-
-def inspect_shards(source: str | Path, needed: list[str] = ()) -> ShardSet:
-    """Check every shard's footer against the pair schema; `needed` optional columns must exist somewhere."""
-    if is_complete(source):
-        _check_version(read_manifest(source).get("schema_version"), str(Path(source) / "manifest.json"))
-    paths = shard_paths(source)
-    if not paths:
-        raise FileNotFoundError(f"no Parquet shards in {source}")
-    units, present = [], set()
-    for path in paths:
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as exc:
-            raise SchemaError(f"not a readable Parquet file: {exc}", file=str(path)) from exc
-        schema = parquet.schema_arrow
-        _check_version((schema.metadata or {}).get(SCHEMA_VERSION_KEY), str(path))
-        missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
-        if missing:
-            raise SchemaError(f"missing required column(s) {missing} for training; found {schema.names}",
-                              file=str(path), column=missing[0])
-        for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
-            if name in schema.names:
-                actual, expected = schema.field(name).type, PAIR_FIELDS[name].type
-                if not actual.equals(expected) and not (pa.types.is_large_string(actual) and expected == pa.string()):
-                    raise SchemaError(f"column has type {actual}, expected {expected}", file=str(path), column=name)
-                if _has_values(parquet, name):
-                    present.add(name)
-        metadata = parquet.metadata
-        units += [Unit(str(path), g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)
-                  if metadata.row_group(g).num_rows]
-    absent = [c for c in needed if c not in present]
-    if absent:
-        raise SchemaError(f"the requested text sampling or curation needs column(s) {absent}, which no shard in "
-                          f"{source} has; run the stage that fills them or turn the option off", column=absent[0])
-    columns = [*REQUIRED_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in present)]
-    return ShardSet(units, columns, sum(u.rows for u in units))
-
-
-def is_holdout(key: str, fraction: float) -> bool:
-    return fraction > 0 and unit_uniform(HOLDOUT_SALT, key) < fraction
-
-
-def iter_texts(shards: ShardSet, holdout_fraction: float) -> Iterator[str]:
-    """Every training text (captions, rewrites, fused and synthetic captions) in shard order: BPE food."""
-    text_columns = [c for c in ("caption", "rewrites", "fused_caption", "synthetic_caption") if c in shards.columns]
-    for path in dict.fromkeys(u.path for u in shards.units):
-        table = pq.read_table(path, columns=["key", *text_columns])
-        for row in table.to_pylist():
-            if is_holdout(row["key"], holdout_fraction):
-                continue
-            yield row["caption"]
-            yield from (t for t in row.get("rewrites") or [] if t)
-            for column in ("fused_caption", "synthetic_caption"):
-                if row.get(column):
-                    yield row[column]
 
 
 @dataclass
@@ -160,49 +60,75 @@ class StreamSpec:
     online_curation: bool = False
     shuffle_buffer: int = 1000
     train: bool = True          # False: the held-out rows, in order, centre-cropped, alt-text only
+    entry_p: np.ndarray | None = None   # online curation at another t: per-entry probabilities (else keep_prob)
+    max_rows: int = 0           # held-out stream only: stop after this many rows (0: all)
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns a reader reads: the required ones and those its text sampling or curation uses."""
+        wanted = [*self.sampling.columns, *self.curation_columns] if self.train else []
+        return [*REQUIRED_COLUMNS, *(c for c in wanted if c in self.shards.columns)]
+
+    @property
+    def curation_columns(self) -> list[str]:
+        if not (self.train and self.online_curation):
+            return []
+        return ["matched_entries"] if self.entry_p is not None else ["keep_prob"]
 
 
 class ShardStream(IterableDataset):
-    """Samples for one epoch of one rank; see the module docstring for the order of operations."""
+    """Batches (and epoch-end markers) of one rank; inside a DataLoader worker, of the reader that worker is."""
 
-    def __init__(self, spec: StreamSpec, tokenizer, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 start: dict[int, int] | None = None, rotation: int = 0):
+    def __init__(self, spec: StreamSpec, tokenizer, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 start: LoaderState | None = None):
         super().__init__()
-        self.spec, self.tokenizer = spec, tokenizer
-        self.rank, self.world_size, self.epoch = rank, world_size, epoch
-        self.start = dict(start or {})
-        self.rotation = rotation
+        self.spec, self.tokenizer, self.batch_size = spec, tokenizer, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.start = start or LoaderState()
 
-    def _reader(self) -> tuple[int, int]:
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return (worker + self.rotation) % workers, workers
+        reader, readers = (info.id, info.num_workers) if info else (0, 1)
+        if not self.spec.train:
+            yield from self.epoch(reader, readers, 0)
+            return
+        epoch, skip = self.start.start_of(reader)
+        while True:
+            yield from self.epoch(reader, readers, epoch, skip)
+            epoch, skip = epoch + 1, 0
 
-    def _units(self, reader: int, readers_per_rank: int) -> list[Unit]:
+    def _units(self, reader: int, readers: int, epoch: int) -> list[Unit]:
         units = list(self.spec.shards.units)
         if self.spec.train:
-            units.sort(key=lambda u: derive_seed(self.spec.seed, self.epoch, "units", u.path, u.row_group))
-        total = self.world_size * readers_per_rank
-        return units[self.rank * readers_per_rank + reader::total]
+            units.sort(key=lambda u: derive_seed(self.spec.seed, epoch, "units", u.path, u.row_group))
+        total = self.world_size * readers
+        return units[self.rank * readers + reader::total]
 
-    def _rows(self, units: list[Unit], counts: collections.Counter) -> Iterator[dict]:
+    def _rows(self, units: list[Unit], epoch: int, counts: collections.Counter) -> Iterator[dict]:
         spec = self.spec
         for unit in units:
-            table = pq.ParquetFile(unit.path).read_row_group(unit.row_group, columns=spec.shards.columns)
-            for row in table.to_pylist():
-                if is_holdout(row["key"], spec.holdout_fraction) == spec.train:
+            if spec.train:
+                table = read_unit(spec.shards, unit, spec.columns)
+            else:  # keys first: only the held-out rows' images are read
+                keys = read_unit(spec.shards, unit, ["key"]).column("key").to_pylist()
+                held = [i for i, k in enumerate(keys) if is_holdout(k, spec.holdout_fraction)]
+                if not held:
                     continue
-                if spec.train and spec.online_curation and row.get("keep_prob") is not None:
-                    if unit_uniform(spec.seed, row["key"], self.epoch, "keep") >= row["keep_prob"]:
-                        counts["curated_out"] += 1
-                        continue
+                table = read_unit(spec.shards, unit, spec.columns, held)
+            keep = keep_probabilities_of(table, spec.entry_p, unit.path) if spec.curation_columns else None
+            for i, row in enumerate(table.to_pylist()):
+                if spec.train and is_holdout(row["key"], spec.holdout_fraction):
+                    continue
+                if keep is not None and unit_uniform(spec.seed, row["key"], epoch, "keep") >= keep[i]:
+                    counts["curated_out"] += 1
+                    continue
                 yield row
 
-    def _shuffled(self, rows: Iterator[dict], reader: int) -> Iterator[dict]:
+    def _shuffled(self, rows: Iterator[dict], reader: int, epoch: int) -> Iterator[dict]:
         if not self.spec.train or self.spec.shuffle_buffer <= 1:
             yield from rows
             return
-        rng = random.Random(derive_seed(self.spec.seed, self.epoch, "shuffle", self.rank, reader))
+        rng = random.Random(derive_seed(self.spec.seed, epoch, "shuffle", self.rank, reader))
         buffer: list[dict] = []
         for row in rows:
             buffer.append(row)
@@ -213,14 +139,20 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def __iter__(self) -> Iterator[dict]:
+    def epoch(self, reader: int, readers: int, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """One epoch of one reader from stream position `skip`: its batches, then (training) its end marker.
+
+        `counts` holds events (curated-out rows, corrupt images) not yet carried
+        by a sample; each sample takes them along, and a skipped position drops them.
+        """
         spec = self.spec
-        reader, readers = self._reader()
         counts: collections.Counter = collections.Counter()
-        skip = self.start.get(reader, 0)
-        stream = self._shuffled(self._rows(self._units(reader, readers), counts), reader)
+        pending: list[dict] = []
+        taken = 0
+        stream = self._shuffled(self._rows(self._units(reader, readers, epoch), epoch, counts), reader, epoch)
         for index, row in enumerate(stream):
             if index < skip:
+                counts.clear()
                 continue
             try:
                 image = decode(row["image"])
@@ -228,15 +160,28 @@ class ShardStream(IterableDataset):
                 counts["corrupt_images"] += 1
                 continue
             if spec.train:
-                pixels = train_transform(image, spec.image_size, spec.crop_scale_min, spec.seed, row["key"], self.epoch)
-                text, source = choose_text(row, spec.sampling, spec.seed, self.epoch)
+                pixels = train_transform(image, spec.image_size, spec.crop_scale_min, spec.seed, row["key"], epoch)
+                text, source = choose_text(row, spec.sampling, spec.seed, epoch)
             else:
                 pixels, text, source = eval_transform(image, spec.image_size), row["caption"], "caption"
-            yield {"pixel_values": pixels, "text": text, "source": source, "key": row["key"], "reader": reader,
-                   "index": index, "counts": dict(counts)}
+            pending.append({"pixel_values": pixels, "text": text, "source": source, "key": row["key"],
+                            "index": index, "counts": dict(counts)})
             counts.clear()
+            taken += 1
+            if len(pending) == self.batch_size:
+                yield self._batch(pending, reader, epoch)
+                pending = []
+            if spec.max_rows and taken >= spec.max_rows:
+                break
+        if not spec.train:
+            if pending:
+                yield self._batch(pending, reader, epoch)
+            return
+        for sample in pending:  # the dropped partial batch: its rows' events still happened
+            counts.update(sample["counts"])
+        yield {"end": True, "reader": reader, "epoch": epoch, "counts": dict(counts)}
 
-    def collate(self, samples: list[dict]) -> dict:
+    def _batch(self, samples: list[dict], reader: int, epoch: int) -> dict:
         """Stack images and tokenize texts, in the worker; carry the bookkeeping the main process needs."""
         tokens, truncated = encode(self.tokenizer, [s["text"] for s in samples], self.spec.context_length)
         counts: collections.Counter = collections.Counter(truncated_texts=truncated)
@@ -245,39 +190,51 @@ class ShardStream(IterableDataset):
         counts.update(f"text_{s['source']}" for s in samples)
         return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]), **tokens,
                 "keys": [s["key"] for s in samples], "texts": [s["text"] for s in samples],
-                "reader": samples[0]["reader"], "stream_end": max(s["index"] for s in samples) + 1,
-                "counts": dict(counts)}
+                "reader": reader, "epoch": epoch, "stream_end": samples[-1]["index"] + 1,
+                "counts": {k: v for k, v in counts.items() if v}}
 
 
 @dataclass
 class LoaderState:
-    """Where a rank's data stream stands: epoch, what each reader has delivered, whose batch comes next."""
+    """Where a rank's data stream stands: epoch, what each reader delivered, whose turn is next, counters."""
 
     epoch: int = 0
-    consumed: dict[int, int] = field(default_factory=dict)
+    consumed: dict[int, int] = field(default_factory=dict)   # reader -> stream position after its last batch
+    finished: list[int] = field(default_factory=list)       # readers whose end of this epoch was consumed
     next_reader: int = 0
     batches: int = 0            # batches consumed in this epoch
     counts: dict[str, int] = field(default_factory=dict)
 
-    def update(self, batch: dict, readers: int) -> None:
-        self.consumed[batch["reader"]] = batch["stream_end"]
-        self.next_reader = (batch["reader"] + 1) % readers
-        self.batches += 1
-        for k, v in batch["counts"].items():
+    def start_of(self, reader: int) -> tuple[int, int]:
+        """(epoch, stream position) a reader restarts from."""
+        if reader in self.finished:
+            return self.epoch + 1, 0
+        return self.epoch, self.consumed.get(reader, 0)
+
+    def update(self, item: dict, readers: int) -> None:
+        """Account for a batch or an end marker handed out by `train_batches`."""
+        if item.get("end"):
+            self.finished.append(item["reader"])
+        else:
+            self.consumed[item["reader"]] = item["stream_end"]
+            self.batches += 1
+        self.next_reader = (item["reader"] + 1) % readers
+        for k, v in item["counts"].items():
             self.counts[k] = self.counts.get(k, 0) + v
 
     def next_epoch(self) -> None:
         self.epoch += 1
-        self.consumed, self.next_reader, self.batches = {}, 0, 0
+        self.consumed, self.finished, self.next_reader, self.batches = {}, [], 0, 0
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": {str(k): v for k, v in self.consumed.items()},
-                "next_reader": self.next_reader, "batches": self.batches, "counts": dict(self.counts)}
+                "finished": sorted(self.finished), "next_reader": self.next_reader, "batches": self.batches,
+                "counts": dict(self.counts)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LoaderState":
-        return cls(data["epoch"], {int(k): v for k, v in data["consumed"].items()}, data["next_reader"],
-                   data["batches"], dict(data.get("counts", {})))
+    def from_dict(cls, data: dict) -> LoaderState:
+        return cls(data["epoch"], {int(k): v for k, v in data["consumed"].items()}, list(data["finished"]),
+                   data["next_reader"], data["batches"], dict(data["counts"]))
 
 
 def readers_for(shards: ShardSet, workers: int, world_size: int) -> int:
@@ -289,33 +246,40 @@ def readers_for(shards: ShardSet, workers: int, world_size: int) -> int:
     return max(1, min(max(workers, 1), per_rank))
 
 
-def epoch_loader(spec: StreamSpec, tokenizer, state: LoaderState, *, workers: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """The DataLoader for the rest of `state.epoch`: readers fast-forward past what was consumed."""
-    dataset = ShardStream(spec, tokenizer, rank=rank, world_size=world_size, epoch=state.epoch,
-                          start=state.consumed, rotation=state.next_reader)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=dataset.collate,
-                      drop_last=spec.train, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
-
-
 def train_batches(spec: StreamSpec, tokenizer, state: LoaderState, *, workers: int, batch_size: int,
                   rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Iterator[dict]:
-    """Endless batches, epoch after epoch, updating `state` as each batch is handed out."""
-    readers = readers_for(spec.shards, workers, world_size)
-    while True:
-        delivered = 0
-        loader = epoch_loader(spec, tokenizer, state, workers=readers if workers else 0, batch_size=batch_size,
-                              rank=rank, world_size=world_size, pin_memory=pin_memory)
-        for batch in loader:
-            state.update(batch, readers if workers else 1)
-            delivered += 1
-            yield batch
-        if delivered == 0 and state.batches == 0:
-            raise ValueError(f"epoch {state.epoch} gave no full batch of {batch_size} on rank {rank}: "
-                             f"too few training rows ({spec.shards.rows} in {spec.shards.shards} shards, before "
-                             f"holdout and curation); lower --batch_size")
-        state.next_epoch()
+    """Endless batches, epoch after epoch, from one DataLoader; `state` is updated as each batch is handed out.
+
+    Close the generator to stop the workers.
+    """
+    readers = readers_for(spec.shards, workers, world_size) if workers else 1
+    stream = ShardStream(spec, tokenizer, batch_size, rank=rank, world_size=world_size,
+                         start=LoaderState.from_dict(state.to_dict()))
+    loader = DataLoader(stream, batch_size=None, num_workers=readers if workers else 0, pin_memory=pin_memory,
+                        prefetch_factor=4 if workers else None)
+    arrived: dict[int, collections.deque] = {r: collections.deque() for r in range(readers)}
+    source = iter(loader)
+    try:
+        while True:
+            turn = [r % readers for r in range(state.next_reader, state.next_reader + readers)]
+            waiting = [r for r in turn if r not in state.finished]
+            if not waiting:
+                if state.batches == 0:
+                    raise ValueError(f"epoch {state.epoch} gave no full batch of {batch_size} on rank {rank}: "
+                                     f"too few training rows ({spec.shards.rows} in {spec.shards.shards} shards, "
+                                     f"before holdout and curation); lower --batch_size")
+                state.next_epoch()
+                continue
+            reader = waiting[0]
+            while not arrived[reader]:
+                item = next(source)
+                arrived[item["reader"]].append(item)
+            item = arrived[reader].popleft()
+            state.update(item, readers)
+            if not item.get("end"):
+                yield item
+    finally:
+        del source  # its workers shut down with it
 
 
 def counts_summary(counts: dict[str, int]) -> dict[str, int]:

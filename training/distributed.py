@@ -43,13 +43,16 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def any_true(d: Dist, flag: bool) -> bool:
-    """True on every rank if it is true on any rank (so all ranks skip a bad step together)."""
+def all_true(d: Dist, flag: torch.Tensor) -> torch.Tensor:
+    """A bool tensor that is true on every rank only if it is true on all (so all ranks skip a bad step together).
+
+    Stays on the device: the all-reduce is queued on the stream like any kernel, and nothing waits for it.
+    """
     if not d.enabled:
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=d.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.bool()
 
 
 def gather_objects(d: Dist, obj: object) -> list:

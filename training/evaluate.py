@@ -4,7 +4,11 @@ Zero-shot follows CLIP/open_clip: every class name fills every template, the
 normalised text embeddings of a class are averaged and normalised again, and
 each image goes to the class with the highest cosine. Retrieval ranks all
 held-out texts per image (and all images per text) by cosine and reports
-Recall@1/5/10, counting only the row's own pair as a hit.
+Recall@1/5/10, counting only the row's own pair as a hit; a candidate that
+ties with the true pair ranks before it, so a model that cannot tell its
+inputs apart scores zero, not one. The shards' held-out pool is capped
+(`holdout_max_pairs`): the first held-out rows in shard order, read until
+there are enough, and scored in row chunks rather than one N x N matrix.
 """
 
 from __future__ import annotations
@@ -16,11 +20,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader
 
 from curation.shards import read_table
 from training.data import ShardStream, StreamSpec
-from training.image_transforms import CorruptImage, decode, eval_transform
+from training.image_transforms import CorruptImage, decode, eval_transform, normalise
 from training.model import encode_images, encode_texts
 from training.tokenizer import encode
 
@@ -28,6 +31,7 @@ from training.tokenizer import encode
 TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an illustration of a {}.", "a drawing of a {}.",
              "a close-up photo of a {}.", "a photo of the {}.")
 RECALL_AT = (1, 5, 10)
+RANK_CHUNK = 1024  # query rows scored at a time: memory grows with the pool, not its square
 
 
 def _autocast(device: torch.device, precision: str):
@@ -77,7 +81,7 @@ def _image_features(model, images: list[bytes], image_size: int, device: torch.d
                 continue
         if pixels:
             with _autocast(device, precision):
-                features.append(encode_images(model, torch.stack(pixels).to(device)))
+                features.append(encode_images(model, normalise(torch.stack(pixels).to(device))))
     return (torch.cat(features) if features else torch.empty(0)), kept
 
 
@@ -117,14 +121,24 @@ def zero_shot(model, tokenizer, eval_dir: str | Path, classes: list[str], *, ima
     return result
 
 
+def true_pair_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """0-based rank of candidate i for query i: how many others score at least as high (ties count against it)."""
+    ranks = []
+    for start in range(0, queries.shape[0], RANK_CHUNK):
+        scores = queries[start:start + RANK_CHUNK] @ candidates.T
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        true = scores[rows, rows + start][:, None]
+        rank = (scores >= true).sum(dim=1) - 1
+        ranks.append(torch.where(true[:, 0].isnan(), torch.iinfo(rank.dtype).max, rank))  # NaN: never found
+    return torch.cat(ranks)
+
+
 def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, prefix: str) -> dict:
     """Image->text and text->image Recall@k where row i of each side is the pair."""
-    similarity = image_features @ text_features.T
-    target = torch.arange(similarity.shape[0], device=similarity.device)
-    result = {f"{prefix}_pairs": int(similarity.shape[0])}
-    for direction, scores in (("i2t", similarity), ("t2i", similarity.T)):
-        # Rank of the true pair: how many candidates score strictly higher.
-        rank = (scores > scores[target, target][:, None]).sum(dim=1)
+    result = {f"{prefix}_pairs": int(image_features.shape[0])}
+    for direction, queries, candidates in (("i2t", image_features, text_features),
+                                           ("t2i", text_features, image_features)):
+        rank = true_pair_ranks(queries, candidates)
         for k in RECALL_AT:
             result[f"{prefix}_{direction}_r@{k}"] = (rank < k).float().mean().item()
     return result
@@ -149,12 +163,11 @@ def retrieval_on_table(model, tokenizer, images: list[bytes], captions: list[str
 @torch.no_grad()
 def holdout_retrieval(model, tokenizer, spec: StreamSpec, *, device: torch.device, precision: str = "fp32",
                       batch_size: int = 128) -> dict:
-    """Retrieval over the shards' held-out rows (alt-text as the text, centre crop)."""
-    stream = ShardStream(spec, tokenizer)
+    """Retrieval over the shards' first `spec.max_rows` held-out rows (alt-text as the text, centre crop)."""
     image_features, text_features = [], []
-    for batch in DataLoader(stream, batch_size=batch_size, num_workers=0, collate_fn=stream.collate):
+    for batch in ShardStream(spec, tokenizer, batch_size):
         with _autocast(device, precision):
-            image_features.append(encode_images(model, batch["pixel_values"].to(device)))
+            image_features.append(encode_images(model, normalise(batch["pixel_values"].to(device))))
             text_features.append(encode_texts(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
     if not image_features:
         return {"holdout_pairs": 0}

@@ -3,9 +3,13 @@
 Training: a random resized crop (area share in [scale_min, 1], aspect ratio in
 [3/4, 4/3], ten tries then a centre crop), resized bicubically to the model's
 size. Evaluation: the shorter side resized to the size, then a centre crop,
-as CLIPImageProcessor does. Both normalise with CLIP's mean and std. Crop
-parameters come from a hash of (seed, key, epoch), so a resumed run crops the
-same way.
+as CLIPImageProcessor does. Crop parameters come from a hash of (seed, key,
+epoch), so a resumed run crops the same way.
+
+Both transforms return uint8 CHW tensors: a DataLoader worker sends a quarter
+of the bytes float32 would take through shared memory and the host-to-device
+copy. `normalise` (CLIP's mean and std) runs where the batch is going, on the
+GPU in training, and is the one normalisation every path uses.
 """
 
 from __future__ import annotations
@@ -22,8 +26,7 @@ from training.randomness import unit_uniform
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)
-_STD = np.asarray(CLIP_STD, dtype=np.float32)
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class CorruptImage(ValueError):
@@ -45,9 +48,22 @@ def decode(data: bytes | None) -> Image.Image:
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """CHW float tensor normalised with CLIP's mean and std."""
-    array = (np.asarray(image, dtype=np.float32) / 255.0 - _MEAN) / _STD
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    """CHW uint8 tensor of an RGB image (not normalised: see `normalise`)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) pixels to float32 normalised with CLIP's mean and std, on the pixels' device.
+
+    The per-channel constants are made once per device: building them for
+    every batch would be a host-to-device copy per step.
+    """
+    if pixels.device not in _CONSTANTS:
+        scale = torch.tensor([1 / (255.0 * s) for s in CLIP_STD], device=pixels.device).view(1, 3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=pixels.device).view(1, 3, 1, 1)
+        _CONSTANTS[pixels.device] = scale, shift
+    scale, shift = _CONSTANTS[pixels.device]
+    return torch.addcmul(shift, pixels.float(), scale)
 
 
 def crop_box(width: int, height: int, scale_min: float, *parts: object) -> tuple[int, int, int, int]:

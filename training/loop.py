@@ -1,20 +1,23 @@
 """The training run: set up, resume, step, checkpoint, evaluate, save.
 
 One `train(config)` serves the CLI, the Dagster asset, the tests and torchrun
-(every rank runs it; rank 0 writes files). Order of a step: for each
-micro-batch, features -> gathered symmetric InfoNCE -> backward (DDP syncs on
-the last micro-batch only); then, unless any rank saw a non-finite loss or
-gradient norm, clip, step, clamp the logit scale. A bad step changes no
-weight, so the weights are always the last good ones; `max_bad_steps` bad
-steps in a row stop the run with a checkpoint of those weights.
+(every rank runs it; rank 0 writes files). The step itself is
+`training.step.TrainStep` (shared with the benchmark): it never waits for the
+GPU, and a step with a non-finite loss or gradient changes no weight. The
+loop reads the step's device counters only at log rows, checkpoints and
+evaluations, and stops a run whose `max_bad_steps` bad steps came in a row,
+with a checkpoint of the last good weights.
+
+A run belongs to its output directory: resuming needs the same settings and
+the same input shards (the manifest's sha256s), and `--overwrite` clears
+what an earlier run left there.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +26,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import distributed
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, resume_mismatches
-from training.data import LoaderState, ShardSet, StreamSpec, counts_summary, inspect_shards, iter_texts, train_batches
+from training.data import LoaderState, StreamSpec, counts_summary, train_batches
 from training.evaluate import evaluate_all
 from training.image_transforms import image_processor_config
-from training.loss import contrastive_loss
 from training.metrics_log import CURVES_PNG, METRICS_CSV, MetricsLog, plot_curves
-from training.model import PRESETS, ClipTowers, build_model, clamp_logit_scale, clip_config
+from training.model import PRESETS, ClipTowers, build_model, clip_config
+from training.online_curation import curation_probabilities
 from training.optimization import make_optimizer, warmup_cosine
+from training.shard_set import ShardSet, input_fingerprint, inspect_shards, iter_texts
+from training.step import HealthReport, TrainStep
 from training.text_sampling import TextSampling
 from training.tokenizer import load_tokenizer, train_bpe
 
@@ -58,7 +63,8 @@ class TrainResult:
 def _needed_columns(config: TrainConfig) -> list[str]:
     needed = ["fused_caption"] if config.fused_ratio else []
     needed += ["synthetic_caption"] if config.synthetic_ratio else []
-    needed += ["keep_prob"] if config.online_curation else []
+    if config.online_curation:
+        needed.append("matched_entries" if config.t else "keep_prob")
     return needed
 
 
@@ -86,16 +92,32 @@ def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_leng
     return tokenizer if d.main else load_tokenizer(output, context_length)
 
 
-def _resume_state(config: TrainConfig, output: Path) -> Path | None:
-    """The checkpoint to continue from, after checking it belongs to the same run."""
+def _prepare_output(config: TrainConfig, output: Path) -> None:
+    """Clear an earlier run on --overwrite; refuse to start a second run beside an earlier one's checkpoints."""
+    if config.overwrite and output.exists():
+        ours = any((output / name).exists() for name in (TRAIN_CONFIG, CHECKPOINTS, METRICS_CSV))
+        if any(output.iterdir()) and not ours:
+            raise ValueError(f"--overwrite would delete {output}, which holds no trainer output; "
+                             f"choose another --output")
+        shutil.rmtree(output)
+    elif not config.resume and list_checkpoints(output):
+        raise ValueError(f"{output} holds checkpoints of an earlier run, which a later resume would mix with this "
+                         f"one's; pass --overwrite to start over there, or choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path | None:
+    """The checkpoint to continue from, after checking it belongs to the same run on the same data."""
     checkpoint = latest_checkpoint(output) if config.resume else None
     if checkpoint is None:
         return None
-    saved = json.loads((checkpoint / "state.json").read_text())["config"]
-    changed = resume_mismatches(saved, config)
+    saved = json.loads((checkpoint / "state.json").read_text())
+    changed = resume_mismatches(saved["config"], config)
+    if saved.get("input") != fingerprint:
+        changed.append(f"input shards (the contents of {config.input})")
     if changed:
-        raise ValueError(f"{output} holds a run with other settings ({', '.join(changed)} differ); resuming would mix "
-                         f"two runs. Use another --output, or --no-resume to start over there.")
+        raise ValueError(f"{output} holds a run with other settings or data ({', '.join(changed)} differ); resuming "
+                         f"would mix two runs. Pass --overwrite to start over there, or use another --output.")
     return checkpoint
 
 
@@ -113,11 +135,14 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     output = Path(config.output)
-    shards = inspect_shards(config.input, _needed_columns(config))  # schema errors surface before anything else
+    # Input errors surface before anything is written.
+    shards = inspect_shards(config.input, _needed_columns(config))
+    entry_p = curation_probabilities(config)
+    fingerprint = input_fingerprint(config.input)
     if d.main:
-        output.mkdir(parents=True, exist_ok=True)
+        _prepare_output(config, output)
     distributed.barrier(d)
-    checkpoint = _resume_state(config, output)
+    checkpoint = _resume_state(config, output, fingerprint)
 
     preset = PRESETS[config.preset] if config.preset in PRESETS else None
     if preset is None:
@@ -132,13 +157,16 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     towers = ClipTowers(model)
-    step_module = DistributedDataParallel(towers, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
-        if d.enabled else towers
+    ddp = DistributedDataParallel(towers, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
+        if d.enabled else None
+    step_module = ddp or towers
+    if config.compile:  # the compiled wrapper only runs the step; weights are saved from `model`
+        step_module = torch.compile(step_module)
     optimizer = make_optimizer(model, config)
     scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps)
     precision = _precision(config, d.device)
 
-    step, bad_in_row, bad_total, elapsed_before = 0, 0, 0, 0.0
+    step, bad_total, elapsed_before = 0, 0, 0.0
     loader_state = LoaderState()
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, model, optimizer, scheduler, d.device)
@@ -150,115 +178,38 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
 
     spec = StreamSpec(shards, config.seed, image_size, context_length,
                       TextSampling(config.use_rewrites, config.fused_ratio, config.synthetic_ratio),
-                      config.holdout_fraction, config.crop_scale_min, config.online_curation, config.shuffle_buffer)
+                      config.holdout_fraction, config.crop_scale_min, config.online_curation, config.shuffle_buffer,
+                      entry_p=entry_p)
     holdout = StreamSpec(shards, config.seed, image_size, context_length, holdout_fraction=config.holdout_fraction,
-                         shuffle_buffer=1, train=False)
+                         shuffle_buffer=1, train=False, max_rows=config.holdout_max_pairs)
+    train_step = TrainStep(step_module, model, optimizer, scheduler, device=d.device, grad_accum=config.grad_accum,
+                           grad_clip=config.grad_clip, precision=precision, dist=d if d.enabled else None, ddp=ddp,
+                           max_bad_steps=config.max_bad_steps, step=step, bad_steps=bad_total)
     batches = train_batches(spec, tokenizer, loader_state, workers=config.workers, batch_size=config.batch_size,
                             rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda")
     log = MetricsLog(output, resume_step=step) if d.main else None
     if d.main:
         (output / TRAIN_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
-
-    def save(at: int) -> Path | None:
-        states = distributed.gather_objects(d, loader_state.to_dict())
-        path = None
-        if d.main:
-            path = save_checkpoint(output, at, model, optimizer, scheduler, {
-                "config": config.to_dict(), "loader": states, "bad_steps": bad_total,
-                "seconds": elapsed_before + time.perf_counter() - started}, keep=config.keep_checkpoints)
-        distributed.barrier(d)
-        return path
-
-    def run_eval() -> dict:
-        metrics = {}
-        if d.main:
-            metrics = evaluate_all(model, tokenizer, holdout=holdout, eval_dir=config.eval or None,
-                                   classes_path=config.classes_path, image_size=image_size,
-                                   context_length=context_length, device=d.device, precision=precision)
-        distributed.barrier(d)
-        return metrics
-
-    end = min(config.steps, config.stop_after_steps) if config.stop_after_steps else config.steps
-    progress = tqdm(total=end, initial=step, desc="train", unit="step", disable=not (d.main and config.progress),
-                    mininterval=1.0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    started = time.perf_counter()
-    window_loss, window_samples, window_start, data_wait = [], 0, time.perf_counter(), 0.0
-    last_checkpoint = checkpoint
-    model.train()
-    while step < end:
-        losses, bad = [], False
-        for micro in range(config.grad_accum):
-            wait_start = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - wait_start
-            sync = nullcontext() if (not d.enabled or micro == config.grad_accum - 1) else step_module.no_sync()
-            with sync:
-                with autocast:
-                    image, text, scale = step_module(batch["pixel_values"].to(d.device, non_blocking=True),
-                                                     batch["input_ids"].to(d.device, non_blocking=True),
-                                                     batch["attention_mask"].to(d.device, non_blocking=True))
-                loss = contrastive_loss(image, text, scale)
-                bad = bad or not math.isfinite(loss.item())
-                (loss / config.grad_accum).backward()
-            losses.append(loss.item())
-            window_samples += batch["pixel_values"].shape[0] * d.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        bad = distributed.any_true(d, bad or not math.isfinite(grad_norm.item()))
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-            progress.write(f"[train] step {step + 1}: non-finite loss or gradient ({losses}); update skipped "
-                           f"({bad_in_row} in a row, {bad_total} in all)")
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scale(model)
-            bad_in_row = 0
-            window_loss.append(sum(losses) / len(losses))
-        scheduler.step()
-        step += 1
-        progress.update(1)
-        if bad_in_row >= config.max_bad_steps:
-            path = save(step)
-            progress.close()
-            raise TrainingDiverged(
-                f"{bad_in_row} non-finite losses in a row (steps {step - bad_in_row + 1}..{step}); training stopped. "
-                f"No bad step changed the weights; the last good weights are in {path or last_checkpoint}. "
-                f"Lower --lr, raise --warmup_steps or check the data, then resume.")
-        if log is not None and (step % config.log_every == 0 or step == end):
-            now = time.perf_counter()
-            rate = window_samples / max(now - window_start, 1e-9)
-            values = {"lr": scheduler.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item(),
-                      "samples_per_s": rate, "data_wait_fraction": data_wait / max(now - window_start, 1e-9),
-                      "bad_steps": bad_total}
-            if window_loss:
-                values["loss"] = sum(window_loss) / len(window_loss)
-            log.log(step, values)
-            progress.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}", samples_s=f"{rate:.0f}")
-            window_loss, window_samples, window_start, data_wait = [], 0, now, 0.0
-        if step % config.checkpoint_every == 0 and step < end:
-            last_checkpoint = save(step)
-        if config.eval_every and step % config.eval_every == 0 and step < end:
-            metrics = run_eval()
-            if log is not None and metrics:
-                log.log(step, metrics)
-    progress.close()
-    last_checkpoint = save(step)
-    stopped_early = step < config.steps
-    result = TrainResult({}, output, step, last_checkpoint, stopped_early)
+    run = _Run(config, d, output, model, optimizer, scheduler, train_step, loader_state, log, fingerprint,
+               elapsed_before, tokenizer, holdout, image_size, context_length, precision)
+    try:
+        steps, last_checkpoint, report = run.loop(batches, step, checkpoint)
+    finally:
+        batches.close()
+    stopped_early = steps < config.steps
+    result = TrainResult({}, output, steps, last_checkpoint, stopped_early)
     if stopped_early:
         return result
-    metrics = run_eval()
+    metrics = run.evaluate()
     if d.main:
-        seconds = elapsed_before + time.perf_counter() - started
+        seconds = elapsed_before + time.perf_counter() - run.started
         loss_curve = MetricsLog.series(output / METRICS_CSV, "loss")
-        metrics.update({"steps": step, "seconds": round(seconds, 2), "bad_steps": bad_total,
-                        "samples_seen": step * config.batch_size * config.grad_accum * d.world_size,
+        metrics.update({"steps": steps, "seconds": round(seconds, 2), "bad_steps": report.bad_total,
+                        "samples_seen": steps * config.batch_size * config.grad_accum * d.world_size,
                         "first_loss": loss_curve[0][1] if loss_curve else None,
                         "final_loss": loss_curve[-1][1] if loss_curve else None,
                         "epochs": loader_state.epoch, **counts_summary(loader_state.counts)})
-        log.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+        log.log(steps, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
         log.close()
         _save_final(model, output, image_size)
         curves = plot_curves(output)
@@ -267,6 +218,120 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
                         "curves_png": CURVES_PNG if curves else None}
     result.metrics = distributed.broadcast_object(d, metrics)
     return result
+
+
+@dataclass
+class _Run:
+    """The pieces the step loop, its checkpoints and its evaluations share."""
+
+    config: TrainConfig
+    d: distributed.Dist
+    output: Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_step: TrainStep
+    loader_state: LoaderState
+    log: MetricsLog | None
+    fingerprint: str
+    elapsed_before: float
+    tokenizer: object
+    holdout: StreamSpec
+    image_size: int
+    context_length: int
+    precision: str
+    started: float = field(default_factory=time.perf_counter)
+
+    def save(self, at: int, bad_total: int) -> Path | None:
+        states = distributed.gather_objects(self.d, self.loader_state.to_dict())
+        path = None
+        if self.d.main:
+            path = save_checkpoint(self.output, at, self.model, self.optimizer, self.scheduler, {
+                "config": self.config.to_dict(), "input": self.fingerprint, "loader": states, "bad_steps": bad_total,
+                "seconds": self.elapsed_before + time.perf_counter() - self.started},
+                keep=self.config.keep_checkpoints)
+        distributed.barrier(self.d)
+        return path
+
+    def evaluate(self) -> dict:
+        metrics = {}
+        if self.d.main:
+            metrics = evaluate_all(self.model, self.tokenizer, holdout=self.holdout, eval_dir=self.config.eval or None,
+                                   classes_path=self.config.classes_path, image_size=self.image_size,
+                                   context_length=self.context_length, device=self.d.device, precision=self.precision)
+        distributed.barrier(self.d)
+        return metrics
+
+    def loop(self, batches, step: int, checkpoint: Path | None) -> tuple[int, Path | None, HealthReport]:
+        """Steps until the end (or `stop_after_steps`); returns the step reached, its checkpoint, the last report."""
+        config, d = self.config, self.d
+        end = min(config.steps, config.stop_after_steps) if config.stop_after_steps else config.steps
+        progress = tqdm(total=end, initial=step, desc="train", unit="step", disable=not (d.main and config.progress),
+                        mininterval=1.0)
+        window = {"samples": 0, "start": time.perf_counter(), "wait": 0.0, "read": step}
+        last_checkpoint = checkpoint
+
+        def fetch() -> dict:
+            start = time.perf_counter()
+            batch = next(batches)
+            window["wait"] += time.perf_counter() - start
+            return batch
+
+        def check(at: int, reset_loss: bool) -> HealthReport:
+            """Read the step's counters (one sync), report skipped steps, stop a diverged run."""
+            report = self.train_step.health.read(reset_loss)
+            if report.new_bad:
+                progress.write(f"[train] steps {window['read'] + 1}..{at}: {report.new_bad} with a non-finite loss "
+                               f"or gradient, update skipped ({report.bad_in_row} in a row, {report.bad_total} in all)")
+            window["read"] = at
+            if report.stopped_at:
+                path = self.save(at, report.bad_total)
+                progress.close()
+                first, late = report.stopped_at - config.max_bad_steps + 1, at > report.stopped_at
+                raise TrainingDiverged(
+                    f"{config.max_bad_steps} non-finite losses in a row (steps {first}..{report.stopped_at}); "
+                    f"training stopped{f' at step {at}, the steps after skipped' if late else ''}. No bad step "
+                    f"changed the weights; the last good weights are in {path or last_checkpoint}. "
+                    f"Lower --lr, raise --warmup_steps or check the data, then resume.")
+            return report
+
+        self.model.train()
+        report = None
+        while step < end:
+            window["samples"] += self.train_step(fetch) * d.world_size
+            step += 1
+            progress.update(1)
+            log_row = step % config.log_every == 0 or step == end
+            checkpoint_due = step % config.checkpoint_every == 0 and step < end
+            eval_due = bool(config.eval_every) and step % config.eval_every == 0 and step < end
+            if not (log_row or checkpoint_due or eval_due):
+                continue
+            report = check(step, reset_loss=log_row)
+            if log_row:
+                self._log_row(step, report, window, progress)
+            if checkpoint_due:
+                last_checkpoint = self.save(step, report.bad_total)
+            if eval_due:
+                metrics = self.evaluate()
+                if self.log is not None and metrics:
+                    self.log.log(step, metrics)
+        progress.close()
+        report = check(step, reset_loss=True) if report is None or report.step != step else report
+        return step, self.save(step, report.bad_total), report
+
+    def _log_row(self, step: int, report: HealthReport, window: dict, progress) -> None:
+        now = time.perf_counter()
+        elapsed = max(now - window["start"], 1e-9)
+        rate = window["samples"] / elapsed
+        if self.log is not None:
+            values = {"lr": self.scheduler.get_last_lr()[0], "logit_scale": self.model.logit_scale.exp().item(),
+                      "samples_per_s": rate, "data_wait_fraction": window["wait"] / elapsed,
+                      "bad_steps": report.bad_total}
+            if report.loss is not None:
+                values["loss"] = report.loss
+            self.log.log(step, values)
+            progress.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}", samples_s=f"{rate:.0f}")
+        window.update(samples=0, start=now, wait=0.0)
 
 
 def _save_final(model, output: Path, image_size: int) -> None:

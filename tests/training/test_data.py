@@ -1,11 +1,14 @@
+import collections
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from torch.utils.data import DataLoader
 
 from curation.schema import SCHEMA_VERSION_KEY, SchemaError
 from curation.shards import read_table, shard_name
-from training.data import LoaderState, ShardStream, StreamSpec, inspect_shards, is_holdout, train_batches
+from training.data import LoaderState, ShardStream, StreamSpec, train_batches
+from training.randomness import unit_uniform
+from training.shard_set import has_values, inspect_shards, is_holdout
 from training.text_sampling import TextSampling
 from training.tokenizer import train_bpe
 
@@ -22,10 +25,14 @@ def _spec(source, **kw) -> StreamSpec:
     return StreamSpec(inspect_shards(source, needed), 0, 32, 16, **defaults)
 
 
-def _keys(spec, tokenizer, *, rank=0, world=1, workers=0, epoch=0) -> list[str]:
-    stream = ShardStream(spec, tokenizer, rank=rank, world_size=world, epoch=epoch)
-    loader = DataLoader(stream, batch_size=16, num_workers=workers, collate_fn=stream.collate)
-    return [k for batch in loader for k in batch["keys"]]
+def _epoch(spec, tokenizer, *, rank=0, world=1, readers=1, epoch=0, batch_size=16) -> list[dict]:
+    """One epoch of every reader of a rank, reader after reader: batches and end markers."""
+    stream = ShardStream(spec, tokenizer, batch_size, rank=rank, world_size=world)
+    return [item for reader in range(readers) for item in stream.epoch(reader, readers, epoch)]
+
+
+def _keys(spec, tokenizer, **kw) -> list[str]:
+    return [k for item in _epoch(spec, tokenizer, **kw) for k in item.get("keys", [])]
 
 
 def test_shards_are_split_across_ranks_and_workers_without_overlap(raw_pairs, tokenizer):
@@ -33,7 +40,7 @@ def test_shards_are_split_across_ranks_and_workers_without_overlap(raw_pairs, to
     every = [k for k in read_table(raw_pairs, columns=["key"]).column("key").to_pylist()]
     train_keys = {k for k in every if not is_holdout(k, 0.1)}
     assert 0 < len(every) - len(train_keys) < 0.2 * len(every)
-    rank0, rank1 = (_keys(spec, tokenizer, rank=r, world=2, workers=2) for r in (0, 1))
+    rank0, rank1 = (_keys(spec, tokenizer, rank=r, world=2, readers=2, batch_size=1) for r in (0, 1))
     assert rank0 and rank1 and not set(rank0) & set(rank1)
     assert len(rank0) + len(rank1) == len(train_keys) and set(rank0) | set(rank1) == train_keys
     held = _keys(_spec(raw_pairs, train=False), tokenizer)
@@ -42,9 +49,9 @@ def test_shards_are_split_across_ranks_and_workers_without_overlap(raw_pairs, to
 
 def test_order_is_reproducible_and_reshuffled_every_epoch(raw_pairs, tokenizer):
     spec = _spec(raw_pairs)
-    first = _keys(spec, tokenizer, epoch=0)
-    assert first == _keys(spec, tokenizer, epoch=0)
-    second = _keys(spec, tokenizer, epoch=1)
+    first = _keys(spec, tokenizer, epoch=0, batch_size=1)
+    assert first == _keys(spec, tokenizer, epoch=0, batch_size=1)
+    second = _keys(spec, tokenizer, epoch=1, batch_size=1)
     assert second != first and sorted(second) == sorted(first)
 
 
@@ -80,23 +87,86 @@ def _set_column(table, name, values):
     return table.set_column(index, table.schema.field(name), pa.array(values, type=table.schema.field(name).type))
 
 
-def test_corrupt_image_mid_epoch_is_skipped_and_counted(raw_pairs, tokenizer, tmp_path):
-    def corrupt(table, shard):
-        images = table.column("image").to_pylist()
-        if shard == 1:
-            for row in (10, 40):
-                images[row] = images[row][: len(images[row]) // 3]
-        return _set_column(table, "image", images)
+def _corrupt(table, shard, rows=(10, 40)):
+    images = table.column("image").to_pylist()
+    if shard == 1:
+        for row in rows:
+            images[row] = images[row][: len(images[row]) // 3]
+    return _set_column(table, "image", images)
 
-    _write_variant(raw_pairs, tmp_path / "broken", corrupt)
+
+def _totals(items) -> collections.Counter:
+    totals = collections.Counter()
+    for item in items:
+        totals.update(item["counts"])
+    return totals
+
+
+def test_corrupt_image_mid_epoch_is_skipped_and_counted(raw_pairs, tokenizer, tmp_path):
+    _write_variant(raw_pairs, tmp_path / "broken", _corrupt)
     spec = _spec(tmp_path / "broken", holdout_fraction=0.0)
+    items = _epoch(spec, tokenizer, batch_size=8)
+    seen = sum(len(item.get("keys", [])) for item in items)
+    assert _totals(items)["corrupt_images"] == 2
+    assert spec.shards.rows - 2 - 8 < seen <= spec.shards.rows - 2  # all else, bar the dropped partial batch
+    assert items[-1]["end"] and not any(item.get("end") for item in items[:-1])
+
+
+def test_counts_of_rows_after_the_last_full_batch_are_not_lost(raw_pairs, tokenizer, tmp_path):
+    """Unshuffled, one reader: the last row of the epoch's last unit falls in the dropped partial batch."""
+    _write_variant(raw_pairs, tmp_path / "tail", lambda t, i: t)
+    spec = _spec(tmp_path / "tail", holdout_fraction=0.0, shuffle_buffer=1)
+    batch = next(b for b in (7, 9, 11, 13) if spec.shards.rows % b)
+    last = ShardStream(spec, tokenizer, batch)._units(0, 1, 0)[-1]
+    table = pq.read_table(last.path)
+    assert pq.ParquetFile(last.path).metadata.num_row_groups == 1
+    pq.write_table(_corrupt(table, 1, rows=(table.num_rows - 1,)), last.path)
+    items = _epoch(_spec(tmp_path / "tail", holdout_fraction=0.0, shuffle_buffer=1), tokenizer, batch_size=batch)
+    assert _totals(items)["corrupt_images"] == 1
+    assert sum(len(item.get("keys", [])) for item in items) == (spec.shards.rows - 1) // batch * batch
+
+
+def _curation_variant(raw_pairs, directory):
+    """Half the rows kept by online curation, two corrupt images."""
+    def change(table, shard):
+        table = _set_column(table, "keep_prob", [0.5] * table.num_rows)
+        return _corrupt(table, shard)
+
+    _write_variant(raw_pairs, directory, change)
+    return _spec(directory, holdout_fraction=0.1, online_curation=True, needed=["keep_prob"])
+
+
+def test_every_row_is_counted_once_per_epoch(raw_pairs, tokenizer, tmp_path):
+    spec = _curation_variant(raw_pairs, tmp_path / "curated")
+    keys = read_table(tmp_path / "curated", columns=["key"]).column("key").to_pylist()
+    training = [k for k in keys if not is_holdout(k, 0.1)]
+    for epoch in (0, 1):
+        expected = sum(unit_uniform(0, k, epoch, "keep") >= 0.5 for k in training)
+        items = _epoch(spec, tokenizer, readers=2, epoch=epoch, batch_size=8)
+        totals = _totals(items)
+        assert totals["curated_out"] == expected
+        trained = sum(len(item.get("keys", [])) for item in items)
+        assert sum(totals[f"text_{s}"] for s in ("caption", "rewrite", "fused", "synthetic")) == trained
+        assert trained + totals["curated_out"] + totals["corrupt_images"] <= len(training)
+
+
+def test_counters_after_a_resume_equal_an_uninterrupted_runs(raw_pairs, tokenizer, tmp_path):
+    spec = _curation_variant(raw_pairs, tmp_path / "curated")
     state = LoaderState()
-    batches = train_batches(spec, tokenizer, state, workers=0, batch_size=8)
-    seen = 0
-    while state.epoch == 0:
-        seen += len(next(batches)["keys"])
-    assert state.counts["corrupt_images"] == 2
-    assert seen >= spec.shards.rows - 2 - 8  # everything else trained on (bar the dropped last partial batch)
+    batches = train_batches(spec, tokenizer, state, workers=2, batch_size=8)
+    straight = [next(batches)["keys"] for _ in range(30)]
+    batches.close()
+    assert state.epoch == 1  # the run crossed an epoch end, whose markers carry counts
+    head_state = LoaderState()
+    batches = train_batches(spec, tokenizer, head_state, workers=2, batch_size=8)
+    head = [next(batches)["keys"] for _ in range(9)]
+    batches.close()
+    resumed_state = LoaderState.from_dict(head_state.to_dict())
+    resumed = train_batches(spec, tokenizer, resumed_state, workers=2, batch_size=8)
+    tail = [next(resumed)["keys"] for _ in range(21)]
+    resumed.close()
+    assert head + tail == straight
+    assert resumed_state.counts == state.counts and state.counts["curated_out"] > 0
 
 
 def test_online_curation_keeps_rows_with_their_keep_prob(raw_pairs, tokenizer, tmp_path):
@@ -106,7 +176,7 @@ def test_online_curation_keeps_rows_with_their_keep_prob(raw_pairs, tokenizer, t
 
     _write_variant(raw_pairs, tmp_path / "curated", probs)
     spec = _spec(tmp_path / "curated", holdout_fraction=0.0, online_curation=True, needed=["keep_prob"])
-    epochs = [_keys(spec, tokenizer, epoch=e) for e in (0, 1)]
+    epochs = [_keys(spec, tokenizer, epoch=e, batch_size=1) for e in (0, 1)]
     for keys in epochs:
         assert not any(k.endswith(("0", "2", "4")) for k in keys)
     eligible = sum(not k.endswith(("0", "2", "4")) for k in read_table(raw_pairs, columns=["key"]).column("key").to_pylist())
@@ -123,8 +193,12 @@ def test_bad_shards_are_refused_before_training(raw_pairs, tmp_path):
         return table.replace_schema_metadata({SCHEMA_VERSION_KEY: b"0.3"})
 
     _write_variant(raw_pairs, tmp_path / "old", old_version)
-    with pytest.raises(SchemaError, match="schema version 0.3"):
+    with pytest.raises(SchemaError, match=r"schema version b'0\.3' is not compatible"):
         inspect_shards(tmp_path / "old")
+    # No version at all: refused too, as the export's validate_training_table refuses it (one rule).
+    _write_variant(raw_pairs, tmp_path / "unversioned", lambda t, i: t.replace_schema_metadata({}))
+    with pytest.raises(SchemaError, match=r"schema version None .*part-00000\.parquet"):
+        inspect_shards(tmp_path / "unversioned")
     _write_variant(raw_pairs, tmp_path / "typed", lambda t, i: _set_column(
         t.drop_columns(["keep_prob"]).append_column("keep_prob", pa.array(["x"] * t.num_rows)), "keep_prob", ["x"] * t.num_rows))
     with pytest.raises(SchemaError, match="column 'keep_prob'"):
@@ -138,3 +212,32 @@ def test_pair_schema_subset_without_optional_columns_streams(raw_pairs, tokenize
     spec = _spec(tmp_path / "subset", sampling=TextSampling(use_rewrites=True))
     assert spec.shards.columns == ["key", "image", "caption"]
     assert len(_keys(spec, tokenizer)) > 300
+
+
+def test_shards_that_lack_an_optional_column_stream_with_nulls(raw_pairs, tokenizer, tmp_path):
+    """One shard has rewrites, the others lack the column: every row streams, only that shard's rows use them."""
+    def some_rewrites(table, shard):
+        if shard:
+            return table.drop_columns(["rewrites"])
+        return _set_column(table, "rewrites", [[f"a long rewrite number {i}"] for i in range(table.num_rows)])
+
+    _write_variant(raw_pairs, tmp_path / "mixed", some_rewrites)
+    spec = _spec(tmp_path / "mixed", holdout_fraction=0.0, sampling=TextSampling(use_rewrites=True))
+    assert "rewrites" in spec.shards.columns
+    items = _epoch(spec, tokenizer, batch_size=1)
+    first_shard = sorted((tmp_path / "mixed").glob("*.parquet"))[0]
+    first = set(read_table(first_shard, columns=["key"]).column("key").to_pylist())
+    rewritten = {k for item in items if item.get("texts") and item["texts"][0].startswith("a long rewrite")
+                 for k in item["keys"]}
+    assert sum(len(item.get("keys", [])) for item in items) == spec.shards.rows
+    assert rewritten and rewritten <= first
+
+
+def test_has_values_reads_the_footers_of_every_shard(raw_pairs, tmp_path):
+    assert not has_values(raw_pairs, "fused_caption")  # ingest leaves the stage columns null
+    assert has_values(raw_pairs, "caption")
+    _write_variant(raw_pairs, tmp_path / "fused", lambda t, i: t if i < 3 else _set_column(
+        t, "fused_caption", ["fused"] + [None] * (t.num_rows - 1)))
+    assert has_values(tmp_path / "fused", "fused_caption")
+    _write_variant(raw_pairs, tmp_path / "gone", lambda t, i: t.drop_columns(["fused_caption"]))
+    assert not has_values(tmp_path / "gone", "fused_caption")

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,12 +10,13 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 from curation.demo_data import generate
 from curation.schema import SchemaError
-from curation.shards import shard_name
-from pipelines import ingest
-from training import loop
+from curation.shards import read_manifest, shard_name
+from training import loop, step
 from training.cli import demo_flags, run, summary
 from training.config import TrainConfig
+from training.demo_shards import write_demo_pairs
 from training.metrics_log import MetricsLog
+from training.shard_set import input_fingerprint
 
 # Small enough for a shared 2-core CPU: 32-pixel images, one thread, no worker processes.
 FAST = dict(preset="tiny", image_size=32, context_length=16, vocab_size=400, batch_size=16, workers=0, threads=1,
@@ -45,16 +47,20 @@ def test_resume_continues_the_same_run(raw_pairs, tmp_path):
         loop.train(_config(raw_pairs, tmp_path / "resumed", **{**run, "lr": 5e-3}))
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run(raw_pairs, tmp_path, monkeypatch):
-    real = loop.contrastive_loss
-    calls = {"n": 0}
+def _nan_at(monkeypatch, calls: set[int]) -> None:
+    """Make the step's loss NaN at these (1-based) calls."""
+    real, seen = step.contrastive_loss, {"n": 0}
 
     def sometimes_nan(image, text, scale):
-        calls["n"] += 1
+        seen["n"] += 1
         loss = real(image, text, scale)
-        return loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss
+        return loss * float("nan") if seen["n"] in calls else loss
 
-    monkeypatch.setattr(loop, "contrastive_loss", sometimes_nan)
+    monkeypatch.setattr(step, "contrastive_loss", sometimes_nan)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(raw_pairs, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {2, 4, 5, 6})
     with pytest.raises(loop.TrainingDiverged, match=r"3 non-finite losses in a row .*steps 4\.\.6") as info:
         loop.train(_config(raw_pairs, tmp_path / "nan", steps=20, max_bad_steps=3, gradient_checkpointing=True))
     checkpoint = tmp_path / "nan" / "checkpoints" / "step-0000006"
@@ -75,10 +81,67 @@ def test_wrong_shards_fail_before_any_training(raw_pairs, tmp_path):
         loop.train(_config(raw_pairs, tmp_path / "out", fused_ratio=0.5))
 
 
+def test_a_late_stop_still_keeps_the_last_good_weights(raw_pairs, tmp_path, monkeypatch):
+    """Counters are read every 4 steps: the run learns at step 8 of a stop at step 5, and steps 6..8 changed nothing."""
+    reference = loop.train(_config(raw_pairs, tmp_path / "two", steps=20, stop_after_steps=2))
+    _nan_at(monkeypatch, {3, 4, 5})
+    with pytest.raises(loop.TrainingDiverged, match=r"3 non-finite losses in a row \(steps 3\.\.5\); training stopped "
+                                                    r"at step 8") as info:
+        loop.train(_config(raw_pairs, tmp_path / "late", steps=20, max_bad_steps=3, log_every=4))
+    checkpoint = tmp_path / "late" / "checkpoints" / "step-0000008"
+    assert str(checkpoint) in str(info.value)
+    assert json.loads((checkpoint / "state.json").read_text())["bad_steps"] == 3
+    good = load_file(reference.checkpoint / "model.safetensors")
+    for key, tensor in load_file(checkpoint / "model.safetensors").items():
+        assert torch.equal(tensor, good[key]), key
+
+
+@pytest.fixture(scope="module")
+def demo_pairs(tmp_path_factory):
+    """Two small pair datasets written without Beam (the CUDA tests run where Beam is absent)."""
+    root = tmp_path_factory.mktemp("demo-pairs")
+    return [write_demo_pairs(root / name, 240, rows_per_shard=80, row_group_rows=40, seed=seed)
+            for seed, name in enumerate(("a", "b"))]
+
+
+def test_resume_refuses_other_input_and_overwrite_starts_over(demo_pairs, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_pairs[0], data)
+    first = loop.train(_config(data, tmp_path / "run", steps=4, checkpoint_every=2))
+    assert json.loads((first.checkpoint / "state.json").read_text())["input"] == input_fingerprint(data)
+    shutil.rmtree(data)
+    shutil.copytree(demo_pairs[1], data)  # same path, re-exported contents
+    with pytest.raises(ValueError, match=r"input shards .* differ.*--overwrite"):
+        loop.train(_config(data, tmp_path / "run", steps=6, checkpoint_every=2))
+    again = loop.train(_config(data, tmp_path / "run", steps=6, checkpoint_every=2, overwrite=True))
+    assert again.steps == 6
+    assert json.loads((again.checkpoint / "state.json").read_text())["input"] == input_fingerprint(data)
+    assert [s for s, _ in MetricsLog.series(tmp_path / "run" / "metrics.csv", "loss")] == list(range(1, 7))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+    # Starting a second run beside the first one's checkpoints is refused; --overwrite clears them.
+    with pytest.raises(ValueError, match="checkpoints of an earlier run"):
+        loop.train(_config(data, tmp_path / "run", steps=2, resume=False))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match="holds no trainer output"):
+        loop.train(_config(data, tmp_path / "other", steps=2, overwrite=True))
+    assert read_manifest(data)["rows"] == 240
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains(demo_pairs, tmp_path):
+    result = loop.train(_config(demo_pairs[0], tmp_path / "compiled", steps=6, compile=True, lr=2e-3))
+    losses = [v for _, v in MetricsLog.series(tmp_path / "compiled" / "metrics.csv", "loss")]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    assert CLIPModel.from_pretrained(tmp_path / "compiled").logit_scale is not None  # saved from the plain model
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_step_on_cuda(raw_pairs, tmp_path):
-    result = loop.train(_config(raw_pairs, tmp_path / "gpu", steps=4))
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_run_on_cuda(demo_pairs, tmp_path, compiled):
+    result = loop.train(_config(demo_pairs[0], tmp_path / "gpu", steps=4, workers=2, compile=compiled))
     assert math.isfinite(result.metrics["final_loss"])
 
 
@@ -86,6 +149,8 @@ def test_bf16_step_on_cuda(raw_pairs, tmp_path):
 def larger_demo(tmp_path_factory):
     """1500 pairs (more of the rare concepts than the session demo), ingested, with its labelled eval split."""
     root = tmp_path_factory.mktemp("larger-demo")
+    from pipelines import ingest  # Beam: not at module level, so the CUDA tests collect where Beam is absent
+
     generate(root / "demo", n_pairs=1500, n_eval=200, seed=0, rows_per_shard=250)
     ingest.run(["--input", str(root / "demo" / "pool"), "--output", str(root / "raw_pairs")])
     return root

@@ -1,0 +1,79 @@
+"""Retrieval scoring: ties count against the true pair, known ranks give known recalls, the held-out pool is capped."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from curation.shards import read_table
+from training import data, evaluate
+from training.data import StreamSpec
+from training.evaluate import holdout_retrieval, recall_at_k, true_pair_ranks
+from training.model import build_model, clip_config
+from training.shard_set import inspect_shards, is_holdout
+from training.tokenizer import train_bpe
+
+
+def test_constant_features_retrieve_nothing():
+    """Every candidate ties with the true pair: a model that cannot tell inputs apart gets no hit."""
+    same = F.normalize(torch.ones(20, 4), dim=-1)
+    result = recall_at_k(same, same, "x")
+    assert result["x_pairs"] == 20
+    assert all(result[f"x_{d}_r@{k}"] == 0.0 for d in ("i2t", "t2i") for k in (1, 5, 10))
+
+
+def test_a_perfect_ranking_scores_one():
+    features = torch.eye(12)
+    result = recall_at_k(features, features, "x")
+    assert all(result[f"x_{d}_r@{k}"] == 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10))
+
+
+def test_a_known_rank_gives_known_recalls():
+    """Text 0 scores 3rd of 6 for image 0 (two texts above it), every other image's text 1st."""
+    texts = torch.eye(6)
+    images = torch.eye(6)
+    images[0] = torch.tensor([0.5, 1.0, 0.8, 0.0, 0.0, 0.0])
+    assert true_pair_ranks(images, texts).tolist() == [2, 0, 0, 0, 0, 0]
+    result = recall_at_k(images, texts, "x")
+    assert result["x_i2t_r@1"] == pytest.approx(5 / 6)
+    assert result["x_i2t_r@5"] == 1.0
+    # Text->image: for text 1, image 0 scores 1.0 too, a tie, which puts image 1 second.
+    assert true_pair_ranks(texts, images).tolist() == [0, 1, 0, 0, 0, 0]
+    assert result["x_t2i_r@1"] == pytest.approx(5 / 6)
+
+
+def test_ranks_are_the_same_in_chunks(monkeypatch):
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(50, 8), dim=-1), F.normalize(torch.randn(50, 8), dim=-1)
+    whole = true_pair_ranks(a, b)
+    monkeypatch.setattr(evaluate, "RANK_CHUNK", 7)
+    assert torch.equal(true_pair_ranks(a, b), whole)
+
+
+def test_nan_features_are_never_a_hit():
+    features = torch.full((5, 3), float("nan"))
+    assert recall_at_k(features, features, "x")["x_i2t_r@10"] == 0.0
+
+
+def test_the_held_out_pool_is_capped_and_read_only_as_far_as_needed(raw_pairs, monkeypatch):
+    keys = read_table(raw_pairs, columns=["key"]).column("key").to_pylist()
+    held = sum(is_holdout(k, 0.2) for k in keys)
+    shards = inspect_shards(raw_pairs)
+    tokenizer = train_bpe(read_table(raw_pairs, columns=["caption"]).column("caption").to_pylist(), 300, 16)
+    model = build_model(clip_config("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                    image_size=32, context_length=16), seed=0).eval()
+    reads = []
+    real = data.read_unit
+    monkeypatch.setattr(data, "read_unit", lambda shards, unit, columns, rows=None: reads.append((unit, columns))
+                        or real(shards, unit, columns, rows))
+
+    def pairs(cap: int) -> int:
+        spec = StreamSpec(shards, 0, 32, 16, holdout_fraction=0.2, train=False, max_rows=cap)
+        return holdout_retrieval(model, tokenizer, spec, device=torch.device("cpu"), batch_size=8)["holdout_pairs"]
+
+    assert held > 20 and pairs(10_000) == held
+    image_reads = [u for u, columns in reads if "image" in columns]
+    assert len(image_reads) == len(shards.units)
+    reads.clear()
+    assert pairs(5) == 5
+    assert len([u for u, columns in reads if "image" in columns]) < len(shards.units)

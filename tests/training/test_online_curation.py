@@ -1,0 +1,110 @@
+"""Online curation at another t: from matched_entries and the balance stage's counts, found through the stage chain."""
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curation.shards import read_table
+from training import loop
+from training.config import TrainConfig
+from training.data import ShardStream, StreamSpec
+from training.online_curation import (
+    STAGE_CONFIG, curation_probabilities, entry_probabilities_for, find_entry_counts, keep_probabilities_of,
+)
+from training.randomness import unit_uniform
+from training.shard_set import inspect_shards
+from training.tokenizer import train_bpe
+
+BALANCE_T = 20
+
+
+def _balance(raw_pairs, demo_dir, output, *flags):
+    from pipelines import balance
+
+    balance.run(["--input", str(raw_pairs), "--output", str(output), "--metadata", str(demo_dir / "metadata.json"),
+                 "--t", str(BALANCE_T), *flags])
+    return output
+
+
+@pytest.fixture(scope="module")
+def online(raw_pairs, demo_dir, tmp_path_factory):
+    """The demo pairs balanced with --online_curation: every matched pair kept, with its keep_prob."""
+    return _balance(raw_pairs, demo_dir, tmp_path_factory.mktemp("online") / "balanced_pairs", "--online_curation")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(raw_pairs):
+    return train_bpe(read_table(raw_pairs, columns=["caption"]).column("caption").to_pylist(), 300, 16)
+
+
+def _config(source, **kw) -> TrainConfig:
+    return TrainConfig(input=str(source), output="unused", online_curation=True, **kw)
+
+
+def test_the_stage_config_name_is_the_pipelines_one():
+    from pipelines.common import STAGE_CONFIG as PIPELINES_STAGE_CONFIG
+
+    assert STAGE_CONFIG == PIPELINES_STAGE_CONFIG
+
+
+def test_at_the_balance_t_the_probabilities_are_the_stored_keep_prob(online):
+    p = curation_probabilities(_config(online, t=BALANCE_T))
+    table = read_table(online, columns=["matched_entries", "keep_prob"])
+    recomputed = keep_probabilities_of(table, p, "test")
+    assert np.allclose(recomputed, table.column("keep_prob").to_numpy(), atol=1e-6)
+    assert (recomputed < 1).any()  # the demo's head entries are capped at this t
+
+
+def test_a_smaller_t_keeps_fewer_rows(online, tokenizer):
+    shards = inspect_shards(online, ["matched_entries"])
+    table = read_table(online, columns=["key", "matched_entries"])
+    kept = {}
+    for t in (BALANCE_T, 4):
+        p = entry_probabilities_for(online, t)
+        stream = ShardStream(StreamSpec(shards, 0, 32, 16, online_curation=True, entry_p=p, shuffle_buffer=1),
+                             tokenizer, 1)
+        kept[t] = {k for item in stream.epoch(0, 1, 0) for k in item.get("keys", [])}
+        probs = keep_probabilities_of(table, p, "test")
+        keys = table.column("key").to_pylist()
+        assert kept[t] == {k for k, prob in zip(keys, probs) if unit_uniform(0, k, 0, "keep") < prob}
+    assert len(kept[4]) < len(kept[BALANCE_T])
+
+
+def test_a_run_trains_at_another_t(online, tmp_path):
+    result = loop.train(TrainConfig(input=str(online), output=str(tmp_path / "model"), online_curation=True, t=4,
+                                    preset="tiny", image_size=32, context_length=16, vocab_size=300, batch_size=16,
+                                    workers=0, threads=1, steps=3, warmup_steps=1, progress=False,
+                                    holdout_fraction=0.0))
+    assert result.metrics["curated_out"] > 0 and result.steps == 3
+
+
+def test_shards_balanced_offline_are_not_subsampled_again(raw_pairs, demo_dir, tmp_path):
+    offline = _balance(raw_pairs, demo_dir, tmp_path / "balanced_pairs")
+    with pytest.raises(ValueError, match=r"balanced offline \(balance t=20.0\).*second time"):
+        curation_probabilities(_config(offline))
+    with pytest.raises(ValueError, match="balanced offline"):
+        curation_probabilities(_config(offline, t=5))
+    assert curation_probabilities(TrainConfig(input=str(offline), output="unused")) is None  # no online curation
+
+
+def test_counts_that_cannot_be_found_are_a_clear_error(online, tmp_path):
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for shard in sorted(online.glob("part-*.parquet")):
+        shutil.copy(shard, copied / shard.name)  # the shards alone: no manifest, no stage chain
+    with pytest.raises(FileNotFoundError, match=r"no balance stage is reachable .*--entry_counts"):
+        find_entry_counts(copied)
+    with pytest.raises(FileNotFoundError, match="no balance stage"):
+        curation_probabilities(_config(copied, t=5))
+    p = curation_probabilities(_config(copied, t=5, entry_counts=str(online / "entry_counts.parquet")))
+    counts = pq.read_table(online / "entry_counts.parquet", columns=["count"]).column("count").to_numpy()
+    assert np.allclose(p, 5 / np.maximum(counts, 5))
+
+
+def test_t_without_online_curation_is_refused():
+    with pytest.raises(ValueError, match="--online_curation --t"):
+        TrainConfig(t=5)
+    with pytest.raises(ValueError, match="--online_curation --t"):
+        TrainConfig(online_curation=True, entry_counts="x.parquet")

@@ -1,0 +1,102 @@
+"""Online curation (MetaCLIP): each row kept with its probability, drawn anew every epoch, at any t.
+
+MetaCLIP's balancing can run in the data loader: the balance stage, run with
+`--online_curation`, keeps every matched pair with its matched entry ids and
+its keep_prob at the stage's t, and writes the pool's per-entry match counts
+(`entry_counts.parquet`). The trainer keeps a row with that keep_prob, or,
+with `--t`, with 1 - prod_e(1 - p_e), p_e = t / max(count_e, t), computed by
+the balance stage's own functions (`curation.balancing`) so the two cannot drift.
+
+Where the counts are: every stage directory records the directory it read
+(`_stage_config.json`, written by `pipelines.common.begin_stage`); following
+that chain back from the shards reaches the balance output, whose manifest
+names its counts file under `stats`. `--entry_counts` names the file directly
+(for shards copied away from their chain).
+
+Double subsampling: shards balanced offline were already sampled at t, and a
+second draw in the loader would sample them again. The manifest's lineage
+records every upstream stage's config, so a balance stage that ran without
+`online_curation` upstream of the input is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.balancing import entry_probabilities, keep_probabilities
+from curation.shards import is_complete, read_manifest
+from training.config import TrainConfig
+
+# pipelines.common.STAGE_CONFIG; that module imports Beam, which the GPU machines lack (a test keeps them equal).
+STAGE_CONFIG = "_stage_config.json"
+BALANCE = "balance"
+
+
+def balance_configs(source: str | Path) -> list[dict]:
+    """The configs of the balance stages in the input manifest's lineage (none without a manifest)."""
+    if not is_complete(source):
+        return []
+    return [r.get("config") or {} for r in read_manifest(source).get("lineage", []) if r.get("stage") == BALANCE]
+
+
+def check_not_subsampled(source: str | Path) -> None:
+    """Refuse online curation of shards the balance stage already sampled offline."""
+    offline = [c for c in balance_configs(source) if not c.get("online_curation")]
+    if offline:
+        raise ValueError(f"{source} was balanced offline (balance t={offline[-1].get('t')}): its rows were already "
+                         f"sampled with their keep_prob, and --online_curation would sample them a second time. "
+                         f"Rebalance with --online_curation, or train without --online_curation.")
+
+
+def find_entry_counts(source: str | Path) -> Path:
+    """The entry counts of the balance stage upstream of `source`, found through the stage chain."""
+    from curation.datacard import upstream_stages  # imports matplotlib: only when a run asks for another t
+
+    records = upstream_stages(source, STAGE_CONFIG)
+    for record in reversed(records):
+        if record.stage == BALANCE:
+            name = record.stats.get("entry_counts")
+            if name and (record.directory / str(name)).is_file():
+                return record.directory / str(name)
+            raise FileNotFoundError(f"the balance stage at {record.directory} names no entry counts file that "
+                                    f"exists (stats.entry_counts = {name!r}); pass --entry_counts")
+    seen = ", ".join(f"{r.stage} ({r.directory})" for r in records) or "none"
+    raise FileNotFoundError(f"--t needs the balance stage's entry counts, and no balance stage is reachable from "
+                            f"{source} through the stages' recorded inputs (stages found: {seen}). Pass "
+                            f"--entry_counts PATH/entry_counts.parquet, or train with the shards' own keep_prob "
+                            f"(no --t).")
+
+
+def entry_probabilities_for(source: str | Path, t: float, entry_counts: str = "") -> np.ndarray:
+    """p_e = t / max(count_e, t) for every metadata entry, from the balance stage's pool counts."""
+    path = Path(entry_counts) if entry_counts else find_entry_counts(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no entry counts file at {path}")
+    counts = pq.read_table(path, columns=["count"]).column("count").to_numpy()
+    return entry_probabilities(counts, t)
+
+
+def curation_probabilities(config: TrainConfig) -> np.ndarray | None:
+    """Checked before training: the per-entry probabilities at `config.t`, or None to use each row's keep_prob."""
+    if not config.online_curation:
+        return None
+    check_not_subsampled(config.input)
+    return entry_probabilities_for(config.input, config.t, config.entry_counts) if config.t else None
+
+
+def keep_probabilities_of(table: pa.Table, entry_p: np.ndarray | None, where: str) -> np.ndarray:
+    """Each row's keep probability: from matched_entries at the run's t, else its keep_prob (null: kept)."""
+    if entry_p is None:
+        return pc.fill_null(table.column("keep_prob"), 1.0).to_numpy()
+    matched = table.column("matched_entries").combine_chunks()
+    ids = pc.list_flatten(matched)
+    highest = pc.max(ids).as_py() if len(ids) else None
+    if highest is not None and highest >= len(entry_p):
+        raise ValueError(f"{where}: matched entry id {highest} is beyond the {len(entry_p)} entry counts; the "
+                         f"counts belong to other metadata than these shards")
+    return keep_probabilities(matched, entry_p)
