@@ -11,10 +11,13 @@ GPU runs thousands of rows at once; `preferred_requests_per_call` tells the
 caller that number, so it hands over enough requests to fill the batch.
 
 Prefix reuse: prompts are batched in text order, so prompts that share a long
-prefix (the rewrite stage's instruction and examples) land in one batch. The
-batch's common token prefix is run once, its KV cache is repeated over the
-rows, and only each row's own suffix is prefilled; the padding sits between
-prefix and suffix, masked out, and positions follow the mask.
+prefix (the rewrite stage's instruction and one example group) sit side by
+side. The batch is cut into runs where that shared prefix ends (a run's
+prefix: what all its rows share), each run's prefix is run once and kept, and
+only each row's own suffix is prefilled. A row's cache is its run's prefix KV,
+left-padded to the batch's longest prefix; padding (before the prefix and
+between prefix and suffix) is masked out and positions follow the mask, so a
+row sees exactly its own prompt.
 
 `cache="static"` preallocates the KV cache (transformers' StaticCache) and,
 with `compile=True` on CUDA, lets `generate` compile its decode step with
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -154,7 +158,7 @@ class TransformersEngine(ChatTokenizer):
 
         cache = self._prefix_cache.get(prefix)
         if cache is None:
-            if len(self._prefix_cache) >= 16:
+            if len(self._prefix_cache) >= 32:
                 self._prefix_cache.pop(next(iter(self._prefix_cache)))
             # Only the cache is wanted: skip the logits of every prefix position where the model allows it.
             keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
@@ -163,24 +167,58 @@ class TransformersEngine(ChatTokenizer):
             cache = self._prefix_cache[prefix] = out.past_key_values
         return cache
 
-    def _batch_cache(self, prefix: tuple[int, ...], rows: int, max_cache_len: int) -> dict[str, Any]:
-        """generate's cache arguments for a batch whose rows all start with `prefix` (possibly empty)."""
-        import copy
+    def _prefix_runs(self, rows: list[list[int]]) -> list[tuple[int, int, int]]:
+        """(start, end, prefix length) of each run of rows sharing a prefix; prefix 0 where none is worth it.
 
+        A run ends where neighbours share clearly less (by min_prefix_tokens)
+        than the pair before or after them: in the rewrite stage, where one
+        example group ends and the next begins, whose prompts share only the
+        instruction. A row alone in its run reuses the longest prefix kept
+        from earlier batches, if any.
+        """
+        if not self.enable_prefix_caching:
+            return [(0, len(rows), 0)]
+        least = self.min_prefix_tokens
+        shared = [_common_prefix_length([a, b]) for a, b in zip(rows, rows[1:])]
+        around = [max(shared[i - 1] if i else 0, shared[i + 1] if i + 1 < len(shared) else 0)
+                  for i in range(len(shared))]
+        bounds = [0] + [i + 1 for i, n in enumerate(shared) if n < least or n + least <= around[i]] + [len(rows)]
+        runs = []
+        for start, end in zip(bounds, bounds[1:]):
+            if end - start == 1:
+                length = self._kept_prefix(rows[start])
+            else:  # leave at least one token per row to prefill
+                length = min(_common_prefix_length(rows[start:end]), min(map(len, rows[start:end])) - 1)
+            runs.append((start, end, length if length >= least else 0))
+        return runs
+
+    def _kept_prefix(self, row: list[int]) -> int:
+        """The length of the longest kept prefix KV that `row` starts with (and does not end with)."""
+        fits = [len(key) for key in self._prefix_cache if len(key) < len(row) and tuple(row[:len(key)]) == key]
+        return max(fits, default=0)
+
+    def _batch_cache(self, rows: list[list[int]], runs: list[tuple[int, int, int]], width: int,
+                     max_cache_len: int) -> dict[str, Any]:
+        """generate's cache arguments: every row's run prefix KV, left-padded to `width` tokens."""
         import torch
-        from transformers import StaticCache
+        from transformers import DynamicCache, StaticCache
 
-        if not prefix:
+        if width == 0:
             return {"cache_implementation": "static"} if self.cache == "static" else {}
-        source = self._prefix_kv(prefix)
-        if self.cache == "dynamic":
-            cache = copy.deepcopy(source)
-            cache.batch_repeat_interleave(rows)
-            return {"past_key_values": cache}
-        cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
-        positions = {"cache_position": torch.arange(len(prefix), device=self.device)}
-        for index, layer in enumerate(source.layers):
-            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index, positions)
+        sources = {(start, length): self._prefix_kv(tuple(rows[start][:length])) for start, _, length in runs if length}
+        template = next(iter(sources.values()))
+        cache = (StaticCache(config=self.model.config, max_cache_len=max_cache_len) if self.cache == "static"
+                 else DynamicCache(config=self.model.config))
+        positions = {"cache_position": torch.arange(width, device=self.device)}
+        for index, layer in enumerate(template.layers):
+            parts: dict[str, list] = {"keys": [], "values": []}
+            for start, end, length in runs:
+                for name in parts:
+                    block = getattr(layer, name)
+                    pad = block.new_zeros((end - start, block.shape[1], width - length, block.shape[3]))
+                    own = getattr(sources[(start, length)].layers[index], name) if length else block[:, :, :0]
+                    parts[name].append(torch.cat([pad, own.expand(end - start, -1, -1, -1)], dim=2))
+            cache.update(torch.cat(parts["keys"]), torch.cat(parts["values"]), index, positions)
         return {"past_key_values": cache}
 
     def _generate_batch(self, rows: list[list[int]], params: list[SamplingParams], seeds: list[int],
@@ -188,19 +226,20 @@ class TransformersEngine(ChatTokenizer):
         import torch
         from transformers import CompileConfig, LogitsProcessorList
 
-        shared = _common_prefix_length(rows) if self.enable_prefix_caching else 0
-        # Leave at least one token per row to prefill, and only bother for a real shared prefix.
-        shared = max(0, min(shared, min(map(len, rows)) - 1))
-        shared = shared if shared >= self.min_prefix_tokens else 0
+        runs = self._prefix_runs(rows)
+        prefix = [length for start, end, length in runs for _ in range(start, end)]
         pad = self.tokenizer.pad_token_id
-        width = max(map(len, rows)) - shared
-        input_ids = [row[:shared] + [pad] * (width - len(row) + shared) + row[shared:] for row in rows]
-        mask = [[1] * shared + [0] * (width - len(row) + shared) + [1] * (len(row) - shared) for row in rows]
+        head = max(prefix)
+        tail = max(len(row) - n for row, n in zip(rows, prefix))
+        input_ids = [[pad] * (head - n) + row[:n] + [pad] * (tail - len(row) + n) + row[n:]
+                     for row, n in zip(rows, prefix)]
+        mask = [[0] * (head - n) + [1] * n + [0] * (tail - len(row) + n) + [1] * (len(row) - n)
+                for row, n in zip(rows, prefix)]
         enc = {"input_ids": torch.tensor(input_ids, device=self.device),
                "attention_mask": torch.tensor(mask, device=self.device)}
         max_new = max(p.max_new_tokens for p in params)
-        cache = self._batch_cache(tuple(rows[0][:shared]), len(rows), shared + width + max_new)
-        self.stats["prefix_reused_tokens"] += shared * len(rows)
+        cache = self._batch_cache(rows, runs, head, head + tail + max_new)
+        self.stats["prefix_reused_tokens"] += sum(prefix)
         self.stats["prompt_tokens"] += sum(map(len, rows))
         sampler = SeededSampler(seeds, [p.temperature for p in params], [p.top_p for p in params], max_new)
         extra = {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
@@ -211,13 +250,13 @@ class TransformersEngine(ChatTokenizer):
                 logits_processor=LogitsProcessorList([sampler]), pad_token_id=pad, **cache, **compiled, **extra)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         results = []
-        for row, p, prompt in zip(new, params, rows):
+        for row, p, prompt, cached in zip(new, params, rows, prefix):
             tokens = _until_eos(row[:p.max_new_tokens], self._eos)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             for s in stop:
                 text = text.split(s, 1)[0]
             results.append(Generation(text=text, prompt_tokens=len(prompt), completion_tokens=len(tokens),
-                                      cached_tokens=shared))
+                                      cached_tokens=cached))
         return results
 
 

@@ -1,6 +1,8 @@
 """The engine factory, the transformers backend on a tiny saved model, its batch sizing, seeded sampling,
 and the openai backend against a fake local server (concurrency, timeouts, one retry layer, a dead server)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -70,6 +72,24 @@ def test_shared_prefix_reuse_changes_nothing_but_work(tiny_model):  # noqa: F811
     engine.enable_prefix_caching = False
     alone = engine.generate(prompts, params)
     assert [g.text for g in alone] == [g.text for g in reused] and all(g.cached_tokens == 0 for g in alone)
+
+
+def test_each_prefix_group_in_a_batch_is_reused(tiny_model):  # noqa: F811
+    """Two example groups in one batch: every row reuses its own group's prefix, not just what all share."""
+    engine = make_text_engine(EngineSpec(model=str(tiny_model), options={"batch_size": 8}))
+    captions = ("a red circle", "two blue squares on white", "some rings")
+    first = _chat_prompts(engine, captions, system="rewrite image captions in other words " * 4)
+    second = _chat_prompts(engine, captions, system="rewrite image captions in other words " +
+                           "Each image caption below is followed by a fresh rewording of it: " * 2)
+    prompts = [p for pair in zip(first, second) for p in pair]  # interleaved: the engine regroups them
+    params = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=i) for i in range(6)]
+    gens = engine.generate(prompts, params)
+    common = engine.count_tokens([os.path.commonprefix(prompts)])[0]
+    assert all(g.cached_tokens > common + 10 for g in gens), [g.cached_tokens for g in gens]
+    for cache in ("dynamic", "static"):
+        plain = make_text_engine(EngineSpec(model=str(tiny_model), options={
+            "batch_size": 8, "enable_prefix_caching": False, "cache": cache}))
+        assert [g.text for g in plain.generate(prompts, params)] == [g.text for g in gens]
 
 
 @pytest.mark.parametrize("prefix", [True, False])
