@@ -95,8 +95,11 @@ class RewriteConfig:
     examples_per_prompt: int = 3
     example_groups: int = 4
     max_attempts: int = 3  # generations per rewrite slot before falling back to the original caption
-    requests_per_call: int = 256  # prompts handed to the engine at once (the engine batches further)
+    # Prompts handed to the engine at once; None: as many as the engine prefers (all of them for vLLM and a
+    # server, one memory-sized batch for transformers on a GPU).
+    requests_per_call: int | None = None
     engine_retries: int = 2
+    engine_backoff_s: float = 1.0  # first pause before an engine retry; it doubles each time
     max_caption_chars: int = 600
     meaning_check: bool = False  # reject outputs whose embedding is far from the caption's
     # Share of rows to rewrite, drawn by hash(seed, key); the others keep a null `rewrites` (small demos).
@@ -107,8 +110,10 @@ class RewriteConfig:
     def __post_init__(self) -> None:
         if self.prompt_format not in ("auto", "chat", "completion"):
             raise ValueError(f"prompt_format must be auto, chat or completion, got {self.prompt_format!r}")
-        if self.k < 1 or self.max_attempts < 1 or self.requests_per_call < 1:
+        if self.k < 1 or self.max_attempts < 1 or (self.requests_per_call is not None and self.requests_per_call < 1):
             raise ValueError("k, max_attempts and requests_per_call must be at least 1")
+        if self.engine_retries < 0 or self.engine_backoff_s < 0:
+            raise ValueError("engine_retries and engine_backoff_s must be >= 0")
         per_kind = min(len(kind) for kind in EXAMPLES_BY_KIND)
         if not 1 <= self.example_groups <= per_kind:
             raise ValueError(f"example_groups must be in 1..{per_kind}")
@@ -164,6 +169,15 @@ class RowRewrite:
     stats: collections.Counter
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One generation: rewrite `slot` of row `row`, try number `attempt`."""
+
+    row: int
+    slot: int
+    attempt: int
+
+
 class Rewriter:
     """Builds prompts, calls the engine in batches, validates, retries, and falls back."""
 
@@ -181,6 +195,8 @@ class Rewriter:
                            for g in groups]
         self.prefixes = [self._prefix(g) for g in groups]
         self.prefix_tokens = _token_counts(engine, self.prefixes)
+        # Tokens of a prompt around an empty caption: with the caption's own, the prompt's length.
+        self.frame_tokens = _token_counts(engine, [self._layout(g, "") for g in groups])
 
     @property
     def format_name(self) -> str:
@@ -202,60 +218,83 @@ class Rewriter:
         prompt = self._layout(examples, marker)
         return prompt[:prompt.index(marker)]
 
+    def clean(self, caption: str) -> str:
+        return clean_caption(caption, self.special_tokens, self.config.max_caption_chars)
+
     def prompt(self, caption: str, group: int) -> str:
-        examples = example_group(group, self.config.examples_per_prompt)
-        return self._layout(examples, clean_caption(caption, self.special_tokens, self.config.max_caption_chars))
+        return self._layout(example_group(group, self.config.examples_per_prompt), self.clean(caption))
 
     def rewrite(self, keys: Sequence[str], captions: Sequence[str], seed: int) -> list[RowRewrite]:
-        """k rewrites per caption. Row order is kept; results depend only on (seed, key, caption, config)."""
+        """k rewrites per caption. Row order is kept; results depend only on (seed, key, caption, config).
+
+        Requests wait in one queue and go to the engine in calls of the
+        engine's preferred size; a refused request goes back to the end of the
+        queue with its next attempt, so retries ride along in full calls
+        instead of trickling out in small ones.
+        """
         cfg = self.config
         rows = [RowRewrite(rewrites=[caption] * cfg.k, stats=collections.Counter()) for caption in captions]
+        cleaned = [self.clean(caption) for caption in captions]
         groups = [[group_for(seed, key, i, cfg.example_groups) for i in range(cfg.k)] for key in keys]
-        pending = []
-        for r, caption in enumerate(captions):
-            if clean_caption(caption, self.special_tokens, cfg.max_caption_chars):
-                pending += [(r, i) for i in range(cfg.k)]
+        queue: collections.deque[_Request] = collections.deque()
+        for r, text in enumerate(cleaned):
+            if text:
+                queue.extend(_Request(r, i, 0) for i in range(cfg.k))
             else:
                 rows[r].stats["fallback.empty_caption"] += cfg.k
-        for attempt in range(cfg.max_attempts):
-            if not pending:
-                break
-            refused = []
-            for start in range(0, len(pending), cfg.requests_per_call):
-                chunk = pending[start:start + cfg.requests_per_call]
-                refused += self._attempt(chunk, keys, captions, groups, rows, seed, attempt)
-            pending = refused
-        for r, _ in pending:
-            rows[r].stats["fallback"] += 1
+        size = self._call_size(cleaned)
+        while queue:
+            call = [queue.popleft() for _ in range(min(size or len(queue), len(queue)))]
+            for request in self._call(call, keys, captions, cleaned, groups, rows, seed):
+                if request.attempt + 1 < cfg.max_attempts:
+                    queue.append(_Request(request.row, request.slot, request.attempt + 1))
+                else:
+                    rows[request.row].stats["fallback"] += 1
         return rows
 
-    def _attempt(self, chunk, keys, captions, groups, rows, seed, attempt) -> list[tuple[int, int]]:
+    def _call_size(self, cleaned: Sequence[str]) -> int | None:
+        """Requests per engine call: the configured number, else the engine's preference for these prompts."""
+        if self.config.requests_per_call:
+            return self.config.requests_per_call
+        preferred = getattr(self.engine, "preferred_requests_per_call", None)
+        if preferred is None:
+            return None
+        longest = 0
+        captions = [text for text in cleaned if text]
+        if self.frame_tokens is not None and captions:
+            longest = max(self.frame_tokens) + max(_token_counts(self.engine, captions) or [0])
+        return preferred(longest, self.config.max_new_tokens)
+
+    def _call(self, call: list[_Request], keys, captions, cleaned, groups, rows, seed) -> list[_Request]:
+        """One engine call: generate, validate, keep or refuse; returns the refused requests."""
         cfg = self.config
-        prompts = [self.prompt(captions[r], groups[r][i]) for r, i in chunk]
-        params = [SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, derive_seed(seed, keys[r], i, attempt))
-                  for r, i in chunk]
+        examples = [example_group(groups[q.row][q.slot], cfg.examples_per_prompt) for q in call]
+        prompts = [self._layout(ex, cleaned[q.row]) for ex, q in zip(examples, call)]
+        params = [SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                 derive_seed(seed, keys[q.row], q.slot, q.attempt)) for q in call]
         outputs: list[Generation] = generate_with_recovery(self.engine, prompts, params, retries=cfg.engine_retries,
-                                                           stop=self.stop)
+                                                           backoff_s=cfg.engine_backoff_s, stop=self.stop)
         texts = [parse_output(g.text) for g in outputs]
         if self.overlap is not None:
-            self.overlap.prime([captions[r] for r, _ in chunk] + texts)
+            self.overlap.prime([captions[q.row] for q in call] + texts)
         refused = []
-        for (r, i), generation, text in zip(chunk, outputs, texts):
-            stats = rows[r].stats
-            group = groups[r][i]
+        for q, generation, text in zip(call, outputs, texts):
+            stats = rows[q.row].stats
+            group = groups[q.row][q.slot]
             stats["requests"] += 1
             stats["prompt_tokens"] += generation.prompt_tokens
             stats["completion_tokens"] += generation.completion_tokens
+            stats["prefix_reused_tokens"] += generation.cached_tokens
             if self.prefix_tokens is not None:
-                stats["prefix_tokens"] += min(self.prefix_tokens[group], generation.prompt_tokens)
-            reason = check_output(captions[r], text, cfg.validation, echo_texts=self.echo_texts[group],
+                stats["prefix_tokens_estimate"] += min(self.prefix_tokens[group], generation.prompt_tokens)
+            reason = check_output(captions[q.row], text, cfg.validation, echo_texts=self.echo_texts[group],
                                   overlap=self.overlap)
             if reason is None:
-                rows[r].rewrites[i] = text
+                rows[q.row].rewrites[q.slot] = text
                 stats["kept"] += 1
             else:
                 stats[f"rejected.{reason}"] += 1
-                refused.append((r, i))
+                refused.append(q)
         return refused
 
 
@@ -269,11 +308,21 @@ def _token_counts(engine: TextEngine, texts: list[str]) -> list[int] | None:
 
 
 def summarise(stats: collections.Counter) -> dict[str, Any]:
-    """Totals plus the derived shares a manifest reports."""
+    """Totals plus the derived shares a manifest reports.
+
+    `prefix_reused_share` is measured: the prompt tokens the engine served
+    from a cached prefix. `prefix_token_share_estimate` is what a perfect
+    prefix cache could serve (every prompt's example-group prefix).
+    `fallback_share` counts every rewrite slot that kept the original
+    caption, empty captions included.
+    """
     out: dict[str, Any] = dict(sorted(stats.items()))
     if stats.get("prompt_tokens"):
-        out["prefix_token_share"] = round(stats.get("prefix_tokens", 0) / stats["prompt_tokens"], 4)
-    slots = stats.get("kept", 0) + stats.get("fallback", 0)
+        out["prefix_reused_share"] = round(stats.get("prefix_reused_tokens", 0) / stats["prompt_tokens"], 4)
+        if "prefix_tokens_estimate" in stats:
+            out["prefix_token_share_estimate"] = round(stats["prefix_tokens_estimate"] / stats["prompt_tokens"], 4)
+    fallbacks = stats.get("fallback", 0) + stats.get("fallback.empty_caption", 0)
+    slots = stats.get("kept", 0) + fallbacks
     if slots:
-        out["fallback_share"] = round(stats.get("fallback", 0) / slots, 4)
+        out["fallback_share"] = round(fallbacks / slots, 4)
     return out

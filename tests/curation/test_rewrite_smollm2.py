@@ -6,20 +6,32 @@ import pytest
 
 from curation.engines import make_text_engine
 from curation.rewrite import RewriteConfig, Rewriter
-from curation.validation import check_output
+from curation.validation import normalise
 
 CAPTIONS = ["two red circles on a plain background", "A photo of three blue stars.",
             "IMG_4821.jpg | green squares", "Yellow hexagons, flat illustration"]
+COLOURS = ["red", "blue", "green", "yellow"]
+KEYS = [f"k{i}" for i in range(len(CAPTIONS))]
 
 
 @pytest.mark.slow
 def test_smollm2_gguf_rewrites_captions():
-    config = RewriteConfig(k=1, max_new_tokens=20, examples_per_prompt=2, max_attempts=2)
+    config = RewriteConfig(k=2, max_new_tokens=20, examples_per_prompt=2, max_attempts=2)
     engine = make_text_engine(config.engine_spec())  # loaded with from_pretrained(folder, gguf_file=...)
     assert engine.name.endswith(".gguf") and engine.has_chat_template
-    rows = Rewriter(engine, config).rewrite([f"k{i}" for i in range(len(CAPTIONS))], CAPTIONS, seed=0)
+    rewriter = Rewriter(engine, config)
+    rows = rewriter.rewrite(KEYS, CAPTIONS, seed=0)
     totals = sum((r.stats for r in rows), collections.Counter())
-    assert totals["kept"] >= 2, totals  # a real instruct model writes usable rewrites
-    for row, caption in zip(rows, CAPTIONS):
-        for text in row.rewrites:
-            assert text == caption or check_output(caption, text, config.validation) is None
+    slots = len(CAPTIONS) * config.k
+    # A real instruct model writes usable rewrites for most slots: few fall back to the caption.
+    assert totals["kept"] >= 0.75 * slots, totals
+    new = [(w, colour) for row, caption, colour in zip(rows, CAPTIONS, COLOURS)
+           for w in row.rewrites if normalise(w) != normalise(caption)]
+    assert len(new) == totals["kept"]  # every kept rewrite is new text, not the caption again
+    # ... and it keeps what the caption shows: its colour survives in most rewrites.
+    assert sum(colour in w.lower() for w, colour in new) >= 0.75 * len(new), new
+    # The engine's prefix reuse served each example group's instruction and examples, not just what all share.
+    assert 0.75 * totals["prefix_tokens_estimate"] <= totals["prefix_reused_tokens"] < totals["prompt_tokens"]
+    # Same seed, same rewrites; another seed, other rewrites.
+    assert [r.rewrites for r in rewriter.rewrite(KEYS, CAPTIONS, seed=0)] == [r.rewrites for r in rows]
+    assert [r.rewrites for r in rewriter.rewrite(KEYS, CAPTIONS, seed=1)] != [r.rewrites for r in rows]

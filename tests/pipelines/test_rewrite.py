@@ -5,8 +5,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from curation.engines.recovery import EngineFailure
-from curation.rewrite import PROMPT_VERSION, Rewriter
+from curation.rewrite import PROMPT_VERSION
 from curation.schema import conform
 from curation.shards import ShardWriter, finished_shards, read_table, verify_manifest
 from pipelines import rewrite
@@ -49,6 +48,11 @@ def test_rewrite_stage_writes_rewrites_and_manifest(pairs, tmp_path, tiny_model)
     assert stats["fallback.empty_caption"] == 2
     rejected = sum(v for k, v in stats.items() if k.startswith("rejected."))
     assert stats["requests"] == stats["kept"] + rejected and stats["prompt_tokens"] > 0
+    # Measured by the engine (its reused prefix KV), beside the estimate of what a prefix cache could serve.
+    assert 0 < stats["prefix_reused_tokens"] < stats["prompt_tokens"]
+    assert stats["prefix_reused_share"] == round(stats["prefix_reused_tokens"] / stats["prompt_tokens"], 4)
+    assert 0 < stats["prefix_token_share_estimate"] < 1
+    assert stats["fallback_share"] == round((stats["fallback"] + 2) / 18, 4)
     assert table.column("rewrites").to_pylist()[6] == [original["r006"]] * 2
     # Same seed, same input: a second run elsewhere writes the same rewrites.
     again = rewrite.run(_flags(pairs, tmp_path / "again", tiny_model))
@@ -59,21 +63,33 @@ def test_rewrite_stage_writes_rewrites_and_manifest(pairs, tmp_path, tiny_model)
 
 
 def test_persistent_engine_failure_keeps_finished_shards(pairs, tmp_path, tiny_model, monkeypatch):  # noqa: F811
+    """A real engine that fails on one caption: retried, split down to that request, then a clear error."""
+    from curation.engines.transformers_engine import TransformersEngine
+
     out = tmp_path / "rewritten"
-    real = Rewriter.rewrite
+    real = TransformersEngine.generate
+    calls: list[tuple[int, bool]] = []
 
-    def failing(self, keys, captions, seed):
-        if "r004" in keys:
-            raise EngineFailure("engine transformers failed on a request after 3 attempts: server down")
-        return real(self, keys, captions, seed)
+    def failing(self, prompts, params, stop=()):
+        bad = any("Photo by Jane Doe" in p for p in prompts)  # row r004, in shard 1
+        calls.append((len(prompts), bad))
+        if bad:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(self, prompts, params, stop)
 
-    monkeypatch.setattr(Rewriter, "rewrite", failing)
-    with pytest.raises(Exception, match="server down"):
-        rewrite.run(_flags(pairs, out, tiny_model))
+    monkeypatch.setattr(TransformersEngine, "generate", failing)
+    flags = _flags(pairs, out, tiny_model, "--rewrite_engine_backoff_s", "0")
+    with pytest.raises(Exception, match=r"failed on 1 request\(s\) after 3 attempts: RuntimeError: CUDA out of memory"):
+        rewrite.run(flags)
+    failed = [size for size, bad in calls if bad]
+    # Retried at full size, then halved (each half retried) until the one bad request failed alone 3 times.
+    assert failed[:3] == [failed[0]] * 3 and failed[0] > 1 and failed[-3:] == [1, 1, 1]
+    assert failed == sorted(failed, reverse=True)
+    assert any(not bad and size < failed[0] for size, bad in calls)  # the good half of a split went through
     kept = [p.name for p in finished_shards(out)]
     assert kept == ["part-00000.parquet"]  # shard 0 ran in its own pipeline run before shard 1 failed
-    monkeypatch.setattr(Rewriter, "rewrite", real)
-    result = rewrite.run(_flags(pairs, out, tiny_model))
+    monkeypatch.setattr(TransformersEngine, "generate", real)
+    result = rewrite.run(flags)
     assert result.manifest["stats"]["resumed_shards"] == 1 and result.manifest["stats"]["shards_processed"] == 2
     assert result.manifest["stats"]["rows"] == 9  # counts cover the shards of both runs
 
