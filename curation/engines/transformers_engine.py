@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import statistics
 from collections.abc import Sequence
 from typing import Any
 
