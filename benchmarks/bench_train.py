@@ -1,13 +1,25 @@
-"""Training throughput: the trainer's step on synthetic tensors vs on real Parquet shards (and vs open_clip).
+"""Training throughput: the trainer's own step on synthetic tensors, on real Parquet shards, and against open_clip.
 
     python benchmarks/bench_train.py                  # CUDA: ViT-B/32, batch 256, bf16; CPU: tiny, batch 64
+    python benchmarks/bench_train.py --compile        # also the towers through torch.compile
     python benchmarks/bench_train.py --input DIR      # read these shards instead of generating demo ones
 
-Prints samples/s for (1) the trainer's step on synthetic tensors, (2) the
-same step fed by the Parquet loader (decode, crop, tokenize in workers), and
-(3) open_clip's ViT-B-32 step on the same synthetic batch when open_clip is
-importable and CUDA is there. The ratio parquet/synthetic says whether the
-loader is the bottleneck (target >= 0.9); trainer/open_clip is the speed target.
+Every figure times `training.step.TrainStep`, the step `training/loop.py`
+runs (device-side normalisation, symmetric InfoNCE, clipping at 1.0, the
+warmup-cosine schedule, the logit-scale clamp, bad-step gating), with the
+same optimizer on every compared row: AdamW, fused on CUDA. Synthetic
+batches are uint8 images and token ids already on the device, the same
+tensors for both models. Rows:
+1. the trainer's CLIPModel, synthetic tensors (eager; with --compile, then compiled);
+2. the fastest of those fed by the Parquet loader (decode, crop, tokenize in
+   workers; uint8 pinned batches): Parquet / synthetic says whether the loader
+   is the bottleneck (target >= 0.9);
+3. the eager step with Stable-SPAM (the trainer's default optimizer), for reference;
+4. open_clip's ViT-B-32 (CUDA, when importable), eager, through the same step:
+   the fastest trainer row / open_clip is the speed target (>= 1.3).
+The demo shards are written without the pipeline (`training.demo_shards`),
+sized so that each loader worker gets several batches per epoch. Nothing
+here needs Beam or Dagster.
 """
 
 from __future__ import annotations
@@ -17,20 +29,27 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from training.config import TrainConfig  # noqa: E402
-from training.data import LoaderState, StreamSpec, inspect_shards, iter_texts, train_batches  # noqa: E402
-from training.loss import contrastive_loss  # noqa: E402
-from training.model import PRESETS, ClipTowers, build_model, clamp_logit_scale, clip_config  # noqa: E402
-from training.optimization import make_optimizer  # noqa: E402
+from training.data import LoaderState, StreamSpec, train_batches  # noqa: E402
+from training.demo_shards import write_demo_pairs  # noqa: E402
+from training.model import PRESETS, ClipTowers, build_model, clip_config  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.optimization import make_optimizer, param_groups, warmup_cosine  # noqa: E402
+from training.shard_set import inspect_shards, iter_texts  # noqa: E402
+from training.step import TrainStep  # noqa: E402
 from training.tokenizer import train_bpe  # noqa: E402
+
+BATCHES_PER_WORKER = 4  # demo epoch size: this many batches for every loader worker
+OPEN_CLIP_WHEELS = "open_clip_torch 3.3.0 with ftfy and wcwidth (torch, torchvision, timm, regex are there)"
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,90 +61,104 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5 if cuda else 2)
     parser.add_argument("--workers", type=int, default=8 if cuda else 1)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--optimizer", default=TrainConfig().optimizer)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the towers (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the trainer's towers")
     parser.add_argument("--input", help="shards to read; default: demo shards generated into a temp dir")
-    parser.add_argument("--pairs", type=int, default=3000 if cuda else 600, help="demo pairs to generate")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help=f"demo pairs to generate (0: {BATCHES_PER_WORKER} batches per loader worker)")
     return parser.parse_args()
 
 
-def demo_shards(root: Path, pairs: int) -> Path:
-    from curation.demo_data import generate
-    from pipelines import ingest
-
-    generate(root / "demo", n_pairs=pairs, n_eval=0, rows_per_shard=max(pairs // 8, 1))
-    ingest.run(["--input", str(root / "demo" / "pool"), "--output", str(root / "raw_pairs")])
-    return root / "raw_pairs"
+def demo_shards(root: Path, pairs: int, workers: int) -> Path:
+    """Demo pair shards with at least two row groups (units) per worker, so every worker reads several."""
+    units = max(2 * max(workers, 1), 4)
+    rows_per_unit = max(pairs // units, 1)
+    return write_demo_pairs(root, pairs, rows_per_shard=2 * rows_per_unit, row_group_rows=rows_per_unit)
 
 
-def timed(step, batches, steps: int, warmup: int, batch_size: int, device: torch.device) -> float:
+def timed(step: Callable[[], int], steps: int, warmup: int, device: torch.device) -> float:
     """Samples per second over `steps` steps after `warmup` untimed ones (data loading included)."""
     for _ in range(warmup):
-        step(next(batches))
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, samples = time.perf_counter(), 0
     for _ in range(steps):
-        step(next(batches))
+        samples += step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
+    return samples / (time.perf_counter() - start)
 
 
-def trainer_step(preset: str, vocab: int, eos: int, device: torch.device, args, image_size: int, context: int):
-    config = clip_config(preset, vocab_size=vocab, bos_token_id=0, eos_token_id=eos, pad_token_id=eos,
-                         image_size=image_size, context_length=context)
+def adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The comparison's optimizer on every side: AdamW with the trainer's groups and betas, fused on CUDA."""
+    defaults = TrainConfig()
+    return build_optimizer("adamw", param_groups(model, defaults.weight_decay), lr=defaults.lr,
+                           betas=(defaults.beta1, defaults.beta2), eps=defaults.eps, weight_decay=defaults.weight_decay,
+                           fused=device.type == "cuda")
+
+
+def make_step(towers: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+              steps: int) -> TrainStep:
+    defaults = TrainConfig()
+    return TrainStep(towers, model, optimizer, warmup_cosine(optimizer, defaults.warmup_steps, steps), device=device,
+                     grad_clip=defaults.grad_clip, precision="bf16" if device.type == "cuda" else "fp32")
+
+
+def trainer_model(preset_name: str, vocab: int, eos: int, device: torch.device,
+                  compiled: bool) -> tuple[nn.Module, nn.Module]:
+    """(towers, model): the trainer's CLIPModel for the preset, its towers compiled if asked (as --compile does)."""
+    preset = PRESETS[preset_name]
+    config = clip_config(preset_name, vocab_size=vocab, bos_token_id=0, eos_token_id=eos, pad_token_id=eos,
+                         image_size=preset.image_size, context_length=preset.context_length)
     model = build_model(config, seed=0).to(device)
-    towers = torch.compile(ClipTowers(model)) if args.compile else ClipTowers(model)
-    optimizer = make_optimizer(model, TrainConfig(optimizer=args.optimizer))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    def step(batch: dict) -> None:
-        with autocast:
-            image, text, scale = towers(batch["pixel_values"].to(device, non_blocking=True),
-                                        batch["input_ids"].to(device, non_blocking=True),
-                                        batch["attention_mask"].to(device, non_blocking=True))
-        contrastive_loss(image, text, scale).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale(model)
-
-    return step
+    towers = ClipTowers(model)
+    return (torch.compile(towers) if compiled else towers), model
 
 
-def synthetic(batch: int, image_size: int, context: int, vocab: int, eos: int):
-    pixels = torch.randn(batch, 3, image_size, image_size)
-    ids = torch.randint(3, vocab, (batch, context))
+def synthetic(batch: int, image_size: int, context: int, vocab: int, eos: int, device: torch.device) -> Callable:
+    """A fetch that returns the same device-resident batch: uint8 pixels, ids ending in the end token."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, context), generator=generator)
     ids[:, -1] = eos
-    fixed = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    while True:
-        yield fixed
+    fixed = {"pixel_values": torch.randint(0, 256, (batch, 3, image_size, image_size), generator=generator,
+                                           dtype=torch.uint8).to(device),
+             "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    return lambda: fixed
 
 
-def open_clip_rate(args, device: torch.device) -> float | None:
+class OpenClipTowers(nn.Module):
+    """open_clip's CLIP behind the towers' signature: (pixels, ids, mask) -> (image, text, logit scale)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        image, text, scale = self.model(pixel_values, input_ids)[:3]
+        return image.float(), text.float(), scale.float()
+
+
+def open_clip_rate(args, fetch: Callable, device: torch.device) -> float | None:
+    """open_clip ViT-B-32 through the same step and optimizer, or None (with the reason printed)."""
+    if device.type != "cuda" or args.preset != "vit-b-32":
+        print("open_clip: the comparison is ViT-B-32 on CUDA, skipped")
+        return None
     try:
         import open_clip
-    except ImportError:
-        print("open_clip: not importable, skipped")
+    except Exception as exc:  # ImportError, or a torchvision that does not match torch
+        print(f"open_clip: not importable ({type(exc).__name__}: {exc}), skipped; it needs {OPEN_CLIP_WHEELS}")
         return None
-    if device.type != "cuda":
-        print("open_clip: needs CUDA for the comparison, skipped")
+    try:
+        model = open_clip.create_model("ViT-B-32").to(device)
+    except Exception as exc:
+        print(f"open_clip: ViT-B-32 could not be built ({type(exc).__name__}: {exc}), skipped")
         return None
-    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32")
-    model = model.to(device)
-    loss_fn = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
-    pixels = torch.randn(args.batch, 3, 224, 224, device=device)
-    ids = torch.randint(0, 49408, (args.batch, 77), device=device)
+    step = make_step(OpenClipTowers(model), model, adamw(model, device), device, args.steps + args.warmup)
+    return timed(lambda: step(fetch), args.steps, args.warmup, device)
 
-    def step(_):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            image, text, scale = model(pixels, ids)
-        loss_fn(image.float(), text.float(), scale).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, iter(lambda: None, 1), args.steps, args.warmup, args.batch, device)
+def row(label: str, value: float, unit: str = "samples/s", note: str = "") -> None:
+    print(f"{label:40}: {value:9.{2 if unit == 'x' else 1}f} {unit}{f'  ({note})' if note else ''}")
 
 
 def main() -> None:
@@ -134,28 +167,53 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset]
+    total = args.steps + args.warmup
     print(f"device {device}, preset {args.preset}, batch {args.batch}, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, optimizer {args.optimizer}")
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile {args.compile}, "
+          f"AdamW{' (fused)' if device.type == 'cuda' else ''} unless noted")
     with tempfile.TemporaryDirectory() as tmp:
-        source = Path(args.input) if args.input else demo_shards(Path(tmp), args.pairs)
+        pairs = args.pairs or BATCHES_PER_WORKER * args.batch * max(args.workers, 1)
+        source = Path(args.input) if args.input else demo_shards(Path(tmp), pairs, args.workers)
         shards = inspect_shards(source)
         tokenizer = train_bpe(iter_texts(shards, 0.0), preset.vocab_size, preset.context_length)
-        vocab, eos = len(tokenizer), tokenizer.eos_token_id
-        step = trainer_step(args.preset, vocab, eos, device, args, preset.image_size, preset.context_length)
-        synthetic_rate = timed(step, synthetic(args.batch, preset.image_size, preset.context_length, vocab, eos),
-                               args.steps, args.warmup, args.batch, device)
-        print(f"trainer, synthetic tensors : {synthetic_rate:9.1f} samples/s")
+        # The preset's vocabulary whatever the demo BPE learnt: the embedding table and the optimizer's
+        # work are then those of a real ViT-B/32 (and of open_clip's).
+        vocab, eos = max(preset.vocab_size, len(tokenizer)), tokenizer.eos_token_id
+        fetch = synthetic(args.batch, preset.image_size, preset.context_length, vocab, eos, device)
+
+        rates, steps = {}, {}
+        for compiled in (False, True) if args.compile else (False,):
+            towers, model = trainer_model(args.preset, vocab, eos, device, compiled)
+            name = "compiled" if compiled else "eager"
+            steps[name] = make_step(towers, model, adamw(model, device), device, 2 * total)
+            rates[name] = timed(lambda: steps[name](fetch), args.steps, args.warmup, device)
+            row(f"trainer {name}, synthetic tensors", rates[name])
+        best = max(rates, key=rates.get)
         spec = StreamSpec(shards, 0, preset.image_size, preset.context_length, shuffle_buffer=256)
         batches = train_batches(spec, tokenizer, LoaderState(), workers=args.workers, batch_size=args.batch,
                                 pin_memory=device.type == "cuda")
-        parquet_rate = timed(step, batches, args.steps, args.warmup, args.batch, device)
-        batches.close()
-        print(f"trainer, Parquet shards    : {parquet_rate:9.1f} samples/s  ({args.workers} loader workers)")
-        print(f"ratio Parquet / synthetic  : {parquet_rate / synthetic_rate:9.2f}x  (target >= 0.9)")
-    reference = open_clip_rate(args, device)
+        try:
+            parquet_rate = timed(lambda: steps[best](lambda: next(batches)), args.steps, args.warmup, device)
+        finally:
+            batches.close()
+        row(f"trainer {best}, Parquet shards", parquet_rate,
+            note=f"{args.workers} loader workers, {shards.rows} rows in {len(shards.units)} row groups")
+        row("ratio Parquet / synthetic", parquet_rate / rates[best], "x", "target >= 0.9")
+        for name, step in steps.items():
+            report = step.health.read()
+            if report.bad_total:
+                print(f"warning: {report.bad_total} of the {name} step's {report.step} steps had a non-finite loss")
+        del steps
+        towers, model = trainer_model(args.preset, vocab, eos, device, compiled=False)
+        spam = make_step(towers, model, make_optimizer(model, TrainConfig()), device, total)
+        row("trainer eager, Stable-SPAM, synthetic", timed(lambda: spam(fetch), args.steps, args.warmup, device),
+            note="the trainer's default optimizer; not part of the comparison")
+        del towers, model, spam
+
+        reference = open_clip_rate(args, fetch, device)
     if reference:
-        print(f"open_clip ViT-B-32         : {reference:9.1f} samples/s")
-        print(f"ratio trainer / open_clip  : {synthetic_rate / reference:9.2f}x  (target >= 1.3)")
+        row("open_clip ViT-B-32 eager, synthetic", reference, note="same step, same AdamW")
+        row(f"ratio trainer {best} / open_clip", rates[best] / reference, "x", "target >= 1.3")
     if device.type != "cuda":
         print("no CUDA: GPU figures (ViT-B/32 batch 256 bf16, open_clip comparison) not measured")
 
