@@ -139,10 +139,10 @@ def test_a_compiled_run_trains(demo_pairs, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_bf16_run_on_cuda(demo_pairs, tmp_path, compiled):
-    result = loop.train(_config(demo_pairs[0], tmp_path / "gpu", steps=4, workers=2, compile=compiled))
-    assert math.isfinite(result.metrics["final_loss"])
+def test_bf16_run_on_cuda(demo_pairs, tmp_path):
+    """Eager only: benchmarks/bench_train.py --compile runs the compiled towers on CUDA, at the real size."""
+    result = loop.train(_config(demo_pairs[0], tmp_path / "gpu", steps=4, workers=2))
+    assert math.isfinite(result.metrics["final_loss"]) and result.metrics["bad_steps"] == 0
 
 
 @pytest.fixture(scope="module")
