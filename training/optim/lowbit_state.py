@@ -92,49 +92,35 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)
 
 
-def _round_up(value: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-              generator: torch.Generator | None) -> torch.Tensor:
-    """1 where `value` (between the levels `low` and `high`) takes the upper level, else 0.
+def _take_upper(position: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """1 where a value at `position` (0: the lower level, 1: the upper) takes the upper level, else 0.
 
-    Stochastic with a generator: up with probability (value - low) / (high - low), so the stored value
-    is unbiased. Without one: to the nearer level.
+    Stochastic with a generator: with probability `position`, so the stored value is unbiased when the
+    position is measured in the value's own domain. Without one: to the nearer level.
     """
-    position = (value - low) / (high - low)
     if generator is None:
-        return (position >= 0.5).to(value.dtype)
-    noise = torch.rand(position.shape, generator=generator, device=position.device, dtype=position.dtype)
-    return (noise < position).to(value.dtype)
-
-
-def _signed_level(code: torch.Tensor, levels: int) -> torch.Tensor:
-    """|value| / absmax of magnitude code `code` (0..levels) on the companded grid."""
-    return (code / levels).square()
-
-
-def _log_level(code: torch.Tensor, bits: int) -> torch.Tensor:
-    """sqrt(v) / top of code `code` (0..2^bits - 1) on the logarithmic grid."""
-    top_code = 2 ** bits - 1
-    return torch.exp2((code - top_code) * (log_octaves(bits) / top_code))
+        return position >= 0.5
+    return torch.rand(position.shape, generator=generator, device=position.device) < position
 
 
 def encode_signed(blocks: torch.Tensor, bits: int,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Companded absmax codes of fp32 (n_blocks, block) values: (packed uint8 codes, fp32 absmax per block)."""
     levels = 2 ** (bits - 1) - 1
-    absmax = blocks.abs().amax(dim=1, keepdim=True)
-    unit = blocks / absmax.clamp_min(_TINY)
-    magnitude = unit.abs()
-    low = torch.floor(magnitude.sqrt() * levels).clamp_(0, levels - 1)
-    code = low + _round_up(magnitude, _signed_level(low, levels), _signed_level(low + 1, levels), generator)
-    signed = torch.where(unit < 0, -code, code)
-    return _pack(signed + (levels + 1), bits), absmax.reshape(-1)
+    magnitude = blocks.abs()
+    absmax = magnitude.amax(dim=1, keepdim=True)
+    magnitude.div_(absmax.clamp_min(_TINY)).mul_(levels * levels)  # level c sits at c^2 in these units
+    low = magnitude.sqrt().floor_().clamp_(max=levels - 1)
+    position = torch.addcmul(magnitude, low, low, value=-1.0).div_(low * 2 + 1)  # between low^2 and (low+1)^2
+    code = low.add_(_take_upper(position, generator)).copysign_(blocks)
+    return _pack(code.add_(levels + 1), bits), absmax.reshape(-1)
 
 
 def decode_signed(packed: torch.Tensor, scale: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """Inverse of encode_signed: fp32 (n_blocks, block)."""
     levels = 2 ** (bits - 1) - 1
-    signed = _unpack(packed, bits).float().view(-1, block) - (levels + 1)
-    return _signed_level(signed.abs(), levels) * signed.sign() * scale.view(-1, 1)
+    signed = _unpack(packed, bits).float().view(-1, block).sub_(levels + 1)
+    return signed.abs().mul_(signed).mul_(scale.view(-1, 1) / (levels * levels))
 
 
 def encode_nonneg(blocks: torch.Tensor, bits: int,
@@ -142,19 +128,22 @@ def encode_nonneg(blocks: torch.Tensor, bits: int,
     """sqrt of non-negative fp32 (n_blocks, block) values on the zero-free logarithmic grid:
     (packed codes, max sqrt per block). Rounding is decided on v itself, the quantity Adam averages."""
     top_code = 2 ** bits - 1
-    root = blocks.clamp_min(0).sqrt()
+    per_octave = top_code / log_octaves(bits)  # codes per octave of sqrt(v)
+    root = blocks.clamp_min(0).sqrt_()
     top = root.amax(dim=1, keepdim=True)
-    unit = (root / top.clamp_min(_TINY)).clamp_min(2.0 ** -log_octaves(bits))
-    low = torch.floor(top_code + torch.log2(unit) * (top_code / log_octaves(bits))).clamp_(0, top_code - 1)
-    code = low + _round_up(unit.square(), _log_level(low, bits).square(), _log_level(low + 1, bits).square(),
-                           generator)
-    return _pack(code, bits), top.reshape(-1)
+    continuous = root.div_(top.clamp_min(_TINY)).clamp_min_(2.0 ** -log_octaves(bits)).log2_()
+    continuous.mul_(per_octave).add_(top_code)
+    low = continuous.floor().clamp_(max=top_code - 1)
+    # In v, level low + 1 is 2^(2 / per_octave) times level low; the position between them, measured on v:
+    position = continuous.sub_(low).mul_(2 / per_octave).exp2_().sub_(1).div_(2.0 ** (2 / per_octave) - 1)
+    return _pack(low.add_(_take_upper(position, generator)), bits), top.reshape(-1)
 
 
 def decode_nonneg(packed: torch.Tensor, scale: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """Inverse of encode_nonneg: fp32 (n_blocks, block), never 0 in a block whose max is not 0."""
+    top_code = 2 ** bits - 1
     codes = _unpack(packed, bits).float().view(-1, block)
-    return (_log_level(codes, bits) * scale.view(-1, 1)).square()
+    return codes.sub_(top_code).mul_(2 * log_octaves(bits) / top_code).exp2_().mul_(scale.view(-1, 1).square())
 
 
 _CODECS = {"signed": (encode_signed, decode_signed), "nonneg": (encode_nonneg, decode_nonneg)}

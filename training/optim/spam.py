@@ -17,8 +17,8 @@ from typing import Iterable
 
 import torch
 
-from training.optim.multi_tensor import (MomentOptimizer, check_common, check_interval, check_range, cosine_ramp,
-                                        sanitized)
+from training.optim.multi_tensor import (MomentOptimizer, check_common, check_interval, check_range, clipped_copies,
+                                        cosine_ramp)
 
 
 def warmup_factor(steps_since_reset: int, warmup_steps: int) -> float:
@@ -57,7 +57,7 @@ class SPAM(MomentOptimizer):
         adam_count, skipped = stats.unbind(1)
         gmax = torch.stack(torch._foreach_norm(grads, math.inf)).to(stats.dtype)
         finite = torch.isfinite(gmax)
-        clean = sanitized(grads, stats.dtype)  # a skipped tensor is zeroed by its factor below
+        clean = clipped_copies(grads, finite, stats.dtype)
 
         exp_avg, exp_avg_sq, coded = self._load_moments(params, states, group)
         if since_reset == 0:
@@ -71,7 +71,7 @@ class SPAM(MomentOptimizer):
             torch._foreach_maximum_(clean, bound)
 
         one = torch.ones_like(gmax)
-        torch._foreach_mul_(clean, torch.where(finite, 1 - beta1, 0 * one).unbind())
+        torch._foreach_mul_(clean, 1 - beta1)  # a skipped tensor is already all zeros
         torch._foreach_mul_(exp_avg, torch.where(finite, beta1, one).unbind())
         torch._foreach_add_(exp_avg, clean)
         torch._foreach_mul_(exp_avg_sq, torch.where(finite, beta2, one).unbind())
@@ -81,12 +81,11 @@ class SPAM(MomentOptimizer):
         count = adam_count + 1
         size = lr * warmup_factor(since_reset, group["warmup_steps"])
         step_size = size * torch.sqrt(1 - torch.pow(beta2, count)) / (1 - torch.pow(beta1, count))
+        # W -= step * m / (sqrt(v) + eps) as one addcdiv; a skipped tensor divides by inf and adds exactly 0.
         denom = torch._foreach_sqrt(exp_avg_sq)
         torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(exp_avg, denom)
-        del denom
-        torch._foreach_mul_(update, torch.where(finite, -step_size, 0).unbind())
-        torch._foreach_add_(params, update)
+        torch._foreach_mul_(denom, torch.where(finite, -1 / step_size, math.inf).unbind())
+        torch._foreach_addcdiv_(params, exp_avg, denom)
         if wd:
             torch._foreach_mul_(params, torch.where(finite, 1 - lr * wd, torch.ones_like(gmax)).unbind())
         self._store_moments(states, coded, seed)

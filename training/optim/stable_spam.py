@@ -32,8 +32,8 @@ from typing import Iterable
 
 import torch
 
-from training.optim.multi_tensor import (MomentOptimizer, adaclip, check_common, check_interval, check_range,
-                                        cosine_ramp, sanitized)
+from training.optim.multi_tensor import (MomentOptimizer, check_common, check_interval, check_range, clipped_copies,
+                                        cosine_ramp)
 
 
 def load_fused_kernels():
@@ -128,8 +128,7 @@ class StableSPAM(MomentOptimizer):
             grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
             norm = self._kernels.clipped_norms(grads, tau, ratio).to(stats.dtype)
         else:
-            work = sanitized(grads, stats.dtype)
-            adaclip(work, torch.where(finite, tau, -1.0), torch.where(finite, ratio, 0.0))  # skipped: all 0
+            work = clipped_copies(grads, finite, stats.dtype, tau, ratio)
             norm = torch.stack(torch._foreach_norm(work, 2))
 
         # AdaGN: rescale each tensor's norm to a smoothed mean/RMS ratio of recent norms.
@@ -168,13 +167,12 @@ class StableSPAM(MomentOptimizer):
             torch._foreach_mul_(exp_avg_sq, list(torch.where(finite, beta2, one).unbind()))
             torch._foreach_addcmul_(exp_avg_sq, work, work, value=v_coef)
             del work  # free the gradient copy before the update buffers are allocated
+            # W += step * m / (sqrt(v) rb + eps) as W += m / ((sqrt(v) + eps / rb) (rb / step)): one addcdiv. A
+            # skipped tensor (step 0) divides by +-inf and adds exactly 0.
             denom = torch._foreach_sqrt(exp_avg_sq)
-            torch._foreach_mul_(denom, list(rsqrt_bias2.unbind()))
-            torch._foreach_add_(denom, eps)
-            update = torch._foreach_div(exp_avg, denom)
-            del denom
-            torch._foreach_mul_(update, list(step_size.unbind()))
-            torch._foreach_add_(params, update)
+            torch._foreach_add_(denom, list((eps / rsqrt_bias2).unbind()))
+            torch._foreach_mul_(denom, list((rsqrt_bias2 / step_size).unbind()))
+            torch._foreach_addcdiv_(params, exp_avg, denom)
 
         if reset and code_exact:  # the reference replaces the state only after using the old moments
             torch._foreach_zero_(exp_avg)
