@@ -66,3 +66,12 @@ def test_warmup_ramps_the_step_after_each_reset():
 def test_invalid_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError, match="invalid"):
         SPAM(make_params(), **kwargs)
+
+
+def test_loading_a_state_saved_with_another_warmup_or_threshold_names_it():
+    params = make_params(dtype=torch.float32)
+    saved = SPAM(clone_params(params)).state_dict()
+    for option, value in (("warmup_steps", 50), ("threshold", 2000.0), ("clip_delay", 5)):
+        with pytest.raises(ValueError, match=f"saved with {option}="):
+            SPAM(clone_params(params), **{option: value}).load_state_dict(saved)
+    SPAM(clone_params(params), lr=0.5).load_state_dict(saved)  # lr is the scheduler's: restored, not refused
