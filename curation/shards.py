@@ -27,6 +27,8 @@ from curation import __version__
 from curation.schema import PAIR_SCHEMA, KeyTracker, SchemaError, validate
 
 MANIFEST = "manifest.json"
+# Beside a stage's output: the stage, its input directory and config (`pipelines.common.begin_stage` writes it).
+STAGE_CONFIG = "_stage_config.json"
 DEFAULT_TARGET_BYTES = 256 * 1024 * 1024
 DEFAULT_ROW_GROUP_ROWS = 1024
 

@@ -23,12 +23,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from curation.rejects import REJECT_SCHEMA, count_reasons
 from curation.schema import PAIR_SCHEMA
 from curation.shards import (
-    atomic_write_bytes, finished_shards, info_for, is_complete, remove_stale_temps, shard_name, shard_paths, verify_manifest,
-    write_manifest, write_table_atomic,
+    STAGE_CONFIG, atomic_write_bytes, finished_shards, info_for, is_complete, remove_stale_temps, shard_name,
+    shard_paths, verify_manifest, write_manifest, write_table_atomic,
 )
 
 REJECTS_DIR = "rejects"
-STAGE_CONFIG = "_stage_config.json"
 
 
 class ShardStageOptions(PipelineOptions):

@@ -29,11 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.balancing import entry_probabilities, keep_probabilities
-from curation.shards import is_complete, read_manifest
+from curation.shards import STAGE_CONFIG, is_complete, read_manifest
 from training.config import TrainConfig
 
-# pipelines.common.STAGE_CONFIG; that module imports Beam, which the GPU machines lack (a test keeps them equal).
-STAGE_CONFIG = "_stage_config.json"
 BALANCE = "balance"
 
 

@@ -10,9 +10,7 @@ from curation.shards import read_table
 from training import loop
 from training.config import TrainConfig
 from training.data import ShardStream, StreamSpec
-from training.online_curation import (
-    STAGE_CONFIG, curation_probabilities, entry_probabilities_for, find_entry_counts, keep_probabilities_of,
-)
+from training.online_curation import curation_probabilities, entry_probabilities_for, find_entry_counts, keep_probabilities_of
 from training.randomness import unit_uniform
 from training.shard_set import inspect_shards
 from training.tokenizer import train_bpe
@@ -41,12 +39,6 @@ def tokenizer(raw_pairs):
 
 def _config(source, **kw) -> TrainConfig:
     return TrainConfig(input=str(source), output="unused", online_curation=True, **kw)
-
-
-def test_the_stage_config_name_is_the_pipelines_one():
-    from pipelines.common import STAGE_CONFIG as PIPELINES_STAGE_CONFIG
-
-    assert STAGE_CONFIG == PIPELINES_STAGE_CONFIG
 
 
 def test_at_the_balance_t_the_probabilities_are_the_stored_keep_prob(online):
