@@ -17,7 +17,8 @@ The two moments need different maps:
   stored value unbiased), with a generator the optimizer seeds from the step. Why: with beta2 = 0.999 an
   EMA changes v by 0.1% per step, under half a level of any 8-bit grid, so round-to-nearest hands back
   the old code and v of an element whose gradient went quiet never decays (its updates stay ~10x too
-  small). Without a generator (initial states, direct calls) values round to the nearest level.
+  small). Without a generator (initial states, direct calls) values round to the nearest level. A tensor
+  whose step was skipped keeps its stored codes: re-encoding its decoded moments could still move them.
 
 All functions are pure tensor code (no host sync) and work on any device.
 """
@@ -163,9 +164,11 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, layout: StateLayout, k
 
 
 @functools.lru_cache(maxsize=64)
-def _tail_mask(numels: tuple[int, ...], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padding only ever sits in a tensor's last block: (index of each tensor's last block in the bucket's
-    concatenated blocks, True on that block's real elements). A few KB, not a byte per parameter."""
+def _bucket_blocks(numels: tuple[int, ...], block: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each tensor sits in the bucket's concatenated blocks: (index of each tensor's last block, True
+    on that block's real elements, the tensor each block belongs to). Padding only ever sits in a tensor's
+    last block. A few KB, not a byte per parameter."""
     # Built on the device with scalar fills only: a host-to-device copy would sync inside a CUDA step.
     last = torch.empty(len(numels), dtype=torch.long, device=device)
     positions = torch.arange(block, device=device)
@@ -175,7 +178,8 @@ def _tail_mask(numels: tuple[int, ...], block: int, device: torch.device) -> tup
         offset += n_blocks
         last[i] = offset - 1
         valid.append(positions < n - (n_blocks - 1) * block)
-    return last, torch.stack(valid)
+    owner = torch.searchsorted(last, torch.arange(offset, device=device))  # the first tensor ending at or after it
+    return last, torch.stack(valid), owner
 
 
 class BucketMoments:
@@ -192,28 +196,37 @@ class BucketMoments:
                  dtype: torch.dtype) -> None:
         self.layouts = layouts
         self.bits, self.block = layouts[0].bits, layouts[0].block
+        self.stored = (m_codes, m_scales, v_codes, v_scales)  # the state's own tensors, not copies
         self.m_flat = decode_signed(torch.cat(m_codes), torch.cat(m_scales), self.bits, self.block).to(dtype)
         self.v_flat = decode_nonneg(torch.cat(v_codes), torch.cat(v_scales), self.bits, self.block).to(dtype)
         sizes = [layout.padded for layout in layouts]
         self.m = [c[: p.numel()].view(p.shape) for c, p in zip(self.m_flat.view(-1).split(sizes), params)]
         self.v = [c[: p.numel()].view(p.shape) for c, p in zip(self.v_flat.view(-1).split(sizes), params)]
-        self.tail = _tail_mask(tuple(layout.numel for layout in layouts), self.block, params[0].device)
+        self.index = _bucket_blocks(tuple(layout.numel for layout in layouts), self.block, params[0].device)
 
-    def encode(self, generator: torch.Generator | None) -> tuple[list[torch.Tensor], list[torch.Tensor],
-                                                                 list[torch.Tensor], list[torch.Tensor]]:
+    def encode(self, generator: torch.Generator | None,
+               updated: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                             list[torch.Tensor], list[torch.Tensor]]:
         """Per-tensor (m codes, m scales, v codes, v scales) of the current buffers; padding coded as 0.
 
         `generator` drives the stochastic rounding (see the module docstring); None rounds to nearest.
+        `updated` (bool, one per tensor, on the device) marks the tensors whose moments changed: the others
+        get their stored codes and scales back bit for bit, since re-encoding even an unchanged decoded
+        value may round it to a neighbouring level. None: every tensor changed.
         """
-        last, valid = self.tail
+        last, valid, owner = self.index
         m, v = self.m_flat.float(), self.v_flat.float()  # .float() copies only for fp64 moments
         v[last] = v[last] * valid  # the zero-free grid decodes padding to its floor: code it as 0 again
         code_sizes = [layout.code_bytes for layout in self.layouts]
         block_counts = [layout.n_blocks for layout in self.layouts]
-        m_codes, m_scales = encode_signed(m, self.bits, generator)
-        v_codes, v_scales = encode_nonneg(v, self.bits, generator)
-        return (list(m_codes.split(code_sizes)), list(m_scales.split(block_counts)),
-                list(v_codes.split(code_sizes)), list(v_scales.split(block_counts)))
+        parts = (*encode_signed(m, self.bits, generator), *encode_nonneg(v, self.bits, generator))
+        if updated is not None:  # selected per block on the device: `updated` is never read on the host
+            fresh = updated[owner].view(-1, 1)
+            rows = fresh.shape[0]
+            parts = tuple(torch.where(fresh, new.view(rows, -1), torch.cat(old).view(rows, -1)).view(-1)
+                          for new, old in zip(parts, self.stored))
+        sizes = (code_sizes, block_counts, code_sizes, block_counts)
+        return tuple(list(part.split(size)) for part, size in zip(parts, sizes))
 
 
 def state_bytes(states: dict) -> int:

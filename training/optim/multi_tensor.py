@@ -159,9 +159,12 @@ class MomentOptimizer(Optimizer):
                                  compute_dtype(params[0]))
         return coded.m, coded.v, coded
 
-    def _store_moments(self, states: list[dict], coded: lb.BucketMoments | None, seed: int) -> None:
+    def _store_moments(self, states: list[dict], coded: lb.BucketMoments | None, seed: int,
+                       updated: torch.Tensor | None) -> None:
         """Write decoded moments back as codes, rounding stochastically from a generator seeded with `seed`
-        (deterministic: a resumed run draws the same noise). A no-op for fp32 states, updated in place."""
+        (deterministic: a resumed run draws the same noise). `updated` (per tensor, on the device) marks the
+        tensors whose moments this step changed; the others keep their codes bit for bit (None: all
+        changed). A no-op for fp32 states, updated in place (where a skipped tensor's m and v are exact)."""
         if coded is None:
             return
         device = states[0]["exp_avg"].device
@@ -169,7 +172,7 @@ class MomentOptimizer(Optimizer):
         generators = self.__dict__.setdefault("_rounding_generators", {})
         if device not in generators:
             generators[device] = torch.Generator(device=device)
-        parts = coded.encode(generators[device].manual_seed(seed))
+        parts = coded.encode(generators[device].manual_seed(seed), updated)
         names = ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
         for name, chunks in zip(names, parts):
             torch._foreach_copy_([s[name] for s in states], chunks)

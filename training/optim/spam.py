@@ -88,7 +88,8 @@ class SPAM(MomentOptimizer):
         torch._foreach_addcdiv_(params, exp_avg, denom)
         if wd:
             torch._foreach_mul_(params, torch.where(finite, 1 - lr * wd, torch.ones_like(gmax)).unbind())
-        self._store_moments(states, coded, seed)
+        # A skipped tensor keeps its codes, except at a reset, which zeroes its moments too.
+        self._store_moments(states, coded, seed, None if since_reset == 0 else finite)
 
         new_stats = torch.stack([torch.where(finite, count, adam_count), skipped + (~finite).to(stats.dtype)], dim=1)
         torch._foreach_copy_([s["stats"] for s in states], list(new_stats.unbind(0)))

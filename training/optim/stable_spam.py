@@ -17,7 +17,7 @@ clean, c_T reaches eta_min at T = total_T and stays; code_exact, c_T is torch's 
 T_max = total_T + 1 evaluated at T, i.e. eta_min + (1 - eta_min)(1 + cos(pi T / (total_T + 1))) / 2,
 unclamped (it rises again after T = total_T + 1, as the repo's does).
 
-Non-finite gradients: that tensor's step is skipped (parameter, moments and statistics untouched,
+Non-finite gradients: that tensor's step is skipped (parameter, moments and statistics untouched bit for bit,
 apart from a scheduled reset) and counted in `skipped_steps()`. Nothing in `step` syncs with the host.
 
 `fused=True` runs the per-element work as two multi-tensor Triton kernels (`fused_triton.py`) instead
@@ -177,7 +177,8 @@ class StableSPAM(MomentOptimizer):
         if reset and code_exact:  # the reference replaces the state only after using the old moments
             torch._foreach_zero_(exp_avg)
             torch._foreach_zero_(exp_avg_sq)
-        self._store_moments(states, coded, seed)
+        # A skipped tensor keeps its codes, except at a reset, which zeroes its moments too.
+        self._store_moments(states, coded, seed, None if reset else finite)
 
         kept_count = torch.zeros_like(adam_count) if reset else adam_count
         new_stats = torch.stack([

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import io
 import math
@@ -195,6 +196,64 @@ def test_nonfinite_gradient_skips_that_tensor_only(cls, options, bits):
     assert opt.skipped_steps() == 2
     assert all(torch.isfinite(p).all() for p in params)
     assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values() if v.is_floating_point())
+
+
+def raw_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes, so that torch.equal tells -0.0 from 0.0."""
+    return tensor.detach().cpu().contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("cls, options", [(StableSPAM, {}), (SPAM, {}),
+                                          pytest.param(StableSPAM, {"fused": True}, marks=NEEDS_TRITON)])
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(cls, options, bits):
+    """The trainer gates a bad step by making every gradient NaN: each such step must leave the weights and
+    every state tensor bit for bit as they were, apart from the skip counter. Low-bit moments re-encoded
+    from their own decoded values would move some codes a level (stochastic rounding at the exact level
+    boundaries), so this runs enough steps and elements that they would."""
+    params = to_device(make_params(dtype=torch.float32) + [torch.nn.Parameter(torch.randn(40, 100))],
+                       fused_device() if options else "cpu")
+    opt = cls(params, lr=1e-2, weight_decay=0.1, reset_interval=None, state_bits=bits, **options)
+    skipped = cls.stats_fields.index("skipped")
+    steps, bad_steps = 6, 3
+    for t, grads in enumerate(gradient_stream(params, steps)):
+        set_grads(params, grads)
+        opt.step()
+        weights = [raw_bits(p) for p in params]
+        expected = copy.deepcopy(opt.state_dict()["state"])  # state_dict holds the live tensors
+        for entry in expected.values():
+            entry["stats"][skipped] += bad_steps
+        for _ in range(bad_steps):  # each with a fresh rounding seed
+            for p in params:
+                p.grad = torch.full_like(p, math.nan)
+            opt.step()
+        for p, w in zip(params, weights):
+            assert torch.equal(raw_bits(p), w), f"step {t}: a weight changed"
+        for i, entry in opt.state_dict()["state"].items():
+            for name, value in entry.items():
+                assert torch.equal(raw_bits(value), raw_bits(expected[i][name])), f"step {t}: param {i} {name} changed"
+    assert opt.skipped_steps() == bad_steps * steps * len(params)
+
+
+@pytest.mark.parametrize("cls", [StableSPAM, SPAM])
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_a_skipped_tensor_is_still_reset_on_schedule(cls, bits):
+    """The one change a skipped tensor's moments take: a scheduled reset zeroes them."""
+    params = make_params(dtype=torch.float32)
+    opt = cls(params, lr=1e-2, reset_interval=4, state_bits=bits)
+    stream = gradient_stream(params, 4)
+    for grads in stream[:3]:
+        set_grads(params, grads)
+        opt.step()
+    set_grads(params, stream[3])
+    params[1].grad[0] = math.nan
+    opt.step()  # step 4: a reset
+    # An all-zero block is coded with scale 0: then the moment decodes to 0 whatever its codes.
+    moments = ("exp_avg", "exp_avg_sq") if bits == 32 else ("exp_avg_scale", "exp_avg_sq_scale")
+    for name in moments:
+        assert opt.state[params[1]][name].count_nonzero() == 0
+        assert opt.state[params[0]][name].count_nonzero() > 0
+    assert opt.skipped_steps() == 1
 
 
 @pytest.mark.parametrize("kwargs", [dict(lr=-1.0), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)),
