@@ -74,6 +74,12 @@ def check_common(lr: float, betas: tuple[float, float], eps: float, weight_decay
     return block
 
 
+def casts_exactly(saved: torch.dtype, wanted: torch.dtype) -> bool:
+    """True when every value of dtype `saved` is also a value of `wanted`: the same dtype, or a wider float."""
+    return saved == wanted or (saved.is_floating_point and wanted.is_floating_point
+                               and torch.promote_types(saved, wanted) == wanted)
+
+
 def compute_dtype(param: torch.Tensor) -> torch.dtype:
     """Moments, statistics and arithmetic in fp32 whatever the parameter dtype (bf16 moments cannot follow
     a 0.1% per-step decay), fp64 for fp64 parameters (so tests can compare at 1e-12)."""
@@ -237,7 +243,11 @@ class MomentOptimizer(Optimizer):
         Scheduled options (SCHEDULED_OPTIONS) and the step counter are restored from the state dict, as
         torch does; implementation choices made by the constructor (fused) are kept. torch's own loader
         would also cast every floating state to the parameter's dtype (and quantized codes with them);
-        this one keeps each state tensor's own dtype and checks every shape.
+        this one checks every shape and stores each state tensor in the dtype the optimizer allocates it
+        in (`_expected_state`: fp32 moments and statistics, fp64 for fp64 parameters; uint8 codes; fp32
+        scales). A saved tensor of another dtype is cast only where that is exact (e.g. bf16 moments
+        upcast to fp32); one the cast would round or change in kind (fp64 moments into fp32, float
+        codes) is refused.
         """
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
@@ -276,6 +286,10 @@ class MomentOptimizer(Optimizer):
                 if tuple(value.shape) != shape:
                     raise ValueError(f"param {pid}: state '{name}' has shape {tuple(value.shape)}, expected {shape} "
                                      f"for a parameter of shape {tuple(p.shape)}")
+                if not casts_exactly(value.dtype, dtype):
+                    raise ValueError(f"param {pid}: state '{name}' is {value.dtype}, which does not cast exactly to "
+                                     f"the {dtype} this optimizer keeps it in for a {p.dtype} parameter; saved for "
+                                     f"parameters of another dtype or by another optimizer")
                 new_state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
         for group, saved in zip(self.param_groups, saved_groups):  # in place: schedulers hold these dicts
             group.update({k: v for k, v in saved.items() if k not in ("params",) + IMPLEMENTATION_KEYS})

@@ -315,6 +315,30 @@ def test_loading_a_mismatched_state_dict_raises():
         StableSPAM(clone_params(params), code_exact=True).load_state_dict(good)
 
 
+def test_loading_casts_a_state_dtype_only_where_exact():
+    """bf16 moments (as older versions kept for bf16 parameters) load as fp32, value for value; fp64 moments
+    into fp32 parameters, or float codes, are refused rather than rounded."""
+    params = make_params(dtype=torch.float32)
+    old = _trained(lambda p: StableSPAM(p), clone_params(params))
+    for entry in old["state"].values():
+        for name in ("exp_avg", "exp_avg_sq", "stats"):
+            entry[name] = entry[name].bfloat16()
+    resumed_params = clone_params(params)
+    resumed = StableSPAM(resumed_params)
+    resumed.load_state_dict(old)
+    for p, entry in zip(resumed_params, old["state"].values()):
+        for name, value in entry.items():
+            assert resumed.state[p][name].dtype == torch.float32
+            assert torch.equal(resumed.state[p][name], value.float())
+    wide = _trained(lambda p: StableSPAM(p), make_params(dtype=torch.float64))
+    with pytest.raises(ValueError, match="torch.float64, which does not cast exactly to the torch.float32"):
+        StableSPAM(clone_params(params)).load_state_dict(wide)
+    coded = _trained(lambda p: StableSPAM(p, state_bits=8), clone_params(params))
+    coded["state"][2]["exp_avg"] = coded["state"][2]["exp_avg"].float()
+    with pytest.raises(ValueError, match="param 2: state 'exp_avg' is torch.float32"):
+        StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
+
+
 @pytest.mark.parametrize("option, value", [("reset_interval", 7), ("gamma1", 0.85), ("gamma2", 0.99999),
                                            ("theta", 0.99), ("total_T", 1000), ("eta_min", 0.2), ("eps", 1e-6),
                                            ("code_exact", True), ("state_bits", 8)])
