@@ -53,6 +53,9 @@ class TrainConfig:
                         "entry counts; 0: the keep_prob the balance stage wrote")
     entry_counts: str = opt("", "the balance stage's entry_counts.parquet for --t; empty: found through the "
                                 "shards' stage chain")
+    assume_online_balanced: bool = opt(False, "with --online_curation on shards without a manifest (copied away "
+                                              "from their stage chain), which cannot be checked: you state that "
+                                              "they were balanced with --online_curation, not sampled offline")
 
     # Optimisation.
     steps: int = opt(200, "optimizer steps of the whole run")
@@ -107,6 +110,8 @@ class TrainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError("invalid training settings: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+        if self.assume_online_balanced and not self.online_curation:
+            raise ValueError("--assume_online_balanced is about the input of --online_curation: pass both")
         if (self.t or self.entry_counts) and not (self.online_curation and self.t):
             raise ValueError("--t (and --entry_counts with it) sets the cap of online curation: pass "
                              "--online_curation --t T")
@@ -145,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 # Settings that may differ between a run and its resumption without changing what is trained.
 RESUME_FREE = frozenset({"stop_after_steps", "progress", "log_every", "eval_every", "threads",
                          "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "eval", "classes",
-                         "holdout_max_pairs", "compile"})
+                         "holdout_max_pairs", "compile", "assume_online_balanced"})
 
 
 def resume_mismatches(saved: dict, current: TrainConfig) -> list[str]:

@@ -16,7 +16,10 @@ names its counts file under `stats`. `--entry_counts` names the file directly
 Double subsampling: shards balanced offline were already sampled at t, and a
 second draw in the loader would sample them again. The manifest's lineage
 records every upstream stage's config, so a balance stage that ran without
-`online_curation` upstream of the input is refused.
+`online_curation` upstream of the input is refused. Shards without a manifest
+(copied away from their stage) carry keep_prob and matched_entries either way,
+and so does the entry counts file, so nothing can tell: they are refused unless
+the user states with `--assume_online_balanced` that they were balanced online.
 """
 
 from __future__ import annotations
@@ -36,14 +39,19 @@ BALANCE = "balance"
 
 
 def balance_configs(source: str | Path) -> list[dict]:
-    """The configs of the balance stages in the input manifest's lineage (none without a manifest)."""
-    if not is_complete(source):
-        return []
+    """The configs of the balance stages in the input manifest's lineage."""
     return [r.get("config") or {} for r in read_manifest(source).get("lineage", []) if r.get("stage") == BALANCE]
 
 
-def check_not_subsampled(source: str | Path) -> None:
-    """Refuse online curation of shards the balance stage already sampled offline."""
+def check_not_subsampled(source: str | Path, assume_online_balanced: bool = False) -> None:
+    """Refuse online curation of shards the balance stage already sampled offline, or that cannot be checked."""
+    if not is_complete(source):
+        if assume_online_balanced:
+            return
+        raise ValueError(f"{source} has no manifest, so whether its rows were already sampled by an offline balance "
+                         f"(which --online_curation would sample a second time) cannot be checked. Train on the "
+                         f"balance stage's output itself, or pass --assume_online_balanced if these shards come "
+                         f"from a balance run with --online_curation.")
     offline = [c for c in balance_configs(source) if not c.get("online_curation")]
     if offline:
         raise ValueError(f"{source} was balanced offline (balance t={offline[-1].get('t')}): its rows were already "
@@ -83,7 +91,7 @@ def curation_probabilities(config: TrainConfig) -> np.ndarray | None:
     """Checked before training: the per-entry probabilities at `config.t`, or None to use each row's keep_prob."""
     if not config.online_curation:
         return None
-    check_not_subsampled(config.input)
+    check_not_subsampled(config.input, config.assume_online_balanced)
     return entry_probabilities_for(config.input, config.t, config.entry_counts) if config.t else None
 
 

@@ -81,16 +81,41 @@ def test_shards_balanced_offline_are_not_subsampled_again(raw_pairs, demo_dir, t
     assert curation_probabilities(TrainConfig(input=str(offline), output="unused")) is None  # no online curation
 
 
+def _copied(source, target):
+    """The shards alone: no manifest, no stage chain."""
+    target.mkdir()
+    for shard in sorted(source.glob("part-*.parquet")):
+        shutil.copy(shard, target / shard.name)
+    return target
+
+
+def test_shards_without_a_manifest_are_refused_unless_stated_balanced_online(online, raw_pairs, demo_dir, tmp_path):
+    """Offline and online balance write the same columns and counts: only the manifest tells them apart."""
+    offline = _copied(_balance(raw_pairs, demo_dir, tmp_path / "balanced_pairs"), tmp_path / "offline")
+    counts = str(online / "entry_counts.parquet")
+    for copied in (offline, _copied(online, tmp_path / "online")):
+        for kw in ({}, {"t": 5, "entry_counts": counts}):
+            with pytest.raises(ValueError, match=r"has no manifest.*cannot be checked.*--assume_online_balanced"):
+                curation_probabilities(_config(copied, **kw))
+    online_copy = tmp_path / "online"
+    assert curation_probabilities(_config(online_copy, assume_online_balanced=True)) is None  # each row's keep_prob
+    assert curation_probabilities(_config(online_copy, assume_online_balanced=True, t=5, entry_counts=counts)) \
+        is not None
+    # The statement covers only what cannot be checked: a manifest that says offline still wins.
+    with pytest.raises(ValueError, match="balanced offline"):
+        curation_probabilities(_config(tmp_path / "balanced_pairs", assume_online_balanced=True))
+    with pytest.raises(ValueError, match="--assume_online_balanced is about the input of --online_curation"):
+        TrainConfig(assume_online_balanced=True)
+
+
 def test_counts_that_cannot_be_found_are_a_clear_error(online, tmp_path):
-    copied = tmp_path / "copied"
-    copied.mkdir()
-    for shard in sorted(online.glob("part-*.parquet")):
-        shutil.copy(shard, copied / shard.name)  # the shards alone: no manifest, no stage chain
+    copied = _copied(online, tmp_path / "copied")
     with pytest.raises(FileNotFoundError, match=r"no balance stage is reachable .*--entry_counts"):
         find_entry_counts(copied)
     with pytest.raises(FileNotFoundError, match="no balance stage"):
-        curation_probabilities(_config(copied, t=5))
-    p = curation_probabilities(_config(copied, t=5, entry_counts=str(online / "entry_counts.parquet")))
+        curation_probabilities(_config(copied, t=5, assume_online_balanced=True))
+    p = curation_probabilities(_config(copied, t=5, entry_counts=str(online / "entry_counts.parquet"),
+                                       assume_online_balanced=True))
     counts = pq.read_table(online / "entry_counts.parquet", columns=["count"]).column("count").to_numpy()
     assert np.allclose(p, 5 / np.maximum(counts, 5))
 
