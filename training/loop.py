@@ -112,8 +112,12 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path |
     if checkpoint is None:
         return None
     saved = json.loads((checkpoint / "state.json").read_text())
+    if "input" not in saved:  # written before input fingerprints (and the loader's per-reader state) existed
+        raise ValueError(f"{checkpoint} predates input fingerprints: whether it was trained on {config.input} "
+                         f"cannot be checked, and its data-loader state is of an older format. Pass --overwrite "
+                         f"to start over there, or use another --output.")
     changed = resume_mismatches(saved["config"], config)
-    if saved.get("input") != fingerprint:
+    if saved["input"] != fingerprint:
         changed.append(f"input shards (the contents of {config.input})")
     if changed:
         raise ValueError(f"{output} holds a run with other settings or data ({', '.join(changed)} differ); resuming "

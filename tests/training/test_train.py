@@ -128,6 +128,20 @@ def test_resume_refuses_other_input_and_overwrite_starts_over(demo_pairs, tmp_pa
     assert read_manifest(data)["rows"] == 240
 
 
+def test_a_checkpoint_from_before_input_fingerprints_is_refused_for_what_it_is(demo_pairs, tmp_path):
+    first = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, checkpoint_every=2))
+    path = first.checkpoint / "state.json"
+    state = json.loads(path.read_text())
+    del state["input"]  # as the trainer wrote it then: no fingerprint, no per-reader end of epoch
+    for loader in state["loader"]:
+        del loader["finished"]
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"predates input fingerprints.*--overwrite") as info:
+        loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2))
+    assert "differ" not in str(info.value)
+    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
+
+
 @pytest.mark.slow
 def test_a_compiled_run_trains(demo_pairs, tmp_path):
     result = loop.train(_config(demo_pairs[0], tmp_path / "compiled", steps=6, compile=True, lr=2e-3))
