@@ -38,7 +38,7 @@ from training.optimization import make_optimizer, warmup_cosine
 from training.shard_set import ShardSet, input_fingerprint, inspect_shards, iter_texts
 from training.step import HealthReport, TrainStep
 from training.text_sampling import TextSampling
-from training.tokenizer import load_tokenizer, train_bpe
+from training.tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILES, load_tokenizer, train_bpe
 
 METRICS_JSON = "metrics.json"
 TRAIN_CONFIG = "train_config.json"
@@ -92,12 +92,26 @@ def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_leng
     return tokenizer if d.main else load_tokenizer(output, context_length)
 
 
+def _is_trainer_output(output: Path) -> bool:
+    """Whether `output` holds what this trainer writes, so that --overwrite may delete it.
+
+    A run writes its tokenizer first, then train_config.json, metrics.csv and
+    checkpoints/: one that died in between left a saved tokenizer and nothing else.
+    """
+    if any((output / name).exists() for name in (TRAIN_CONFIG, CHECKPOINTS, METRICS_CSV)):
+        return True
+    names = {p.name for p in output.iterdir()}
+    return not names or (TOKENIZER_CONFIG in names and names <= TOKENIZER_FILES)
+
+
 def _prepare_output(config: TrainConfig, output: Path) -> None:
     """Clear an earlier run on --overwrite; refuse to start a second run beside an earlier one's checkpoints."""
     if config.overwrite and output.exists():
-        ours = any((output / name).exists() for name in (TRAIN_CONFIG, CHECKPOINTS, METRICS_CSV))
-        if any(output.iterdir()) and not ours:
+        if not _is_trainer_output(output):
             raise ValueError(f"--overwrite would delete {output}, which holds no trainer output; "
+                             f"choose another --output")
+        if config.tokenizer and Path(config.tokenizer).resolve() == output.resolve():
+            raise ValueError(f"--overwrite would delete {output}, the --tokenizer this run loads; "
                              f"choose another --output")
         shutil.rmtree(output)
     elif not config.resume and list_checkpoints(output):

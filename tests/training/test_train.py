@@ -17,6 +17,7 @@ from training.config import TrainConfig
 from training.demo_shards import write_demo_pairs
 from training.metrics_log import MetricsLog
 from training.shard_set import input_fingerprint
+from training.tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILES
 
 # Small enough for a shared 2-core CPU: 32-pixel images, one thread, no worker processes.
 FAST = dict(preset="tiny", image_size=32, context_length=16, vocab_size=400, batch_size=16, workers=0, threads=1,
@@ -140,6 +141,27 @@ def test_a_checkpoint_from_before_input_fingerprints_is_refused_for_what_it_is(d
         loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2))
     assert "differ" not in str(info.value)
     assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
+
+
+def test_overwrite_clears_a_run_that_died_after_saving_its_tokenizer(demo_pairs, tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "build_model", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2))
+    left = {p.name for p in (tmp_path / "run").iterdir()}
+    assert TOKENIZER_CONFIG in left and left <= TOKENIZER_FILES  # the tokenizer only: no train_config.json yet
+    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
+    # A tokenizer among other files is not the trainer's; nor is one this run loads deleted under it.
+    shutil.copytree(tmp_path / "run", tmp_path / "tok", ignore=lambda _, names: set(names) - TOKENIZER_FILES)
+    with pytest.raises(ValueError, match="the --tokenizer this run loads"):
+        loop.train(_config(demo_pairs[0], tmp_path / "tok", steps=2, tokenizer=str(tmp_path / "tok"), overwrite=True))
+    (tmp_path / "tok" / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match="holds no trainer output"):
+        loop.train(_config(demo_pairs[0], tmp_path / "tok", steps=2, overwrite=True))
+    assert (tmp_path / "tok" / TOKENIZER_CONFIG).is_file()
 
 
 @pytest.mark.slow
