@@ -99,9 +99,11 @@ def test_a_param_group_cannot_choose_another_implementation():
         fused.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 6, device=DEVICE).t())]})
 
 
-def test_fused_reads_non_contiguous_and_reallocated_gradients(kernels):
+def test_fused_follows_reallocated_gradients_and_moved_parameters(kernels):
     """A transposed gradient is copied to a contiguous one; a gradient replaced by a tensor at another
-    address is read there (the cached address table is keyed by the pointers themselves)."""
+    address is read there, and a parameter moved to new storage is stepped there, its old storage left
+    alone (the cached address table is keyed by the pointers themselves; a table cached by anything else
+    would keep stepping the old storage)."""
     base = make_params()
     fused_params, foreach_params = on_device(base), on_device(base)
     fused, foreach = StableSPAM(fused_params, fused=True), StableSPAM(foreach_params)
@@ -117,8 +119,24 @@ def test_fused_reads_non_contiguous_and_reallocated_gradients(kernels):
         foreach.step()
         for p, q in zip(fused_params, foreach_params):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    tensors = [[p for p in fused_params]]
-    assert kernels.address_table(tensors, fused_params[0].device) is kernels.address_table(tensors, fused_params[0].device)
+    stream = gradient_stream(base, 2, seed=5)
+    set_grads(fused_params, stream[0])
+    set_grads(foreach_params, stream[0])
+    fused.step()  # caches a table of these gradients' and the parameters' current addresses
+    foreach.step()
+    old = [p.data for p in fused_params]  # kept alive, so no new tensor can take their addresses
+    untouched = [o.clone() for o in old]
+    for p, q, g in zip(fused_params, foreach_params, stream[1]):
+        p.data = p.data.clone()  # new storage, as a checkpoint loader or a cast makes
+        p.grad.copy_(g)  # the same gradient tensors, as when gradients accumulate in place
+        q.grad.copy_(g)
+    assert kernels.address_table([fused_params], fused_params[0].device).tolist() == [
+        p.data_ptr() for p in fused_params]
+    fused.step()
+    foreach.step()
+    for p, q, o, u in zip(fused_params, foreach_params, old, untouched):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        assert torch.equal(o, u)
 
 
 def test_fused_refuses_what_the_kernels_cannot_step(kernels, monkeypatch):
