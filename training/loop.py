@@ -342,7 +342,7 @@ class _Run:
         elapsed = max(now - window["start"], 1e-9)
         rate = window["samples"] / elapsed
         if self.log is not None:
-            values = {"lr": self.scheduler.get_last_lr()[0], "logit_scale": self.model.logit_scale.exp().item(),
+            values = {"lr": self.scheduler.get_last_lr()[0], "logit_scale": report.logit_scale,
                       "samples_per_s": rate, "data_wait_fraction": window["wait"] / elapsed,
                       "bad_steps": report.bad_total}
             if report.loss is not None:

@@ -17,7 +17,8 @@ the device:
   schedule, still advances);
 - any other optimizer: the host reads the flag, one sync per step.
 The loss and the bad-step counters stay on the device too (`StepHealth`);
-the trainer reads them at log rows and checkpoints, one sync each.
+the trainer reads them, with the logit scale, at log rows and checkpoints,
+one sync each.
 
 Stop: once `max_bad_steps` bad steps come in a row, every later step is
 skipped on the device as well, so when the trainer next reads the counters
@@ -52,13 +53,16 @@ class HealthReport:
     new_bad: int                # bad steps since the previous read
     stopped_at: int             # the step at which max_bad_steps in a row were reached; 0: not stopped
     loss: float | None          # mean loss of the good steps since the loss window was last reset
+    logit_scale: float          # exp of the model's (clamped) log logit scale
 
 
 class StepHealth:
-    """Non-finite step bookkeeping and the running loss, as device tensors."""
+    """Non-finite step bookkeeping and the running loss, as device tensors, read with the model's logit scale."""
 
-    def __init__(self, device: torch.device, max_bad_steps: int, step: int = 0, bad_total: int = 0):
+    def __init__(self, device: torch.device, max_bad_steps: int, log_scale: torch.Tensor, step: int = 0,
+                 bad_total: int = 0):
         self.max_bad_steps = max_bad_steps
+        self.log_scale = log_scale
         counter = dict(dtype=torch.int64, device=device)
         self.step = torch.tensor(step, **counter)
         self.bad_total = torch.tensor(bad_total, **counter)
@@ -80,16 +84,17 @@ class StepHealth:
         self.good += good
 
     def read(self, reset_loss: bool = True) -> HealthReport:
-        """One host sync for every counter; `new_bad` starts again, and the loss window if asked."""
-        values = torch.stack([t.double() for t in (self.step, self.bad_total, self.bad_in_row, self.new_bad,
-                                                    self.stopped_at, self.good, self.loss_sum)]).tolist()
-        step, total, in_row, new_bad, stopped, good, loss_sum = values
+        """One host sync for every counter and the logit scale; `new_bad` starts again, and the loss window if asked."""
+        values = torch.stack([t.detach().double() for t in (self.step, self.bad_total, self.bad_in_row, self.new_bad,
+                                                             self.stopped_at, self.good, self.loss_sum,
+                                                             self.log_scale)]).tolist()
+        step, total, in_row, new_bad, stopped, good, loss_sum, log_scale = values
         self.new_bad.zero_()
         if reset_loss:
             self.good.zero_()
             self.loss_sum.zero_()
         return HealthReport(int(step), int(total), int(in_row), int(new_bad), int(stopped),
-                            loss_sum / good if good else None)
+                            loss_sum / good if good else None, math.exp(log_scale))
 
 
 def apply_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], ok: torch.Tensor) -> None:
@@ -126,7 +131,7 @@ class TrainStep:
         self.dist, self.ddp = dist, ddp
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        self.health = StepHealth(device, max_bad_steps, step, bad_steps)
+        self.health = StepHealth(device, max_bad_steps, model.logit_scale, step, bad_steps)
 
     def __call__(self, fetch: Callable[[], dict]) -> int:
         """One step on `grad_accum` batches from `fetch`; returns the samples this rank trained on."""

@@ -118,6 +118,19 @@ def test_grad_accum_averages_the_micro_batch_losses():
     assert train_step.health.read().loss == pytest.approx(sum(expected) / 2, rel=1e-5)
 
 
+def test_the_health_read_carries_the_clamped_logit_scale():
+    model = Towers()
+    optimizer = _optimizer("adamw", model)
+    train_step = TrainStep(model, model, optimizer, warmup_cosine(optimizer, 0, 10), device=torch.device("cpu"))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) > 100: the step clamps it to log(100)
+    train_step(lambda: _batch(seed=1))
+    assert train_step.health.read().logit_scale == pytest.approx(100.0, rel=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(1.5)
+    assert train_step.health.read().logit_scale == pytest.approx(math.exp(1.5), rel=1e-6)  # the value now, not a copy
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["adamw_fused", "stable_spam"])

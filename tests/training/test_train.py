@@ -1,6 +1,7 @@
 import json
 import math
 import shutil
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -46,6 +47,23 @@ def test_resume_continues_the_same_run(raw_pairs, tmp_path):
     # Changing what is trained is refused rather than silently mixed into the old run.
     with pytest.raises(ValueError, match="lr"):
         loop.train(_config(raw_pairs, tmp_path / "resumed", **{**run, "lr": 5e-3}))
+
+
+def test_a_log_row_reads_the_device_once(demo_pairs, tmp_path, monkeypatch):
+    """Its values come from the health read's one stacked sync: the loop itself calls no .item()."""
+    real, callers = torch.Tensor.item, []
+
+    def item(self):
+        callers.append(sys._getframe(1).f_code.co_filename)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    result = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=3, log_every=1))
+    assert result.steps == 3 and loop.__file__ not in callers
+    logged = MetricsLog.series(tmp_path / "run" / "metrics.csv", "logit_scale")
+    assert [s for s, _ in logged] == [1, 2, 3]
+    final = load_file(tmp_path / "run" / "model.safetensors")["logit_scale"]
+    assert logged[-1][1] == pytest.approx(math.exp(final.item()), rel=1e-6)
 
 
 def _nan_at(monkeypatch, calls: set[int]) -> None:
