@@ -8,8 +8,13 @@ the token depends only on the row's logits, seed and step.
 
 On a GPU the sampler must not stall the host: the whole (rows, steps) table of
 uniforms and the per-row settings go to the device once per batch, rows with
-temperature 0 skip sampling, and the nucleus is found from a top-k head, with a
-full sort only for the rare rows whose nucleus is wider than the head.
+temperature 0 skip sampling, and no step reads a value back. So the nucleus
+of every top-p row is found from a full sort there: sorting only the rows a
+top-k head does not cover would need their number on the host, one
+device-to-host sync per step. (vLLM's own PyTorch sampler also sorts every
+step for top-p.) On the CPU, where reading that number costs nothing and a
+full sort costs about twenty top-256s, the head settles most rows and only
+wider ones are sorted. Both give the same nucleus.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from typing import Any
 import numpy as np
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-# Most nuclei of a trained model fit in this many tokens; wider ones fall back to a full sort.
+# On the CPU: most nuclei of a trained model fit in this many tokens; wider ones fall back to a full sort.
 HEAD_TOKENS = 256
-# Bytes the sampler holds per logit at its peak, worst case (every row falls back to the full sort):
+# Bytes the sampler holds per logit at its peak (on a GPU every top-p row is sorted; on the CPU, at worst):
 # its fp32 input copy and scaled logits, the probabilities, the kept-mass weights and their cumulative sum
 # (4 + 4 + 4 + 4 + 4), a comparison mask (1), the sort's values and int64 indices (4 + 8) with the sort's
 # own scratch (12), the -inf output (4). tests/curation/test_engines.py measures it with the profiler.
@@ -146,17 +151,30 @@ class SeededSampler:
 def _nucleus_threshold(probs, top_p):
     """Per row, the probability of the nucleus's least likely token (top-p: smallest head with mass >= top_p).
 
-    Found from the top HEAD_TOKENS values; rows whose nucleus is wider are
-    sorted in full. Checking for them costs one small device-to-host copy.
+    Off the CPU every row is sorted in full, so no step waits on the device
+    (see the module docstring); on the CPU, from the head first.
     """
-    import torch
+    if probs.device.type != "cpu":
+        return _sorted_threshold(probs, top_p)
+    return _head_threshold(probs, top_p)
 
+
+def _sorted_threshold(probs, top_p):
+    """The threshold from a full sort of every row: no data-dependent branch, one sort per call."""
+    return _threshold_in(probs.sort(dim=-1, descending=True).values, top_p)[0]
+
+
+def _head_threshold(probs, top_p):
+    """The threshold from the top HEAD_TOKENS values; rows whose nucleus is wider are sorted in full.
+
+    Finding those rows reads a value on the host: free on the CPU, a sync on a GPU.
+    """
     head = probs.topk(min(HEAD_TOKENS, probs.shape[1]), dim=-1).values
     threshold, covered = _threshold_in(head, top_p)
     if head.shape[1] < probs.shape[1] and not bool(covered.all()):
         wide = (~covered).nonzero().squeeze(1)
-        full = probs.index_select(0, wide).sort(dim=-1, descending=True).values
-        threshold = threshold.index_copy(0, wide, _threshold_in(full, top_p.index_select(0, wide))[0])
+        threshold = threshold.index_copy(0, wide, _sorted_threshold(probs.index_select(0, wide),
+                                                                     top_p.index_select(0, wide)))
     return threshold
 
 
