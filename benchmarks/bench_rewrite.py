@@ -41,7 +41,7 @@ def demo_captions(n: int, seed: int = 0) -> list[str]:
 
 def rewrite_prompts(engine, n: int, examples: int = 3) -> list[str]:
     rewriter = Rewriter(engine, RewriteConfig(examples_per_prompt=examples))
-    return [rewriter.prompt(c, group_for(0, f"k{i}", 0, 4)) for i, c in enumerate(demo_captions(n))]
+    return [rewriter.prompt(rewriter.clean(c), group_for(0, f"k{i}", 0, 4)) for i, c in enumerate(demo_captions(n))]
 
 
 def params_for(n: int, max_new_tokens: int) -> list[SamplingParams]:

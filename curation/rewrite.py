@@ -221,8 +221,9 @@ class Rewriter:
     def clean(self, caption: str) -> str:
         return clean_caption(caption, self.special_tokens, self.config.max_caption_chars)
 
-    def prompt(self, caption: str, group: int) -> str:
-        return self._layout(example_group(group, self.config.examples_per_prompt), self.clean(caption))
+    def prompt(self, cleaned: str, group: int) -> str:
+        """The prompt of example group `group` around a caption as `clean` returns it (the one layout sent)."""
+        return self._layout(example_group(group, self.config.examples_per_prompt), cleaned)
 
     def rewrite(self, keys: Sequence[str], captions: Sequence[str], seed: int) -> list[RowRewrite]:
         """k rewrites per caption. Row order is kept; results depend only on (seed, key, caption, config).
@@ -253,23 +254,45 @@ class Rewriter:
         return rows
 
     def _call_size(self, cleaned: Sequence[str]) -> int | None:
-        """Requests per engine call: the configured number, else the engine's preference for these prompts."""
+        """Requests per engine call: the configured number, else the engine's preference for these prompts.
+
+        Only an engine that sizes its calls by prompt length (`sizes_by_prompt_length`)
+        gets the longest prompt's tokens; the others get 0 and no caption is counted.
+        """
         if self.config.requests_per_call:
             return self.config.requests_per_call
         preferred = getattr(self.engine, "preferred_requests_per_call", None)
         if preferred is None:
             return None
         longest = 0
-        captions = [text for text in cleaned if text]
-        if self.frame_tokens is not None and captions:
-            longest = max(self.frame_tokens) + max(_token_counts(self.engine, captions) or [0])
+        if getattr(self.engine, "sizes_by_prompt_length", False) and self.frame_tokens is not None:
+            longest = max(self.frame_tokens) + (self._longest_caption_tokens(cleaned) or 0)
         return preferred(longest, self.config.max_new_tokens)
+
+    def _longest_caption_tokens(self, cleaned: Sequence[str]) -> int | None:
+        """Tokens of the longest caption, counting only captions that could be it.
+
+        A token covers at least one byte (byte-level BPE; SentencePiece adds at
+        most one for its leading space), so captions go longest in bytes first,
+        in doubling chunks, until none left has more bytes than the most tokens
+        seen. A normaliser that expands text could break that bound: then the
+        call is sized a little large, and the engine still cuts its batches
+        from the real token ids.
+        """
+        by_size = sorted(((len(text.encode()), text) for text in set(cleaned) if text), reverse=True)
+        longest, start, step = 0, 0, 1
+        while start < len(by_size) and by_size[start][0] + 1 > longest:
+            chunk = [text for size, text in by_size[start:start + step] if size + 1 > longest]
+            counts = _token_counts(self.engine, chunk)
+            if counts is None:
+                return None
+            longest, start, step = max(longest, *counts), start + step, 2 * step
+        return longest
 
     def _call(self, call: list[_Request], keys, captions, cleaned, groups, rows, seed) -> list[_Request]:
         """One engine call: generate, validate, keep or refuse; returns the refused requests."""
         cfg = self.config
-        examples = [example_group(groups[q.row][q.slot], cfg.examples_per_prompt) for q in call]
-        prompts = [self._layout(ex, cleaned[q.row]) for ex, q in zip(examples, call)]
+        prompts = [self.prompt(cleaned[q.row], groups[q.row][q.slot]) for q in call]
         params = [SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                  derive_seed(seed, keys[q.row], q.slot, q.attempt)) for q in call]
         outputs: list[Generation] = generate_with_recovery(self.engine, prompts, params, retries=cfg.engine_retries,

@@ -58,7 +58,10 @@ class TextEngine(Protocol):
 
     Engines may also offer `preferred_requests_per_call(prompt_tokens,
     new_tokens) -> int | None`: how many requests one `generate` call should
-    carry to keep the hardware busy (None: as many as there are).
+    carry to keep the hardware busy (None: as many as there are). Only an
+    engine whose answer depends on the prompt length says so with a true
+    `sizes_by_prompt_length`; the others are passed 0, so callers need not
+    tokenize anything to ask.
     """
 
     name: str

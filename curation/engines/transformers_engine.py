@@ -124,6 +124,11 @@ class TransformersEngine(ChatTokenizer):
         return gpu_rows(self.model.config, dtype_bytes, prompt_tokens, new_tokens, self.device,
                         memory_fraction=self.memory_fraction, max_rows=self.max_batch_size)
 
+    @property
+    def sizes_by_prompt_length(self) -> bool:
+        """Whether preferred_requests_per_call needs the prompt length: only when free GPU memory sizes the batch."""
+        return not self.batch_size and self.device.type == "cuda"
+
     def preferred_requests_per_call(self, prompt_tokens: int, new_tokens: int) -> int:
         """One full batch: fewer requests leave the GPU idle, more only queue behind it."""
         return self.batch_size_for(min(prompt_tokens, self.max_prompt_tokens), new_tokens)
