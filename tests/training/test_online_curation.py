@@ -10,7 +10,9 @@ from curation.shards import read_table
 from training import loop
 from training.config import TrainConfig
 from training.data import ShardStream, StreamSpec
-from training.online_curation import curation_probabilities, entry_probabilities_for, find_entry_counts, keep_probabilities_of
+from training.online_curation import (
+    curation_probabilities, entry_probabilities_for, find_entry_counts, keep_probabilities_of,
+)
 from training.randomness import unit_uniform
 from training.shard_set import inspect_shards
 from training.tokenizer import train_bpe
