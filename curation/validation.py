@@ -16,7 +16,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 
 class OutputReason:
@@ -141,10 +141,43 @@ def _same_word(a: str, b: str) -> bool:
     return short == long or (len(short) >= 3 and long.startswith(short))
 
 
+class _Source:
+    """What the checks need of one input text, each computed at most once (the object is cached per text).
+
+    A caption is checked against k rewrites and their retries, so its side of
+    every comparison is worked out once, not per output.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        self.words = len(text.split())
+
+    @cached_property
+    def plain(self) -> str:
+        return normalise(self.text)
+
+    @cached_property
+    def script(self) -> str | None:
+        return dominant_script(self.text)
+
+    @cached_property
+    def language(self) -> str | None:
+        return main_language(self.text)
+
+    @cached_property
+    def content(self) -> frozenset[str]:
+        return frozenset(content_words(self.text, self.language))
+
+
+@lru_cache(maxsize=8192)
+def _source(text: str) -> _Source:
+    return _Source(text)
+
+
 def word_overlap(source: str, output: str) -> tuple[int, int, int]:
     """(source content words the output uses, source content words, output content words new to the source)."""
-    language = main_language(source)
-    wanted, used = content_words(source, language), content_words(output, language)
+    facts = _source(source)
+    wanted, used = facts.content, content_words(output, facts.language)
     shared = sum(any(_same_word(w, u) for u in used) for w in wanted)
     novel = sum(not any(_same_word(u, w) for w in wanted) for u in used)
     return shared, len(wanted), novel
@@ -158,27 +191,41 @@ def off_topic(source: str, output: str, config: ValidationConfig) -> bool:
     return novel == 0 and available > 0 and shared / available < config.min_excerpt_share
 
 
-def _echoes(plain: str, source_plain: str, echo_texts: Iterable[str], run: int) -> bool:
-    """Whether the output repeats an echo text: all of it, a whole sentence of it (4+ words), or `run` words in a row.
+@dataclass(frozen=True)
+class _EchoPieces:
+    """A prompt's echo texts, normalised: the whole texts, and every word run of a sentence that is an echo."""
 
-    A piece that the input itself contains is no evidence: the input may quote
-    an example's words.
-    """
-    padded, source_padded = f" {plain} ", f" {source_plain} "
+    wholes: frozenset[str]
+    pieces: tuple[str, ...]  # " w1 w2 ... " with the spaces around, to match whole words only
+
+
+@lru_cache(maxsize=256)
+def _echo_pieces(echo_texts: tuple[str, ...], run: int) -> _EchoPieces:
+    """Computed once per set of echo texts: they are fixed per example group, while outputs are many."""
+    wholes: set[str] = set()
+    pieces: dict[str, None] = {}
     for echo in echo_texts:
-        whole = normalise(echo)
-        if whole and plain == whole:
-            return True
+        if whole := normalise(echo):
+            wholes.add(whole)
         for sentence in _SENTENCE.split(echo):
             tokens = normalise(sentence).split()
             if len(tokens) < 4:
                 continue
             size = min(run, len(tokens))
-            for i in range(len(tokens) - size + 1):
-                piece = f" {' '.join(tokens[i:i + size])} "
-                if piece in padded and piece not in source_padded:
-                    return True
-    return False
+            pieces.update((f" {' '.join(tokens[i:i + size])} ", None) for i in range(len(tokens) - size + 1))
+    return _EchoPieces(frozenset(wholes), tuple(pieces))
+
+
+def _echoes(plain: str, source_plain: str, echoes: _EchoPieces) -> bool:
+    """Whether the output repeats an echo text: all of it, a whole sentence of it (4+ words), or a run of its words.
+
+    A piece that the input itself contains is no evidence: the input may quote
+    an example's words.
+    """
+    if plain in echoes.wholes:
+        return True
+    padded, source_padded = f" {plain} ", f" {source_plain} "
+    return any(piece in padded and piece not in source_padded for piece in echoes.pieces)
 
 
 def check_output(source: str, output: str, config: ValidationConfig = ValidationConfig(), *,
@@ -190,7 +237,9 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
     `config.echo_words` words in a row of one, is an echo. The language check is
     symmetric: whatever the input's language, an output mostly in another one
     is refused. `overlap(source, output)` returns a cosine similarity (see
-    MeaningOverlap).
+    MeaningOverlap). The source's side of the checks and the normalised echo
+    texts are kept per distinct value, so k outputs and their retries for one
+    caption and one example group pay for them once.
     """
     text = output.strip()
     if not text:
@@ -198,22 +247,23 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
     words = text.split()
     if len(words) < config.min_words:
         return OutputReason.TOO_SHORT
-    limit = min(config.max_words, config.max_length_ratio * len(source.split()) + config.max_extra_words)
+    facts = _source(source)
+    limit = min(config.max_words, config.max_length_ratio * facts.words + config.max_extra_words)
     if len(words) > limit:
         return OutputReason.TOO_LONG
     if _CHATTER.search(text) or _CHATTER_ANYWHERE.search(text):
         return OutputReason.CHATTER
-    plain, source_plain = normalise(text), normalise(source)
-    if plain == source_plain:
+    plain = normalise(text)
+    if plain == facts.plain:
         return OutputReason.IDENTICAL
-    if _echoes(plain, source_plain, echo_texts, config.echo_words):
+    if _echoes(plain, facts.plain, _echo_pieces(tuple(echo_texts), config.echo_words)):
         return OutputReason.ECHO
     if config.check_script:
-        source_script, output_script = dominant_script(source), dominant_script(text)
-        if source_script and output_script and source_script != output_script:
+        output_script = dominant_script(text)
+        if facts.script and output_script and facts.script != output_script:
             return OutputReason.SCRIPT
-    if config.check_language and dominant_script(source) == "LATIN":
-        language = main_language(source)
+    if config.check_language and facts.script == "LATIN":
+        language = facts.language
         shares = language_shares(text) if language else None
         if shares is not None and shares[language] < 0.4:
             return OutputReason.LANGUAGE

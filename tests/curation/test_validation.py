@@ -141,3 +141,28 @@ def test_meaning_overlap_with_minilm():
     assert check_output(SOURCE, "red tape in the quarterly tax report of small businesses") is None
     assert check_output(SOURCE, "red tape in the quarterly tax report of small businesses",
                         overlap=overlap) == OutputReason.LOW_OVERLAP
+
+
+def test_source_and_echo_work_is_done_once(monkeypatch):
+    """k outputs of one caption and one example group: the caption's and the examples' side is computed once."""
+    from curation import validation
+    from curation.rewrite import CHAT_INSTRUCTION
+
+    calls: dict[str, list[str]] = {}
+    for name in ("normalise", "dominant_script", "main_language", "content_words"):
+        real = getattr(validation, name)
+        monkeypatch.setattr(validation, name, lambda text, *a, _real=real, _name=name: (
+            calls.setdefault(_name, []).append(text), _real(text, *a))[1])
+    validation._source.cache_clear()
+    validation._echo_pieces.cache_clear()
+    echoes = (CHAT_INSTRUCTION, "four red apples against a white background")
+    outputs = ["a pair of red circles against an empty backdrop", "two crimson circles on a bare background",
+               "red circles, two of them, on a plain ground", "two red circles and red apples against a white background"]
+    reasons = [check_output(SOURCE, out, echo_texts=list(echoes)) for out in outputs]
+    assert reasons == [None, None, None, OutputReason.ECHO]
+    for name in ("normalise", "dominant_script", "main_language", "content_words"):
+        assert calls[name].count(SOURCE) == 1, name
+    # The echo texts: normalised during the first output's check only, never again.
+    echo_calls = [t for t in calls["normalise"] if t not in outputs and t != SOURCE]
+    last = max(i for i, t in enumerate(calls["normalise"]) if t in echo_calls)
+    assert echo_calls and last < calls["normalise"].index(outputs[1])
