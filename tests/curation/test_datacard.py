@@ -11,9 +11,7 @@ from curation.datacard import (
     write_datacard,
 )
 from curation.export import ExportConfig, export_schema, parquet_bytes
-from curation.shards import write_manifest
-
-STAGE_CONFIG = "_stage_config.json"
+from curation.shards import STAGE_CONFIG, write_manifest
 
 
 def _stage(directory: Path, stage: str, rows: int, upstream: Path | None, **extra) -> Path:
