@@ -1,10 +1,11 @@
 """Does curation help? The same tiny CLIP, the same steps, on raw / balanced / balanced+rewrites / balanced+rewrites+VeC(ap) demo shards.
 
-    python benchmarks/ablation.py [--pairs 2000] [--steps 150] [--workdir DIR]
+    python benchmarks/ablation.py [--pairs 2000] [--steps 150] [--train_seeds 3] [--workdir DIR]
 
 Builds the demo data, runs ingest and then whichever of balance, rewrite and
 caption exist (each through its `run(argv)` with its own `demo_flags`), trains
-one model per dataset with identical settings and seed, and prints held-out
+`--train_seeds` models per dataset with identical settings (the seeds differ, the data does not: on a
+tiny run the spread between seeds is as large as some of the differences), and prints held-out
 zero-shot accuracy (100 "colour shape" classes, plus colour-only and
 shape-only) and retrieval Recall@k for each. The labelled eval split is the
 same for every row of the table; the shard holdout is a hash of the key, so
@@ -18,6 +19,7 @@ import importlib
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -54,6 +56,13 @@ def run_stage(module_name: str, source: Path, output: Path, workdir: Path, seed:
     return output
 
 
+def cell(values: list[float]) -> str:
+    """Mean and sample standard deviation over training seeds, 13 characters wide."""
+    mean = statistics.fmean(values)
+    spread = f"+-{statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{mean:.3f}{spread}".rjust(13)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir)")
@@ -64,6 +73,8 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train_seeds", type=int, default=3,
+                        help="models per dataset, seeds seed..seed+N-1 (same data): the table shows mean and spread")
     parser.add_argument("--skip", default="", help="comma-separated stages not to run (balance,rewrite,caption)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -110,25 +121,28 @@ def main() -> None:
                 datasets["+".join(parts)] = (current, extra)
             else:
                 print(f"[ablation] {current.name} holds no rewrites or captions: no third row")
-        results = {}
+        results: dict[str, list[dict]] = {}
         for name, (source, extra) in datasets.items():
-            config = TrainConfig(input=str(source), output=str(workdir / "models" / name), seed=args.seed,
-                                 preset="tiny", image_size=args.image_size, steps=args.steps,
-                                 batch_size=args.batch_size, lr=2e-3, warmup_steps=max(args.steps // 10, 1),
-                                 weight_decay=0.1, workers=1, threads=args.threads, progress=False, overwrite=True,
-                                 eval=str(demo / "eval"), classes=str(demo / "classes.json"), **extra)
-            start = time.perf_counter()
-            results[name] = train(config).metrics
-            rows = read_manifest(source)["rows"]
-            print(f"[ablation] trained on {name} ({rows} rows) in {time.perf_counter() - start:.0f}s")
+            for train_seed in range(args.seed, args.seed + args.train_seeds):
+                config = TrainConfig(input=str(source), output=str(workdir / "models" / f"{name}-seed{train_seed}"),
+                                     seed=train_seed, preset="tiny", image_size=args.image_size, steps=args.steps,
+                                     batch_size=args.batch_size, lr=2e-3, warmup_steps=max(args.steps // 10, 1),
+                                     weight_decay=0.1, workers=1, threads=args.threads, progress=False,
+                                     overwrite=True, eval=str(demo / "eval"), classes=str(demo / "classes.json"),
+                                     **extra)
+                start = time.perf_counter()
+                results.setdefault(name, []).append(train(config).metrics)
+                rows = read_manifest(source)["rows"]
+                print(f"[ablation] trained on {name} ({rows} rows), seed {train_seed}, "
+                      f"in {time.perf_counter() - start:.0f}s")
         print(f"\nstages run: {', '.join(ran)}; tiny CLIP, {args.steps} steps x batch {args.batch_size}, "
-              f"{args.image_size}px, seed {args.seed}; zero-shot on {args.eval} held-out images, 100 classes "
+              f"{args.image_size}px, data seed {args.seed}, {args.train_seeds} training seeds (mean, and +- the "
+              f"spread between seeds); zero-shot on {args.eval} held-out images, 100 classes "
               f"(chance 0.010; colour and shape chance 0.100)")
         width = max(len(n) for n in results) + 2
-        print("dataset".ljust(width) + "".join(h.rjust(9) for h in HEADERS))
-        for name, metrics in results.items():
-            cells = "".join(f"{metrics.get(c, float('nan')):9.3f}" for c in COLUMNS)
-            print(name.ljust(width) + cells)
+        print("dataset".ljust(width) + "".join(h.rjust(13) for h in HEADERS))
+        for name, runs in results.items():
+            print(name.ljust(width) + "".join(cell([m.get(c, float("nan")) for m in runs]) for c in COLUMNS))
         if args.workdir:
             (workdir / "ablation.json").write_text(json.dumps(results, indent=2))
 
