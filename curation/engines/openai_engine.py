@@ -4,7 +4,11 @@ A server batches the requests in flight, not serial ones, so requests go out
 concurrently from a thread pool. Retries live in one place, the openai
 client: each request has a timeout and is retried `retries` times with the
 client's backoff (connection errors, timeouts, 429 and 5xx), and the stage's
-recovery (curation.engines.recovery) does not retry this engine again. Prompts
+recovery (curation.engines.recovery) does not retry this engine again. A call
+carries every request of a stage's batch, so one request that fails for good
+raises RequestsFailed naming it and counting the others: the run stops there
+(its finished shards are kept), so requests not yet sent are dropped, while
+those in flight finish. Prompts
 arrive already formatted; chat prompts are formatted with the model's
 tokenizer, loaded locally from `tokenizer` (default: the model name, if it is
 a local folder).
@@ -14,10 +18,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 from curation.engines.base import ChatTokenizer, Generation, SamplingParams, check_paired
+
+
+class RequestsFailed(RuntimeError):
+    """Requests of one call failed after the client's retries; `failed` holds their indices in the call."""
+
+    def __init__(self, prompts: Sequence[str], failed: list[int], not_sent: int, first: BaseException):
+        self.failed, self.not_sent = failed, not_sent
+        dropped = f", {not_sent} not sent" if not_sent else ""
+        super().__init__(f"{len(failed)} of {len(prompts)} requests failed{dropped}; first: request {failed[0]} "
+                         f"(prompt ending {prompts[failed[0]][-60:]!r}): {type(first).__name__}: {first}")
 
 
 class OpenAIEngine(ChatTokenizer):
@@ -72,5 +86,14 @@ class OpenAIEngine(ChatTokenizer):
         check_paired(prompts, params)
         if not prompts:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-            return list(pool.map(lambda pair: self._one(pair[0], pair[1], stop), zip(prompts, params)))
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts)))
+        try:
+            futures = [pool.submit(self._one, prompt, p, stop) for prompt, p in zip(prompts, params)]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:  # after a failure (or an interrupt) send nothing more; requests in flight finish
+            pool.shutdown(wait=True, cancel_futures=True)
+        failed = [i for i, f in enumerate(futures) if not f.cancelled() and f.exception() is not None]
+        if failed:
+            first = futures[failed[0]].exception()
+            raise RequestsFailed(prompts, failed, sum(f.cancelled() for f in futures), first) from first
+        return [f.result() for f in futures]

@@ -8,7 +8,8 @@ naming it; the stages above have already committed every finished shard.
 An engine that retries each request itself (`retries_requests = True`, the
 openai backend, whose client retries with backoff) is called once: stacking
 this layer's retries and splits on top would multiply the attempts on a dead
-server, and a server's load does not shrink with our batch.
+server, and a server's load does not shrink with our batch. Its error names
+the failing request itself, and the EngineFailure carries that message.
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
             _release_memory()
             if attempt + 1 < attempts:
                 sleep(backoff_s * 2 ** attempt)
-    if len(prompts) == 1 or retried_inside:
-        how = "with the engine's own retries" if retried_inside else f"after {attempts} attempts"
-        raise EngineFailure(f"engine {getattr(engine, 'name', '?')} failed on {len(prompts)} request(s) {how}: "
+    name = getattr(engine, "name", "?")
+    if retried_inside:
+        raise EngineFailure(f"engine {name} failed with the engine's own retries, in a call of {len(prompts)} "
+                            f"request(s): {type(error).__name__}: {error}") from error
+    if len(prompts) == 1:
+        raise EngineFailure(f"engine {name} failed on 1 request(s) after {attempts} attempts: "
                             f"{type(error).__name__}: {error}") from error
     half = len(prompts) // 2
     kwargs = {"retries": retries, "backoff_s": backoff_s, "stop": stop, "sleep": sleep}

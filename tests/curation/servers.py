@@ -30,12 +30,13 @@ class FakeCompletionsServer:
     `stall`: prompt -> seconds to sleep before answering its first request
     (longer than the client's timeout makes that request time out).
     `status`: answer every request with this HTTP status instead.
+    `fail_on`: answer 500 to every prompt that contains one of these texts.
     """
 
     def __init__(self, gather: int = 0, gather_timeout: float = 20.0, stall: dict[str, float] | None = None,
-                 status: int | None = None):
+                 status: int | None = None, fail_on: tuple[str, ...] = ()):
         self.barrier = threading.Barrier(gather, timeout=gather_timeout) if gather else None
-        self.stall, self.status = dict(stall or {}), status
+        self.stall, self.status, self.fail_on = dict(stall or {}), status, fail_on
         self.requests: collections.Counter = collections.Counter()
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -65,6 +66,8 @@ class FakeCompletionsServer:
         try:
             if self.status is not None:
                 return self.status, {"error": {"message": "scripted failure"}}
+            if any(text in prompt for text in self.fail_on):
+                return 500, {"error": {"message": "scripted failure of this prompt"}}
             if first and prompt in self.stall:
                 time.sleep(self.stall[prompt])
             if self.barrier is not None:

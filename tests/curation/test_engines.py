@@ -1,5 +1,6 @@
 """The engine factory, the transformers backend on a tiny saved model, its batch sizing, seeded sampling,
-and the openai backend against a fake local server (concurrency, timeouts, one retry layer, a dead server)."""
+and the openai backend against a fake local server (concurrency, timeouts, one retry layer, a failing request
+named, a dead server)."""
 
 import os
 
@@ -355,13 +356,34 @@ def test_openai_engine_has_one_retry_layer():
     """A failing server sees each request 1 + retries times: the recovery layer neither retries nor splits."""
     with FakeCompletionsServer(status=503) as server:
         engine = _openai(server.base_url, retries=2, timeout=5)
-        with pytest.raises(EngineFailure, match="engine's own retries"):
+        with pytest.raises(EngineFailure, match="engine's own retries, in a call of 4 request"):
             generate_with_recovery(engine, ["a", "b", "c", "d"], _seeded(4), retries=2, backoff_s=0)
     assert server.requests == {"a": 3, "b": 3, "c": 3, "d": 3}
+
+
+def test_openai_engine_names_the_failing_request():
+    """Every request of a call goes at once: the error says which one failed for good, and how many did."""
+    from curation.engines.openai_engine import RequestsFailed
+
+    prompts = [f"caption {i}" for i in range(6)]
+    with FakeCompletionsServer(fail_on=("caption 3", "caption 5")) as server:
+        engine = _openai(server.base_url, concurrency=8, retries=1, timeout=5)
+        with pytest.raises(EngineFailure, match=r"2 of 6 requests failed; first: request 3 \(prompt ending "
+                                                r"'caption 3'\): InternalServerError") as caught:
+            generate_with_recovery(engine, prompts, _seeded(6))
+    assert caught.value.__cause__.failed == [3, 5] and isinstance(caught.value.__cause__, RequestsFailed)
+    assert server.requests == {p: 2 if p in ("caption 3", "caption 5") else 1 for p in prompts}
+    # Past a request that failed for good the run stops: what is not sent yet is not sent at all.
+    with FakeCompletionsServer(fail_on=("caption 1",)) as server:
+        engine = _openai(server.base_url, concurrency=1, retries=0, timeout=5)
+        with pytest.raises(EngineFailure, match=r"1 of 6 requests failed, [34] not sent; first: request 1 "):
+            generate_with_recovery(engine, prompts, _seeded(6))
+    assert server.requests["caption 0"] == server.requests["caption 1"] == 1 and sum(server.requests.values()) <= 3
 
 
 def test_openai_engine_reports_a_dead_server():
     engine = _openai(f"http://127.0.0.1:{free_port()}/v1", retries=1, timeout=2)
     assert not engine.has_chat_template and engine.special_tokens == []  # no local tokenizer named "served"
-    with pytest.raises(EngineFailure, match="failed on 1 request"):
+    with pytest.raises(EngineFailure, match=r"in a call of 1 request\(s\): RequestsFailed: 1 of 1 requests failed; "
+                                            r"first: request 0 \(prompt ending 'a'\): APIConnectionError"):
         generate_with_recovery(engine, ["a"], [SamplingParams(seed=1)], retries=1, backoff_s=0.01)

@@ -94,6 +94,26 @@ def test_persistent_engine_failure_keeps_finished_shards(pairs, tmp_path, tiny_m
     assert result.manifest["stats"]["rows"] == 9  # counts cover the shards of both runs
 
 
+def test_a_server_failing_one_request_stops_the_run_naming_it_and_keeps_finished_shards(pairs, tmp_path):
+    """The openai engine sends a whole batch at once: one request failing for good names itself, and shard 0 stays."""
+    from tests.curation.servers import FakeCompletionsServer
+
+    out = tmp_path / "rewritten"
+
+    def flags(server):
+        options = json.dumps({"base_url": server.base_url, "retries": 0, "timeout": 10})
+        return _flags(pairs, out, "served", "--rewrite_engine", "openai", "--rewrite_engine_options", options)
+
+    with FakeCompletionsServer(fail_on=("Photo by Jane Doe",)) as server:  # row r004, in shard 1
+        with pytest.raises(Exception, match=r"2 of 6 requests failed(, \d+ not sent)?; first: request \d+ "
+                                            r"\(prompt ending '.*Photo by Jane Doe =>'\): InternalServerError"):
+            rewrite.run(flags(server))
+        assert [p.name for p in finished_shards(out)] == ["part-00000.parquet"]
+        server.fail_on = ()  # the server is well again: a rerun resumes after the kept shard
+        result = rewrite.run(flags(server))
+    assert result.manifest["stats"]["resumed_shards"] == 1 and result.manifest["stats"]["rows"] == 9
+
+
 def test_engine_options_must_be_a_json_object(pairs, tmp_path):
     with pytest.raises(ValueError, match="JSON object"):
         rewrite.run(["--input", str(pairs), "--output", str(tmp_path / "x"), "--rewrite_engine_options", "[1]"])
