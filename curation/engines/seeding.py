@@ -6,15 +6,15 @@ own uniform number per step from a counter-based hash of (request seed, step),
 and picks its token by inverse CDF over its temperature/top-p distribution:
 the token depends only on the row's logits, seed and step.
 
-On a GPU the sampler must not stall the host: the whole (rows, steps) table of
-uniforms and the per-row settings go to the device once per batch, rows with
-temperature 0 skip sampling, and no step reads a value back. So the nucleus
-of every top-p row is found from a full sort there: sorting only the rows a
-top-k head does not cover would need their number on the host, one
-device-to-host sync per step. (vLLM's own PyTorch sampler also sorts every
-step for top-p.) On the CPU, where reading that number costs nothing and a
-full sort costs about twenty top-256s, the head settles most rows and only
-wider ones are sorted. Both give the same nucleus.
+On a GPU the sampler keeps host work off the step: the whole (rows, steps)
+table of uniforms and the per-row settings go to the device once per batch,
+and rows with temperature 0 skip sampling. The nucleus is found from the top
+HEAD_TOKENS values of each row; only rows whose nucleus is wider are sorted in
+full. Finding those rows reads one count back, a sync, when any row has
+top_p < 1: `generate` already reads `unfinished_sequences.max()` back on every
+step, so this adds a second small wait per step, where sorting every row's
+whole vocabulary instead (the sync-free alternative) costs about twenty
+top-256s per row (measured on the CPU: 128 ms against 6.8 ms at 32 x 49152).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-# On the CPU: most nuclei of a trained model fit in this many tokens; wider ones fall back to a full sort.
+# Most nuclei of a trained model fit in this many tokens; wider ones fall back to a full sort.
 HEAD_TOKENS = 256
-# Bytes the sampler holds per logit at its peak (on a GPU every top-p row is sorted; on the CPU, at worst):
+# Bytes the sampler holds per logit at its peak (when every top-p row is wider than the head and is sorted):
 # its fp32 input copy and scaled logits, the probabilities, the kept-mass weights and their cumulative sum
 # (4 + 4 + 4 + 4 + 4), a comparison mask (1), the sort's values and int64 indices (4 + 8) with the sort's
 # own scratch (12), the -inf output (4). tests/curation/test_engines.py measures it with the profiler.
@@ -134,7 +134,7 @@ class SeededSampler:
         floor = torch.zeros(probs.shape[0], dtype=probs.dtype, device=probs.device)
         if self.nucleus:
             nucleus_probs = probs if state.nucleus is None else probs.index_select(0, state.nucleus)
-            threshold = _nucleus_threshold(nucleus_probs, state.top_p)
+            threshold = _head_threshold(nucleus_probs, state.top_p)
             floor = threshold if state.nucleus is None else floor.index_copy(0, state.nucleus, threshold)
         # Every token at least as likely as the nucleus's least likely one is kept, ties included, so the
         # kept set does not depend on how a sort orders equal values.
@@ -148,26 +148,16 @@ class SeededSampler:
         return torch.where(inside, position, probs.argmax(dim=-1))
 
 
-def _nucleus_threshold(probs, top_p):
-    """Per row, the probability of the nucleus's least likely token (top-p: smallest head with mass >= top_p).
-
-    Off the CPU every row is sorted in full, so no step waits on the device
-    (see the module docstring); on the CPU, from the head first.
-    """
-    if probs.device.type != "cpu":
-        return _sorted_threshold(probs, top_p)
-    return _head_threshold(probs, top_p)
-
-
 def _sorted_threshold(probs, top_p):
     """The threshold from a full sort of every row: no data-dependent branch, one sort per call."""
     return _threshold_in(probs.sort(dim=-1, descending=True).values, top_p)[0]
 
 
 def _head_threshold(probs, top_p):
-    """The threshold from the top HEAD_TOKENS values; rows whose nucleus is wider are sorted in full.
+    """Per row, the probability of the nucleus's least likely token (top-p: smallest head with mass >= top_p).
 
-    Finding those rows reads a value on the host: free on the CPU, a sync on a GPU.
+    From the top HEAD_TOKENS values; rows whose nucleus is wider are sorted in full. Finding those rows
+    reads a value on the host: free on the CPU, one sync per step on a GPU (see the module docstring).
     """
     head = probs.topk(min(HEAD_TOKENS, probs.shape[1]), dim=-1).values
     threshold, covered = _threshold_in(head, top_p)
