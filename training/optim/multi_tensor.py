@@ -17,6 +17,7 @@ Adam update ends in one `addcdiv` with the step size folded into the denominator
 
 from __future__ import annotations
 
+import abc
 import math
 from collections import defaultdict
 from typing import Any, Callable
@@ -113,7 +114,7 @@ def clipped_copies(grads: list[torch.Tensor], finite: torch.Tensor, dtype: torch
     return out
 
 
-class MomentOptimizer(Optimizer):
+class MomentOptimizer(Optimizer, abc.ABC):
     """Adam-style optimizer base: buckets, m/v storage (fp32 or quantized), load-time validation."""
 
     stats_fields: tuple[str, ...] = ()
@@ -232,9 +233,10 @@ class MomentOptimizer(Optimizer):
                 self._step_bucket(group, group["step"], params, grads, states, seed)
         return loss
 
+    @abc.abstractmethod
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
                      states: list[dict], seed: int) -> None:
-        raise NotImplementedError
+        """One step of the algorithm over a (device, dtype) bucket: what StableSPAM and SPAM define."""
 
     # ---- state dicts --------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
