@@ -1,0 +1,116 @@
+"""Optimizer state dicts: a round trip resumes the same trajectory; a state saved with other options,
+shapes or dtypes is refused with a clear error; scheduled options are restored as torch does."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from tests.training.optim.problems import assert_same_trajectory, clone_params, gradient_stream, make_params, set_grads
+from training.optim import SPAM, StableSPAM
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: StableSPAM(p, lr=1e-2, reset_interval=4),
+    lambda p: StableSPAM(p, lr=1e-2, reset_interval=4, state_bits=8),
+    lambda p: StableSPAM(p, lr=1e-2, reset_interval=4, state_bits=4, code_exact=True),
+    lambda p: SPAM(p, lr=1e-2, reset_interval=4, warmup_steps=2, clip_delay=1, state_bits=8),
+])
+def test_state_dict_round_trip_resumes_identically(make):
+    params = make_params(dtype=torch.float32)
+    stream = gradient_stream(params, 10)
+    opt = make(params)
+    for grads in stream[:5]:
+        set_grads(params, grads)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    resumed_params = clone_params(params)
+    resumed = make(resumed_params)
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    assert_same_trajectory(opt, params, resumed, resumed_params, stream[5:], rtol=0, atol=0)
+    for s, r in zip(opt.state.values(), resumed.state.values()):
+        assert all(s[k].dtype == r[k].dtype for k in s)
+
+
+def _trained(make, params):
+    opt = make(params)
+    for grads in gradient_stream(params, 2):
+        set_grads(params, grads)
+        opt.step()
+    return opt.state_dict()
+
+
+def test_loading_a_mismatched_state_dict_raises():
+    params = make_params(dtype=torch.float32)
+    eight_bit = _trained(lambda p: StableSPAM(p, state_bits=8), clone_params(params))
+    with pytest.raises(ValueError, match="state_bits"):
+        StableSPAM(clone_params(params)).load_state_dict(eight_bit)
+    spam = _trained(lambda p: SPAM(p), clone_params(params))
+    with pytest.raises(ValueError, match="another optimizer"):
+        StableSPAM(clone_params(params)).load_state_dict(spam)
+    other = [torch.nn.Parameter(torch.zeros(s)) for s in ((5, 7), (13,), (4, 3, 2), (1,), (33, 9))]
+    good = _trained(lambda p: StableSPAM(p), clone_params(params))
+    with pytest.raises(ValueError, match="shape"):
+        StableSPAM(other).load_state_dict(good)
+    with pytest.raises(ValueError, match="params"):
+        StableSPAM(clone_params(params)[:3]).load_state_dict(good)
+    with pytest.raises(ValueError, match="code_exact"):
+        StableSPAM(clone_params(params), code_exact=True).load_state_dict(good)
+
+
+def test_loading_casts_a_state_dtype_only_where_exact():
+    """bf16 moments (as older versions kept for bf16 parameters) load as fp32, value for value; fp64 moments
+    into fp32 parameters, or float codes, are refused rather than rounded."""
+    params = make_params(dtype=torch.float32)
+    old = _trained(lambda p: StableSPAM(p), clone_params(params))
+    for entry in old["state"].values():
+        for name in ("exp_avg", "exp_avg_sq", "stats"):
+            entry[name] = entry[name].bfloat16()
+    resumed_params = clone_params(params)
+    resumed = StableSPAM(resumed_params)
+    resumed.load_state_dict(old)
+    for p, entry in zip(resumed_params, old["state"].values()):
+        for name, value in entry.items():
+            assert resumed.state[p][name].dtype == torch.float32
+            assert torch.equal(resumed.state[p][name], value.float())
+    wide = _trained(lambda p: StableSPAM(p), make_params(dtype=torch.float64))
+    with pytest.raises(ValueError, match="torch.float64, which does not cast exactly to the torch.float32"):
+        StableSPAM(clone_params(params)).load_state_dict(wide)
+    coded = _trained(lambda p: StableSPAM(p, state_bits=8), clone_params(params))
+    coded["state"][2]["exp_avg"] = coded["state"][2]["exp_avg"].float()
+    with pytest.raises(ValueError, match="param 2: state 'exp_avg' is torch.float32"):
+        StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
+
+
+@pytest.mark.parametrize("option, value", [("reset_interval", 7), ("gamma1", 0.85), ("gamma2", 0.99999),
+                                           ("theta", 0.99), ("total_T", 1000), ("eta_min", 0.2), ("eps", 1e-6),
+                                           ("code_exact", True), ("state_bits", 8)])
+def test_loading_a_state_saved_with_another_algorithm_option_names_it(option, value):
+    params = make_params(dtype=torch.float32)
+    saved = _trained(lambda p: StableSPAM(p, reset_interval=4, total_T=100), clone_params(params))
+    options = dict(reset_interval=4, total_T=100) | {option: value}
+    with pytest.raises(ValueError, match=f"saved with {option}="):
+        StableSPAM(clone_params(params), **options).load_state_dict(saved)
+
+
+def test_loading_restores_scheduled_options_as_torch_does():
+    """lr (any scheduler), betas (OneCycleLR) and weight decay change legitimately during a run: the
+    checkpoint's values win, and a scheduler resumed beside the optimizer continues where it stopped."""
+    params = make_params(dtype=torch.float32)
+    opt = StableSPAM(params, lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for grads in gradient_stream(params, 3):
+        set_grads(params, grads)
+        opt.step()
+        schedule.step()
+    resumed = StableSPAM(clone_params(params), lr=1e-2, betas=(0.95, 0.99), weight_decay=0.3)
+    resumed_schedule = torch.optim.lr_scheduler.LambdaLR(resumed, lambda step: 0.5 ** step)
+    resumed.load_state_dict(opt.state_dict())
+    resumed_schedule.load_state_dict(schedule.state_dict())
+    group = resumed.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"], group["step"]) == (1e-2 / 8, (0.9, 0.999), 0.0, 3)
+    resumed_schedule.step()
+    assert group["lr"] == pytest.approx(1e-2 / 16)
