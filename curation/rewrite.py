@@ -191,7 +191,7 @@ class Rewriter:
         self.special_tokens = list(getattr(engine, "special_tokens", []) or [])
         self.overlap = overlap if overlap is not None else (MeaningOverlap() if config.meaning_check else None)
         groups = [example_group(g, config.examples_per_prompt) for g in range(config.example_groups)]
-        # Tuples: validation normalises each group's echo texts once and keeps them by value.
+        # Fixed per group, so validation normalises each group's echo texts once (cached by value).
         self.echo_texts = [(CHAT_INSTRUCTION, COMPLETION_HEADER, *(t for p in g for t in (p.source, p.target)))
                            for g in groups]
         self.prefixes = [self._prefix(g) for g in groups]

@@ -10,7 +10,7 @@ On a GPU the sampler keeps host work off the step: the whole (rows, steps)
 table of uniforms and the per-row settings go to the device once per batch,
 and rows with temperature 0 skip sampling. The nucleus is found from the top
 HEAD_TOKENS values of each row; only rows whose nucleus is wider are sorted in
-full. Finding those rows reads one count back, a sync, when any row has
+full. Finding those rows reads their indices back, one sync, when any row has
 top_p < 1: `generate` already reads `unfinished_sequences.max()` back on every
 step, so this adds a second small wait per step, where sorting every row's
 whole vocabulary instead (the sync-free alternative) costs about twenty
@@ -161,8 +161,10 @@ def _head_threshold(probs, top_p):
     """
     head = probs.topk(min(HEAD_TOKENS, probs.shape[1]), dim=-1).values
     threshold, covered = _threshold_in(head, top_p)
-    if head.shape[1] < probs.shape[1] and not bool(covered.all()):
-        wide = (~covered).nonzero().squeeze(1)
+    if head.shape[1] == probs.shape[1]:
+        return threshold
+    wide = (~covered).nonzero().squeeze(1)  # the one read-back: how many rows the head misses
+    if wide.numel():
         threshold = threshold.index_copy(0, wide, _sorted_threshold(probs.index_select(0, wide),
                                                                      top_p.index_select(0, wide)))
     return threshold

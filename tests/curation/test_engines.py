@@ -142,9 +142,10 @@ def test_gpu_batch_size_follows_free_memory(monkeypatch, engine):
     free["bytes"] = 1
     assert te.gpu_rows(config, 2, 160, 64, "cuda:0", memory_fraction=0.8, max_rows=4096) == 1
     # The engine asks the same question of its own model when it sits on a GPU, and tells callers.
-    assert not engine.sizes_by_prompt_length  # a fixed batch size: callers need not count prompt tokens
     free["bytes"] = 2 ** 30
     monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    monkeypatch.setattr(engine, "batch_size", 4)
+    assert not engine.sizes_by_prompt_length  # a fixed batch size: callers need not count prompt tokens
     monkeypatch.setattr(engine, "batch_size", None)
     assert engine.sizes_by_prompt_length
     expected = int(0.8 * 2 ** 30 // te.bytes_per_row(engine.model.config, 4, 100, 20))
