@@ -38,10 +38,12 @@ from training.optimization import make_optimizer, warmup_cosine
 from training.shard_set import ShardSet, input_fingerprint, inspect_shards, iter_texts
 from training.step import HealthReport, TrainStep
 from training.text_sampling import TextSampling
-from training.tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILES, load_tokenizer, train_bpe
+from training.tokenizer import load_tokenizer, train_bpe
 
 METRICS_JSON = "metrics.json"
 TRAIN_CONFIG = "train_config.json"
+# Written first into every output, so a run that died before anything else still marks the folder as its own.
+RUN_MARKER = ".clip-curation-train"
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,13 +97,13 @@ def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_leng
 def _is_trainer_output(output: Path) -> bool:
     """Whether `output` holds what this trainer writes, so that --overwrite may delete it.
 
-    A run writes its tokenizer first, then train_config.json, metrics.csv and
-    checkpoints/: one that died in between left a saved tokenizer and nothing else.
+    A run writes RUN_MARKER before anything else (its tokenizer, train_config.json, metrics.csv,
+    checkpoints/), so one that died early is still recognised, while a folder of someone's files,
+    a downloaded tokenizer among them, never is.
     """
-    if any((output / name).exists() for name in (TRAIN_CONFIG, CHECKPOINTS, METRICS_CSV)):
+    if any((output / name).exists() for name in (RUN_MARKER, TRAIN_CONFIG, CHECKPOINTS, METRICS_CSV)):
         return True
-    names = {p.name for p in output.iterdir()}
-    return not names or (TOKENIZER_CONFIG in names and names <= TOKENIZER_FILES)
+    return not any(output.iterdir())
 
 
 def _prepare_output(config: TrainConfig, output: Path) -> None:
@@ -110,7 +112,8 @@ def _prepare_output(config: TrainConfig, output: Path) -> None:
         if not _is_trainer_output(output):
             raise ValueError(f"--overwrite would delete {output}, which holds no trainer output; "
                              f"choose another --output")
-        if config.tokenizer and Path(config.tokenizer).resolve() == output.resolve():
+        tokenizer = Path(config.tokenizer).resolve() if config.tokenizer else None
+        if tokenizer is not None and (tokenizer == output.resolve() or output.resolve() in tokenizer.parents):
             raise ValueError(f"--overwrite would delete {output}, the --tokenizer this run loads; "
                              f"choose another --output")
         shutil.rmtree(output)
@@ -118,6 +121,7 @@ def _prepare_output(config: TrainConfig, output: Path) -> None:
         raise ValueError(f"{output} holds checkpoints of an earlier run, which a later resume would mix with this "
                          f"one's; pass --overwrite to start over there, or choose another --output")
     output.mkdir(parents=True, exist_ok=True)
+    (output / RUN_MARKER).touch()
 
 
 def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path | None:

@@ -18,10 +18,6 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
-# What `save_pretrained` may write for a tokenizer: the trained BPE's two files, and a named CLIP tokenizer's others.
-TOKENIZER_CONFIG = "tokenizer_config.json"
-TOKENIZER_FILES = frozenset({TOKENIZER_CONFIG, "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
-                             "chat_template.jinja", "vocab.json", "merges.txt"})
 
 
 def _pipeline() -> Tokenizer:

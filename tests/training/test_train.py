@@ -18,7 +18,6 @@ from training.config import TrainConfig
 from training.demo_shards import write_demo_pairs
 from training.metrics_log import MetricsLog
 from training.shard_set import input_fingerprint
-from training.tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILES
 
 # Small enough for a shared 2-core CPU: 32-pixel images, one thread, no worker processes.
 FAST = dict(preset="tiny", image_size=32, context_length=16, vocab_size=400, batch_size=16, workers=0, threads=1,
@@ -170,16 +169,21 @@ def test_overwrite_clears_a_run_that_died_after_saving_its_tokenizer(demo_pairs,
         with pytest.raises(RuntimeError, match="killed"):
             loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2))
     left = {p.name for p in (tmp_path / "run").iterdir()}
-    assert TOKENIZER_CONFIG in left and left <= TOKENIZER_FILES  # the tokenizer only: no train_config.json yet
+    assert "tokenizer_config.json" in left and loop.TRAIN_CONFIG not in left  # the tokenizer only, and the run's marker
     assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
-    # A tokenizer among other files is not the trainer's; nor is one this run loads deleted under it.
-    shutil.copytree(tmp_path / "run", tmp_path / "tok", ignore=lambda _, names: set(names) - TOKENIZER_FILES)
-    with pytest.raises(ValueError, match="the --tokenizer this run loads"):
-        loop.train(_config(demo_pairs[0], tmp_path / "tok", steps=2, tokenizer=str(tmp_path / "tok"), overwrite=True))
-    (tmp_path / "tok" / "notes.txt").write_text("not a model")
+    # A folder holding only a tokenizer that no run wrote (a downloaded one, say) is not the trainer's.
+    shutil.copytree(tmp_path / "run", tmp_path / "tok", ignore=lambda _, names: {n for n in names
+                                                                                if "tokenizer" not in n})
+    assert {p.name for p in (tmp_path / "tok").iterdir()} >= {"tokenizer_config.json"}
     with pytest.raises(ValueError, match="holds no trainer output"):
         loop.train(_config(demo_pairs[0], tmp_path / "tok", steps=2, overwrite=True))
-    assert (tmp_path / "tok" / TOKENIZER_CONFIG).is_file()
+    assert (tmp_path / "tok" / "tokenizer_config.json").is_file()
+    # Nor is a tokenizer this run loads deleted under it, even inside the output it overwrites.
+    shutil.copytree(tmp_path / "tok", tmp_path / "run" / "tok")
+    with pytest.raises(ValueError, match="the --tokenizer this run loads"):
+        loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, tokenizer=str(tmp_path / "run" / "tok"),
+                           overwrite=True))
+    assert (tmp_path / "run" / "tok" / "tokenizer_config.json").is_file()
 
 
 @pytest.mark.slow
