@@ -196,9 +196,10 @@ class BucketMoments:
                  dtype: torch.dtype) -> None:
         self.layouts = layouts
         self.bits, self.block = layouts[0].bits, layouts[0].block
-        self.stored = (m_codes, m_scales, v_codes, v_scales)  # the state's own tensors, not copies
-        self.m_flat = decode_signed(torch.cat(m_codes), torch.cat(m_scales), self.bits, self.block).to(dtype)
-        self.v_flat = decode_nonneg(torch.cat(v_codes), torch.cat(v_scales), self.bits, self.block).to(dtype)
+        # The stored codes and scales, concatenated once: decoded here, and given back to skipped tensors in encode.
+        self.stored = tuple(torch.cat(part) for part in (m_codes, m_scales, v_codes, v_scales))
+        self.m_flat = decode_signed(self.stored[0], self.stored[1], self.bits, self.block).to(dtype)
+        self.v_flat = decode_nonneg(self.stored[2], self.stored[3], self.bits, self.block).to(dtype)
         sizes = [layout.padded for layout in layouts]
         self.m = [c[: p.numel()].view(p.shape) for c, p in zip(self.m_flat.view(-1).split(sizes), params)]
         self.v = [c[: p.numel()].view(p.shape) for c, p in zip(self.v_flat.view(-1).split(sizes), params)]
@@ -223,7 +224,7 @@ class BucketMoments:
         if updated is not None:  # selected per block on the device: `updated` is never read on the host
             fresh = updated[owner].view(-1, 1)
             rows = fresh.shape[0]
-            parts = tuple(torch.where(fresh, new.view(rows, -1), torch.cat(old).view(rows, -1)).view(-1)
+            parts = tuple(torch.where(fresh, new.view(rows, -1), old.view(rows, -1)).view(-1)
                           for new, old in zip(parts, self.stored))
         sizes = (code_sizes, block_counts, code_sizes, block_counts)
         return tuple(list(part.split(size)) for part, size in zip(parts, sizes))
