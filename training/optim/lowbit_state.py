@@ -31,6 +31,9 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = (4, 8)
+# Version of the code maps above, recorded in every optimizer state dict: codes only mean something under
+# the maps that wrote them. 1 was a linear v grid (state dicts without a version); 2 is the log grid.
+CODE_FORMAT = 2
 DEFAULT_BLOCK = {8: 256, 4: 128}
 KINDS = ("signed", "nonneg")  # m, v
 _TINY = torch.finfo(torch.float32).tiny

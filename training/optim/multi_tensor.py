@@ -54,25 +54,29 @@ def check_interval(name: str, value: int | None, allow_none: bool = True) -> Non
         raise ValueError(f"invalid {name}={value!r}: must be a positive int{never}")
 
 
-def check_common(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                 state_bits: int, block_size: int | None) -> int | None:
-    """Validate the options every spike-aware optimizer shares; return the resolved block size."""
+def check_common(options: dict) -> dict:
+    """Validate the options every spike-aware optimizer shares; return them with betas a tuple and the
+    block size resolved (None for fp32 states, the bit width's default when not given)."""
+    lr, betas, eps = options["lr"], options["betas"], options["eps"]
+    state_bits, block_size = options["state_bits"], options["block_size"]
     check_range("lr", lr, 0.0, math.inf)
     if len(betas) != 2:
         raise ValueError(f"invalid betas={betas!r}: need two values")
     check_range("betas[0]", betas[0], 0.0, 1.0)
     check_range("betas[1]", betas[1], 0.0, 1.0)
     check_range("eps", eps, 0.0, math.inf)
-    check_range("weight_decay", weight_decay, 0.0, math.inf)
+    if eps == 0:  # a skipped tensor's step size is 0: eps keeps its update at m / inf = 0, never 0 * inf
+        raise ValueError("invalid eps=0: must be > 0")
+    check_range("weight_decay", options["weight_decay"], 0.0, math.inf)
     if state_bits not in STATE_BITS:
         raise ValueError(f"invalid state_bits={state_bits!r}: must be one of {STATE_BITS}")
     if state_bits == 32:
         if block_size is not None:
             raise ValueError(f"invalid block_size={block_size!r}: it only applies to quantized states (state_bits 8 or 4)")
-        return None
-    block = lb.DEFAULT_BLOCK[state_bits] if block_size is None else block_size
-    lb.StateLayout(state_bits, block, 1)  # validates the block size
-    return block
+    else:
+        block_size = lb.DEFAULT_BLOCK[state_bits] if block_size is None else block_size
+        lb.StateLayout(state_bits, block_size, 1)  # validates the block size
+    return {**options, "betas": tuple(betas), "block_size": block_size}
 
 
 def casts_exactly(saved: torch.dtype, wanted: torch.dtype) -> bool:
@@ -119,10 +123,21 @@ class MomentOptimizer(Optimizer, abc.ABC):
 
     stats_fields: tuple[str, ...] = ()
 
+    @staticmethod
+    @abc.abstractmethod
+    def check_options(options: dict) -> dict:
+        """Raise a clear ValueError on an invalid option; return the options normalised (check_common)."""
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, plus the group's global step counter T (host int: schedules need no device sync)."""
+        """As torch's, with every group's options checked like the constructor's, plus the group's global
+        step counter T (host int: schedules need no device sync)."""
+        param_group = dict(param_group)
+        if "state_bits" in param_group and "block_size" not in param_group:
+            param_group["block_size"] = None  # the default block size belongs to the default bit width
         super().add_param_group(param_group)
-        self.param_groups[-1].setdefault("step", 0)
+        group = self.param_groups[-1]
+        group.update(self.check_options({k: group[k] for k in self.defaults}))
+        group.setdefault("step", 0)
 
     # ---- state --------------------------------------------------------------------------------
     def _layout(self, p: torch.Tensor, group: dict) -> lb.StateLayout | None:
@@ -211,7 +226,7 @@ class MomentOptimizer(Optimizer, abc.ABC):
         """
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None or p.numel() == 0:  # an empty tensor has nothing to update
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -239,6 +254,10 @@ class MomentOptimizer(Optimizer, abc.ABC):
         """One step of the algorithm over a (device, dtype) bucket: what StableSPAM and SPAM define."""
 
     # ---- state dicts --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, plus the version of the low-bit code maps (`lowbit_state.CODE_FORMAT`)."""
+        return {**super().state_dict(), "code_format": lb.CODE_FORMAT}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by the same class with the same algorithm options, or raise a clear ValueError.
 
@@ -249,12 +268,17 @@ class MomentOptimizer(Optimizer, abc.ABC):
         in (`_expected_state`: fp32 moments and statistics, fp64 for fp64 parameters; uint8 codes; fp32
         scales). A saved tensor of another dtype is cast only where that is exact (e.g. bf16 moments
         upcast to fp32); one the cast would round or change in kind (fp64 moments into fp32, float
-        codes) is refused.
+        codes) is refused, and so are quantized states written under other code maps (`code_format`).
         """
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         if saved_groups is None or saved_state is None:
             raise ValueError("not an optimizer state dict: needs 'state' and 'param_groups'")
+        code_format = state_dict.get("code_format", 1)
+        if code_format != lb.CODE_FORMAT and any(g.get("state_bits", 32) != 32 for g in saved_groups):
+            raise ValueError(f"the state dict's quantized moments use code format {code_format}, this optimizer "
+                             f"decodes format {lb.CODE_FORMAT}: its codes would decode to other moments. Resume "
+                             f"with the version that saved it, or start the optimizer state over")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(saved_groups)} param groups, optimizer has "
                              f"{len(self.param_groups)}")

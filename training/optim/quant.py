@@ -180,8 +180,11 @@ def quantize_activation(x: torch.Tensor, fmt: str, group: int = 256, outliers: i
 
 
 def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    """Straight-through estimator: the value of `quantized`, the gradient of identity in `x`."""
-    return x + (quantized - x.detach())
+    """Straight-through estimator: the value of `quantized`, the gradient of identity in `x`.
+
+    Why this form: x - x.detach() is exactly 0, so the forward value is `quantized` bit for bit (the
+    usual x + (q - x) rounds twice, and in bf16 lands off the grid)."""
+    return quantized.detach() + (x - x.detach())
 
 
 class QuantLinear(nn.Linear):

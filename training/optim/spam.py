@@ -35,16 +35,22 @@ class SPAM(MomentOptimizer):
                  eps: float = 1e-6, weight_decay: float = 0.0, threshold: float = 5000.0,
                  reset_interval: int | None = 500, warmup_steps: int = 150, clip_delay: int = 20,
                  state_bits: int = 32, block_size: int | None = None) -> None:
-        block_size = check_common(lr, betas, eps, weight_decay, state_bits, block_size)
-        check_range("threshold", threshold, 0.0, math.inf)
-        check_interval("reset_interval", reset_interval)
-        for name, value in (("warmup_steps", warmup_steps), ("clip_delay", clip_delay)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"invalid {name}={value!r}: must be an int >= 0")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, threshold=threshold,
-                        reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay,
-                        state_bits=state_bits, block_size=block_size)
+        defaults = self.check_options(dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold,
+            reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay,
+            state_bits=state_bits, block_size=block_size))
         super().__init__(params, defaults)
+
+    @staticmethod
+    def check_options(options: dict) -> dict:
+        options = check_common(options)
+        check_range("threshold", options["threshold"], 0.0, math.inf)
+        check_interval("reset_interval", options["reset_interval"])
+        for name in ("warmup_steps", "clip_delay"):
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"invalid {name}={value!r}: must be an int >= 0")
+        return options
 
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
                      states: list[dict], seed: int) -> None:

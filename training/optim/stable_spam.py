@@ -64,19 +64,24 @@ class StableSPAM(MomentOptimizer):
                  theta: float = 0.999, reset_interval: int | None = 500, total_T: int | None = None,
                  eta_min: float = 0.5, code_exact: bool = False, state_bits: int = 32,
                  block_size: int | None = None, fused: bool = False) -> None:
-        block_size = check_common(lr, betas, eps, weight_decay, state_bits, block_size)
-        check_range("gamma1", gamma1, 0.0, 1.0)
-        check_range("gamma2", gamma2, 0.0, 1.0)
-        check_range("theta", theta, 0.0, 1.0)
-        check_range("eta_min", eta_min, 0.0, 1.0, high_open=False)
-        check_interval("reset_interval", reset_interval)
-        check_interval("total_T", total_T)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
-                        gamma2=gamma2, theta=theta, reset_interval=reset_interval, total_T=total_T,
-                        eta_min=eta_min, code_exact=bool(code_exact), state_bits=state_bits, block_size=block_size)
+        defaults = self.check_options(dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2, theta=theta,
+            reset_interval=reset_interval, total_T=total_T, eta_min=eta_min, code_exact=code_exact,
+            state_bits=state_bits, block_size=block_size))
         self.fused = bool(fused)  # before super().__init__, which adds the param groups
         self._kernels = load_fused_kernels() if self.fused else None
         super().__init__(params, defaults)
+
+    @staticmethod
+    def check_options(options: dict) -> dict:
+        options = check_common(options)
+        check_range("gamma1", options["gamma1"], 0.0, 1.0)
+        check_range("gamma2", options["gamma2"], 0.0, 1.0)
+        check_range("theta", options["theta"], 0.0, 1.0)
+        check_range("eta_min", options["eta_min"], 0.0, 1.0, high_open=False)
+        check_interval("reset_interval", options["reset_interval"])
+        check_interval("total_T", options["total_T"])
+        return {**options, "code_exact": bool(options["code_exact"])}
 
     def __getstate__(self) -> dict:
         """torch pickles only defaults/state/param_groups; the implementation choice travels too."""

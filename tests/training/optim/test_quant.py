@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from training.optim.quant import (FP4_GRIDS, QuantConfig, QuantLinear, fp4_groups, int_asym_groups, int_sym_groups,
-                                  quantize_activation, quantize_model, quantize_weight, quantized_layers)
+                                  quantize_activation, quantize_model, quantize_weight, quantized_layers, ste)
 
 
 def _data(*shape, seed=0):
@@ -124,6 +124,17 @@ def test_ste_gradients_use_quantized_operands(fmt):
     torch.testing.assert_close(x.grad, upstream @ w_q)
     torch.testing.assert_close(layer.weight.grad, upstream.reshape(-1, 16).T @ x_q.reshape(-1, 256))
     torch.testing.assert_close(layer.bias.grad, upstream.sum((0, 1)))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4_e2m1"])
+def test_bf16_forward_values_are_exactly_the_quantized_ones(fmt):
+    """The STE adds an exact zero: bf16 activations stay on the grid (x + (q - x) rounds twice, off it)."""
+    x = _data(4, 1024, seed=3).bfloat16().requires_grad_()
+    q = quantize_activation(x.detach(), fmt)
+    out = ste(x, q)
+    assert torch.equal(out, q)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, torch.ones_like(x))
 
 
 def _tiny_llama():

@@ -62,7 +62,8 @@ def test_warmup_ramps_the_step_after_each_reset():
 
 
 @pytest.mark.parametrize("kwargs", [dict(threshold=-1.0), dict(reset_interval=0), dict(warmup_steps=-1),
-                                    dict(clip_delay=1.5), dict(eps=-1.0), dict(betas=(0.9, 1.0))])
+                                    dict(clip_delay=1.5), dict(eps=-1.0), dict(eps=0.0),
+                                    dict(betas=(0.9, 1.0))])
 def test_invalid_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError, match="invalid"):
         SPAM(make_params(), **kwargs)

@@ -168,7 +168,21 @@ def test_reset_zeroes_moments_and_restarts_warmup():
                                           pytest.param(StableSPAM, {"fused": True}, marks=NEEDS_TRITON)])
 @pytest.mark.parametrize("bits", [32, 8])
 def test_nonfinite_gradient_skips_that_tensor_only(cls, options, bits):
-    params = to_device(make_params(dtype=torch.float32), fused_device() if options else "cpu")
+    check_nonfinite_skip(cls, options, bits, fused_device() if options else "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls, options", [(StableSPAM, {}), (SPAM, {}),
+                                          pytest.param(StableSPAM, {"fused": True}, marks=NEEDS_TRITON)])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_cuda_nonfinite_gradient_skips_that_tensor_only(cls, options, bits):
+    """On CUDA the skip rests on the device's max-abs reduction (_foreach_norm, inf) propagating NaN."""
+    check_nonfinite_skip(cls, options, bits, "cuda")
+
+
+def check_nonfinite_skip(cls, options: dict, bits: int, device: str) -> None:
+    params = to_device(make_params(dtype=torch.float32), device)
     stream = gradient_stream(params, 6)
     clean_params = clone_params(params)
     opt = cls(params, lr=1e-2, state_bits=bits, **options)
@@ -259,10 +273,45 @@ def test_a_skipped_tensor_is_still_reset_on_schedule(cls, bits):
                                     dict(reset_interval=0), dict(reset_interval=-5), dict(gamma1=1.0),
                                     dict(theta=1.5), dict(eps=-1e-8), dict(weight_decay=-0.1),
                                     dict(state_bits=16), dict(state_bits=8, block_size=7),
-                                    dict(block_size=256), dict(total_T=0), dict(lr=float("nan"))])
+                                    dict(block_size=256), dict(total_T=0), dict(lr=float("nan")), dict(eps=0.0)])
 def test_invalid_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError, match="invalid|must"):
         StableSPAM(make_params(), **kwargs)
+    # A param group is checked like the constructor: its options would otherwise fail mid-run, or never.
+    with pytest.raises(ValueError, match="invalid|must"):
+        StableSPAM([{"params": make_params()[:2]}, {"params": make_params()[2:], **kwargs}])
+
+
+@pytest.mark.parametrize("cls", [StableSPAM, SPAM])
+def test_a_group_may_choose_its_own_state_bits(cls):
+    """Its block size follows its bit width (the default one belongs to the default width), and its state
+    is stored accordingly while the other group keeps fp32 moments."""
+    params = make_params(dtype=torch.float32)
+    opt = cls([{"params": params[:2], "state_bits": 8}, {"params": params[2:]}], lr=1e-2)
+    assert [g["block_size"] for g in opt.param_groups] == [256, None]
+    for grads in gradient_stream(params, 3):
+        set_grads(params, grads)
+        opt.step()
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8
+    assert opt.state[params[2]]["exp_avg"].dtype == torch.float32
+    eight_bit_default = cls([{"params": params[:2], "state_bits": 32}, {"params": params[2:]}], state_bits=8)
+    assert [g["block_size"] for g in eight_bit_default.param_groups] == [None, 256]
+
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("cls", [StableSPAM, SPAM])
+def test_an_empty_parameter_is_left_alone(cls, fused):
+    if fused and cls is SPAM:
+        pytest.skip("only StableSPAM has a fused path")
+    device = fused_device() if fused else "cpu"
+    params = to_device(make_params(dtype=torch.float32), device) + [torch.nn.Parameter(torch.zeros(0, 4, device=device))]
+    opt = cls(params, lr=1e-2, **({"fused": True} if fused else {}))
+    start = [p.detach().clone() for p in params]
+    params[-1].grad = torch.zeros(0, 4, device=device)
+    for grads in gradient_stream(params[:-1], 2):
+        set_grads(params[:-1], [g.to(device) for g in grads])
+        opt.step()
+    assert all(not torch.equal(p, s) for p, s in zip(params[:-1], start)) and params[-1] not in opt.state
 
 
 @pytest.mark.parametrize("cls", [StableSPAM, SPAM])

@@ -85,6 +85,24 @@ def test_loading_casts_a_state_dtype_only_where_exact():
         StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
 
 
+def test_quantized_states_of_other_code_maps_are_refused_and_fp32_states_need_none():
+    """8-bit codes mean something only under the maps that wrote them: a state dict from before the code
+    format was recorded (format 1, the linear v grid) would load silently and decode to other moments."""
+    params = make_params(dtype=torch.float32)
+    coded = _trained(lambda p: StableSPAM(p, state_bits=8), clone_params(params))
+    assert coded["code_format"] == 2
+    StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
+    del coded["code_format"]
+    with pytest.raises(ValueError, match="code format 1, this optimizer decodes format 2"):
+        StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
+    plain = _trained(lambda p: SPAM(p), clone_params(params))
+    del plain["code_format"]
+    resumed_params = clone_params(params)
+    resumed = SPAM(resumed_params)
+    resumed.load_state_dict(plain)
+    assert torch.equal(resumed.state[resumed_params[0]]["exp_avg"], plain["state"][0]["exp_avg"])
+
+
 @pytest.mark.parametrize("option, value", [("reset_interval", 7), ("gamma1", 0.85), ("gamma2", 0.99999),
                                            ("theta", 0.99), ("total_T", 1000), ("eta_min", 0.2), ("eps", 1e-6),
                                            ("code_exact", True), ("state_bits", 8)])
