@@ -4,9 +4,12 @@ Zero-shot follows CLIP/open_clip: every class name fills every template, the
 normalised text embeddings of a class are averaged and normalised again, and
 each image goes to the class with the highest cosine. Retrieval ranks all
 held-out texts per image (and all images per text) by cosine and reports
-Recall@1/5/10, counting only the row's own pair as a hit; a candidate that
-ties with the true pair ranks before it, so a model that cannot tell its
-inputs apart scores zero, not one. The shards' held-out pool is capped
+Recall@1/5/10. Pairs whose texts tokenize alike (web alt-text repeats) share
+one text: it is one candidate for image->text, and any of its images is a hit
+for text->image, so a duplicated caption cannot cost a perfect model its hit.
+Otherwise only the row's own pair is a hit, and a candidate that ties with it
+ranks before it, so a model that cannot tell its inputs apart scores zero,
+not one. The shards' held-out pool is capped
 (`holdout_max_pairs`): the first held-out rows in shard order, read until
 there are enough, and scored in row chunks rather than one N x N matrix.
 """
@@ -121,27 +124,49 @@ def zero_shot(model, tokenizer, eval_dir: str | Path, classes: list[str], *, ima
     return result
 
 
-def true_pair_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """0-based rank of candidate i for query i: how many others score at least as high (ties count against it)."""
+def true_pair_ranks(queries: torch.Tensor, candidates: torch.Tensor, query_groups: torch.Tensor | None = None,
+                    candidate_groups: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of query i's best true candidate (one of its group; default: candidate i): how many
+    candidates of other groups score at least as high (ties count against it)."""
+    if query_groups is None:
+        query_groups = candidate_groups = torch.arange(queries.shape[0], device=queries.device)
     ranks = []
     for start in range(0, queries.shape[0], RANK_CHUNK):
         scores = queries[start:start + RANK_CHUNK] @ candidates.T
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        true = scores[rows, rows + start][:, None]
-        rank = (scores >= true).sum(dim=1) - 1
+        own = query_groups[start:start + RANK_CHUNK, None] == candidate_groups[None, :]
+        true = scores.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
+        rank = ((scores >= true) & ~own).sum(dim=1)
         ranks.append(torch.where(true[:, 0].isnan(), torch.iinfo(rank.dtype).max, rank))  # NaN: never found
     return torch.cat(ranks)
 
 
-def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, prefix: str) -> dict:
-    """Image->text and text->image Recall@k where row i of each side is the pair."""
+def text_groups(input_ids: torch.Tensor) -> torch.Tensor:
+    """Per pair, an id shared by the pairs whose (padded) tokens are the same: texts the model cannot tell apart."""
+    return torch.unique(input_ids, dim=0, return_inverse=True)[1]
+
+
+def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, prefix: str,
+                groups: torch.Tensor | None = None) -> dict:
+    """Image->text and text->image Recall@k where row i of each side is the pair; `groups` (text_groups)
+    merges pairs that share a text."""
     result = {f"{prefix}_pairs": int(image_features.shape[0])}
-    for direction, queries, candidates in (("i2t", image_features, text_features),
-                                           ("t2i", text_features, image_features)):
-        rank = true_pair_ranks(queries, candidates)
+    if groups is None:
+        groups = torch.arange(image_features.shape[0])
+    groups = groups.to(image_features.device)
+    distinct, first = _first_of_each(groups)
+    for direction, ranks in (("i2t", true_pair_ranks(image_features, text_features[first], groups, distinct)),
+                             ("t2i", true_pair_ranks(text_features, image_features, groups, groups))):
         for k in RECALL_AT:
-            result[f"{prefix}_{direction}_r@{k}"] = (rank < k).float().mean().item()
+            result[f"{prefix}_{direction}_r@{k}"] = (ranks < k).float().mean().item()
     return result
+
+
+def _first_of_each(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct group ids and the row where each first occurs."""
+    distinct, inverse = torch.unique(groups, return_inverse=True)
+    rows = torch.arange(groups.shape[0], device=groups.device)
+    first = torch.full_like(distinct, groups.shape[0]).scatter_reduce(0, inverse, rows, reduce="amin")
+    return distinct, first
 
 
 @torch.no_grad()
@@ -150,28 +175,30 @@ def retrieval_on_table(model, tokenizer, images: list[bytes], captions: list[str
                        batch_size: int = 128) -> dict:
     image_features, kept = _image_features(model, images, image_size, device, precision, batch_size)
     texts = [captions[i] for i in kept]
-    text_features = []
+    text_features, token_ids = [], []
     for chunk in _batches(texts, batch_size):
         tokens, _ = encode(tokenizer, chunk, context_length)
+        token_ids.append(tokens["input_ids"])
         with _autocast(device, precision):
             text_features.append(encode_texts(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)))
     if not kept:
         return {f"{prefix}_pairs": 0}
-    return recall_at_k(image_features, torch.cat(text_features), prefix)
+    return recall_at_k(image_features, torch.cat(text_features), prefix, text_groups(torch.cat(token_ids)))
 
 
 @torch.no_grad()
 def holdout_retrieval(model, tokenizer, spec: StreamSpec, *, device: torch.device, precision: str = "fp32",
                       batch_size: int = 128) -> dict:
     """Retrieval over the shards' first `spec.max_rows` held-out rows (alt-text as the text, centre crop)."""
-    image_features, text_features = [], []
+    image_features, text_features, token_ids = [], [], []
     for batch in ShardStream(spec, tokenizer, batch_size):
+        token_ids.append(batch["input_ids"])
         with _autocast(device, precision):
             image_features.append(encode_images(model, normalise(batch["pixel_values"].to(device))))
             text_features.append(encode_texts(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
     if not image_features:
         return {"holdout_pairs": 0}
-    return recall_at_k(torch.cat(image_features), torch.cat(text_features), "holdout")
+    return recall_at_k(torch.cat(image_features), torch.cat(text_features), "holdout", text_groups(torch.cat(token_ids)))
 
 
 def load_classes(path: str | Path) -> list[str]:

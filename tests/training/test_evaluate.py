@@ -1,4 +1,5 @@
-"""Retrieval scoring: ties count against the true pair, known ranks give known recalls, the held-out pool is capped."""
+"""Retrieval scoring: ties count against the true pair, pairs sharing a text share its hits, known ranks give
+known recalls, the held-out pool is capped."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from curation.shards import read_table
 from training import data, evaluate
 from training.data import StreamSpec
-from training.evaluate import holdout_retrieval, recall_at_k, true_pair_ranks
+from training.evaluate import holdout_retrieval, recall_at_k, text_groups, true_pair_ranks
 from training.model import build_model, clip_config
 from training.shard_set import inspect_shards, is_holdout
 from training.tokenizer import train_bpe
@@ -41,12 +42,33 @@ def test_a_known_rank_gives_known_recalls():
     assert result["x_t2i_r@1"] == pytest.approx(5 / 6)
 
 
+def test_a_caption_that_repeats_costs_a_perfect_model_no_hit():
+    """Web alt-text repeats: pairs 1 and 3 share a caption, so their texts embed alike. That text is one
+    candidate for image->text, and either of its images is a hit for text->image."""
+    tokens = torch.tensor([[5, 6, 0], [7, 8, 0], [9, 9, 9], [7, 8, 0], [4, 0, 0]])
+    groups = text_groups(tokens)
+    assert groups[1] == groups[3] and len(set(groups.tolist())) == 4
+    texts = torch.eye(5)
+    texts[3] = texts[1]
+    images = texts.clone()
+    images[3] = F.normalize(texts[1] + 0.1 * texts[4], dim=0)  # another photo of the same caption
+    plain = recall_at_k(images, texts, "x")
+    assert plain["x_i2t_r@1"] == pytest.approx(3 / 5) and plain["x_t2i_r@1"] == pytest.approx(4 / 5)
+    merged = recall_at_k(images, texts, "x", groups)
+    assert all(merged[f"x_{d}_r@{k}"] == 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10))
+    # Image 4 now prefers the shared caption: a distinct text above the true one still counts against it.
+    images[4] = F.normalize(texts[1] + 0.5 * texts[4], dim=0)
+    assert recall_at_k(images, texts, "x", groups)["x_i2t_r@1"] == pytest.approx(4 / 5)
+
+
 def test_ranks_are_the_same_in_chunks(monkeypatch):
     torch.manual_seed(0)
     a, b = F.normalize(torch.randn(50, 8), dim=-1), F.normalize(torch.randn(50, 8), dim=-1)
-    whole = true_pair_ranks(a, b)
+    groups = torch.arange(50) % 20
+    whole, grouped = true_pair_ranks(a, b), true_pair_ranks(a, b, groups, groups)
     monkeypatch.setattr(evaluate, "RANK_CHUNK", 7)
     assert torch.equal(true_pair_ranks(a, b), whole)
+    assert torch.equal(true_pair_ranks(a, b, groups, groups), grouped)
 
 
 def test_nan_features_are_never_a_hit():
