@@ -100,7 +100,7 @@ class ShardStream(IterableDataset):
     def _units(self, reader: int, readers: int, epoch: int) -> list[Unit]:
         units = list(self.spec.shards.units)
         if self.spec.train:
-            units.sort(key=lambda u: derive_seed(self.spec.seed, epoch, "units", u.path, u.row_group))
+            units.sort(key=lambda u: derive_seed(self.spec.seed, epoch, "units", u.name, u.row_group))
         total = self.world_size * readers
         return units[self.rank * readers + reader::total]
 

@@ -39,9 +39,11 @@ _VERSION_PROBE = pa.schema([PAIR_FIELDS[name] for name in TRAINING_COLUMNS])
 
 @dataclass(frozen=True)
 class Unit:
-    """One row group of one shard: the smallest piece handed to a reader."""
+    """One row group of one shard: the smallest piece handed to a reader. `name` (the shard's path inside
+    the input) is what seeds its place in an epoch, so the order does not depend on how the input is spelled."""
 
     path: str
+    name: str
     row_group: int
     rows: int
 
@@ -121,7 +123,8 @@ def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
                     present.add(name)
         file_columns[str(path)] = frozenset(c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in schema.names)
         metadata = parquet.metadata
-        units += [Unit(str(path), g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)
+        name = path.relative_to(source).as_posix() if Path(source).is_dir() else path.name
+        units += [Unit(str(path), name, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)
                   if metadata.row_group(g).num_rows]
     absent = [c for c in needed if c not in present]
     if absent:

@@ -1,4 +1,5 @@
 import collections
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +54,15 @@ def test_order_is_reproducible_and_reshuffled_every_epoch(raw_pairs, tokenizer):
     assert first == _keys(spec, tokenizer, epoch=0, batch_size=1)
     second = _keys(spec, tokenizer, epoch=1, batch_size=1)
     assert second != first and sorted(second) == sorted(first)
+
+
+def test_order_does_not_depend_on_where_the_shards_are_or_how_the_path_is_spelled(raw_pairs, tokenizer, tmp_path,
+                                                                                   monkeypatch):
+    moved = tmp_path / "elsewhere" / "pairs"
+    shutil.copytree(raw_pairs, moved)
+    monkeypatch.chdir(moved.parent)
+    orders = [_keys(_spec(source), tokenizer, epoch=1, batch_size=1) for source in (raw_pairs, moved, "pairs")]
+    assert orders[0] == orders[1] == orders[2]
 
 
 def test_resume_mid_run_gives_the_batches_of_an_uninterrupted_run(raw_pairs, tokenizer):
