@@ -15,6 +15,7 @@ what an earlier run left there.
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import time
@@ -223,6 +224,9 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     if stopped_early:
         return result
     metrics = run.evaluate()
+    # Each rank counted only the rows it read: the run's counters are their sum.
+    counts = sum((collections.Counter(c) for c in distributed.gather_objects(d, loader_state.counts)),
+                 collections.Counter())
     if d.main:
         seconds = elapsed_before + time.perf_counter() - run.started
         loss_curve = MetricsLog.series(output / METRICS_CSV, "loss")
@@ -230,7 +234,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
                         "samples_seen": steps * config.batch_size * config.grad_accum * d.world_size,
                         "first_loss": loss_curve[0][1] if loss_curve else None,
                         "final_loss": loss_curve[-1][1] if loss_curve else None,
-                        "epochs": loader_state.epoch, **counts_summary(loader_state.counts)})
+                        "epochs": loader_state.epoch, **counts_summary(counts)})
         log.log(steps, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
         log.close()
         _save_final(model, output, image_size)

@@ -14,7 +14,8 @@ the device:
 - Stable-SPAM and SPAM skip every tensor whose gradient is non-finite and
   keep its moments, so a bad step's gradients are all made NaN and the whole
   update is skipped (their host-side step counter, like the learning-rate
-  schedule, still advances);
+  schedule, still advances, and a momentum reset due at that step still
+  zeroes the moments: the reset follows the step count, not the data);
 - any other optimizer: the host reads the flag, one sync per step.
 The loss and the bad-step counters stay on the device too (`StepHealth`);
 the trainer reads them, with the logit scale, at log rows and checkpoints,
