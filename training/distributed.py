@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,26 @@ def broadcast_object(d: Dist, obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(d: Dist, work: Callable[[], T]) -> T | None:
+    """Run `work` on rank 0 only (what writes files), and raise on every rank if it raises there.
+
+    Why: the other ranks wait for rank 0 at the next collective; an error rank 0 kept to itself would
+    leave them there until the process group's timeout (30 minutes), with the reason only in rank 0's log.
+    """
+    result, error = None, None
+    if d.main:
+        try:
+            result = work()
+        except Exception as exc:  # every rank learns of it below; rank 0 re-raises the original
+            error = exc
+    message = broadcast_object(d, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed, so rank {d.rank} stops too: {message}")
+    return result
 
 
 def teardown(d: Dist) -> None:

@@ -84,14 +84,17 @@ def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_leng
     """The run's tokenizer: the one saved in output (resume), a named one, or a BPE trained on rank 0."""
     if resuming:
         return load_tokenizer(output, context_length)
-    if config.tokenizer:
-        tokenizer = load_tokenizer(config.tokenizer, context_length)
-    elif d.main:
-        vocab = config.vocab_size or PRESETS[config.preset].vocab_size
-        tokenizer = train_bpe(iter_texts(shards, config.holdout_fraction), vocab, context_length)
-    if d.main:
+
+    def make_and_save():
+        if config.tokenizer:
+            tokenizer = load_tokenizer(config.tokenizer, context_length)
+        else:
+            vocab = config.vocab_size or PRESETS[config.preset].vocab_size
+            tokenizer = train_bpe(iter_texts(shards, config.holdout_fraction), vocab, context_length)
         tokenizer.save_pretrained(output)
-    distributed.barrier(d)
+        return tokenizer
+
+    tokenizer = distributed.on_main(d, make_and_save)
     return tokenizer if d.main else load_tokenizer(output, context_length)
 
 
@@ -162,9 +165,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     shards = inspect_shards(config.input, _needed_columns(config))
     entry_p = curation_probabilities(config)
     fingerprint = input_fingerprint(config.input)
-    if d.main:
-        _prepare_output(config, output)
-    distributed.barrier(d)
+    distributed.on_main(d, lambda: _prepare_output(config, output))
     checkpoint = _resume_state(config, output, fingerprint)
 
     preset = PRESETS[config.preset] if config.preset in PRESETS else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,21 @@ FLAGS = dict(preset="tiny", image_size=32, context_length=16, vocab_size=400, ba
              checkpoint_every=3)
 
 
-def _torchrun(raw_pairs: Path, output: Path, **extra) -> None:
-    flags = [f"--{k}={v}" for k, v in {**FLAGS, **extra}.items()] + ["--no-progress"]
+def _torchrun(raw_pairs: Path, output: Path, ok: bool = True, **extra) -> str:
+    """Run the README's torchrun command; return its output. Its process group is killed if it hangs."""
+    options = {**FLAGS, "progress": False, **extra}
+    flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}" for k, v in options.items()]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
                "-m", "training.cli", "--input", str(raw_pairs), "--output", str(output), *flags]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        text, _ = run.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        raise AssertionError(f"torchrun still running after 300 s: {run.communicate()[0][-3000:]}") from None
+    assert (run.returncode == 0) == ok, text[-3000:]
+    return text
 
 
 @pytest.mark.slow
@@ -43,6 +52,9 @@ def test_two_ranks_train_and_a_resumed_run_continues_the_straight_one(raw_pairs,
     ranks = json.loads((straight / "checkpoints" / f"step-{STEPS:07d}" / "state.json").read_text())["loader"]
     assert len(ranks) == RANKS and all(r["counts"]["text_caption"] > 0 for r in ranks)
     assert metrics["text_caption"] == sum(r["counts"]["text_caption"] for r in ranks)
+    # Rank 0 refuses to start a second run beside these checkpoints: rank 1 stops with it, not at a barrier.
+    refused = _torchrun(raw_pairs, straight, ok=False, resume=False)
+    assert "holds checkpoints of an earlier run" in refused and "rank 0 failed, so rank 1 stops too" in refused
 
     _torchrun(raw_pairs, resumed, stop_after_steps=3)
     saved = json.loads((resumed / "checkpoints" / "step-0000003" / "state.json").read_text())
