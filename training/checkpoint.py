@@ -47,9 +47,14 @@ def save_checkpoint(output: str | Path, step: int, model: torch.nn.Module, optim
     save_model(model, str(tmp / WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER)
     (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, default=str))
+    # A checkpoint of this step already there (a resumed run saving its last step again) is renamed out of
+    # the way whole, then deleted: a kill meanwhile never leaves a half-deleted step-N that still looks complete.
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -153,9 +153,14 @@ RESUME_FREE = frozenset({"stop_after_steps", "progress", "log_every", "eval_ever
                          "holdout_max_pairs", "compile", "assume_online_balanced"})
 
 
-def resume_mismatches(saved: dict, current: TrainConfig) -> list[str]:
-    """Fields whose change would make a resumed run a different run."""
+# What a run stopped for divergence may change when resumed: its message tells the user to retry so.
+RETRY_AFTER_DIVERGENCE = frozenset({"lr", "warmup_steps", "grad_clip", "max_bad_steps"})
+
+
+def resume_mismatches(saved: dict, current: TrainConfig, diverged: bool = False) -> list[str]:
+    """Fields whose change would make a resumed run a different run (a diverged one's retry excepted)."""
     now = current.to_dict()
-    return sorted(k for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k])
+    free = RESUME_FREE | RETRY_AFTER_DIVERGENCE if diverged else RESUME_FREE
+    return sorted(k for k in now if k not in free and k in saved and saved[k] != now[k])
 
 

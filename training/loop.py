@@ -28,14 +28,14 @@ from tqdm import tqdm
 
 from training import distributed
 from training.checkpoint import CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from training.config import TrainConfig, resume_mismatches
+from training.config import RETRY_AFTER_DIVERGENCE, TrainConfig, resume_mismatches
 from training.data import LoaderState, StreamSpec, counts_summary, train_batches
 from training.evaluate import evaluate_all
 from training.image_transforms import image_processor_config
 from training.metrics_log import CURVES_PNG, METRICS_CSV, MetricsLog, plot_curves
 from training.model import PRESETS, ClipTowers, build_model, clip_config
 from training.online_curation import curation_probabilities
-from training.optimization import make_optimizer, warmup_cosine
+from training.optimization import make_optimizer, retarget, warmup_cosine
 from training.shard_set import ShardSet, input_fingerprint, inspect_shards, iter_texts
 from training.step import HealthReport, TrainStep
 from training.text_sampling import TextSampling
@@ -138,7 +138,7 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path |
         raise ValueError(f"{checkpoint} predates input fingerprints: whether it was trained on {config.input} "
                          f"cannot be checked, and its data-loader state is of an older format. Pass --overwrite "
                          f"to start over there, or use another --output.")
-    changed = resume_mismatches(saved["config"], config)
+    changed = resume_mismatches(saved["config"], config, diverged=saved.get("diverged", False))
     if saved["input"] != fingerprint:
         changed.append(f"input shards (the contents of {config.input})")
     if changed:
@@ -194,6 +194,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     loader_state = LoaderState()
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, model, optimizer, scheduler, d.device)
+        retarget(scheduler, config.lr)
         step, bad_total, elapsed_before = saved["step"], saved["bad_steps"], saved.get("seconds", 0.0)
         states = saved["loader"]
         if len(states) != d.world_size:
@@ -269,13 +270,15 @@ class _Run:
     precision: str
     started: float = field(default_factory=time.perf_counter)
 
-    def save(self, at: int, bad_total: int) -> Path | None:
+    def save(self, at: int, bad_total: int, diverged: bool = False) -> Path | None:
+        """A checkpoint of every rank's state; `diverged` marks the last good weights of a stopped run,
+        which a resume may retry with RETRY_AFTER_DIVERGENCE settings changed."""
         states = distributed.gather_objects(self.d, self.loader_state.to_dict())
         path = None
         if self.d.main:
             path = save_checkpoint(self.output, at, self.model, self.optimizer, self.scheduler, {
                 "config": self.config.to_dict(), "input": self.fingerprint, "loader": states, "bad_steps": bad_total,
-                "seconds": self.elapsed_before + time.perf_counter() - self.started},
+                "seconds": self.elapsed_before + time.perf_counter() - self.started, "diverged": diverged},
                 keep=self.config.keep_checkpoints)
         distributed.barrier(self.d)
         return path
@@ -312,14 +315,15 @@ class _Run:
                                f"or gradient, update skipped ({report.bad_in_row} in a row, {report.bad_total} in all)")
             window["read"] = at
             if report.stopped_at:
-                path = self.save(at, report.bad_total)
+                path = self.save(at, report.bad_total, diverged=True)
                 progress.close()
                 first, late = report.stopped_at - config.max_bad_steps + 1, at > report.stopped_at
                 raise TrainingDiverged(
                     f"{config.max_bad_steps} non-finite losses in a row (steps {first}..{report.stopped_at}); "
                     f"training stopped{f' at step {at}, the steps after skipped' if late else ''}. No bad step "
                     f"changed the weights; the last good weights are in {path or last_checkpoint}. "
-                    f"Lower --lr, raise --warmup_steps or check the data, then resume.")
+                    f"Lower --lr, raise --warmup_steps or --grad_clip, or check the data, then resume: a resume "
+                    f"of that checkpoint may change {', '.join('--' + k for k in sorted(RETRY_AFTER_DIVERGENCE))}.")
             return report
 
         self.model.train()

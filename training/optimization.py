@@ -47,3 +47,12 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def retarget(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Give a resumed schedule the run's peak `lr` (a diverged run may be retried lower): loading a
+    checkpoint restores the saved one, into both the schedule and the optimizer."""
+    scheduler.base_lrs = [lr] * len(scheduler.optimizer.param_groups)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -88,6 +88,24 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(raw_pairs, tmp_path, mo
     assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
 
 
+def test_a_diverged_run_resumes_from_its_last_good_weights_with_a_lower_lr(raw_pairs, tmp_path, monkeypatch):
+    """What the stop message advises is what a resume accepts; a run that did not diverge still refuses it."""
+    _nan_at(monkeypatch, {3, 4, 5})
+    run = dict(steps=8, max_bad_steps=3, warmup_steps=2)
+    with pytest.raises(loop.TrainingDiverged, match="may change --grad_clip, --lr, --max_bad_steps, --warmup_steps"):
+        loop.train(_config(raw_pairs, tmp_path / "run", **run))
+    monkeypatch.undo()
+    retried = loop.train(_config(raw_pairs, tmp_path / "run", **{**run, "lr": 1e-4, "warmup_steps": 4}))
+    assert retried.steps == 8 and retried.metrics["bad_steps"] == 3
+    lrs = dict(MetricsLog.series(tmp_path / "run" / "metrics.csv", "lr"))
+    assert lrs[2] == pytest.approx(1e-3)  # the first run: warmup 2 to its peak
+    # Resumed at step 5, the schedule is the new one: warmup 4, peak 1e-4, cosine to 0 at step 8.
+    for at in (6, 7, 8):
+        assert lrs[at] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * (at - 4) / 4)), abs=1e-12)
+    with pytest.raises(ValueError, match="lr"):
+        loop.train(_config(raw_pairs, tmp_path / "run", **{**run, "lr": 1e-5}))
+
+
 def test_wrong_shards_fail_before_any_training(raw_pairs, tmp_path):
     (tmp_path / "bad").mkdir()
     table = pq.read_table(sorted(raw_pairs.glob("part-*.parquet"))[0]).drop_columns(["image"])
