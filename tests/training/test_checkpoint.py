@@ -1,0 +1,45 @@
+"""Checkpoint files: written whole or not at all, a step saved again replaces the old one, only the newest kept."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+
+def _parts(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def test_saving_a_step_again_replaces_it_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    first, second = _parts(0), _parts(1)
+    save_checkpoint(tmp_path, 5, *first, {"run": "first"})
+    deleted = []
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):  # by the time anything is deleted, step 5 is the new, complete one
+        if Path(path).exists():
+            deleted.append(json.loads((tmp_path / "checkpoints" / "step-0000005" / "state.json").read_text())["run"])
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr("training.checkpoint.shutil.rmtree", rmtree)
+    path = save_checkpoint(tmp_path, 5, *second, {"run": "second"})
+    assert deleted and set(deleted) == {"second"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005"]
+    model, optimizer, scheduler = _parts(2)
+    assert load_checkpoint(path, model, optimizer, scheduler, torch.device("cpu"))["run"] == "second"
+    assert torch.equal(model.weight, second[0].weight)
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    parts = _parts(0)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, *parts, {}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000003"]
