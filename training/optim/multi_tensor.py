@@ -130,7 +130,9 @@ class MomentOptimizer(Optimizer, abc.ABC):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's, with every group's options checked like the constructor's, plus the group's global
-        step counter T (host int: schedules need no device sync)."""
+        step counter T (host int: schedules need no device sync). T is per group, where the reference code
+        keeps one for the optimizer: the same for the groups given to the constructor, while a group added
+        later starts its reset schedule and c_T decay from 0, as a fresh set of parameters would."""
         param_group = dict(param_group)
         if "state_bits" in param_group and "block_size" not in param_group:
             param_group["block_size"] = None  # the default block size belongs to the default bit width
