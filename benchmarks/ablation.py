@@ -1,6 +1,6 @@
 """Does curation help? The same tiny CLIP, the same steps, on raw / balanced / balanced+rewrites / balanced+rewrites+VeC(ap) demo shards.
 
-    python benchmarks/ablation.py [--pairs 2000] [--steps 150] [--train_seeds 3] [--workdir DIR]
+    python benchmarks/ablation.py [--pairs 2000] [--steps 150] [--train_seeds 3] [--workdir DIR] [--fusion]
 
 Builds the demo data, runs ingest and then whichever of balance, rewrite and
 caption exist (each through its `run(argv)` with its own `demo_flags`), trains
@@ -42,14 +42,18 @@ COLUMNS = ("zeroshot_top1", "zeroshot_top5", "zeroshot_colour_acc", "zeroshot_sh
 HEADERS = ("top1", "top5", "colour", "shape", "evI2T@1", "evT2I@1", "hoI2T@1", "hoT2I@1", "hoI2T@10", "loss")
 
 
-def run_stage(module_name: str, source: Path, output: Path, workdir: Path, seed: int) -> Path | None:
-    """Run pipelines.<stage> on `source` if that stage exists; None when it does not."""
+def run_stage(module_name: str, source: Path, output: Path, workdir: Path, seed: int,
+              fusion: bool = False) -> Path | None:
+    """Run pipelines.<stage> on `source` if that stage exists; None when it does not. `fusion` turns the
+    caption stage's VeCap fusion back on (its demo flags leave it off: SmolLM2 takes seconds per row on CPU)."""
     if importlib.util.find_spec(module_name) is None:
         print(f"[ablation] {module_name}: not available, skipped")
         return None
     module = importlib.import_module(module_name)
     flags = ["--input", str(source), "--output", str(output), "--seed", str(seed)]
     flags += module.demo_flags(workdir) if hasattr(module, "demo_flags") else []
+    if fusion:
+        flags = [f for f in flags if f != "--no_fusion"]
     start = time.perf_counter()
     module.run(flags)
     print(f"[ablation] {module_name}: {read_manifest(output)['rows']} rows in {time.perf_counter() - start:.0f}s")
@@ -76,6 +80,8 @@ def main() -> None:
     parser.add_argument("--train_seeds", type=int, default=3,
                         help="models per dataset, seeds seed..seed+N-1 (same data): the table shows mean and spread")
     parser.add_argument("--skip", default="", help="comma-separated stages not to run (balance,rewrite,caption)")
+    parser.add_argument("--fusion", action="store_true",
+                        help="fuse alt-text and VeC into VeCaps with the default text LLM (slow on CPU): a +VeCap row")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +104,8 @@ def main() -> None:
             if stage in skip:
                 print(f"[ablation] {stage}: skipped by --skip")
                 continue
-            done = run_stage(f"pipelines.{stage}", current, workdir / out_name, workdir, args.seed)
+            done = run_stage(f"pipelines.{stage}", current, workdir / out_name, workdir, args.seed,
+                             fusion=args.fusion and stage == "caption")
             if done:
                 ran.append(stage)
                 current = done
