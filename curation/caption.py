@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image
 
 from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, VisionEngine
+from curation.engines.base import prompt_sha256
 from curation.engines.recovery import generate_with_recovery
 from curation.engines.seeding import derive_seed
 from curation.images import ImageConfig
@@ -49,6 +50,8 @@ FUSION_INSTRUCTION = ("You combine two descriptions of the same picture into one
                       "the caption only, in one sentence.")
 FUSION_COMPLETION_HEADER = ("Web text and a visual description of the same picture, merged into one caption that "
                             "keeps the names from the web text and the visual details from the description:")
+
+PROMPT_SHA256 = prompt_sha256([VEC_PROMPT, FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER])
 
 
 class Degenerate:

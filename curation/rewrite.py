@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine
+from curation.engines.base import prompt_sha256
 from curation.engines.recovery import generate_with_recovery
 from curation.engines.seeding import derive_seed
 from curation.validation import MeaningOverlap, ValidationConfig, check_output
@@ -70,6 +71,9 @@ EXAMPLES_BY_KIND: tuple[tuple[ExamplePair, ...], ...] = (
         ExamplePair("Vintage Round Wall Clock, Black Frame", "an old-fashioned round clock on a wall with a black rim"),
     ),
 )
+
+PROMPT_SHA256 = prompt_sha256([CHAT_INSTRUCTION, COMPLETION_HEADER,
+                               *(t for kind in EXAMPLES_BY_KIND for pair in kind for t in (pair.source, pair.target))])
 
 # Markup that opens or closes a chat turn in common templates; a caption must not carry it into a prompt.
 _SPECIAL_MARKUP = re.compile(r"<\|[^|<>]{0,40}\|>|</?s>|\[/?INST\]|<<?/?SYS>>?|<\|?(?:bos|eos|pad|unk)\|?>",

@@ -25,7 +25,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from curation.caption import STAGE, CaptionConfig, Captioner, Fuser, RowCaption, RowFusion, summarise
+from curation.caption import PROMPT_SHA256, STAGE, CaptionConfig, Captioner, Fuser, RowCaption, RowFusion, summarise
 from curation.engines.vision_tiny import build_tiny_vlm, is_random_model
 from curation.images import ImageConfig, prepare_image
 from curation.records import Rejected
@@ -252,7 +252,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     random_model = is_random_model(config.captioner_model) if Path(config.captioner_model).is_dir() else False
     if random_model:
         print(RANDOM_MODEL_WARNING)
-    plan = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite)
+    # The seed and the prompts' texts decide the captions too: a resume under another one is refused.
+    recorded = asdict(config) | {"seed": options.seed, "prompt_sha256": PROMPT_SHA256}
+    plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)
     start = time.perf_counter()
     if plan.todo:
         with pipeline_for(options, test_pipeline) as p:
@@ -261,7 +263,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     counters = _shard_stats(plan.output)
     images = _shard_stats(plan.output, {shard_name(i) for i, _ in plan.todo}).get("image.prepared", 0)
     manifest = finish_stage(
-        plan, STAGE, asdict(config), seconds=round(elapsed, 3), resumed_shards=plan.done,
+        plan, STAGE, recorded, seconds=round(elapsed, 3), resumed_shards=plan.done,
         captioner_engine=config.captioner_engine, captioner_model=config.captioner_model,
         captioner_is_random_tiny_model=random_model, vec_prompt_version=config.prompt_version,
         fusion="skipped" if not config.fuse else f"{config.fusion_engine}:{config.fusion_model}",

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from curation.engines import resolve_model
-from curation.rewrite import STAGE, Rewriter, RewriteConfig, RowRewrite, selected, summarise
+from curation.rewrite import PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, RowRewrite, selected, summarise
 from curation.shards import atomic_write_bytes, shard_name
 from curation.validation import ValidationConfig
 from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage
@@ -206,7 +206,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     options = RewriteOptions(argv)
     config = config_from(options)
     model, gguf_file = resolve_model(config.model, config.gguf_file)
-    recorded = asdict(config) | {"resolved_model": model, "resolved_gguf_file": gguf_file}
+    # The seed and the prompts' texts decide the rewrites too: a resume under another one is refused.
+    recorded = asdict(config) | {"resolved_model": model, "resolved_gguf_file": gguf_file, "seed": options.seed,
+                                 "prompt_sha256": PROMPT_SHA256}
     plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)
     start = time.perf_counter()
     if plan.todo:

@@ -7,11 +7,20 @@ in a stage.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
+
+
+def prompt_sha256(texts: Sequence[str]) -> str:
+    """sha256 of the texts a stage's prompts are made of. Recorded in the stage config beside the prompt
+    version, so an edit of the wording that forgot to bump the version still cannot resume into an output
+    written with the old prompts."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,8 @@ def test_captions_fusion_rejects_manifest_and_resume(pairs, models, tmp_path, ca
 
     with pytest.raises(StageConfigMismatch):
         caption.run(_flags(pairs, output, models, "--vec_temperature", "0.5"))
+    with pytest.raises(StageConfigMismatch, match="another input or config"):  # the seed draws the VeCs too
+        caption.run([*_flags(pairs, output, models), "--seed", "7"])
 
 
 def test_without_fusion_and_demo_flags(pairs, tmp_path, capsys):

@@ -5,10 +5,11 @@ import json
 import pyarrow as pa
 import pytest
 
-from curation.rewrite import PROMPT_VERSION
+from curation.rewrite import PROMPT_SHA256, PROMPT_VERSION
 from curation.schema import conform
 from curation.shards import ShardWriter, finished_shards, read_table, verify_manifest
 from pipelines import rewrite
+from pipelines.common import StageConfigMismatch
 from tests.curation.tiny_llm import tiny_model  # noqa: F401 - fixture
 
 CAPTIONS = ["two red circles", "blue star icon", "IMG_0001.jpg | green squares", "some rings", "Photo by Jane Doe",
@@ -60,6 +61,11 @@ def test_rewrite_stage_writes_rewrites_and_manifest(pairs, tmp_path, tiny_model)
     # A rerun of a finished output does nothing.
     rerun = rewrite.run(_flags(pairs, out, tiny_model))
     assert rerun.manifest["stats"]["resumed_shards"] == 3 and rerun.manifest["stats"]["shards_processed"] == 0
+    # The seed and the prompts' texts are part of the run: a resume under another seed would mix two runs.
+    assert manifest["config"]["seed"] == 1 and manifest["config"]["prompt_sha256"] == PROMPT_SHA256
+    (out / "part-00001.parquet").unlink()
+    with pytest.raises(StageConfigMismatch):
+        rewrite.run([*_flags(pairs, out, tiny_model), "--seed", "2"])
 
 
 def test_persistent_engine_failure_keeps_finished_shards(pairs, tmp_path, tiny_model, monkeypatch):  # noqa: F811
