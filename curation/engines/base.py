@@ -100,6 +100,20 @@ class ChatTokenizer:
         """The model's own chat template, ending with the assistant's turn opened."""
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """The token ids every local backend feeds the model for these prompts, so that they all see the same.
+
+        A prompt is tokenized as text (a chat template's own markup, BOS included, stays as written), and
+        starts with BOS when the tokenizer would add one and the text has none: a base model's completion
+        prompt gets its BOS, and a chat template that writes BOS itself never gets a second.
+        """
+        rows = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        probe = self.tokenizer("a")["input_ids"]
+        if bos is None or not probe or probe[0] != bos:
+            return rows
+        return [row if row[:1] == [bos] else [bos, *row] for row in rows]
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 

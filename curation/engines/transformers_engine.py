@@ -108,7 +108,8 @@ class TransformersEngine(ChatTokenizer):
         self.max_prompt_tokens, self.cache, self.compile = max_prompt_tokens, cache, compile
         self.enable_prefix_caching, self.min_prefix_tokens = enable_prefix_caching, min_prefix_tokens
         self._prefix_cache: dict[tuple[int, ...], Any] = {}
-        self._eos = _eos_ids(self.model.generation_config, self.tokenizer)
+        # Where a row's completion ends: EOS, or the padding generate writes after a row that ended on a stop string.
+        self._eos = _eos_ids(self.model.generation_config, self.tokenizer) | {self.tokenizer.pad_token_id}
         # Prompt tokens computed vs served from a reused prefix, for throughput reports.
         self.stats = {"prompt_tokens": 0, "prefix_reused_tokens": 0}
 
@@ -138,8 +139,7 @@ class TransformersEngine(ChatTokenizer):
         check_paired(prompts, params)
         if not prompts:
             return []
-        ids = [row[-self.max_prompt_tokens:] for row in
-               self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+        ids = [row[-self.max_prompt_tokens:] for row in self.prompt_ids(prompts)]
         seeds = request_seeds([p.seed for p in params])
         # Text order puts prompts with a shared prefix side by side (see the module docstring);
         # the results go back in request order.
@@ -235,13 +235,20 @@ class TransformersEngine(ChatTokenizer):
         pad = self.tokenizer.pad_token_id
         head = max(prefix)
         tail = max(len(row) - n for row, n in zip(rows, prefix))
+        max_new = max(p.max_new_tokens for p in params)
+        if self.sizes_by_prompt_length:
+            # Padding between prefix and suffix can make the rows wider than their longest prompt, which
+            # sized the batch: then run it in pieces that fit, rather than run out of memory.
+            fits = self.batch_size_for(head + tail, max_new)
+            if len(rows) > fits:
+                return [out for start in range(0, len(rows), fits) for out in self._generate_batch(
+                    rows[start:start + fits], params[start:start + fits], seeds[start:start + fits], stop)]
         input_ids = [[pad] * (head - n) + row[:n] + [pad] * (tail - len(row) + n) + row[n:]
                      for row, n in zip(rows, prefix)]
         mask = [[0] * (head - n) + [1] * n + [0] * (tail - len(row) + n) + [1] * (len(row) - n)
                 for row, n in zip(rows, prefix)]
         enc = {"input_ids": torch.tensor(input_ids, device=self.device),
                "attention_mask": torch.tensor(mask, device=self.device)}
-        max_new = max(p.max_new_tokens for p in params)
         cache = self._batch_cache(rows, runs, head, head + tail + max_new)
         self.stats["prefix_reused_tokens"] += sum(prefix)
         self.stats["prompt_tokens"] += sum(map(len, rows))

@@ -52,7 +52,9 @@ class VLLMEngine(ChatTokenizer):
             return []
         sampling = [VSamplingParams(n=1, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
                                     seed=p.seed, stop=list(stop) or None) for p in params]
-        outputs = self.llm.generate(list(prompts), sampling_params=sampling, use_tqdm=False)
+        # Token ids, not text: vLLM would add BOS to text a chat template already began with one.
+        tokens = [{"prompt_token_ids": ids} for ids in self.prompt_ids(prompts)]
+        outputs = self.llm.generate(tokens, sampling_params=sampling, use_tqdm=False)
         results = []
         for out in outputs:
             completion = out.outputs[0]

@@ -162,6 +162,73 @@ def test_stop_strings_cut_the_completion(engine):
     assert stop not in cut and full.startswith(cut)
 
 
+def test_completion_tokens_of_a_request_do_not_depend_on_its_batch(tiny_model):  # noqa: F811
+    """A row that ends on a stop string is padded until the batch ends: padding is not part of its completion."""
+    engine = make_text_engine(EngineSpec(model=str(tiny_model), options={"batch_size": 8}))
+    assert engine.tokenizer.pad_token_id != engine.tokenizer.eos_token_id
+    prompts = [f"a red circle {i} =>" for i in range(6)]
+    params = [SamplingParams(max_new_tokens=20, temperature=1.0, seed=s) for s in range(6)]
+    full = engine.generate(prompts, params)
+    stop = next(ch for g in full for ch in g.text[1:] if ch.strip())
+    batch = engine.generate(prompts, params, stop=[stop])
+    alone = [engine.generate([p], [q], stop=[stop])[0] for p, q in zip(prompts, params)]
+    assert [g.text for g in batch] == [g.text for g in alone]
+    assert [g.completion_tokens for g in batch] == [g.completion_tokens for g in alone]
+    assert any(g.completion_tokens < 20 for g in batch)
+
+
+def test_every_backend_feeds_a_prompt_its_bos_once():
+    """A base model's completion prompt gets the BOS its tokenizer adds; text that starts with it (a chat
+    template writing BOS itself) is not given a second."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from curation.engines.base import ChatTokenizer
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "red": 3, "circle": 4, "=>": 5}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    with_bos = ChatTokenizer()
+    with_bos.tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    assert with_bos.prompt_ids(["a red circle =>", "<s> a red circle =>"]) == [[0, 2, 3, 4, 5]] * 2
+    raw.post_processor = None
+    without = ChatTokenizer()
+    without.tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    assert without.prompt_ids(["a red circle =>"]) == [[2, 3, 4, 5]]
+
+
+def test_gpu_batches_widened_by_prefix_padding_run_in_pieces_that_fit(tiny_model, monkeypatch):  # noqa: F811
+    """Rows of two prefix groups padded to the longest prefix plus the longest suffix are wider than the
+    longest prompt the batch was sized for: the engine splits such a batch, with the same outputs."""
+    from curation.engines.transformers_engine import TransformersEngine
+
+    engine = make_text_engine(EngineSpec(model=str(tiny_model), options={"batch_size": 8}))
+    short, long = ("a red circle", "some rings", "two blue squares"), "two blue squares on white " * 4
+    prompts = (_chat_prompts(engine, short, system="rewrite image captions in other words " * 6)
+               + _chat_prompts(engine, (long, *short[:2]), system="rewrite image captions"))
+    params = [SamplingParams(max_new_tokens=4, temperature=1.0, seed=i) for i in range(6)]
+    expected = [g.text for g in engine.generate(prompts, params)]
+    longest = max(map(len, engine.prompt_ids(prompts)))
+    widths: list[tuple[int, int]] = []
+    real = TransformersEngine._batch_cache
+
+    def spy(self, rows, runs, width, cache_tokens):
+        widths.append((len(rows), cache_tokens - 4))  # the padded prompt width: prefix, padding, suffix
+        return real(self, rows, runs, width, cache_tokens)
+
+    budget = 6 * (longest + 4)  # rows x tokens that "fit": the longest prompt's six rows, and no more
+    monkeypatch.setattr(TransformersEngine, "_batch_cache", spy)
+    monkeypatch.setattr(TransformersEngine, "sizes_by_prompt_length", property(lambda self: True))
+    monkeypatch.setattr(TransformersEngine, "batch_size_for", lambda self, tokens, new: max(1, budget // (tokens + new)))
+    rows = sorted(engine.prompt_ids(prompts), key=lambda r: engine.tokenizer.decode(r))
+    prefix = [n for start, end, n in engine._prefix_runs(rows) for _ in range(start, end)]
+    assert max(prefix) + max(len(r) - n for r, n in zip(rows, prefix)) > longest  # one batch of six: too wide
+    assert [g.text for g in engine.generate(prompts, params)] == expected
+    assert len(widths) > 1 and sum(n for n, _ in widths) == 6
+    assert all(rows * (width + 4) <= budget for rows, width in widths)
+
+
 def test_model_without_chat_template_uses_completion(tmp_path):
     from curation.rewrite import RewriteConfig, Rewriter
 
