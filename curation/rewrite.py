@@ -104,7 +104,7 @@ class RewriteConfig:
     requests_per_call: int | None = None
     engine_retries: int = 2
     engine_backoff_s: float = 1.0  # first pause before an engine retry; it doubles each time
-    max_caption_chars: int = 600
+    max_caption_bytes: int = 600  # UTF-8 bytes of a caption kept in its prompt (clean_caption)
     meaning_check: bool = False  # reject outputs whose embedding is far from the caption's
     # Share of rows to rewrite, drawn by hash(seed, key); the others keep a null `rewrites` (small demos).
     row_fraction: float = 1.0
@@ -145,13 +145,16 @@ def group_for(seed: int, key: str, rewrite_index: int, n_groups: int) -> int:
     return (derive_seed(seed, key, "group") + rewrite_index) % n_groups
 
 
-def clean_caption(caption: str, special_tokens: Sequence[str] = (), max_chars: int = 600) -> str:
-    """The caption as it enters a prompt: one line, no chat markup or special tokens, bounded length."""
+def clean_caption(caption: str, special_tokens: Sequence[str] = (), max_bytes: int = 600) -> str:
+    """The caption as it enters a prompt: one line, no chat markup or special tokens, at most `max_bytes`
+    of UTF-8. Bytes, not characters: a token covers at least one byte, so this bounds the caption's tokens
+    as well (600 characters of emoji are some 2,400 tokens, past a 2,048-token context)."""
     text = _SPECIAL_MARKUP.sub(" ", caption)
     for token in special_tokens:
         if token:
             text = text.replace(token, " ")
-    return _SPACE.sub(" ", text).strip()[:max_chars]
+    text = _SPACE.sub(" ", text).strip()
+    return text.encode()[:max_bytes].decode(errors="ignore").strip()
 
 
 def parse_output(text: str) -> str:
@@ -224,7 +227,7 @@ class Rewriter:
         return prompt[:prompt.index(marker)]
 
     def clean(self, caption: str) -> str:
-        return clean_caption(caption, self.special_tokens, self.config.max_caption_chars)
+        return clean_caption(caption, self.special_tokens, self.config.max_caption_bytes)
 
     def prompt(self, cleaned: str, group: int) -> str:
         """The prompt of example group `group` around a caption as `clean` returns it (the one layout sent)."""

@@ -85,6 +85,14 @@ def test_chat_prompt_layout_and_groups():
                                   for key, c in zip(KEYS, CAPTIONS) for i in range(4)]
 
 
+def test_a_caption_enters_its_prompt_bounded_in_bytes_so_in_tokens():
+    """600 characters of emoji would be some 2,400 tokens, past a 2,048-token engine context."""
+    assert clean_caption("a" * 700) == "a" * 600
+    emoji = clean_caption("🌷" * 600)
+    assert len(emoji.encode()) <= 600 and emoji == "🌷" * 150
+    assert clean_caption("é" * 301, max_bytes=11) == "é" * 5  # never half a character
+
+
 def test_completion_prompt_for_base_models():
     engine = StubEngine(lambda p, s: " a cat next to a dog\nnext line => junk", chat=False)
     rewriter = Rewriter(engine, RewriteConfig(k=1, examples_per_prompt=2))
