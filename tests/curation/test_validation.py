@@ -28,6 +28,65 @@ def test_each_reason(output, reason):
     assert check_output(SOURCE, output) == reason
 
 
+@pytest.mark.parametrize("source, output", [
+    ("Great Wall of China at sunset", "Great Wall of China seen at dusk"),
+    ("Sure Foot hiking boots, brown leather", "Sure Foot brown leather hiking boots"),
+    ("Let Me Know single cover art", "cover art of the single Let Me Know"),
+])
+def test_chatter_words_the_caption_holds_are_caption(source, output):
+    assert check_output(source, output) is None
+
+
+@pytest.mark.parametrize("source, output", [
+    ("Sure Foot hiking boots, brown leather", "Sure, here is a rewrite: brown leather Sure Foot boots"),
+    ("Great Wall of China at sunset", "Great question! The Great Wall of China at dusk"),
+    (SOURCE, "Certainly! Here's a pair of red rings"),
+])
+def test_chatter_after_a_caption_word_is_still_chatter(source, output):
+    assert check_output(source, output) == OutputReason.CHATTER
+
+
+def test_short_caption_keeps_its_language():
+    # Too few words for main_language, but "cat" is English only: a French output is another language.
+    assert check_output("orange cat", "un chat orange sur le canapé") == OutputReason.LANGUAGE
+    assert check_output("black dog", "ein schwarzer Hund am Strand") == OutputReason.LANGUAGE
+    assert check_output("orange cat", "an orange tabby cat on a sofa") is None
+    # "chat orange" is French, English or German: none is refused. A name both carry says nothing.
+    assert check_output("chat orange", "an orange tabby cat on a sofa") is None
+    assert check_output("chat orange", "un chat orange sur le canapé") is None
+    assert check_output("Paris", "the Eiffel Tower in Paris at night") is None
+
+
+@pytest.mark.parametrize("output, reason", [
+    ("a red car a red car a red car a red car", OutputReason.REPETITIVE),
+    ("car car car car car", OutputReason.REPETITIVE),
+    ("a red and white car next to a white van", None),
+    ("a red car and a red van and a red bus", None),
+])
+def test_repetition_loops_are_refused(output, reason):
+    assert check_output("a red car", output) == reason
+
+
+def test_repetition_check_can_be_turned_off():
+    loop = "a red car a red car a red car a red car"
+    assert check_output("a red car", loop, ValidationConfig(min_distinct_pairs=0)) is None
+
+
+def test_a_continued_example_pair_is_an_echo():
+    source = "three dogs on the grass"
+    assert check_output(source, "three dogs on grass => dogs playing on a lawn") == OutputReason.ECHO
+    assert check_output(source, "three dogs on grass -> dogs playing", separators=("->",)) == OutputReason.ECHO
+    assert check_output(source, "three dogs on grass => dogs playing on a lawn", separators=()) is None
+    # The caption's own arrow is no evidence.
+    assert check_output("before => after lawn photo", "a before => after photo of a lawn") is None
+
+
+def test_fullwidth_latin_is_latin():
+    assert dominant_script("ＮＩＫＥ ｒｕｎｎｉｎｇ ｓｈｏｅｓ") == "LATIN"
+    assert check_output("ＮＩＫＥ ｒｕｎｎｉｎｇ ｓｈｏｅｓ", "Nike running shoes in a box") is None
+    assert check_output("ＮＩＫＥ ｒｕｎｎｉｎｇ ｓｈｏｅｓ", "des chaussures de course dans une boîte") == OutputReason.LANGUAGE
+
+
 def test_echo_of_examples_and_instruction():
     examples = ["a simple blue triangle symbol", "You rewrite image captions. Answer with one new caption."]
     assert check_output(SOURCE, "a simple blue triangle symbol", echo_texts=examples) == OutputReason.ECHO
@@ -83,6 +142,11 @@ def test_an_output_must_stay_about_its_input():
     assert check_output(SOURCE, "a pair of red rings on an empty backdrop") is None  # synonyms, one shared word
     assert check_output(SOURCE, "a plain background with two red circles") is None  # reordered, nothing new
     assert check_output(SOURCE, "a yellow taxi in the rain") == OutputReason.OFF_TOPIC
+    # A shared prefix is not a shared word; an inflection is.
+    cat = "a cat sleeping on a sofa"
+    assert check_output(cat, "category page for furniture sales") == OutputReason.OFF_TOPIC
+    assert check_output(cat, "two cats asleep on sofas") is None
+    assert check_output(cat, "a kitten that sleeps on the couch") is None
     assert check_output("Download free HD wallpaper snowy mountain peak", "snowy mountain peak") is None
     off = ValidationConfig(min_shared_words=0)
     assert check_output(SOURCE, "a yellow taxi in the rain", off) is None
