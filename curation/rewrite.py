@@ -347,7 +347,8 @@ def summarise(stats: collections.Counter) -> dict[str, Any]:
     `fallback_share` counts every rewrite slot that kept the original
     caption, empty captions included.
     """
-    out: dict[str, Any] = dict(sorted(stats.items()))
+    # The slot counts are always there, zeros included, so a check or a dashboard never meets a missing key.
+    out: dict[str, Any] = dict(sorted(({"kept": 0, "fallback": 0, "fallback.empty_caption": 0} | dict(stats)).items()))
     if stats.get("prompt_tokens"):
         out["prefix_reused_share"] = round(stats.get("prefix_reused_tokens", 0) / stats["prompt_tokens"], 4)
         if "prefix_tokens_estimate" in stats:

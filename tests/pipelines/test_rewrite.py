@@ -28,9 +28,11 @@ def pairs(tmp_path):
 
 
 def _flags(pairs, out, model, *extra):
+    """The tiny model has random weights, so its outputs share no word with a caption: without the off-topic
+    check some pass, and the stage's keeping, counting and determinism have rewrites to work on."""
     return ["--input", str(pairs), "--output", str(out), "--seed", "1", "--rewrite_model", str(model),
             "--rewrites_per_caption", "2", "--rewrite_max_new_tokens", "6", "--rewrite_max_attempts", "2",
-            "--rewrite_shards_per_run", "1", *extra]
+            "--rewrite_shards_per_run", "1", "--rewrite_min_shared_words", "0", *extra]
 
 
 def test_rewrite_stage_writes_rewrites_and_manifest(pairs, tmp_path, tiny_model):  # noqa: F811
@@ -45,7 +47,7 @@ def test_rewrite_stage_writes_rewrites_and_manifest(pairs, tmp_path, tiny_model)
         assert len(rewrites) == 2 and all(rewrites)
     stats = result.manifest["stats"]
     assert stats["rows"] == 9
-    assert stats["kept"] + stats["fallback"] + stats["fallback.empty_caption"] == 18
+    assert stats["kept"] > 0 and stats["kept"] + stats["fallback"] + stats["fallback.empty_caption"] == 18
     assert stats["fallback.empty_caption"] == 2
     rejected = sum(v for k, v in stats.items() if k.startswith("rejected."))
     assert stats["requests"] == stats["kept"] + rejected and stats["prompt_tokens"] > 0
