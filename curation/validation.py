@@ -69,7 +69,7 @@ class ValidationConfig:
 # input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `_chatter`.
 _CHATTER = re.compile(
     r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are)\b|i (can|cannot|can't|will|'ll|am|'m|"
-    r"apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|"
+    r"apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|great\b|"
     r"rewritten( caption)?\s*:|rewrite\s*:|caption\s*:|output\s*:|answer\s*:|note\s*:|this (caption|image) )",
     re.IGNORECASE)
 _CHATTER_ANYWHERE = re.compile(r"\b(as an ai|language model|i cannot help|i can't help|let me know)\b", re.IGNORECASE)
@@ -319,10 +319,13 @@ def _different_language(facts: _Source, text: str) -> bool:
 
     With the input's language known, the output must have 40% of its known
     words in it. A caption too short or mixed for that ("orange cat") still
-    has likely languages: those its words missing from the output belong to
-    (a name both carry, such as "Paris", says nothing), and an output whose
-    main language is known must be in one of them. An output of no clear
-    language is not refused.
+    has likely languages, those most of its words belong to (orange is French
+    too, cat is not: English), and an output whose main language is known must
+    be in one of them. All the caption's words count, those the output keeps
+    too: "Car Interior" is English or French by "car", Spanish or Portuguese by
+    "interior", so an English rewrite that keeps "car" is not refused. One known
+    word is no evidence (a caption "Paris" is a name, not French), and an output
+    of no clear language is not refused.
     """
     if facts.language:
         shares = language_shares(text)
@@ -330,8 +333,9 @@ def _different_language(facts: _Source, text: str) -> bool:
     language = main_language(text)
     if language is None:
         return False
-    likely = _likely_languages(facts.word_set - set(_words(text)))
-    return bool(likely) and language not in likely
+    if sum(bool(_languages_of(word)) for word in facts.word_set) < 2:
+        return False
+    return language not in _likely_languages(facts.word_set)
 
 
 def check_output(source: str, output: str, config: ValidationConfig = ValidationConfig(), *,

@@ -41,6 +41,7 @@ def test_chatter_words_the_caption_holds_are_caption(source, output):
     ("Sure Foot hiking boots, brown leather", "Sure, here is a rewrite: brown leather Sure Foot boots"),
     ("Great Wall of China at sunset", "Great question! The Great Wall of China at dusk"),
     (SOURCE, "Certainly! Here's a pair of red rings"),
+    (SOURCE, "Great! Here's a new caption: two red rings"),
 ])
 def test_chatter_after_a_caption_word_is_still_chatter(source, output):
     assert check_output(source, output) == OutputReason.CHATTER
@@ -55,6 +56,10 @@ def test_short_caption_keeps_its_language():
     assert check_output("chat orange", "an orange tabby cat on a sofa") is None
     assert check_output("chat orange", "un chat orange sur le canapé") is None
     assert check_output("Paris", "the Eiffel Tower in Paris at night") is None
+    # Every caption word names its likely languages, those the rewrite keeps too: "car" is English (or
+    # French), so an English rewrite of "Car Interior" is not refused for "interior" being Spanish.
+    assert check_output("Car Interior", "the inside of a car with leather seats") is None
+    assert check_output("Kitchen Interior", "a modern kitchen with white cabinets") is None
 
 
 @pytest.mark.parametrize("output, reason", [
