@@ -44,6 +44,9 @@ from training.text_sampling import SOURCES, TextSampling, choose_text
 from training.tokenizer import encode
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' own threads fight the DataLoader's forks
+# Version of how an epoch orders its units, recorded in checkpoints: a loader state is a position in that
+# order, so a resume under another one would repeat or skip rows. 2: seeded by the shard's name in the input.
+DATA_ORDER = 2
 
 
 @dataclass

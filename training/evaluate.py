@@ -134,9 +134,10 @@ def true_pair_ranks(queries: torch.Tensor, candidates: torch.Tensor, query_group
     for start in range(0, queries.shape[0], RANK_CHUNK):
         scores = queries[start:start + RANK_CHUNK] @ candidates.T
         own = query_groups[start:start + RANK_CHUNK, None] == candidate_groups[None, :]
-        true = scores.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
+        # The best true candidate with a score: one NaN image does not sink the others of its group.
+        true = scores.masked_fill(~own | scores.isnan(), float("-inf")).max(dim=1, keepdim=True).values
         rank = ((scores >= true) & ~own).sum(dim=1)
-        ranks.append(torch.where(true[:, 0].isnan(), torch.iinfo(rank.dtype).max, rank))  # NaN: never found
+        ranks.append(torch.where(true[:, 0].isneginf(), torch.iinfo(rank.dtype).max, rank))  # all NaN: never found
     return torch.cat(ranks)
 
 

@@ -29,13 +29,13 @@ from tqdm import tqdm
 from training import distributed
 from training.checkpoint import CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from training.config import RETRY_AFTER_DIVERGENCE, TrainConfig, resume_mismatches
-from training.data import LoaderState, StreamSpec, counts_summary, train_batches
+from training.data import DATA_ORDER, LoaderState, StreamSpec, counts_summary, train_batches
 from training.evaluate import evaluate_all
 from training.image_transforms import image_processor_config
 from training.metrics_log import CURVES_PNG, METRICS_CSV, MetricsLog, plot_curves
 from training.model import PRESETS, ClipTowers, build_model, clip_config
 from training.online_curation import curation_probabilities
-from training.optimization import make_optimizer, retarget, warmup_cosine
+from training.optimization import make_optimizer, rescale_schedule, warmup_cosine
 from training.shard_set import ShardSet, input_fingerprint, inspect_shards, iter_texts
 from training.step import HealthReport, TrainStep
 from training.text_sampling import TextSampling
@@ -138,6 +138,10 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path |
         raise ValueError(f"{checkpoint} predates input fingerprints: whether it was trained on {config.input} "
                          f"cannot be checked, and its data-loader state is of an older format. Pass --overwrite "
                          f"to start over there, or use another --output.")
+    if saved.get("data_order", 1) != DATA_ORDER:
+        raise ValueError(f"{checkpoint} was written by a version that ordered the data otherwise (by the shards' "
+                         f"full paths); its data-loader state would repeat or skip rows here. Pass --overwrite to "
+                         f"start over there, or use another --output.")
     changed = resume_mismatches(saved["config"], config, diverged=saved.get("diverged", False))
     if saved["input"] != fingerprint:
         changed.append(f"input shards (the contents of {config.input})")
@@ -194,7 +198,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     loader_state = LoaderState()
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, model, optimizer, scheduler, d.device)
-        retarget(scheduler, config.lr)
+        rescale_schedule(scheduler, config.lr / saved["config"]["lr"])
         step, bad_total, elapsed_before = saved["step"], saved["bad_steps"], saved.get("seconds", 0.0)
         states = saved["loader"]
         if len(states) != d.world_size:
@@ -278,7 +282,8 @@ class _Run:
         if self.d.main:
             path = save_checkpoint(self.output, at, self.model, self.optimizer, self.scheduler, {
                 "config": self.config.to_dict(), "input": self.fingerprint, "loader": states, "bad_steps": bad_total,
-                "seconds": self.elapsed_before + time.perf_counter() - self.started, "diverged": diverged},
+                "seconds": self.elapsed_before + time.perf_counter() - self.started, "diverged": diverged,
+                "data_order": DATA_ORDER},
                 keep=self.config.keep_checkpoints)
         distributed.barrier(self.d)
         return path

@@ -49,10 +49,11 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def retarget(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
-    """Give a resumed schedule the run's peak `lr` (a diverged run may be retried lower): loading a
-    checkpoint restores the saved one, into both the schedule and the optimizer."""
-    scheduler.base_lrs = [lr] * len(scheduler.optimizer.param_groups)
-    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
-        group["lr"] = lr * factor(scheduler.last_epoch)
+def rescale_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, factor: float) -> None:
+    """Scale a resumed schedule's peak learning rates by `factor` (a diverged run retried at a lower --lr):
+    loading a checkpoint restores the saved ones, into the schedule and the optimizer. Groups keep their
+    ratios; a factor of 1 leaves every value as the schedule itself computes it."""
+    scheduler.base_lrs = [base * factor for base in scheduler.base_lrs]
+    for group, base, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

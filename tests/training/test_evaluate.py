@@ -74,6 +74,10 @@ def test_ranks_are_the_same_in_chunks(monkeypatch):
 def test_nan_features_are_never_a_hit():
     features = torch.full((5, 3), float("nan"))
     assert recall_at_k(features, features, "x")["x_i2t_r@10"] == 0.0
+    # One NaN image of a text's two: the text still finds the other.
+    texts, images = torch.eye(3), torch.eye(3)
+    texts[2], images[2] = texts[1], float("nan")
+    assert recall_at_k(images, texts, "x", torch.tensor([0, 1, 1]))["x_t2i_r@1"] == 1.0
 
 
 def test_the_held_out_pool_is_capped_and_read_only_as_far_as_needed(raw_pairs, monkeypatch):

@@ -1,12 +1,14 @@
 """The trainer's optimizer wiring: config options reach training.optim, bad combinations fail early."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from training.config import TrainConfig
 from training.optim import SPAM, StableSPAM
-from training.optimization import make_optimizer, param_groups, warmup_cosine
+from training.optimization import make_optimizer, param_groups, rescale_schedule, warmup_cosine
 
 
 def model(width: int = 8) -> nn.Module:
@@ -58,3 +60,23 @@ def test_warmup_cosine_ramps_then_decays_to_the_floor(final_ratio):
     assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
     assert lrs[9] == pytest.approx(2.0 * (final_ratio + (1 - final_ratio) * 0.5))  # half-way through the decay
     assert lrs[14:] == pytest.approx([2.0 * final_ratio] * 2)
+
+
+def test_a_rescaled_schedule_keeps_each_groups_ratio_and_its_shape():
+    """A diverged run resumed at a lower --lr: every group's peak scales, the warmup/cosine shape stays."""
+    params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.SGD([{"params": params[:1], "lr": 1e-3}, {"params": params[1:], "lr": 1e-2}])
+    schedule = warmup_cosine(optimizer, warmup_steps=2, total_steps=10)
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+    before = [group["lr"] for group in optimizer.param_groups]
+    rescale_schedule(schedule, 1.0)
+    assert [group["lr"] for group in optimizer.param_groups] == before
+    rescale_schedule(schedule, 0.5)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([b / 2 for b in before])
+    assert schedule.get_last_lr() == [group["lr"] for group in optimizer.param_groups]
+    optimizer.step()
+    schedule.step()
+    factor = 0.5 * (1 + math.cos(math.pi * 3 / 8))  # step 5 of a cosine from step 2 to 10
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5e-4 * factor, 5e-3 * factor])

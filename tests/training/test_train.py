@@ -178,6 +178,17 @@ def test_a_checkpoint_from_before_input_fingerprints_is_refused_for_what_it_is(d
     assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
 
 
+def test_a_checkpoint_of_another_data_order_is_refused(demo_pairs, tmp_path):
+    """Its loader state is a position in an order this version no longer draws: resuming would repeat rows."""
+    first = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, checkpoint_every=2, stop_after_steps=2))
+    path = first.checkpoint / "state.json"
+    state = json.loads(path.read_text())
+    del state["data_order"]  # as checkpoints were written while units were seeded by their full path
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"ordered the data otherwise.*--overwrite"):
+        loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2))
+
+
 def test_overwrite_clears_a_run_that_died_after_saving_its_tokenizer(demo_pairs, tmp_path, monkeypatch):
     def killed(*args, **kwargs):
         raise RuntimeError("killed")

@@ -32,8 +32,10 @@ import torch
 
 SUPPORTED_BITS = (4, 8)
 # Version of the code maps above, recorded in every optimizer state dict: codes only mean something under
-# the maps that wrote them. 1 was a linear v grid (state dicts without a version); 2 is the log grid.
+# the maps that wrote them. 1 was a linear v grid; 2 is the log grid. State dicts from before versions were
+# recorded are read as 2, the maps every release since the log grid (commit 4cf3d54) wrote.
 CODE_FORMAT = 2
+UNRECORDED_CODE_FORMAT = 2
 DEFAULT_BLOCK = {8: 256, 4: 128}
 KINDS = ("signed", "nonneg")  # m, v
 _TINY = torch.finfo(torch.float32).tiny

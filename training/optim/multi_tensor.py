@@ -276,7 +276,7 @@ class MomentOptimizer(Optimizer, abc.ABC):
         saved_state = state_dict.get("state")
         if saved_groups is None or saved_state is None:
             raise ValueError("not an optimizer state dict: needs 'state' and 'param_groups'")
-        code_format = state_dict.get("code_format", 1)
+        code_format = state_dict.get("code_format", lb.UNRECORDED_CODE_FORMAT)
         if code_format != lb.CODE_FORMAT and any(g.get("state_bits", 32) != 32 for g in saved_groups):
             raise ValueError(f"the state dict's quantized moments use code format {code_format}, this optimizer "
                              f"decodes format {lb.CODE_FORMAT}: its codes would decode to other moments. Resume "

@@ -86,13 +86,16 @@ def test_loading_casts_a_state_dtype_only_where_exact():
 
 
 def test_quantized_states_of_other_code_maps_are_refused_and_fp32_states_need_none():
-    """8-bit codes mean something only under the maps that wrote them: a state dict from before the code
-    format was recorded (format 1, the linear v grid) would load silently and decode to other moments."""
+    """8-bit codes mean something only under the maps that wrote them: codes of format 1 (the linear v grid)
+    would load silently and decode to other moments. A state dict from before formats were recorded holds
+    the log grid's codes (format 2) and loads."""
     params = make_params(dtype=torch.float32)
     coded = _trained(lambda p: StableSPAM(p, state_bits=8), clone_params(params))
     assert coded["code_format"] == 2
     StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
     del coded["code_format"]
+    StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
+    coded["code_format"] = 1
     with pytest.raises(ValueError, match="code format 1, this optimizer decodes format 2"):
         StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
     plain = _trained(lambda p: SPAM(p), clone_params(params))
