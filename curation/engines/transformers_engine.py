@@ -67,10 +67,16 @@ def bytes_per_row(config: Any, dtype_bytes: int, prompt_tokens: int, new_tokens:
 
 def gpu_rows(config: Any, dtype_bytes: int, prompt_tokens: int, new_tokens: int, device: Any, *,
              memory_fraction: float, max_rows: int) -> int:
-    """Rows per `generate` call that fit in `memory_fraction` of the device's free memory."""
+    """Rows per `generate` call that fit in `memory_fraction` of the device's free memory.
+
+    Free counts what torch's caching allocator holds but does not use: the driver sees it as taken, yet
+    the next batch gets it first. Without it every batch after the first would be sized by what the first
+    left reserved, a fraction of the GPU.
+    """
     import torch
 
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     per_row = bytes_per_row(config, dtype_bytes, prompt_tokens, new_tokens)
     return int(max(1, min(max_rows, memory_fraction * free // per_row)))
 

@@ -141,6 +141,13 @@ def test_gpu_batch_size_follows_free_memory(monkeypatch, engine):
     assert te.gpu_rows(config, 2, 160, 64, "cuda:0", memory_fraction=0.8, max_rows=4096) == 4096
     free["bytes"] = 1
     assert te.gpu_rows(config, 2, 160, 64, "cuda:0", memory_fraction=0.8, max_rows=4096) == 1
+    # What the caching allocator keeps reserved after a batch is the next batch's to use.
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 100 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 ** 30)
+    assert te.gpu_rows(config, 2, 160, 64, "cuda:0", memory_fraction=0.8, max_rows=10 ** 6) == int(
+        0.8 * (1 + 99 * 2 ** 30) // per_row)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     # The engine asks the same question of its own model when it sits on a GPU, and tells callers.
     free["bytes"] = 2 ** 30
     monkeypatch.setattr(engine, "device", torch.device("cuda"))
