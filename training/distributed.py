@@ -42,11 +42,6 @@ def setup() -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
-
-
 def all_true(d: Dist, flag: torch.Tensor) -> torch.Tensor:
     """A bool tensor that is true on every rank only if it is true on all (so all ranks skip a bad step together).
 

@@ -233,7 +233,9 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     # Each rank counted only the rows it read: the run's counters are their sum.
     counts = sum((collections.Counter(c) for c in distributed.gather_objects(d, loader_state.counts)),
                  collections.Counter())
-    if d.main:
+
+    def finish() -> dict:
+        """Rank 0's last writes: the final metrics, the model, the curves."""
         seconds = elapsed_before + time.perf_counter() - run.started
         loss_curve = MetricsLog.series(output / METRICS_CSV, "loss")
         metrics.update({"steps": steps, "seconds": round(seconds, 2), "bad_steps": report.bad_total,
@@ -248,7 +250,9 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
         (output / METRICS_JSON).write_text(json.dumps(metrics, indent=2))
         result.files = {"metrics_json": METRICS_JSON, "metrics_csv": METRICS_CSV,
                         "curves_png": CURVES_PNG if curves else None}
-    result.metrics = distributed.broadcast_object(d, metrics)
+        return metrics
+
+    result.metrics = distributed.broadcast_object(d, distributed.on_main(d, finish))
     return result
 
 
@@ -278,24 +282,19 @@ class _Run:
         """A checkpoint of every rank's state; `diverged` marks the last good weights of a stopped run,
         which a resume may retry with RETRY_AFTER_DIVERGENCE settings changed."""
         states = distributed.gather_objects(self.d, self.loader_state.to_dict())
-        path = None
-        if self.d.main:
-            path = save_checkpoint(self.output, at, self.model, self.optimizer, self.scheduler, {
+        return distributed.on_main(self.d, lambda: save_checkpoint(
+            self.output, at, self.model, self.optimizer, self.scheduler, {
                 "config": self.config.to_dict(), "input": self.fingerprint, "loader": states, "bad_steps": bad_total,
                 "seconds": self.elapsed_before + time.perf_counter() - self.started, "diverged": diverged,
                 "data_order": DATA_ORDER},
-                keep=self.config.keep_checkpoints)
-        distributed.barrier(self.d)
-        return path
+            keep=self.config.keep_checkpoints))
 
     def evaluate(self) -> dict:
-        metrics = {}
-        if self.d.main:
-            metrics = evaluate_all(self.model, self.tokenizer, holdout=self.holdout, eval_dir=self.config.eval or None,
-                                   classes_path=self.config.classes_path, image_size=self.image_size,
-                                   context_length=self.context_length, device=self.d.device, precision=self.precision)
-        distributed.barrier(self.d)
-        return metrics
+        """Rank 0 evaluates; the others get {} (and stop with it if it fails)."""
+        return distributed.on_main(self.d, lambda: evaluate_all(
+            self.model, self.tokenizer, holdout=self.holdout, eval_dir=self.config.eval or None,
+            classes_path=self.config.classes_path, image_size=self.image_size, context_length=self.context_length,
+            device=self.d.device, precision=self.precision)) or {}
 
     def loop(self, batches, step: int, checkpoint: Path | None) -> tuple[int, Path | None, HealthReport]:
         """Steps until the end (or `stop_after_steps`); returns the step reached, its checkpoint, the last report."""

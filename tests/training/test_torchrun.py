@@ -55,6 +55,10 @@ def test_two_ranks_train_and_a_resumed_run_continues_the_straight_one(raw_pairs,
     # Rank 0 refuses to start a second run beside these checkpoints: rank 1 stops with it, not at a barrier.
     refused = _torchrun(raw_pairs, straight, ok=False, resume=False)
     assert "holds checkpoints of an earlier run" in refused and "rank 0 failed, so rank 1 stops too" in refused
+    # The same when rank 0 fails at the very end, evaluating (an eval split without its classes.json).
+    (tmp_path / "eval").mkdir()
+    failed = _torchrun(raw_pairs, tmp_path / "no-classes", ok=False, steps=1, eval=tmp_path / "eval")
+    assert "zero-shot needs a classes.json" in failed and "rank 0 failed, so rank 1 stops too" in failed
 
     _torchrun(raw_pairs, resumed, stop_after_steps=3)
     saved = json.loads((resumed / "checkpoints" / "step-0000003" / "state.json").read_text())
