@@ -32,6 +32,19 @@ def list_checkpoints(output: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
 
 
+def restore_interrupted_save(output: str | Path) -> list[Path]:
+    """Put back a checkpoint that a save of the same step had renamed aside (`save_checkpoint`) when the run
+    was killed before the new one took its place; return what was restored. Call it before any new save."""
+    root = Path(output) / CHECKPOINTS
+    restored = []
+    for old in sorted(root.glob(".step-*.old-*")) if root.is_dir() else []:
+        final = root / old.name[1:].rsplit(".old-", 1)[0]
+        if not final.exists() and (old / STATE).is_file():
+            os.replace(old, final)
+            restored.append(final)
+    return restored
+
+
 def latest_checkpoint(output: str | Path) -> Path | None:
     found = list_checkpoints(output)
     return found[-1] if found else None

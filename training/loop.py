@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import distributed
-from training.checkpoint import CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from training.checkpoint import (CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                 restore_interrupted_save, save_checkpoint)
 from training.config import RETRY_AFTER_DIVERGENCE, TrainConfig, resume_mismatches
 from training.data import DATA_ORDER, LoaderState, StreamSpec, counts_summary, train_batches
 from training.evaluate import evaluate_all
@@ -111,7 +112,9 @@ def _is_trainer_output(output: Path) -> bool:
 
 
 def _prepare_output(config: TrainConfig, output: Path) -> None:
-    """Clear an earlier run on --overwrite; refuse to start a second run beside an earlier one's checkpoints."""
+    """Clear an earlier run on --overwrite; refuse to start a second run beside an earlier one's checkpoints;
+    put back a checkpoint that a killed save had renamed aside."""
+    restore_interrupted_save(output)
     if config.overwrite and output.exists():
         if not _is_trainer_output(output):
             raise ValueError(f"--overwrite would delete {output}, which holds no trainer output; "

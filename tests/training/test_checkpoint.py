@@ -1,12 +1,14 @@
 """Checkpoint files: written whole or not at all, a step saved again replaces the old one, only the newest kept."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
-from training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from training.checkpoint import list_checkpoints, load_checkpoint, restore_interrupted_save, save_checkpoint
 
 
 def _parts(seed: int):
@@ -43,3 +45,24 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, *parts, {}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000003"]
+
+
+def test_a_checkpoint_renamed_aside_by_a_killed_save_is_put_back(tmp_path, monkeypatch):
+    """Killed between the two renames of a re-save: the old step-5 lies hidden, and is the newest again."""
+    parts = _parts(0)
+    save_checkpoint(tmp_path, 4, *parts, {"run": "four"})
+    save_checkpoint(tmp_path, 5, *parts, {"run": "five"})
+    real_replace = os.replace
+
+    def killed_after_renaming_aside(src, dst):
+        real_replace(src, dst)
+        if ".old-" in str(dst):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("training.checkpoint.os.replace", killed_after_renaming_aside)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 5, *parts, {"run": "five again"})
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000004"]
+    assert [p.name for p in restore_interrupted_save(tmp_path)] == ["step-0000005"]
+    assert json.loads((list_checkpoints(tmp_path)[-1] / "state.json").read_text())["run"] == "five"
