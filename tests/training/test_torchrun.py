@@ -52,7 +52,7 @@ def test_two_ranks_train_and_a_resumed_run_continues_the_straight_one(raw_pairs,
     ranks = json.loads((straight / "checkpoints" / f"step-{STEPS:07d}" / "state.json").read_text())["loader"]
     assert len(ranks) == RANKS and all(r["counts"]["text_caption"] > 0 for r in ranks)
     assert metrics["text_caption"] == sum(r["counts"]["text_caption"] for r in ranks)
-    # Rank 0 refuses to start a second run beside these checkpoints: rank 1 stops with it, not at a barrier.
+    # Rank 0 refuses to start a second run beside these checkpoints: rank 1 stops with it and says why.
     refused = _torchrun(raw_pairs, straight, ok=False, resume=False)
     assert "holds checkpoints of an earlier run" in refused and "rank 0 failed, so rank 1 stops too" in refused
     # The same when rank 0 fails at the very end, evaluating (an eval split without its classes.json).
