@@ -224,8 +224,12 @@ class _Source:
         return frozenset(content_words(self.text, self.language))
 
     @cached_property
-    def word_set(self) -> frozenset[str]:
-        return frozenset(_words(self.text))
+    def likely_languages(self) -> frozenset[str] | None:
+        """`_likely_languages` of its words; None under two words wordfreq knows (one is no evidence)."""
+        words = frozenset(_words(self.text))
+        if sum(bool(_languages_of(word)) for word in words) < 2:
+            return None
+        return _likely_languages(words)
 
 
 @lru_cache(maxsize=8192)
@@ -330,12 +334,10 @@ def _different_language(facts: _Source, text: str) -> bool:
     if facts.language:
         shares = language_shares(text)
         return shares is not None and shares[facts.language] < 0.4
+    if facts.likely_languages is None:
+        return False
     language = main_language(text)
-    if language is None:
-        return False
-    if sum(bool(_languages_of(word)) for word in facts.word_set) < 2:
-        return False
-    return language not in _likely_languages(facts.word_set)
+    return language is not None and language not in facts.likely_languages
 
 
 def check_output(source: str, output: str, config: ValidationConfig = ValidationConfig(), *,
