@@ -19,6 +19,8 @@ from safetensors.torch import load_model, save_model
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.pt", "state.json"
+# `.step-N<_ASIDE><pid>`: where a re-save puts the old step-N until the new one has taken its place.
+_ASIDE = ".old-"
 
 
 def checkpoint_dir(output: str | Path, step: int) -> Path:
@@ -37,10 +39,10 @@ def restore_interrupted_save(output: str | Path) -> list[Path]:
     was killed before the new one took its place; return what was restored. Call it before any new save."""
     root = Path(output) / CHECKPOINTS
     restored = []
-    for old in sorted(root.glob(".step-*.old-*")) if root.is_dir() else []:
-        final = root / old.name[1:].rsplit(".old-", 1)[0]
-        if not final.exists() and (old / STATE).is_file():
-            os.replace(old, final)
+    for aside in sorted(root.glob(f".step-*{_ASIDE}*")) if root.is_dir() else []:
+        final = root / aside.name[1:].rsplit(_ASIDE, 1)[0]
+        if not final.exists() and (aside / STATE).is_file():
+            os.replace(aside, final)
             restored.append(final)
     return restored
 
@@ -62,12 +64,12 @@ def save_checkpoint(output: str | Path, step: int, model: torch.nn.Module, optim
     (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, default=str))
     # A checkpoint of this step already there (a resumed run saving its last step again) is renamed out of
     # the way whole, then deleted: a kill meanwhile never leaves a half-deleted step-N that still looks complete.
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
+    aside = final.with_name(f".{final.name}{_ASIDE}{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
     if final.exists():
-        os.replace(final, old)
+        os.replace(final, aside)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
