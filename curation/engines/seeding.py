@@ -33,7 +33,7 @@ HEAD_TOKENS = 256
 # Bytes the sampler holds per logit at its peak (when every top-p row is wider than the head and is sorted):
 # its fp32 input copy and scaled logits, the probabilities, the kept-mass weights and their cumulative sum
 # (4 + 4 + 4 + 4 + 4), a comparison mask (1), the sort's values and int64 indices (4 + 8) with the sort's
-# own scratch (12), the -inf output (4). tests/curation/test_engines.py measures it with the profiler.
+# own scratch (12), the -inf output (4). tests/curation/test_seeding.py measures it with the profiler.
 SAMPLER_PEAK_BYTES_PER_LOGIT = 56
 
 
