@@ -36,7 +36,8 @@ class EngineSpec:
     batch_size, max_batch_size, memory_fraction, cache ("dynamic"/"static"),
     compile, enable_prefix_caching, threads. vllm: max_num_seqs,
     gpu_memory_utilization, tensor_parallel_size, enable_prefix_caching,
-    max_model_len. openai: base_url, concurrency, timeout, retries, tokenizer.
+    max_model_len. openai: base_url, concurrency, timeout, retries, tokenizer,
+    token_ids.
     """
 
     engine: str = "transformers"

@@ -8,10 +8,15 @@ recovery (curation.engines.recovery) does not retry this engine again. A call
 carries every request of a stage's batch, so one request that fails for good
 raises RequestsFailed naming it and counting the others: the run stops there
 (its finished shards are kept), so requests not yet sent are dropped, while
-those in flight finish. Prompts
-arrive already formatted; chat prompts are formatted with the model's
+those in flight finish.
+
+Prompts arrive already formatted; chat prompts are formatted with the model's
 tokenizer, loaded locally from `tokenizer` (default: the model name, if it is
-a local folder).
+a local folder). With that tokenizer here, requests carry token ids, not
+text: the server then runs exactly the tokens the vllm and transformers
+engines would (ChatTokenizer.prompt_ids), where a server tokenizing the text
+itself would add a second BOS after a chat template's own. Without one, or
+with `token_ids=False` for a server that takes text only, the text goes.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ class OpenAIEngine(ChatTokenizer):
     retries_requests = True
 
     def __init__(self, model: str, *, base_url: str = "http://127.0.0.1:8000/v1", api_key: str | None = None,
-                 concurrency: int = 64, timeout: float = 120.0, retries: int = 3, tokenizer: str | None = None):
+                 concurrency: int = 64, timeout: float = 120.0, retries: int = 3, tokenizer: str | None = None,
+                 token_ids: bool = True):
         from openai import OpenAI
 
-        self.model, self.concurrency = model, concurrency
+        self.model, self.concurrency, self.token_ids = model, concurrency, token_ids
         # The key comes from OPENAI_API_KEY unless given; local servers accept any.
         self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
                              timeout=timeout, max_retries=retries)
@@ -71,7 +77,16 @@ class OpenAIEngine(ChatTokenizer):
         """All of them: the pool keeps `concurrency` in flight and the server batches those."""
         return None
 
-    def _one(self, prompt: str, params: SamplingParams, stop: Sequence[str]) -> Generation:
+    def _payloads(self, prompts: Sequence[str]) -> Sequence[str | list[int]]:
+        """What each request sends as its prompt: token ids where a local tokenizer makes them, else text."""
+        if self.token_ids:
+            try:
+                return self.prompt_ids(prompts)
+            except OSError:
+                pass  # no tokenizer here: the server tokenizes
+        return prompts
+
+    def _one(self, prompt: str | list[int], params: SamplingParams, stop: Sequence[str]) -> Generation:
         response = self.client.completions.create(
             model=self.model, prompt=prompt, max_tokens=params.max_new_tokens, temperature=params.temperature,
             top_p=params.top_p, seed=params.seed, stop=list(stop) or None)
@@ -88,7 +103,7 @@ class OpenAIEngine(ChatTokenizer):
             return []
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts)))
         try:
-            futures = [pool.submit(self._one, prompt, p, stop) for prompt, p in zip(prompts, params)]
+            futures = [pool.submit(self._one, prompt, p, stop) for prompt, p in zip(self._payloads(prompts), params)]
             wait(futures, return_when=FIRST_EXCEPTION)
         finally:  # after a failure (or an interrupt) send nothing more; requests in flight finish
             pool.shutdown(wait=True, cancel_futures=True)

@@ -2,7 +2,8 @@
 
 The fake server answers /v1/completions like vLLM's server does, and records
 what a client did to it: how many requests were in flight at once, and how
-often each prompt was sent (a retried request arrives twice).
+often each prompt was sent (a retried request arrives twice; a prompt of token
+ids is counted under the tuple of its ids).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class FakeCompletionsServer:
 
     def _answer(self, body: dict) -> tuple[int, dict]:
         prompt = body["prompt"]
+        if not isinstance(prompt, str):  # token ids: recorded as a tuple, answered by their count
+            prompt = tuple(prompt)
         with self._lock:
             self.requests[prompt] += 1
             first = self.requests[prompt] == 1
@@ -66,7 +69,7 @@ class FakeCompletionsServer:
         try:
             if self.status is not None:
                 return self.status, {"error": {"message": "scripted failure"}}
-            if any(text in prompt for text in self.fail_on):
+            if isinstance(prompt, str) and any(text in prompt for text in self.fail_on):
                 return 500, {"error": {"message": "scripted failure of this prompt"}}
             if first and prompt in self.stall:
                 time.sleep(self.stall[prompt])
@@ -75,11 +78,11 @@ class FakeCompletionsServer:
                     self.barrier.wait()
                 except threading.BrokenBarrierError:
                     return 500, {"error": {"message": "requests did not arrive together"}}
+            tokens = len(prompt.split()) if isinstance(prompt, str) else len(prompt)
             return 200, {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": body["model"],
                          "choices": [{"index": 0, "text": f" rewrite of {prompt}", "finish_reason": "stop",
                                       "logprobs": None}],
-                         "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 3,
-                                   "total_tokens": len(prompt.split()) + 3,
+                         "usage": {"prompt_tokens": tokens, "completion_tokens": 3, "total_tokens": tokens + 3,
                                    "prompt_tokens_details": {"cached_tokens": 1}}}
         finally:
             with self._lock:

@@ -312,6 +312,30 @@ def test_openai_engine_names_the_failing_request():
     assert server.requests["caption 0"] == server.requests["caption 1"] == 1 and sum(server.requests.values()) <= 3
 
 
+def test_openai_engine_sends_the_token_ids_the_local_backends_run(tmp_path):
+    """With the model's tokenizer here, a request carries ChatTokenizer.prompt_ids: a chat template that writes
+    BOS itself reaches the server with that one BOS, where a server tokenizing the text would add a second."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "a": 2, "red": 3, "circle": 4, "=>": 5}, unk_token="</s>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = "<s>{% for m in messages %}{{ m['content'] }} {% endfor %}=>"
+    tokenizer.save_pretrained(tmp_path)
+    with FakeCompletionsServer() as server:
+        engine = _openai(server.base_url, tokenizer=str(tmp_path), retries=0)
+        chat = engine.format_chat([{"role": "user", "content": "a red circle"}])
+        gens = engine.generate([chat, "a red circle =>"], _seeded(2))
+        assert set(server.requests) == {(0, 2, 3, 4, 5)}  # both: one BOS, then the same tokens
+        assert [g.prompt_tokens for g in gens] == [5, 5]
+        server.requests.clear()
+        text_only = _openai(server.base_url, tokenizer=str(tmp_path), retries=0, token_ids=False)
+        text_only.generate([chat], _seeded(1))
+        assert set(server.requests) == {chat}
+
+
 def test_openai_engine_reports_a_dead_server():
     engine = _openai(f"http://127.0.0.1:{free_port()}/v1", retries=1, timeout=2)
     assert not engine.has_chat_template and engine.special_tokens == []  # no local tokenizer named "served"
