@@ -51,7 +51,20 @@ FUSION_INSTRUCTION = ("You combine two descriptions of the same picture into one
 FUSION_COMPLETION_HEADER = ("Web text and a visual description of the same picture, merged into one caption that "
                             "keeps the names from the web text and the visual details from the description:")
 
-PROMPT_SHA256 = prompt_sha256([VEC_PROMPT, FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER])
+
+def fusion_messages(alt: str, visual: str) -> list[dict[str, str]]:
+    """A chat model's fusion request: the instruction, then both texts as values in one user turn."""
+    return [{"role": "system", "content": FUSION_INSTRUCTION},
+            {"role": "user", "content": f"Web text: {alt}\nVisual description: {visual}"}]
+
+
+def fusion_completion(alt: str, visual: str) -> str:
+    """A base model's fusion request, ending where the merged caption starts."""
+    return f"{FUSION_COMPLETION_HEADER}\n\nWeb text: {alt}\nVisual description: {visual}\nCaption:"
+
+
+# The VeC prompt is laid out by each vision engine's own processor; the fusion prompts here.
+PROMPT_SHA256 = prompt_sha256([VEC_PROMPT, fusion_messages("{alt}", "{visual}"), fusion_completion("{alt}", "{visual}")])
 
 
 class Degenerate:
@@ -309,10 +322,8 @@ class Fuser:
         alt = clean_prompt_text(alt_text, self.special_tokens)
         visual = clean_prompt_text(vec, self.special_tokens)
         if self.chat:
-            messages = [{"role": "system", "content": FUSION_INSTRUCTION},
-                        {"role": "user", "content": f"Web text: {alt}\nVisual description: {visual}"}]
-            return self.engine.format_chat(messages)  # type: ignore[attr-defined]
-        return f"{FUSION_COMPLETION_HEADER}\n\nWeb text: {alt}\nVisual description: {visual}\nCaption:"
+            return self.engine.format_chat(fusion_messages(alt, visual))  # type: ignore[attr-defined]
+        return fusion_completion(alt, visual)
 
     def check(self, alt_text: str, vec: str, fused: str) -> str | None:
         """None for a usable fusion, else the reason (OutputReason.* or FusionReason.*)."""

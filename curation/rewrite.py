@@ -72,9 +72,6 @@ EXAMPLES_BY_KIND: tuple[tuple[ExamplePair, ...], ...] = (
     ),
 )
 
-PROMPT_SHA256 = prompt_sha256([CHAT_INSTRUCTION, COMPLETION_HEADER,
-                               *(t for kind in EXAMPLES_BY_KIND for pair in kind for t in (pair.source, pair.target))])
-
 # Markup that opens or closes a chat turn in common templates; a caption must not carry it into a prompt.
 _SPECIAL_MARKUP = re.compile(r"<\|[^|<>]{0,40}\|>|</?s>|\[/?INST\]|<<?/?SYS>>?|<\|?(?:bos|eos|pad|unk)\|?>",
                              re.IGNORECASE)
@@ -134,6 +131,29 @@ def example_group(group: int, size: int) -> tuple[ExamplePair, ...]:
     """The fixed examples of group `group`: one pair from each of `size` successive kinds."""
     kinds = len(EXAMPLES_BY_KIND)
     return tuple(EXAMPLES_BY_KIND[(group + j) % kinds][group % len(EXAMPLES_BY_KIND[0])] for j in range(size))
+
+
+def chat_messages(examples: Sequence[ExamplePair], caption: str) -> list[dict[str, str]]:
+    """A chat model's request: the instruction, each example as a user and an assistant turn, the caption."""
+    messages = [{"role": "system", "content": CHAT_INSTRUCTION}]
+    for pair in examples:
+        messages += [{"role": "user", "content": pair.source}, {"role": "assistant", "content": pair.target}]
+    return [*messages, {"role": "user", "content": caption}]
+
+
+def completion_prompt(examples: Sequence[ExamplePair], caption: str) -> str:
+    """A base model's request: the header, one `source => target` line per example, then `caption =>`."""
+    return "\n".join([COMPLETION_HEADER, ""] + [f"{p.source} => {p.target}\n" for p in examples] + [f"{caption} =>"])
+
+
+def rewrite_prompt_sha256() -> str:
+    """prompt_sha256 of every group's prompt, in both formats at full size, around a placeholder caption:
+    it changes with the instruction, an example, or the layout."""
+    groups = [example_group(g, len(EXAMPLES_BY_KIND)) for g in range(len(EXAMPLES_BY_KIND[0]))]
+    return prompt_sha256([layout(g, "{caption}") for g in groups for layout in (chat_messages, completion_prompt)])
+
+
+PROMPT_SHA256 = rewrite_prompt_sha256()
 
 
 def selected(seed: int, key: str, fraction: float) -> bool:
@@ -212,13 +232,8 @@ class Rewriter:
 
     def _layout(self, examples: Sequence[ExamplePair], caption: str) -> str:
         if self.chat:
-            messages = [{"role": "system", "content": CHAT_INSTRUCTION}]
-            for pair in examples:
-                messages += [{"role": "user", "content": pair.source}, {"role": "assistant", "content": pair.target}]
-            messages.append({"role": "user", "content": caption})
-            return self.engine.format_chat(messages)  # type: ignore[attr-defined]
-        lines = [COMPLETION_HEADER, ""] + [f"{p.source} => {p.target}\n" for p in examples] + [f"{caption} =>"]
-        return "\n".join(lines)
+            return self.engine.format_chat(chat_messages(examples, caption))  # type: ignore[attr-defined]
+        return completion_prompt(examples, caption)
 
     def _prefix(self, examples: Sequence[ExamplePair]) -> str:
         """The part of a group's prompts that comes before the caption: identical for every request."""

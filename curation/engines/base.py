@@ -16,11 +16,11 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 
-def prompt_sha256(texts: Sequence[str]) -> str:
-    """sha256 of the texts a stage's prompts are made of. Recorded in the stage config beside the prompt
-    version, so an edit of the wording that forgot to bump the version still cannot resume into an output
-    written with the old prompts."""
-    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+def prompt_sha256(prompts: Sequence[str | list[dict[str, str]]]) -> str:
+    """sha256 of a stage's prompts laid out around placeholder inputs (completion texts and chat message
+    lists). Recorded in the stage config beside the prompt version, so an edit of the wording or the layout
+    that forgot to bump the version still cannot resume into an output written with the old prompts."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from curation.engines.base import Generation
 from curation.engines.recovery import EngineFailure, generate_with_recovery
 from curation.engines.seeding import derive_seed
 from curation.rewrite import (
-    CHAT_INSTRUCTION, COMPLETION_HEADER, RewriteConfig, Rewriter, clean_caption, example_group, group_for,
-    parse_output, summarise,
+    CHAT_INSTRUCTION, COMPLETION_HEADER, PROMPT_SHA256, ExamplePair, RewriteConfig, Rewriter, clean_caption,
+    example_group, group_for, parse_output, rewrite_prompt_sha256, summarise,
 )
 from curation.validation import OutputReason
 from tests.curation.tiny_llm import tiny_model  # noqa: F401 - fixture
@@ -104,6 +104,33 @@ def test_completion_prompt_for_base_models():
     rows = rewriter.rewrite(["a"], ["a cat => a dog"], seed=0)
     assert rows[0].rewrites == ["a cat next to a dog"]
     assert engine.calls[0][2] == ("\n",)  # completion generation stops at the end of the line
+
+
+def test_the_recorded_prompt_hash_changes_with_wording_examples_and_layout(monkeypatch):
+    """PROMPT_SHA256 goes into the stage config, so a resume into output written with other prompts is
+    refused even when nobody bumped PROMPT_VERSION."""
+    import curation.rewrite as rewrite
+
+    assert rewrite_prompt_sha256() == PROMPT_SHA256
+    changed = []
+    with monkeypatch.context() as m:
+        m.setattr(rewrite, "COMPLETION_HEADER", COMPLETION_HEADER + " ")
+        changed.append(rewrite_prompt_sha256())
+    with monkeypatch.context() as m:
+        kinds = list(rewrite.EXAMPLES_BY_KIND)
+        kinds[2] = (ExamplePair("orange cat", "a ginger cat"), *kinds[2][1:])
+        m.setattr(rewrite, "EXAMPLES_BY_KIND", tuple(kinds))
+        changed.append(rewrite_prompt_sha256())
+    with monkeypatch.context() as m:  # the same texts in another layout: examples after the caption
+        m.setattr(rewrite, "completion_prompt", lambda examples, caption: "\n".join(
+            [COMPLETION_HEADER, f"{caption} =>"] + [f"{p.source} => {p.target}" for p in examples]))
+        changed.append(rewrite_prompt_sha256())
+    with monkeypatch.context() as m:  # the instruction as a user turn instead of the system prompt
+        messages = rewrite.chat_messages
+        m.setattr(rewrite, "chat_messages", lambda examples, caption: [
+            {"role": "user", "content": CHAT_INSTRUCTION}, *messages(examples, caption)[1:]])
+        changed.append(rewrite_prompt_sha256())
+    assert len({PROMPT_SHA256, *changed}) == 5
 
 
 def test_example_groups_share_prefixes_across_keys():
