@@ -1,8 +1,11 @@
 """Streaming the checked shards into training batches: split, curate, shuffle, decode, tokenize, batch.
 
 - The unit of work is one row group of one shard (`training.shard_set`).
-  Every epoch the units are put in an order drawn from (seed, epoch) and dealt
-  to the `world_size x readers` readers, so no two readers share a row.
+  Every epoch the units are put in an order drawn from (seed, epoch), and that
+  row sequence is cut into `world_size x readers` equal ranges, one per
+  reader: no two readers share a row, and their row counts differ by at most
+  one, so ranks stay in the same epoch and every row is seen as often (a
+  row group on a cut is read by both readers, each taking its own rows).
 - Each reader runs its rows through: held-out filter (a hash of the key, the
   same for every seed, so every run is scored on the same rows), online
   curation (`training.online_curation`, drawn anew each epoch), a shuffle
@@ -45,8 +48,22 @@ from training.tokenizer import encode
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' own threads fight the DataLoader's forks
 # Version of how an epoch orders its units, recorded in checkpoints: a loader state is a position in that
-# order, so a resume under another one would repeat or skip rows. 2: seeded by the shard's name in the input.
-DATA_ORDER = 2
+# order, so a resume under another one would repeat or skip rows. 2: seeded by the shard's name in the input;
+# 3: dealt to readers as equal row ranges.
+DATA_ORDER = 3
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one unit: the part of it one reader reads in one epoch."""
+
+    unit: Unit
+    start: int
+    stop: int
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.unit.rows
 
 
 @dataclass
@@ -100,21 +117,31 @@ class ShardStream(IterableDataset):
             yield from self.epoch(reader, readers, epoch, skip)
             epoch, skip = epoch + 1, 0
 
-    def _units(self, reader: int, readers: int, epoch: int) -> list[Unit]:
+    def _pieces(self, reader: int, readers: int, epoch: int) -> list[Piece]:
+        """This reader's equal share of the epoch's row sequence, as the pieces of units it covers."""
         units = list(self.spec.shards.units)
         if self.spec.train:
             units.sort(key=lambda u: derive_seed(self.spec.seed, epoch, "units", u.name, u.row_group))
-        total = self.world_size * readers
-        return units[self.rank * readers + reader::total]
-
-    def _rows(self, units: list[Unit], epoch: int, counts: collections.Counter) -> Iterator[dict]:
-        spec = self.spec
+        total, index = self.world_size * readers, self.rank * readers + reader
+        rows = sum(u.rows for u in units)
+        lo, hi = rows * index // total, rows * (index + 1) // total
+        pieces, offset = [], 0
         for unit in units:
+            start, stop = max(lo, offset), min(hi, offset + unit.rows)
+            if start < stop:
+                pieces.append(Piece(unit, start - offset, stop - offset))
+            offset += unit.rows
+        return pieces
+
+    def _rows(self, pieces: list[Piece], epoch: int, counts: collections.Counter) -> Iterator[dict]:
+        spec = self.spec
+        for piece in pieces:
+            unit, own = piece.unit, None if piece.whole else list(range(piece.start, piece.stop))
             if spec.train:
-                table = read_unit(spec.shards, unit, spec.columns)
+                table = read_unit(spec.shards, unit, spec.columns, own)
             else:  # keys first: only the held-out rows' images are read
                 keys = read_unit(spec.shards, unit, ["key"]).column("key").to_pylist()
-                held = [i for i, k in enumerate(keys) if is_holdout(k, spec.holdout_fraction)]
+                held = [i for i in range(piece.start, piece.stop) if is_holdout(keys[i], spec.holdout_fraction)]
                 if not held:
                     continue
                 table = read_unit(spec.shards, unit, spec.columns, held)
@@ -152,7 +179,7 @@ class ShardStream(IterableDataset):
         counts: collections.Counter = collections.Counter()
         pending: list[dict] = []
         taken = 0
-        stream = self._shuffled(self._rows(self._units(reader, readers, epoch), epoch, counts), reader, epoch)
+        stream = self._shuffled(self._rows(self._pieces(reader, readers, epoch), epoch, counts), reader, epoch)
         for index, row in enumerate(stream):
             if index < skip:
                 counts.clear()
@@ -240,13 +267,14 @@ class LoaderState:
                    data["next_reader"], data["batches"], dict(data["counts"]))
 
 
-def readers_for(shards: ShardSet, workers: int, world_size: int) -> int:
-    """Readers per rank: the requested workers, fewer if there are not enough units to feed them all."""
-    per_rank = len(shards.units) // world_size
-    if per_rank == 0:
-        raise ValueError(f"{len(shards.units)} row groups cannot feed {world_size} ranks; "
-                         f"write smaller row groups or use fewer ranks")
-    return max(1, min(max(workers, 1), per_rank))
+def readers_for(shards: ShardSet, workers: int, world_size: int, batch_size: int) -> int:
+    """Readers per rank: the requested workers (one without workers), fewer where a worker's share of the
+    rows would not fill a batch. Refused up front, on every rank alike, when a rank's share cannot."""
+    per_rank = shards.rows // world_size
+    if per_rank < batch_size:
+        raise ValueError(f"{shards.rows} rows in {shards.shards} shards give each of {world_size} rank(s) "
+                         f"{per_rank}, fewer than a batch of {batch_size}; lower --batch_size or use fewer ranks")
+    return max(1, min(workers, per_rank // batch_size))
 
 
 def train_batches(spec: StreamSpec, tokenizer, state: LoaderState, *, workers: int, batch_size: int,
@@ -255,7 +283,7 @@ def train_batches(spec: StreamSpec, tokenizer, state: LoaderState, *, workers: i
 
     Close the generator to stop the workers.
     """
-    readers = readers_for(spec.shards, workers, world_size) if workers else 1
+    readers = readers_for(spec.shards, workers, world_size, batch_size)
     stream = ShardStream(spec, tokenizer, batch_size, rank=rank, world_size=world_size,
                          start=LoaderState.from_dict(state.to_dict()))
     loader = DataLoader(stream, batch_size=None, num_workers=readers if workers else 0, pin_memory=pin_memory,

@@ -4,9 +4,12 @@ One uniform draw per (seed, key, epoch) splits the unit interval:
 - [0, synthetic_ratio): the synthetic caption (ALIP / MetaCLIP 1.2 "syn_ratio");
 - next fused_ratio: the fused caption (VeCLIP's alt-text / VeCap mix);
 - the rest: uniform over the caption and its valid rewrites (LaCLIP), or the caption alone.
-A missing or empty text falls back to the alt-text, and so does a rewrite of
-fewer than two words, as LaCLIP does. Each fallback is reported by its source,
-so a run can say how often it trained on what it was asked to.
+A valid rewrite has two words or more (as LaCLIP keeps them) and differs from
+the caption: the rewrite stage writes the caption itself into a slot whose
+every attempt was refused, and such a copy is no rewrite. Repeats count once.
+A row drawn for its fused or synthetic caption that has none trains on the
+alt-text under the source `fused_missing` or `synthetic_missing`, so a run
+says how often it trained on what it was asked to.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 from training.randomness import unit_uniform
 
-SOURCES = ("caption", "rewrite", "fused", "synthetic")
+SOURCES = ("caption", "rewrite", "fused", "synthetic", "fused_missing", "synthetic_missing")
 
 
 @dataclass(frozen=True)
@@ -42,22 +45,24 @@ def _usable(text: object, min_words: int = 1) -> bool:
     return isinstance(text, str) and len(text.split()) >= min_words
 
 
+def valid_rewrites(caption: str, rewrites: list | None) -> list[str]:
+    """The distinct rewrites LaCLIP samples from: two words or more, and not the caption again."""
+    plain = caption.strip()
+    return list(dict.fromkeys(t for t in rewrites or () if _usable(t, min_words=2) and t.strip() != plain))
+
+
 def choose_text(row: dict, sampling: TextSampling, seed: int, epoch: int) -> tuple[str, str]:
-    """(text, source) for this row at this epoch; source is 'caption' whenever a fallback happened."""
+    """(text, source) for this row at this epoch, from one draw; see the module docstring for the sources."""
     caption = row["caption"]
     u = unit_uniform(seed, row["key"], epoch, "text")
     if u < sampling.synthetic_ratio:
         text = row.get("synthetic_caption")
-        return (text, "synthetic") if _usable(text) else (caption, "caption")
+        return (text, "synthetic") if _usable(text) else (caption, "synthetic_missing")
     if u < sampling.synthetic_ratio + sampling.fused_ratio:
         text = row.get("fused_caption")
-        return (text, "fused") if _usable(text) else (caption, "caption")
-    rewrites = (row.get("rewrites") or []) if sampling.use_rewrites else []
-    pool = [caption, *rewrites]
+        return (text, "fused") if _usable(text) else (caption, "fused_missing")
+    pool = [caption, *valid_rewrites(caption, row.get("rewrites"))] if sampling.use_rewrites else [caption]
     # Rescale the rest of the interval onto the pool, so the choice uses the same single draw.
     low = sampling.synthetic_ratio + sampling.fused_ratio
     index = min(int((u - low) / max(1.0 - low, 1e-12) * len(pool)), len(pool) - 1)
-    if index == 0:
-        return caption, "caption"
-    text = pool[index]
-    return (text, "rewrite") if _usable(text, min_words=2) else (caption, "caption")
+    return (caption, "caption") if index == 0 else (pool[index], "rewrite")

@@ -7,9 +7,9 @@ import pytest
 
 from curation.schema import SCHEMA_VERSION_KEY, SchemaError
 from curation.shards import read_table, shard_name
-from training.data import LoaderState, ShardStream, StreamSpec, train_batches
+from training.data import LoaderState, ShardStream, StreamSpec, readers_for, train_batches
 from training.randomness import unit_uniform
-from training.shard_set import has_values, inspect_shards, is_holdout
+from training.shard_set import REQUIRED_COLUMNS, ShardSet, Unit, has_values, inspect_shards, is_holdout
 from training.text_sampling import TextSampling
 from training.tokenizer import train_bpe
 
@@ -42,10 +42,42 @@ def test_shards_are_split_across_ranks_and_workers_without_overlap(raw_pairs, to
     train_keys = {k for k in every if not is_holdout(k, 0.1)}
     assert 0 < len(every) - len(train_keys) < 0.2 * len(every)
     rank0, rank1 = (_keys(spec, tokenizer, rank=r, world=2, readers=2, batch_size=1) for r in (0, 1))
+    pieces = [p for r in (0, 1) for reader in (0, 1)
+              for p in ShardStream(spec, tokenizer, 1, rank=r, world_size=2)._pieces(reader, 2, 0)]
+    assert any(not p.whole for p in pieces)  # some row group is cut between two readers, each reading its part
     assert rank0 and rank1 and not set(rank0) & set(rank1)
     assert len(rank0) + len(rank1) == len(train_keys) and set(rank0) | set(rank1) == train_keys
     held = _keys(_spec(raw_pairs, train=False), tokenizer)
     assert set(held) == set(every) - train_keys
+
+
+def test_every_reader_of_every_rank_gets_an_equal_share_of_rows():
+    """Row groups of uneven size (a shard's last one is small) are cut, not dealt whole. Dealt whole, 5
+    shards of 100 + 20 rows gave 4 ranks x 2 readers 80, 200, 200 and 120 rows in one epoch: ranks drifted
+    epochs apart, rows of the small ranks were seen more often, and one rank ran out of full batches."""
+    units = [Unit(f"s{i // 2}", f"s{i // 2}", i % 2, 100 if i % 2 == 0 else 20) for i in range(10)]
+    spec = StreamSpec(ShardSet(units, list(REQUIRED_COLUMNS), 600, {u.path: frozenset() for u in units}), 0, 32, 16)
+    every = sorted((u.path, u.row_group, i) for u in units for i in range(u.rows))
+    for world, readers in [(4, 2), (3, 2), (2, 4), (1, 7)]:
+        for epoch in range(3):
+            shares = [ShardStream(spec, None, 8, rank=r, world_size=world)._pieces(reader, readers, epoch)
+                      for r in range(world) for reader in range(readers)]
+            sizes = [sum(p.stop - p.start for p in share) for share in shares]
+            assert max(sizes) - min(sizes) <= 1, (world, readers, epoch, sizes)
+            assert sorted((p.unit.path, p.unit.row_group, i) for share in shares for p in share
+                          for i in range(p.start, p.stop)) == every
+    first, second = (ShardStream(spec, None, 8, world_size=4)._pieces(0, 2, e) for e in (0, 1))
+    assert first != second  # each epoch deals other rows to a reader
+
+
+def test_readers_are_as_many_as_the_rows_can_fill_with_batches():
+    units = [Unit("s", "s", g, 100) for g in range(6)]
+    shards = ShardSet(units, list(REQUIRED_COLUMNS), 600, {"s": frozenset()})
+    assert readers_for(shards, 8, 4, 64) == 2  # 150 rows a rank: two workers' shares still fill a batch
+    assert readers_for(shards, 0, 1, 64) == 1 and readers_for(shards, 3, 1, 64) == 3
+    with pytest.raises(ValueError, match=r"600 rows in 1 shards give each of 4 rank\(s\) 150, fewer than a batch "
+                                         r"of 200; lower --batch_size"):
+        readers_for(shards, 2, 4, 200)
 
 
 def test_order_is_reproducible_and_reshuffled_every_epoch(raw_pairs, tokenizer):
@@ -127,7 +159,7 @@ def test_counts_of_rows_after_the_last_full_batch_are_not_lost(raw_pairs, tokeni
     _write_variant(raw_pairs, tmp_path / "tail", lambda t, i: t)
     spec = _spec(tmp_path / "tail", holdout_fraction=0.0, shuffle_buffer=1)
     batch = next(b for b in (7, 9, 11, 13) if spec.shards.rows % b)
-    last = ShardStream(spec, tokenizer, batch)._units(0, 1, 0)[-1]
+    last = ShardStream(spec, tokenizer, batch)._pieces(0, 1, 0)[-1].unit
     table = pq.read_table(last.path)
     assert pq.ParquetFile(last.path).metadata.num_row_groups == 1
     pq.write_table(_corrupt(table, 1, rows=(table.num_rows - 1,)), last.path)

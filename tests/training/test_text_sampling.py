@@ -26,6 +26,20 @@ def test_one_word_or_missing_rewrites_fall_back_to_the_caption():
     assert set(no_rewrites) == {"the original alt text"}
 
 
+@pytest.mark.parametrize("rewrites", [
+    ["the original alt text", "the original alt text ", "a real rewrite here", "the original alt text"],
+    [None, "", "a real rewrite here"],
+    ["ok", "a real rewrite here", "a real rewrite here"],
+])
+def test_caption_copies_invalid_and_repeated_rewrites_do_not_skew_the_draw(rewrites):
+    """The rewrite stage writes the caption into a slot it fell back on: that copy is no rewrite, and it
+    neither takes draws from the real one nor is counted as one (before: 21% real, 80% counted as rewrites)."""
+    picks = [choose_text(r, TextSampling(), seed=0, epoch=0) for r in _rows(4000, rewrites=rewrites)]
+    sources = collections.Counter(source for _, source in picks)
+    assert {t for t, s in picks if s == "rewrite"} == {"a real rewrite here"}
+    assert abs(sources["rewrite"] / 4000 - 0.5) < 0.03 and sources["caption"] + sources["rewrite"] == 4000
+
+
 def test_veclip_mix_follows_the_ratio_and_synthetic_ratio_too():
     rows = _rows(4000, fused_caption="a fused caption", synthetic_caption="a synthetic caption")
     sampling = TextSampling(use_rewrites=False, fused_ratio=0.5, synthetic_ratio=0.15)
@@ -37,7 +51,11 @@ def test_veclip_mix_follows_the_ratio_and_synthetic_ratio_too():
 
 def test_null_fused_caption_falls_back_and_choice_is_reproducible_per_epoch():
     sampling = TextSampling(fused_ratio=1.0)
-    assert choose_text({"key": "a", "caption": "alt text", "fused_caption": None}, sampling, 0, 0) == ("alt text", "caption")
+    assert choose_text({"key": "a", "caption": "alt text", "fused_caption": None}, sampling, 0, 0) == (
+        "alt text", "fused_missing")
+    synthetic = TextSampling(synthetic_ratio=1.0)
+    assert choose_text({"key": "a", "caption": "alt text", "synthetic_caption": " "}, synthetic, 0, 0) == (
+        "alt text", "synthetic_missing")
     rows = _rows(200, rewrites=["one more text", "another more text"])
     first = [choose_text(r, TextSampling(), 7, 0) for r in rows]
     assert first == [choose_text(r, TextSampling(), 7, 0) for r in rows]
