@@ -98,6 +98,10 @@ class TrainConfig:
             "crop_scale_min": 0.0 < self.crop_scale_min <= 1.0,
             "fused_ratio": 0.0 <= self.fused_ratio <= 1.0, "synthetic_ratio": 0.0 <= self.synthetic_ratio <= 1.0,
             "lr": self.lr > 0 and math.isfinite(self.lr), "warmup_steps": self.warmup_steps >= 0,
+            # A negative clip norm would flip the gradient's sign in clip_grad_norm_: gradient ascent.
+            "grad_clip": self.grad_clip >= 0 and math.isfinite(self.grad_clip),
+            "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1,
+            "eps": self.eps > 0,
             "max_bad_steps": self.max_bad_steps >= 1, "checkpoint_every": self.checkpoint_every >= 1,
             "keep_checkpoints": self.keep_checkpoints >= 1, "stop_after_steps": self.stop_after_steps >= 0,
             "optimizer": self.optimizer in OPTIMIZERS, "precision": self.precision in ("auto", "bf16", "fp32"),

@@ -22,9 +22,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from curation.shards import read_table
+from curation.shards import read_table, shard_paths
 from training.data import ShardStream, StreamSpec
 from training.image_transforms import CorruptImage, decode, eval_transform, normalise
 from training.model import encode_images, encode_texts
@@ -62,12 +63,34 @@ def class_weights(model, tokenizer, classes: list[str], templates: Iterable[str]
     return torch.stack(rows)
 
 
-def load_labelled(eval_dir: str | Path) -> pa.Table:
-    table = read_table(eval_dir)
-    missing = [c for c in ("image", "label") if c not in table.column_names]
+LABELLED_COLUMNS = ("image", "label")
+
+
+def _missing_columns(eval_dir: str | Path, names: Iterable[str]) -> None:
+    missing = [c for c in LABELLED_COLUMNS if c not in names]
     if missing:
         raise ValueError(f"eval split {eval_dir} lacks column(s) {missing}; it needs image bytes and a label")
+
+
+def load_labelled(eval_dir: str | Path) -> pa.Table:
+    table = read_table(eval_dir)
+    _missing_columns(eval_dir, table.column_names)
     return table
+
+
+def check_eval_inputs(eval_dir: str, classes_path: Path | None) -> None:
+    """The labelled split's files and columns and its classes.json, from footers only, before training:
+    found wrong at the final evaluation, they would stop the run before its model is saved."""
+    if not eval_dir:
+        return
+    paths = shard_paths(eval_dir)
+    if not paths:
+        raise FileNotFoundError(f"eval split {eval_dir} holds no Parquet shards")
+    for path in paths:
+        _missing_columns(path, pq.read_schema(path).names)
+    if classes_path is None or not classes_path.is_file():
+        raise FileNotFoundError(f"zero-shot needs a classes.json; none at {classes_path} (--classes names one)")
+    load_classes(classes_path)
 
 
 def _image_features(model, images: list[bytes], image_size: int, device: torch.device, precision: str,
@@ -100,13 +123,17 @@ def zero_shot(model, tokenizer, eval_dir: str | Path, classes: list[str], *, ima
         raise ValueError(f"eval labels {unknown[:5]} are not in the class list ({len(classes)} classes)")
     weights = class_weights(model, tokenizer, classes, templates, context_length, device, precision)
     features, kept = _image_features(model, table.column("image").to_pylist(), image_size, device, precision, batch_size)
+    if not kept:
+        raise ValueError(f"none of the {table.num_rows} images of eval split {eval_dir} decodes: zero-shot has "
+                         f"nothing to score")
     logits = 100.0 * features @ weights.T
     target = torch.tensor([classes.index(labels[i]) for i in kept], device=logits.device)
     top5 = logits.topk(min(5, len(classes)), dim=1).indices
     predicted = top5[:, 0]
     result = {"zeroshot_top1": (predicted == target).float().mean().item(),
               "zeroshot_top5": (top5 == target[:, None]).any(dim=1).float().mean().item(),
-              "zeroshot_chance": 1.0 / len(classes), "zeroshot_images": len(kept)}
+              "zeroshot_chance": 1.0 / len(classes), "zeroshot_images": len(kept),
+              "zeroshot_corrupt_images": table.num_rows - len(kept)}
     # An attribute column whose value is a function of the label (the demo's colour and shape) gets its own score.
     for column in table.column_names:
         if column in ("key", "image", "label", "caption"):

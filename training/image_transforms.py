@@ -90,9 +90,12 @@ def train_transform(image: Image.Image, size: int, scale_min: float, *parts: obj
 
 
 def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
-    """Shorter side to `size` (bicubic), then a centre crop of size x size."""
-    scale = size / min(image.width, image.height)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    """Shorter side to `size` (bicubic), then a centre crop of size x size: pixel for pixel what
+    CLIPImageProcessor does with `image_processor_config(size)`, so the saved model sees the same images
+    anywhere (its longer side is truncated, int(size * long / short), not rounded)."""
+    short, long = sorted((image.width, image.height))
+    other = int(size * long / short)
+    width, height = (size, other) if image.width <= image.height else (other, size)
     image = image.resize((width, height), Image.Resampling.BICUBIC)
     left, top = (width - size) // 2, (height - size) // 2
     return to_tensor(image.crop((left, top, left + size, top + size)))

@@ -26,16 +26,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from curation.shards import atomic_write_bytes
 from training import distributed
 from training.checkpoint import (CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  restore_interrupted_save, save_checkpoint)
 from training.config import RETRY_AFTER_DIVERGENCE, TrainConfig, resume_mismatches
 from training.data import DATA_ORDER, LoaderState, StreamSpec, counts_summary, train_batches
-from training.evaluate import evaluate_all
+from training.evaluate import check_eval_inputs, evaluate_all
 from training.image_transforms import image_processor_config
 from training.metrics_log import CURVES_PNG, METRICS_CSV, MetricsLog, plot_curves
 from training.model import PRESETS, ClipTowers, build_model, clip_config
-from training.online_curation import curation_probabilities
+from training.online_curation import check_curation_column, curation_probabilities
 from training.optimization import make_optimizer, rescale_schedule, warmup_cosine
 from training.shard_set import ShardSet, input_fingerprint, inspect_shards, iter_texts
 from training.step import HealthReport, TrainStep
@@ -81,14 +82,14 @@ def _precision(config: TrainConfig, device: torch.device) -> str:
 
 
 def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_length: int, d: distributed.Dist,
-               resuming: bool):
-    """The run's tokenizer: the one saved in output (resume), a named one, or a BPE trained on rank 0."""
+               named, resuming: bool):
+    """The run's tokenizer: the one saved in output (resume), the `named` one, or a BPE trained on rank 0."""
     if resuming:
         return load_tokenizer(output, context_length)
 
     def make_and_save():
-        if config.tokenizer:
-            tokenizer = load_tokenizer(config.tokenizer, context_length)
+        if named is not None:
+            tokenizer = named
         else:
             vocab = config.vocab_size or PRESETS[config.preset].vocab_size
             tokenizer = train_bpe(iter_texts(shards, config.holdout_fraction), vocab, context_length)
@@ -142,9 +143,9 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path |
                          f"cannot be checked, and its data-loader state is of an older format. Pass --overwrite "
                          f"to start over there, or use another --output.")
     if saved.get("data_order", 1) != DATA_ORDER:
-        raise ValueError(f"{checkpoint} was written by a version that ordered the data otherwise (by the shards' "
-                         f"full paths); its data-loader state would repeat or skip rows here. Pass --overwrite to "
-                         f"start over there, or use another --output.")
+        raise ValueError(f"{checkpoint} was written by a version that ordered the data otherwise (data order "
+                         f"{saved.get('data_order', 1)}, this one is {DATA_ORDER}); its data-loader state would "
+                         f"repeat or skip rows here. Pass --overwrite to start over there, or use another --output.")
     changed = resume_mismatches(saved["config"], config, diverged=saved.get("diverged", False))
     if saved["input"] != fingerprint:
         changed.append(f"input shards (the contents of {config.input})")
@@ -168,19 +169,22 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     output = Path(config.output)
-    # Input errors surface before anything is written.
-    shards = inspect_shards(config.input, _needed_columns(config))
-    entry_p = curation_probabilities(config)
-    fingerprint = input_fingerprint(config.input)
-    distributed.on_main(d, lambda: _prepare_output(config, output))
-    checkpoint = _resume_state(config, output, fingerprint)
-
-    preset = PRESETS[config.preset] if config.preset in PRESETS else None
+    preset = PRESETS.get(config.preset)
     if preset is None:
         raise ValueError(f"unknown model preset {config.preset!r}; choose one of {sorted(PRESETS)}")
     image_size = config.image_size or preset.image_size
     context_length = config.context_length or preset.context_length
-    tokenizer = _tokenizer(config, shards, output, context_length, d, resuming=checkpoint is not None)
+    # Input errors surface before anything is written, or cleared by --overwrite, and not after the last step.
+    shards = inspect_shards(config.input, _needed_columns(config))
+    if config.online_curation:
+        check_curation_column(shards, config.t)
+    entry_p = curation_probabilities(config)
+    named = load_tokenizer(config.tokenizer, context_length) if config.tokenizer else None
+    check_eval_inputs(config.eval, config.classes_path)
+    fingerprint = input_fingerprint(config.input)
+    distributed.on_main(d, lambda: _prepare_output(config, output))
+    checkpoint = _resume_state(config, output, fingerprint)
+    tokenizer = _tokenizer(config, shards, output, context_length, d, named, resuming=checkpoint is not None)
     model_config = clip_config(config.preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                image_size=image_size, context_length=context_length)
@@ -221,7 +225,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
                             rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda")
     log = MetricsLog(output, resume_step=step) if d.main else None
     if d.main:
-        (output / TRAIN_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+        atomic_write_bytes(output / TRAIN_CONFIG, json.dumps(config.to_dict(), indent=2).encode())
     run = _Run(config, d, output, model, optimizer, scheduler, train_step, loader_state, log, fingerprint,
                elapsed_before, tokenizer, holdout, image_size, context_length, precision)
     try:
@@ -250,7 +254,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
         log.close()
         _save_final(model, output, image_size)
         curves = plot_curves(output)
-        (output / METRICS_JSON).write_text(json.dumps(metrics, indent=2))
+        atomic_write_bytes(output / METRICS_JSON, json.dumps(metrics, indent=2).encode())
         result.files = {"metrics_json": METRICS_JSON, "metrics_csv": METRICS_CSV,
                         "curves_png": CURVES_PNG if curves else None}
         return metrics
@@ -375,4 +379,5 @@ class _Run:
 def _save_final(model, output: Path, image_size: int) -> None:
     """save_pretrained beside the tokenizer, plus a preprocessor_config.json CLIPImageProcessor reads."""
     model.save_pretrained(output)
-    (output / "preprocessor_config.json").write_text(json.dumps(image_processor_config(image_size), indent=2))
+    atomic_write_bytes(output / "preprocessor_config.json",
+                       json.dumps(image_processor_config(image_size), indent=2).encode())

@@ -2,13 +2,19 @@
 
 The CSV is appended to, so a resumed run continues the same file and the
 curves stay continuous; rows past the resume step (logged after the last
-checkpoint by the interrupted run) are dropped on resume.
+checkpoint by the interrupted run) are dropped on resume, by writing the
+kept rows to a new file that replaces the old one (a kill then leaves one or
+the other whole). A row a kill cut short is skipped when the file is read.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import os
 from pathlib import Path
+
+from curation.shards import atomic_write_bytes
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
@@ -30,13 +36,16 @@ class MetricsLog:
             except ImportError:  # tensorboard is a test extra, not a runtime requirement
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(str(Path(output) / "tensorboard"), purge_step=resume_step or None)
+                # Events from the resume step on go: the CSV keeps its rows up to that step, and so does this.
+                self.writer = SummaryWriter(str(Path(output) / "tensorboard"),
+                                            purge_step=resume_step + 1 if resume_step else None)
 
     def _write_all(self, rows: list[dict]) -> None:
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.path, text.getvalue().encode())
 
     def log(self, step: int, values: dict[str, float]) -> None:
         with open(self.path, "a", newline="") as f:
@@ -53,12 +62,21 @@ class MetricsLog:
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:
+        """The rows, less a last one a kill cut short (no value, or no number where one belongs)."""
         with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+            return [r for r in csv.DictReader(f) if _complete(r)]
 
     @staticmethod
     def series(path: str | Path, metric: str) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["value"])) for r in MetricsLog.read(path) if r["metric"] == metric]
+
+
+def _complete(row: dict) -> bool:
+    try:
+        int(row["step"]), float(row["value"])
+    except (TypeError, ValueError):
+        return False
+    return bool(row["metric"])
 
 
 def plot_curves(output: str | Path, accuracy_metric: str = "zeroshot_top1") -> Path | None:
@@ -81,6 +99,8 @@ def plot_curves(output: str | Path, accuracy_metric: str = "zeroshot_top1") -> P
         axes[0][1].set(xlabel="step", ylabel=accuracy_metric, title="held-out zero-shot accuracy", ylim=(0, 1))
     figure.tight_layout()
     out = Path(output) / CURVES_PNG
-    figure.savefig(out, dpi=100)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
+    os.replace(tmp, out)
     return out

@@ -32,8 +32,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.balancing import entry_probabilities, keep_probabilities
+from curation.schema import SchemaError
 from curation.shards import STAGE_CONFIG, is_complete, read_manifest
 from training.config import TrainConfig
+from training.shard_set import ShardSet, column_has_values
 
 BALANCE = "balance"
 
@@ -93,6 +95,16 @@ def curation_probabilities(config: TrainConfig) -> np.ndarray | None:
         return None
     check_not_subsampled(config.input, config.assume_online_balanced)
     return entry_probabilities_for(config.input, config.t, config.entry_counts) if config.t else None
+
+
+def check_curation_column(shards: ShardSet, t: float) -> None:
+    """Online curation reads one column from every shard (footers only). A shard without its values read as
+    nulls: kept whole (keep_prob) or dropped whole (matched_entries under --t), either way not curated."""
+    column = "matched_entries" if t else "keep_prob"
+    lacking = [path for path in shards.file_columns if not column_has_values(pq.ParquetFile(path), column)]
+    if lacking:
+        raise SchemaError(f"online curation reads {column} from every shard, and {len(lacking)} of {shards.shards} "
+                          f"lack it; curate them with the balance stage first", file=lacking[0], column=column)
 
 
 def keep_probabilities_of(table: pa.Table, entry_p: np.ndarray | None, where: str) -> np.ndarray:

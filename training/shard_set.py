@@ -76,16 +76,28 @@ def column_has_values(parquet: pq.ParquetFile, column: str) -> bool:
     if column not in parquet.schema_arrow.names:
         return False
     metadata = parquet.metadata
-    index = parquet.schema_arrow.get_field_index(column)
-    leaves = [i for i in range(metadata.num_columns)
-              if metadata.row_group(0).column(i).path_in_schema.split(".")[0] == column] if metadata.num_row_groups else []
     for g in range(metadata.num_row_groups):
         group = metadata.row_group(g)
-        for leaf in leaves or [index]:
+        for leaf in _leaves(parquet, column):
             stats = group.column(leaf).statistics
             if stats is None or not stats.has_null_count or stats.null_count < group.num_rows:
                 return True
     return False
+
+
+def _leaves(parquet: pq.ParquetFile, column: str) -> list[int]:
+    """The footer's column chunks that hold `column` (one for a flat column, several for a nested one)."""
+    metadata = parquet.metadata
+    leaves = [i for i in range(metadata.num_columns)
+              if metadata.row_group(0).column(i).path_in_schema.split(".")[0] == column] if metadata.num_row_groups else []
+    return leaves or [parquet.schema_arrow.get_field_index(column)]
+
+
+def null_count(parquet: pq.ParquetFile, column: str) -> int:
+    """Nulls in a flat column, from the footer's statistics (0 where a row group has none)."""
+    (leaf,) = _leaves(parquet, column)
+    counts = (parquet.metadata.row_group(g).column(leaf).statistics for g in range(parquet.metadata.num_row_groups))
+    return sum(stats.null_count for stats in counts if stats is not None and stats.has_null_count)
 
 
 def has_values(source: str | Path, column: str) -> bool:
@@ -114,6 +126,10 @@ def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
         if missing:
             raise SchemaError(f"missing required column(s) {missing} for training; found {schema.names}",
                               file=str(path), column=missing[0])
+        for name in ("key", "caption"):  # a row trains on its caption and draws on its key
+            if nulls := null_count(parquet, name):
+                raise SchemaError(f"{nulls} row(s) have no {name}; every training row needs a key and a caption",
+                                  file=str(path), column=name)
         for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
             if name in schema.names:
                 actual, expected = schema.field(name).type, PAIR_FIELDS[name].type

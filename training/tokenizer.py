@@ -109,7 +109,11 @@ def load_tokenizer(name_or_path: str | Path, context_length: int | None = None) 
     kwargs = {"padding_side": "right"}
     if context_length:
         kwargs["model_max_length"] = context_length
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    except OSError as exc:
+        raise OSError(f"no tokenizer at {name_or_path}: it is neither a folder holding a saved tokenizer nor a "
+                      f"hub id available offline ({exc})") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -16,3 +16,29 @@ def test_metrics_csv_gets_its_header_when_missing_on_resume(tmp_path):
     log.log(41, {"loss": 1.5})
     log.close()
     assert MetricsLog.series(tmp_path / "metrics.csv", "loss") == [(41, 1.5)]
+
+
+def test_a_row_cut_short_by_a_kill_is_skipped(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.log(1, {"loss": 2.5})
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("2,loss")  # the kill came mid-row
+    assert MetricsLog.series(tmp_path / "metrics.csv", "loss") == [(1, 2.5)]
+    MetricsLog(tmp_path, resume_step=1, tensorboard=False).log(2, {"loss": 2.0})
+    assert MetricsLog.series(tmp_path / "metrics.csv", "loss") == [(1, 2.5), (2, 2.0)]
+
+
+def test_tensorboard_keeps_the_checkpoint_steps_events_on_resume(tmp_path):
+    """The CSV keeps rows up to the resume step; TensorBoard purged that step too (purge_step=resume_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.log(step, {"loss": float(step)})
+    log.close()
+    resumed = MetricsLog(tmp_path, resume_step=2)
+    resumed.log(3, {"loss": 30.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]

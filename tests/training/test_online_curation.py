@@ -127,3 +127,19 @@ def test_t_without_online_curation_is_refused():
         TrainConfig(t=5)
     with pytest.raises(ValueError, match="--online_curation --t"):
         TrainConfig(online_curation=True, entry_counts="x.parquet")
+
+
+def test_a_shard_without_the_curation_column_is_refused(online, raw_pairs, tmp_path):
+    """Read as nulls it was kept whole (no keep_prob) or dropped whole (no matched_entries under --t)."""
+    from curation.schema import SchemaError
+    from training.online_curation import check_curation_column
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(sorted(online.glob("part-*.parquet"))[0], mixed / "part-00000.parquet")
+    shutil.copy(sorted(raw_pairs.glob("part-*.parquet"))[0], mixed / "part-00001.parquet")
+    shards = inspect_shards(mixed, ["keep_prob"])  # one shard with values satisfies the column check
+    for t, column in ((0.0, "keep_prob"), (5.0, "matched_entries")):
+        with pytest.raises(SchemaError, match=f"online curation reads {column} from every shard, and 1 of 2 lack it"):
+            check_curation_column(shards, t)
+    check_curation_column(inspect_shards(online, ["keep_prob"]), 5.0)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -55,10 +57,13 @@ def test_two_ranks_train_and_a_resumed_run_continues_the_straight_one(raw_pairs,
     # Rank 0 refuses to start a second run beside these checkpoints: rank 1 stops with it and says why.
     refused = _torchrun(raw_pairs, straight, ok=False, resume=False)
     assert "holds checkpoints of an earlier run" in refused and "rank 0 failed, so rank 1 stops too" in refused
-    # The same when rank 0 fails at the very end, evaluating (an eval split without its classes.json).
+    # The same when rank 0 fails at the very end, evaluating (an eval split none of whose images decodes).
     (tmp_path / "eval").mkdir()
-    failed = _torchrun(raw_pairs, tmp_path / "no-classes", ok=False, steps=1, eval=tmp_path / "eval")
-    assert "zero-shot needs a classes.json" in failed and "rank 0 failed, so rank 1 stops too" in failed
+    pq.write_table(pa.table({"key": ["a", "b"], "image": [b"not an image"] * 2, "label": ["x", "y"]}),
+                   tmp_path / "eval" / "part-00000.parquet")
+    (tmp_path / "classes.json").write_text(json.dumps(["x", "y"]))
+    failed = _torchrun(raw_pairs, tmp_path / "undecodable", ok=False, steps=1, eval=tmp_path / "eval")
+    assert "none of the 2 images of eval split" in failed and "rank 0 failed, so rank 1 stops too" in failed
 
     _torchrun(raw_pairs, resumed, stop_after_steps=3)
     saved = json.loads((resumed / "checkpoints" / "step-0000003" / "state.json").read_text())

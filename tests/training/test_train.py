@@ -3,6 +3,7 @@ import math
 import shutil
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -115,6 +116,41 @@ def test_wrong_shards_fail_before_any_training(raw_pairs, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(SchemaError, match="fused_caption"):
         loop.train(_config(raw_pairs, tmp_path / "out", fused_ratio=0.5))
+    # A shard written elsewhere with a nullable caption: refused from its footer, not mid-epoch by the tokenizer.
+    table = pq.read_table(sorted(raw_pairs.glob("part-*.parquet"))[0])
+    captions = table.column("caption").to_pylist()
+    captions[3] = None
+    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions)),
+                   tmp_path / "bad" / shard_name(0))
+    with pytest.raises(SchemaError, match="1 row\\(s\\) have no caption"):
+        loop.train(_config(tmp_path / "bad", tmp_path / "out"))
+
+
+def test_wrong_settings_and_eval_inputs_fail_before_overwrite_clears_anything(raw_pairs, tmp_path):
+    """Found after `--overwrite` had cleared the output (preset, tokenizer), or after the last step (eval
+    split, classes.json: no model was saved), these stopped a run only once its cost was paid."""
+    earlier = loop.train(_config(raw_pairs, tmp_path / "run", steps=2, checkpoint_every=2))
+    kept = sorted(p.name for p in earlier.output.iterdir())
+    (tmp_path / "eval").mkdir()
+    pq.write_table(pa.table({"key": ["a"], "image": [b"x"]}), tmp_path / "eval" / shard_name(0))
+    wrong = [
+        (dict(preset="vit-b32"), r"unknown model preset 'vit-b32'"),
+        (dict(tokenizer=str(tmp_path / "nowhere")), r"no tokenizer at .*nowhere: it is neither a folder"),
+        (dict(eval=str(tmp_path / "missing")), r"no shards at .*missing"),
+        (dict(eval=str(tmp_path / "eval")), r"lacks column\(s\) \['label'\]"),
+        (dict(grad_clip=-1.0), r"invalid training settings: grad_clip=-1.0"),
+    ]
+    for settings, message in wrong:
+        with pytest.raises((ValueError, OSError), match=message):
+            loop.train(_config(raw_pairs, tmp_path / "run", steps=2, overwrite=True, **settings))
+        assert sorted(p.name for p in earlier.output.iterdir()) == kept, settings
+    pq.write_table(pa.table({"key": ["a"], "image": [b"x"], "label": ["cat"]}), tmp_path / "eval" / shard_name(0))
+    with pytest.raises(FileNotFoundError, match="zero-shot needs a classes.json"):
+        loop.train(_config(raw_pairs, tmp_path / "run", steps=2, overwrite=True, eval=str(tmp_path / "eval")))
+    (tmp_path / "classes.json").write_text("{}")  # beside the split, where the demo keeps it
+    with pytest.raises(ValueError, match="must hold a non-empty JSON list"):
+        loop.train(_config(raw_pairs, tmp_path / "run", steps=2, overwrite=True, eval=str(tmp_path / "eval")))
+    assert sorted(p.name for p in earlier.output.iterdir()) == kept
 
 
 def test_a_late_stop_still_keeps_the_last_good_weights(raw_pairs, tmp_path, monkeypatch):
@@ -183,9 +219,9 @@ def test_a_checkpoint_of_another_data_order_is_refused(demo_pairs, tmp_path):
     first = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, checkpoint_every=2, stop_after_steps=2))
     path = first.checkpoint / "state.json"
     state = json.loads(path.read_text())
-    del state["data_order"]  # as checkpoints were written while units were seeded by their full path
+    state["data_order"] = 2  # as checkpoints were written while units were dealt to readers whole
     path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"ordered the data otherwise.*--overwrite"):
+    with pytest.raises(ValueError, match=r"ordered the data otherwise \(data order 2, this one is 3\).*--overwrite"):
         loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2))
 
 
