@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from training.optim.devices import to_device
+
 BLOCK = 1024
 # Columns of the per-tensor coefficient table read by the update kernel, and the step's constants.
 PER_TENSOR = ("tau", "ratio", "grad_scale", "finite", "step_size", "rsqrt_bias2")
@@ -107,13 +109,6 @@ def _update_kernel(addr_ptr, n_tensors, numel_ptr, block_tensor_ptr, block_start
     tl.store(m_ptr + offs, m.to(S_DT), mask=mask)
     tl.store(v_ptr + offs, v.to(S_DT), mask=mask)
     tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; on CUDA copied from pinned memory without blocking, so never waiting for the GPU."""
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 class BlockTable:

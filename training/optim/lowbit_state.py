@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training.optim.devices import to_device
+
 SUPPORTED_BITS = (4, 8)
 # Version of the code maps above, recorded in every optimizer state dict: codes only mean something under
 # the maps that wrote them. 1 was a linear v grid; 2 is the log grid. State dicts from before versions were
@@ -174,15 +176,14 @@ def _bucket_blocks(numels: tuple[int, ...], block: int,
     """Where each tensor sits in the bucket's concatenated blocks: (index of each tensor's last block, True
     on that block's real elements, the tensor each block belongs to). Padding only ever sits in a tensor's
     last block. A few KB, not a byte per parameter."""
-    # Built on the device with scalar fills only: a host-to-device copy would sync inside a CUDA step.
-    last = torch.empty(len(numels), dtype=torch.long, device=device)
     positions = torch.arange(block, device=device)
-    valid, offset = [], 0
-    for i, n in enumerate(numels):
+    lasts, valid, offset = [], [], 0
+    for n in numels:
         n_blocks = max(1, -(-n // block))
         offset += n_blocks
-        last[i] = offset - 1
+        lasts.append(offset - 1)
         valid.append(positions < n - (n_blocks - 1) * block)
+    last = to_device(torch.tensor(lasts, dtype=torch.long), device)  # pinned: no sync inside a CUDA step
     owner = torch.searchsorted(last, torch.arange(offset, device=device))  # the first tensor ending at or after it
     return last, torch.stack(valid), owner
 

@@ -7,6 +7,8 @@ before triton is imported): the same kernel source, checked element by element. 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -47,7 +49,10 @@ def test_fused_equals_foreach_on_tensors_spanning_many_blocks(bits, kernels):
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     DEVICE == "cpu", reason="Triton's interpreter truncates fp32 to bf16 instead of rounding to nearest"))])
 def test_fused_low_precision_params_stay_as_close_to_fp64_as_foreach(dtype):
-    """The kernels compute in fp32 and round once per element; the foreach path rounds every op."""
+    """Both paths compute in fp32 and round a parameter once per step. In fp32 that keeps the run within 5%
+    of how far the fp64 run moved; in bf16 the rounding alone is more (0.039 apart after moving 0.091: a
+    step of 1e-2 against a spacing of 0.016 at |p| near 3), so there the two paths must agree to one bf16
+    spacing, and neither strays further from fp64 than the other."""
     fused_params = on_device(make_params(dtype=dtype))
     foreach_params = on_device(make_params(dtype=dtype))
     exact_params = [torch.nn.Parameter(p.detach().double()) for p in fused_params]
@@ -64,7 +69,12 @@ def test_fused_low_precision_params_stay_as_close_to_fp64_as_foreach(dtype):
     fused_err = max((p.double() - e).abs().max().item() for p, e in zip(fused_params, exact_params))
     foreach_err = max((p.double() - e).abs().max().item() for p, e in zip(foreach_params, exact_params))
     assert all(p.dtype == dtype for p in fused_params)
-    assert fused_err < 0.05 * moved
+    if dtype == torch.float32:
+        assert fused_err < 0.05 * moved
+    else:
+        spacing = 2.0 ** (math.floor(math.log2(max(p.abs().max().item() for p in exact_params))) - 7)
+        apart = max((a.double() - b.double()).abs().max().item() for a, b in zip(fused_params, foreach_params))
+        assert apart <= spacing, (apart, spacing)
     assert fused_err <= 1.5 * foreach_err + 1e-7
 
 
