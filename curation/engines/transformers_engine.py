@@ -237,6 +237,18 @@ class TransformersEngine(ChatTokenizer):
         from transformers import CompileConfig, LogitsProcessorList
 
         runs = self._prefix_runs(rows)
+        prefixed = [i for start, end, length in runs if length for i in range(start, end)]
+        if prefixed and len(prefixed) < len(rows):
+            # A row without a prefix holds its whole prompt in the part after the prefixes: beside prefixed
+            # rows it would widen every row to the longest prefix plus the longest prompt. Its own call.
+            bare = [i for start, end, length in runs if not length for i in range(start, end)]
+            results: list[Generation | None] = [None] * len(rows)
+            for part in (prefixed, bare):
+                outs = self._generate_batch([rows[i] for i in part], [params[i] for i in part],
+                                            [seeds[i] for i in part], stop)
+                for i, out in zip(part, outs):
+                    results[i] = out
+            return results  # type: ignore[return-value]
         prefix = [length for start, end, length in runs for _ in range(start, end)]
         pad = self.tokenizer.pad_token_id
         head = max(prefix)

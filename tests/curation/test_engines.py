@@ -91,6 +91,33 @@ def test_each_prefix_group_in_a_batch_is_reused(tiny_model):  # noqa: F811
         assert [g.text for g in plain.generate(prompts, params)] == [g.text for g in gens]
 
 
+def test_a_prompt_without_a_shared_prefix_gets_its_own_call(tiny_model, monkeypatch):  # noqa: F811
+    """Beside prefixed rows, a row with no prefix widened all of them to the longest prefix plus its own
+    whole prompt (1.7x the KV cache and attention of a 224-token batch): it now runs apart, same outputs."""
+    from curation.engines.transformers_engine import TransformersEngine
+
+    engine = make_text_engine(EngineSpec(model=str(tiny_model), options={"batch_size": 8}))
+    grouped = _chat_prompts(engine, ("a red circle", "two blue squares on white", "some rings"),
+                            system="rewrite image captions in other words " * 6)
+    loner = engine.format_chat([{"role": "user", "content": "three green triangles on white " * 3}])
+    prompts = [*grouped, loner]
+    params = [SamplingParams(max_new_tokens=4, temperature=1.0, seed=i) for i in range(4)]
+    calls: list[tuple[int, int]] = []
+    real = TransformersEngine._batch_cache
+
+    def spy(self, rows, runs, width, cache_tokens):
+        calls.append((len(rows), cache_tokens - 4))  # rows, and their padded width
+        return real(self, rows, runs, width, cache_tokens)
+
+    monkeypatch.setattr(TransformersEngine, "_batch_cache", spy)
+    gens = engine.generate(prompts, params)
+    lengths = [len(r) for r in engine.prompt_ids(prompts)]
+    assert sorted(calls) == [(1, lengths[3]), (3, max(lengths[:3]))]  # nobody padded past their own prompt
+    assert gens[3].cached_tokens == 0 and all(g.cached_tokens > 0 for g in gens[:3])
+    alone = [engine.generate([p], [q])[0].text for p, q in zip(prompts, params)]
+    assert [g.text for g in gens] == alone
+
+
 @pytest.mark.parametrize("prefix", [True, False])
 def test_static_cache_gives_the_dynamic_tokens(tiny_model, prefix):  # noqa: F811
     """cache='static' (the path compiled on a GPU) samples exactly what the growing cache does."""
