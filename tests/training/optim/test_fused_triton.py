@@ -13,6 +13,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.fused  # the GPU suite selects these with the `gpu` tests
 
 from tests.training.optim.problems import (assert_same_trajectory, fused_device, gradient_stream,  # noqa: E402
                                           make_params, set_grads, to_device)
