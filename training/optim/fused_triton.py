@@ -127,12 +127,12 @@ class BlockTable:
         self.blocks_per_tensor = to_device(torch.tensor(blocks, dtype=torch.int64), device)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def block_table(numels: tuple[int, ...], device: torch.device) -> BlockTable:
     return BlockTable(numels, device)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=256)
 def _device_addresses(pointers: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(pointers, dtype=torch.int64), device)
 

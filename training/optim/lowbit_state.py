@@ -170,7 +170,7 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, layout: StateLayout, k
     return values.reshape(-1)[: layout.numel].view(shape).to(dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _bucket_blocks(numels: tuple[int, ...], block: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where each tensor sits in the bucket's concatenated blocks: (index of each tensor's last block, True

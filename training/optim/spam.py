@@ -46,10 +46,12 @@ class SPAM(MomentOptimizer):
         options = check_common(options)
         check_range("threshold", options["threshold"], 0.0, math.inf)
         check_interval("reset_interval", options["reset_interval"])
-        for name in ("warmup_steps", "clip_delay"):
+        # clip_delay >= 1: at step 1 and at every reset v is 0, so every element would be a spike, clipped
+        # to sqrt(theta * 0) = 0, and m and v would stay 0 for good.
+        for name, least in (("warmup_steps", 0), ("clip_delay", 1)):
             value = options[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"invalid {name}={value!r}: must be an int >= 0")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"invalid {name}={value!r}: must be an int >= {least}")
         return options
 
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],

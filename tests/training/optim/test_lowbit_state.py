@@ -189,3 +189,38 @@ def test_quiet_elements_v_decays_like_fp32(cls, bits, median_range, mean_range, 
     assert median_range[0] < ratio.median() < median_range[1]
     assert mean_range[0] < ratio.mean() < mean_range[1]
     assert ratio.log().abs().quantile(0.9).exp() < q90_factor
+
+
+@pytest.mark.parametrize("cls", [StableSPAM, SPAM])
+def test_low_bit_buckets_are_decoded_a_bounded_chunk_at_a_time(cls, monkeypatch):
+    """Decoding the whole model's moments at once made the step's peak memory twice fp32 states'. Cut into
+    chunks, a step decodes at most the limit at a time (a larger tensor alone), and moves the weights as
+    one whole bucket does: from the same codes, the same update to the bit (only the stochastic rounding
+    of the codes it stores draws other noise)."""
+    from training.optim import multi_tensor
+
+    limit = 40  # the five test tensors (35, 13, 24, 1, 297 elements) in three chunks
+    base = make_params(dtype=torch.float32)
+    assert sum(p.numel() for p in base) > 2 * limit and any(p.numel() > limit for p in base)
+    grads = gradient_stream(base, 1)[0]
+    real = lb.BucketMoments.__init__
+    after: dict[str, list[torch.Tensor]] = {}
+    decoded: dict[str, list[list[int]]] = {}
+    for name, elements in (("whole", 10 ** 9), ("chunked", limit)):
+        monkeypatch.setattr(multi_tensor, "LOWBIT_BUCKET_ELEMENTS", elements)
+        sizes: list[list[int]] = decoded.setdefault(name, [])
+
+        def spy(self, bucket, *args, sizes=sizes, **kwargs):
+            sizes.append([p.numel() for p in bucket])
+            real(self, bucket, *args, **kwargs)
+
+        monkeypatch.setattr(lb.BucketMoments, "__init__", spy)
+        params = clone_params(base)
+        set_grads(params, grads)
+        cls(params, state_bits=8, reset_interval=50).step()
+        after[name] = [p.detach().clone() for p in params]
+    assert len(decoded["whole"]) == 1 and len(decoded["chunked"]) > 2
+    assert all(sum(sizes) <= limit or len(sizes) == 1 for sizes in decoded["chunked"])
+    assert sorted(n for sizes in decoded["chunked"] for n in sizes) == sorted(decoded["whole"][0])
+    for whole, chunked in zip(after["whole"], after["chunked"]):
+        assert torch.equal(whole, chunked)

@@ -13,7 +13,7 @@ from training.optim import SPAM
 
 CONFIGS = [
     dict(reset_interval=9, warmup_steps=4, clip_delay=3, threshold=50.0),
-    dict(reset_interval=None, warmup_steps=0, clip_delay=0, threshold=5000.0, weight_decay=0.05, lr=1e-2),
+    dict(reset_interval=None, warmup_steps=0, clip_delay=1, threshold=5000.0, weight_decay=0.05, lr=1e-2),
     dict(reset_interval=8, warmup_steps=20, clip_delay=2, threshold=0.0),
 ]
 
@@ -63,7 +63,7 @@ def test_warmup_ramps_the_step_after_each_reset():
 
 @pytest.mark.parametrize("kwargs", [dict(threshold=-1.0), dict(reset_interval=0), dict(warmup_steps=-1),
                                     dict(clip_delay=1.5), dict(eps=-1.0), dict(eps=0.0),
-                                    dict(betas=(0.9, 1.0))])
+                                    dict(betas=(0.9, 1.0)), dict(clip_delay=0)])
 def test_invalid_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError, match="invalid"):
         SPAM(make_params(), **kwargs)

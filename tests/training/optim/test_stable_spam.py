@@ -273,7 +273,8 @@ def test_a_skipped_tensor_is_still_reset_on_schedule(cls, bits):
                                     dict(reset_interval=0), dict(reset_interval=-5), dict(gamma1=1.0),
                                     dict(theta=1.5), dict(eps=-1e-8), dict(weight_decay=-0.1),
                                     dict(state_bits=16), dict(state_bits=8, block_size=7),
-                                    dict(block_size=256), dict(total_T=0), dict(lr=float("nan")), dict(eps=0.0)])
+                                    dict(block_size=256), dict(total_T=0), dict(lr=float("nan")), dict(eps=0.0),
+                                    dict(lr="1e-3"), dict(lr=True), dict(betas=("0.9", 0.999))])
 def test_invalid_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError, match="invalid|must"):
         StableSPAM(make_params(), **kwargs)
