@@ -67,6 +67,17 @@ def time_steps(step: Callable[[], None], steps: int, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def step_peak_bytes(step: Callable[[], None]) -> int:
+    """CUDA bytes a step allocates above what it starts with (weights, grads, states): its temporaries.
+    Why: low-bit states save memory only if the step does not spend it again on decode buffers."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -124,11 +135,12 @@ def main(argv: list[str] | None = None) -> None:
         steps = max(3, args.steps // 4) if name.startswith("reference") else args.steps
         ms = time_steps(opt.step, steps, device)
         per_param = state_bytes(opt.state) / n_params if isinstance(opt, torch.optim.Optimizer) else 8.0
+        peak = f"   step temporaries {step_peak_bytes(opt.step) / n_params:5.2f} bytes/param" if device == "cuda" else ""
         results[name] = ms
         del opt
         if device == "cuda":
             torch.cuda.empty_cache()
-        print(f"{name:24s} {ms:9.2f} ms/step   state {per_param:5.2f} bytes/param (allocated)")
+        print(f"{name:24s} {ms:9.2f} ms/step   state {per_param:5.2f} bytes/param (allocated){peak}")
     base = results[next(iter(made))]
     print(f"\nratio to {next(iter(made))} (target: StableSPAM <= 1.3x fused AdamW):")
     for name, ms in results.items():

@@ -250,7 +250,8 @@ class MomentOptimizer(Optimizer, abc.ABC):
         `param.grad_dtype` (e.g. fp32 gradients of bf16 weights), so the grad dtype is part of the key.
         Quantized states are decoded a bucket at a time into fp32 buffers, so their buckets are cut at
         LOWBIT_BUCKET_ELEMENTS: decoding the whole model at once made the step's peak memory twice that
-        of fp32 states (44.6 against 21.5 bytes per parameter above weights and gradients, 16.8M params).
+        of fp32 states (on CPU, 67M params: peak RSS 42.0 bytes per parameter above weights and gradients,
+        fp32 states 18.2, chunked 8-bit 16.5).
         """
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in group["params"]:
