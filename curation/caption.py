@@ -28,7 +28,7 @@ from PIL import Image
 
 from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, VisionEngine
 from curation.engines.base import prompt_sha256
-from curation.engines.recovery import generate_with_recovery
+from curation.engines.recovery import generate_with_recovery, with_retries
 from curation.engines.seeding import derive_seed
 from curation.images import ImageConfig
 from curation.rewrite import clean_caption as clean_prompt_text
@@ -114,6 +114,8 @@ class CaptionConfig:
     min_words: int = 2
     image: ImageConfig = field(default_factory=ImageConfig)
     images_per_batch: int = 16  # RunInference batch of the captioner
+    engine_retries: int = 2  # retries of a failed engine call (both models), with a doubling pause
+    engine_backoff_s: float = 1.0
     # Fusion (VeCap) with a text LLM; fuse=False leaves fused_caption null.
     fuse: bool = True
     fusion_engine: str = "transformers"
@@ -136,6 +138,8 @@ class CaptionConfig:
             raise ValueError("retries must be >= 0 and fusion_attempts >= 1")
         if self.retries and self.retry_temperature <= 0:
             raise ValueError("retries need retry_temperature > 0, or they repeat the greedy caption")
+        if self.engine_retries < 0 or self.engine_backoff_s < 0:
+            raise ValueError("engine_retries and engine_backoff_s must be >= 0")
         if self.images_per_batch < 1 or self.fusion_per_batch < 1:
             raise ValueError("images_per_batch and fusion_per_batch must be at least 1")
         if self.fusion_prompt_format not in ("auto", "chat", "completion"):
@@ -251,13 +255,17 @@ class Captioner:
         return rows
 
     def _generate(self, images: list[Image.Image], params: list[SamplingParams]) -> list[Generation | None]:
-        """The engine's captions; if the batch fails, image by image, with None for an image that alone fails.
+        """The engine's captions; if the batch still fails after its retries (a server restarting, a
+        passing out-of-memory), image by image, with None for an image that alone fails.
 
         One image the backend cannot handle (a processor edge case) then costs its own caption, not the
         shard; when every image fails on its own the engine itself is broken and the error goes up.
         """
+        cfg = self.config
         try:
-            outputs: list[Generation | None] = list(self.engine.caption(images, self.config.prompt, params))
+            outputs: list[Generation | None] = list(with_retries(
+                lambda: self.engine.caption(images, cfg.prompt, params), attempts=cfg.engine_retries + 1,
+                backoff_s=cfg.engine_backoff_s, what=f"captioner {self.engine.name} on {len(images)} images"))
         except Exception:
             if len(images) == 1:
                 raise
@@ -351,7 +359,8 @@ class Fuser:
             prompts = [self.prompt(alt_texts[i], vecs[i]) for i in pending]
             params = [SamplingParams(cfg.fusion_max_new_tokens, cfg.fusion_temperature, cfg.fusion_top_p,
                                      derive_seed(seed, keys[i], "fusion", attempt)) for i in pending]
-            outputs = generate_with_recovery(self.engine, prompts, params, stop=self.stop)
+            outputs = generate_with_recovery(self.engine, prompts, params, stop=self.stop,
+                                             retries=cfg.engine_retries, backoff_s=cfg.engine_backoff_s)
             still = []
             for i, out in zip(pending, outputs):
                 stats = rows[i].stats

@@ -68,6 +68,11 @@ class CaptionOptions(ShardStageOptions):
         parser.add_argument("--fusion_temperature", type=float, default=d.fusion_temperature)
         parser.add_argument("--fusion_attempts", type=int, default=d.fusion_attempts)
         parser.add_argument("--fusion_per_batch", type=int, default=d.fusion_per_batch)
+        parser.add_argument("--caption_engine_retries", type=int, default=d.engine_retries,
+                            help="Retries of a failed engine call (both models), with a doubling pause.")
+        parser.add_argument("--caption_engine_backoff_s", type=float, default=d.engine_backoff_s)
+        parser.add_argument("--caption_shards_per_run", type=int, default=2,
+                            help="Shards per pipeline run; finished runs are kept if a later one fails.")
 
 
 def config_from(options: CaptionOptions) -> CaptionConfig:
@@ -83,7 +88,8 @@ def config_from(options: CaptionOptions) -> CaptionConfig:
         fusion_gguf_file=options.fusion_gguf_file, fusion_dtype=options.fusion_dtype,
         fusion_options=_json_object(options.fusion_options, "--fusion_options"),
         fusion_prompt_format=options.fusion_prompt_format, fusion_temperature=options.fusion_temperature,
-        fusion_attempts=options.fusion_attempts, fusion_per_batch=options.fusion_per_batch)
+        fusion_attempts=options.fusion_attempts, fusion_per_batch=options.fusion_per_batch,
+        engine_retries=options.caption_engine_retries, engine_backoff_s=options.caption_engine_backoff_s)
 
 
 def _json_object(text: str, flag: str) -> dict:
@@ -103,7 +109,8 @@ class CaptionModelHandler(ModelHandler):
     """RunInference handler: a batch of (index, key, alt-text, PIL image) -> PredictionResult(RowCaption)."""
 
     def __init__(self, config: CaptionConfig, seed: int):
-        super().__init__(min_batch_size=1, max_batch_size=config.images_per_batch)
+        # A fixed size: Beam's adaptive batching would start at 1 image and grow (1, 1, 2, 4, ...).
+        super().__init__(min_batch_size=config.images_per_batch, max_batch_size=config.images_per_batch)
         self.config, self.seed = config, seed
 
     def load_model(self) -> Captioner:
@@ -127,7 +134,7 @@ class FusionModelHandler(ModelHandler):
     """RunInference handler: a batch of CaptionedRow with a VeC -> PredictionResult(RowFusion)."""
 
     def __init__(self, config: CaptionConfig, seed: int):
-        super().__init__(min_batch_size=1, max_batch_size=config.fusion_per_batch)
+        super().__init__(min_batch_size=config.fusion_per_batch, max_batch_size=config.fusion_per_batch)
         self.config, self.seed = config, seed
 
     def load_model(self) -> Fuser:
@@ -257,8 +264,12 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)
     start = time.perf_counter()
     if plan.todo:
-        with pipeline_for(options, test_pipeline) as p:
-            build(p, plan.todo, options.batch_rows, config, options.seed, str(plan.output))
+        # In runs of a few shards: every shard of one run is written only after its last image is captioned
+        # (they meet in one GroupByKey), so one pipeline for all would keep nothing of a run that fails.
+        step = len(plan.todo) if test_pipeline is not None else max(1, options.caption_shards_per_run)
+        for first in range(0, len(plan.todo), step):
+            with pipeline_for(options, test_pipeline) as p:
+                build(p, plan.todo[first:first + step], options.batch_rows, config, options.seed, str(plan.output))
     elapsed = time.perf_counter() - start
     counters = _shard_stats(plan.output)
     images = _shard_stats(plan.output, {shard_name(i) for i, _ in plan.todo}).get("image.prepared", 0)

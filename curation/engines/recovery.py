@@ -17,14 +17,35 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from curation.engines.base import Generation, SamplingParams, TextEngine, check_paired
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineFailure(RuntimeError):
     """The engine failed on a request even after retries and splitting."""
+
+
+def with_retries(call: Callable[[], T], *, attempts: int, backoff_s: float, what: str,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """`call()`, tried up to `attempts` times with a doubling pause between; the last error goes up."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (KeyboardInterrupt, EngineFailure):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any backend error is retried, then reported
+            log.warning("%s failed (attempt %d/%d): %s", what, attempt + 1, attempts, exc)
+            _release_memory()
+            if attempt + 1 == attempts:
+                raise
+            sleep(backoff_s * 2 ** attempt)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: Sequence[SamplingParams], *,
@@ -36,23 +57,21 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
         return []
     retried_inside = bool(getattr(engine, "retries_requests", False))
     attempts = 1 if retried_inside else retries + 1
-    error: BaseException | None = None
-    for attempt in range(attempts):
-        try:
-            out = engine.generate(prompts, params, stop=stop) if stop else engine.generate(prompts, params)
-            if len(out) != len(prompts):
-                raise RuntimeError(f"engine returned {len(out)} generations for {len(prompts)} prompts")
-            return out
-        except (KeyboardInterrupt, EngineFailure):
-            raise
-        except Exception as exc:  # noqa: BLE001 - any backend error is retried, then reported
-            error = exc
-            log.warning("engine %s failed on %d prompts (attempt %d/%d): %s", getattr(engine, "name", "?"),
-                        len(prompts), attempt + 1, attempts, exc)
-            _release_memory()
-            if attempt + 1 < attempts:
-                sleep(backoff_s * 2 ** attempt)
+
+    def call() -> list[Generation]:
+        out = engine.generate(prompts, params, stop=stop) if stop else engine.generate(prompts, params)
+        if len(out) != len(prompts):
+            raise RuntimeError(f"engine returned {len(out)} generations for {len(prompts)} prompts")
+        return out
+
     name = getattr(engine, "name", "?")
+    try:
+        return with_retries(call, attempts=attempts, backoff_s=backoff_s, sleep=sleep,
+                            what=f"engine {name} on {len(prompts)} prompts")
+    except (KeyboardInterrupt, EngineFailure):
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported below, or the batch is split
+        error = exc
     if retried_inside:
         raise EngineFailure(f"engine {name} failed with the engine's own retries, in a call of {len(prompts)} "
                             f"request(s): {type(error).__name__}: {error}") from error

@@ -148,3 +148,35 @@ def test_without_fusion_and_demo_flags(pairs, tmp_path, capsys):
     assert table.column("synthetic_caption").null_count < table.num_rows
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["stats"]["fusion"] == "skipped"
+
+
+def test_a_failing_captioner_is_retried_and_a_persistent_failure_keeps_finished_shards(pairs, models, tmp_path,
+                                                                                      monkeypatch):
+    """A VLM server restarting fails one call: retried, not split. One that stays down stops the run; the
+    shard written in an earlier pipeline run stays (all shards in one run kept nothing: they are written
+    after a GroupByKey that waits for the last image)."""
+    from curation.engines.vision_transformers import TransformersVisionEngine
+
+    output = tmp_path / "captioned"
+    real = TransformersVisionEngine.caption
+    calls: list[tuple[int, bool]] = []
+
+    def flaky(self, images, prompt, params):
+        down = (output / "part-00000.parquet").exists() or not calls  # the first call, and after shard 0
+        calls.append((len(images), down))
+        if down:
+            raise RuntimeError("connection refused (injected)")
+        return real(self, images, prompt, params)
+
+    monkeypatch.setattr(TransformersVisionEngine, "caption", flaky)
+    flags = _flags(pairs, output, models, "--caption_shards_per_run", "1", "--caption_engine_backoff_s", "0",
+                   "--no_fusion")
+    with pytest.raises(Exception, match="connection refused"):
+        caption.run(flags)
+    assert calls[0][1] and not calls[1][1] and calls[1][0] == calls[0][0]  # the same batch again, and it passed
+    down = [size for size, failed in calls[2:] if failed]
+    assert down[:3] == [down[0]] * 3 and down[0] > 1 and set(down[3:]) == {1}  # 3 tries, then image by image
+    assert [p.name for p in sorted(output.glob("part-*.parquet"))] == ["part-00000.parquet"]
+    monkeypatch.setattr(TransformersVisionEngine, "caption", real)
+    again = caption.run(flags)
+    assert again.manifest["stats"]["resumed_shards"] == 1 and again.rows == 118
