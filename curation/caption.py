@@ -21,12 +21,13 @@ from __future__ import annotations
 import collections
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, VisionEngine
+from curation.engines import (DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, VisionEngine,
+                              output_options)
 from curation.engines.base import prompt_sha256
 from curation.engines.recovery import generate_with_recovery, with_retries
 from curation.engines.seeding import derive_seed
@@ -147,6 +148,14 @@ class CaptionConfig:
                              f"got {self.fusion_prompt_format!r}")
         if not self.prompt.strip():
             raise ValueError("the caption prompt is empty")
+
+    def recorded(self) -> dict[str, Any]:
+        """What decides the captions, for the stage config a resume must match: not the retries, the batch
+        sizes (sampling is seeded per row) or the engines' run options (RUN_OPTIONS)."""
+        fields = asdict(self) | {"captioner_options": output_options(self.captioner_options),
+                                 "fusion_options": output_options(self.fusion_options)}
+        run_only = ("engine_retries", "engine_backoff_s", "images_per_batch", "fusion_per_batch")
+        return {k: v for k, v in fields.items() if k not in run_only}
 
     def captioner_spec(self) -> EngineSpec:
         return EngineSpec(self.captioner_engine, self.captioner_model, None, self.captioner_dtype,

@@ -18,10 +18,10 @@ from __future__ import annotations
 import collections
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine
+from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, output_options
 from curation.engines.base import prompt_sha256
 from curation.engines.recovery import generate_with_recovery
 from curation.engines.seeding import derive_seed
@@ -125,6 +125,12 @@ class RewriteConfig:
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(self.engine, self.model, self.gguf_file, self.dtype, dict(self.engine_options))
+
+    def recorded(self) -> dict[str, Any]:
+        """What decides the rewrites, for the stage config a resume must match: not the retries, the call
+        sizes or the engine's run options, which a resume may change (RUN_OPTIONS)."""
+        fields = asdict(self) | {"engine_options": output_options(self.engine_options)}
+        return {k: v for k, v in fields.items() if k not in ("engine_retries", "engine_backoff_s", "requests_per_call")}
 
 
 def example_group(group: int, size: int) -> tuple[ExamplePair, ...]:

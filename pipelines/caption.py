@@ -17,7 +17,6 @@ import collections
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +259,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if random_model:
         print(RANDOM_MODEL_WARNING)
     # The seed and the prompts' texts decide the captions too: a resume under another one is refused.
-    recorded = asdict(config) | {"seed": options.seed, "prompt_sha256": PROMPT_SHA256}
+    recorded = config.recorded() | {"seed": options.seed, "prompt_sha256": PROMPT_SHA256}
     plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)
     start = time.perf_counter()
     if plan.todo:

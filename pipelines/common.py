@@ -79,12 +79,16 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     output.mkdir(parents=True, exist_ok=True)
     (output / REJECTS_DIR).mkdir(exist_ok=True)
     recorded = output / STAGE_CONFIG
-    wanted = {"stage": stage, "input": str(Path(input_dir).resolve()), "config": config}
+    wanted = json.loads(json.dumps({"stage": stage, "input": str(Path(input_dir).resolve()),
+                                    "input_shards": _input_identity(inputs, input_manifest), "config": config},
+                                   default=str))
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
-        if previous != json.loads(json.dumps(wanted, default=str)):
+        if previous != wanted:
+            changed = _differences(previous, wanted)
             raise StageConfigMismatch(
-                f"{output} holds a {previous.get('stage')} run with another input or config; "
+                f"{output} holds a {previous.get('stage')} run with another input or config "
+                f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); "
                 f"pass --overwrite to replace it or choose another --output")
     else:
         atomic_write_bytes(recorded, json.dumps(wanted, indent=2, default=str).encode())
@@ -94,6 +98,22 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
     return StagePlan(output, todo, len(inputs) - len(todo), up_to_date=is_complete(output) and not todo,
                      input_manifest=input_manifest)
+
+
+def _input_identity(inputs: list[Path], manifest: dict | None) -> list:
+    """What the output is computed from, shard by shard: the sha256 its manifest lists (verified above), or
+    else name and size. A rebuilt input under the same path then no longer resumes into the old output."""
+    if manifest is not None:
+        return [shard["sha256"] for shard in manifest["shards"]]
+    return [[path.name, path.stat().st_size] for path in inputs]
+
+
+def _differences(old: object, new: object, where: str = "") -> list[str]:
+    """The dotted keys whose values differ between two recorded stage configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))]
+    return [] if old == new else [where or "config"]
 
 
 def write_stage_shard(output: str | Path, index: int, pairs: pa.Table, rejects: pa.Table | None = None,

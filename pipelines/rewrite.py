@@ -211,8 +211,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     config = config_from(options)
     model, gguf_file = resolve_model(config.model, config.gguf_file)
     # The seed and the prompts' texts decide the rewrites too: a resume under another one is refused.
-    recorded = asdict(config) | {"resolved_model": model, "resolved_gguf_file": gguf_file, "seed": options.seed,
-                                 "prompt_sha256": PROMPT_SHA256}
+    recorded = config.recorded() | {"resolved_model": model, "resolved_gguf_file": gguf_file, "seed": options.seed,
+                                    "prompt_sha256": PROMPT_SHA256}
     plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)
     start = time.perf_counter()
     if plan.todo:

