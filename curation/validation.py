@@ -42,7 +42,8 @@ class OutputReason:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Bounds for a kept output. Lengths are in words (split on whitespace)."""
+    """Bounds for a kept output. Lengths are in words (`word_count`: whitespace, or two characters of an
+    unspaced script)."""
 
     min_words: int = 2
     max_words: int = 60
@@ -76,6 +77,11 @@ _CHATTER_ANYWHERE = re.compile(r"\b(as an ai|language model|i cannot help|i can'
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
 # Words and numbers: "3 red circles" and "5 red circles" are different captions.
 _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
+# Scripts written without spaces between words (Chinese, Japanese kana, Thai, Lao, Burmese, Khmer): there a
+# character stands in for a word in content comparisons, and two characters make a word in length bounds.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
+_UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
+_CONTENT_TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+(?:'[^\\W_{_UNSPACED}]+)?", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?:;])\s+|\n+")
 # What the completion layout puts between a caption and its rewrite (`source => target`): an output holding it
 # went on to write the next example pair.
@@ -85,6 +91,16 @@ PROMPT_SEPARATORS = ("=>",)
 def normalise(text: str) -> str:
     """Casefolded words and numbers only: the form used to compare texts for identity and echo."""
     return " ".join(_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold()))
+
+
+def word_count(text: str) -> int:
+    """Words, for the length bounds: split on whitespace, where a run of an unspaced script counts one word
+    per two characters (about a Chinese word's length), so that a Chinese sentence is not one word."""
+    total = 0
+    for token in text.split():
+        unspaced = len(_UNSPACED_CHAR.findall(token))
+        total += -(-unspaced // 2) if unspaced else 1
+    return total
 
 
 def dominant_script(text: str) -> str | None:
@@ -152,7 +168,7 @@ def content_words(text: str, language: str | None = None) -> set[str]:
     from wordfreq import zipf_frequency
 
     lang = language or "en"
-    return {t for t in _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
+    return {t for t in _CONTENT_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
             if t.isdigit() or zipf_frequency(t, lang) < _FUNCTION_ZIPF}
 
 
@@ -205,7 +221,7 @@ class _Source:
 
     def __init__(self, text: str):
         self.text = text
-        self.words = len(text.split())
+        self.words = word_count(text)
 
     @cached_property
     def plain(self) -> str:
@@ -359,12 +375,12 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
     text = output.strip()
     if not text:
         return OutputReason.EMPTY
-    words = text.split()
-    if len(words) < config.min_words:
+    words = word_count(text)
+    if words < config.min_words:
         return OutputReason.TOO_SHORT
     facts = _source(source)
     limit = min(config.max_words, config.max_length_ratio * facts.words + config.max_extra_words)
-    if len(words) > limit:
+    if words > limit:
         return OutputReason.TOO_LONG
     if _chatter(text, facts.plain):
         return OutputReason.CHATTER

@@ -235,3 +235,16 @@ def test_source_and_echo_work_is_done_once(monkeypatch):
     echo_calls = [t for t in calls["normalise"] if t not in outputs and t != SOURCE]
     last = max(i for i, t in enumerate(calls["normalise"]) if t in echo_calls)
     assert echo_calls and last < calls["normalise"].index(outputs[1])
+
+
+@pytest.mark.parametrize("source, output", [
+    ("一只白色的猫坐在窗台上", "窗台上坐着一只白猫"),
+    ("窓辺に白い猫が座っている", "白い猫が窓辺で座っています"),
+    ("แมวสีขาวนั่งบนขอบหน้าต่าง", "แมวขาวนั่งอยู่ที่หน้าต่าง"),
+])
+def test_rewrites_in_scripts_written_without_spaces_are_kept(source, output):
+    """A sentence of Chinese, Japanese or Thai is one whitespace 'word': every rewrite was too_short, and
+    shared no word with its caption. Two characters count as a word, one as a content token."""
+    assert check_output(source, output) is None
+    assert check_output(source, output[:1]) == OutputReason.TOO_SHORT
+    assert check_output(source, "a white cat on the windowsill") == OutputReason.SCRIPT
