@@ -36,7 +36,7 @@ from curation.shards import finished_shards, shard_name, shard_paths, write_tabl
 from pipelines.common import (
     REJECTS_DIR, ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, finish_stage,
 )
-from pipelines.runner import StageResult, pipeline_for, print_summary
+from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 MATCHES_DIR = "entry_matches"
 COUNTS_FILE = "entry_counts.parquet"
@@ -183,6 +183,7 @@ def config_from(options: BalanceOptions) -> tuple[BalanceConfig, MetadataFile]:
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
+    refuse_unknown_flags(argv)
     options = BalanceOptions(argv)
     config, metadata = config_from(options)
     n_entries = len(metadata.entries)

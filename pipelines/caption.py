@@ -32,7 +32,7 @@ from curation.rejects import reject, rejects_table
 from curation.schema import PAIR_SCHEMA, conform
 from curation.shards import atomic_write_bytes, finished_shards, shard_name
 from pipelines.common import ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, write_stage_shard
-from pipelines.runner import StageResult, pipeline_for, print_summary
+from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "caption_stats"
 RANDOM_MODEL_WARNING = ("WARNING: the captioner is a tiny VLM with RANDOM weights (built from a config, no real "
@@ -253,6 +253,7 @@ def _unfused(row: CaptionedRow):
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
+    refuse_unknown_flags(argv)
     options = CaptionOptions(argv)
     config = config_from(options)
     random_model = is_random_model(config.captioner_model) if Path(config.captioner_model).is_dir() else False

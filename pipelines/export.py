@@ -33,7 +33,7 @@ from curation.shards import (
     verify_manifest, write_manifest,
 )
 from pipelines.common import STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, begin_stage
-from pipelines.runner import StageResult, pipeline_for, print_summary
+from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 MB = 1024 * 1024
 
@@ -108,6 +108,7 @@ def _webdataset_section(output: Path, plan: ExportPlan) -> dict:
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
+    refuse_unknown_flags(argv)
     options = ExportOptions(argv)
     config = config_from(options)
     if not options.input or not options.output:

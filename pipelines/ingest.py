@@ -42,7 +42,7 @@ from pipelines.common import (
     REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, WriteShards, begin_stage,
     finish_stage, write_stage_shard,
 )
-from pipelines.runner import StageResult, pipeline_for, print_summary
+from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STAGING = "_staging"
 
@@ -233,6 +233,7 @@ def _download(source: dict, staging: Path) -> dict:
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
+    refuse_unknown_flags(argv)
     options = IngestOptions(argv)
     if not options.output:
         raise ValueError(f"{STAGE}: --output is required")

@@ -32,7 +32,7 @@ from curation.rewrite import PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, RowR
 from curation.shards import atomic_write_bytes, shard_name
 from curation.validation import ValidationConfig
 from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage
-from pipelines.runner import StageResult, pipeline_for, print_summary
+from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "_rewrite_stats"
 # 4096 captions x k=4 is 16,384 requests: more than one memory-sized transformers batch of a small model on a
@@ -207,6 +207,7 @@ def _totals(output: Path) -> dict[str, Any]:
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
+    refuse_unknown_flags(argv)
     options = RewriteOptions(argv)
     config = config_from(options)
     model, gguf_file = resolve_model(config.model, config.gguf_file)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -30,6 +31,26 @@ class StageResult:
     @property
     def rejects(self) -> dict[str, int]:
         return self.manifest.get("rejects", {}).get("by_reason", {})
+
+
+def refuse_unknown_flags(argv: list[str] | None) -> None:
+    """Raise on a flag that neither a stage nor Beam defines. Why: Beam keeps a flag it does not know and
+    only logs it (which this module silences), so a misspelt --rewrite_modle ran the default model."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(add_help=False, conflict_handler="resolve")
+    for cls in {PipelineOptions, *_subclasses(PipelineOptions)}:  # every options class imported so far
+        if "_add_argparse_args" in vars(cls):
+            cls._add_argparse_args(parser)
+    known = {flag for action in parser._actions for flag in action.option_strings}
+    unknown = [arg.split("=", 1)[0] for arg in args if arg.startswith("--") and arg.split("=", 1)[0] not in known]
+    if unknown:
+        raise ValueError(f"unknown flag(s) {', '.join(unknown)}; see --help for this stage's flags")
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
 
 def pipeline_for(options: PipelineOptions, test_pipeline: beam.Pipeline | None = None) -> beam.Pipeline:

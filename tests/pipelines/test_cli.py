@@ -24,3 +24,21 @@ def test_entry_point_runs_demo_ingest(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "[ingest]" in proc.stdout and "head concepts" in proc.stdout
     assert verify_manifest(tmp_path / "raw_pairs")["rows"] > 100
+
+
+def test_a_misspelt_flag_is_refused_before_any_work(tmp_path):
+    """Beam keeps a flag it does not know: --rewrite_modle ran the default model, without a word."""
+    import pytest
+
+    from pipelines import balance, rewrite
+
+    for run, flag in ((rewrite.run, "--rewrite_modle=Qwen/Qwen2.5-1.5B-Instruct"), (rewrite.run, "--rewrite-model"),
+                      (balance.run, "--tt=5")):
+        with pytest.raises(ValueError, match=f"unknown flag\\(s\\) {flag.split('=')[0]}"):
+            run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), flag, "x"])
+    assert not (tmp_path / "out").exists()
+    # Beam's own flags are known flags.
+    from pipelines.runner import refuse_unknown_flags
+
+    refuse_unknown_flags(["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode",
+                          "multi_processing", "--no_pipeline_type_check", "--flink_master=localhost:8081"])
