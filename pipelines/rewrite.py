@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -173,6 +174,13 @@ def _build_shard(item, paths: dict[int, str], output: str, seed: int, fraction: 
     yield index, ("pairs", table)
 
 
+def model_tag(config: RewriteConfig) -> str:
+    """The shared model's name, the same for every pipeline run of one config. Beam names it afresh per
+    run otherwise: with a shared model, each run of a few shards started (and left) another model server
+    and loaded the model again."""
+    return "rewrite-" + hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _run_shards(options, test_pipeline, todo: list[tuple[int, str]], output: Path, config: RewriteConfig,
                 share: bool) -> None:
     handler = KeyedModelHandler(RewriteModelHandler(config, options.seed, options.rewrite_captions_per_batch, share))
@@ -182,7 +190,7 @@ def _run_shards(options, test_pipeline, todo: list[tuple[int, str]], output: Pat
         rows = (shards
                 | "Spread" >> beam.Reshuffle()
                 | "ReadCaptions" >> beam.FlatMap(_captions, options.seed, config.row_fraction)
-                | "Rewrite" >> RunInference(handler)
+                | "Rewrite" >> RunInference(handler, model_identifier=model_tag(config))
                 | "ByShard" >> beam.Map(lambda kv: (kv[0], (kv[1].example[0], kv[1].inference))))
         _ = ({"rows": rows, "shards": shards}
              | "Join" >> beam.CoGroupByKey()
