@@ -345,13 +345,12 @@ class Fuser:
     def check(self, alt_text: str, vec: str, fused: str) -> str | None:
         """None for a usable fusion, else the reason (OutputReason.* or FusionReason.*)."""
         cfg = self.config
+        if fused.strip() and normalise(fused) in (normalise(alt_text), normalise(vec)):
+            return OutputReason.IDENTICAL  # nothing was merged
         reason = check_output(f"{alt_text} {vec}", fused, cfg.validation,
                               echo_texts=(FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER))
         if reason is not None:
             return reason
-        plain = normalise(fused)
-        if plain in (normalise(alt_text), normalise(vec)):
-            return OutputReason.IDENTICAL  # nothing was merged
         if cfg.fusion_keep_proper_nouns:
             kept = fused.casefold()
             if any(noun.casefold() not in kept for noun in proper_nouns(alt_text)):

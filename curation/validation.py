@@ -34,10 +34,11 @@ class OutputReason:
     SCRIPT = "different_script"
     LANGUAGE = "different_language"
     OFF_TOPIC = "off_topic"
+    CHANGED_FACT = "changed_number_or_colour"
     LOW_OVERLAP = "low_meaning_overlap"
 
     ALL = (EMPTY, TOO_SHORT, TOO_LONG, ECHO, IDENTICAL, CHATTER, REPETITIVE, SCRIPT, LANGUAGE, OFF_TOPIC,
-           LOW_OVERLAP)
+           CHANGED_FACT, LOW_OVERLAP)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class ValidationConfig:
     # "pwned" an obedient model pulls out of a steering caption) covers at least this share of them.
     min_shared_words: int = 1
     min_excerpt_share: float = 0.34
+    # Every number and colour of the input is in the output ("3 red circles" is not "5 blue circles"): the
+    # instruction asks to keep them, and a trainer learns counts and colours from these texts.
+    keep_numbers_and_colours: bool = True
     # A run of this many words of the instruction or an example, absent from the input, is an echo.
     echo_words: int = 5
     # An output of 5+ words in which under this share of the adjacent word pairs are distinct is a generation
@@ -83,6 +87,22 @@ _UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u
 _UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
 _CONTENT_TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+(?:'[^\\W_{_UNSPACED}]+)?", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?:;])\s+|\n+")
+# A number standing as a word: not one glued to letters, underscores or dots (IMG_2231.jpg, 1920x1080, v2).
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)?(?![\w]|\.\w)")
+# Number words and what else says the same count ("a red circle" is one, "a pair of mugs" two).
+_COUNTS = {
+    1: ("one", "a", "an", "single", "lone"), 2: ("two", "pair", "couple", "both", "twin"), 3: ("three", "trio"),
+    4: ("four",), 5: ("five",), 6: ("six",), 7: ("seven",), 8: ("eight",), 9: ("nine",), 10: ("ten",),
+    11: ("eleven",), 12: ("twelve", "dozen"),
+}
+_COUNT_WORDS = {word: n for n, words in _COUNTS.items() for word in words[:1]}  # what states a count
+_COUNT_SAYERS = {word: n for n, words in _COUNTS.items() for word in words}     # what may carry it on
+# Colour words, each to its family: a rewrite may say "crimson" for "red", not "blue".
+_COLOURS = {c: c for c in ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
+                           "grey", "gold", "silver", "beige", "teal", "turquoise", "maroon", "cyan", "magenta")} | {
+    "gray": "grey", "golden": "gold", "crimson": "red", "scarlet": "red", "ruby": "red", "navy": "blue",
+    "azure": "blue", "cobalt": "blue", "emerald": "green", "lime": "green", "violet": "purple",
+    "lavender": "purple", "ivory": "white", "charcoal": "grey"}
 # What the completion layout puts between a caption and its rewrite (`source => target`): an output holding it
 # went on to write the next example pair.
 PROMPT_SEPARATORS = ("=>",)
@@ -240,6 +260,14 @@ class _Source:
         return frozenset(content_words(self.text, self.language))
 
     @cached_property
+    def counts(self) -> frozenset[str]:
+        return _counts(self.text, _COUNT_WORDS)
+
+    @cached_property
+    def colours(self) -> frozenset[str]:
+        return frozenset(_COLOURS[w] for w in _words(self.text) if w in _COLOURS)
+
+    @cached_property
     def likely_languages(self) -> frozenset[str] | None:
         """`_likely_languages` of its words; None under two words wordfreq knows (one is no evidence)."""
         words = frozenset(_words(self.text))
@@ -323,6 +351,20 @@ def _chatter(text: str, source_plain: str) -> bool:
     return any(f" {normalise(m.group(0))} " not in padded for m in _CHATTER_ANYWHERE.finditer(text))
 
 
+def _counts(text: str, words: dict[str, int]) -> frozenset[str]:
+    """The counts a text states: its free-standing numbers, and the number words among `words`."""
+    numbers = {str(int(m)) if m.isdigit() else m for m in _NUMBER.findall(text)}
+    return frozenset(numbers | {str(words[w]) for w in _words(text) if w in words})
+
+
+def _changed_fact(facts: _Source, text: str) -> bool:
+    """Whether the output lost a number or a colour of the input (a count may change its wording)."""
+    if facts.counts - _counts(text, _COUNT_SAYERS):
+        return True
+    kept = {_COLOURS[w] for w in _words(text) if w in _COLOURS}
+    return not facts.colours <= kept
+
+
 def _repetitive(tokens: Sequence[str], min_distinct_pairs: float) -> bool:
     """Whether under `min_distinct_pairs` of the adjacent word pairs of 5+ words are distinct.
 
@@ -401,6 +443,8 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
         return OutputReason.LANGUAGE
     if config.min_shared_words and off_topic(source, text, config):
         return OutputReason.OFF_TOPIC
+    if config.keep_numbers_and_colours and _changed_fact(facts, text):
+        return OutputReason.CHANGED_FACT
     if overlap is not None and overlap(source, text) < config.min_similarity:
         return OutputReason.LOW_OVERLAP
     return None

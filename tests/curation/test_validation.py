@@ -121,7 +121,9 @@ def test_a_partial_echo_is_caught_by_sentence_and_by_run_of_words():
 
 def test_numbers_make_captions_different():
     assert normalise("3 red circles") != normalise("5 red circles")
-    assert check_output("3 red circles on white", "5 red circles on white") is None
+    assert check_output("3 red circles on white", "5 red circles on white") == OutputReason.CHANGED_FACT
+    assert check_output("3 red circles on white", "5 red circles on white",
+                        ValidationConfig(keep_numbers_and_colours=False)) is None
     assert check_output("3 red circles on white", "3 Red circles, on white!") == OutputReason.IDENTICAL
 
 
@@ -153,7 +155,7 @@ def test_an_output_must_stay_about_its_input():
     assert check_output(cat, "two cats asleep on sofas") is None
     assert check_output(cat, "a kitten that sleeps on the couch") is None
     assert check_output("Download free HD wallpaper snowy mountain peak", "snowy mountain peak") is None
-    off = ValidationConfig(min_shared_words=0)
+    off = ValidationConfig(min_shared_words=0, keep_numbers_and_colours=False)
     assert check_output(SOURCE, "a yellow taxi in the rain", off) is None
 
 
@@ -185,7 +187,7 @@ def test_overlap_callable_refuses_far_meanings():
 
     assert check_output(SOURCE, "a pair of red circles", overlap=overlap) is None
     # Shares "red", so only the embedding tells it apart.
-    assert check_output(SOURCE, "a red taxi in the rain", overlap=overlap) == OutputReason.LOW_OVERLAP
+    assert check_output(SOURCE, "two red taxis in the rain", overlap=overlap) == OutputReason.LOW_OVERLAP
 
 
 def test_helpers():
@@ -207,8 +209,9 @@ def test_meaning_overlap_with_minilm():
     far = overlap(SOURCE, "red tape in the quarterly tax report of small businesses")
     assert near > 0.6 > far
     # The shared word "red" passes the cheap check; the embedder sees the meaning is elsewhere.
-    assert check_output(SOURCE, "red tape in the quarterly tax report of small businesses") is None
-    assert check_output(SOURCE, "red tape in the quarterly tax report of small businesses",
+    loose = ValidationConfig(keep_numbers_and_colours=False)  # the tax report keeps red, loses the two
+    assert check_output(SOURCE, "red tape in the quarterly tax report of small businesses", loose) is None
+    assert check_output(SOURCE, "red tape in the quarterly tax report of small businesses", loose,
                         overlap=overlap) == OutputReason.LOW_OVERLAP
 
 
@@ -248,3 +251,22 @@ def test_rewrites_in_scripts_written_without_spaces_are_kept(source, output):
     assert check_output(source, output) is None
     assert check_output(source, output[:1]) == OutputReason.TOO_SHORT
     assert check_output(source, "a white cat on the windowsill") == OutputReason.SCRIPT
+
+
+@pytest.mark.parametrize("source, output, reason", [
+    ("3 red circles", "5 red circles", OutputReason.CHANGED_FACT),
+    ("3 red circles", "three red circles", None),
+    ("a red car", "a blue car", OutputReason.CHANGED_FACT),
+    ("a red car", "a crimson car parked outside", None),  # a shade of the same colour
+    ("two red circles", "a red circle", OutputReason.CHANGED_FACT),
+    ("two white mugs of coffee on a wooden table", "a wooden tabletop with a pair of white coffee cups", None),
+    ("four red apples", "some red apples", OutputReason.CHANGED_FACT),
+    ("Photo 2019 of Paris", "a picture of Paris", OutputReason.CHANGED_FACT),
+    ("IMG_2231.jpg | black dog on the beach", "a black dog standing on a sandy beach", None),  # a file name
+    ("Download free HD wallpaper 1920x1080 snowy mountain peak", "a snow-covered mountain summit", None),
+    ("grey cat on a sofa", "a gray cat lying on a couch", None),
+])
+def test_numbers_and_colours_of_the_input_are_kept(source, output, reason):
+    """The instruction says keep every number and colour; a SmolLM2 demo run changed the count in 20% and
+    the colour in 26% of the rewrites it kept, and those are what the demo's zero-shot classes ask."""
+    assert check_output(source, output) == reason
