@@ -369,3 +369,14 @@ def test_openai_engine_reports_a_dead_server():
     with pytest.raises(EngineFailure, match=r"in a call of 1 request\(s\): RequestsFailed: 1 of 1 requests failed; "
                                             r"first: request 0 \(prompt ending 'a'\): APIConnectionError"):
         generate_with_recovery(engine, ["a"], [SamplingParams(seed=1)], retries=1, backoff_s=0.01)
+
+
+def test_openai_engine_reads_the_server_address_from_openai_base_url(monkeypatch):
+    """As the vision engine and the resource check do; an explicit base_url still wins."""
+    with FakeCompletionsServer() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        engine = make_text_engine(EngineSpec(engine="openai", model="served", options={"retries": 0}))
+        assert [g.text for g in engine.generate(["a"], _seeded(1))] == [" rewrite of a"]
+        assert engine.name == f"openai:{server.base_url}:served"
+    elsewhere = _openai("http://127.0.0.1:9/v1")
+    assert elsewhere.name.startswith("openai:http://127.0.0.1:9/v1")
