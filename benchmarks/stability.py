@@ -5,15 +5,19 @@ A small Llama-shaped model (transformers LlamaForCausalLM from a config) is trai
 language model on demo-style alt-text captions (curation.demo_data.alt_text), with every decoder linear
 fake-quantized by training.optim.quantize_model (INT4 weights in groups of 256, INT4 activations in
 groups of 256 with the top-2 outliers kept, as the reference code ran). Each optimizer runs at each
-learning rate from the same initial weights and data order; the script prints final losses and how many
-runs diverged (a non-finite loss, or a final loss above the loss at the start). The learning rate warms
-up over 10% of the steps, then decays by cosine to 10% (training.optimization.warmup_cosine).
+learning rate from the same initial weights and data order (one pair of them per `--seeds`); the script
+prints final losses (mean and spread over seeds), how many runs diverged (a non-finite loss, or a final
+loss above the loss at the start) and how many spiked (a final loss 1.5x its minimum: blew up, then
+settled), and the (tensor, step) updates SPAM and Stable-SPAM skipped for non-finite gradients, which
+AdamW would have applied. `adamw_clip` (AdamW after clipping the global gradient norm at 1.0, SPAM's own
+baseline) can be added with --optimizers. The learning rate warms up over 10% of the steps, then decays
+by cosine to 10% (training.optimization.warmup_cosine).
 
 Defaults: hidden 384, 6 layers (11.4M parameters with the corpus's 1030-word vocabulary), 300 steps.
 The paper resets momentum every 500 steps of 20k; so that resets happen within this short run, the
 reset interval is scaled to the run (default steps // 3 = 100, both optimizers), and SPAM's post-reset
 warmup keeps the paper's 150/500 ratio (30 steps). SPAM's ramp also runs from step 0, on top of the LR
-warmup, as in SPAM's own code. On a shared 2-core CPU the default takes ~1.3 s per step, about an hour
+warmup, as the spec's warmup after every reset does (SPAM's own code starts past it). On a shared 2-core CPU the default takes ~1.3 s per step, about an hour
 for its 9 runs; `--quick` is a 0.5M-parameter smoke run of 40 steps (~10 s).
 
     python benchmarks/stability.py [--quick] [--steps 300] [--lrs 1e-2 3e-2 1e-1] [--hidden 384 --layers 6]
@@ -37,6 +41,7 @@ from training.optim import QuantConfig, build_optimizer, quantize_model  # noqa:
 from training.optimization import warmup_cosine  # noqa: E402
 
 OPTIMIZERS = ("adamw", "spam", "stable_spam")
+CHOICES = (*OPTIMIZERS, "adamw_clip")
 
 
 def caption_corpus(n: int, seed: int) -> list[str]:
@@ -64,14 +69,15 @@ def build_model(vocab: int, hidden: int, layers: int, seed: int, quant: QuantCon
     return model
 
 
-def train(name: str, lr: float, args: argparse.Namespace, tokens: torch.Tensor, vocab: int) -> dict:
+def train(name: str, lr: float, args: argparse.Namespace, tokens: torch.Tensor, vocab: int, seed: int) -> dict:
     quant = QuantConfig(weight_group=args.weight_group, act_group=args.act_group)
-    model = build_model(vocab, args.hidden, args.layers, args.seed, quant)
+    model = build_model(vocab, args.hidden, args.layers, seed, quant)
     options = {"spam": dict(reset_interval=args.reset_interval, warmup_steps=args.spam_warmup),
                "stable_spam": dict(reset_interval=args.reset_interval)}.get(name, {})
-    opt = build_optimizer(name, model.parameters(), lr=lr, weight_decay=0.0, **options)
+    clip = name == "adamw_clip"
+    opt = build_optimizer("adamw" if clip else name, model.parameters(), lr=lr, weight_decay=0.0, **options)
     schedule = warmup_cosine(opt, max(1, args.steps // 10), args.steps, final_ratio=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(args.steps):
@@ -80,6 +86,8 @@ def train(name: str, lr: float, args: argparse.Namespace, tokens: torch.Tensor, 
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         schedule.step()
         losses.append(loss.item())
@@ -91,9 +99,15 @@ def train(name: str, lr: float, args: argparse.Namespace, tokens: torch.Tensor, 
     final = sum(tail) / len(tail)
     initial = sum(losses[:10]) / len(losses[:10])
     diverged = not all(math.isfinite(x) for x in losses) or final > initial
-    return dict(final=final, initial=initial, min=min(losses), diverged=diverged, steps=len(losses),
-                seconds=time.perf_counter() - start,
+    skipped = opt.skipped_steps() if hasattr(opt, "skipped_steps") else 0
+    return dict(final=final, initial=initial, min=min(losses), diverged=diverged, spiked=final > 1.5 * min(losses),
+                skipped=skipped, steps=len(losses), seconds=time.perf_counter() - start,
                 params=sum(p.numel() for p in model.parameters()))
+
+
+def mean_spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.3f}" + (f"+-{(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else "")
 
 
 QUICK = dict(steps=40, lrs=[3e-2], hidden=128, layers=2, batch=8, seq=32, captions=2000, log_every=10)
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help=f"small smoke run: {QUICK}")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2, 1e-1])
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=CHOICES)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batch", type=int, default=16)
@@ -116,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="SPAM's post-reset warmup (default 0.3 x the reset interval, the paper's 150/500)")
     parser.add_argument("--captions", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per (optimizer, lr): init and data seeds "
+                                                             "seed, seed+1, ...; one seed's ratios are within noise")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared box)")
     args = parser.parse_args(argv)
@@ -130,25 +146,30 @@ def main(argv: list[str] | None = None) -> None:
     print(f"corpus: {len(tokens)} tokens, vocab {vocab}; uniform-guess loss {math.log(vocab):.3f}")
     print(f"{args.steps} steps, reset every {args.reset_interval}, SPAM warmup {args.spam_warmup}, "
           f"INT4 W/A groups {args.weight_group}/{args.act_group}")
-    results = {}
+    results: dict[tuple[str, float], list[dict]] = {}
     for lr in args.lrs:
         for name in args.optimizers:
-            r = train(name, lr, args, tokens, vocab)
-            results[(name, lr)] = r
-            print(f"lr={lr:<8g} {name:12s} final {r['final']:8.4f}  (start {r['initial']:.4f}, min {r['min']:.4f})"
-                  f"  diverged={r['diverged']}  steps={r['steps']}  {r['seconds']:.0f}s  "
-                  f"[{r['params'] / 1e6:.1f}M params, INT4 W/A]", flush=True)
-    print("\ndivergences per optimizer (runs over learning rates):")
+            for seed in range(args.seed, args.seed + args.seeds):
+                r = train(name, lr, args, tokens, vocab, seed)
+                results.setdefault((name, lr), []).append(r)
+                print(f"lr={lr:<8g} {name:12s} seed {seed} final {r['final']:8.4f}  (start {r['initial']:.4f}, "
+                      f"min {r['min']:.4f})  diverged={r['diverged']}  spiked={r['spiked']}  skipped={r['skipped']}"
+                      f"  steps={r['steps']}  {r['seconds']:.0f}s  [{r['params'] / 1e6:.1f}M params, INT4 W/A]",
+                      flush=True)
+    print(f"\nper optimizer, over {len(args.lrs)} learning rates x {args.seeds} seed(s):")
     for name in args.optimizers:
-        runs = [results[(name, lr)] for lr in args.lrs]
-        print(f"  {name:12s} {sum(r['diverged'] for r in runs)}/{len(runs)}   final losses: "
-              + ", ".join(f"{r['final']:.3f}" for r in runs))
-    base = {lr: results[("adamw", lr)]["final"] for lr in args.lrs} if "adamw" in args.optimizers else None
-    if base:
-        print("final loss relative to AdamW at the same lr:")
+        runs = [r for lr in args.lrs for r in results[(name, lr)]]
+        print(f"  {name:12s} diverged {sum(r['diverged'] for r in runs)}/{len(runs)}, spiked "
+              f"{sum(r['spiked'] for r in runs)}/{len(runs)}, skipped updates {sum(r['skipped'] for r in runs)};"
+              f"  final loss by lr: " + ", ".join(mean_spread([r['final'] for r in results[(name, lr)]])
+                                                   for lr in args.lrs))
+    if "adamw" in args.optimizers:
+        base = {lr: sum(r["final"] for r in results[("adamw", lr)]) / args.seeds for lr in args.lrs}
+        print("mean final loss relative to AdamW's at the same lr:")
         for name in args.optimizers:
-            print(f"  {name:12s} " + ", ".join(f"lr {lr:g}: {results[(name, lr)]['final'] / base[lr]:.3f}x"
-                                              for lr in args.lrs))
+            print(f"  {name:12s} " + ", ".join(
+                f"lr {lr:g}: {sum(r['final'] for r in results[(name, lr)]) / args.seeds / base[lr]:.3f}x"
+                for lr in args.lrs))
 
 
 if __name__ == "__main__":
