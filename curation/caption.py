@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from PIL import Image
@@ -34,7 +34,8 @@ from curation.engines.seeding import derive_seed
 from curation.images import ImageConfig
 from curation.rewrite import clean_caption as clean_prompt_text
 from curation.rewrite import parse_output
-from curation.validation import OutputReason, ValidationConfig, check_output, normalise
+from curation.validation import (OutputReason, ValidationConfig, changed_fact, check_output, in_other_language,
+                                 normalise)
 
 STAGE = "caption"
 
@@ -347,10 +348,18 @@ class Fuser:
         cfg = self.config
         if fused.strip() and normalise(fused) in (normalise(alt_text), normalise(vec)):
             return OutputReason.IDENTICAL  # nothing was merged
-        reason = check_output(f"{alt_text} {vec}", fused, cfg.validation,
-                              echo_texts=(FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER))
+        # Language and facts are judged against each input on its own: with German alt-text and an English
+        # VeC, a fusion in either language is one, and keeps the numbers and colours of the text it is in.
+        # Checked against the two as one text, every fusion was in another language than that mix.
+        whole = replace(cfg.validation, check_language=False, keep_numbers_and_colours=False)
+        reason = check_output(f"{alt_text} {vec}", fused, whole, echo_texts=(FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER))
         if reason is not None:
             return reason
+        same = [text for text in (alt_text, vec) if not in_other_language(text, fused)]
+        if cfg.validation.check_language and not same:
+            return OutputReason.LANGUAGE
+        if cfg.validation.keep_numbers_and_colours and any(changed_fact(text, fused) for text in same):
+            return OutputReason.CHANGED_FACT
         if cfg.fusion_keep_proper_nouns:
             kept = fused.casefold()
             if any(noun.casefold() not in kept for noun in proper_nouns(alt_text)):

@@ -365,6 +365,17 @@ def _changed_fact(facts: _Source, text: str) -> bool:
     return not facts.colours <= kept
 
 
+def changed_fact(source: str, output: str) -> bool:
+    """Whether `output` lost a number or a colour of `source` (OutputReason.CHANGED_FACT)."""
+    return _changed_fact(_source(source), output)
+
+
+def in_other_language(source: str, output: str) -> bool:
+    """Whether `output` is in another language than the Latin-script `source` (OutputReason.LANGUAGE)."""
+    facts = _source(source)
+    return facts.script == "LATIN" and _different_language(facts, output)
+
+
 def _repetitive(tokens: Sequence[str], min_distinct_pairs: float) -> bool:
     """Whether under `min_distinct_pairs` of the adjacent word pairs of 5+ words are distinct.
 

@@ -135,6 +135,22 @@ def test_fusion_keeps_a_valid_merge_and_falls_back_to_the_vec_otherwise(answer, 
         assert row.stats[f"fusion.rejected.{reason}"] == 2 and len(engine.prompts) == 2
 
 
+@pytest.mark.parametrize("fused, reason", [
+    ("an old stone church in the village at sunset under an orange sky", None),  # the VeC's language
+    ("alte Steinkirche im Dorf bei Sonnenuntergang unter orangefarbenem Himmel", None),  # the alt-text's
+    ("une vieille église en pierre dans le village au coucher du soleil sous un ciel orange",
+     OutputReason.LANGUAGE),  # neither
+    ("an old stone church in the village at sunset under a grey sky", OutputReason.CHANGED_FACT),
+])
+def test_fusion_of_alt_text_and_vec_in_two_languages_is_judged_against_each(fused, reason):
+    """Judged against the two inputs as one text, every fusion of German alt-text and an English VeC was in
+    another language than that mix, so every such row fell back to its VeC."""
+    fuser = Fuser(ScriptedText(lambda prompt, p: fused), CaptionConfig(captioner_model="x",
+                                                                       fusion_keep_proper_nouns=False))
+    assert fuser.check("Alte Kirche im Dorf bei Sonnenuntergang", "an old stone church under an orange sky",
+                       fused) == reason
+
+
 def test_fusion_prompt_treats_texts_as_data():
     engine = ScriptedText(lambda prompt, p: "unused")
     fuser = Fuser(engine, CaptionConfig(captioner_model="x"))
