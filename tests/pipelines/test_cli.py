@@ -42,3 +42,18 @@ def test_a_misspelt_flag_is_refused_before_any_work(tmp_path):
 
     refuse_unknown_flags(["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode",
                           "multi_processing", "--no_pipeline_type_check", "--flink_master=localhost:8081"])
+
+
+def test_the_demo_redoes_a_stage_whose_output_another_version_wrote(tmp_path, capsys):
+    import json
+
+    from pipelines import demo
+
+    flags = ["--workdir", str(tmp_path), "--pairs", "120", "--eval", "10", "--stages", "ingest"]
+    demo.main(flags)
+    recorded = tmp_path / "raw_pairs" / "_stage_config.json"
+    old = json.loads(recorded.read_text())
+    recorded.write_text(json.dumps({**old, "config": {**old["config"], "from": "another version"}}))
+    demo.main(flags)
+    assert "redoing it" in capsys.readouterr().out
+    assert json.loads(recorded.read_text()) == old and verify_manifest(tmp_path / "raw_pairs")["rows"] > 100
