@@ -75,9 +75,9 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
     if retried_inside:
         raise EngineFailure(f"engine {name} failed with the engine's own retries, in a call of {len(prompts)} "
                             f"request(s): {type(error).__name__}: {error}") from error
-    if len(prompts) == 1:
+    if len(prompts) == 1:  # the caption sits at the prompt's end: its tail finds the row that breaks the engine
         raise EngineFailure(f"engine {name} failed on 1 request(s) after {attempts} attempts: "
-                            f"{type(error).__name__}: {error}") from error
+                            f"{type(error).__name__}: {error} (prompt ending {prompts[0][-100:]!r})") from error
     half = len(prompts) // 2
     kwargs = {"retries": retries, "backoff_s": backoff_s, "stop": stop, "sleep": sleep}
     return (generate_with_recovery(engine, prompts[:half], params[:half], **kwargs)

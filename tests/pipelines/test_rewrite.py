@@ -106,7 +106,8 @@ def test_persistent_engine_failure_keeps_finished_shards(pairs, tmp_path, tiny_m
 
     monkeypatch.setattr(TransformersEngine, "generate", failing)
     flags = _flags(pairs, out, tiny_model, "--rewrite_engine_backoff_s", "0")
-    with pytest.raises(Exception, match=r"failed on 1 request\(s\) after 3 attempts: RuntimeError: CUDA out of memory"):
+    with pytest.raises(Exception, match=r"failed on 1 request\(s\) after 3 attempts: RuntimeError: CUDA out of "
+                                        r"memory \(injected\) \(prompt ending '.*Photo by Jane Doe"):
         rewrite.run(flags)
     failed = [size for size, bad in calls if bad]
     # Retried at full size, then halved (each half retried) until the one bad request failed alone 3 times.
