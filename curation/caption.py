@@ -34,8 +34,8 @@ from curation.engines.seeding import derive_seed
 from curation.images import ImageConfig
 from curation.rewrite import clean_caption as clean_prompt_text
 from curation.rewrite import parse_output
-from curation.validation import (OutputReason, ValidationConfig, changed_fact, check_output, in_other_language,
-                                 normalise)
+from curation.validation import (OutputReason, ValidationConfig, changed_fact, check_output, dominant_script,
+                                 in_other_language, normalise)
 
 STAGE = "caption"
 
@@ -351,11 +351,15 @@ class Fuser:
         # Language and facts are judged against each input on its own: with German alt-text and an English
         # VeC, a fusion in either language is one, and keeps the numbers and colours of the text it is in.
         # Checked against the two as one text, every fusion was in another language than that mix.
-        whole = replace(cfg.validation, check_language=False, keep_numbers_and_colours=False)
+        whole = replace(cfg.validation, check_script=False, check_language=False, keep_numbers_and_colours=False)
         reason = check_output(f"{alt_text} {vec}", fused, whole, echo_texts=(FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER))
         if reason is not None:
             return reason
-        same = [text for text in (alt_text, vec) if not in_other_language(text, fused)]
+        script = dominant_script(fused)
+        same = [text for text in (alt_text, vec) if dominant_script(text) in (script, None)]
+        if cfg.validation.check_script and script and not same:
+            return OutputReason.SCRIPT
+        same = [text for text in same if not in_other_language(text, fused)]
         if cfg.validation.check_language and not same:
             return OutputReason.LANGUAGE
         if cfg.validation.keep_numbers_and_colours and any(changed_fact(text, fused) for text in same):

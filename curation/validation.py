@@ -87,8 +87,11 @@ _UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u
 _UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
 _CONTENT_TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+(?:'[^\\W_{_UNSPACED}]+)?", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?:;])\s+|\n+")
-# A number standing as a word: not one glued to letters, underscores or dots (IMG_2231.jpg, 1920x1080, v2).
-_NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)?(?![\w]|\.\w)")
+# A number standing as a word: not one glued to letters, underscores, dots or colons (IMG_2231.jpg,
+# 1920x1080, v2, 10:30), with its thousands separators and decimals (10,000 people; 3.5 stars).
+_NUMBER = re.compile(r"(?<![\w.:])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\w:]|\.\w)|(?<![\w.:])\d+(?:\.\d+)?(?![\w:]|\.\w)")
+# Longer numbers are catalogue and stock-photo ids, which a rewrite drops with the rest of the credits.
+_MAX_KEPT_DIGITS = 4
 # Number words and what else says the same count ("a red circle" is one, "a pair of mugs" two).
 _COUNTS = {
     1: ("one", "a", "an", "single", "lone"), 2: ("two", "pair", "couple", "both", "twin"), 3: ("three", "trio"),
@@ -96,6 +99,8 @@ _COUNTS = {
     11: ("eleven",), 12: ("twelve", "dozen"),
 }
 _COUNT_WORDS = {word: n for n, words in _COUNTS.items() for word in words[:1]}  # what states a count
+# Colour words that are as often things (an orange, gold, a golden retriever): kept in an output, never asked.
+_AMBIGUOUS_COLOURS = frozenset({"orange", "gold", "golden"})
 _COUNT_SAYERS = {word: n for n, words in _COUNTS.items() for word in words}     # what may carry it on
 # Colour words, each to its family: a rewrite may say "crimson" for "red", not "blue".
 _COLOURS = {c: c for c in ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
@@ -265,7 +270,7 @@ class _Source:
 
     @cached_property
     def colours(self) -> frozenset[str]:
-        return frozenset(_COLOURS[w] for w in _words(self.text) if w in _COLOURS)
+        return frozenset(_COLOURS[w] for w in _words(self.text) if w in _COLOURS and w not in _AMBIGUOUS_COLOURS)
 
     @cached_property
     def likely_languages(self) -> frozenset[str] | None:
@@ -352,9 +357,17 @@ def _chatter(text: str, source_plain: str) -> bool:
 
 
 def _counts(text: str, words: dict[str, int]) -> frozenset[str]:
-    """The counts a text states: its free-standing numbers, and the number words among `words`."""
-    numbers = {str(int(m)) if m.isdigit() else m for m in _NUMBER.findall(text)}
-    return frozenset(numbers | {str(words[w]) for w in _words(text) if w in words})
+    """The counts a text states: its free-standing numbers of up to four digits (10,000 as 10000, 3.0 as 3),
+    and the number words among `words` ("one" of "one of the best" is no count)."""
+    numbers = set()
+    for match in _NUMBER.findall(text):
+        value = float(match.replace(",", ""))
+        if len(match.replace(",", "").split(".")[0]) <= _MAX_KEPT_DIGITS:
+            numbers.add(str(int(value)) if value.is_integer() else repr(value))
+    tokens = _words(text)
+    said = {str(words[w]) for w, after in zip(tokens, [*tokens[1:], ""]) if w in words and not (w == "one" and
+                                                                                                  after == "of")}
+    return frozenset(numbers | said)
 
 
 def _changed_fact(facts: _Source, text: str) -> bool:

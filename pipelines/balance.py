@@ -183,7 +183,7 @@ def config_from(options: BalanceOptions) -> tuple[BalanceConfig, MetadataFile]:
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
-    refuse_unknown_flags(argv)
+    refuse_unknown_flags(argv, BalanceOptions)
     options = BalanceOptions(argv)
     config, metadata = config_from(options)
     n_entries = len(metadata.entries)

@@ -253,7 +253,7 @@ def _unfused(row: CaptionedRow):
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
-    refuse_unknown_flags(argv)
+    refuse_unknown_flags(argv, CaptionOptions)
     options = CaptionOptions(argv)
     config = config_from(options)
     random_model = is_random_model(config.captioner_model) if Path(config.captioner_model).is_dir() else False

@@ -108,7 +108,7 @@ def _webdataset_section(output: Path, plan: ExportPlan) -> dict:
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
-    refuse_unknown_flags(argv)
+    refuse_unknown_flags(argv, ExportOptions)
     options = ExportOptions(argv)
     config = config_from(options)
     if not options.input or not options.output:

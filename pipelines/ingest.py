@@ -233,7 +233,7 @@ def _download(source: dict, staging: Path) -> dict:
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
-    refuse_unknown_flags(argv)
+    refuse_unknown_flags(argv, IngestOptions)
     options = IngestOptions(argv)
     if not options.output:
         raise ValueError(f"{STAGE}: --output is required")

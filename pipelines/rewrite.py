@@ -215,7 +215,7 @@ def _totals(output: Path) -> dict[str, Any]:
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
-    refuse_unknown_flags(argv)
+    refuse_unknown_flags(argv, RewriteOptions)
     options = RewriteOptions(argv)
     config = config_from(options)
     model, gguf_file = resolve_model(config.model, config.gguf_file)

@@ -33,18 +33,21 @@ class StageResult:
         return self.manifest.get("rejects", {}).get("by_reason", {})
 
 
-def refuse_unknown_flags(argv: list[str] | None) -> None:
-    """Raise on a flag that neither a stage nor Beam defines. Why: Beam keeps a flag it does not know and
-    only logs it (which this module silences), so a misspelt --rewrite_modle ran the default model."""
+def refuse_unknown_flags(argv: list[str] | None, options: type[PipelineOptions]) -> None:
+    """Raise on a flag that neither the stage's `options` class (and its bases) nor Beam defines. Why: Beam
+    keeps a flag it does not know and only logs it (which this module silences), so a misspelt
+    --rewrite_modle ran the default model; another stage's flag would be as silently ignored."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(add_help=False, conflict_handler="resolve")
-    for cls in {PipelineOptions, *_subclasses(PipelineOptions)}:  # every options class imported so far
+    parser = argparse.ArgumentParser(add_help=True, conflict_handler="resolve")
+    beams = [c for c in _subclasses(PipelineOptions) if c.__module__.startswith("apache_beam.")]
+    for cls in {PipelineOptions, *beams, *options.__mro__}:
         if "_add_argparse_args" in vars(cls):
             cls._add_argparse_args(parser)
     known = {flag for action in parser._actions for flag in action.option_strings}
-    unknown = [arg.split("=", 1)[0] for arg in args if arg.startswith("--") and arg.split("=", 1)[0] not in known]
+    flags = [arg.split("=", 1)[0] for arg in args if arg.startswith("--") and arg != "--"]
+    unknown = [flag for flag in flags if flag not in known]
     if unknown:
         raise ValueError(f"unknown flag(s) {', '.join(unknown)}; see --help for this stage's flags")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from curation.validation import word_count
 from training.randomness import unit_uniform
 
 SOURCES = ("caption", "rewrite", "fused", "synthetic", "fused_missing", "synthetic_missing")
@@ -42,7 +43,9 @@ class TextSampling:
 
 
 def _usable(text: object, min_words: int = 1) -> bool:
-    return isinstance(text, str) and len(text.split()) >= min_words
+    """A text of at least `min_words`, counted as the rewrite stage validated it (two characters of an
+    unspaced script make a word), so no rewrite it kept is dropped here."""
+    return isinstance(text, str) and bool(text.strip()) and word_count(text) >= min_words
 
 
 def valid_rewrites(caption: str, rewrites: list | None) -> list[str]:

@@ -136,8 +136,8 @@ def test_fusion_keeps_a_valid_merge_and_falls_back_to_the_vec_otherwise(answer, 
 
 
 @pytest.mark.parametrize("fused, reason", [
-    ("an old stone church in the village at sunset under an orange sky", None),  # the VeC's language
-    ("alte Steinkirche im Dorf bei Sonnenuntergang unter orangefarbenem Himmel", None),  # the alt-text's
+    ("an old stone church in the village at sunset under a red sky", None),  # the VeC's language
+    ("alte Steinkirche im Dorf bei Sonnenuntergang unter rotem Himmel", None),  # the alt-text's
     ("une vieille église en pierre dans le village au coucher du soleil sous un ciel orange",
      OutputReason.LANGUAGE),  # neither
     ("an old stone church in the village at sunset under a grey sky", OutputReason.CHANGED_FACT),
@@ -147,8 +147,20 @@ def test_fusion_of_alt_text_and_vec_in_two_languages_is_judged_against_each(fuse
     another language than that mix, so every such row fell back to its VeC."""
     fuser = Fuser(ScriptedText(lambda prompt, p: fused), CaptionConfig(captioner_model="x",
                                                                        fusion_keep_proper_nouns=False))
-    assert fuser.check("Alte Kirche im Dorf bei Sonnenuntergang", "an old stone church under an orange sky",
+    assert fuser.check("Alte Kirche im Dorf bei Sonnenuntergang", "an old stone church under a red and orange sky",
                        fused) == reason
+
+
+@pytest.mark.parametrize("alt, fused, reason", [
+    ("Красная площадь зимой, Москва, фото из архива семьи", "Red Square under snow, a red brick building", None),
+    ("Москва зимой", "Москва зимой: большая площадь с красным кирпичным зданием под снегом", None),
+    ("Москва зимой", "Москва red 東京の冬の広場と赤いレンガの建物", OutputReason.SCRIPT),  # neither script
+])
+def test_fusion_in_either_inputs_script_is_one(alt, fused, reason):
+    """Against the joined texts, whichever script had more letters won: one of the two always failed."""
+    fuser = Fuser(ScriptedText(lambda prompt, p: fused), CaptionConfig(captioner_model="x",
+                                                                       fusion_keep_proper_nouns=False))
+    assert fuser.check(alt, "A large square with a red brick building covered in snow.", fused) == reason
 
 
 def test_fusion_prompt_treats_texts_as_data():

@@ -265,6 +265,14 @@ def test_rewrites_in_scripts_written_without_spaces_are_kept(source, output):
     ("IMG_2231.jpg | black dog on the beach", "a black dog standing on a sandy beach", None),  # a file name
     ("Download free HD wallpaper 1920x1080 snowy mountain peak", "a snow-covered mountain summit", None),
     ("grey cat on a sofa", "a gray cat lying on a couch", None),
+    # Not counts or colours: separators and decimals, a pronoun, things named like colours, times, ids.
+    ("10,000 people at the stadium", "10000 people in the stadium", None),
+    ("rated 3.0 stars", "a 3 star rating", None),
+    ("One of the best beaches", "Among the finest beaches", None),
+    ("An orange on a table", "A ripe citrus fruit on a table", None),
+    ("Golden retriever puppy", "A retriever puppy", None),
+    ("Meeting at 10:30", "a meeting at half past ten", None),
+    ("Stock Photo 123456 - woman working", "A woman working on her laptop", None),
 ])
 def test_numbers_and_colours_of_the_input_are_kept(source, output, reason):
     """The instruction says keep every number and colour; a SmolLM2 demo run changed the count in 20% and

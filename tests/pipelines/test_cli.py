@@ -30,7 +30,7 @@ def test_a_misspelt_flag_is_refused_before_any_work(tmp_path):
     """Beam keeps a flag it does not know: --rewrite_modle ran the default model, without a word."""
     import pytest
 
-    from pipelines import balance, rewrite
+    from pipelines import balance, caption, rewrite  # noqa: F401 - caption's options exist in this process
 
     for run, flag in ((rewrite.run, "--rewrite_modle=Qwen/Qwen2.5-1.5B-Instruct"), (rewrite.run, "--rewrite-model"),
                       (balance.run, "--tt=5")):
@@ -41,7 +41,11 @@ def test_a_misspelt_flag_is_refused_before_any_work(tmp_path):
     from pipelines.runner import refuse_unknown_flags
 
     refuse_unknown_flags(["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode",
-                          "multi_processing", "--no_pipeline_type_check", "--flink_master=localhost:8081"])
+                          "multi_processing", "--no_pipeline_type_check", "--flink_master=localhost:8081", "--help",
+                          "--"], rewrite.RewriteOptions)
+    # Another stage's flag is not this stage's, even with that stage imported.
+    with pytest.raises(ValueError, match="unknown flag\\(s\\) --caption_shards_per_run"):
+        refuse_unknown_flags(["--caption_shards_per_run=1"], rewrite.RewriteOptions)
 
 
 def test_the_demo_redoes_a_stage_whose_output_another_version_wrote(tmp_path, capsys):
