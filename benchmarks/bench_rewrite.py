@@ -41,8 +41,8 @@ def demo_captions(n: int, seed: int = 0) -> list[str]:
 
 def rewrite_prompts(engine, n: int, examples: int = 3, tokens: int = 0) -> list[str]:
     """The rewrite stage's prompts for n demo captions; with `tokens`, each lengthened or cut to about that
-    many tokens inside its caption, so that every prompt keeps its example group's shared prefix (filler
-    in front of a prompt would leave it sharing nothing, and widen every batch it joins)."""
+    many tokens at its caption's end, so that every prompt keeps its example group's shared prefix and no
+    more (filler in front of a prompt would leave it sharing nothing, and widen every batch it joins)."""
     rewriter = Rewriter(engine, RewriteConfig(examples_per_prompt=examples))
     prompts = []
     for i, caption in enumerate(demo_captions(n)):
@@ -50,7 +50,8 @@ def rewrite_prompts(engine, n: int, examples: int = 3, tokens: int = 0) -> list[
         prompt = rewriter.prompt(" ".join(words), group)
         if tokens:
             short = tokens - engine.count_tokens([prompt])[0]
-            words = ["example"] * short + words if short > 0 else words[min(-short, len(words) - 1):]
+            # After the caption's own words: filler in front of them would join the shared prefix.
+            words = words + ["example"] * short if short > 0 else words[:max(1, len(words) + short)]
             prompt = rewriter.prompt(" ".join(words), group)
         prompts.append(prompt)
     return prompts

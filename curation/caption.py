@@ -66,7 +66,8 @@ def fusion_completion(alt: str, visual: str) -> str:
 
 
 # The VeC prompt is laid out by each vision engine's own processor; the fusion prompts here.
-PROMPT_SHA256 = prompt_sha256([VEC_PROMPT, fusion_messages("{alt}", "{visual}"), fusion_completion("{alt}", "{visual}")])
+PROMPT_SHA256 = prompt_sha256([VEC_PROMPT, fusion_messages("{alt}", "{visual}"),
+                               fusion_completion("{alt}", "{visual}")])
 
 
 class Degenerate:
@@ -272,9 +273,11 @@ class Captioner:
         shard; when every image fails on its own the engine itself is broken and the error goes up.
         """
         cfg = self.config
+        # An engine whose client retries each request is called once: stacked, the attempts multiply.
+        attempts = 1 if getattr(self.engine, "retries_requests", False) else cfg.engine_retries + 1
         try:
             outputs: list[Generation | None] = list(with_retries(
-                lambda: self.engine.caption(images, cfg.prompt, params), attempts=cfg.engine_retries + 1,
+                lambda: self.engine.caption(images, cfg.prompt, params), attempts=attempts,
                 backoff_s=cfg.engine_backoff_s, what=f"captioner {self.engine.name} on {len(images)} images"))
         except Exception:
             if len(images) == 1:
@@ -352,7 +355,8 @@ class Fuser:
         # VeC, a fusion in either language is one, and keeps the numbers and colours of the text it is in.
         # Checked against the two as one text, every fusion was in another language than that mix.
         whole = replace(cfg.validation, check_script=False, check_language=False, keep_numbers_and_colours=False)
-        reason = check_output(f"{alt_text} {vec}", fused, whole, echo_texts=(FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER))
+        reason = check_output(f"{alt_text} {vec}", fused, whole,
+                              echo_texts=(FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER))
         if reason is not None:
             return reason
         script = dominant_script(fused)

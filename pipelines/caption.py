@@ -16,7 +16,8 @@ from __future__ import annotations
 import collections
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,19 @@ ImageRow = tuple[int, str, str, Any]
 CaptionedRow = tuple[int, str, str, "str | None", collections.Counter]
 
 
+# The last model of each kind loaded in this process, by its config: the stage's later pipeline runs (a few
+# shards each) reuse it, where each run's RunInference would load the VLM and the fusion LLM again.
+_LOADED: dict[str, tuple[str, Any]] = {}
+
+
+def _reused(kind: str, config: CaptionConfig, load: Callable[[], Any]) -> Any:
+    key = json.dumps(asdict(config), sort_keys=True, default=str)
+    if kind not in _LOADED or _LOADED[kind][0] != key:
+        _LOADED.pop(kind, None)  # free the old one before loading its successor
+        _LOADED[kind] = (key, load())
+    return _LOADED[kind][1]
+
+
 class CaptionModelHandler(ModelHandler):
     """RunInference handler: a batch of (index, key, alt-text, PIL image) -> PredictionResult(RowCaption)."""
 
@@ -115,7 +129,8 @@ class CaptionModelHandler(ModelHandler):
     def load_model(self) -> Captioner:
         from curation.engines.vision import make_vision_engine
 
-        return Captioner(make_vision_engine(self.config.captioner_spec()), self.config)
+        return _reused("captioner", self.config,
+                       lambda: Captioner(make_vision_engine(self.config.captioner_spec()), self.config))
 
     def run_inference(self, batch: Sequence[ImageRow], model: Captioner,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:
@@ -139,7 +154,7 @@ class FusionModelHandler(ModelHandler):
     def load_model(self) -> Fuser:
         from curation.engines import make_text_engine
 
-        return Fuser(make_text_engine(self.config.fusion_spec()), self.config)
+        return _reused("fuser", self.config, lambda: Fuser(make_text_engine(self.config.fusion_spec()), self.config))
 
     def run_inference(self, batch: Sequence[CaptionedRow], model: Fuser,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:

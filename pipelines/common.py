@@ -80,7 +80,7 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     (output / REJECTS_DIR).mkdir(exist_ok=True)
     recorded = output / STAGE_CONFIG
     wanted = json.loads(json.dumps({"stage": stage, "input": str(Path(input_dir).resolve()),
-                                    "input_shards": _input_identity(inputs, input_manifest), "config": config},
+                                    "input_shards": _input_identity(inputs), "config": config},
                                    default=str))
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
@@ -102,11 +102,11 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
                      input_manifest=input_manifest)
 
 
-def _input_identity(inputs: list[Path], manifest: dict | None) -> list:
-    """What the output is computed from, shard by shard: the sha256 its manifest lists (verified above), or
-    else name and size. A rebuilt input under the same path then no longer resumes into the old output."""
-    if manifest is not None:
-        return [shard["sha256"] for shard in manifest["shards"]]
+def _input_identity(inputs: list[Path]) -> list:
+    """What the output is computed from, shard by shard: name and size, so an input rebuilt under the same
+    path no longer resumes into the old output. The same whether or not the input has its manifest yet (a
+    stage may start on an input still being written); a complete input's shards are checked against their
+    sha256 anyway (verify_manifest)."""
     return [[path.name, path.stat().st_size] for path in inputs]
 
 

@@ -83,13 +83,14 @@ def _precision(config: TrainConfig, device: torch.device) -> str:
 
 def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_length: int, d: distributed.Dist,
                named, resuming: bool):
-    """The run's tokenizer: the one saved in output (resume), the `named` one, or a BPE trained on rank 0."""
+    """The run's tokenizer: the one saved in output (resume), the `--tokenizer` one (`named` if it was loaded
+    already), or a BPE trained on rank 0."""
     if resuming:
         return load_tokenizer(output, context_length)
 
     def make_and_save():
-        if named is not None:
-            tokenizer = named
+        if config.tokenizer:
+            tokenizer = named if named is not None else load_tokenizer(config.tokenizer, context_length)
         else:
             vocab = config.vocab_size or PRESETS[config.preset].vocab_size
             tokenizer = train_bpe(iter_texts(shards, config.holdout_fraction), vocab, context_length)
@@ -179,7 +180,9 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     if config.online_curation:
         check_curation_column(shards, config.t)
     entry_p = curation_probabilities(config)
-    named = load_tokenizer(config.tokenizer, context_length) if config.tokenizer else None
+    # A resume uses the tokenizer saved with the run: the named one need not load any more.
+    resumable = config.resume and not config.overwrite and latest_checkpoint(output) is not None
+    named = load_tokenizer(config.tokenizer, context_length) if config.tokenizer and not resumable else None
     check_eval_inputs(config.eval, config.classes_path)
     fingerprint = input_fingerprint(config.input)
     distributed.on_main(d, lambda: _prepare_output(config, output))

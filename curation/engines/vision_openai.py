@@ -28,6 +28,9 @@ def data_uri(image: Image.Image, quality: int = 90) -> str:
 class OpenAIVisionEngine:
     """VisionEngine over the chat-completions endpoint of an OpenAI-compatible server."""
 
+    # The client retries each request (with backoff): the captioner calls it once per batch, not again.
+    retries_requests = True
+
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
                  concurrency: int = 8, timeout: float = 120.0, retries: int = 2, jpeg_quality: int = 90):
         from openai import OpenAI

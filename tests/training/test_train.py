@@ -153,6 +153,18 @@ def test_wrong_settings_and_eval_inputs_fail_before_overwrite_clears_anything(ra
     assert sorted(p.name for p in earlier.output.iterdir()) == kept
 
 
+def test_a_resume_needs_no_longer_the_tokenizer_the_run_was_started_with(raw_pairs, tmp_path):
+    """It trains on the copy saved with the run; checking --tokenizer up front must not break the resume."""
+    from training.tokenizer import train_bpe
+
+    named = tmp_path / "tokenizer"
+    train_bpe(["a red circle", "two blue squares"] * 50, 300, 16).save_pretrained(named)
+    settings = dict(steps=4, checkpoint_every=2, tokenizer=str(named))
+    assert loop.train(_config(raw_pairs, tmp_path / "run", stop_after_steps=2, **settings)).stopped_early
+    shutil.rmtree(named)
+    assert loop.train(_config(raw_pairs, tmp_path / "run", **settings)).steps == 4
+
+
 def test_a_late_stop_still_keeps_the_last_good_weights(raw_pairs, tmp_path, monkeypatch):
     """Counters are read every 4 steps: the run learns at step 8 of a stop at step 5, and steps 6..8 changed nothing."""
     reference = loop.train(_config(raw_pairs, tmp_path / "two", steps=20, stop_after_steps=2))
