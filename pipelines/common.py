@@ -84,15 +84,19 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
                                    default=str))
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
-        if "input_shards" not in previous:  # recorded before input identities were: compared as it was
-            wanted.pop("input_shards")
+        before, now = previous.get("input_shards"), wanted["input_shards"]
+        # Recorded before input identities were, or an input that has since grown by new shards (its
+        # earlier ones unchanged): compared without them, and the grown input recorded.
+        grown = before is not None and len(now) > len(before) and now[:len(before)] == before
+        if before is None or grown:
+            previous = {**previous, "input_shards": now}
         if previous != wanted:
             changed = _differences(previous, wanted)
             raise StageConfigMismatch(
                 f"{output} holds a {previous.get('stage')} run with another input or config "
                 f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); "
                 f"pass --overwrite to replace it or choose another --output")
-    else:
+    if not recorded.is_file() or json.loads(recorded.read_text()) != wanted:
         atomic_write_bytes(recorded, json.dumps(wanted, indent=2, default=str).encode())
     remove_stale_temps(output)
     remove_stale_temps(output / REJECTS_DIR)
@@ -104,9 +108,9 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
 
 def _input_identity(inputs: list[Path]) -> list:
     """What the output is computed from, shard by shard: name and size, so an input rebuilt under the same
-    path no longer resumes into the old output. The same whether or not the input has its manifest yet (a
-    stage may start on an input still being written); a complete input's shards are checked against their
-    sha256 anyway (verify_manifest)."""
+    path no longer resumes into the old output, while one that grew by new shards does. The same whether or
+    not the input has its manifest yet; a complete input's shards are checked against their sha256 anyway
+    (verify_manifest)."""
     return [[path.name, path.stat().st_size] for path in inputs]
 
 

@@ -1,6 +1,7 @@
 """The rewrite stage end to end on a tiny saved model: column, manifest, resume, failure keeps shards."""
 
 import json
+import shutil
 
 import pyarrow as pa
 import pytest
@@ -82,6 +83,10 @@ def test_a_rebuilt_input_under_the_same_path_is_not_resumed_into(pairs, tmp_path
     """Shards are matched by index: an input rebuilt in place (other rows, fewer shards) kept the old output."""
     out = tmp_path / "rewritten"
     rewrite.run(_flags(pairs, out, tiny_model, "--rewrite_max_attempts", "1"))
+    # An input that grew by a shard, its others unchanged, resumes: only the new shard is done.
+    shutil.copy(pairs / "part-00000.parquet", pairs / "part-00003.parquet")
+    grown = rewrite.run(_flags(pairs, out, tiny_model, "--rewrite_max_attempts", "1"))
+    assert grown.manifest["stats"]["resumed_shards"] == 3 and grown.manifest["stats"]["shards_processed"] == 1
     (out / "part-00000.parquet").unlink()
     for shard in sorted(pairs.glob("part-*.parquet"))[1:]:
         shard.unlink()
