@@ -193,32 +193,39 @@ class TransformersEngine(ChatTokenizer):
         around = [max(shared[i - 1] if i else 0, shared[i + 1] if i + 1 < len(shared) else 0)
                   for i in range(len(shared))]
         bounds = [0] + [i + 1 for i, n in enumerate(shared) if n < least or n + least <= around[i]] + [len(rows)]
-        runs: list[tuple[int, int, int]] = []
+        # Per run: start, end, what its rows share, its shortest row. Two runs together share the least of
+        # theirs and of what their neighbouring rows share, so a merge costs no pass over the rows again.
+        runs: list[tuple[int, int, int, int]] = []
         for start, end in zip(bounds, bounds[1:]):
-            length = self._run_prefix(rows[start:end])
-            if runs and self._merge(runs[-1], (start, end, length), rows):
-                start = runs.pop()[0]
-                length = self._run_prefix(rows[start:end])
-            runs.append((start, end, length))
-        return runs
+            block = rows[start:end]
+            run = (start, end, _common_prefix_length(block), min(map(len, block)))
+            if runs:
+                before = runs[-1]
+                merged = (before[0], end, min(before[2], run[2], shared[start - 1]), min(before[3], run[3]))
+                if self._merge(self._reused(rows, before), self._reused(rows, run), before, run, merged):
+                    runs[-1] = merged
+                    continue
+            runs.append(run)
+        return [(run[0], run[1], self._reused(rows, run)) for run in runs]
 
-    def _run_prefix(self, rows: list[list[int]]) -> int:
+    def _reused(self, rows: list[list[int]], run: tuple[int, int, int, int]) -> int:
         """The prefix a run reuses: what its rows share, less one token each to prefill (a lone row: the
         longest kept prefix it starts with); 0 under min_prefix_tokens."""
-        length = self._kept_prefix(rows[0]) if len(rows) == 1 else min(_common_prefix_length(rows),
-                                                                          min(map(len, rows)) - 1)
+        start, end, common, shortest = run
+        length = self._kept_prefix(rows[start]) if end - start == 1 else min(common, shortest - 1)
         return length if length >= self.min_prefix_tokens else 0
 
-    def _merge(self, before: tuple[int, int, int], after: tuple[int, int, int], rows: list[list[int]]) -> bool:
+    def _merge(self, before_length: int, after_length: int, before: tuple[int, int, int, int],
+               after: tuple[int, int, int, int], merged: tuple[int, int, int, int]) -> bool:
         """Whether two neighbouring runs go better as one. Repeated captions share more than the rest of
         their example group and cut it into runs of a few rows (600 in 4,096 demo prompts), each a prefix of
         its own to compute one row at a time, with lone rows between them that have no prefix at all. As
         one, they reuse their common prefix: worth it when the tokens that then get prefilled instead of
         reused, over both runs, are at most twice the longer prefix."""
-        start, end = before[0], after[1]
-        common = min(_common_prefix_length(rows[start:end]), min(map(len, rows[start:end])) - 1)
-        lost = sum(max(0, length - common) * (stop - first) for first, stop, length in (before, after))
-        return common >= self.min_prefix_tokens and lost <= 2 * max(before[2], after[2])
+        common = min(merged[2], merged[3] - 1)
+        lost = sum(max(0, length - common) * (run[1] - run[0])
+                   for run, length in ((before, before_length), (after, after_length)))
+        return common >= self.min_prefix_tokens and lost <= 2 * max(before_length, after_length)
 
     def _kept_prefix(self, row: list[int]) -> int:
         """The length of the longest kept prefix KV that `row` starts with (and does not end with)."""
