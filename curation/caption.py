@@ -29,7 +29,7 @@ from PIL import Image
 from curation.engines import (DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, VisionEngine,
                               output_options)
 from curation.engines.base import prompt_sha256
-from curation.engines.recovery import generate_with_recovery, with_retries
+from curation.engines.recovery import attempts_for, generate_with_recovery, with_retries
 from curation.engines.seeding import derive_seed
 from curation.images import ImageConfig
 from curation.rewrite import clean_caption as clean_prompt_text
@@ -273,11 +273,10 @@ class Captioner:
         shard; when every image fails on its own the engine itself is broken and the error goes up.
         """
         cfg = self.config
-        # An engine whose client retries each request is called once: stacked, the attempts multiply.
-        attempts = 1 if getattr(self.engine, "retries_requests", False) else cfg.engine_retries + 1
         try:
             outputs: list[Generation | None] = list(with_retries(
-                lambda: self.engine.caption(images, cfg.prompt, params), attempts=attempts,
+                lambda: self.engine.caption(images, cfg.prompt, params),
+                attempts=attempts_for(self.engine, cfg.engine_retries),
                 backoff_s=cfg.engine_backoff_s, what=f"captioner {self.engine.name} on {len(images)} images"))
         except Exception:
             if len(images) == 1:

@@ -99,8 +99,6 @@ _COUNTS = {
     11: ("eleven",), 12: ("twelve", "dozen"),
 }
 _COUNT_WORDS = {word: n for n, words in _COUNTS.items() for word in words[:1]}  # what states a count
-# Colour words that are as often things (an orange, gold, a golden retriever): kept in an output, never asked.
-_AMBIGUOUS_COLOURS = frozenset({"orange", "gold", "golden"})
 _COUNT_SAYERS = {word: n for n, words in _COUNTS.items() for word in words}     # what may carry it on
 # Colour words, each to its family: a rewrite may say "crimson" for "red", not "blue".
 _COLOURS = {c: c for c in ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
@@ -108,6 +106,8 @@ _COLOURS = {c: c for c in ("red", "orange", "yellow", "green", "blue", "purple",
     "gray": "grey", "golden": "gold", "crimson": "red", "scarlet": "red", "ruby": "red", "navy": "blue",
     "azure": "blue", "cobalt": "blue", "emerald": "green", "lime": "green", "violet": "purple",
     "lavender": "purple", "ivory": "white", "charcoal": "grey"}
+# Colour words that are as often things (an orange, gold, a golden retriever): kept in an output, never asked.
+_AMBIGUOUS_COLOURS = frozenset({"orange", "gold", "golden"})
 # What the completion layout puts between a caption and its rewrite (`source => target`): an output holding it
 # went on to write the next example pair.
 PROMPT_SEPARATORS = ("=>",)
@@ -370,17 +370,14 @@ def _counts(text: str, words: dict[str, int]) -> frozenset[str]:
     return frozenset(numbers | said)
 
 
-def _changed_fact(facts: _Source, text: str) -> bool:
-    """Whether the output lost a number or a colour of the input (a count may change its wording)."""
-    if facts.counts - _counts(text, _COUNT_SAYERS):
-        return True
-    kept = {_COLOURS[w] for w in _words(text) if w in _COLOURS}
-    return not facts.colours <= kept
-
-
 def changed_fact(source: str, output: str) -> bool:
-    """Whether `output` lost a number or a colour of `source` (OutputReason.CHANGED_FACT)."""
-    return _changed_fact(_source(source), output)
+    """Whether `output` lost a number or a colour of `source` (OutputReason.CHANGED_FACT); a count may
+    change its wording."""
+    facts = _source(source)
+    if facts.counts - _counts(output, _COUNT_SAYERS):
+        return True
+    kept = {_COLOURS[w] for w in _words(output) if w in _COLOURS}
+    return not facts.colours <= kept
 
 
 def in_other_language(source: str, output: str) -> bool:
@@ -463,11 +460,11 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
         output_script = dominant_script(text)
         if facts.script and output_script and facts.script != output_script:
             return OutputReason.SCRIPT
-    if config.check_language and facts.script == "LATIN" and _different_language(facts, text):
+    if config.check_language and in_other_language(source, text):
         return OutputReason.LANGUAGE
     if config.min_shared_words and off_topic(source, text, config):
         return OutputReason.OFF_TOPIC
-    if config.keep_numbers_and_colours and _changed_fact(facts, text):
+    if config.keep_numbers_and_colours and changed_fact(source, text):
         return OutputReason.CHANGED_FACT
     if overlap is not None and overlap(source, text) < config.min_similarity:
         return OutputReason.LOW_OVERLAP

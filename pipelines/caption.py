@@ -32,7 +32,8 @@ from curation.records import Rejected
 from curation.rejects import reject, rejects_table
 from curation.schema import PAIR_SCHEMA, conform
 from curation.shards import atomic_write_bytes, finished_shards, shard_name
-from pipelines.common import ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, write_stage_shard
+from pipelines.common import (ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, shard_runs,
+                              write_stage_shard)
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "caption_stats"
@@ -281,10 +282,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if plan.todo:
         # In runs of a few shards: every shard of one run is written only after its last image is captioned
         # (they meet in one GroupByKey), so one pipeline for all would keep nothing of a run that fails.
-        step = len(plan.todo) if test_pipeline is not None else max(1, options.caption_shards_per_run)
-        for first in range(0, len(plan.todo), step):
+        for todo in shard_runs(plan.todo, options.caption_shards_per_run, test_pipeline):
             with pipeline_for(options, test_pipeline) as p:
-                build(p, plan.todo[first:first + step], options.batch_rows, config, options.seed, str(plan.output))
+                build(p, todo, options.batch_rows, config, options.seed, str(plan.output))
     elapsed = time.perf_counter() - start
     counters = _shard_stats(plan.output)
     images = _shard_stats(plan.output, {shard_name(i) for i, _ in plan.todo}).get("image.prepared", 0)

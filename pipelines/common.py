@@ -106,6 +106,14 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
                      input_manifest=input_manifest)
 
 
+def shard_runs(todo: list[tuple[int, str]], per_run: int,
+               test_pipeline: object | None) -> list[list[tuple[int, str]]]:
+    """The shards to do, in pipeline runs of `per_run` (all in one with a test's pipeline, which runs once).
+    A run's shards are written when its last one is done, so a failure keeps every earlier run's."""
+    step = len(todo) if test_pipeline is not None else max(1, per_run)
+    return [todo[first:first + step] for first in range(0, len(todo), step)]
+
+
 def _input_identity(inputs: list[Path]) -> list:
     """What the output is computed from, shard by shard: name and size, so an input rebuilt under the same
     path no longer resumes into the old output, while one that grew by new shards does. The same whether or

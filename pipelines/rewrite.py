@@ -32,7 +32,7 @@ from curation.engines import resolve_model
 from curation.rewrite import PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, RowRewrite, selected, summarise
 from curation.shards import atomic_write_bytes, shard_name
 from curation.validation import ValidationConfig
-from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage
+from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage, shard_runs
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "_rewrite_stats"
@@ -226,9 +226,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     start = time.perf_counter()
     if plan.todo:
         share = _share_model(options.rewrite_share_model)
-        step = len(plan.todo) if test_pipeline is not None else max(1, options.rewrite_shards_per_run)
-        for first in range(0, len(plan.todo), step):
-            _run_shards(options, test_pipeline, plan.todo[first:first + step], plan.output, config, share)
+        for todo in shard_runs(plan.todo, options.rewrite_shards_per_run, test_pipeline):
+            _run_shards(options, test_pipeline, todo, plan.output, config, share)
     elapsed = time.perf_counter() - start
     totals = _totals(plan.output)
     stats = totals | {"seconds": round(elapsed, 3), "resumed_shards": plan.done, "shards_processed": len(plan.todo)}

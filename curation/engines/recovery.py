@@ -29,6 +29,12 @@ class EngineFailure(RuntimeError):
     """The engine failed on a request even after retries and splitting."""
 
 
+def attempts_for(engine: object, retries: int) -> int:
+    """Calls to try an engine: once when its client retries each request itself (stacked, the attempts
+    multiply), else 1 + `retries`."""
+    return 1 if getattr(engine, "retries_requests", False) else retries + 1
+
+
 def with_retries(call: Callable[[], T], *, attempts: int, backoff_s: float, what: str,
                  sleep: Callable[[float], None] = time.sleep) -> T:
     """`call()`, tried up to `attempts` times with a doubling pause between; the last error goes up."""
@@ -56,7 +62,7 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
     if not prompts:
         return []
     retried_inside = bool(getattr(engine, "retries_requests", False))
-    attempts = 1 if retried_inside else retries + 1
+    attempts = attempts_for(engine, retries)
 
     def call() -> list[Generation]:
         out = engine.generate(prompts, params, stop=stop) if stop else engine.generate(prompts, params)
@@ -68,7 +74,7 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
     try:
         return with_retries(call, attempts=attempts, backoff_s=backoff_s, sleep=sleep,
                             what=f"engine {name} on {len(prompts)} prompts")
-    except (KeyboardInterrupt, EngineFailure):
+    except EngineFailure:
         raise
     except Exception as exc:  # noqa: BLE001 - reported below, or the batch is split
         error = exc
