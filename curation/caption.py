@@ -34,8 +34,8 @@ from curation.engines.seeding import derive_seed
 from curation.images import ImageConfig
 from curation.rewrite import clean_caption as clean_prompt_text
 from curation.rewrite import parse_output
-from curation.validation import (OutputReason, ValidationConfig, changed_fact, check_output, dominant_script,
-                                 in_other_language, normalise)
+from curation.languages import dominant_script
+from curation.validation import OutputReason, ValidationConfig, changed_fact, check_output, in_other_language, normalise
 
 STAGE = "caption"
 

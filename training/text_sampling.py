@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from curation.validation import word_count
+from curation.languages import word_count
 from training.randomness import unit_uniform
 
 SOURCES = ("caption", "rewrite", "fused", "synthetic", "fused_missing", "synthetic_missing")
