@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 from curation.shards import atomic_write_bytes
@@ -99,8 +98,8 @@ def plot_curves(output: str | Path, accuracy_metric: str = "zeroshot_top1") -> P
         axes[0][1].set(xlabel="step", ylabel=accuracy_metric, title="held-out zero-shot accuracy", ylim=(0, 1))
     figure.tight_layout()
     out = Path(output) / CURVES_PNG
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    figure.savefig(tmp, dpi=100, format="png")
+    png = io.BytesIO()
+    figure.savefig(png, dpi=100, format="png")
     plt.close(figure)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, png.getvalue())
     return out
