@@ -298,7 +298,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         **summarise(counters))
     if random_model:
         manifest.setdefault("warnings", []).append(RANDOM_MODEL_WARNING)
-    return StageResult(manifest, plan.output)
+    return StageResult(manifest, plan.output, plan.up_to_date)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,8 +23,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from curation.rejects import REJECT_SCHEMA, count_reasons
 from curation.schema import PAIR_SCHEMA
 from curation.shards import (
-    STAGE_CONFIG, atomic_write_bytes, finished_shards, info_for, is_complete, remove_stale_temps, shard_name,
-    shard_paths, verify_manifest, write_manifest, write_table_atomic,
+    STAGE_CONFIG, atomic_write_bytes, finished_shards, info_for, is_complete, read_manifest, remove_stale_temps,
+    shard_name, shard_paths, verify_manifest, write_manifest, write_table_atomic,
 )
 
 REJECTS_DIR = "rejects"
@@ -202,7 +202,14 @@ def _write_group(group: tuple[int, Iterable[tuple[str, pa.Table | pa.RecordBatch
 
 
 def finish_stage(plan: StagePlan, stage: str, config: dict, **stats) -> dict:
-    """Write the manifest over every finished shard, with rejects counted by reason and the lineage carried on."""
+    """Write the manifest over every finished shard, with rejects counted by reason and the lineage carried on.
+
+    A run that found the output up to date keeps the manifest of the run that did the work, so its
+    timings, its counts and its creation time still describe how the shards were made."""
+    if plan.up_to_date:
+        manifest = read_manifest(plan.output)
+        if [s["name"] for s in manifest["shards"]] == [p.name for p in finished_shards(plan.output)]:
+            return manifest
     shards = [info_for(p) for p in finished_shards(plan.output)]
     reject_paths = finished_shards(plan.output / REJECTS_DIR)
     rejects = pa.concat_tables([pq.read_table(p) for p in reject_paths]) if reject_paths else REJECT_SCHEMA.empty_table()

@@ -36,7 +36,7 @@ from curation.ingest import (
     ERROR, STAGE, STATUS, IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
 )
 from curation.rejects import rejects_table
-from curation.shards import finished_shards, is_complete, read_manifest, read_table, shard_paths
+from curation.shards import finished_shards, read_table, shard_paths
 from curation.url_lists import is_url_list
 from pipelines.common import (
     REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, WriteShards, begin_stage,
@@ -248,8 +248,6 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             stats.update(_download(source, output / STAGING))
         source.pop("download", None)
         write_pipeline(options, plan, input_dir, config, source, test_pipeline)
-    elif source["kind"] == "url_list" and is_complete(output):  # up to date: keep what the download measured
-        stats.update({k: v for k, v in read_manifest(output).get("stats", {}).items() if k.startswith("download_")})
     elapsed = time.perf_counter() - start
     rejects = read_table(finished_shards(output / REJECTS_DIR)) if finished_shards(output / REJECTS_DIR) else \
         rejects_table([])
@@ -257,7 +255,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     manifest = finish_stage(plan, STAGE, recorded, seconds=round(elapsed, 3), resumed_shards=plan.done, **stats)
     if source["kind"] == "url_list" and not options.keep_download:
         shutil.rmtree(output / STAGING / "download", ignore_errors=True)
-    return StageResult(manifest, plan.output)
+    return StageResult(manifest, plan.output, plan.up_to_date)
 
 
 def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestConfig, source: dict,

@@ -138,12 +138,14 @@ class RewriteModelHandler(ModelHandler[tuple[str, str], RowRewrite, Rewriter]):
         return "rewrite"
 
 
-def _captions(item: tuple[int, str], seed: int, fraction: float):
+def _captions(item: tuple[int, str], seed: int, fraction: float, batch_rows: int):
+    """The shard's selected (key, caption) pairs, read batch_rows at a time so a big shard's captions are
+    never all in memory at once."""
     index, path = item
-    table = pq.read_table(path, columns=["key", "caption"])
-    for key, caption in zip(table.column("key").to_pylist(), table.column("caption").to_pylist()):
-        if selected(seed, key, fraction):
-            yield index, (key, caption)
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["key", "caption"]):
+        for key, caption in zip(batch.column("key").to_pylist(), batch.column("caption").to_pylist()):
+            if selected(seed, key, fraction):
+                yield index, (key, caption)
 
 
 def _build_shard(item, paths: dict[int, str], output: str, seed: int, fraction: float):
@@ -189,7 +191,7 @@ def _run_shards(options, test_pipeline, todo: list[tuple[int, str]], output: Pat
         shards = p | "Shards" >> beam.Create(todo)
         rows = (shards
                 | "Spread" >> beam.Reshuffle()
-                | "ReadCaptions" >> beam.FlatMap(_captions, options.seed, config.row_fraction)
+                | "ReadCaptions" >> beam.FlatMap(_captions, options.seed, config.row_fraction, options.batch_rows)
                 | "Rewrite" >> RunInference(handler, model_identifier=model_tag(config))
                 | "ByShard" >> beam.Map(lambda kv: (kv[0], (kv[1].example[0], kv[1].inference))))
         _ = ({"rows": rows, "shards": shards}
@@ -233,7 +235,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     stats = totals | {"seconds": round(elapsed, 3), "resumed_shards": plan.done, "shards_processed": len(plan.todo)}
     if elapsed > 0 and plan.todo:
         stats["captions_per_s_this_run"] = round(sum(_rows(p) for _, p in plan.todo) / elapsed, 3)
-    return StageResult(finish_stage(plan, STAGE, recorded, **stats), plan.output)
+    return StageResult(finish_stage(plan, STAGE, recorded, **stats), plan.output, plan.up_to_date)
 
 
 def _rows(path: str) -> int:

@@ -19,10 +19,11 @@ logging.getLogger("apache_beam.options.pipeline_options").setLevel(logging.ERROR
 
 @dataclass
 class StageResult:
-    """What `run()` returns: the manifest it wrote and where."""
+    """What `run()` returns: the manifest it wrote (or kept, when the output was already up to date) and where."""
 
     manifest: dict
     output: Path
+    up_to_date: bool = False
 
     @property
     def rows(self) -> int:
@@ -70,7 +71,8 @@ def print_summary(result: StageResult) -> None:
     manifest = result.manifest
     rejects = manifest.get("rejects", {})
     print(f"[{manifest['stage']}] {manifest['rows']} rows in {len(manifest['shards'])} shards "
-          f"({manifest['bytes'] / 1e6:.1f} MB) -> {result.output}")
+          f"({manifest['bytes'] / 1e6:.1f} MB) -> {result.output}"
+          f"{' (up to date: nothing to do; the figures are those of the run that made it)' if result.up_to_date else ''}")
     if rejects.get("rows"):
         print(f"[{manifest['stage']}] rejected {rejects['rows']}: {json.dumps(rejects['by_reason'])}")
     stats = {k: v for k, v in manifest.get("stats", {}).items() if not isinstance(v, (list, dict))}

@@ -170,6 +170,11 @@ def test_kill_then_rerun_gives_the_uninterrupted_bytes(pairs, exported, tmp_path
     assert result.manifest["stats"]["resumed_shards"] == len(result.manifest["shards"]) - 3
     assert _digests(output) == baseline
     assert not list(output.glob(".*.tmp-*"))
+    # Once finished, a rerun finds nothing to do and leaves the manifest and the data card as they are.
+    written = {name: (output / name).read_bytes() for name in ("manifest.json", result.manifest["datacard"]["file"])}
+    again = export.run(_argv(pairs["captioned"], output, "--webdataset"))
+    assert again.up_to_date and again.manifest == json.loads(written["manifest.json"])
+    assert {name: (output / name).read_bytes() for name in written} == written
 
 
 def test_a_partial_export_of_other_rows_is_refused(pairs, tmp_path):
