@@ -131,18 +131,20 @@ def content_words(text: str, language: str | None = None) -> set[str]:
 
 # Inflections a rewrite may change (cat/cats, sleeps/sleeping, wood/wooden, snow/snowy, berry/berries).
 _SUFFIXES = ("s", "es", "ed", "ing", "er", "en", "y", "ies")
+# Suffixes that also end unrelated words (cater, boxer, planer): stripped only to leave 4+ characters.
+_DERIVATIONAL = frozenset({"er", "en", "y"})
 
 
 @lru_cache(maxsize=65536)
 def _stems(word: str) -> frozenset[str]:
     """The word and what it may be an inflection of, stems of 3+ characters only.
 
-    A stripped suffix may have doubled a consonant (running: run), dropped an
-    "e" (making: make) or turned "y" into "i" (berries: berry).
+    A stripped suffix may have doubled a consonant (running: run, sunny: sun),
+    dropped an "e" (making: make) or turned "y" into "i" (berries: berry).
     """
     stems = {word}
     for suffix in _SUFFIXES:
-        if word.endswith(suffix) and len(word) > len(suffix):
+        if word.endswith(suffix) and len(word) - len(suffix) >= (4 if suffix in _DERIVATIONAL else 1):
             stem = word[:-len(suffix)]
             stems.add(stem)
             if len(stem) >= 2 and stem[-1] == stem[-2]:

@@ -154,6 +154,10 @@ def test_an_output_must_stay_about_its_input():
     assert check_output(cat, "category page for furniture sales") == OutputReason.OFF_TOPIC
     assert check_output(cat, "two cats asleep on sofas") is None
     assert check_output(cat, "a kitten that sleeps on the couch") is None
+    # A derivational ending counts only where it leaves a word of its own size: cater is not cat, box not boxer.
+    assert check_output(cat, "we cater for weddings") == OutputReason.OFF_TOPIC
+    assert check_output("a boxer dog on grass", "a cardboard box") == OutputReason.OFF_TOPIC
+    assert check_output("a sunny beach with wooden huts", "wood huts on a beach in the sun") is None
     assert check_output("Download free HD wallpaper snowy mountain peak", "snowy mountain peak") is None
     off = ValidationConfig(min_shared_words=0, keep_numbers_and_colours=False)
     assert check_output(SOURCE, "a yellow taxi in the rain", off) is None
