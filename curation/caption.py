@@ -9,7 +9,7 @@ then counted and left null.
 Step 2, fusion: a text LLM merges the alt-text and the VeC into one sentence
 that keeps the alt-text's names, places, brands and numbers and adds the VeC's
 visual detail. The output is validated like a rewrite (curation.validation),
-must keep the alt-text's proper nouns, and falls back to the VeC when every
+must keep the alt-text's names (curation.names), and falls back to the VeC when every
 attempt is refused.
 
 `synthetic_caption` holds the VeC (ALIP's synthetic caption), `fused_caption`
@@ -35,6 +35,7 @@ from curation.images import ImageConfig
 from curation.rewrite import clean_caption as clean_prompt_text
 from curation.rewrite import parse_output
 from curation.languages import dominant_script
+from curation.names import names_in
 from curation.validation import OutputReason, ValidationConfig, changed_fact, check_output, in_other_language, normalise
 
 STAGE = "caption"
@@ -93,9 +94,6 @@ _OPENER = re.compile(
     re.IGNORECASE)
 _TEMPLATE_ROLE = re.compile(r"\b(?:USER|ASSISTANT|SYSTEM)\s*:", re.IGNORECASE)
 _WORDS = re.compile(r"\w+(?:'\w+)?", re.UNICODE)
-_PROPER = re.compile(r"^[A-Z][a-z]+(?:[-'][A-Za-z]+)*$")
-_YEAR = re.compile(r"^(1[89]\d\d|20\d\d)$")
-_SENTENCE_END = (".", "!", "?", ":", "|", "-", "–", "—", "•")
 
 
 @dataclass(frozen=True)
@@ -296,23 +294,6 @@ class Captioner:
         return outputs
 
 
-def proper_nouns(alt_text: str) -> list[str]:
-    """Names and years in an alt-text that a fusion must keep: capitalised words inside a sentence, years.
-
-    Sentence-initial words are skipped (capitalised anyway); words glued to
-    digits or underscores (file names) are not names.
-    """
-    found: list[str] = []
-    tokens = alt_text.split()
-    for i, token in enumerate(tokens):
-        word = token.strip("\"'“”‘’()[]{},;!?.:")
-        starts_sentence = i == 0 or tokens[i - 1].endswith(_SENTENCE_END) or tokens[i - 1] in _SENTENCE_END
-        if _YEAR.match(word) or (not starts_sentence and _PROPER.match(word) and not alt_text.isupper()):
-            if word not in found:
-                found.append(word)
-    return found
-
-
 @dataclass
 class RowFusion:
     """One VeCap (the VeC itself when every fusion was refused) and what it took."""
@@ -367,10 +348,8 @@ class Fuser:
             return OutputReason.LANGUAGE
         if cfg.validation.keep_numbers_and_colours and any(changed_fact(text, fused) for text in same):
             return OutputReason.CHANGED_FACT
-        if cfg.fusion_keep_proper_nouns:
-            kept = fused.casefold()
-            if any(noun.casefold() not in kept for noun in proper_nouns(alt_text)):
-                return FusionReason.LOST_PROPER_NOUN
+        if cfg.fusion_keep_proper_nouns and names_in(alt_text, seen=vec).lost_in(fused):
+            return FusionReason.LOST_PROPER_NOUN
         return None
 
     def fuse(self, keys: Sequence[str], alt_texts: Sequence[str], vecs: Sequence[str], seed: int) -> list[RowFusion]:

@@ -64,6 +64,18 @@ def languages_of(word: str) -> frozenset[str]:
     return frozenset(lang for lang, f in freq.items() if f >= best - 0.5) if best >= _KNOWN_ZIPF else frozenset()
 
 
+# In a language, words this frequent (the, of, on, one, ...) carry no content.
+_FUNCTION_ZIPF = 6.0
+
+
+@lru_cache(maxsize=65536)
+def is_function_word(word: str, language: str = "en") -> bool:
+    """Whether a casefolded word is one of `language`'s function words (the, of, on; der, im, und)."""
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, language) >= _FUNCTION_ZIPF
+
+
 def words_of(text: str) -> list[str]:
     """The text's casefolded words, from its NFKC form (fullwidth letters are words wordfreq knows)."""
     return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())

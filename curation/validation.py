@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from curation.languages import (UNSPACED, dominant_script, language_shares, languages_of, likely_languages,
-                                main_language, word_count, words_of)
+from curation.languages import (UNSPACED, dominant_script, is_function_word, language_shares, languages_of,
+                                likely_languages, main_language, word_count, words_of)
 
 
 class OutputReason:
@@ -116,17 +116,11 @@ def normalise(text: str) -> str:
     return " ".join(_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold()))
 
 
-# In the input's language, words this frequent (the, of, on, one, ...) carry no content.
-_FUNCTION_ZIPF = 6.0
-
-
 def content_words(text: str, language: str | None = None) -> set[str]:
     """The text's words and numbers less the function words of `language` (default English)."""
-    from wordfreq import zipf_frequency
-
     lang = language or "en"
     return {t for t in _CONTENT_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
-            if t.isdigit() or zipf_frequency(t, lang) < _FUNCTION_ZIPF}
+            if t.isdigit() or not is_function_word(t, lang)}
 
 
 # Inflections a rewrite may change (cat/cats, sleeps/sleeping, wood/wooden, snow/snowy, berry/berries).

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from curation.caption import (FUSION_INSTRUCTION, VEC_PROMPT, CaptionConfig, Captioner, Degenerate, Fuser,
-                              FusionReason, clean_vlm_output, degenerate_reason, proper_nouns, summarise)
+                              FusionReason, clean_vlm_output, degenerate_reason, summarise)
 from curation.engines.base import Generation
 from curation.validation import OutputReason
 
@@ -107,13 +107,6 @@ def test_an_image_the_engine_fails_on_costs_only_its_own_caption():
     assert rows[1].stats["vec.engine_error"] == 1 and rows[1].stats["vec.null"] == 1
     with pytest.raises(RuntimeError, match="processor"):
         Captioner(engine, CaptionConfig(captioner_model="x")).caption(["b", "b2"], images(2, 2), seed=0)
-
-
-def test_proper_nouns_are_names_and_years_not_sentence_starts_or_file_names():
-    assert proper_nouns("Sunset over the Golden Gate Bridge, San Francisco 2019") == [
-        "Golden", "Gate", "Bridge", "San", "Francisco", "2019"]
-    assert proper_nouns("IMG_0042.jpg") == []
-    assert proper_nouns("Three red circles. Photo by Ana Lima") == ["Ana", "Lima"]
 
 
 @pytest.mark.parametrize("answer,kept,reason", [

@@ -3,7 +3,8 @@
 import pytest
 
 from curation.languages import (
-    dominant_script, language_shares, languages_of, likely_languages, main_language, word_count, words_of,
+    dominant_script, is_function_word, language_shares, languages_of, likely_languages, main_language, word_count,
+    words_of,
 )
 
 
@@ -32,6 +33,11 @@ def test_dominant_script(text, script):
 
 def test_words_are_casefolded_letters_from_the_nfkc_form():
     assert words_of("ＮＩＫＥ Don't 42 x_y") == ["nike", "don't", "x", "y"]
+
+
+def test_function_words_are_the_most_frequent_of_their_language():
+    assert is_function_word("the") and is_function_word("im", "de") and not is_function_word("im")
+    assert not is_function_word("truck") and not is_function_word("garten", "de")
 
 
 def test_a_word_belongs_to_the_languages_it_is_common_in():
