@@ -35,7 +35,7 @@ from curation.balancing import entry_probabilities, keep_probabilities
 from curation.schema import SchemaError
 from curation.shards import STAGE_CONFIG, is_complete, read_manifest
 from training.config import TrainConfig
-from training.shard_set import ShardSet, column_has_values
+from training.shard_set import ShardSet
 
 BALANCE = "balance"
 
@@ -98,10 +98,11 @@ def curation_probabilities(config: TrainConfig) -> np.ndarray | None:
 
 
 def check_curation_column(shards: ShardSet, t: float) -> None:
-    """Online curation reads one column from every shard (footers only). A shard without its values read as
-    nulls: kept whole (keep_prob) or dropped whole (matched_entries under --t), either way not curated."""
+    """Online curation reads one column from every shard (what inspect_shards found in the footers). A shard
+    without its values read as nulls: kept whole (keep_prob) or dropped whole (matched_entries under --t),
+    either way not curated."""
     column = "matched_entries" if t else "keep_prob"
-    lacking = [path for path in shards.file_columns if not column_has_values(pq.ParquetFile(path), column)]
+    lacking = [path for path in shards.file_columns if column not in shards.file_values[path]]
     if lacking:
         raise SchemaError(f"online curation reads {column} from every shard, and {len(lacking)} of {shards.shards} "
                           f"lack it; curate them with the balance stage first", file=lacking[0], column=column)

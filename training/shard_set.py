@@ -56,6 +56,7 @@ class ShardSet:
     columns: list[str]                      # required + optional columns with a value in some shard
     rows: int
     file_columns: dict[str, frozenset[str]]
+    file_values: dict[str, frozenset[str]]  # the columns each file holds a value in
 
     @property
     def shards(self) -> int:
@@ -114,8 +115,9 @@ def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
     paths = shard_paths(source)
     if not paths:
         raise FileNotFoundError(f"no Parquet shards in {source}")
-    units, present, file_columns = [], set(), {}
+    units, present, file_columns, file_values = [], set(), {}, {}
     for path in paths:
+        filled: set[str] = set()
         try:
             parquet = pq.ParquetFile(path)
         except Exception as exc:
@@ -136,8 +138,10 @@ def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
                 if not actual.equals(expected) and not (pa.types.is_large_string(actual) and expected == pa.string()):
                     raise SchemaError(f"column has type {actual}, expected {expected}", file=str(path), column=name)
                 if column_has_values(parquet, name):
-                    present.add(name)
+                    filled.add(name)
+        present |= filled
         file_columns[str(path)] = frozenset(c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in schema.names)
+        file_values[str(path)] = frozenset(filled)
         metadata = parquet.metadata
         name = path.relative_to(source).as_posix() if Path(source).is_dir() else path.name
         units += [Unit(str(path), name, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)
@@ -147,7 +151,7 @@ def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
         raise SchemaError(f"the requested text sampling or curation needs column(s) {absent}, which no shard in "
                           f"{source} has; run the stage that fills them or turn the option off", column=absent[0])
     columns = [*REQUIRED_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in present)]
-    return ShardSet(units, columns, sum(u.rows for u in units), file_columns)
+    return ShardSet(units, columns, sum(u.rows for u in units), file_columns, file_values)
 
 
 def _with_nulls(table: pa.Table, columns: Iterable[str]) -> pa.Table:

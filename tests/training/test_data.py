@@ -56,7 +56,8 @@ def test_every_reader_of_every_rank_gets_an_equal_share_of_rows():
     shards of 100 + 20 rows gave 4 ranks x 2 readers 80, 200, 200 and 120 rows in one epoch: ranks drifted
     epochs apart, rows of the small ranks were seen more often, and one rank ran out of full batches."""
     units = [Unit(f"s{i // 2}", f"s{i // 2}", i % 2, 100 if i % 2 == 0 else 20) for i in range(10)]
-    spec = StreamSpec(ShardSet(units, list(REQUIRED_COLUMNS), 600, {u.path: frozenset() for u in units}), 0, 32, 16)
+    spec = StreamSpec(ShardSet(units, list(REQUIRED_COLUMNS), 600, {u.path: frozenset() for u in units},
+                               {u.path: frozenset() for u in units}), 0, 32, 16)
     every = sorted((u.path, u.row_group, i) for u in units for i in range(u.rows))
     for world, readers in [(4, 2), (3, 2), (2, 4), (1, 7)]:
         for epoch in range(3):
@@ -72,7 +73,7 @@ def test_every_reader_of_every_rank_gets_an_equal_share_of_rows():
 
 def test_readers_are_as_many_as_the_rows_can_fill_with_batches():
     units = [Unit("s", "s", g, 100) for g in range(6)]
-    shards = ShardSet(units, list(REQUIRED_COLUMNS), 600, {"s": frozenset()})
+    shards = ShardSet(units, list(REQUIRED_COLUMNS), 600, {"s": frozenset()}, {"s": frozenset()})
     assert readers_for(shards, 8, 4, 64) == 2  # 150 rows a rank: two workers' shares still fill a batch
     assert readers_for(shards, 0, 1, 64) == 1 and readers_for(shards, 3, 1, 64) == 3
     with pytest.raises(ValueError, match=r"600 rows in 1 shards give each of 4 rank\(s\) 150, fewer than a batch "
