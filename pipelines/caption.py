@@ -16,8 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from curation.schema import PAIR_SCHEMA, conform
 from curation.shards import atomic_write_bytes, finished_shards, shard_name
 from pipelines.common import (ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, shard_runs,
                               write_stage_shard)
+from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "caption_stats"
@@ -106,19 +106,6 @@ ImageRow = tuple[int, str, str, Any]
 CaptionedRow = tuple[int, str, str, "str | None", collections.Counter]
 
 
-# The last model of each kind loaded in this process, by its config: the stage's later pipeline runs (a few
-# shards each) reuse it, where each run's RunInference would load the VLM and the fusion LLM again.
-_LOADED: dict[str, tuple[str, Any]] = {}
-
-
-def _reused(kind: str, config: CaptionConfig, load: Callable[[], Any]) -> Any:
-    key = json.dumps(asdict(config), sort_keys=True, default=str)
-    if kind not in _LOADED or _LOADED[kind][0] != key:
-        _LOADED.pop(kind, None)  # free the old one before loading its successor
-        _LOADED[kind] = (key, load())
-    return _LOADED[kind][1]
-
-
 class CaptionModelHandler(ModelHandler):
     """RunInference handler: a batch of (index, key, alt-text, PIL image) -> PredictionResult(RowCaption)."""
 
@@ -130,7 +117,7 @@ class CaptionModelHandler(ModelHandler):
     def load_model(self) -> Captioner:
         from curation.engines.vision import make_vision_engine
 
-        return _reused("captioner", self.config,
+        return reused("captioner", self.config,
                        lambda: Captioner(make_vision_engine(self.config.captioner_spec()), self.config))
 
     def run_inference(self, batch: Sequence[ImageRow], model: Captioner,
@@ -155,7 +142,7 @@ class FusionModelHandler(ModelHandler):
     def load_model(self) -> Fuser:
         from curation.engines import make_text_engine
 
-        return _reused("fuser", self.config, lambda: Fuser(make_text_engine(self.config.fusion_spec()), self.config))
+        return reused("fuser", self.config, lambda: Fuser(make_text_engine(self.config.fusion_spec()), self.config))
 
     def run_inference(self, batch: Sequence[CaptionedRow], model: Fuser,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:

@@ -14,7 +14,6 @@ tokens) are written beside the output and summed into the manifest.
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import json
 import time
@@ -33,6 +32,7 @@ from curation.rewrite import PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, RowR
 from curation.shards import atomic_write_bytes, shard_name
 from curation.validation import ValidationConfig
 from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage, shard_runs
+from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "_rewrite_stats"
@@ -99,26 +99,18 @@ def config_from(options: RewriteOptions) -> RewriteConfig:
                                     min_shared_words=options.rewrite_min_shared_words))
 
 
-@functools.lru_cache(maxsize=1)
-def _load_rewriter(config_json: str) -> Rewriter:
-    """One engine per process, reused by later pipeline runs of the same config (loading costs seconds)."""
-    from curation.engines import make_text_engine
-
-    config = RewriteConfig(**{k: v for k, v in json.loads(config_json).items() if k != "validation"},
-                           validation=ValidationConfig(**json.loads(config_json)["validation"]))
-    return Rewriter(make_text_engine(config.engine_spec()), config)
-
-
 class RewriteModelHandler(ModelHandler[tuple[str, str], RowRewrite, Rewriter]):
     """RunInference handler: (key, caption) examples in, RowRewrite out. load_model returns one object."""
 
     def __init__(self, config: RewriteConfig, seed: int, captions_per_batch: int, share: bool):
         super().__init__()
-        self._config_json = json.dumps(asdict(config), sort_keys=True)
-        self._seed, self._batch, self._share = seed, captions_per_batch, share
+        self._config, self._seed, self._batch, self._share = config, seed, captions_per_batch, share
 
     def load_model(self) -> Rewriter:
-        return _load_rewriter(self._config_json)
+        from curation.engines import make_text_engine
+
+        return reused("rewriter", self._config, lambda: Rewriter(make_text_engine(self._config.engine_spec()),
+                                                                 self._config))
 
     def run_inference(self, batch: Sequence[tuple[str, str]], model: Rewriter,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:

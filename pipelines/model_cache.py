@@ -1,0 +1,26 @@
+"""One loaded model of each kind per process, reused across a stage's pipeline runs.
+
+The rewrite and caption stages run a few shards per pipeline run, so that a
+failure keeps what finished. Each run's RunInference would load its model
+afresh (seconds for a small LLM, minutes for a big VLM); this keeps the last
+one of each kind, keyed by its config, and frees it before loading another.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_LOADED: dict[str, tuple[str, Any]] = {}
+
+
+def reused(kind: str, config: Any, load: Callable[[], T]) -> T:
+    """The `kind` model loaded for this dataclass `config`, loading it (and dropping any other) if needed."""
+    key = json.dumps(asdict(config), sort_keys=True, default=str)
+    if kind not in _LOADED or _LOADED[kind][0] != key:
+        _LOADED.pop(kind, None)  # free the old one before loading its successor
+        _LOADED[kind] = (key, load())
+    return _LOADED[kind][1]
