@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from curation.rejects import Reason, reject, rejects_table
 from curation.schema import PAIR_FIELDS, conform
+from curation.shards import atomic_write_figure
 
 STAGE = "balance"
 DEFAULT_T = 20_000
@@ -74,9 +75,9 @@ def keep_probabilities(matched: pa.ListArray, p: np.ndarray) -> np.ndarray:
     rows = pc.list_parent_indices(matched).to_numpy(zero_copy_only=False).astype(np.int64)
     with np.errstate(divide="ignore"):
         log_miss = np.log1p(-p[ids])  # -inf where p == 1
-    all_miss = np.exp(np.bincount(rows, weights=log_miss, minlength=n))
+    log_all_miss = np.bincount(rows, weights=log_miss, minlength=n)
     lengths = pc.fill_null(pc.list_value_length(matched), 0).to_numpy(zero_copy_only=False)
-    return np.where(lengths > 0, 1.0 - all_miss, 0.0)
+    return np.where(lengths > 0, -np.expm1(log_all_miss), 0.0)  # expm1: exact for tiny probabilities
 
 
 def uniform_draws(keys: list[str], seed: int) -> np.ndarray:
@@ -109,7 +110,7 @@ def balance_table(table: pa.Table, matched: pa.ListArray, p: np.ndarray, config:
     captions = table.column(CAPTION_COLUMN).combine_chunks()
     prob = keep_probabilities(matched, p)
     empty = _caption_problem(captions)
-    no_match = (prob == 0) & ~empty
+    no_match = (pc.fill_null(pc.list_value_length(matched), 0).to_numpy(zero_copy_only=False) == 0) & ~empty
     keep = prob > 0
     if not config.online_curation:
         keep &= uniform_draws(keys, config.seed) < prob
@@ -183,5 +184,5 @@ def plot_entry_counts(counts: np.ndarray, kept: np.ndarray, t: float, path: str)
     ax.set_title("MetaCLIP balancing: entry counts before and after")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write_figure(fig, path)
     plt.close(fig)

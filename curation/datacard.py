@@ -36,7 +36,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from curation.shards import MANIFEST, atomic_write_bytes  # noqa: E402
+from curation.shards import MANIFEST, atomic_write_bytes, atomic_write_figure  # noqa: E402
 
 DATACARD = "datacard.md"
 ENTRY_COUNTS_PLOT = "datacard_entry_counts.png"
@@ -238,7 +238,7 @@ def plot_entry_counts(before: np.ndarray, after: np.ndarray | None, path: Path) 
            title="Metadata entry counts, sorted")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -252,7 +252,7 @@ def plot_caption_lengths(lengths: CaptionLengths, path: Path) -> None:
             ax.text(0.5, 0.5, NOT_AVAILABLE, ha="center", va="center", transform=ax.transAxes)
         ax.set(title=f"{name} (n={len(values)})", xlabel="words", ylabel="captions")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -267,7 +267,7 @@ def plot_rewrite_acceptance(acceptance: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.set(xlabel="share of generated rewrites", title="Rewrite acceptance by reject reason")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -295,7 +295,7 @@ def plot_contact_sheet(samples: list[dict], path: Path) -> None:
         ax.set_title(caption, fontsize=7, loc="left")
     with warnings.catch_warnings():  # emoji in alt-texts have no glyph in the default font; they show as boxes
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(path, dpi=80)
+        atomic_write_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -328,8 +328,9 @@ def write_datacard(output: str | Path, *, records: list[StageRecord], export_sum
 
     lines += ["", "## Entry counts before and after balancing", ""]
     curves = entry_count_curves(records)
-    if curves is None:
-        lines.append(f"Entry counts: {NOT_AVAILABLE} (no balance stage upstream, or it saved no entry_counts file).")
+    if curves is None or not len(curves[0]):
+        lines.append(f"Entry counts: {NOT_AVAILABLE} (no balance stage upstream, it saved no entry_counts file, "
+                     f"or no entry matched).")
     else:
         before, after, source = curves
         plot_entry_counts(before, after, output / ENTRY_COUNTS_PLOT)

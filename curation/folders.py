@@ -11,6 +11,7 @@ and a caption column) or from a `.txt` file beside each image.
 
 from __future__ import annotations
 
+import collections
 import tarfile
 from pathlib import Path
 
@@ -83,21 +84,29 @@ def _captions(captions_file: Path | None, file_column: str, caption_column: str)
     return captions
 
 
+def image_files(folder: Path, list_dir: Path) -> list[Path]:
+    """The folder's images, sorted (so keys and row numbers are stable), leaving out the stage's own staging."""
+    images = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                    and list_dir not in p.parents)
+    if not images:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
 def stage_image_folder(folder: Path, list_dir: Path, *, captions_file: Path | None, file_column: str = "file",
                        caption_column: str = "caption", shard_rows: int = 1000) -> int:
     """Write Parquet shards (key, caption, image, origin) for every image of the folder; returns the shard count.
 
-    The key is the image's path relative to the folder, without suffix. An
+    The key is the image's path relative to the folder, without suffix (with
+    it where two images differ only in suffix: cat.jpg and cat.png). An
     image with no caption still gets a row (with a null caption), so it is
     counted as a reject rather than skipped.
     """
     folder = Path(folder)
     captions = _captions(captions_file, file_column, caption_column)
-    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                    and list_dir not in p.parents)
-    if not images:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    images = image_files(folder, list_dir)
     known = {p.relative_to(folder).as_posix() for p in images}
+    stems = collections.Counter(name.rsplit(".", 1)[0] for name in known)
     unknown = sorted(set(captions) - known)
     if unknown:
         raise ValueError(f"{captions_file}: {len(unknown)} captioned file(s) not in {folder}, e.g. {unknown[:3]}")
@@ -117,7 +126,8 @@ def stage_image_folder(folder: Path, list_dir: Path, *, captions_file: Path | No
             sidecar = path.with_suffix(".txt")
             if caption is None and sidecar.is_file():
                 caption = sidecar.read_text(encoding="utf-8", errors="replace")
-            rows.append({"key": relative.rsplit(".", 1)[0], "caption": caption, "image": path.read_bytes(),
+            stem = relative.rsplit(".", 1)[0]
+            rows.append({"key": stem if stems[stem] == 1 else relative, "caption": caption, "image": path.read_bytes(),
                          ORIGIN_FILE: str(path), ORIGIN_LINE: number})
         write_table_atomic(pa.Table.from_pylist(rows, schema=schema), list_dir / name)
     return shards

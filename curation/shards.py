@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,21 @@ def shard_name(index: int, prefix: str = "part") -> str:
     return f"{prefix}-{index:05d}.parquet"
 
 
+def file_identity(path: str | Path) -> tuple[str, int, int, int]:
+    """A file's path, inode, modification time and size: what an in-process cache of its contents is keyed
+    on, so a file rewritten under the same path (an --overwrite run in the same process) is read again."""
+    info = os.stat(path)
+    return str(path), info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def files_fingerprint(paths: Iterable[str | Path]) -> dict:
+    """What a source of files is, cheaply: how many, and a sha256 over each one's resolved path, size and
+    modification time. Recorded in a stage's config, so a list or folder that changed since a run is not
+    resumed into (its finished shards were made from the old files)."""
+    listing = [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+    return {"files": len(listing), "sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -69,6 +85,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_figure(figure, path: str | Path, **savefig_options) -> None:
+    """A matplotlib figure as a PNG, written like every other file: a killed run leaves no truncated plot."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", **savefig_options)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def info_for(path: str | Path) -> ShardInfo:

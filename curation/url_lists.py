@@ -184,10 +184,14 @@ def normalise_url(url: str) -> str:
     surrounding space, and gives an empty path "/". The query is kept as is:
     its order can matter to the server.
     """
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:  # a malformed port or IPv6 host: no canonical form, so it is only equal to itself
+        return url.strip()
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
-    port = parts.port if parts.port and (scheme, parts.port) not in (("http", 80), ("https", 443)) else None
+    port = port if port and (scheme, port) not in (("http", 80), ("https", 443)) else None
     netloc = host if port is None else f"{host}:{port}"
     if parts.username or parts.password:
         netloc = f"{parts.username or ''}{':' + parts.password if parts.password else ''}@{netloc}"

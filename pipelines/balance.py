@@ -32,9 +32,9 @@ from curation.balancing import (
 )
 from curation.matching import MATCH_BATCH_ROWS, MATCHES_TYPE, matcher_for
 from curation.metadata import DEFAULT, MetadataFile, resolve_metadata
-from curation.shards import finished_shards, shard_name, shard_paths, write_table_atomic
+from curation.shards import file_identity, finished_shards, shard_name, shard_paths, write_table_atomic
 from pipelines.common import (
-    REJECTS_DIR, ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, finish_stage,
+    REJECTS_DIR, ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, finish_stage, kept_manifest,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -131,8 +131,7 @@ def _matches_for(output: str, index: int) -> pa.Table:
     --overwrite run in the same process) is never served stale.
     """
     path = Path(output) / MATCHES_DIR / shard_name(index)
-    info = path.stat()
-    key = (str(path), info.st_ino, info.st_mtime_ns, info.st_size)
+    key = file_identity(path)
     if key not in _SIDECAR:
         _SIDECAR.clear()
         _SIDECAR[key] = pq.read_table(path, schema=MATCH_SCHEMA)
@@ -191,7 +190,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         raise ValueError(f"{STAGE}: --input and --output are required")
     inputs = shard_paths(options.input)
     _check_inputs(inputs)
-    plan = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite)
+    plan = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite,
+                       shardwise=False)  # counts over the whole pool
+    if (kept := kept_manifest(plan)) is not None:  # nothing to do: not even the counts and plot are rewritten
+        return StageResult(kept, plan.output, up_to_date=True)
     output = str(plan.output)
     start = time.perf_counter()
     if not plan.up_to_date:

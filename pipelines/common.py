@@ -23,8 +23,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from curation.rejects import REJECT_SCHEMA, count_reasons
 from curation.schema import PAIR_SCHEMA
 from curation.shards import (
-    STAGE_CONFIG, atomic_write_bytes, finished_shards, info_for, is_complete, read_manifest, remove_stale_temps,
-    shard_name, shard_paths, verify_manifest, write_manifest, write_table_atomic,
+    STAGE_CONFIG, ManifestError, atomic_write_bytes, finished_shards, info_for, is_complete, read_manifest,
+    remove_stale_temps, shard_name, shard_paths, verify_manifest, write_manifest, write_table_atomic,
 )
 
 REJECTS_DIR = "rejects"
@@ -59,16 +59,23 @@ class StagePlan:
     input_manifest: dict | None = field(default=None, repr=False)
 
 
-def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False) -> StagePlan:
+def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False,
+                shardwise: bool = True) -> StagePlan:
     """Check the output against this run's config, clean stale temps, and list the shards left to do.
 
     A finished output with the same config is up to date; a finished or
     partial output with another config is refused (or wiped with overwrite),
-    so two different builds never mix in one directory.
+    so two different builds never mix in one directory. An input that grew by
+    new shards resumes only for a `shardwise` stage, one whose output shard i
+    depends on input shard i alone: balance counts over the whole pool and
+    dedup decides over all rows, so their finished shards are stale then.
     """
     if not input_dir or not output_dir:
         raise ValueError(f"{stage}: --input and --output are required")
     # Check the input before writing anything, so bad input leaves no output directory behind.
+    if (Path(input_dir) / STAGE_CONFIG).is_file() and not is_complete(input_dir):
+        raise ValueError(f"{input_dir} is the output of a stage that has not finished (it has {STAGE_CONFIG} but "
+                         f"no manifest.json); rerun that stage to the end first")
     input_manifest = verify_manifest(input_dir) if is_complete(input_dir) else None
     inputs = shard_paths(input_dir)
     if not inputs:
@@ -80,22 +87,18 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     (output / REJECTS_DIR).mkdir(exist_ok=True)
     recorded = output / STAGE_CONFIG
     wanted = json.loads(json.dumps({"stage": stage, "input": str(Path(input_dir).resolve()),
-                                    "input_shards": _input_identity(inputs), "config": config},
+                                    "input_shards": _input_identity(inputs, input_manifest), "config": config},
                                    default=str))
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
         before, now = previous.get("input_shards"), wanted["input_shards"]
         # Recorded before input identities were, or an input that has since grown by new shards (its
         # earlier ones unchanged): compared without them, and the grown input recorded.
-        grown = before is not None and len(now) > len(before) and now[:len(before)] == before
+        grown = shardwise and before is not None and len(now) > len(before) and now[:len(before)] == before
         if before is None or grown:
             previous = {**previous, "input_shards": now}
         if previous != wanted:
-            changed = _differences(previous, wanted)
-            raise StageConfigMismatch(
-                f"{output} holds a {previous.get('stage')} run with another input or config "
-                f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); "
-                f"pass --overwrite to replace it or choose another --output")
+            raise config_mismatch(output, previous, wanted)
     if not recorded.is_file() or json.loads(recorded.read_text()) != wanted:
         atomic_write_bytes(recorded, json.dumps(wanted, indent=2, default=str).encode())
     remove_stale_temps(output)
@@ -114,12 +117,21 @@ def shard_runs(todo: list[tuple[int, str]], per_run: int,
     return [todo[first:first + step] for first in range(0, len(todo), step)]
 
 
-def _input_identity(inputs: list[Path]) -> list:
-    """What the output is computed from, shard by shard: name and size, so an input rebuilt under the same
-    path no longer resumes into the old output, while one that grew by new shards does. The same whether or
-    not the input has its manifest yet; a complete input's shards are checked against their sha256 anyway
-    (verify_manifest)."""
-    return [[path.name, path.stat().st_size] for path in inputs]
+def _input_identity(inputs: list[Path], manifest: dict | None) -> list:
+    """What the output is computed from, shard by shard, so an input rebuilt under the same path no longer
+    resumes into the old output, while one that grew by new shards does: name, size and, from the input's
+    manifest (already verified against the files), the sha256; without a manifest, the modification time."""
+    recorded = {s["name"]: s["sha256"] for s in (manifest or {}).get("shards", [])}
+    return [[path.name, path.stat().st_size, recorded.get(path.name) or path.stat().st_mtime_ns] for path in inputs]
+
+
+def config_mismatch(output: Path, previous: dict, wanted: dict) -> StageConfigMismatch:
+    """The error for an output made with another input or config, naming the keys that differ."""
+    changed = _differences(previous, wanted)
+    return StageConfigMismatch(
+        f"{output} holds a run of the {previous.get('stage', wanted.get('stage'))} stage with another input or config "
+        f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); "
+        f"pass --overwrite to replace it or choose another --output")
 
 
 def _differences(old: object, new: object, where: str = "") -> list[str]:
@@ -201,15 +213,24 @@ def _write_group(group: tuple[int, Iterable[tuple[str, pa.Table | pa.RecordBatch
     return write_stage_shard(output, index, pair_table, reject_table, schema)
 
 
-def finish_stage(plan: StagePlan, stage: str, config: dict, **stats) -> dict:
-    """Write the manifest over every finished shard, with rejects counted by reason and the lineage carried on.
-
-    A run that found the output up to date keeps the manifest of the run that did the work, so its
-    timings, its counts and its creation time still describe how the shards were made."""
-    if plan.up_to_date:
+def kept_manifest(plan: StagePlan) -> dict | None:
+    """The manifest of the run that made an up-to-date output, if it still lists exactly its shards: a run
+    with nothing to do keeps it, so its timings, counts and creation time still say how the shards were made."""
+    if not plan.up_to_date:
+        return None
+    try:
         manifest = read_manifest(plan.output)
-        if [s["name"] for s in manifest["shards"]] == [p.name for p in finished_shards(plan.output)]:
-            return manifest
+    except ManifestError:
+        return None  # unreadable: written again
+    listed = [s.get("name") for s in manifest.get("shards", [])]
+    return manifest if listed == [p.name for p in finished_shards(plan.output)] else None
+
+
+def finish_stage(plan: StagePlan, stage: str, config: dict, **stats) -> dict:
+    """Write the manifest over every finished shard, with rejects counted by reason and the lineage carried on
+    (or keep the one an up-to-date output has, see kept_manifest)."""
+    if (kept := kept_manifest(plan)) is not None:
+        return kept
     shards = [info_for(p) for p in finished_shards(plan.output)]
     reject_paths = finished_shards(plan.output / REJECTS_DIR)
     rejects = pa.concat_tables([pq.read_table(p) for p in reject_paths]) if reject_paths else REJECT_SCHEMA.empty_table()

@@ -31,15 +31,15 @@ from curation.download import (
     DownloadConfig, ListConfig, download_stats, downloads_by_list_shard, join_downloads, read_downloads,
     run_img2dataset, stage_url_list, unfinished_shards,
 )
-from curation.folders import check_img2dataset_folder, input_kind, stage_image_folder, tar_images
+from curation.folders import check_img2dataset_folder, image_files, input_kind, stage_image_folder, tar_images
 from curation.ingest import (
     ERROR, STAGE, STATUS, IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
 )
 from curation.rejects import rejects_table
-from curation.shards import finished_shards, read_table, shard_paths
-from curation.url_lists import is_url_list
+from curation.shards import file_identity, files_fingerprint, finished_shards, read_table, shard_paths
+from curation.url_lists import is_url_list, list_files
 from pipelines.common import (
-    REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, WriteShards, begin_stage,
+    REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, config_mismatch,
     finish_stage, write_stage_shard,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
@@ -110,14 +110,23 @@ def download_config_from(options: IngestOptions) -> DownloadConfig:
         incremental_mode=options.download_incremental_mode, user_agent_token=options.download_user_agent_token)
 
 
-@functools.lru_cache(maxsize=2)
 def _downloads(path: str | None, encode_format: str) -> dict[int, dict]:
-    return read_downloads(Path(path) if path else None, encode_format)
+    return _read_downloads(file_identity(path) if path else None, encode_format)
 
 
 @functools.lru_cache(maxsize=2)
+def _read_downloads(identity: tuple | None, encode_format: str) -> dict[int, dict]:
+    """Keyed by the file's identity, not its path: an --overwrite run downloads again to the same path."""
+    return read_downloads(Path(identity[0]) if identity else None, encode_format)
+
+
 def _tar(path: str, encode_format: str) -> dict[str, bytes]:
-    return tar_images(path, encode_format)
+    return _read_tar(file_identity(path), encode_format)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_tar(identity: tuple, encode_format: str) -> dict[str, bytes]:
+    return tar_images(identity[0], encode_format)
 
 
 def _normalise(item, config: IngestConfig, source: dict):
@@ -170,10 +179,9 @@ def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> None
     if overwrite and output.exists():
         shutil.rmtree(output)
     recorded = output / STAGE_CONFIG
-    if recorded.is_file() and json.loads(recorded.read_text()).get("config") != json.loads(
-            json.dumps(stage_config, default=str)):
-        raise StageConfigMismatch(f"{output} holds an ingest run with another input or config; "
-                                  f"pass --overwrite to replace it or choose another --output")
+    wanted = json.loads(json.dumps(stage_config, default=str))
+    if recorded.is_file() and (previous := json.loads(recorded.read_text()).get("config")) != wanted:
+        raise config_mismatch(output, {"stage": STAGE, "config": previous}, {"stage": STAGE, "config": wanted})
 
 
 def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestConfig, dict, dict]:
@@ -189,7 +197,8 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
                              options.caption_column, options.key_column, options.list_shard_rows,
                              options.max_caption_chars, options.allow_private_network, options.allow_file_urls)
         config = config_from(options, image_column="image")
-        recorded = {**asdict(config), "url_list": asdict(listing), "download": asdict(download)}
+        recorded = {**asdict(config), "url_list": asdict(listing), "download": asdict(download),
+                    "source_files": files_fingerprint(list_files(listing.path, listing.format))}
         _refuse_other_run(output, recorded, options.overwrite)
         stage_url_list(listing, staging / "list", staging / "fetch")
         source = {"kind": "url_list", "format": download.encode_format, "download": download,
@@ -204,7 +213,9 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
     if kind == "images":
         config = config_from(options, image_column="image")
         captions = str(Path(options.captions_file).resolve()) if options.captions_file else None
-        recorded = {**asdict(config), "image_folder": str(Path(options.input).resolve()), "captions_file": captions}
+        files = image_files(Path(options.input), staging / "list") + ([Path(captions)] if captions else [])
+        recorded = {**asdict(config), "image_folder": str(Path(options.input).resolve()), "captions_file": captions,
+                    "source_files": files_fingerprint(files)}
         _refuse_other_run(output, recorded, options.overwrite)
         stage_image_folder(Path(options.input), staging / "list", captions_file=Path(captions) if captions else None,
                            file_column=options.captions_file_column, caption_column=options.caption_column,
@@ -240,7 +251,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     output = Path(options.output)
     input_dir, config, recorded, source = _prepare_source(options, output)
     staged = source["kind"] in ("url_list", "images")  # their output was already wiped before staging
-    plan = begin_stage(input_dir, output, STAGE, recorded, options.overwrite and not staged)
+    plan = begin_stage(input_dir, output, STAGE, recorded, options.overwrite and not staged,
+                       shardwise=not config.dedup.enabled)  # dedup decides over every shard
     start = time.perf_counter()
     stats: dict = {}
     if plan.todo:

@@ -13,7 +13,7 @@ import csv
 import io
 from pathlib import Path
 
-from curation.shards import atomic_write_bytes
+from curation.shards import atomic_write_bytes, atomic_write_figure
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
@@ -98,8 +98,6 @@ def plot_curves(output: str | Path, accuracy_metric: str = "zeroshot_top1") -> P
         axes[0][1].set(xlabel="step", ylabel=accuracy_metric, title="held-out zero-shot accuracy", ylim=(0, 1))
     figure.tight_layout()
     out = Path(output) / CURVES_PNG
-    png = io.BytesIO()
-    figure.savefig(png, dpi=100, format="png")
+    atomic_write_figure(figure, out, dpi=100)
     plt.close(figure)
-    atomic_write_bytes(out, png.getvalue())
     return out

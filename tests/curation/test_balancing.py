@@ -33,6 +33,17 @@ def test_keep_probability_is_one_minus_the_product_of_misses():
     assert prob[4] == pytest.approx(20_000 / 300_000)
 
 
+def test_a_tiny_keep_probability_is_not_rounded_to_zero():
+    """1 - exp(x) is 0 below about 1e-16: a matched pair was then rejected as matching nothing."""
+    p = entry_probabilities(np.array([10**9]), 1e-8)
+    prob = keep_probabilities(_lists([[0], [0, 0]]), p)
+    assert prob[0] == pytest.approx(1e-17) and prob[1] == pytest.approx(2e-17)
+    table = pa.table({"key": ["a"], "caption": ["a cat"]})
+    _, rejects = balance_table(table, _lists([[0]]), p, BalanceConfig("m.json", "0" * 64, t=1e-8),
+                               file="f", row_offset=0)
+    assert rejects.num_rows == 0  # matched: dropped by the draw, which is balancing, not a reject
+
+
 def test_counts_are_per_caption_per_entry():
     counts = count_matches(pa.chunked_array([_lists([[0, 2], [2], None]), _lists([[], [1, 2]])]), 4)
     assert counts.dtype == np.uint64 and counts.tolist() == [1, 1, 3, 0]

@@ -76,6 +76,8 @@ def test_screen_opt_ins_and_public_urls():
 def test_normalised_urls_match_when_they_name_the_same_resource():
     assert normalise_url("HTTP://Example.COM:80/a.jpg#top") == normalise_url("http://example.com/a.jpg")
     assert normalise_url("https://example.com") == "https://example.com/"
+    # No canonical form for a malformed port or host: equal only to itself, and no crash of the whole dedup.
+    assert normalise_url(" http://x:abc/1 ") == "http://x:abc/1" and normalise_url("http://[::1/3") == "http://[::1/3"
     assert normalise_url("https://example.com:8443/a?x=1") == "https://example.com:8443/a?x=1"
     assert normalise_url("http://example.com/a?x=1") != normalise_url("http://example.com/a?x=2")
 

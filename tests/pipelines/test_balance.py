@@ -15,6 +15,7 @@ from curation.metadata import MetadataError
 from curation.shards import MANIFEST, finished_shards, iter_batches, read_table, verify_manifest
 from pipelines import balance, ingest
 from pipelines.balance import COUNTS_FILE, MATCHES_DIR, PLOT_FILE
+from pipelines.common import StageConfigMismatch
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +171,41 @@ def test_demo_flags_point_at_the_demo_metadata(tmp_path):
     flags = balance.demo_flags(tmp_path)
     assert flags[flags.index("--metadata") + 1] == str(tmp_path / "demo" / "metadata.json")
     assert 0 < float(flags[flags.index("--t") + 1]) < 100
+
+
+def test_a_grown_or_unfinished_input_is_not_balanced_into_an_old_output(balanced, raw_pairs, tmp_path):
+    """Counts are over the whole pool: shards balanced before the input grew were sampled at other counts."""
+    result, argv = balanced
+    grown, output = tmp_path / "grown", tmp_path / "out"
+    shutil.copytree(raw_pairs, grown)
+    flags = list(argv)
+    flags[flags.index("--input") + 1], flags[flags.index("--output") + 1] = str(grown), str(output)
+    balance.run(flags)
+    # Up to date: nothing is written again, not even the counts and the plot.
+    written = {p: p.stat().st_mtime_ns for p in (output / MANIFEST, output / COUNTS_FILE, output / PLOT_FILE)}
+    assert balance.run(flags).up_to_date and {p: p.stat().st_mtime_ns for p in written} == written
+    (grown / MANIFEST).unlink()  # a stage's output without its manifest: that stage has not finished
+    with pytest.raises(ValueError, match="has not finished"):
+        balance.run(flags)
+    (grown / "_stage_config.json").unlink()  # plain shards, grown by one
+    shutil.copy(grown / "part-00000.parquet", grown / "part-00009.parquet")
+    with pytest.raises(StageConfigMismatch, match="input_shards"):
+        balance.run(flags)
+
+
+def test_an_input_rebuilt_to_the_same_sizes_is_not_taken_for_the_old_one(raw_pairs, demo_dir, tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    table = pq.read_table(raw_pairs / "part-00000.parquet")
+    captions = [f"{c} zqxw" for c in table.column("caption").to_pylist()]
+    table = table.set_column(table.column_names.index("caption"), "caption", pa.array(captions))
+    pq.write_table(table, pool / "part-00000.parquet", compression="none", use_dictionary=False)
+    argv = ["--input", str(pool), "--output", str(tmp_path / "out"), "--metadata", str(demo_dir / "metadata.json"),
+            "--t", "5"]
+    balance.run(argv)
+    shard = pool / "part-00000.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data.replace(b"zqxw", b"zqxv"))  # other captions, the same size to the byte
+    assert shard.stat().st_size == len(data) and shard.read_bytes() != data
+    with pytest.raises(StageConfigMismatch, match="input_shards"):
+        balance.run(argv)

@@ -140,6 +140,18 @@ def test_folder_of_images_with_a_captions_file(tmp_path):
     assert pairs.column("key").to_pylist() == ["cats/a", "cats/b", "dog"]
     assert pairs.column("caption").to_pylist() == ["a cat", "another cat", "a dog from its sidecar file"]
     assert len(result.manifest["shards"]) == 3
+    # A folder that changed since (one more image, cats/a also as a PNG) is not resumed into: its staged
+    # shards were cut from the old listing, so resuming lost the new images and wrote others twice.
+    Image.new("RGB", (30, 20), (9, 9, 9)).save(folder / "cats" / "a.png")
+    (tmp_path / "captions.csv").write_text("file,caption\ncats/a.jpg,a cat\ncats/a.png,a cat as a PNG\n"
+                                           "cats/b.png,another cat\nbroken.jpg,broken\n")
+    argv = ["--input", str(folder), "--captions_file", str(tmp_path / "captions.csv"),
+            "--output", str(tmp_path / "raw"), "--list_shard_rows", "2"]
+    with pytest.raises(StageConfigMismatch, match="--overwrite"):
+        ingest.run(argv)
+    again = ingest.run([*argv, "--overwrite"])
+    # Two images that differ only in suffix keep it in their keys, so no key is used twice.
+    assert read_table(again.output).column("key").to_pylist() == ["cats/a.jpg", "cats/a.png", "cats/b", "dog"]
     (tmp_path / "captions.csv").write_text("file,caption\nmissing.jpg,x\n")
     with pytest.raises(ValueError, match="not in"):
         ingest.run(["--input", str(folder), "--captions_file", str(tmp_path / "captions.csv"),
