@@ -102,6 +102,17 @@ class StorageResource(dg.ConfigurableResource):
         return uri
 
 
+# The stages that run a Beam job, which `stage_options` may name (assets.stages.STAGES holds their order).
+BEAM_STAGES = ("ingest", "balance", "rewrite", "caption", "export")
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long to be a path
+        return False
+
+
 class BeamRunnerResource(dg.ConfigurableResource):
     """The Beam runner, its options, and how the job is launched from the Dagster step.
 
@@ -135,8 +146,14 @@ class BeamRunnerResource(dg.ConfigurableResource):
             raise misconfigured("BeamRunnerResource", "direct_num_workers", f"must be >= 1, got {self.direct_num_workers}")
         if self.launcher == "k8s" and not self.k8s_image:
             raise misconfigured("BeamRunnerResource", "k8s_image", "required when launcher is 'k8s'")
-        if self.credentials and not Path(self.credentials).is_file():
-            raise misconfigured("BeamRunnerResource", "credentials", f"no such file: {self.credentials}")
+        if self.credentials and not _is_file(self.credentials):
+            # Never echo the value: a secret created --from-file puts the key itself here, not its path.
+            raise misconfigured("BeamRunnerResource", "credentials", "is not the path of a file (a key's contents "
+                                "instead of its path? mount the secret as a file and give its path)")
+        unknown = sorted(set(self.stage_options) - set(BEAM_STAGES))
+        if unknown:
+            raise misconfigured("BeamRunnerResource", "stage_options", f"unknown stage(s) {unknown}; the Beam "
+                                f"stages are {list(BEAM_STAGES)}")
         for name in [*self.options, *(n for o in self.stage_options.values() for n in o)]:
             if name.startswith("-") or name in ("runner", "input", "output"):
                 raise misconfigured("BeamRunnerResource", "options", f"{name!r}: give option names without dashes, "

@@ -28,7 +28,7 @@ from assets.config import (
 from assets.launch import load_stage_module, run_stage
 from assets.report import plot_markdown, stage_metadata
 from assets.resources import QualityGatesResource
-from curation.shards import ManifestError, is_complete, read_manifest, verify_manifest
+from curation.shards import ManifestError, atomic_write_bytes, is_complete, read_manifest, verify_manifest
 from pipelines.common import STAGE_CONFIG
 
 builds = dg.DynamicPartitionsDefinition(name="builds")
@@ -136,7 +136,22 @@ def _upstream_changed(build_dir: Path, stage: Stage, input_manifest: Optional[di
 def _record_upstream(build_dir: Path, stage: Stage, input_manifest: Optional[dict]) -> None:
     if input_manifest is not None:
         (build_dir / UPSTREAM_MARKER).mkdir(exist_ok=True)
-        (build_dir / UPSTREAM_MARKER / f"{stage.asset}.sha256").write_text(_fingerprint(input_manifest))
+        atomic_write_bytes(build_dir / UPSTREAM_MARKER / f"{stage.asset}.sha256",
+                           _fingerprint(input_manifest).encode())
+
+
+def _overwrite_once(build_dir: Path, stage: Stage, context: dg.AssetExecutionContext) -> bool:
+    """Whether this run should still wipe the output it was asked to overwrite: once per run and its
+    re-executions (which share the root run id and reuse its config), so a retry resumes what the first
+    attempt made instead of wiping it again."""
+    run = context.run
+    root = run.root_run_id or run.run_id
+    marker = build_dir / UPSTREAM_MARKER / f"{stage.asset}.overwritten-by"
+    if marker.is_file() and marker.read_text() == root:
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(marker, root.encode())
+    return True
 
 
 def _source(config: IngestRunConfig, build_dir: Path, seed: int) -> Path:
@@ -196,7 +211,9 @@ def _caption_engine_flags(captioner) -> list[str]:
     """The captioner resource as caption flags; an empty field leaves the stage's (or its demo's) value."""
     flags = [f"--captioner_engine={captioner.engine}", *_flag("captioner_model", captioner.model),
              *_flag("vec_max_new_tokens", captioner.max_new_tokens)]
-    return flags + ([f"--captioner_options={json.dumps({'base_url': captioner.base_url})}"] if captioner.base_url else [])
+    # Only a served engine takes an endpoint: the transformers and vLLM captioners refuse a base_url.
+    served = captioner.engine == "openai" and captioner.base_url
+    return flags + ([f"--captioner_options={json.dumps({'base_url': captioner.base_url})}"] if served else [])
 
 
 # Stage name -> how its engine resource becomes the stage's flags.
@@ -290,15 +307,17 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
             input_manifest = verify_manifest(input_dir)
         except ManifestError as exc:
             raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} is corrupt: {exc}") from exc
-    overwrite = config.overwrite or _upstream_changed(build_dir, stage, input_manifest)
-    if overwrite and not config.overwrite:
+    if _upstream_changed(build_dir, stage, input_manifest):
         context.log.warning(f"{stage.upstream} of build {build!r} changed since {stage.asset} was made: rebuilding it")
+        shutil.rmtree(output, ignore_errors=True)
+    # Recorded before the run: a retry after a failure then resumes the shards made from this upstream.
+    _record_upstream(build_dir, stage, input_manifest)
+    overwrite = config.overwrite and _overwrite_once(build_dir, stage, context)
     argv = stage_argv(stage, config, input_dir, output, build_dir, resources, overwrite)
     start = time.perf_counter()
     result = run_stage(context, stage.module, argv, resources.beam_runner, _environment(stage, resources),
                        is_beam_job=stage.beam)
     elapsed = time.perf_counter() - start
-    _record_upstream(build_dir, stage, input_manifest)
     if not stage.pair_output:
         published = resources.storage.publish(build, stage.asset)
         metadata = {**_model_metadata(output, result), "path": dg.MetadataValue.path(published),

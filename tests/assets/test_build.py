@@ -97,6 +97,51 @@ def test_a_rebuilt_upstream_makes_the_downstream_rebuild(instance, tmp_path):
     assert rows_in(downstream) == upstream["rows"]
 
 
+def test_a_retry_after_an_upstream_rebuild_resumes_instead_of_wiping_again(instance, tmp_path, monkeypatch):
+    """The upstream marker was written only after a successful run: every retry wiped the output again."""
+    import pipelines.balance
+
+    add_builds(instance, "b1")
+    selection = ["raw_pairs", "balanced_pairs", "entry_counts"]
+    config = demo_run_config(pairs=120)
+    config["ops"] = {k: v for k, v in config["ops"].items() if k in selection}
+    assert _materialize(instance, tmp_path, "b1", config, selection=selection).success
+    config["ops"]["raw_pairs"]["config"].update(overwrite=True, demo_pairs=90)
+    assert _materialize(instance, tmp_path, "b1", {"ops": {"raw_pairs": config["ops"]["raw_pairs"]}},
+                        selection=["raw_pairs"]).success
+    real = pipelines.balance.run
+
+    def dies_after_its_work(argv, *args, **kwargs):
+        real(argv, *args, **kwargs)
+        raise RuntimeError("worker lost (injected)")
+
+    monkeypatch.setattr(pipelines.balance, "run", dies_after_its_work)
+    balance_only = {"ops": {"balanced_pairs": config["ops"]["balanced_pairs"]}}
+    with pytest.raises(Exception, match="worker lost"):
+        _materialize(instance, tmp_path, "b1", balance_only, selection=["balanced_pairs", "entry_counts"])
+    output = tmp_path / "b1" / "balanced_pairs"
+    made = {p.name: p.stat().st_mtime_ns for p in output.glob("part-*.parquet")}
+    assert made
+    monkeypatch.setattr(pipelines.balance, "run", real)
+    assert _materialize(instance, tmp_path, "b1", balance_only, selection=["balanced_pairs", "entry_counts"]).success
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("part-*.parquet")} == made
+    assert rows_in(read_manifest(output)) == read_manifest(tmp_path / "b1" / "raw_pairs")["rows"]
+
+
+def test_overwrite_wipes_once_per_run_and_its_re_executions(tmp_path):
+    from types import SimpleNamespace
+
+    from assets.stages import _overwrite_once
+
+    stage = available_stages()[0]
+    first = SimpleNamespace(run=SimpleNamespace(run_id="r1", root_run_id=None))
+    retry = SimpleNamespace(run=SimpleNamespace(run_id="r2", root_run_id="r1"))
+    later = SimpleNamespace(run=SimpleNamespace(run_id="r3", root_run_id=None))
+    assert _overwrite_once(tmp_path, stage, first)
+    assert not _overwrite_once(tmp_path, stage, retry)  # the same run's config again: resume, do not wipe
+    assert _overwrite_once(tmp_path, stage, later)  # a new run that asks to overwrite does
+
+
 def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path):
     stages = available_stages()
     if len(stages) < 2:

@@ -21,6 +21,7 @@ def _failure_message(result) -> str:
     ({"captioner": CaptionerResource(engine="openai")}, "CaptionerResource.base_url"),
     ({"beam_runner": BeamRunnerResource(runner="NopeRunner")}, "BeamRunnerResource.runner"),
     ({"beam_runner": BeamRunnerResource(launcher="ssh")}, "BeamRunnerResource.launcher"),
+    ({"beam_runner": BeamRunnerResource(stage_options={"captions": {"a": "b"}})}, "BeamRunnerResource.stage_options"),
 ])
 def test_a_misconfigured_resource_fails_fast_and_writes_nothing(instance, tmp_path, monkeypatch, overrides, field):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
@@ -99,3 +100,30 @@ def test_llm_resource_settings_reach_the_rewrite_engine():
     assert config.engine_options == {"base_url": "http://127.0.0.1:9/v1"} and config.dtype == "auto"
     LLMEngineResource(engine="transformers", enable_prefix_caching=True, dtype="bfloat16").setup_for_execution(
         dg.build_init_resource_context())
+
+
+def test_captioner_endpoint_reaches_only_a_served_captioner():
+    """base_url (from OPENAI_BASE_URL in the definitions) went to every engine: transformers refused it."""
+    from assets.stages import ENGINE_FLAGS
+    from pipelines.caption import CaptionOptions, config_from
+
+    local = CaptionerResource(engine="transformers", model="/models/vlm", base_url="http://127.0.0.1:9/v1")
+    config = config_from(CaptionOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["caption"](local)]))
+    assert config.captioner_engine == "transformers" and config.captioner_options == {}
+    served = CaptionerResource(engine="openai", model="m", base_url="http://127.0.0.1:9/v1")
+    config = config_from(CaptionOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["caption"](served)]))
+    assert config.captioner_options == {"base_url": "http://127.0.0.1:9/v1"}
+
+
+def test_credentials_holding_a_key_instead_of_its_path_are_refused_without_echoing_it():
+    key = '{"type": "service_account", "private_key": "' + "k" * 3000 + '"}'
+    with pytest.raises(dg.Failure) as error:
+        BeamRunnerResource(credentials=key).check()
+    assert "credentials" in str(error.value) and "private_key" not in str(error.value)
+
+
+def test_stage_options_may_name_the_beam_stages():
+    from assets.resources import BEAM_STAGES
+    from assets.stages import STAGES
+
+    assert set(BEAM_STAGES) == {stage.name for stage in STAGES if stage.beam}

@@ -14,7 +14,10 @@ from dagster._serdes import ConfigurableClassData
 
 from assets.definitions import defs
 from assets.resources import BeamRunnerResource
-from assets.stages import STAGES
+from assets.launch import load_stage_module
+from assets.stages import STAGES, available_stages
+from pipelines.common import ShardStageOptions
+from pipelines.runner import refuse_unknown_flags
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -76,6 +79,18 @@ def test_helm_values_match_the_instance_and_the_code():
     assert env["CLIP_CURATION_EXECUTOR"] == "k8s"
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     assert values["postgresql"]["enabled"] is False
+    # Every step is its own pod: the staging dir must be a shared claim in the run and step pods' volumes,
+    # and the inbox the sensor (in the user deployment) watches must be mounted there and in the runs.
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    volumes = {v["name"]: v for v in launcher["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in launcher["volumeMounts"]}
+    staging = Path(env["CLIP_CURATION_STAGING"])
+    (at,) = [path for path in mounts if staging.is_relative_to(path)]
+    assert "persistentVolumeClaim" in volumes[mounts[at]]
+    assert env["CLIP_CURATION_INBOX"] in mounts
+    assert env["CLIP_CURATION_INBOX"] in {m["mountPath"] for m in deployment["volumeMounts"]}
+    key = Path(env["GOOGLE_APPLICATION_CREDENTIALS"])  # a file's path, mounted from a secret
+    assert any(key.is_relative_to(m["mountPath"]) for m in deployment["volumeMounts"])
 
     # The chart's queued run coordinator config, in Dagster's own names, must validate against its schema.
     queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
@@ -107,6 +122,14 @@ def test_runner_configs_are_valid_resource_config(runner):
     assert dg.validate_run_config(job, {"resources": config})
     flags = BeamRunnerResource(**resource).flags("rewrite")
     assert flags[0].startswith("--runner=")
+    # Every stage takes every flag the file gives it: a flag Python's Beam does not know is refused.
+    for stage in available_stages():
+        if stage.beam:
+            module = load_stage_module(stage.module)
+            (options,) = [v for v in vars(module).values() if isinstance(v, type) and
+                          issubclass(v, ShardStageOptions) and v is not ShardStageOptions]
+            refuse_unknown_flags(["--input", "a", "--output", "b", *BeamRunnerResource(**resource).flags(stage.name)],
+                                 options)
     if runner == "dataflow":
         assert any("worker_accelerator" in f for f in flags)
         assert any(f.startswith("--sdk_container_image=") and "gpu" in f for f in flags)
