@@ -38,9 +38,10 @@ def stage_metadata(manifest: dict, output: Path, published: str) -> dict:
         "shard_paths": dg.MetadataValue.json([str(output / s["name"]) for s in manifest["shards"]]),
         "bytes": manifest["bytes"],
         "duration_s": seconds,
-        "rows_per_s": round(n_in / seconds, 2) if seconds > 0 else 0.0,
         "stats": dg.MetadataValue.json({k: v for k, v in stats.items() if k != "plots"}),
     }
+    if seconds > 0 and not stats.get("resumed_shards"):  # a resumed run's seconds cover only some of the rows
+        metadata["rows_per_s"] = round(n_in / seconds, 2)
     for name in stats.get("plots", []):
         plot = output / name
         if plot.is_file():

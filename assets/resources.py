@@ -85,7 +85,12 @@ class StorageResource(dg.ConfigurableResource):
         return f"{self.root.rstrip('/')}/{build}/{name}"
 
     def publish(self, build: str, name: str) -> str:
-        """Upload a finished local stage output to a remote root (manifest last); local roots need nothing."""
+        """Mirror a finished local stage output at a remote root; local roots need nothing.
+
+        The remote manifest goes first and comes back last, so a reader never pairs the old manifest with
+        new shards; remote files the output no longer has (an overwrite with fewer shards) are deleted;
+        an output whose manifest the remote already has (a no-op rerun) is not uploaded again.
+        """
         uri = self.uri_for(build, name)
         if not self.is_remote:
             return uri
@@ -93,13 +98,28 @@ class StorageResource(dg.ConfigurableResource):
         options = {k: v for k, v in {"key": self.key, "secret": self.secret}.items() if v}
         fs, path = fsspec.core.url_to_fs(uri, **options)
         local = self.build_dir(build) / name
+        manifest = local / "manifest.json"
+        remote_manifest = f"{path}/manifest.json"
+        if manifest.is_file() and fs.exists(remote_manifest) and fs.cat_file(remote_manifest) == manifest.read_bytes():
+            return uri
+        if fs.exists(remote_manifest):
+            fs.rm_file(remote_manifest)
         files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != "manifest.json")
-        for file in [*files, local / "manifest.json"]:
+        wanted = {_rooted(f"{path}/{file.relative_to(local).as_posix()}") for file in files}
+        for target in fs.find(path) if fs.exists(path) else []:
+            if _rooted(target) not in wanted:
+                fs.rm_file(target)
+        for file in [*files, manifest]:
             if file.is_file():
                 target = f"{path}/{file.relative_to(local).as_posix()}"
                 fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
                 fs.put_file(str(file), target)
         return uri
+
+
+def _rooted(path: str) -> str:
+    """One spelling of a remote path: file systems list them with or without the leading slash."""
+    return "/" + path.lstrip("/")
 
 
 # The stages that run a Beam job, which `stage_options` may name (assets.stages.STAGES holds their order).

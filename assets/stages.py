@@ -140,6 +140,12 @@ def _record_upstream(build_dir: Path, stage: Stage, input_manifest: Optional[dic
                            _fingerprint(input_manifest).encode())
 
 
+def _manifest_stamp(output: Path) -> Optional[tuple[int, int]]:
+    """The manifest's modification time and size, None without one: unchanged across a run, it was kept."""
+    manifest = output / "manifest.json"
+    return (manifest.stat().st_mtime_ns, manifest.stat().st_size) if manifest.is_file() else None
+
+
 def _overwrite_once(build_dir: Path, stage: Stage, context: dg.AssetExecutionContext) -> bool:
     """Whether this run should still wipe the output it was asked to overwrite: once per run and its
     re-executions (which share the root run id and reuse its config), so a retry resumes what the first
@@ -314,10 +320,12 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
     _record_upstream(build_dir, stage, input_manifest)
     overwrite = config.overwrite and _overwrite_once(build_dir, stage, context)
     argv = stage_argv(stage, config, input_dir, output, build_dir, resources, overwrite)
+    before = _manifest_stamp(output)
     start = time.perf_counter()
     result = run_stage(context, stage.module, argv, resources.beam_runner, _environment(stage, resources),
                        is_beam_job=stage.beam)
     elapsed = time.perf_counter() - start
+    up_to_date = before is not None and _manifest_stamp(output) == before  # the stage found nothing to do
     if not stage.pair_output:
         published = resources.storage.publish(build, stage.asset)
         metadata = {**_model_metadata(output, result), "path": dg.MetadataValue.path(published),
@@ -326,7 +334,9 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
         return
     manifest = read_manifest(output)
     published = resources.storage.publish(build, stage.asset)
-    metadata = {**stage_metadata(manifest, output, published), "step_duration_s": round(elapsed, 3)}
+    # A no-op step keeps the manifest (and figures) of the run that made the output: say so beside them.
+    metadata = {**stage_metadata(manifest, output, published), "step_duration_s": round(elapsed, 3),
+                "up_to_date": up_to_date}
     results = stage_checks(stage, output, manifest, metadata, config, resources.gates)
     for check in results:
         if not check.passed:

@@ -2,6 +2,7 @@
 
 import dagster as dg
 import fsspec
+import fsspec.implementations.memory
 import pytest
 
 from assets.definitions import stage_assets
@@ -51,7 +52,7 @@ def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_pat
     storage = StorageResource(root="memory://clip-curation-test/builds", staging=str(tmp_path / "staging"))
     result = dg.materialize(stage_assets, instance=instance, partition_key="b1", selection=["raw_pairs"],
                             resources=stage_resources(tmp_path, storage=storage),
-                            run_config={"ops": {"raw_pairs": {"config": {"demo_pairs": 60}}}})
+                            run_config={"ops": {"raw_pairs": {"config": {"demo_pairs": 60, "demo_shard_rows": 20}}}})
     assert result.success
     metadata = result.asset_materializations_for_node("raw_pairs")[0].metadata
     assert metadata["path"].value == "memory://clip-curation-test/builds/b1/raw_pairs"
@@ -61,6 +62,29 @@ def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_pat
     assert remote == (tmp_path / "staging" / "b1" / "raw_pairs" / "manifest.json").read_bytes()
     for shard in local["shards"]:
         assert fs.size(f"/clip-curation-test/builds/b1/raw_pairs/{shard['name']}") == shard["bytes"]
+    assert metadata["up_to_date"].value is False
+
+    # A no-op rerun says so and uploads nothing; an overwrite with fewer shards leaves no stale one remote.
+    put = []
+    real_put = fsspec.implementations.memory.MemoryFileSystem.put_file
+    fsspec.implementations.memory.MemoryFileSystem.put_file = lambda self, lpath, rpath, **kw: (
+        put.append(rpath), real_put(self, lpath, rpath, **kw))
+    try:
+        again = dg.materialize(stage_assets, instance=instance, partition_key="b1", selection=["raw_pairs"],
+                               resources=stage_resources(tmp_path, storage=storage),
+                               run_config={"ops": {"raw_pairs": {"config": {"demo_pairs": 60,
+                                                                            "demo_shard_rows": 20}}}})
+        assert again.asset_materializations_for_node("raw_pairs")[0].metadata["up_to_date"].value is True
+        assert put == []
+        smaller = {"ops": {"raw_pairs": {"config": {"demo_pairs": 60, "demo_shard_rows": 1000, "overwrite": True}}}}
+        assert dg.materialize(stage_assets, instance=instance, partition_key="b1", selection=["raw_pairs"],
+                              resources=stage_resources(tmp_path, storage=storage), run_config=smaller).success
+    finally:
+        fsspec.implementations.memory.MemoryFileSystem.put_file = real_put
+    names = {p.rsplit("/", 1)[-1] for p in fs.find("/clip-curation-test/builds/b1/raw_pairs")
+             if "/rejects/" not in p and p.endswith(".parquet")}
+    assert names == {s["name"] for s in read_manifest(tmp_path / "staging" / "b1" / "raw_pairs")["shards"]}
+    assert len(names) < len(local["shards"])
 
 
 def test_an_unknown_storage_protocol_names_the_field():
