@@ -7,19 +7,20 @@ downstream asset of the run when they fail.
 """
 
 import collections
-import math
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.schema import KeyTracker, SchemaError
-from curation.shards import ManifestError, iter_batches, shard_paths, verify_manifest
+from curation.shards import ManifestError, finished_shards, iter_batches, shard_paths, verify_manifest
 
 SCHEMA_VALID = "schema_valid"
 CHECKSUMS_MATCH = "manifest_checksums_match"
 REJECT_RATIO = "reject_ratio_under_threshold"
-BALANCED = "entries_capped_near_t"
+BALANCED = "entries_kept_as_expected"
 REWRITES = "valid_rewrite_share"
 CAPTIONS = "synthetic_caption_share"
 
@@ -88,20 +89,58 @@ def kept_per_entry(output: Path) -> collections.Counter:
     return counts
 
 
-def entries_capped(asset: str, output: Path, t: float, slack: float) -> dg.AssetCheckResult:
-    """After balancing no entry keeps much more than t pairs.
+def expected_kept_per_entry(output: Path, t: float, online: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per entry, the mean and variance of how many pairs balancing keeps, from the pool's matches.
 
-    A pair is kept when any of its entries draws it, so a head entry also
-    keeps the pairs its rarer co-entries bring in: the cap allows `slack`
-    times t on top, plus four binomial standard deviations.
+    A pair matching entries E is kept with probability q = 1 - prod(1 - min(1, t/count_e)) (every
+    matched pair, q = 1, under online curation), and it counts for each entry in E once.
     """
-    counts = kept_per_entry(output)
-    limit = t * (1 + slack) + 4 * math.sqrt(t)
-    worst = counts.most_common(5)
-    over = {str(entry): n for entry, n in counts.items() if n > limit}
+    from curation.balancing import entry_probabilities, keep_probabilities
+    from pipelines.balance import COUNTS_FILE, MATCHES_COLUMN, MATCHES_DIR
+
+    counts = pq.read_table(output / COUNTS_FILE, columns=["count"]).column("count").to_numpy()
+    p = entry_probabilities(counts, t)
+    mean, var = np.zeros(len(counts)), np.zeros(len(counts))
+    for path in finished_shards(output / MATCHES_DIR):
+        matched = pq.read_table(path, columns=[MATCHES_COLUMN]).column(MATCHES_COLUMN).combine_chunks()
+        q = np.ones(len(matched)) if online else keep_probabilities(matched, p)
+        rows = pc.list_parent_indices(matched).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = pc.list_flatten(matched).to_numpy(zero_copy_only=False).astype(np.int64)
+        pairs = np.unique(rows * len(counts) + ids)  # an entry named twice in one caption counts once
+        rows, ids = pairs // len(counts), pairs % len(counts)
+        mean += np.bincount(ids, weights=q[rows], minlength=len(counts))
+        var += np.bincount(ids, weights=q[rows] * (1 - q[rows]), minlength=len(counts))
+    return mean, var
+
+
+def entries_balanced(asset: str, output: Path, t: float, slack: float, online: bool = False) -> dg.AssetCheckResult:
+    """After balancing no entry keeps many more pairs than its keep probabilities promise.
+
+    A pair is kept when any of its entries draws it, so a head entry also keeps
+    the pairs its rarer co-entries bring in: a flat cap near t failed correct
+    output. Each entry is held to its expected kept count instead, with `slack`
+    on top plus four standard deviations and one pair.
+    """
+    try:
+        mean, var = expected_kept_per_entry(output, t, online)
+    except FileNotFoundError as exc:
+        return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=False,
+                                   metadata={"error": f"balance left no counts or matches to check: {exc}"})
+    from pipelines.balance import COUNTS_FILE
+
+    names = pq.read_table(output / COUNTS_FILE, columns=["entry"]).column("entry").to_pylist()
+    kept = kept_per_entry(output)
+    limit = mean * (1 + slack) + 4 * np.sqrt(var) + 1
+
+    def described(e: int, n: int) -> tuple[str, dict]:
+        return (names[e] if e < len(names) else str(e)), {"kept": n, "expected": round(float(mean[e]), 1)
+                                                           if e < len(mean) else None}
+
+    over = dict(described(e, n) for e, n in kept.items() if e >= len(limit) or n > limit[e])
+    worst = kept.most_common(5)
     return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=not over, metadata={
-        "t": t, "limit": round(limit, 1), "max_kept": worst[0][1] if worst else 0,
-        "top_entries": dg.MetadataValue.json({str(e): n for e, n in worst}),
+        "t": t, "online_curation": online, "max_kept": worst[0][1] if worst else 0,
+        "top_entries": dg.MetadataValue.json(dict(described(e, n) for e, n in worst)),
         "entries_over_limit": dg.MetadataValue.json(over),
     })
 

@@ -298,6 +298,7 @@ class QualityGatesResource(dg.ConfigurableResource):
     max_balance_reject_ratio: float = Field(
         default=0.6, description="Share balance may reject: captions that match no metadata entry are a curation "
                                  "outcome, not broken data, so the limit is looser.")
-    balance_slack: float = Field(default=0.5, description="Entries may keep up to t * (1 + slack) + 4 sqrt(t) pairs.")
+    balance_slack: float = Field(default=0.1, description="Entries may keep up to (1 + slack) times the pairs their "
+                                                           "keep probabilities promise, plus 4 standard deviations.")
     min_rewrite_share: float = Field(default=0.5, description="Share of rows that must carry a valid rewrite.")
     min_caption_share: float = Field(default=0.5, description="Share of rows that must carry a synthetic caption.")

@@ -89,7 +89,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("balance", "balanced_pairs", "pipelines.balance", "raw_pairs", BalanceRunConfig,
           "MetaCLIP balancing: substring matching against the metadata, then per-entry sampling with cap t.",
           extra_assets=("entry_counts",),
-          extra_checks=((checks.BALANCED, "After balancing no entry keeps much more than t pairs.", True),),
+          extra_checks=((checks.BALANCED, "No entry keeps many more pairs than its keep probabilities promise.",
+                         True),),
           k8s=cpu_k8s_config("8", "16Gi")),
     Stage("rewrite", "rewritten_pairs", "pipelines.rewrite", "balanced_pairs", RewriteRunConfig,
           "LaCLIP rewrites of every caption by the LLM engine.", engine="llm",
@@ -253,8 +254,10 @@ def stage_checks(stage: Stage, output: Path, manifest: dict, metadata: dict, con
                checks.reject_ratio(stage.asset, metadata["reject_ratio"],
                                    gates.max_balance_reject_ratio if stage.name == "balance" else gates.max_reject_ratio)]
     if stage.name == "balance":
-        t = float(manifest.get("config", {}).get("t") or getattr(config, "t", None) or 20000)
-        results.append(checks.entries_capped(stage.asset, output, t, gates.balance_slack))
+        recorded = manifest.get("config", {})
+        t = float(recorded.get("t") or getattr(config, "t", None) or 20000)
+        results.append(checks.entries_balanced(stage.asset, output, t, gates.balance_slack,
+                                               online=bool(recorded.get("online_curation"))))
     if stage.name == "rewrite":
         results.append(checks.valid_rewrite_share(stage.asset, output, gates.min_rewrite_share))
     if stage.name == "caption":

@@ -46,14 +46,29 @@ def test_rewrite_share_does_not_count_the_original_held_as_a_fallback(tmp_path):
     assert checks.valid_rewrite_share("a", data, threshold=0.25).passed
 
 
-def test_balance_cap_flags_an_entry_kept_far_above_t(tmp_path):
-    t = 4.0
-    entries = [[0, 1]] * 20 + [[2]] * 5
-    data = _dataset(tmp_path / "d", _pairs(25, entries=entries))
-    result = checks.entries_capped("a", data, t, slack=0.5)
-    assert not result.passed
-    assert set(result.metadata["entries_over_limit"].value) == {"0", "1"}
-    assert checks.entries_capped("a", data, t=20.0, slack=0.5).passed
+def test_balance_check_holds_each_entry_to_what_its_keep_probabilities_promise(demo_dir, tmp_path):
+    """A flat cap near t failed correct output: head entries ride along with their rarer co-entries."""
+    import shutil
+
+    from pipelines import balance, ingest
+
+    raw = ingest.run(["--input", str(demo_dir / "pool"), "--output", str(tmp_path / "raw")]).output
+    outputs = []
+    for flags in (["--online_curation"], []):  # the stage's own metadata, not the demo's: many co-entries
+        output = balance.run(["--input", str(raw), "--output", str(tmp_path / f"balanced{len(flags)}"),
+                              "--t", "5", *flags]).output
+        result = checks.entries_balanced("a", output, 5.0, slack=0.1, online=bool(flags))
+        assert result.passed, result.metadata["entries_over_limit"].value
+        assert checks.kept_per_entry(output).most_common(1)[0][1] > 5 * 1.5 + 4 * 5 ** 0.5  # the old cap's limit
+        outputs.append(output)
+    # Every matched pair kept where the draw should have dropped most (a broken sampler): flagged, by name.
+    online, output = outputs
+    for path in sorted(online.glob("part-*.parquet")):
+        shutil.copy(path, output / path.name)
+    result = checks.entries_balanced("a", output, 5.0, slack=0.1, online=False)
+    assert not result.passed and all(v["kept"] > v["expected"] for v in result.metadata["entries_over_limit"].value.values())
+    shutil.rmtree(output / "entry_matches")
+    assert not checks.entries_balanced("a", output, 5.0, slack=0.1).passed  # nothing to judge it by
 
 
 def test_reject_ratio_check_compares_with_the_threshold():
