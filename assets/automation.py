@@ -3,24 +3,30 @@
 Both make a new partition of `builds` for the build they start, so a
 scheduled or sensed build never overwrites another. The sensor keys each run
 by the file's content hash (`run_key`), so the same list never starts two
-builds, even when it is copied in again under another name.
+builds, even when it is copied in again under another name; it takes a file
+only once it has stopped changing, and hashes each file once (the cursor
+keeps its size, mtime and digest).
 """
 
 import datetime as dt
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import dagster as dg
 
 from assets.config import DEMO_SOURCE
 from assets.stages import builds
+from curation.url_lists import known_format
 
 INBOX_ENV = "CLIP_CURATION_INBOX"
 WEEKLY_SOURCE_ENV = "CLIP_CURATION_WEEKLY_SOURCE"
-URL_LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".txt", ".json", ".jsonl")
 MAX_REMEMBERED = 10_000
+# A file modified this recently may still be being copied in: it waits for a later tick, so one list being
+# written never starts one build for its first half and another for the whole.
+SETTLE_SECONDS = 60
 
 
 def build_job(selection: list[str]):
@@ -63,18 +69,31 @@ def inbox_dir() -> Path:
     return Path(os.environ.get(INBOX_ENV, "./inbox")).expanduser().resolve()
 
 
+def _is_url_list(path: Path) -> bool:
+    """A file ingest reads as a URL list by its extension (Parquet, CSV, TSV, JSONL), not hidden."""
+    return path.is_file() and not path.name.startswith(".") and known_format(path) is not None
+
+
 def url_list_sensor(job) -> dg.SensorDefinition:
     @dg.sensor(job=job, name="url_list_sensor", minimum_interval_seconds=30,
-               description=f"Starts a build for every new URL list dropped into ${INBOX_ENV} (default ./inbox).")
+               description=f"Starts a build for every new URL list dropped into ${INBOX_ENV} (default ./inbox), "
+                           f"once it has not changed for {SETTLE_SECONDS} s.")
     def url_list_arrivals(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         inbox = inbox_dir()
-        seen: list[str] = json.loads(context.cursor) if context.cursor else []
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        seen: list[str] = cursor.get("digests", [])
+        hashed: dict[str, list] = cursor.get("files", {})  # name -> [size, mtime_ns, digest]: hashed once
         known = set(seen)
-        requests, keys = [], []
-        files = sorted(p for p in inbox.glob("*") if p.is_file() and p.suffix in URL_LIST_SUFFIXES
-                       and not p.name.startswith(".")) if inbox.is_dir() else []
-        for path in files:
-            digest = _digest(path)
+        requests, keys, files = [], [], {}
+        now = time.time()
+        for path in sorted(p for p in inbox.glob("*") if _is_url_list(p)) if inbox.is_dir() else []:
+            info = path.stat()
+            if now - info.st_mtime < SETTLE_SECONDS:
+                continue  # still arriving, perhaps
+            cached = hashed.get(path.name)
+            same = cached is not None and cached[:2] == [info.st_size, info.st_mtime_ns]
+            digest = cached[2] if same else _digest(path)
+            files[path.name] = [info.st_size, info.st_mtime_ns, digest]
             if digest in known:
                 continue
             known.add(digest)
@@ -84,9 +103,10 @@ def url_list_sensor(job) -> dg.SensorDefinition:
             requests.append(dg.RunRequest(run_key=f"url-list-{digest}", partition_key=key,
                                           run_config=source_run_config(str(path)),
                                           tags={"clip-curation/trigger": "sensor", "clip-curation/url_list": path.name}))
+        next_cursor = json.dumps({"digests": seen[-MAX_REMEMBERED:], "files": files})
         if not requests:
-            return dg.SensorResult(skip_reason=f"no new URL list in {inbox}")
+            return dg.SensorResult(skip_reason=f"no new URL list in {inbox}", cursor=next_cursor)
         return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=[builds.build_add_request(keys)],
-                               cursor=json.dumps(seen[-MAX_REMEMBERED:]))
+                               cursor=next_cursor)
 
     return url_list_arrivals

@@ -61,7 +61,8 @@ def list_format(path: str | Path, explicit: str | None = None) -> str:
     return fmt
 
 
-def _known_format(path: Path) -> str | None:
+def known_format(path: Path) -> str | None:
+    """The list format its extension names, or None (not a list file: .txt, .md, ...)."""
     try:
         return list_format(path)
     except UrlListError:
@@ -76,7 +77,7 @@ def list_files(path: str | Path, fmt: str | None = None) -> list[Path]:
     if not path.is_dir():
         raise UrlListError(f"{path}: no such URL list")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
-                   and _known_format(p) is not None and (fmt is None or _known_format(p) == fmt))
+                   and known_format(p) is not None and (fmt is None or known_format(p) == fmt))
     if not files:
         raise UrlListError(f"{path}: directory holds no URL list files")
     return files
@@ -85,7 +86,7 @@ def list_files(path: str | Path, fmt: str | None = None) -> list[Path]:
 def is_url_list(path: str | Path, image_column: str = "image") -> bool:
     """A single CSV/TSV/JSONL file, or a Parquet file without image bytes: what `--input` may name instead of shards."""
     path = Path(path)
-    fmt = _known_format(path) if path.is_file() else None
+    fmt = known_format(path) if path.is_file() else None
     if fmt == "parquet":
         try:
             return image_column not in pq.read_schema(path).names

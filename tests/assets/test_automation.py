@@ -1,10 +1,12 @@
 """The URL-list sensor starts exactly one build per new file; the weekly schedule makes its own partition."""
 
 import datetime as dt
+import os
+import time
 
 import dagster as dg
 
-from assets.automation import INBOX_ENV, WEEKLY_SOURCE_ENV
+from assets.automation import INBOX_ENV, SETTLE_SECONDS, WEEKLY_SOURCE_ENV
 from assets.definitions import defs
 from assets.stages import builds
 
@@ -15,6 +17,13 @@ def _tick(instance, cursor=None) -> dg.SensorResult:
     return sensor(context)
 
 
+def _settled(inbox, *names: str) -> None:
+    """Files of the inbox (default: all) as if they had stopped changing a while ago."""
+    past = time.time() - 2 * SETTLE_SECONDS
+    for path in [inbox / name for name in names] or inbox.iterdir():
+        os.utime(path, (past, past))
+
+
 def test_a_dropped_url_list_starts_exactly_one_build(instance, tmp_path, monkeypatch):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -23,6 +32,9 @@ def test_a_dropped_url_list_starts_exactly_one_build(instance, tmp_path, monkeyp
 
     (inbox / "crawl-2026-11.csv").write_text("url,caption\nhttps://example.com/a.jpg,a red circle\n")
     (inbox / "notes.md").write_text("not a URL list")
+    (inbox / "urls.txt").write_text("https://example.com/a.jpg\n")  # ingest reads no .txt list
+    assert not _tick(instance).run_requests  # just written: it may still be being copied in
+    _settled(inbox)
     first = _tick(instance)
     (request,) = first.run_requests
     assert request.run_key.startswith("url-list-")
@@ -34,9 +46,11 @@ def test_a_dropped_url_list_starts_exactly_one_build(instance, tmp_path, monkeyp
     # The same file on the next tick, and the same content under another name: no new run.
     assert not _tick(instance, first.cursor).run_requests
     (inbox / "copy-of-crawl.csv").write_bytes((inbox / "crawl-2026-11.csv").read_bytes())
+    _settled(inbox)
     assert not _tick(instance, first.cursor).run_requests
 
     (inbox / "crawl-2026-12.csv").write_text("url,caption\nhttps://example.com/b.jpg,two blue squares\n")
+    _settled(inbox)
     (second,) = _tick(instance, first.cursor).run_requests
     assert second.run_key != request.run_key
 
@@ -51,3 +65,25 @@ def test_weekly_schedule_makes_its_build_partition(instance, monkeypatch):
     assert request.run_key == "weekly-2026-11-23"
     assert instance.has_dynamic_partition(builds.name, "weekly-2026-11-23")
     assert request.run_config["ops"]["raw_pairs"]["config"]["source"] == "/data/weekly-pool"
+
+
+def test_a_file_is_hashed_once_and_a_list_still_arriving_waits(instance, tmp_path, monkeypatch):
+    import assets.automation
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    monkeypatch.setenv(INBOX_ENV, str(inbox))
+    (inbox / "a.csv").write_text("url,caption\nhttps://example.com/a.jpg,a red circle\n")
+    _settled(inbox)
+    hashed = []
+    real = assets.automation._digest
+    monkeypatch.setattr(assets.automation, "_digest", lambda path: hashed.append(path.name) or real(path))
+    first = _tick(instance)
+    (inbox / "b.csv").write_text("url,caption\n")  # half copied: this tick leaves it alone
+    later = _tick(instance, first.cursor)
+    assert not later.run_requests and hashed == ["a.csv"]
+    with open(inbox / "b.csv", "a") as f:
+        f.write("https://example.com/b.jpg,two blue squares\n")
+    _settled(inbox, "b.csv")
+    (request,) = _tick(instance, later.cursor).run_requests  # one build, for the whole file
+    assert request.partition_key.startswith("b-") and hashed == ["a.csv", "b.csv"]
