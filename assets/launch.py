@@ -6,7 +6,9 @@ output directory; the asset then reads that manifest back. So the metadata
 and checks have one code path, and the job code knows nothing of Dagster.
 """
 
+import contextlib
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +17,21 @@ import dagster as dg
 from assets.resources import BeamRunnerResource, misconfigured
 
 PIPES_ENTRY = "assets.pipes_job"
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """`env` set in this process for the duration of an in-process job, then put back as it was."""
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def load_stage_module(module_name: str):
@@ -42,7 +59,8 @@ def run_stage(context: dg.AssetExecutionContext, module_name: str, argv: list[st
         launcher = "in_process"  # not a Beam job: the runner does not concern it
     context.log.info(f"{module_name} via {launcher}: {' '.join(argv)}")
     if launcher == "in_process":
-        return load_stage_module(module_name).run(argv)
+        with _environment(env):  # the resources' keys and credentials, as a launched job gets them
+            return load_stage_module(module_name).run(argv)
     command = [sys.executable, "-m", PIPES_ENTRY, module_name, *argv]
     if launcher == "subprocess":
         dg.PipesSubprocessClient(env=env, cwd=str(Path.cwd())).run(context=context, command=command)
