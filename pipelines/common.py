@@ -226,9 +226,9 @@ def kept_manifest(plan: StagePlan) -> dict | None:
     return manifest if listed == [p.name for p in finished_shards(plan.output)] else None
 
 
-def finish_stage(plan: StagePlan, stage: str, config: dict, **stats) -> dict:
-    """Write the manifest over every finished shard, with rejects counted by reason and the lineage carried on
-    (or keep the one an up-to-date output has, see kept_manifest)."""
+def finish_stage(plan: StagePlan, stage: str, config: dict, warnings: list[str] | None = None, **stats) -> dict:
+    """Write the manifest over every finished shard, with rejects counted by reason, the lineage carried on and
+    any `warnings` for its readers (or keep the one an up-to-date output has, see kept_manifest)."""
     if (kept := kept_manifest(plan)) is not None:
         return kept
     shards = [info_for(p) for p in finished_shards(plan.output)]
@@ -236,4 +236,5 @@ def finish_stage(plan: StagePlan, stage: str, config: dict, **stats) -> dict:
     rejects = pa.concat_tables([pq.read_table(p) for p in reject_paths]) if reject_paths else REJECT_SCHEMA.empty_table()
     lineage = (plan.input_manifest or {}).get("lineage", [])
     return write_manifest(plan.output, stage=stage, config=config, shards=shards, lineage=lineage,
-                          rejects={"rows": rejects.num_rows, "by_reason": count_reasons(rejects)}, stats=stats)
+                          rejects={"rows": rejects.num_rows, "by_reason": count_reasons(rejects)}, stats=stats,
+                          **({"warnings": warnings} if warnings else {}))

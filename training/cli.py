@@ -1,7 +1,7 @@
 """`clip-curation train`: train the bundled CLIP model on exported shards.
 
-    clip-curation train --input work/training_shards --output work/clip_model \\
-        --eval work/demo/eval --steps 300 [--fused_ratio 0.5] [--online_curation]
+    clip-curation train --input work/demo/training_shards --output work/demo/clip_model \\
+        --eval work/demo/demo/eval --steps 300 [--fused_ratio 0.5] [--online_curation]
 
 Multi-GPU: `torchrun --nproc_per_node 8 -m training.cli --input ... --output ...`.
 `run(argv)` is what the Dagster asset calls; `main(argv)` prints a summary.

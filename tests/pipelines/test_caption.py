@@ -11,6 +11,7 @@ import pytest
 from curation.engines.vision_tiny import build_tiny_vlm
 from curation.rejects import Reason
 from curation.schema import validate
+from curation.shards import read_manifest
 from pipelines import caption, ingest
 from pipelines.common import StageConfigMismatch
 
@@ -118,6 +119,7 @@ def test_captions_fusion_rejects_manifest_and_resume(pairs, models, tmp_path, ca
     assert stats["captioner_is_random_tiny_model"] is True and stats["vec_prompt_version"] == "vec-v1"
     assert stats["fusion_prompt_version"] == "vecap-v1" and stats["captioner_model"] == str(models[0])
     assert any("RANDOM weights" in w for w in manifest["warnings"])
+    assert read_manifest(output)["warnings"] == manifest["warnings"]  # on disk, not only in the returned dict
     assert "RANDOM weights" in capsys.readouterr().out
 
     # Resume: a lost shard is redone with exactly the same bytes and the totals still count every shard.
