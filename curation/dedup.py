@@ -6,8 +6,15 @@ grouped, and in each group the smallest key wins. The winner depends only on
 the set of keys, never on arrival order, worker count or which shards a
 resumed run still had to write, so a rerun gives identical output.
 
+Keys are the pairs' identity downstream, so they are made unique here too:
+every row emits its key, and of the rows that share one (cat.jpg and cat.png
+became "cat", a list reused a key) the first by shard and content keeps it.
+A row is told apart from another with its key by its content (image sha256
+and caption), so a verdict drops exactly the rows it is about; a row repeated
+byte for byte within one shard keeps one copy.
+
 A pair that loses in several groups keeps the verdict of the strongest
-criterion (sha256, then URL, then perceptual hash). Near-duplicates use the
+criterion (sha256, then URL, then perceptual hash, then key). Near-duplicates use the
 pigeonhole trick: two 64-bit hashes within `near_dup_bits` differ in at most
 that many of `near_dup_bits + 1` bands, so they share at least one band
 exactly, and only pairs that share a band are compared.
@@ -15,6 +22,7 @@ exactly, and only pairs that share a band are compared.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,8 +34,10 @@ from curation.rejects import Reason, reject, rejects_table
 from curation.url_lists import normalise_url
 
 # Criterion -> priority (lower wins when a pair loses in several groups).
-CRITERIA = {"sha256": 0, "url": 1, "phash": 2}
+CRITERIA = {"sha256": 0, "url": 1, "phash": 2, "key": 3}
 HASH_BITS = 64
+# A fingerprint group's member: (key, shard, content, perceptual hash or None).
+Member = tuple[str, int, str, "int | None"]
 
 
 @dataclass(frozen=True)
@@ -40,20 +50,18 @@ class DedupConfig:
         if not -1 <= self.near_dup_bits < 32:
             raise ValueError(f"near_dup_bits must be in [-1, 31], got {self.near_dup_bits}")
 
-    @property
-    def enabled(self) -> bool:
-        return self.by_sha256 or self.by_url or self.near_dup_bits >= 0
 
 
 @dataclass(frozen=True, order=True)
 class Loser:
-    """A pair that is a duplicate: which shard it is in, and why."""
+    """A pair that is a duplicate: which row (key and content) in which shard, and why."""
 
     priority: int
     winner: str
     key: str
     shard: int
     criterion: str
+    content: str = ""
 
     @property
     def detail(self) -> str:
@@ -74,57 +82,78 @@ def _bands(value: int, count: int) -> Iterator[tuple[int, int]]:
         yield band, (value >> (band * width)) & ((1 << width) - 1)
 
 
-def fingerprints(pairs: pa.Table, shard: int, config: DedupConfig) -> Iterator[tuple[str, tuple[str, int, int | None]]]:
-    """(group, (key, shard, phash or None)) for every pair and every enabled criterion."""
+def contents(pairs: pa.Table) -> list[str]:
+    """What tells a row from another with its key: its image's sha256 and a digest of its caption."""
+    captions = pairs.column("caption").to_pylist()
+    return [f"{sha}:{hashlib.blake2b((caption or '').encode(), digest_size=8).hexdigest()}"
+            for sha, caption in zip(pairs.column("sha256").to_pylist(), captions)]
+
+
+def fingerprints(pairs: pa.Table, shard: int, config: DedupConfig) -> Iterator[tuple[str, Member]]:
+    """(group, (key, shard, content, phash or None)) for every pair: its key, and every enabled criterion."""
     keys = pairs.column("key").to_pylist()
+    ids = contents(pairs)
     shas = pairs.column("sha256").to_pylist() if config.by_sha256 else [None] * len(keys)
     urls = pairs.column("url").to_pylist() if config.by_url else [None] * len(keys)
     images = pairs.column("image") if config.near_dup_bits >= 0 else None
     for i, key in enumerate(keys):
+        yield f"key:{key}", (key, shard, ids[i], None)
         if shas[i]:
-            yield f"sha256:{shas[i]}", (key, shard, None)
+            yield f"sha256:{shas[i]}", (key, shard, ids[i], None)
         if urls[i]:
-            yield f"url:{normalise_url(urls[i])}", (key, shard, None)
+            yield f"url:{normalise_url(urls[i])}", (key, shard, ids[i], None)
         if images is not None:
             value = perceptual_hash(images[i].as_py())
             for band, bits in _bands(value, config.near_dup_bits + 1):
-                yield f"phash{band}:{bits:x}", (key, shard, value)
+                yield f"phash{band}:{bits:x}", (key, shard, ids[i], value)
 
 
-def losers_in_group(group: str, members: Iterable[tuple[str, int, int | None]], near_dup_bits: int) -> list[Loser]:
-    """Every member but the smallest key (exact groups), or every member with a close smaller neighbour."""
+def losers_in_group(group: str, members: Iterable[Member], near_dup_bits: int) -> list[Loser]:
+    """Every member but the smallest (key, shard, content) in exact groups, or every member with a close
+    neighbour of a smaller key (perceptual hash)."""
     criterion = group.split(":", 1)[0]
     ordered = sorted(set(members))
     if len(ordered) < 2:
         return []
     if not criterion.startswith("phash"):
         winner = ordered[0][0]
-        return [Loser(CRITERIA[criterion], winner, key, shard, criterion) for key, shard, _ in ordered[1:]]
+        return [Loser(CRITERIA[criterion], winner, key, shard, criterion, content)
+                for key, shard, content, _ in ordered[1:]]
     losers = []
-    for i, (key, shard, value) in enumerate(ordered):
-        for other_key, _, other_value in ordered[:i]:  # smaller keys first: the first close one is the winner
+    for i, (key, shard, content, value) in enumerate(ordered):
+        for other_key, _, _, other_value in ordered[:i]:  # smaller keys first: the first close one is the winner
             if other_key != key and bin(value ^ other_value).count("1") <= near_dup_bits:
-                losers.append(Loser(CRITERIA["phash"], other_key, key, shard, "phash"))
+                losers.append(Loser(CRITERIA["phash"], other_key, key, shard, "phash", content))
                 break
     return losers
 
 
-def strongest(losers: Iterable[Loser]) -> dict[str, Loser]:
-    """One verdict per key: the highest-priority criterion, then the smallest winner."""
-    verdicts: dict[str, Loser] = {}
+def strongest(losers: Iterable[Loser]) -> dict[tuple[str, str], Loser]:
+    """One verdict per row (key, content): the highest-priority criterion, then the smallest winner."""
+    verdicts: dict[tuple[str, str], Loser] = {}
     for loser in losers:
-        if loser.key not in verdicts or loser < verdicts[loser.key]:
-            verdicts[loser.key] = loser
+        row = (loser.key, loser.content)
+        if row not in verdicts or loser < verdicts[row]:
+            verdicts[row] = loser
     return verdicts
 
 
-def drop_duplicates(pairs: pa.Table, losers: dict[str, Loser], *, stage: str,
+def drop_duplicates(pairs: pa.Table, losers: dict[tuple[str, str], Loser], *, stage: str,
                     source: str | None) -> tuple[pa.Table, pa.Table]:
-    """Pairs without the losers, and a reject row `duplicate_of=<key>` for each loser."""
-    if not losers:
-        return pairs, rejects_table([])
-    keys = pairs.column("key").to_pylist()
-    keep = [key not in losers for key in keys]
-    rows = [reject(key, stage, Reason.DUPLICATE if losers[key].criterion != "phash" else Reason.NEAR_DUPLICATE,
-                   losers[key].detail, source) for key in keys if key in losers]
+    """Pairs without the losers and without a second copy of a row, and a reject `duplicate_of=<key>` for each.
+
+    Sorted first (key, image, caption, URL), so which of two identical copies stays never depends on the
+    order the rows arrived in."""
+    pairs = pairs.sort_by([("key", "ascending"), ("sha256", "ascending"), ("caption", "ascending"),
+                           ("url", "ascending")])
+    keep, rows, seen = [], [], set()
+    for key, content in zip(pairs.column("key").to_pylist(), contents(pairs)):
+        verdict = losers.get((key, content))
+        if verdict is not None:
+            reason = Reason.NEAR_DUPLICATE if verdict.criterion == "phash" else Reason.DUPLICATE
+            rows.append(reject(key, stage, reason, verdict.detail, source))
+        elif (key, content) in seen:
+            rows.append(reject(key, stage, Reason.DUPLICATE, f"duplicate_of={key} by=key", source))
+        keep.append(verdict is None and (key, content) not in seen)
+        seen.add((key, content))
     return pairs.filter(pa.array(keep, pa.bool_())), rejects_table(rows)

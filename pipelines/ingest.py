@@ -8,7 +8,8 @@ Inputs (one of):
   own distributor into `<output>/_staging/download`, then normalised here.
 
 Dedup is a global decision made with a GroupByKey on each fingerprint
-(sha256, normalised URL, optional pHash bands), the smallest key winning, so
+(the key itself, sha256, normalised URL, optional pHash bands), the smallest
+key winning (of rows with one key: the first shard), so
 every shard is normalised on every run (a resumed run too) while only the
 shards still missing are written: a rerun gives exactly the uninterrupted
 output.
@@ -39,7 +40,7 @@ from curation.rejects import rejects_table
 from curation.shards import file_identity, files_fingerprint, finished_shards, read_table, shard_paths
 from curation.url_lists import is_url_list, list_files
 from pipelines.common import (
-    REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, config_mismatch,
+    REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, begin_stage, config_mismatch,
     finish_stage, write_stage_shard,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
@@ -252,7 +253,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     input_dir, config, recorded, source = _prepare_source(options, output)
     staged = source["kind"] in ("url_list", "images")  # their output was already wiped before staging
     plan = begin_stage(input_dir, output, STAGE, recorded, options.overwrite and not staged,
-                       shardwise=not config.dedup.enabled)  # dedup decides over every shard
+                       shardwise=False)  # dedup (keys at least) decides over every shard
     start = time.perf_counter()
     stats: dict = {}
     if plan.todo:
@@ -272,15 +273,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
 def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestConfig, source: dict,
                    test_pipeline: beam.Pipeline | None) -> None:
-    """Normalise (every shard when dedup is on, since dedup is global), dedup, and write the missing shards."""
+    """Normalise every shard (dedup, keys included, is global), dedup, and write the missing shards."""
     todo = {index for index, _ in plan.todo}
     every = [(index, str(path)) for index, path in enumerate(shard_paths(input_dir))]
     with pipeline_for(options, test_pipeline) as p:
-        if not config.dedup.enabled:
-            _ = (p | ReadShardBatches(plan.todo, options.batch_rows)
-                 | "Normalise" >> beam.FlatMap(_normalise, config, source)
-                 | WriteShards(plan.output))
-            return
         normalised = (p | ReadShardBatches(every, options.batch_rows)
                       | "Normalise" >> beam.FlatMap(_normalise, config, source))
         losers = (normalised
