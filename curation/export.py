@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.schema import PAIR_FIELDS, PAIR_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaError
+from curation.schema import PAIR_FIELDS, PAIR_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaError, conform
 from curation.shards import (
     ManifestError, ShardInfo, atomic_write_bytes, file_sha256, iter_batches, shard_paths, verify_manifest,
 )
@@ -194,7 +194,7 @@ def plan_export(input_dir: str | Path, config: ExportConfig, batch_rows: int = 1
         check_images(batch, str(path), offset)
         offsets[path] = offset + batch.num_rows
         hashes.append(shuffle_hashes(batch.column(batch.schema.get_field_index("key")).to_pylist(), config.seed))
-        sizes.append(estimated_row_bytes(batch.select(config.columns)))
+        sizes.append(estimated_row_bytes(conform(pa.Table.from_batches([batch])).select(config.columns)))
     all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     all_sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
     boundaries, rows, estimated = cut_shards(all_hashes, all_sizes, config.target_bytes)
@@ -220,7 +220,7 @@ def order_shard(parts: Iterable[pa.Table], config: ExportConfig) -> pa.Table:
     schema = export_schema(config.columns)
     if not parts:
         return schema.empty_table()
-    table = pa.concat_tables([p.select(config.columns) for p in parts], promote_options="default")
+    table = pa.concat_tables([conform(p).select(config.columns) for p in parts], promote_options="default")
     table = table.append_column("_order", pa.array(shuffle_hashes(table.column("key").to_pylist(), config.seed)))
     table = table.sort_by([("_order", "ascending"), ("key", "ascending")]).drop_columns(["_order"])
     return table.cast(schema)

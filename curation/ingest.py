@@ -17,7 +17,7 @@ import pyarrow as pa
 from curation.dedup import DedupConfig
 from curation.records import MAX_CAPTION_CHARS, Rejected, make_pair
 from curation.rejects import Reason, reject, rejects_table
-from curation.schema import CORE_FIELDS, PAIR_FIELDS, conform
+from curation.schema import CORE_FIELDS, PAIR_FIELDS, SchemaError, conform
 
 STAGE = "ingest"
 
@@ -72,11 +72,20 @@ class IngestConfig:
         if self.max_caption_chars <= 0:
             raise ValueError(f"max_caption_chars must be positive, got {self.max_caption_chars}")
 
-    def check_columns(self, names: list[str], file: str) -> None:
+    def check_columns(self, schema: pa.Schema, file: str) -> None:
+        """The caption and image columns exist, and they and the URL column hold text and bytes."""
+        names = schema.names
         missing = [c for c in (self.caption_column, self.image_column) if c not in names]
         if missing:
             raise ValueError(f"{file}: missing column(s) {missing}; found {names}. "
                              f"Name them with --caption_column / --image_column.")
+        text, data = (pa.types.is_string, pa.types.is_large_string), (pa.types.is_binary, pa.types.is_large_binary)
+        for column, allowed, what in ((self.caption_column, text + data, "text"), (self.url_column, text, "text"),
+                                      (self.image_column, data, "bytes")):
+            if column in names:
+                kind = schema.field(column).type
+                if not pa.types.is_null(kind) and not any(check(kind) for check in allowed):
+                    raise SchemaError(f"column holds {kind}, not {what}", file=file, column=column)
 
 
 def _early_reject(row: dict) -> tuple[str, str] | None:
@@ -92,7 +101,7 @@ def _early_reject(row: dict) -> tuple[str, str] | None:
 def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str, file: str,
                     row_offset: int) -> tuple[pa.Table, pa.Table]:
     """Pairs and rejects for one batch of raw rows; extra input columns ride along unchanged."""
-    config.check_columns(batch.schema.names, file)
+    config.check_columns(batch.schema, file)
     own = {config.key_column, config.url_column, config.caption_column, config.image_column}
     extras = [f for f in batch.schema if f.name not in own and f.name not in PAIR_FIELDS
               and f.name not in CONTROL_COLUMNS]
@@ -100,7 +109,8 @@ def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str,
     for i, row in enumerate(batch.to_pylist()):
         row_number = row.get(ORIGIN_LINE, row_offset + i)
         where = row.get(ORIGIN_FILE) or file
-        key = str(row.get(config.key_column) or f"{source}-{row_offset + i:09d}")
+        given = row.get(config.key_column)
+        key = str(given) if given not in (None, "") else f"{source}-{row_offset + i:09d}"
         verdict = _early_reject(row)
         if verdict is not None:
             rejected.append(reject(key, STAGE, verdict[0], verdict[1], where, row_number))

@@ -174,8 +174,11 @@ class ReadShardBatches(beam.PTransform):
 
 
 def _read_shard(item: tuple[int, str], batch_rows: int, columns: list[str] | None):
+    """The shard's batches, of `columns` this file has (a stage column it lacks is the reader's to fill)."""
     index, path = item
     parquet = pq.ParquetFile(path)
+    if columns is not None:
+        columns = [c for c in columns if c in parquet.schema_arrow.names]
     offset = 0
     for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
         yield index, (path, offset, batch)

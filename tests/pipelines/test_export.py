@@ -198,6 +198,19 @@ def test_straight_after_an_earlier_stage_with_null_captions_and_optional_columns
     assert "| fused | 0 |" in card
 
 
+def test_shards_of_core_columns_only_export_with_null_stage_columns(pairs, tmp_path):
+    """The pair schema's stage columns are optional: a shard without them failed with a bare KeyError."""
+    from curation.schema import CORE_FIELDS
+
+    (tmp_path / "core").mkdir()
+    for path in sorted(pairs["raw"].glob("part-*.parquet")):
+        pq.write_table(pq.read_table(path, columns=[f.name for f in CORE_FIELDS]), tmp_path / "core" / path.name)
+    result = export.run(_argv(tmp_path / "core", tmp_path / "out"))
+    table = read_table(tmp_path / "out")
+    assert table.num_rows == result.rows == read_manifest(pairs["raw"])["rows"]
+    assert table.column("rewrites").null_count == table.num_rows
+
+
 def _break(raw: Path, out: Path, edit) -> Path:
     import shutil
     shutil.copytree(raw, out)

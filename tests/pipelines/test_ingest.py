@@ -1,4 +1,5 @@
 import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -6,6 +7,7 @@ import sys
 import time
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
@@ -173,3 +175,23 @@ def test_a_broken_url_list_stops_before_anything_is_written(tmp_path, text, mess
     with pytest.raises(ValueError, match="not both"):
         ingest.run(["--url_list", str(tmp_path / "list.csv"), "--input", str(tmp_path),
                     "--output", str(tmp_path / "r")])
+
+
+def test_a_mistyped_column_is_named_and_a_zero_key_is_a_key(tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from curation.schema import SchemaError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(buffer, format="JPEG")
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"key": [0, 1], "caption": [1, 2], "image": [buffer.getvalue()] * 2}),
+                   tmp_path / "in" / "part-00000.parquet")
+    with pytest.raises(SchemaError, match=r"int64, not text \(file .*part-00000.parquet, column .caption.\)"):
+        ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    pq.write_table(pa.table({"key": [0, 1], "caption": ["a red square", "the same"],
+                             "image": [buffer.getvalue()] * 2}), tmp_path / "in" / "part-00000.parquet")
+    result = ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2")])
+    assert read_table(result.output).column("key").to_pylist() == ["0"]  # key 0 is a key, not a missing one
+    assert result.rejects == {"duplicate": 1}
