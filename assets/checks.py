@@ -43,9 +43,12 @@ def _training_rows(output: Path) -> int:
     for path in shard_paths(output):
         parquet = pq.ParquetFile(path)
         validate_training_table(parquet.schema_arrow, file=str(path))
+        offset = 0
         for batch in parquet.iter_batches(columns=["key"]):
-            keys.add(batch.column(0).to_pylist(), str(path), rows)
-            rows += batch.num_rows
+            keys.add(batch.column(0).to_pylist(), str(path), offset)
+            offset += batch.num_rows
+        rows += offset
+    keys.check()
     return rows
 
 

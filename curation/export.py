@@ -184,8 +184,8 @@ def plan_export(input_dir: str | Path, config: ExportConfig, batch_rows: int = 1
     """Validate every input row (schema, nulls, duplicate keys, missing images) and cut the shards.
 
     Raises SchemaError (or ManifestError from the caller's checksum check)
-    before a single output byte is written. Keeps 16 bytes per row in memory.
-    """
+    before a single output byte is written. Keeps 24 bytes per row in memory: each row's shuffle hash and
+    size, and the key check's hash (curation.schema.KeyTracker)."""
     hashes, sizes = [], []
     offsets: dict[Path, int] = {}
     inputs = shard_paths(input_dir)

@@ -281,6 +281,8 @@ def iter_batches(source: str | Path | Iterable[str | Path], *, columns: list[str
                 validate(pa.Table.from_batches([batch]), file=str(path), keys=keys, row_offset=offset)
             offset += batch.num_rows
             yield path, batch
+    if keys is not None:
+        keys.check()  # duplicate keys, once every key is in: raised after the last batch
 
 
 def read_table(source: str | Path | Iterable[str | Path], columns: list[str] | None = None) -> pa.Table:

@@ -1,4 +1,5 @@
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from curation.schema import PAIR_SCHEMA, SCHEMA_VERSION_KEY, KeyTracker, SchemaError, conform, validate
@@ -50,13 +51,37 @@ def test_null_in_required_column_names_row():
     assert (err.value.column, err.value.row) == ("caption", 103)
 
 
-def test_duplicate_key_across_tables_names_both_places():
+def test_duplicate_key_across_tables_names_both_places(tmp_path):
     keys = KeyTracker.new()
-    validate(table(pair("a"), pair("b")), file="one.parquet", keys=keys)
+    for name, rows in (("one.parquet", [pair("a"), pair("b")]), ("two.parquet", [pair("c"), pair("a")])):
+        pq.write_table(table(*rows), tmp_path / name)
+        validate(pq.read_table(tmp_path / name), file=str(tmp_path / name), keys=keys)
     with pytest.raises(SchemaError) as err:
-        validate(table(pair("c"), pair("a")), file="two.parquet", keys=keys)
-    assert err.value.row == 1 and err.value.file == "two.parquet"
-    assert "one.parquet row 0" in str(err.value)
+        keys.check()  # once every key is in
+    assert err.value.row == 1 and err.value.file == str(tmp_path / "two.parquet")
+    assert "one.parquet row 0" in str(err.value) and "'a'" in str(err.value)
+    with pytest.raises(SchemaError, match="duplicate key 'x'.*this table row 0"):
+        validate(table(pair("x"), pair("x")))  # within one table: at once
+
+
+def test_a_shared_hash_is_not_a_duplicate_key(monkeypatch):
+    """64-bit hashes of different keys can be equal: the keys themselves decide."""
+    import curation.schema
+
+    class SameDigest:
+        def __init__(self, data, digest_size):
+            pass
+
+        def digest(self):
+            return bytes(8)
+
+    monkeypatch.setattr(curation.schema.hashlib, "blake2b", SameDigest)
+    keys = KeyTracker.new()
+    keys.add(["a", "b", "c"], None)
+    keys.check()  # every hash equal, no key twice
+    keys.add(["b"], None, 3)
+    with pytest.raises(SchemaError, match="duplicate key 'b'"):
+        keys.check()
 
 
 def test_incompatible_schema_version_is_refused():
