@@ -77,11 +77,12 @@ def _write(group, output: str, config: ExportConfig) -> dict:
 
 
 def _claim_plan(output: Path, plan: ExportPlan) -> None:
-    """Record the plan; refuse to add shards to a partial export that was cut from other input."""
+    """Record the plan; refuse to add shards to an export that was cut from other input rows."""
     path = output / PLAN_FILE
     wanted = plan.to_json()
     if path.is_file() and json.loads(path.read_text()) != wanted:
-        raise StageConfigMismatch(f"{output} holds a partial export of other input rows (its {PLAN_FILE} differs); "
+        what = "an export" if is_complete(output) else "a partial export"
+        raise StageConfigMismatch(f"{output} holds {what} of other input rows (its {PLAN_FILE} differs); "
                                   f"pass --overwrite to replace it")
     atomic_write_bytes(path, json.dumps(wanted).encode())
 
