@@ -6,15 +6,16 @@ grouped, and in each group the smallest key wins. The winner depends only on
 the set of keys, never on arrival order, worker count or which shards a
 resumed run still had to write, so a rerun gives identical output.
 
-Keys are the pairs' identity downstream, so they are made unique here too:
-every row emits its key, and of the rows that share one (cat.jpg and cat.png
-became "cat", a list reused a key) the first by shard and content keeps it.
-A row is told apart from another with its key by its content (image sha256
-and caption), so a verdict drops exactly the rows it is about; a row repeated
-byte for byte within one shard keeps one copy.
+Keys come first, since they are the pairs' identity downstream. Rows that
+share a key (cat.jpg and cat.png became "cat", a list reused a key) are told
+apart by their content (image sha256 and caption): the first by shard and
+content keeps the key, a later row with the same content is a duplicate
+`by=key`, and a row with other content gets the key `<key>~<8 hex of its
+content>`, its old key kept in `original_key`. So no row is lost for its key,
+and content dedup then runs over keys that are unique.
 
 A pair that loses in several groups keeps the verdict of the strongest
-criterion (sha256, then URL, then perceptual hash, then key). Near-duplicates use the
+criterion (sha256, then URL, then perceptual hash). Near-duplicates use the
 pigeonhole trick: two 64-bit hashes within `near_dup_bits` differ in at most
 that many of `near_dup_bits + 1` bands, so they share at least one band
 exactly, and only pairs that share a band are compared.
@@ -34,7 +35,7 @@ from curation.rejects import Reason, reject, rejects_table
 from curation.url_lists import normalise_url
 
 # Criterion -> priority (lower wins when a pair loses in several groups).
-CRITERIA = {"sha256": 0, "url": 1, "phash": 2, "key": 3}
+CRITERIA = {"key": -1, "sha256": 0, "url": 1, "phash": 2}
 HASH_BITS = 64
 # A fingerprint group's member: (key, shard, content, perceptual hash or None).
 Member = tuple[str, int, str, "int | None"]
@@ -89,28 +90,66 @@ def contents(pairs: pa.Table) -> list[str]:
             for sha, caption in zip(pairs.column("sha256").to_pylist(), captions)]
 
 
-def fingerprints(pairs: pa.Table, shard: int, config: DedupConfig) -> Iterator[tuple[str, Member]]:
-    """(group, (key, shard, content, phash or None)) for every pair: its key, and every enabled criterion."""
+# A row on its way to the key decision: (key, (shard, content, [(content group, phash or None), ...])).
+RowPrints = tuple[str, tuple[int, str, list[tuple[str, "int | None"]]]]
+
+
+def row_fingerprints(pairs: pa.Table, shard: int, config: DedupConfig) -> Iterator[RowPrints]:
+    """Each pair under its key, with its content and the content groups it joins (enabled criteria)."""
     keys = pairs.column("key").to_pylist()
     ids = contents(pairs)
     shas = pairs.column("sha256").to_pylist() if config.by_sha256 else [None] * len(keys)
     urls = pairs.column("url").to_pylist() if config.by_url else [None] * len(keys)
     images = pairs.column("image") if config.near_dup_bits >= 0 else None
     for i, key in enumerate(keys):
-        yield f"key:{key}", (key, shard, ids[i], None)
+        groups: list[tuple[str, int | None]] = []
         if shas[i]:
-            yield f"sha256:{shas[i]}", (key, shard, ids[i], None)
+            groups.append((f"sha256:{shas[i]}", None))
         if urls[i]:
-            yield f"url:{normalise_url(urls[i])}", (key, shard, ids[i], None)
+            groups.append((f"url:{normalise_url(urls[i])}", None))
         if images is not None:
             value = perceptual_hash(images[i].as_py())
-            for band, bits in _bands(value, config.near_dup_bits + 1):
-                yield f"phash{band}:{bits:x}", (key, shard, ids[i], value)
+            groups += [(f"phash{band}:{bits:x}", value) for band, bits in _bands(value, config.near_dup_bits + 1)]
+        yield key, (shard, ids[i], groups)
+
+
+RENAMED_COLUMN = "original_key"
+
+
+def decide_key(key: str, rows: Iterable[tuple[int, str, list]]
+               ) -> tuple[list[Loser], list[tuple[int, str, str]], list[tuple[str, Member]]]:
+    """For the rows sharing `key`: the losers (repeats of a content already seen, in a later shard), the
+    renames (shard, content, new key) of rows with other content, and every kept row's content
+    fingerprints under its final key."""
+    losers, renames, prints, seen = [], [], [], set()
+    for (shard, content), groups in sorted({(shard, content): groups for shard, content, groups in rows}.items()):
+        if content in seen:
+            losers.append(Loser(CRITERIA["key"], key, key, shard, "key", content))
+            continue
+        final = key if not seen else f"{key}~{hashlib.blake2b(content.encode(), digest_size=4).hexdigest()}"
+        if seen:
+            renames.append((shard, content, final))
+        seen.add(content)
+        prints += [(group, (final, shard, content, value)) for group, value in groups]
+    return losers, renames, prints
+
+
+def renamed(pairs: pa.Table, renames: Iterable[tuple[str, str, str]]) -> pa.Table:
+    """The pairs with the keys `decide_key` gave (key, content, new key) for this shard, old keys kept in
+    `original_key`; unchanged when there are none."""
+    new_keys = {(key, content): final for key, content, final in renames}
+    if not new_keys:
+        return pairs
+    keys = pairs.column("key").to_pylist()
+    finals = [new_keys.get((key, content), key) for key, content in zip(keys, contents(pairs))]
+    pairs = pairs.set_column(pairs.column_names.index("key"), "key", pa.array(finals, pa.string()))
+    original = pa.array([old if old != new else None for old, new in zip(keys, finals)], pa.string())
+    return pairs.append_column(RENAMED_COLUMN, original)
 
 
 def losers_in_group(group: str, members: Iterable[Member], near_dup_bits: int) -> list[Loser]:
-    """Every member but the smallest (key, shard, content) in exact groups, or every member with a close
-    neighbour of a smaller key (perceptual hash)."""
+    """Every member but the smallest key in exact groups, or every member with a close neighbour of a
+    smaller key (perceptual hash). Members are rows that kept their keys, one per key."""
     criterion = group.split(":", 1)[0]
     ordered = sorted(set(members))
     if len(ordered) < 2:
@@ -138,22 +177,24 @@ def strongest(losers: Iterable[Loser]) -> dict[tuple[str, str], Loser]:
     return verdicts
 
 
-def drop_duplicates(pairs: pa.Table, losers: dict[tuple[str, str], Loser], *, stage: str,
-                    source: str | None) -> tuple[pa.Table, pa.Table]:
+def drop_duplicates(pairs: pa.Table, losers: dict[tuple[str, str], Loser], *, stage: str, source: str | None,
+                    order_by: str) -> tuple[pa.Table, pa.Table]:
     """Pairs without the losers and without a second copy of a row, and a reject `duplicate_of=<key>` for each.
 
-    Sorted first (key, image, caption, URL), so which of two identical copies stays never depends on the
-    order the rows arrived in."""
-    pairs = pairs.sort_by([("key", "ascending"), ("sha256", "ascending"), ("caption", "ascending"),
-                           ("url", "ascending")])
+    Sorted first by key and then `order_by` (the rows' place in their input), so which of two copies of
+    one row stays never depends on the order the rows arrived in."""
+    pairs = pairs.sort_by([("key", "ascending"), (order_by, "ascending")])
+    keys = pairs.column("key").to_pylist()
+    # A reject names the row by the key it came with (a renamed row's original key).
+    given = pairs.column(RENAMED_COLUMN).to_pylist() if RENAMED_COLUMN in pairs.column_names else [None] * len(keys)
     keep, rows, seen = [], [], set()
-    for key, content in zip(pairs.column("key").to_pylist(), contents(pairs)):
+    for key, original, content in zip(keys, given, contents(pairs)):
         verdict = losers.get((key, content))
         if verdict is not None:
             reason = Reason.NEAR_DUPLICATE if verdict.criterion == "phash" else Reason.DUPLICATE
-            rows.append(reject(key, stage, reason, verdict.detail, source))
+            rows.append(reject(original or key, stage, reason, verdict.detail, source))
         elif (key, content) in seen:
-            rows.append(reject(key, stage, Reason.DUPLICATE, f"duplicate_of={key} by=key", source))
+            rows.append(reject(original or key, stage, Reason.DUPLICATE, f"duplicate_of={key} by=key", source))
         keep.append(verdict is None and (key, content) not in seen)
         seen.add((key, content))
     return pairs.filter(pa.array(keep, pa.bool_())), rejects_table(rows)

@@ -26,15 +26,17 @@ from pathlib import Path
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from curation.dedup import DedupConfig, drop_duplicates, fingerprints, losers_in_group, strongest
+from curation.dedup import (RENAMED_COLUMN, DedupConfig, decide_key, drop_duplicates, losers_in_group, renamed,
+                            row_fingerprints, strongest)
 from curation.download import (
     DownloadConfig, ListConfig, download_stats, downloads_by_list_shard, join_downloads, read_downloads,
     run_img2dataset, stage_url_list, unfinished_shards,
 )
 from curation.folders import check_img2dataset_folder, image_files, input_kind, stage_image_folder, tar_images
 from curation.ingest import (
-    ERROR, STAGE, STATUS, IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
+    ERROR, INPUT_ROW, STAGE, STATUS, IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
 )
 from curation.rejects import rejects_table
 from curation.shards import file_identity, files_fingerprint, finished_shards, read_table, shard_paths
@@ -152,13 +154,31 @@ def _normalise(item, config: IngestConfig, source: dict):
         yield index, ("rejects", rejects)
 
 
-def _fingerprints(item, dedup: DedupConfig):
+def _row_prints(item, dedup: DedupConfig):
     index, (kind, table) = item
     if kind == "pairs" and table.num_rows:
-        yield from fingerprints(table, index, dedup)
+        yield from row_fingerprints(table, index, dedup)
 
 
-def _losers(group, near_dup_bits: int):
+def _key_verdicts(group):
+    """(shard, ("loser", Loser)) and (shard, ("rename", (key, content, new key))) for one key's rows."""
+    key = group[0]
+    losers, renames, _ = decide_key(*group)
+    for loser in losers:
+        yield loser.shard, ("loser", loser)
+    for shard, content, final in renames:
+        yield shard, ("rename", (key, content, final))
+
+
+def _kept_prints(group):
+    yield from decide_key(*group)[2]
+
+
+def _tagged_loser(kv):
+    return kv[0], ("loser", kv[1])
+
+
+def _content_losers(group, near_dup_bits: int):
     name, members = group
     for loser in losers_in_group(name, members, near_dup_bits):
         yield loser.shard, loser
@@ -169,10 +189,24 @@ def _write_deduped(item, output: str) -> dict:
     pairs, rejects = [], []
     for kind, table in grouped["parts"]:
         (pairs if kind == "pairs" else rejects).append(table)
-    table = pa.concat_tables(pairs, promote_options="default")
+    verdicts = grouped["verdicts"]
+    table = renamed(pa.concat_tables(pairs, promote_options="default"),
+                    [rename for kind, rename in verdicts if kind == "rename"])
     source = table.column("source")[0].as_py() if table.num_rows else None
-    kept, duplicates = drop_duplicates(table, strongest(grouped["losers"]), stage=STAGE, source=source)
-    return write_stage_shard(output, index, kept, pa.concat_tables([*rejects, duplicates]))
+    losers = strongest(loser for kind, loser in verdicts if kind == "loser")
+    kept, duplicates = drop_duplicates(table, losers, stage=STAGE, source=source, order_by=INPUT_ROW)
+    return write_stage_shard(output, index, kept.drop_columns([INPUT_ROW]),
+                             pa.concat_tables([*rejects, duplicates]))
+
+
+def _renamed_keys(output: Path) -> int:
+    """Rows that got a new key because another row held theirs: those with `original_key` set."""
+    total = 0
+    for path in finished_shards(output):
+        table = pq.read_table(path, columns=[RENAMED_COLUMN]) if RENAMED_COLUMN in pq.read_schema(path).names \
+            else None
+        total += 0 if table is None else table.num_rows - table.column(RENAMED_COLUMN).null_count
+    return total
 
 
 def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> None:
@@ -264,7 +298,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     elapsed = time.perf_counter() - start
     rejects = read_table(finished_shards(output / REJECTS_DIR)) if finished_shards(output / REJECTS_DIR) else \
         rejects_table([])
-    stats.update(filtered=filter_counts(rejects), duplicates=duplicate_counts(rejects))
+    stats.update(filtered=filter_counts(rejects), duplicates=duplicate_counts(rejects),
+                 renamed_keys=_renamed_keys(output))
     manifest = finish_stage(plan, STAGE, recorded, seconds=round(elapsed, 3), resumed_shards=plan.done, **stats)
     if source["kind"] == "url_list" and not options.keep_download:
         shutil.rmtree(output / STAGING / "download", ignore_errors=True)
@@ -279,13 +314,21 @@ def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestC
     with pipeline_for(options, test_pipeline) as p:
         normalised = (p | ReadShardBatches(every, options.batch_rows)
                       | "Normalise" >> beam.FlatMap(_normalise, config, source))
-        losers = (normalised
-                  | "Fingerprint" >> beam.FlatMap(_fingerprints, config.dedup)
-                  | "ByFingerprint" >> beam.GroupByKey()
-                  | "Losers" >> beam.FlatMap(_losers, config.dedup.near_dup_bits)
-                  | "LosersToWrite" >> beam.Filter(lambda kv: kv[0] in todo))
+        # Keys first (made unique), then the content groups (sha256, URL, pHash) over the final keys.
+        by_key = (normalised
+                  | "Fingerprint" >> beam.FlatMap(_row_prints, config.dedup)
+                  | "ByKey" >> beam.GroupByKey())
+        key_verdicts = by_key | "KeyVerdicts" >> beam.FlatMap(_key_verdicts)
+        content_losers = (by_key
+                          | "KeptPrints" >> beam.FlatMap(_kept_prints)
+                          | "ByContent" >> beam.GroupByKey()
+                          | "ContentLosers" >> beam.FlatMap(_content_losers, config.dedup.near_dup_bits)
+                          | "Tag" >> beam.Map(_tagged_loser))
+        verdicts = ((key_verdicts, content_losers)
+                    | "AllVerdicts" >> beam.Flatten()
+                    | "VerdictsToWrite" >> beam.Filter(lambda kv: kv[0] in todo))
         parts = normalised | "PartsToWrite" >> beam.Filter(lambda kv: kv[0] in todo)
-        _ = ({"parts": parts, "losers": losers}
+        _ = ({"parts": parts, "verdicts": verdicts}
              | "ByShard" >> beam.CoGroupByKey()
              | "Write" >> beam.Map(_write_deduped, str(plan.output)))
 

@@ -5,7 +5,8 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from curation.dedup import (
-    DedupConfig, Loser, drop_duplicates, fingerprints, losers_in_group, perceptual_hash, strongest,
+    DedupConfig, Loser, decide_key, drop_duplicates, losers_in_group, perceptual_hash, renamed, row_fingerprints,
+    strongest,
 )
 from curation.records import make_pair
 
@@ -24,21 +25,36 @@ def picture(seed: int, quality: int = 90, shift: int = 0) -> bytes:
 
 def table(rows: list[tuple[str, bytes, str | None]]) -> pa.Table:
     pairs = [make_pair(key, image, "a caption", source="t", url=url) for key, image, url in rows]
-    return pa.Table.from_pylist(pairs)
+    return pa.Table.from_pylist(pairs).append_column("row", pa.array(range(len(pairs)), pa.int64()))
 
 
 def decide(tables: dict[int, pa.Table], config: DedupConfig) -> dict[str, Loser]:
     """Verdicts by key (the tests' keys are unique but where said)."""
-    return {key: loser for (key, _), loser in decide_rows(tables, config).items()}
+    return {key: loser for verdicts, _ in decide_rows(tables, config).values() for (key, _), loser in verdicts.items()}
 
 
-def decide_rows(tables: dict[int, pa.Table], config: DedupConfig) -> dict[tuple[str, str], Loser]:
-    groups: dict[str, list] = {}
+def decide_rows(tables: dict[int, pa.Table], config: DedupConfig):
+    """What the ingest job does with GroupByKeys (keys first, then content groups over the final keys), each
+    verdict routed to its shard: {shard: (losers by (key, content), renames)}."""
+    by_key: dict[str, list] = {}
     for shard, t in tables.items():
-        for name, member in fingerprints(t, shard, config):
+        for key, row in row_fingerprints(t, shard, config):
+            by_key.setdefault(key, []).append(row)
+    losers, renames, groups = [], [], {}
+    for key, rows in by_key.items():
+        key_losers, key_renames, prints = decide_key(key, rows)
+        losers += key_losers
+        renames += [(shard, (key, content, final)) for shard, content, final in key_renames]
+        for name, member in prints:
             groups.setdefault(name, []).append(member)
-    return strongest(l for name, members in groups.items()
-                     for l in losers_in_group(name, members, config.near_dup_bits))
+    losers += [l for name, members in groups.items() for l in losers_in_group(name, members, config.near_dup_bits)]
+    return {shard: (strongest(l for l in losers if l.shard == shard), [r for s, r in renames if s == shard])
+            for shard in tables}
+
+
+def drop(tables: dict[int, pa.Table], shard: int, config: DedupConfig) -> tuple[pa.Table, pa.Table]:
+    losers, renames = decide_rows(tables, config)[shard]
+    return drop_duplicates(renamed(tables[shard], renames), losers, stage="ingest", source="t", order_by="row")
 
 
 def test_smallest_key_wins_whatever_the_order():
@@ -50,24 +66,38 @@ def test_smallest_key_wins_whatever_the_order():
     assert losers_in_group("url:http://a/", [("only", 0, "c", None)], -1) == []
 
 
-def test_a_key_is_kept_by_one_row_and_every_other_is_a_counted_duplicate():
+def test_a_key_held_by_rows_of_other_content_is_made_unique_and_no_image_is_lost():
     """Duplicate keys went through: a verdict by key dropped a unique image with its twin-keyed row, and a row
     repeated byte for byte collapsed into one fingerprint member and was kept twice."""
     p, q, r = picture(1), picture(2), picture(3)
     shards = {0: table([("x", q, None), ("w", p, None)]), 1: table([("x", r, None), ("a", p, None)])}
-    verdicts = decide_rows(shards, DedupConfig())
-    kept, rejected = [], []
-    for index, shard in shards.items():
-        pairs, rejects = drop_duplicates(shard, verdicts, stage="ingest", source="t")
-        kept += [(index, key) for key in pairs.column("key").to_pylist()]
+    kept, rejected = {}, []
+    for index in shards:
+        pairs, rejects = drop(shards, index, DedupConfig())
+        kept[index] = list(zip(pairs.column("key").to_pylist(), pairs.column("original_key").to_pylist()
+                               if "original_key" in pairs.column_names else [None] * pairs.num_rows))
         rejected += rejects.column("detail").to_pylist()
-    assert kept == [(0, "x"), (1, "a")]  # x stays with its first shard's row, a keeps image p
-    assert sorted(rejected) == ["duplicate_of=a by=sha256", "duplicate_of=x by=key"]
-    # The same row twice in one shard: one copy stays, the other is a duplicate of its key.
-    twice = {0: table([("k", p, "http://a/1"), ("k", p, "http://a/1"), ("m", q, None)])}
-    kept, rejects = drop_duplicates(twice[0], decide_rows(twice, DedupConfig()), stage="ingest", source="t")
-    assert kept.column("key").to_pylist() == ["k", "m"]
+    assert kept[0] == [("x", None)] and rejected == ["duplicate_of=a by=sha256"]  # image p stays as a
+    ((renamed_key, original),) = [row for row in kept[1] if row[0] != "a"]
+    assert renamed_key.startswith("x~") and len(renamed_key) == 10 and original == "x"  # image r is kept too
+    # The reviewer's chain: k's first row loses its image to a, and k's other image still stays.
+    shards = {0: table([("k", p, None), ("a", p, None)]), 1: table([("k", q, None)])}
+    kept = {i: drop(shards, i, DedupConfig())[0].column("key").to_pylist() for i in shards}
+    assert kept[0] == ["a"] and len(kept[1]) == 1 and kept[1][0].startswith("k~")
+    assert drop(shards, 0, DedupConfig())[1].column("key").to_pylist() == ["k"]  # rejects name the given key
+    # The same row in two shards: the later is a duplicate of the key; twice in one shard: one copy stays,
+    # the first by its place in the input, whatever order the copies arrived in.
+    shards = {0: table([("k", p, None)]), 1: table([("k", p, None)])}
+    assert drop(shards, 1, DedupConfig())[1].column("detail").to_pylist() == ["duplicate_of=k by=key"]
+    twice = {0: table([("k", p, "http://a/1"), ("m", q, None), ("k", p, "http://a/1")])}
+    twice[0] = twice[0].append_column("licence", pa.array(["cc-by", None, "cc0"]))
+    kept, rejects = drop(twice, 0, DedupConfig())
+    assert kept.column("key").to_pylist() == ["k", "m"] and kept.column("licence").to_pylist()[0] == "cc-by"
     assert rejects.column("detail").to_pylist() == ["duplicate_of=k by=key"]
+    reversed_rows = twice[0].take([2, 1, 0])
+    reversed_rows = reversed_rows.set_column(reversed_rows.column_names.index("row"), "row",
+                                             pa.array([0, 1, 2], pa.int64()))  # the input in the other order
+    assert drop({0: reversed_rows}, 0, DedupConfig())[0].column("licence").to_pylist()[0] == "cc0"
 
 
 def test_sha_beats_url_and_urls_are_normalised():
@@ -78,7 +108,7 @@ def test_sha_beats_url_and_urls_are_normalised():
     assert {k: v.detail for k, v in verdicts.items()} == {
         "k1": "duplicate_of=k0 by=sha256", "k2": "duplicate_of=k0 by=url"}
     assert decide(shards, DedupConfig(by_sha256=False, by_url=False)) == {}
-    kept, rejects = drop_duplicates(shards[0], decide_rows(shards, DedupConfig()), stage="ingest", source="t")
+    kept, rejects = drop(shards, 0, DedupConfig())
     assert kept.column("key").to_pylist() == ["k0"]
     assert rejects.to_pylist()[0]["reason"] == "duplicate"
 
@@ -91,6 +121,5 @@ def test_near_duplicates_only_when_asked():
     assert decide(shard, DedupConfig()) == {}
     verdicts = decide(shard, DedupConfig(near_dup_bits=6))
     assert list(verdicts) == ["b"] and verdicts["b"].detail == "duplicate_of=a by=phash"
-    _, rejects = drop_duplicates(shard[0], decide_rows(shard, DedupConfig(near_dup_bits=6)), stage="ingest",
-                                 source="t")
+    _, rejects = drop(shard, 0, DedupConfig(near_dup_bits=6))
     assert rejects.column("reason").to_pylist() == ["near_duplicate"]
