@@ -81,6 +81,8 @@ def url_list_sensor(job) -> dg.SensorDefinition:
     def url_list_arrivals(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         inbox = inbox_dir()
         cursor = json.loads(context.cursor) if context.cursor else {}
+        if isinstance(cursor, list):  # the cursor of earlier versions: the digests alone
+            cursor = {"digests": cursor}
         seen: list[str] = cursor.get("digests", [])
         hashed: dict[str, list] = cursor.get("files", {})  # name -> [size, mtime_ns, digest]: hashed once
         known = set(seen)

@@ -124,11 +124,17 @@ def entries_balanced(asset: str, output: Path, t: float, slack: float, online: b
     output. Each entry is held to its expected kept count instead, with `slack`
     on top plus four standard deviations and one pair.
     """
+    from pipelines.balance import MATCHES_DIR
+
+    matched, made = len(finished_shards(output / MATCHES_DIR)), len(shard_paths(output))
+    if matched != made:  # each output shard's pool rows have their matches file beside it
+        return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=False, metadata={
+            "error": f"balance left matches for {matched} of its {made} shards: nothing to judge the kept counts by"})
     try:
         mean, var = expected_kept_per_entry(output, t, online)
     except FileNotFoundError as exc:
         return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=False,
-                                   metadata={"error": f"balance left no counts or matches to check: {exc}"})
+                                   metadata={"error": f"balance left no entry counts to check: {exc}"})
     from pipelines.balance import COUNTS_FILE
 
     names = pq.read_table(output / COUNTS_FILE, columns=["entry"]).column("entry").to_pylist()

@@ -82,11 +82,14 @@ class IngestConfig:
         if missing:
             raise ValueError(f"{file}: missing column(s) {missing}; found {names}. "
                              f"Name them with --caption_column / --image_column.")
-        text, data = (pa.types.is_string, pa.types.is_large_string), (pa.types.is_binary, pa.types.is_large_binary)
+        text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+        data = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)
         for column, allowed, what in ((self.caption_column, text + data, "text"), (self.url_column, text, "text"),
                                       (self.image_column, data, "bytes")):
             if column in names:
                 kind = schema.field(column).type
+                if pa.types.is_dictionary(kind):  # pandas' categorical columns
+                    kind = kind.value_type
                 if not pa.types.is_null(kind) and not any(check(kind) for check in allowed):
                     raise SchemaError(f"column holds {kind}, not {what}", file=file, column=column)
 

@@ -24,9 +24,7 @@ from dataclasses import dataclass
 
 from curation.languages import is_function_word, main_language, words_of
 
-_CAPITALISED = re.compile(r"^[A-Z][a-z]+(?:[-'][A-Za-z]+)*$")
-_ACRONYM = re.compile(r"^[A-Z]{2,}$")
-_MIXED_CASE = re.compile(r"^[A-Za-z]*[a-z][A-Z][A-Za-z]*$")
+_JOINERS = re.compile(r"[-'’]")  # inside one name: Coca-Cola, O'Brien
 _YEAR = re.compile(r"^(1[89]\d\d|20\d\d)$")
 _POSSESSIVE = re.compile(r"['’]s$")
 _SENTENCE_END = (".", "!", "?", ":", "|", "-", "–", "—", "•")
@@ -55,6 +53,27 @@ class Names:
         return lost
 
 
+def _parts(word: str) -> list[str]:
+    return _JOINERS.split(word)
+
+
+def _is_word(word: str) -> bool:
+    """Letters only (any script), hyphens and apostrophes inside: Zürich, Coca-Cola, O'Brien; not IMG_0042."""
+    return all(part.isalpha() for part in _parts(word))
+
+
+def _capitalised(word: str) -> bool:
+    """Each part a capital then small letters (São, Coca-Cola, O'Brien), so not an acronym or mixed case."""
+    return all(part[0].isupper() and (len(part) == 1 or part[1:].islower()) for part in _parts(word))
+
+
+def _by_shape(word: str) -> bool:
+    """An acronym (BMW, NASA) or mixed case (iPhone, McDonald, YouTube): a name whatever its place."""
+    letters = word.replace("-", "")
+    acronym = len(letters) >= 2 and letters.isupper()
+    return acronym or any(a.islower() and b.isupper() for a, b in zip(word, word[1:]))
+
+
 def names_in(alt_text: str, seen: str = "") -> Names:
     """The names in `alt_text`, each once, in order; `seen` is the VeC (see the module docstring)."""
     language = main_language(alt_text) or "en"
@@ -66,7 +85,7 @@ def names_in(alt_text: str, seen: str = "") -> Names:
         word = _POSSESSIVE.sub("", token.strip(_PUNCTUATION))
         if _YEAR.match(word):
             found.setdefault(word, True)
-        if not word.isalpha():
+        if not _is_word(word):
             continue  # file names (IMG_0042.jpg), numbers, symbols
         function = is_function_word(word.casefold(), language)
         content_words += not function
@@ -74,9 +93,9 @@ def names_in(alt_text: str, seen: str = "") -> Names:
         starts_sentence = i == 0 or tokens[i - 1].endswith(_SENTENCE_END) or tokens[i - 1] in _SENTENCE_END
         if all_caps or function:
             continue
-        if _ACRONYM.match(word) or _MIXED_CASE.match(word):
+        if _by_shape(word):
             found.setdefault(word, True)
-        elif not starts_sentence and _CAPITALISED.match(word):
+        elif not starts_sentence and _capitalised(word):
             found.setdefault(word, False)
     shaped = tuple(w for w, by_shape in found.items() if by_shape)
     if language == "de":

@@ -92,10 +92,12 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
         before, now = previous.get("input_shards"), wanted["input_shards"]
+        if before and all(len(shard) == 2 for shard in before) and [s[:2] for s in now[:len(before)]] == before:
+            before = now[:len(before)]  # recorded as [name, size] by earlier versions, and those still match
         # Recorded before input identities were, or an input that has since grown by new shards (its
         # earlier ones unchanged): compared without them, and the grown input recorded.
         grown = shardwise and before is not None and len(now) > len(before) and now[:len(before)] == before
-        if before is None or grown:
+        if before is None or grown or before == now:
             previous = {**previous, "input_shards": now}
         if previous != wanted:
             raise config_mismatch(output, previous, wanted)

@@ -248,7 +248,9 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
     if kind == "images":
         config = config_from(options, image_column="image")
         captions = str(Path(options.captions_file).resolve()) if options.captions_file else None
-        files = image_files(Path(options.input), staging / "list") + ([Path(captions)] if captions else [])
+        images = image_files(Path(options.input), staging / "list")
+        sidecars = [p.with_suffix(".txt") for p in images if p.with_suffix(".txt").is_file()]
+        files = images + sidecars + ([Path(captions)] if captions else [])
         recorded = {**asdict(config), "image_folder": str(Path(options.input).resolve()), "captions_file": captions,
                     "source_files": files_fingerprint(files)}
         _refuse_other_run(output, recorded, options.overwrite)

@@ -1,6 +1,7 @@
 """The URL-list sensor starts exactly one build per new file; the weekly schedule makes its own partition."""
 
 import datetime as dt
+import json
 import os
 import time
 
@@ -53,6 +54,9 @@ def test_a_dropped_url_list_starts_exactly_one_build(instance, tmp_path, monkeyp
     _settled(inbox)
     (second,) = _tick(instance, first.cursor).run_requests
     assert second.run_key != request.run_key
+    # A cursor stored by an earlier version (the digests alone) still works.
+    old_cursor = json.dumps(json.loads(first.cursor)["digests"])
+    assert [r.run_key for r in _tick(instance, old_cursor).run_requests] == [second.run_key]
 
 
 def test_weekly_schedule_makes_its_build_partition(instance, monkeypatch):

@@ -11,6 +11,8 @@ from curation.names import Names, names_in
     ("IMG_0042.jpg", Names()),  # a file name is no name
     ("my new iPhone beside a BMW at McDonald's, 2019", Names(("iPhone", "BMW", "McDonald", "2019"))),
     ("BIG SALE ON NIKE SHOES 2021", Names(("2021",))),  # all capitals: only the year says anything
+    ("A cold bottle of Coca-Cola with Conan O'Brien", Names(("Coca-Cola", "Conan", "O'Brien"))),
+    ("The old town of Zürich and a street in São Paulo", Names(("Zürich", "São", "Paulo"))),
     ("Ein Hund spielt im Garten von Anna, 2020", Names(("2020",))),  # German nouns all have capitals
     ("Sunset over the Golden Gate Bridge, San Francisco 2019",
      Names(("2019",), ("Golden", "Gate", "Bridge", "San", "Francisco"))),  # every content word capitalised

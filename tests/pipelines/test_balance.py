@@ -209,3 +209,16 @@ def test_an_input_rebuilt_to_the_same_sizes_is_not_taken_for_the_old_one(raw_pai
     assert shard.stat().st_size == len(data) and shard.read_bytes() != data
     with pytest.raises(StageConfigMismatch, match="input_shards"):
         balance.run(argv)
+
+
+def test_an_output_recorded_by_an_earlier_version_still_resumes(raw_pairs, demo_dir, tmp_path):
+    """Earlier versions recorded each input shard as [name, size]: such an output must not be refused."""
+    import json
+
+    argv = ["--input", str(raw_pairs), "--output", str(tmp_path / "out"), "--metadata",
+            str(demo_dir / "metadata.json"), "--t", "5"]
+    first = balance.run(argv)
+    recorded = json.loads((tmp_path / "out" / "_stage_config.json").read_text())
+    recorded["input_shards"] = [shard[:2] for shard in recorded["input_shards"]]
+    (tmp_path / "out" / "_stage_config.json").write_text(json.dumps(recorded))
+    assert balance.run(argv).manifest == first.manifest

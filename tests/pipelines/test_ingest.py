@@ -195,3 +195,8 @@ def test_a_mistyped_column_is_named_and_a_zero_key_is_a_key(tmp_path):
     result = ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2")])
     assert read_table(result.output).column("key").to_pylist() == ["0"]  # key 0 is a key, not a missing one
     assert result.rejects == {"duplicate": 1}
+    # pandas writes a categorical column dictionary-encoded: still text.
+    captions = pa.array(["a red square", "the same"]).dictionary_encode()
+    pq.write_table(pa.table({"key": ["a", "b"], "caption": captions, "image": [buffer.getvalue()] * 2}),
+                   tmp_path / "in" / "part-00000.parquet")
+    assert ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out3")]).rows == 1
