@@ -224,7 +224,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     stats.update(seconds=round(elapsed, 3), rows_per_second=round(stats["rows_in"] / elapsed, 1) if elapsed else 0.0,
                  resumed_shards=plan.done)
     manifest = finish_stage(plan, STAGE, asdict(config), **stats)
-    return StageResult(manifest, plan.output, plan.up_to_date)
+    return StageResult(manifest, plan.output, plan.kept)
 
 
 def summarise(output: Path, config: BalanceConfig, entries: list[str]) -> dict:

@@ -283,7 +283,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         fusion_prompt_version=config.fusion_prompt_version if config.fuse else None,
         images_per_second=round(images / elapsed, 2) if plan.todo and elapsed > 0 else None,
         warnings=[RANDOM_MODEL_WARNING] if random_model else None, **summarise(counters))
-    return StageResult(manifest, plan.output, plan.up_to_date)
+    return StageResult(manifest, plan.output, plan.kept)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,7 @@ class StagePlan:
     done: int
     up_to_date: bool = False
     input_manifest: dict | None = field(default=None, repr=False)
+    kept: bool = False  # set by finish_stage: the manifest of the run that made the output was kept
 
 
 def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False,
@@ -235,6 +236,7 @@ def finish_stage(plan: StagePlan, stage: str, config: dict, warnings: list[str] 
     """Write the manifest over every finished shard, with rejects counted by reason, the lineage carried on and
     any `warnings` for its readers (or keep the one an up-to-date output has, see kept_manifest)."""
     if (kept := kept_manifest(plan)) is not None:
+        plan.kept = True
         return kept
     shards = [info_for(p) for p in finished_shards(plan.output)]
     reject_paths = finished_shards(plan.output / REJECTS_DIR)

@@ -119,7 +119,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         verify_manifest(options.input)  # checksums, before anything is written
     plan = plan_export(options.input, config, options.batch_rows)  # schema, nulls, keys, images
     planned = time.perf_counter()
-    stage = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite)
+    stage = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite,
+                        shardwise=False)  # the shards are cut from every input row
     output = stage.output
     _claim_plan(output, plan)
     remove_stale_temps(output / WEBDATASET_DIR)

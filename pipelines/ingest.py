@@ -43,7 +43,7 @@ from curation.shards import file_identity, files_fingerprint, finished_shards, r
 from curation.url_lists import is_url_list, list_files
 from pipelines.common import (
     REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, begin_stage, config_mismatch,
-    finish_stage, write_stage_shard,
+    finish_stage, kept_manifest, write_stage_shard,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -290,6 +290,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     staged = source["kind"] in ("url_list", "images")  # their output was already wiped before staging
     plan = begin_stage(input_dir, output, STAGE, recorded, options.overwrite and not staged,
                        shardwise=False)  # dedup (keys at least) decides over every shard
+    if (kept := kept_manifest(plan)) is not None:  # nothing to do: the rejects are not even read again
+        return StageResult(kept, plan.output, up_to_date=True)
     start = time.perf_counter()
     stats: dict = {}
     if plan.todo:
@@ -305,7 +307,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     manifest = finish_stage(plan, STAGE, recorded, seconds=round(elapsed, 3), resumed_shards=plan.done, **stats)
     if source["kind"] == "url_list" and not options.keep_download:
         shutil.rmtree(output / STAGING / "download", ignore_errors=True)
-    return StageResult(manifest, plan.output, plan.up_to_date)
+    return StageResult(manifest, plan.output, plan.kept)
 
 
 def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestConfig, source: dict,

@@ -227,7 +227,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     stats = totals | {"seconds": round(elapsed, 3), "resumed_shards": plan.done, "shards_processed": len(plan.todo)}
     if elapsed > 0 and plan.todo:
         stats["captions_per_s_this_run"] = round(sum(_rows(p) for _, p in plan.todo) / elapsed, 3)
-    return StageResult(finish_stage(plan, STAGE, recorded, **stats), plan.output, plan.up_to_date)
+    return StageResult(finish_stage(plan, STAGE, recorded, **stats), plan.output, plan.kept)
 
 
 def _rows(path: str) -> int:
