@@ -121,15 +121,15 @@ def decide_key(key: str, rows: Iterable[tuple[int, str, list]]
     """For the rows sharing `key`: the losers (repeats of a content already seen, in a later shard), the
     renames (shard, content, new key) of rows with other content, and every kept row's content
     fingerprints under its final key."""
-    losers, renames, prints, seen = [], [], [], set()
+    losers, renames, prints, finals = [], [], [], {}  # finals: content -> the key its first row kept
     for (shard, content), groups in sorted({(shard, content): groups for shard, content, groups in rows}.items()):
-        if content in seen:
-            losers.append(Loser(CRITERIA["key"], key, key, shard, "key", content))
+        if content in finals:
+            losers.append(Loser(CRITERIA["key"], finals[content], key, shard, "key", content))
             continue
-        final = key if not seen else f"{key}~{hashlib.blake2b(content.encode(), digest_size=4).hexdigest()}"
-        if seen:
+        final = key if not finals else f"{key}~{hashlib.blake2b(content.encode(), digest_size=4).hexdigest()}"
+        if finals:
             renames.append((shard, content, final))
-        seen.add(content)
+        finals[content] = final
         prints += [(group, (final, shard, content, value)) for group, value in groups]
     return losers, renames, prints
 
@@ -143,7 +143,12 @@ def renamed(pairs: pa.Table, renames: Iterable[tuple[str, str, str]]) -> pa.Tabl
     keys = pairs.column("key").to_pylist()
     finals = [new_keys.get((key, content), key) for key, content in zip(keys, contents(pairs))]
     pairs = pairs.set_column(pairs.column_names.index("key"), "key", pa.array(finals, pa.string()))
-    original = pa.array([old if old != new else None for old, new in zip(keys, finals)], pa.string())
+    # An input that was renamed before (an ingest output ingested again) keeps its first original keys.
+    earlier = pairs.column(RENAMED_COLUMN).to_pylist() if RENAMED_COLUMN in pairs.column_names else [None] * len(keys)
+    original = pa.array([before or (old if old != new else None)
+                         for before, old, new in zip(earlier, keys, finals)], pa.string())
+    if RENAMED_COLUMN in pairs.column_names:
+        return pairs.set_column(pairs.column_names.index(RENAMED_COLUMN), RENAMED_COLUMN, original)
     return pairs.append_column(RENAMED_COLUMN, original)
 
 
@@ -178,12 +183,13 @@ def strongest(losers: Iterable[Loser]) -> dict[tuple[str, str], Loser]:
 
 
 def drop_duplicates(pairs: pa.Table, losers: dict[tuple[str, str], Loser], *, stage: str, source: str | None,
-                    order_by: str) -> tuple[pa.Table, pa.Table]:
+                    order_by: str | None = None) -> tuple[pa.Table, pa.Table]:
     """Pairs without the losers and without a second copy of a row, and a reject `duplicate_of=<key>` for each.
 
-    Sorted first by key and then `order_by` (the rows' place in their input), so which of two copies of
-    one row stays never depends on the order the rows arrived in."""
-    pairs = pairs.sort_by([("key", "ascending"), (order_by, "ascending")])
+    Sorted first by key and then `order_by` (the rows' place in their input, if the table has one), so
+    which of two copies of one row stays never depends on the order the rows arrived in."""
+    by = [("key", "ascending")] + ([(order_by, "ascending")] if order_by in pairs.column_names else [])
+    pairs = pairs.sort_by(by)
     keys = pairs.column("key").to_pylist()
     # A reject names the row by the key it came with (a renamed row's original key).
     given = pairs.column(RENAMED_COLUMN).to_pylist() if RENAMED_COLUMN in pairs.column_names else [None] * len(keys)

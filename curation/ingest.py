@@ -24,8 +24,8 @@ STAGE = "ingest"
 # Columns that steer normalisation and are never carried into the pairs.
 SCREEN_REASON, SCREEN_DETAIL = "_reject_reason", "_reject_detail"  # verdict of URL screening, before download
 ORIGIN_FILE, ORIGIN_LINE = "_origin_file", "_origin_line"  # where the row came from, for rejects
-# Each pair's row (or list line) in its input shard: what orders two copies of one row, whatever order
-# the batches arrived in. The ingest job drops it before writing.
+# Each pair's row in its input shard: what orders two copies of one row, whatever order the batches
+# arrived in. The ingest job drops it before writing.
 INPUT_ROW = "_input_row"
 STATUS, ERROR = "status", "error_message"  # img2dataset's verdict on the download
 CONTROL_COLUMNS = frozenset({SCREEN_REASON, SCREEN_DETAIL, ORIGIN_FILE, ORIGIN_LINE, STATUS, ERROR, "_row", "txt"})
@@ -131,7 +131,7 @@ def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str,
             rejected.append(reject(key, STAGE, Reason.FILTERED, f"{failed[0]}: {failed[1]}", where, row_number))
             continue
         pair.update({f.name: row[f.name] for f in extras})
-        pair[INPUT_ROW] = row_number
+        pair[INPUT_ROW] = row_offset + i  # unique in the shard: a list line is per list file
         pairs.append(pair)
     schema = pa.schema([*CORE_FIELDS, *extras, pa.field(INPUT_ROW, pa.int64())])
     return conform(pa.Table.from_pylist(pairs, schema=schema)), rejects_table(rejected)

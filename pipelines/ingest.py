@@ -291,6 +291,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     plan = begin_stage(input_dir, output, STAGE, recorded, options.overwrite and not staged,
                        shardwise=False)  # dedup (keys at least) decides over every shard
     if (kept := kept_manifest(plan)) is not None:  # nothing to do: the rejects are not even read again
+        _drop_download(source, output, options.keep_download)
         return StageResult(kept, plan.output, up_to_date=True)
     start = time.perf_counter()
     stats: dict = {}
@@ -305,9 +306,14 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     stats.update(filtered=filter_counts(rejects), duplicates=duplicate_counts(rejects),
                  renamed_keys=_renamed_keys(output))
     manifest = finish_stage(plan, STAGE, recorded, seconds=round(elapsed, 3), resumed_shards=plan.done, **stats)
-    if source["kind"] == "url_list" and not options.keep_download:
-        shutil.rmtree(output / STAGING / "download", ignore_errors=True)
+    _drop_download(source, output, options.keep_download)
     return StageResult(manifest, plan.output, plan.kept)
+
+
+def _drop_download(source: dict, output: Path, keep: bool) -> None:
+    """img2dataset's download is staging: once the shards are made it goes, unless --keep_download."""
+    if source["kind"] == "url_list" and not keep:
+        shutil.rmtree(output / STAGING / "download", ignore_errors=True)
 
 
 def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestConfig, source: dict,

@@ -5,8 +5,8 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from curation.dedup import (
-    DedupConfig, Loser, decide_key, drop_duplicates, losers_in_group, perceptual_hash, renamed, row_fingerprints,
-    strongest,
+    DedupConfig, Loser, contents, decide_key, drop_duplicates, losers_in_group, perceptual_hash, renamed,
+    row_fingerprints, strongest,
 )
 from curation.records import make_pair
 
@@ -85,6 +85,15 @@ def test_a_key_held_by_rows_of_other_content_is_made_unique_and_no_image_is_lost
     kept = {i: drop(shards, i, DedupConfig())[0].column("key").to_pylist() for i in shards}
     assert kept[0] == ["a"] and len(kept[1]) == 1 and kept[1][0].startswith("k~")
     assert drop(shards, 0, DedupConfig())[1].column("key").to_pylist() == ["k"]  # rejects name the given key
+    # A repeat of renamed content names the key that content kept; an input renamed before keeps its origin.
+    losers, renames, _ = decide_key("cat", [(0, "A", []), (0, "B", []), (1, "B", [])])
+    ((_, _, final),) = renames
+    assert [(l.shard, l.detail) for l in losers] == [(1, f"duplicate_of={final} by=key")]
+    first = table([("k", p, None), ("k", q, None)])
+    once = renamed(first, [("k", contents(first)[1], "k~1")])
+    twice = renamed(once.set_column(0, "key", pa.array(["k~1", "k~1"])), [("k~1", contents(once)[0], "k~1~2")])
+    assert twice.column_names.count("original_key") == 1
+    assert twice.column("original_key").to_pylist() == ["k~1", "k"]
     # The same row in two shards: the later is a duplicate of the key; twice in one shard: one copy stays,
     # the first by its place in the input, whatever order the copies arrived in.
     shards = {0: table([("k", p, None)]), 1: table([("k", p, None)])}
