@@ -52,7 +52,6 @@ class DedupConfig:
             raise ValueError(f"near_dup_bits must be in [-1, 31], got {self.near_dup_bits}")
 
 
-
 @dataclass(frozen=True, order=True)
 class Loser:
     """A pair that is a duplicate: which row (key and content) in which shard, and why."""

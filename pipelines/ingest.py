@@ -160,28 +160,26 @@ def _row_prints(item, dedup: DedupConfig):
         yield from row_fingerprints(table, index, dedup)
 
 
-def _key_verdicts(group):
-    """(shard, ("loser", Loser)) and (shard, ("rename", (key, content, new key))) for one key's rows."""
+KEPT_PRINTS = "kept_prints"
+
+
+def _decide_key(group):
+    """One key's rows decided once: (shard, ("loser", Loser)) and (shard, ("rename", (key, content, new
+    key))) by shard, and on the KEPT_PRINTS output the content fingerprints of the rows that keep a key."""
     key = group[0]
-    losers, renames, _ = decide_key(*group)
+    losers, renames, prints = decide_key(*group)
     for loser in losers:
         yield loser.shard, ("loser", loser)
     for shard, content, final in renames:
         yield shard, ("rename", (key, content, final))
-
-
-def _kept_prints(group):
-    yield from decide_key(*group)[2]
-
-
-def _tagged_loser(kv):
-    return kv[0], ("loser", kv[1])
+    for kept in prints:
+        yield beam.pvalue.TaggedOutput(KEPT_PRINTS, kept)
 
 
 def _content_losers(group, near_dup_bits: int):
     name, members = group
     for loser in losers_in_group(name, members, near_dup_bits):
-        yield loser.shard, loser
+        yield loser.shard, ("loser", loser)
 
 
 def _write_deduped(item, output: str) -> dict:
@@ -328,13 +326,11 @@ def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestC
         by_key = (normalised
                   | "Fingerprint" >> beam.FlatMap(_row_prints, config.dedup)
                   | "ByKey" >> beam.GroupByKey())
-        key_verdicts = by_key | "KeyVerdicts" >> beam.FlatMap(_key_verdicts)
-        content_losers = (by_key
-                          | "KeptPrints" >> beam.FlatMap(_kept_prints)
+        decided = by_key | "DecideKeys" >> beam.FlatMap(_decide_key).with_outputs(KEPT_PRINTS, main="verdicts")
+        content_losers = (decided[KEPT_PRINTS]
                           | "ByContent" >> beam.GroupByKey()
-                          | "ContentLosers" >> beam.FlatMap(_content_losers, config.dedup.near_dup_bits)
-                          | "Tag" >> beam.Map(_tagged_loser))
-        verdicts = ((key_verdicts, content_losers)
+                          | "ContentLosers" >> beam.FlatMap(_content_losers, config.dedup.near_dup_bits))
+        verdicts = ((decided.verdicts, content_losers)
                     | "AllVerdicts" >> beam.Flatten()
                     | "VerdictsToWrite" >> beam.Filter(lambda kv: kv[0] in todo))
         parts = normalised | "PartsToWrite" >> beam.Filter(lambda kv: kv[0] in todo)
