@@ -219,17 +219,21 @@ def _write_group(group: tuple[int, Iterable[tuple[str, pa.Table | pa.RecordBatch
     return write_stage_shard(output, index, pair_table, reject_table, schema)
 
 
+def manifest_listing(output: Path, names: list[str]) -> dict | None:
+    """The output's manifest if it is readable and lists exactly the shards `names`; else None (to write)."""
+    try:
+        manifest = read_manifest(output)
+    except ManifestError:
+        return None
+    return manifest if [s.get("name") for s in manifest.get("shards", [])] == names else None
+
+
 def kept_manifest(plan: StagePlan) -> dict | None:
     """The manifest of the run that made an up-to-date output, if it still lists exactly its shards: a run
     with nothing to do keeps it, so its timings, counts and creation time still say how the shards were made."""
     if not plan.up_to_date:
         return None
-    try:
-        manifest = read_manifest(plan.output)
-    except ManifestError:
-        return None  # unreadable: written again
-    listed = [s.get("name") for s in manifest.get("shards", [])]
-    return manifest if listed == [p.name for p in finished_shards(plan.output)] else None
+    return manifest_listing(plan.output, [p.name for p in finished_shards(plan.output)])
 
 
 def finish_stage(plan: StagePlan, stage: str, config: dict, warnings: list[str] | None = None, **stats) -> dict:

@@ -29,10 +29,12 @@ from curation.export import (
 )
 from curation.schema import SCHEMA_VERSION
 from curation.shards import (
-    ShardInfo, atomic_write_bytes, file_sha256, info_for, is_complete, read_manifest, remove_stale_temps, shard_paths,
+    ShardInfo, atomic_write_bytes, file_sha256, info_for, is_complete, remove_stale_temps, shard_paths,
     verify_manifest, write_manifest,
 )
-from pipelines.common import STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, begin_stage
+from pipelines.common import (
+    STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, begin_stage, manifest_listing,
+)
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 MB = 1024 * 1024
@@ -125,10 +127,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     _claim_plan(output, plan)
     remove_stale_temps(output / WEBDATASET_DIR)
     todo = [i for i in range(plan.shards) if not shard_done(output, i, config)]
-    if not todo and is_complete(output):
-        kept = read_manifest(output)  # up to date: the run that wrote the shards keeps its card and figures
-        if [s["name"] for s in kept["shards"]] == [parquet_name(i) for i in range(plan.shards)]:
-            return StageResult(kept, output, up_to_date=True)
+    # Up to date: the run that wrote the shards keeps its manifest, data card and figures.
+    if not todo and (kept := manifest_listing(output, [parquet_name(i) for i in range(plan.shards)])) is not None:
+        return StageResult(kept, output, up_to_date=True)
     if todo:
         inputs = [(i, str(p)) for i, p in enumerate(shard_paths(options.input))]
         boundaries = np.array(plan.boundaries, dtype=np.uint64)
