@@ -144,7 +144,10 @@ def _record_upstream(build_dir: Path, stage: Stage, input_manifest: Optional[dic
 def _manifest_stamp(output: Path) -> Optional[tuple[int, int]]:
     """The manifest's modification time and size, None without one: unchanged across a run, it was kept."""
     manifest = output / "manifest.json"
-    return (manifest.stat().st_mtime_ns, manifest.stat().st_size) if manifest.is_file() else None
+    if not manifest.is_file():
+        return None
+    info = manifest.stat()
+    return info.st_mtime_ns, info.st_size
 
 
 def _overwrite_once(build_dir: Path, stage: Stage, context: dg.AssetExecutionContext) -> bool:
@@ -201,15 +204,19 @@ def _flag(name: str, value) -> list[str]:
     return [] if value in (None, "") else [f"--{name}={value}"]
 
 
+def _llm_flags(llm, prefix: str, options_flag: str) -> list[str]:
+    """The llm resource's engine, model and backend settings as one stage's `<prefix>_*` flags."""
+    options = llm.engine_options()
+    return [f"--{prefix}_engine={llm.engine}", *_flag(f"{prefix}_model", llm.model),
+            *_flag(f"{prefix}_gguf_file", llm.gguf_file), *_flag(f"{prefix}_dtype", llm.dtype),
+            *([f"--{options_flag}={json.dumps(options)}"] if options else [])]
+
+
 def _rewrite_engine_flags(resources) -> list[str]:
     """The llm resource as rewrite flags; an empty field leaves the stage's (or its demo's) value."""
     llm = resources.llm
-    flags = [f"--rewrite_engine={llm.engine}", *_flag("rewrite_model", llm.model),
-             *_flag("rewrite_gguf_file", llm.gguf_file), *_flag("rewrite_dtype", llm.dtype),
-             *_flag("rewrite_temperature", llm.temperature), *_flag("rewrite_top_p", llm.top_p),
-             *_flag("rewrite_max_new_tokens", llm.max_new_tokens)]
-    options = llm.engine_options()
-    return flags + ([f"--rewrite_engine_options={json.dumps(options)}"] if options else [])
+    return [*_llm_flags(llm, "rewrite", "rewrite_engine_options"), *_flag("rewrite_temperature", llm.temperature),
+            *_flag("rewrite_top_p", llm.top_p), *_flag("rewrite_max_new_tokens", llm.max_new_tokens)]
 
 
 def _caption_engine_flags(resources) -> list[str]:
@@ -221,10 +228,7 @@ def _caption_engine_flags(resources) -> list[str]:
     # Only a served engine takes an endpoint: the transformers and vLLM captioners refuse a base_url.
     if captioner.engine == "openai" and captioner.base_url:
         flags.append(f"--captioner_options={json.dumps({'base_url': captioner.base_url})}")
-    flags += [f"--fusion_engine={llm.engine}", *_flag("fusion_model", llm.model),
-              *_flag("fusion_gguf_file", llm.gguf_file), *_flag("fusion_dtype", llm.dtype)]
-    options = llm.engine_options()
-    return flags + ([f"--fusion_options={json.dumps(options)}"] if options else [])
+    return flags + _llm_flags(llm, "fusion", "fusion_options")
 
 
 # Stage name -> how its engine resource becomes the stage's flags.
