@@ -92,16 +92,17 @@ def kept_per_entry(output: Path) -> collections.Counter:
     return counts
 
 
-def expected_kept_per_entry(output: Path, t: float, online: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per entry, the mean and variance of how many pairs balancing keeps, from the pool's matches.
+def expected_kept_per_entry(output: Path, counts: np.ndarray, t: float,
+                            online: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per entry, the mean and variance of how many pairs balancing keeps, from the pool's matches and the
+    entries' pool `counts`.
 
     A pair matching entries E is kept with probability q = 1 - prod(1 - min(1, t/count_e)) (every
     matched pair, q = 1, under online curation), and it counts for each entry in E once.
     """
     from curation.balancing import entry_probabilities, keep_probabilities
-    from pipelines.balance import COUNTS_FILE, MATCHES_COLUMN, MATCHES_DIR
+    from pipelines.balance import MATCHES_COLUMN, MATCHES_DIR
 
-    counts = pq.read_table(output / COUNTS_FILE, columns=["count"]).column("count").to_numpy()
     p = entry_probabilities(counts, t)
     mean, var = np.zeros(len(counts)), np.zeros(len(counts))
     for path in finished_shards(output / MATCHES_DIR):
@@ -124,20 +125,19 @@ def entries_balanced(asset: str, output: Path, t: float, slack: float, online: b
     output. Each entry is held to its expected kept count instead, with `slack`
     on top plus four standard deviations and one pair.
     """
-    from pipelines.balance import MATCHES_DIR
+    from pipelines.balance import COUNTS_FILE, MATCHES_DIR
 
     matched, made = len(finished_shards(output / MATCHES_DIR)), len(shard_paths(output))
     if matched != made:  # each output shard's pool rows have their matches file beside it
         return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=False, metadata={
             "error": f"balance left matches for {matched} of its {made} shards: nothing to judge the kept counts by"})
     try:
-        mean, var = expected_kept_per_entry(output, t, online)
+        entries = pq.read_table(output / COUNTS_FILE, columns=["entry", "count"])
     except FileNotFoundError as exc:
         return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=False,
                                    metadata={"error": f"balance left no entry counts to check: {exc}"})
-    from pipelines.balance import COUNTS_FILE
-
-    names = pq.read_table(output / COUNTS_FILE, columns=["entry"]).column("entry").to_pylist()
+    mean, var = expected_kept_per_entry(output, entries.column("count").to_numpy(), t, online)
+    names = entries.column("entry").to_pylist()
     kept = kept_per_entry(output)
     limit = mean * (1 + slack) + 4 * np.sqrt(var) + 1
 

@@ -111,20 +111,25 @@ class KeyTracker:
             raise SchemaError(f"duplicate key {self._key(later, starts, read)!r}, first seen in "
                               f"{first_file or 'this table'} row {first_row}", file=file, column="key", row=row)
 
-    def _where(self, index: int, starts: np.ndarray) -> tuple[str | None, int]:
-        """(file, row in that file) of the index-th key added."""
-        add = int(np.searchsorted(starts, index, side="right")) - 1
-        file, _, offset = self.places[add]
-        return file, offset + index - int(starts[add])
-
-    def _key(self, index: int, starts: np.ndarray, read: dict[str, list[str]]) -> str:
+    def _place(self, index: int, starts: np.ndarray) -> tuple[str | None, list[str] | None, int, int]:
+        """(file, keys if held, position in that add, row in the file) of the index-th key added."""
         add = int(np.searchsorted(starts, index, side="right")) - 1
         file, keys, offset = self.places[add]
+        position = index - int(starts[add])
+        return file, keys, position, offset + position
+
+    def _where(self, index: int, starts: np.ndarray) -> tuple[str | None, int]:
+        """(file, row in that file) of the index-th key added."""
+        file, _, _, row = self._place(index, starts)
+        return file, row
+
+    def _key(self, index: int, starts: np.ndarray, read: dict[str, list[str]]) -> str:
+        file, keys, position, row = self._place(index, starts)
         if keys is not None:
-            return keys[index - int(starts[add])]
+            return keys[position]
         if file not in read:
             read[file] = pq.read_table(file, columns=["key"]).column("key").to_pylist()
-        return read[file][offset + index - int(starts[add])]
+        return read[file][row]
 
 
 def conform(table: pa.Table) -> pa.Table:

@@ -61,7 +61,10 @@ def files_fingerprint(paths: Iterable[str | Path]) -> dict:
     """What a source of files is, cheaply: how many, and a sha256 over each one's resolved path, size and
     modification time. Recorded in a stage's config, so a list or folder that changed since a run is not
     resumed into (its finished shards were made from the old files)."""
-    listing = [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+    listing = []
+    for path in paths:
+        info = os.stat(path)
+        listing.append([str(Path(path).resolve()), info.st_size, info.st_mtime_ns])
     return {"files": len(listing), "sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
 
 
