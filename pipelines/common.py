@@ -61,7 +61,7 @@ class StagePlan:
 
 
 def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False,
-                shardwise: bool = True) -> StagePlan:
+                shardwise: bool = True, verified: dict | None = None) -> StagePlan:
     """Check the output against this run's config, clean stale temps, and list the shards left to do.
 
     A finished output with the same config is up to date; a finished or
@@ -70,6 +70,7 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     new shards resumes only for a `shardwise` stage, one whose output shard i
     depends on input shard i alone: balance counts over the whole pool and
     dedup decides over all rows, so their finished shards are stale then.
+    `verified` is the input's manifest if the caller has already checked its files against it.
     """
     if not input_dir or not output_dir:
         raise ValueError(f"{stage}: --input and --output are required")
@@ -77,7 +78,7 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     if (Path(input_dir) / STAGE_CONFIG).is_file() and not is_complete(input_dir):
         raise ValueError(f"{input_dir} is the output of a stage that has not finished (it has {STAGE_CONFIG} but "
                          f"no manifest.json); rerun that stage to the end first")
-    input_manifest = verify_manifest(input_dir) if is_complete(input_dir) else None
+    input_manifest = verified or (verify_manifest(input_dir) if is_complete(input_dir) else None)
     inputs = shard_paths(input_dir)
     if not inputs:
         raise FileNotFoundError(f"no Parquet shards in {input_dir}")

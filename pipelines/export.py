@@ -117,12 +117,12 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if not options.input or not options.output:
         raise ValueError(f"{STAGE}: --input and --output are required")
     start = time.perf_counter()
-    if is_complete(options.input):
-        verify_manifest(options.input)  # checksums, before anything is written
+    # Checksums before anything is written, once: begin_stage takes the verified manifest.
+    verified = verify_manifest(options.input) if is_complete(options.input) else None
     plan = plan_export(options.input, config, options.batch_rows)  # schema, nulls, keys, images
     planned = time.perf_counter()
     stage = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite,
-                        shardwise=False)  # the shards are cut from every input row
+                        shardwise=False, verified=verified)  # the shards are cut from every input row
     output = stage.output
     _claim_plan(output, plan)
     remove_stale_temps(output / WEBDATASET_DIR)
