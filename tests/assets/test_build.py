@@ -158,3 +158,21 @@ def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path
     assert failed == ["reject_ratio_under_threshold"]
     assert result.asset_materializations_for_node("raw_pairs")
     assert not (tmp_path / "b1" / stages[1].asset).exists()
+
+
+def test_a_corrupt_upstream_shard_fails_the_step_before_anything_is_written(instance, tmp_path):
+    """The step reads the upstream manifest and leaves the checksums to the job, which refuses the shard."""
+    add_builds(instance, "b1")
+    selection = ["raw_pairs", "balanced_pairs", "entry_counts"]
+    config = demo_run_config(pairs=120)
+    config["ops"] = {k: v for k, v in config["ops"].items() if k in selection}
+    assert _materialize(instance, tmp_path, "b1", {"ops": {"raw_pairs": config["ops"]["raw_pairs"]}},
+                        selection=["raw_pairs"]).success
+    shard = sorted((tmp_path / "b1" / "raw_pairs").glob("part-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the sha256 can tell
+    shard.write_bytes(bytes(data))
+    balance_only = {"ops": {"balanced_pairs": config["ops"]["balanced_pairs"]}}
+    with pytest.raises(Exception, match="does not match its manifest checksum"):
+        _materialize(instance, tmp_path, "b1", balance_only, selection=["balanced_pairs", "entry_counts"])
+    assert not list((tmp_path / "b1" / "balanced_pairs").glob("part-*.parquet"))
