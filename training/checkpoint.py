@@ -36,8 +36,11 @@ def list_checkpoints(output: str | Path) -> list[Path]:
 
 def restore_interrupted_save(output: str | Path) -> list[Path]:
     """Put back a checkpoint that a save of the same step had renamed aside (`save_checkpoint`) when the run
-    was killed before the new one took its place; return what was restored. Call it before any new save."""
+    was killed before the new one took its place, and delete the half-written ones of saves killed before
+    their rename (each a copy of weights and optimizer); return what was restored. Call it before any new save."""
     root = Path(output) / CHECKPOINTS
+    for unfinished in root.glob(".step-*.tmp-*") if root.is_dir() else []:
+        shutil.rmtree(unfinished, ignore_errors=True)
     restored = []
     for aside in sorted(root.glob(f".step-*{_ASIDE}*")) if root.is_dir() else []:
         final = root / aside.name[1:].rsplit(_ASIDE, 1)[0]
@@ -52,6 +55,15 @@ def latest_checkpoint(output: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename), to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def save_checkpoint(output: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, state: dict, keep: int = 2) -> Path:
     """Write step `step` atomically and keep only the newest `keep` checkpoints."""
@@ -62,6 +74,8 @@ def save_checkpoint(output: str | Path, step: int, model: torch.nn.Module, optim
     save_model(model, str(tmp / WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER)
     (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, default=str))
+    for name in (WEIGHTS, OPTIMIZER, STATE):  # on disk before the rename: a power loss then leaves no torn step-N
+        _fsync(tmp / name)
     # A checkpoint of this step already there (a resumed run saving its last step again) is renamed out of
     # the way whole, then deleted: a kill meanwhile never leaves a half-deleted step-N that still looks complete.
     aside = final.with_name(f".{final.name}{_ASIDE}{os.getpid()}")
@@ -69,6 +83,7 @@ def save_checkpoint(output: str | Path, step: int, model: torch.nn.Module, optim
     if final.exists():
         os.replace(final, aside)
     os.replace(tmp, final)
+    _fsync(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

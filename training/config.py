@@ -89,6 +89,8 @@ class TrainConfig:
     log_every: int = opt(10, "steps between metric rows")
     progress: bool = opt(True, "progress bar with samples/s")
     threads: int = opt(0, "torch CPU threads; 0: leave torch's default")
+    dist_timeout_minutes: int = opt(60, "how long ranks wait at a collective, e.g. while rank 0 alone trains the "
+                                        "tokenizer or evaluates (NCCL's own default is 10 minutes)")
 
     def __post_init__(self) -> None:
         checks = {
@@ -109,7 +111,7 @@ class TrainConfig:
             and (self.optimizer_state_bits == 32 or self.optimizer != "adamw"),
             "fused_optimizer": not self.fused_optimizer or self.optimizer in ("stable_spam", "adamw"),
             "t": self.t >= 0 and math.isfinite(self.t),
-            "holdout_max_pairs": self.holdout_max_pairs >= 1,
+            "holdout_max_pairs": self.holdout_max_pairs >= 1, "dist_timeout_minutes": self.dist_timeout_minutes >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -154,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 # Settings that may differ between a run and its resumption without changing what is trained.
 RESUME_FREE = frozenset({"stop_after_steps", "progress", "log_every", "eval_every", "threads",
                          "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "eval", "classes",
-                         "holdout_max_pairs", "compile", "assume_online_balanced"})
+                         "holdout_max_pairs", "compile", "assume_online_balanced",
+                         "dist_timeout_minutes"})
 
 
 # What a run stopped for divergence may change when resumed: its message tells the user to retry so.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -29,8 +30,11 @@ class Dist:
         return self.rank == 0
 
 
-def setup() -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a single process."""
+def setup(timeout: timedelta = timedelta(minutes=60)) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a single process.
+
+    `timeout` bounds every collective: the ranks that wait while rank 0 alone trains the tokenizer or
+    evaluates must not hit NCCL's 10-minute default on a large pool."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -38,7 +42,7 @@ def setup() -> Dist:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return Dist(rank, world_size, local_rank, device)
 
 
@@ -75,7 +79,7 @@ def on_main(d: Dist, work: Callable[[], T]) -> T | None:
 
     Why: the other ranks wait for rank 0 at the next collective. On one node torchrun's agent stops them
     when rank 0's process dies (measured: 7 s), but with the reason only in rank 0's log; a launcher with
-    no such agent would leave them there until the process group's timeout (30 minutes). Here each rank
+    no such agent would leave them there until the process group's timeout (`--dist_timeout_minutes`). Here each rank
     stops at once and says why.
     """
     result, error = None, None

@@ -78,9 +78,20 @@ def load_labelled(eval_dir: str | Path) -> pa.Table:
     return table
 
 
+def _check_labels(eval_dir: str | Path, labels: list, classes: list[str]) -> None:
+    """Every label is a name in the class list: zero-shot has no class to score a row against otherwise."""
+    nulls = sum(label is None for label in labels)
+    if nulls:
+        raise ValueError(f"eval split {eval_dir}: {nulls} row(s) have no label")
+    unknown = sorted(set(labels) - set(classes), key=str)
+    if unknown:
+        raise ValueError(f"eval split {eval_dir}: labels {unknown[:5]} are not in the class list "
+                         f"({len(classes)} classes)")
+
+
 def check_eval_inputs(eval_dir: str, classes_path: Path | None) -> None:
-    """The labelled split's files and columns and its classes.json, from footers only, before training:
-    found wrong at the final evaluation, they would stop the run before its model is saved."""
+    """The labelled split's files, columns and labels and its classes.json, before training (the label
+    column only, no image): found wrong at the final evaluation, they would stop the run at its end."""
     if not eval_dir:
         return
     paths = shard_paths(eval_dir)
@@ -90,7 +101,8 @@ def check_eval_inputs(eval_dir: str, classes_path: Path | None) -> None:
         _missing_columns(path, pq.read_schema(path).names)
     if classes_path is None or not classes_path.is_file():
         raise FileNotFoundError(f"zero-shot needs a classes.json; none at {classes_path} (--classes names one)")
-    load_classes(classes_path)
+    labels = [label for path in paths for label in pq.read_table(path, columns=["label"]).column("label").to_pylist()]
+    _check_labels(eval_dir, labels, load_classes(classes_path))
 
 
 def _image_features(model, images: list[bytes], image_size: int, device: torch.device, precision: str,
@@ -118,9 +130,7 @@ def zero_shot(model, tokenizer, eval_dir: str | Path, classes: list[str], *, ima
     """Top-1/top-5 accuracy over `classes`, plus accuracy per attribute column (e.g. colour, shape)."""
     table = load_labelled(eval_dir)
     labels = table.column("label").to_pylist()
-    unknown = sorted(set(labels) - set(classes))
-    if unknown:
-        raise ValueError(f"eval labels {unknown[:5]} are not in the class list ({len(classes)} classes)")
+    _check_labels(eval_dir, labels, classes)
     weights = class_weights(model, tokenizer, classes, templates, context_length, device, precision)
     features, kept = _image_features(model, table.column("image").to_pylist(), image_size, device, precision, batch_size)
     if not kept:

@@ -20,6 +20,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -159,7 +160,7 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path |
 def train(config: TrainConfig) -> TrainResult:
     if not config.input or not config.output:
         raise ValueError("train: --input and --output are required")
-    d = distributed.setup()
+    d = distributed.setup(timedelta(minutes=config.dist_timeout_minutes))
     try:
         return _train(config, d)
     finally:
@@ -204,12 +205,13 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps)
     precision = _precision(config, d.device)
 
-    step, bad_total, elapsed_before = 0, 0, 0.0
+    step, health, elapsed_before = 0, {}, 0.0
     loader_state = LoaderState()
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, model, optimizer, scheduler, d.device)
         rescale_schedule(scheduler, config.lr / saved["config"]["lr"])
-        step, bad_total, elapsed_before = saved["step"], saved["bad_steps"], saved.get("seconds", 0.0)
+        step, elapsed_before = saved["step"], saved.get("seconds", 0.0)
+        health = {name: saved[name] for name in ("bad_steps", "bad_in_row", "loss_window") if name in saved}
         states = saved["loader"]
         if len(states) != d.world_size:
             raise ValueError(f"{checkpoint} was written by {len(states)} ranks; resume it with the same number")
@@ -223,7 +225,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
                          shuffle_buffer=1, train=False, max_rows=config.holdout_max_pairs)
     train_step = TrainStep(step_module, model, optimizer, scheduler, device=d.device, grad_accum=config.grad_accum,
                            grad_clip=config.grad_clip, precision=precision, dist=d if d.enabled else None, ddp=ddp,
-                           max_bad_steps=config.max_bad_steps, step=step, bad_steps=bad_total)
+                           max_bad_steps=config.max_bad_steps, step=step, health=health)
     batches = train_batches(spec, tokenizer, loader_state, workers=config.workers, batch_size=config.batch_size,
                             rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda")
     log = MetricsLog(output, resume_step=step) if d.main else None
@@ -239,13 +241,16 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     result = TrainResult({}, output, steps, last_checkpoint, stopped_early)
     if stopped_early:
         return result
+    # The model is saved before the final evaluation: an evaluation that fails (out of memory, a bad
+    # split) then costs its metrics, not the trained model.
+    distributed.on_main(d, lambda: _save_final(model, output, image_size))
     metrics = run.evaluate()
     # Each rank counted only the rows it read: the run's counters are their sum.
     counts = sum((collections.Counter(c) for c in distributed.gather_objects(d, loader_state.counts)),
                  collections.Counter())
 
     def finish() -> dict:
-        """Rank 0's last writes: the final metrics, the model, the curves."""
+        """Rank 0's last writes: the final metrics and the curves."""
         seconds = elapsed_before + time.perf_counter() - run.started
         loss_curve = MetricsLog.series(output / METRICS_CSV, "loss")
         metrics.update({"steps": steps, "seconds": round(seconds, 2), "bad_steps": report.bad_total,
@@ -255,7 +260,6 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
                         "epochs": loader_state.epoch, **counts_summary(counts)})
         log.log(steps, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
         log.close()
-        _save_final(model, output, image_size)
         curves = plot_curves(output)
         atomic_write_bytes(output / METRICS_JSON, json.dumps(metrics, indent=2).encode())
         result.files = {"metrics_json": METRICS_JSON, "metrics_csv": METRICS_CSV,
@@ -288,13 +292,14 @@ class _Run:
     precision: str
     started: float = field(default_factory=time.perf_counter)
 
-    def save(self, at: int, bad_total: int, diverged: bool = False) -> Path | None:
-        """A checkpoint of every rank's state; `diverged` marks the last good weights of a stopped run,
-        which a resume may retry with RETRY_AFTER_DIVERGENCE settings changed."""
+    def save(self, at: int, report: HealthReport, diverged: bool = False) -> Path | None:
+        """A checkpoint of every rank's state and the step counters; `diverged` marks the last good weights
+        of a stopped run, which a resume may retry with RETRY_AFTER_DIVERGENCE settings changed."""
         states = distributed.gather_objects(self.d, self.loader_state.to_dict())
         return distributed.on_main(self.d, lambda: save_checkpoint(
             self.output, at, self.model, self.optimizer, self.scheduler, {
-                "config": self.config.to_dict(), "input": self.fingerprint, "loader": states, "bad_steps": bad_total,
+                "config": self.config.to_dict(), "input": self.fingerprint, "loader": states,
+                **report.resumable(), **({"bad_in_row": 0} if diverged else {}),  # a retry starts a new streak
                 "seconds": self.elapsed_before + time.perf_counter() - self.started, "diverged": diverged,
                 "data_order": DATA_ORDER},
             keep=self.config.keep_checkpoints))
@@ -329,7 +334,7 @@ class _Run:
                                f"or gradient, update skipped ({report.bad_in_row} in a row, {report.bad_total} in all)")
             window["read"] = at
             if report.stopped_at:
-                path = self.save(at, report.bad_total, diverged=True)
+                path = self.save(at, report, diverged=True)
                 progress.close()
                 first, late = report.stopped_at - config.max_bad_steps + 1, at > report.stopped_at
                 raise TrainingDiverged(
@@ -346,7 +351,9 @@ class _Run:
             window["samples"] += self.train_step(fetch) * d.world_size
             step += 1
             progress.update(1)
-            log_row = step % config.log_every == 0 or step == end
+            # Not at a `stop_after_steps` end: the checkpoint keeps the open loss window, so the resumed run
+            # writes the rows a straight run would.
+            log_row = step % config.log_every == 0 or step == config.steps
             checkpoint_due = step % config.checkpoint_every == 0 and step < end
             eval_due = bool(config.eval_every) and step % config.eval_every == 0 and step < end
             if not (log_row or checkpoint_due or eval_due):
@@ -355,14 +362,14 @@ class _Run:
             if log_row:
                 self._log_row(step, report, window, progress)
             if checkpoint_due:
-                last_checkpoint = self.save(step, report.bad_total)
+                last_checkpoint = self.save(step, report)
             if eval_due:
                 metrics = self.evaluate()
                 if self.log is not None and metrics:
                     self.log.log(step, metrics)
         progress.close()
-        report = check(step, reset_loss=True) if report is None or report.step != step else report
-        return step, self.save(step, report.bad_total), report
+        report = check(step, reset_loss=False) if report is None or report.step != step else report
+        return step, self.save(step, report), report
 
     def _log_row(self, step: int, report: HealthReport, window: dict, progress) -> None:
         now = time.perf_counter()

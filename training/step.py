@@ -55,20 +55,30 @@ class HealthReport:
     stopped_at: int             # the step at which max_bad_steps in a row were reached; 0: not stopped
     loss: float | None          # mean loss of the good steps since the loss window was last reset
     logit_scale: float          # exp of the model's (clamped) log logit scale
+    open_window: tuple[float, int] = (0.0, 0)  # (loss sum, good steps) still in the window after this read
+
+    def resumable(self) -> dict:
+        """What a checkpoint keeps of the counters, so a resumed run logs and stops as a straight one would."""
+        return {"bad_steps": self.bad_total, "bad_in_row": self.bad_in_row, "loss_window": list(self.open_window)}
 
 
 class StepHealth:
     """Non-finite step bookkeeping and the running loss, as device tensors, read with the model's logit scale."""
 
     def __init__(self, device: torch.device, max_bad_steps: int, log_scale: torch.Tensor, step: int = 0,
-                 bad_total: int = 0):
+                 saved: dict | None = None):
+        """`saved`: a checkpoint's `HealthReport.resumable()`, whose streak and open loss window go on."""
+        saved = saved or {}
         self.max_bad_steps = max_bad_steps
         self.log_scale = log_scale
         counter = dict(dtype=torch.int64, device=device)
+        loss_sum, good = saved.get("loss_window", (0.0, 0))
         self.step = torch.tensor(step, **counter)
-        self.bad_total = torch.tensor(bad_total, **counter)
-        self.bad_in_row, self.new_bad, self.stopped_at, self.good = (torch.zeros((), **counter) for _ in range(4))
-        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.bad_total = torch.tensor(saved.get("bad_steps", 0), **counter)
+        self.bad_in_row = torch.tensor(saved.get("bad_in_row", 0), **counter)
+        self.good = torch.tensor(good, **counter)
+        self.new_bad, self.stopped_at = torch.zeros((), **counter), torch.zeros((), **counter)
+        self.loss_sum = torch.tensor(loss_sum, dtype=torch.float32, device=device)
 
     def allowed(self) -> torch.Tensor:
         """Whether updates may still happen (false once the run has diverged)."""
@@ -95,7 +105,8 @@ class StepHealth:
             self.good.zero_()
             self.loss_sum.zero_()
         return HealthReport(int(step), int(total), int(in_row), int(new_bad), int(stopped),
-                            loss_sum / good if good else None, math.exp(log_scale))
+                            loss_sum / good if good else None, math.exp(log_scale),
+                            (0.0, 0) if reset_loss else (loss_sum, int(good)))
 
 
 def apply_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], ok: torch.Tensor) -> None:
@@ -126,13 +137,13 @@ class TrainStep:
     def __init__(self, module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
                  device: torch.device, grad_accum: int = 1, grad_clip: float = 1.0, precision: str = "fp32",
                  dist: distributed.Dist | None = None, ddp: DistributedDataParallel | None = None,
-                 max_bad_steps: int = 5, step: int = 0, bad_steps: int = 0):
+                 max_bad_steps: int = 5, step: int = 0, health: dict | None = None):
         self.module, self.model, self.optimizer, self.scheduler = module, model, optimizer, scheduler
         self.device, self.grad_accum, self.grad_clip = device, grad_accum, grad_clip
         self.dist, self.ddp = dist, ddp
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        self.health = StepHealth(device, max_bad_steps, model.logit_scale, step, bad_steps)
+        self.health = StepHealth(device, max_bad_steps, model.logit_scale, step, health)
 
     def __call__(self, fetch: Callable[[], dict]) -> int:
         """One step on `grad_accum` batches from `fetch`; returns the samples this rank trained on."""

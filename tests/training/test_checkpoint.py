@@ -66,3 +66,20 @@ def test_a_checkpoint_renamed_aside_by_a_killed_save_is_put_back(tmp_path, monke
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000004"]
     assert [p.name for p in restore_interrupted_save(tmp_path)] == ["step-0000005"]
     assert json.loads((list_checkpoints(tmp_path)[-1] / "state.json").read_text())["run"] == "five"
+
+
+def test_a_save_killed_before_its_rename_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Its half-written `.step-N.tmp-<pid>` (a full copy of weights and optimizer) goes at the next start."""
+    parts = _parts(0)
+    save_checkpoint(tmp_path, 4, *parts, {"run": "four"})
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("training.checkpoint.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 5, *parts, {"run": "five"})
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").glob(".step-*.tmp-*")] == [".step-0000005.tmp-" + str(os.getpid())]
+    assert restore_interrupted_save(tmp_path) == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004"]

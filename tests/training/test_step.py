@@ -84,7 +84,7 @@ def test_max_bad_steps_in_a_row_freeze_the_weights_until_the_host_looks(name, mo
     model = Towers()
     optimizer = _optimizer(name, model)
     train_step = TrainStep(model, model, optimizer, warmup_cosine(optimizer, 0, 10), device=torch.device("cpu"),
-                           max_bad_steps=2, step=10, bad_steps=4)
+                           max_bad_steps=2, step=10, health={"bad_steps": 4})
     real, calls = step_module.contrastive_loss, {"n": 0}
 
     def nan_twice(*args):
@@ -100,6 +100,30 @@ def test_max_bad_steps_in_a_row_freeze_the_weights_until_the_host_looks(name, mo
     report = train_step.health.read()
     assert (report.step, report.bad_total, report.new_bad, report.stopped_at) == (15, 6, 2, 13)
     assert train_step.health.read().new_bad == 0  # new_bad starts again at every read
+
+
+def test_a_resumed_step_goes_on_with_the_saved_streak_and_loss_window(monkeypatch):
+    """A run killed mid-streak needs only the rest of it to stop, and its first log row averages the whole window."""
+    model = Towers()
+    optimizer = _optimizer("adamw", model)
+    first = TrainStep(model, model, optimizer, warmup_cosine(optimizer, 0, 10), device=torch.device("cpu"),
+                      max_bad_steps=3)
+    first(lambda: _batch(seed=1))
+    first_loss = first.health.read(reset_loss=False).loss
+    real = step_module.contrastive_loss
+    monkeypatch.setattr(step_module, "contrastive_loss", lambda *args: real(*args) * math.nan)
+    first(lambda: _batch(seed=2))
+    saved = first.health.read(reset_loss=False).resumable()
+    assert saved == {"bad_steps": 1, "bad_in_row": 1, "loss_window": [pytest.approx(first_loss), 1]}
+    resumed = TrainStep(model, model, optimizer, warmup_cosine(optimizer, 0, 10), device=torch.device("cpu"),
+                        max_bad_steps=3, step=2, health=saved)
+    resumed(lambda: _batch(seed=3))
+    assert resumed.health.read(reset_loss=False).stopped_at == 0
+    resumed(lambda: _batch(seed=4))  # the third in a row, counting the one before the checkpoint
+    report = resumed.health.read()
+    assert (report.step, report.bad_total, report.bad_in_row, report.stopped_at) == (4, 3, 3, 4)
+    assert report.loss == pytest.approx(first_loss)  # the window's one good step, from before the resume
+    assert report.open_window == (0.0, 0)
 
 
 def test_grad_accum_averages_the_micro_batch_losses():

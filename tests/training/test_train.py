@@ -30,15 +30,17 @@ def _config(raw_pairs, output, **kw) -> TrainConfig:
 
 
 def test_resume_continues_the_same_run(raw_pairs, tmp_path):
-    run = dict(steps=8, checkpoint_every=4, grad_accum=2)
+    """The checkpoint at step 4 falls inside the log window 4..6: the resumed row at 6 still averages 4, 5, 6."""
+    run = dict(steps=8, checkpoint_every=4, grad_accum=2, log_every=3)
     straight = loop.train(_config(raw_pairs, tmp_path / "straight", **run))
     assert straight.steps == 8 and straight.metrics["samples_seen"] == 8 * 2 * 16
     first = loop.train(_config(raw_pairs, tmp_path / "resumed", stop_after_steps=4, **run))
     assert first.stopped_early and first.checkpoint.name == "step-0000004"
+    assert json.loads((first.checkpoint / "state.json").read_text())["loss_window"][1] == 1  # step 4
     second = loop.train(_config(raw_pairs, tmp_path / "resumed", **run))
     assert second.steps == 8 and not second.stopped_early
     losses = {name: MetricsLog.series(tmp_path / name / "metrics.csv", "loss") for name in ("straight", "resumed")}
-    assert [s for s, _ in losses["resumed"]] == list(range(1, 9))
+    assert [s for s, _ in losses["resumed"]] == [s for s, _ in losses["straight"]] == [3, 6, 8]
     for (_, a), (_, b) in zip(losses["straight"], losses["resumed"]):
         assert abs(a - b) < 1e-4
     weights = [load_file(tmp_path / name / "model.safetensors") for name in ("straight", "resumed")]
@@ -150,7 +152,27 @@ def test_wrong_settings_and_eval_inputs_fail_before_overwrite_clears_anything(ra
     (tmp_path / "classes.json").write_text("{}")  # beside the split, where the demo keeps it
     with pytest.raises(ValueError, match="must hold a non-empty JSON list"):
         loop.train(_config(raw_pairs, tmp_path / "run", steps=2, overwrite=True, eval=str(tmp_path / "eval")))
+    (tmp_path / "classes.json").write_text('["dog"]')
+    with pytest.raises(ValueError, match=r"labels \['cat'\] are not in the class list \(1 classes\)"):
+        loop.train(_config(raw_pairs, tmp_path / "run", steps=2, overwrite=True, eval=str(tmp_path / "eval")))
+    pq.write_table(pa.table({"key": ["a", "b"], "image": [b"x", b"y"], "label": ["dog", None]}),
+                   tmp_path / "eval" / shard_name(0))
+    with pytest.raises(ValueError, match=r"1 row\(s\) have no label"):
+        loop.train(_config(raw_pairs, tmp_path / "run", steps=2, overwrite=True, eval=str(tmp_path / "eval")))
     assert sorted(p.name for p in earlier.output.iterdir()) == kept
+
+
+def test_a_failed_final_evaluation_keeps_the_trained_model(raw_pairs, tmp_path, monkeypatch):
+    """The model is saved before the evaluation: one that fails (out of memory, say) costs only its metrics."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(loop, "evaluate_all", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        loop.train(_config(raw_pairs, tmp_path / "run", steps=2, checkpoint_every=2))
+    model = CLIPModel.from_pretrained(tmp_path / "run")
+    assert model.config.text_config.max_position_embeddings == FAST["context_length"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_a_resume_needs_no_longer_the_tokenizer_the_run_was_started_with(raw_pairs, tmp_path):
