@@ -64,7 +64,7 @@ class SPAM(MomentOptimizer):
         stats = torch.stack([s["stats"] for s in states])
         adam_count, skipped = stats.unbind(1)
         gmax = torch.stack(torch._foreach_norm(grads, math.inf)).to(stats.dtype)
-        finite = torch.isfinite(gmax)
+        finite = torch.isfinite(gmax * gmax)  # a square that overflows would make v inf for good
         clean = clipped_copies(grads, finite, stats.dtype)
 
         exp_avg, exp_avg_sq, coded = self._load_moments(params, states, group)

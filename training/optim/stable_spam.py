@@ -17,8 +17,9 @@ clean, c_T reaches eta_min at T = total_T and stays; code_exact, c_T is torch's 
 T_max = total_T + 1 evaluated at T, i.e. eta_min + (1 - eta_min)(1 + cos(pi T / (total_T + 1))) / 2,
 unclamped (it rises again after T = total_T + 1, as the repo's does).
 
-Non-finite gradients: that tensor's step is skipped (parameter, moments and statistics untouched bit for bit,
-apart from a scheduled reset) and counted in `skipped_steps()`. Nothing in `step` syncs with the host.
+Non-finite gradients, and finite ones whose square or norm overflows the statistics' dtype (1e30 in fp32
+would turn AdaGN's mean square into inf and the weights into NaN): that tensor's step is skipped (parameter,
+moments and statistics untouched bit for bit, apart from a scheduled reset) and counted in `skipped_steps()`. Nothing in `step` syncs with the host.
 
 `fused=True` runs the per-element work as two multi-tensor Triton kernels (`fused_triton.py`) instead
 of the foreach passes; the per-tensor statistics are the same code in both paths. It is a choice of the
@@ -117,7 +118,7 @@ class StableSPAM(MomentOptimizer):
         stats = torch.stack([s["stats"] for s in states])
         clip_ema, norm_ema, norm_sq_ema, ema_count, adam_count, skipped = stats.unbind(1)
         gmax = torch.stack(torch._foreach_norm(grads, math.inf)).to(stats.dtype)
-        finite = torch.isfinite(gmax)
+        finite = torch.isfinite(gmax * gmax)  # a square that overflows would make AdaGN's statistics inf
 
         # The EMA bias counter: j (never reset) in the clean algorithm, the Adam counter before the reset
         # in the reference code (it increments k, clips, then resets).
@@ -139,6 +140,8 @@ class StableSPAM(MomentOptimizer):
         # AdaGN: rescale each tensor's norm to a smoothed mean/RMS ratio of recent norms.
         norm_ema_new = gamma1 * norm_ema + (1 - gamma1) * norm
         norm_sq_ema_new = gamma2 * norm_sq_ema + (1 - gamma2) * norm * norm
+        # Elements each finite can still sum to a norm whose square overflows: skipped like an inf.
+        finite = finite & torch.isfinite(norm_sq_ema_new)
         target = (norm_ema_new / (1 - torch.pow(gamma1, count))) / (
             torch.sqrt(norm_sq_ema_new / (1 - torch.pow(gamma2, count))) + eps)
         scale = torch.where(norm > 0, target / norm, torch.ones_like(norm))
