@@ -1,10 +1,12 @@
-"""Toy-scale version of the Stable-SPAM paper's claim: in 4-bit (INT4 weights and activations), at a high
-learning rate, Adam diverges where Stable-SPAM keeps training.
+"""Toy-scale version of the Stable-SPAM paper's claim: in 4-bit (INT4 or FP4 weights and activations), at a
+high learning rate, Adam diverges where Stable-SPAM keeps training.
 
 A small Llama-shaped model (transformers LlamaForCausalLM from a config) is trained as a word-level
 language model on demo-style alt-text captions (curation.demo_data.alt_text), with every decoder linear
 fake-quantized by training.optim.quantize_model (INT4 weights in groups of 256, INT4 activations in
-groups of 256 with the top-2 outliers kept, as the reference code ran). Each optimizer runs at each
+groups of 256 with the top-2 outliers kept, as the reference code ran; `--weight-format`/`--act-format`
+choose FP4 instead, the reference code's E1M2 grid or the hardware E2M1 one, and every result row names
+the formats it ran with). Each optimizer runs at each
 learning rate from the same initial weights and data order (one pair of them per `--seeds`); the script
 prints final losses (mean and spread over seeds), how many runs diverged (a non-finite loss, or a final
 loss above the loss at the start) and how many spiked (a final loss 1.5x its minimum: blew up, then
@@ -21,6 +23,7 @@ warmup, as the spec's warmup after every reset does (SPAM's own code starts past
 for its 9 runs; `--quick` is a 0.5M-parameter smoke run of 40 steps (~10 s).
 
     python benchmarks/stability.py [--quick] [--steps 300] [--lrs 1e-2 3e-2 1e-1] [--hidden 384 --layers 6]
+        [--weight-format fp4_e2m1 --act-format fp4_e2m1]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation.demo_data import CONCEPTS, alt_text, concept_weights  # noqa: E402
 from training.optim import QuantConfig, build_optimizer, quantize_model  # noqa: E402
+from training.optim.quant import ACT_ROUNDING, FORMATS  # noqa: E402
 from training.optimization import warmup_cosine  # noqa: E402
 
 OPTIMIZERS = ("adamw", "spam", "stable_spam")
@@ -69,9 +73,20 @@ def build_model(vocab: int, hidden: int, layers: int, seed: int, quant: QuantCon
     return model
 
 
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    return QuantConfig(weight_format=args.weight_format, act_format=args.act_format, weight_group=args.weight_group,
+                       act_group=args.act_group, outliers=args.outliers, act_rounding=args.act_rounding,
+                       stochastic_round=args.stochastic_round)
+
+
+def quant_label(quant: QuantConfig) -> str:
+    """The formats a run quantizes with, as its rows print them."""
+    return (f"W {quant.weight_format}/g{quant.weight_group}, A {quant.act_format}/g{quant.act_group} "
+            f"(top-{quant.outliers} outliers, {quant.act_rounding}{', stochastic' if quant.stochastic_round else ''})")
+
+
 def train(name: str, lr: float, args: argparse.Namespace, tokens: torch.Tensor, vocab: int, seed: int) -> dict:
-    quant = QuantConfig(weight_group=args.weight_group, act_group=args.act_group)
-    model = build_model(vocab, args.hidden, args.layers, seed, quant)
+    model = build_model(vocab, args.hidden, args.layers, seed, quant_config(args))
     options = {"spam": dict(reset_interval=args.reset_interval, warmup_steps=args.spam_warmup),
                "stable_spam": dict(reset_interval=args.reset_interval)}.get(name, {})
     clip = name == "adamw_clip"
@@ -125,6 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--weight-group", type=int, default=256)
     parser.add_argument("--act-group", type=int, default=256)
+    parser.add_argument("--weight-format", choices=FORMATS, default="int4")
+    parser.add_argument("--act-format", choices=FORMATS, default="int4")
+    parser.add_argument("--outliers", type=int, default=2, help="largest |values| per group kept exact")
+    parser.add_argument("--act-rounding", choices=ACT_ROUNDING, default="floor")
+    parser.add_argument("--stochastic-round", action="store_true", help="stochastic rounding of INT4 activations")
     parser.add_argument("--reset-interval", type=int, default=None, help="momentum reset period (default steps // 3)")
     parser.add_argument("--spam-warmup", type=int, default=None,
                         help="SPAM's post-reset warmup (default 0.3 x the reset interval, the paper's 150/500)")
@@ -141,11 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     args.reset_interval = args.reset_interval or max(1, args.steps // 3)
     args.spam_warmup = args.spam_warmup if args.spam_warmup is not None else round(0.3 * args.reset_interval)
     torch.set_num_threads(args.threads)
+    label = quant_label(quant_config(args))  # refuses a bad combination before any run
 
     tokens, vocab = token_stream(caption_corpus(args.captions, args.seed))
     print(f"corpus: {len(tokens)} tokens, vocab {vocab}; uniform-guess loss {math.log(vocab):.3f}")
     print(f"{args.steps} steps, reset every {args.reset_interval}, SPAM warmup {args.spam_warmup}, "
-          f"INT4 W/A groups {args.weight_group}/{args.act_group}")
+          f"{label}")
     results: dict[tuple[str, float], list[dict]] = {}
     for lr in args.lrs:
         for name in args.optimizers:
@@ -154,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                 results.setdefault((name, lr), []).append(r)
                 print(f"lr={lr:<8g} {name:12s} seed {seed} final {r['final']:8.4f}  (start {r['initial']:.4f}, "
                       f"min {r['min']:.4f})  diverged={r['diverged']}  spiked={r['spiked']}  skipped={r['skipped']}"
-                      f"  steps={r['steps']}  {r['seconds']:.0f}s  [{r['params'] / 1e6:.1f}M params, INT4 W/A]",
+                      f"  steps={r['steps']}  {r['seconds']:.0f}s  [{r['params'] / 1e6:.1f}M params, {label}]",
                       flush=True)
     print(f"\nper optimizer, over {len(args.lrs)} learning rates x {args.seeds} seed(s):")
     for name in args.optimizers:

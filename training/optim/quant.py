@@ -78,12 +78,14 @@ class QuantConfig:
             raise ValueError(f"invalid outliers={self.outliers!r}: must be >= 0 and smaller than the group sizes")
 
 
-def _flat_groups(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Row-major flatten into rows of `group` (fp32); the tail is padded by repeating the last value."""
+def _flat_groups(x: torch.Tensor, group: int, repeat_last: bool) -> torch.Tensor:
+    """Row-major flatten into rows of `group` (fp32), the tail padded so the padding moves no scale: by
+    repeating the last value for min-max (a zero would widen an all-positive range), by zeros for absmax
+    with outliers (copies of a large last value would take the outlier slots of the real ones)."""
     flat = x.reshape(-1).float()
     pad = (-flat.numel()) % group
     if pad:
-        flat = torch.cat([flat, flat[-1:].expand(pad)])
+        flat = torch.cat([flat, flat[-1:].expand(pad) if repeat_last else flat.new_zeros(pad)])
     return flat.view(-1, group)
 
 
@@ -163,7 +165,7 @@ def fp4_groups(groups: torch.Tensor, fmt: str, outliers: int = 2) -> torch.Tenso
 
 def quantize_weight(w: torch.Tensor, fmt: str, group: int = 256, outliers: int = 2) -> torch.Tensor:
     """Quantize-dequantize a weight in flattened groups (no gradient; see `ste`)."""
-    groups = _flat_groups(w.detach(), group)
+    groups = _flat_groups(w.detach(), group, repeat_last=fmt == "int4")
     q = int_asym_groups(groups) if fmt == "int4" else fp4_groups(groups, fmt, outliers)
     return _ungroup_flat(q, w)
 

@@ -72,6 +72,19 @@ def test_fp4_values_lie_on_the_named_grid(fmt):
     assert torch.allclose(((q - groups) / scale).abs()[~mask], nearest, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", sorted(FP4_GRIDS))
+def test_a_weights_partial_last_group_keeps_its_own_outliers(fmt):
+    """260 values in groups of 256: the last group holds 4. Its outliers are its own -5 and 4, and 0.3, the
+    absmax of the rest, lands exactly on the grid's top, however the group is padded."""
+    w = torch.cat([_data(256), torch.tensor([0.01, -5.0, 0.3, 4.0])])
+    tail = quantize_weight(w, fmt, group=256, outliers=2)[256:]
+    assert tail[1] == -5.0 and tail[3] == 4.0
+    assert tail[2] == pytest.approx(0.3)
+    # INT4 min-max pads by repeating the last value: an all-positive tail keeps its range.
+    positive = quantize_weight(torch.cat([_data(256), torch.tensor([1.0, 1.5, 2.0])]), "int4", group=256)
+    torch.testing.assert_close(positive[256:], torch.tensor([1.0, 1.5, 2.0]), atol=0.5 / 15 + 1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("fmt, levels", [("fp4_e1m2", [0.0, 0.25, 0.5, 0.75, 1.0]),
                                          ("fp4_e2m1", [0.0, 1 / 12, 1 / 6, 0.25, 1 / 3, 0.5, 2 / 3, 1.0])])
 def test_each_fp4_grid_has_exactly_its_levels(fmt, levels):
