@@ -86,10 +86,13 @@ class FusionReason:
     LOST_PROPER_NOUN = "lost_proper_noun"
 
 
-# Openers a VLM puts before the content ("The image shows ..."): noise for a CLIP caption.
+# Openers a VLM puts before the content ("The image shows ...", "In this photo, ..."): noise for a CLIP
+# caption. The noun must be followed by a verb, "of", a comma or a colon: "The picture frame hangs ..." and
+# "The scene is a busy market" are captions, not openers.
 _OPENER = re.compile(
-    r"^\s*(?:(?:this|the|in this|in the)\s+(?:image|picture|photo(?:graph)?|scene)\s*(?:,\s*)?"
-    r"(?:shows|depicts|features|contains|displays|presents|is of|captures|there (?:is|are))?\s*:?\s*|"
+    r"^\s*(?:(?:this|the|in this|in the)\s+(?:image|picture|photo(?:graph)?|scene)\s*"
+    r"(?:,\s*(?:there (?:is|are)\s+)?|:\s*|(?:shows|depicts|features|contains|displays|presents|is of|of|"
+    r"captures|there (?:is|are))\b\s*:?\s*)|"
     r"(?:caption|description)\s*:\s*|(?:assistant)\s*:\s*)",
     re.IGNORECASE)
 _TEMPLATE_ROLE = re.compile(r"\b(?:USER|ASSISTANT|SYSTEM)\s*:", re.IGNORECASE)
@@ -197,16 +200,14 @@ def degenerate_reason(text: str, prompt: str, min_words: int = 2) -> str | None:
 
 
 def _has_loop(words: list[str]) -> bool:
-    """A word three times in a row, any 2-4 word phrase three times, or a long text of few distinct words."""
-    run = 1
-    for previous, word in zip(words, words[1:]):
-        run = run + 1 if word == previous else 1
-        if run >= 3:
-            return True
-    for n in (2, 3, 4):
-        counts = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-        if counts and max(counts.values()) >= 3:
-            return True
+    """A word or a 2-4 word phrase three times in a row, or a long text of few distinct words.
+
+    In a row only: "a red roof, a red door and a red fence" names three red things, it does not loop.
+    """
+    for n in (1, 2, 3, 4):
+        for i in range(len(words) - 3 * n + 1):
+            if words[i:i + n] == words[i + n:i + 2 * n] == words[i + 2 * n:i + 3 * n]:
+                return True
     return len(words) >= 10 and len(set(words)) / len(words) < 0.4
 
 
@@ -318,10 +319,13 @@ class Fuser:
     def format_name(self) -> str:
         return "chat" if self.chat else "completion"
 
+    def clean(self, text: str) -> str:
+        """A text as the fusion prompt holds it: chat markup out, cut to a prompt's length."""
+        return clean_prompt_text(text, self.special_tokens)
+
     def prompt(self, alt_text: str, vec: str) -> str:
         """The fusion request. Both texts are data: cleaned of chat markup and placed as values only."""
-        alt = clean_prompt_text(alt_text, self.special_tokens)
-        visual = clean_prompt_text(vec, self.special_tokens)
+        alt, visual = self.clean(alt_text), self.clean(vec)
         if self.chat:
             return self.engine.format_chat(fusion_messages(alt, visual))  # type: ignore[attr-defined]
         return fusion_completion(alt, visual)
@@ -355,11 +359,18 @@ class Fuser:
     def fuse(self, keys: Sequence[str], alt_texts: Sequence[str], vecs: Sequence[str], seed: int) -> list[RowFusion]:
         cfg = self.config
         rows = [RowFusion(vec, collections.Counter()) for vec in vecs]
-        pending = list(range(len(keys)))
+        # Judged against the texts the model was shown (a name past the cut is not one it could keep).
+        alt_texts, shown_vecs = [self.clean(t) for t in alt_texts], [self.clean(v) for v in vecs]
+        pending = []
+        for i, alt in enumerate(alt_texts):
+            if _WORDS.search(alt):
+                pending.append(i)
+            else:  # nothing to merge: the VeC is the VeCap (VeCLIP's rule for an empty alt-text)
+                rows[i].stats["fusion.empty_alt_text"] += 1
         for attempt in range(cfg.fusion_attempts):
             if not pending:
                 break
-            prompts = [self.prompt(alt_texts[i], vecs[i]) for i in pending]
+            prompts = [self.prompt(alt_texts[i], shown_vecs[i]) for i in pending]
             params = [SamplingParams(cfg.fusion_max_new_tokens, cfg.fusion_temperature, cfg.fusion_top_p,
                                      derive_seed(seed, keys[i], "fusion", attempt)) for i in pending]
             outputs = generate_with_recovery(self.engine, prompts, params, stop=self.stop,
@@ -371,7 +382,7 @@ class Fuser:
                 stats["fusion.prompt_tokens"] += out.prompt_tokens
                 stats["fusion.completion_tokens"] += out.completion_tokens
                 text = clean_vlm_output(out.text)
-                reason = self.check(alt_texts[i], vecs[i], text)
+                reason = self.check(alt_texts[i], shown_vecs[i], text)
                 if reason is None:
                     rows[i].text = text
                     stats["fusion.kept"] += 1

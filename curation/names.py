@@ -5,7 +5,8 @@ a name is refused. Which words are names is read from their shape:
 
 - years (1800 to 2099), anywhere;
 - acronyms (BMW, NASA: two or more capitals) and mixed case (iPhone,
-  McDonald's, YouTube), anywhere but in an ALL-CAPS text;
+  McDonald's, YouTube), anywhere but in an ALL-CAPS text; shop shouting and
+  file tags in capitals ("NEW", "FREE SHIPPING", "HD", "PNG") are no names;
 - capitalised words inside a sentence, in a text written in sentence case.
 
 Capitals say less where every content word has one (Title Case: "Old Ford
@@ -31,6 +32,14 @@ _SENTENCE_END = (".", "!", "?", ":", "|", "-", "–", "—", "•")
 _PUNCTUATION = "\"'“”‘’()[]{},;!?.:"
 # Content words, all capitalised, that make a text Title Case rather than a run of names ("Jane Doe").
 _TITLE_CASE_WORDS = 4
+# Words web alt-text writes in capitals for emphasis or as a file tag, not as an acronym: a fusion that
+# says "free shipping" or drops "PNG" lost no name.
+_SHOUTED = frozenset("""
+    NEW SALE FREE SHIPPING HOT BEST TOP OFF BUY NOW SHOP DEAL DEALS OFFER CHEAP DISCOUNT LIMITED EDITION GIFT
+    GIFTS MEN WOMEN KIDS BABY SET PACK LOT SIZE COLOR COLOUR STOCK PHOTO IMAGE VECTOR ICON LOGO ART CLIPART
+    WALLPAPER FULL PREMIUM ORIGINAL OFFICIAL AUTHENTIC GENUINE QUALITY LUXURY VINTAGE RETRO WHOLESALE
+    HD UHD FHD HQ PNG JPG JPEG GIF SVG PDF EPS PSD WEBP TIFF
+""".split())
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ def _capitalised(word: str) -> bool:
 def _by_shape(word: str) -> bool:
     """An acronym (BMW, NASA) or mixed case (iPhone, McDonald, YouTube): a name whatever its place."""
     letters = word.replace("-", "")
-    acronym = len(letters) >= 2 and letters.isupper()
+    acronym = len(letters) >= 2 and letters.isupper() and letters not in _SHOUTED
     return acronym or any(a.islower() and b.isupper() for a, b in zip(word, word[1:]))
 
 

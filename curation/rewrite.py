@@ -275,7 +275,7 @@ class Rewriter:
         size = self._call_size(cleaned)
         while queue:
             call = [queue.popleft() for _ in range(min(size or len(queue), len(queue)))]
-            for request in self._call(call, keys, captions, cleaned, groups, rows, seed):
+            for request in self._call(call, keys, cleaned, groups, rows, seed):
                 if request.attempt + 1 < cfg.max_attempts:
                     queue.append(_Request(request.row, request.slot, request.attempt + 1))
                 else:
@@ -318,7 +318,7 @@ class Rewriter:
             longest, start, step = max(longest, *counts), start + step, 2 * step
         return longest
 
-    def _call(self, call: list[_Request], keys, captions, cleaned, groups, rows, seed) -> list[_Request]:
+    def _call(self, call: list[_Request], keys, cleaned, groups, rows, seed) -> list[_Request]:
         """One engine call: generate, validate, keep or refuse; returns the refused requests."""
         cfg = self.config
         prompts = [self.prompt(cleaned[q.row], groups[q.row][q.slot]) for q in call]
@@ -328,7 +328,7 @@ class Rewriter:
                                                            backoff_s=cfg.engine_backoff_s, stop=self.stop)
         texts = [parse_output(g.text) for g in outputs]
         if self.overlap is not None:
-            self.overlap.prime([captions[q.row] for q in call] + texts)
+            self.overlap.prime([cleaned[q.row] for q in call] + texts)
         refused = []
         for q, generation, text in zip(call, outputs, texts):
             stats = rows[q.row].stats
@@ -339,7 +339,9 @@ class Rewriter:
             stats["prefix_reused_tokens"] += generation.cached_tokens
             if self.prefix_tokens is not None:
                 stats["prefix_tokens_estimate"] += min(self.prefix_tokens[group], generation.prompt_tokens)
-            reason = check_output(captions[q.row], text, cfg.validation, echo_texts=self.echo_texts[group],
+            # Judged against the caption the model was shown (markup out, cut to max_caption_bytes): a fact
+            # past the cut is not one the model could keep.
+            reason = check_output(cleaned[q.row], text, cfg.validation, echo_texts=self.echo_texts[group],
                                   overlap=self.overlap)
             if reason is None:
                 rows[q.row].rewrites[q.slot] = text

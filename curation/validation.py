@@ -78,9 +78,19 @@ class ValidationConfig:
 _CHATTER = re.compile(
     r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are)\b|i (can|cannot|can't|will|'ll|am|'m|"
     r"apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|great\b|"
-    r"rewritten( caption)?\s*:|rewrite\s*:|caption\s*:|output\s*:|answer\s*:|note\s*:|this (caption|image) )",
+    # A labelled answer: "New caption:", "Caption 2:", "Rewording:", "Assistant:".
+    r"((new|alternative|alternate|another|improved|revised|rewritten|rephrased|final)\s+)?(caption|rewrite|rewording|"
+    r"rephrasing|paraphrase|version|option|answer|output|response|result|note|assistant|user|system)(\s*#?\d+)?\s*:|"
+    r"this (caption|image) )",
     re.IGNORECASE)
-_CHATTER_ANYWHERE = re.compile(r"\b(as an ai|language model|i cannot help|i can't help|let me know)\b", re.IGNORECASE)
+# Small talk, a leaked instruction or leftover chat markup anywhere in the output.
+_CHATTER_ANYWHERE = re.compile(
+    r"\b(as an ai|language model|i cannot help|i can't help|let me know|hope (this|that|it) helps|my (system )?"
+    r"(prompt|instructions?))\b|\((re)?written\)|<\|[^|<>\s]*\|>", re.IGNORECASE)
+# A caption that tries to steer the model ("ignore previous instructions and ..."): an output must keep a real
+# share of its words, not just the one word of the task it smuggled in ("write a poem about the sea").
+_STEERING = re.compile(r"\b(ignore|disregard|forget|override)\b.{0,40}\b(instructions?|above|prompt|previous|"
+                       r"rules|everything)\b|\b(system prompt|you are now|act as)\b", re.IGNORECASE)
 # Words and numbers: "3 red circles" and "5 red circles" are different captions.
 _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
 _CONTENT_TOKEN = re.compile(f"[{UNSPACED}]|[^\\W_{UNSPACED}]+(?:'[^\\W_{UNSPACED}]+)?", re.UNICODE)
@@ -181,6 +191,10 @@ class _Source:
         return frozenset(content_words(self.text, self.language))
 
     @cached_property
+    def steering(self) -> bool:
+        return bool(_STEERING.search(self.text))
+
+    @cached_property
     def counts(self) -> frozenset[str]:
         return _counts(self.text, _COUNT_WORDS)
 
@@ -212,11 +226,15 @@ def word_overlap(source: str, output: str) -> tuple[int, int, int]:
 
 
 def off_topic(source: str, output: str, config: ValidationConfig) -> bool:
-    """Whether the output is about something else (shares too little) or is a thin excerpt of the input."""
+    """Whether the output is about something else (shares too little) or is a thin excerpt of the input.
+
+    Of a steering caption, a rewrite keeps a share of the words (`min_excerpt_share`): one shared word is
+    what an obedient model's answer keeps of it."""
     shared, available, novel = word_overlap(source, output)
     if shared < min(config.min_shared_words, available):
         return True
-    return novel == 0 and available > 0 and shared / available < config.min_excerpt_share
+    thin = available > 0 and shared / available < config.min_excerpt_share
+    return thin and (novel == 0 or _source(source).steering)
 
 
 @dataclass(frozen=True)

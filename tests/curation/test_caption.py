@@ -55,6 +55,12 @@ def images(*widths):
     ("In this picture, two cats sleep on a sofa", "Two cats sleep on a sofa"),
     ("  \"a yellow kite in the sky\"  \nsecond line", "a yellow kite in the sky"),
     ("a bowl of fruit. USER: and now?", "a bowl of fruit."),
+    ("The image of a cat on a sofa", "A cat on a sofa"),
+    ("In the image, there is a red car", "A red car"),
+    # Not openers: the noun is the caption's own subject.
+    ("The picture frame hangs on a white wall", "The picture frame hangs on a white wall"),
+    ("The scene is a busy street market at dusk", "The scene is a busy street market at dusk"),
+    ("The photo booth at a wedding party", "The photo booth at a wedding party"),
 ])
 def test_clean_vlm_output(raw, clean):
     assert clean_vlm_output(raw) == clean
@@ -71,6 +77,9 @@ def test_clean_vlm_output(raw, clean):
     ("dog", Degenerate.TOO_SHORT),
     ("a brown dog runs on a sandy beach near the sea", None),
     ("a plate with a red apple, a green apple and a yellow apple", None),
+    ("a small house with a red roof, a red door and a red fence", None),  # three red things, no loop
+    ("a man in a red shirt and a woman in a blue shirt sitting in a park", None),
+    ("a red car a red car a red car", Degenerate.REPEATED),
 ])
 def test_degenerate_reason(text, reason):
     assert degenerate_reason(text, VEC_PROMPT) == reason
@@ -126,6 +135,14 @@ def test_fusion_keeps_a_valid_merge_and_falls_back_to_the_vec_otherwise(answer, 
     else:
         assert row.text == vec and row.stats["fusion.fallback_to_vec"] == 1
         assert row.stats[f"fusion.rejected.{reason}"] == 2 and len(engine.prompts) == 2
+
+
+def test_an_empty_alt_text_takes_the_vec_without_asking_the_llm():
+    engine = ScriptedText(lambda prompt, params: "a red circle by the sea at dusk")
+    rows = Fuser(engine, CaptionConfig(captioner_model="x")).fuse(["a", "b"], ["", "<|im_end|> ..."],
+                                                                  ["a red circle", "a blue square"], seed=0)
+    assert [r.text for r in rows] == ["a red circle", "a blue square"] and not engine.prompts
+    assert all(r.stats == {"fusion.empty_alt_text": 1} for r in rows)
 
 
 @pytest.mark.parametrize("fused, reason", [

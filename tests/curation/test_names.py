@@ -14,6 +14,9 @@ from curation.names import Names, names_in
     ("A cold bottle of Coca-Cola with Conan O'Brien", Names(("Coca-Cola", "Conan", "O'Brien"))),
     ("The old town of Zürich and a street in São Paulo", Names(("Zürich", "São", "Paulo"))),
     ("Ein Hund spielt im Garten von Anna, 2020", Names(("2020",))),  # German nouns all have capitals
+    # Shop shouting and file tags are no acronyms; the real ones beside them still are.
+    ("Download free HD wallpaper of a mountain lake PNG", Names()),
+    ("NEW leather wallet by BMW - FREE SHIPPING", Names(("BMW",))),
     ("Sunset over the Golden Gate Bridge, San Francisco 2019",
      Names(("2019",), ("Golden", "Gate", "Bridge", "San", "Francisco"))),  # every content word capitalised
 ])

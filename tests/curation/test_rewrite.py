@@ -11,7 +11,7 @@ from curation.rewrite import (
     CHAT_INSTRUCTION, COMPLETION_HEADER, PROMPT_SHA256, ExamplePair, RewriteConfig, Rewriter, clean_caption,
     example_group, group_for, parse_output, rewrite_prompt_sha256, summarise,
 )
-from curation.validation import OutputReason
+from curation.validation import OutputReason, ValidationConfig
 from tests.curation.tiny_llm import tiny_model  # noqa: F401 - fixture
 
 
@@ -241,6 +241,17 @@ def test_retry_then_keep_and_fallback_counts():
     assert len(engine.calls) == 3  # one engine call per attempt, with only the refused requests
 
 
+def test_outputs_are_judged_against_the_caption_the_model_was_shown():
+    """A long caption is cut to max_caption_bytes in its prompt: a colour past the cut, which the model never
+    saw, cannot be asked of its rewrite. The fallback is still the whole caption."""
+    long = "two circles drawn on a plain background, " * 3 + "next to three red bowls"
+    engine = StubEngine(lambda prompt, seed: f"a fresh wording of {last_user_turn(prompt)}")
+    rows = Rewriter(engine, RewriteConfig(k=2, max_caption_bytes=80, max_attempts=1)).rewrite(["l"], [long], seed=0)
+    assert rows[0].stats["kept"] == 2 and all("red" not in w for w in rows[0].rewrites)
+    refused = Rewriter(StubEngine(lambda prompt, seed: "a fresh wording"), RewriteConfig(k=1, max_attempts=1))
+    assert refused.rewrite(["l"], [long], seed=0)[0].rewrites == [long]
+
+
 def test_empty_caption_falls_back_without_a_request():
     engine = StubEngine(good_reply)
     rows = Rewriter(engine, RewriteConfig(k=2)).rewrite(["e"], ["<|im_end|>  "], seed=0)
@@ -364,11 +375,15 @@ def test_recovery_retries_then_splits_then_fails_clearly():
         generate_with_recovery(Flaky(always=True), ["a", "b"], _params(2), retries=1, sleep=no_sleep)
 
 
-def test_tiny_model_batching_seeding_and_rejects(tiny_model):
+def test_tiny_model_rewrites_depend_on_neither_the_batch_nor_the_run(tiny_model):
     from curation.engines import EngineSpec, make_text_engine
 
+    # Validation loosened so that some of a random-weight model's noise is kept: compared across batch
+    # sizes, rewrites that all fell back to their captions would be equal whatever the engine did.
+    loose = ValidationConfig(min_words=1, check_script=False, check_language=False, min_shared_words=0,
+                             keep_numbers_and_colours=False, min_distinct_pairs=0.0)
     config = RewriteConfig(model=str(tiny_model), k=2, max_new_tokens=8, max_attempts=2,
-                           engine_options={"batch_size": 3})
+                           engine_options={"batch_size": 3}, validation=loose)
     batched = Rewriter(make_text_engine(config.engine_spec()), config)
     single = Rewriter(make_text_engine(EngineSpec(model=config.model, options={"batch_size": 1})), config)
     first = batched.rewrite(KEYS, CAPTIONS, seed=3)
@@ -378,8 +393,7 @@ def test_tiny_model_batching_seeding_and_rejects(tiny_model):
     rejected = sum(v for k, v in totals.items() if k.startswith("rejected."))
     assert totals["requests"] == totals["kept"] + rejected
     assert totals["kept"] + totals["fallback"] == len(KEYS) * 2
-    # A random-weight model writes noise: validation refuses it, and the original caption stands in.
-    assert totals["fallback"] > 0
+    assert totals["kept"] > 0  # so the comparisons above compared generations
     for row, caption in zip(first, CAPTIONS):
         assert len(row.rewrites) == 2 and all(isinstance(w, str) and w for w in row.rewrites)
         assert row.stats["fallback"] == sum(w == caption for w in row.rewrites)

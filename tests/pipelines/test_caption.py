@@ -113,7 +113,8 @@ def test_captions_fusion_rejects_manifest_and_resume(pairs, models, tmp_path, ca
     assert all(r["fused_caption"] is None for r in rows if r["synthetic_caption"] is None)
     changed = sum(r["fused_caption"] != r["synthetic_caption"] for r in with_vec)
     assert changed == stats.get("fusion.kept", 0)
-    assert stats.get("fusion.kept", 0) + stats.get("fusion.fallback_to_vec", 0) == len(with_vec)
+    assert stats.get("fusion.kept", 0) + stats.get("fusion.fallback_to_vec", 0) + stats.get(
+        "fusion.empty_alt_text", 0) == len(with_vec)
 
     # The manifest says which models and prompts made these captions, and that the VLM is a random toy.
     assert stats["captioner_is_random_tiny_model"] is True and stats["vec_prompt_version"] == "vec-v1"
