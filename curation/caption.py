@@ -219,11 +219,16 @@ class RowCaption:
     stats: collections.Counter
 
 
+# Images in a row that each failed on their own: past this the captioner, not an image, is what fails.
+IMAGE_ERRORS_IN_ROW = 8
+
+
 class Captioner:
     """VeC for a batch of images: greedy first, seeded sampling for the rows that came out degenerate."""
 
     def __init__(self, engine: VisionEngine, config: CaptionConfig):
         self.engine, self.config = engine, config
+        self.errors_in_row = 0  # across batches: whether an image fails alone must not depend on its batch
 
     def caption(self, keys: Sequence[str], images: Sequence[Image.Image], seed: int) -> list[RowCaption]:
         if len(keys) != len(images):
@@ -269,7 +274,9 @@ class Captioner:
         passing out-of-memory), image by image, with None for an image that alone fails.
 
         One image the backend cannot handle (a processor edge case) then costs its own caption, not the
-        shard; when every image fails on its own the engine itself is broken and the error goes up.
+        shard, whether it came in a batch or alone. The error goes up when the engine itself is down: a
+        server it cannot reach (`engine.unreachable`), or IMAGE_ERRORS_IN_ROW images in a row that each
+        failed on their own.
         """
         cfg = self.config
         try:
@@ -277,22 +284,38 @@ class Captioner:
                 lambda: self.engine.caption(images, cfg.prompt, params),
                 attempts=attempts_for(self.engine, cfg.engine_retries),
                 backoff_s=cfg.engine_backoff_s, what=f"captioner {self.engine.name} on {len(images)} images"))
-        except Exception:
-            if len(images) == 1:
+            self.errors_in_row = 0
+        except Exception as batch_error:
+            if self._unreachable(batch_error):
                 raise
-            outputs, errors = [], []
-            for image, p in zip(images, params):
-                try:
-                    outputs.append(self.engine.caption([image], self.config.prompt, [p])[0])
-                except Exception as exc:  # noqa: BLE001 - counted per image; re-raised below if all fail
-                    outputs.append(None)
-                    errors.append(exc)
-            if len(errors) == len(images):
-                raise errors[0]
+            outputs = [self._alone(image, p, batch_error if len(images) == 1 else None)
+                       for image, p in zip(images, params)]
         if len(outputs) != len(images):
             raise RuntimeError(f"captioner {self.engine.name} returned {len(outputs)} captions "
                                f"for {len(images)} images")
         return outputs
+
+
+    def _alone(self, image: Image.Image, params: SamplingParams, error: Exception | None) -> Generation | None:
+        """One image's caption asked alone (`error`: how that already failed), None if it fails."""
+        if error is None:
+            try:
+                output = self.engine.caption([image], self.config.prompt, [params])[0]
+                self.errors_in_row = 0
+                return output
+            except Exception as exc:  # noqa: BLE001 - counted per image; re-raised when the engine is down
+                if self._unreachable(exc):
+                    raise
+                error = exc
+        self.errors_in_row += 1
+        if self.errors_in_row >= IMAGE_ERRORS_IN_ROW:
+            raise RuntimeError(f"captioner {self.engine.name}: {self.errors_in_row} images in a row failed on "
+                               f"their own, so the engine itself is failing: {error}") from error
+        return None
+
+    def _unreachable(self, error: Exception) -> bool:
+        check = getattr(self.engine, "unreachable", None)
+        return isinstance(error, (ConnectionError, TimeoutError)) or bool(check and check(error))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import base64
 import io
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from PIL import Image
 
@@ -35,7 +35,9 @@ class OpenAIVisionEngine:
                  concurrency: int = 8, timeout: float = 120.0, retries: int = 2, jpeg_quality: int = 90):
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=base_url or os.environ.get("OPENAI_BASE_URL"),
+        # As the text engine: the option, else OPENAI_BASE_URL, else a local server. Never a hosted API by
+        # default: the images would leave the cluster.
+        self.client = OpenAI(base_url=base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1",
                              api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
                              timeout=timeout, max_retries=retries)
         self.model, self.concurrency, self.jpeg_quality = model, max(1, concurrency), jpeg_quality
@@ -55,5 +57,22 @@ class OpenAIVisionEngine:
 
     def caption(self, images: Sequence[Image.Image], prompt: str, params: Sequence[SamplingParams]) -> list[Generation]:
         check_paired(images, params, "images")
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda pair: self._one(pair[0], prompt, pair[1]), zip(images, params)))
+        if not images:
+            return []
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(images)))
+        try:
+            futures = [pool.submit(self._one, image, prompt, p) for image, p in zip(images, params)]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:  # after a failure send nothing more: a dead server costs one timeout, not one per image
+            pool.shutdown(wait=True, cancel_futures=True)
+        for future in futures:
+            if not future.cancelled() and future.exception() is not None:
+                raise future.exception()
+        return [f.result() for f in futures]
+
+    @staticmethod
+    def unreachable(error: Exception) -> bool:
+        """Whether the server could not be reached or timed out (not an error about one image)."""
+        from openai import APIConnectionError  # APITimeoutError is one
+
+        return isinstance(error, APIConnectionError)

@@ -5,8 +5,8 @@ import collections
 import pytest
 from PIL import Image
 
-from curation.caption import (FUSION_INSTRUCTION, VEC_PROMPT, CaptionConfig, Captioner, Degenerate, Fuser,
-                              FusionReason, clean_vlm_output, degenerate_reason, summarise)
+from curation.caption import (FUSION_INSTRUCTION, IMAGE_ERRORS_IN_ROW, VEC_PROMPT, CaptionConfig, Captioner,
+                              Degenerate, Fuser, FusionReason, clean_vlm_output, degenerate_reason, summarise)
 from curation.engines.base import Generation
 from curation.validation import OutputReason
 
@@ -111,11 +111,29 @@ def test_an_image_the_engine_fails_on_costs_only_its_own_caption():
             return super().caption(images, prompt, params)
 
     engine = Picky({1: ["a red circle on white"], 3: ["two blue squares"]})
-    rows = Captioner(engine, CaptionConfig(captioner_model="x")).caption(["a", "b", "c"], images(1, 2, 3), seed=0)
+    captioner = Captioner(engine, CaptionConfig(captioner_model="x"))
+    rows = captioner.caption(["a", "b", "c"], images(1, 2, 3), seed=0)
     assert [r.text for r in rows] == ["a red circle on white", None, "two blue squares"]
     assert rows[1].stats["vec.engine_error"] == 1 and rows[1].stats["vec.null"] == 1
-    with pytest.raises(RuntimeError, match="processor"):
-        Captioner(engine, CaptionConfig(captioner_model="x")).caption(["b", "b2"], images(2, 2), seed=0)
+    # Alone in its batch (a shard's last row), the same image costs the same: its caption, not the run.
+    (alone,) = captioner.caption(["b"], images(2), seed=0)
+    assert alone.text is None and alone.stats["vec.engine_error"] == 1
+    # Image after image failing on its own, across batches, is the engine failing: the run stops.
+    with pytest.raises(RuntimeError, match=f"{IMAGE_ERRORS_IN_ROW} images in a row failed on their own"):
+        for batch in range(IMAGE_ERRORS_IN_ROW):
+            captioner.caption([f"b{batch}"], images(2), seed=0)
+
+
+def test_a_captioner_that_cannot_reach_its_server_stops_at_once():
+    class Down(ScriptedVision):
+        def caption(self, images, prompt, params):
+            self.calls.append(len(images))
+            raise ConnectionError("connection refused")
+
+    engine = Down({})
+    with pytest.raises(ConnectionError):
+        Captioner(engine, CaptionConfig(captioner_model="x", engine_retries=0)).caption(["a", "b"], images(1, 3), seed=0)
+    assert engine.calls == [2]  # no image-by-image round after the batch
 
 
 @pytest.mark.parametrize("answer,kept,reason", [

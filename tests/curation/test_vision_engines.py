@@ -179,3 +179,18 @@ def test_module_imports_stay_lazy():
             "print('vllm' in sys.modules, 'openai' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_openai_captioner_defaults_to_a_local_server_and_knows_an_unreachable_one(monkeypatch):
+    """Never a hosted API by default (the images would leave the cluster); a dead server is the engine's
+    failure, which the captioner stops on instead of trying image after image."""
+    from tests.curation.servers import free_port
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    local = make_vision_engine(EngineSpec("openai", "fake-vlm"))
+    assert str(local.client.base_url).startswith("http://127.0.0.1:8000/v1")
+    dead = make_vision_engine(EngineSpec("openai", "fake-vlm", options={
+        "base_url": f"http://127.0.0.1:{free_port()}/v1", "retries": 0, "timeout": 5.0}))
+    with pytest.raises(Exception) as info:
+        dead.caption([Image.new("RGB", (8, 8))] * 3, "Describe.", [SamplingParams(4, 0.0, 1.0, s) for s in range(3)])
+    assert dead.unreachable(info.value) and not dead.unreachable(ValueError("bad image"))
