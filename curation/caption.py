@@ -162,11 +162,17 @@ class CaptionConfig:
 
     def captioner_spec(self) -> EngineSpec:
         return EngineSpec(self.captioner_engine, self.captioner_model, None, self.captioner_dtype,
-                          dict(self.captioner_options))
+                          self._gpu_share(self.captioner_options))
 
     def fusion_spec(self) -> EngineSpec:
         return EngineSpec(self.fusion_engine, self.fusion_model, self.fusion_gguf_file, self.fusion_dtype,
-                          dict(self.fusion_options))
+                          self._gpu_share(self.fusion_options))
+
+    def _gpu_share(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The engine's options; with both engines on vLLM in the one pipeline, half the GPU each unless
+        set (each alone defaults to 0.85-0.9 of it, and the second would not start)."""
+        both = self.fuse and self.captioner_engine == self.fusion_engine == "vllm"
+        return {"gpu_memory_utilization": VLLM_SHARED_GPU, **options} if both else dict(options)
 
 
 def clean_vlm_output(text: str) -> str:
@@ -219,6 +225,8 @@ class RowCaption:
     stats: collections.Counter
 
 
+# Each vLLM engine's share of the GPU when the captioner and the fusion LLM both run on vLLM.
+VLLM_SHARED_GPU = 0.45
 # Images in a row that each failed on their own: past this the captioner, not an image, is what fails.
 IMAGE_ERRORS_IN_ROW = 8
 

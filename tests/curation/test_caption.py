@@ -5,8 +5,9 @@ import collections
 import pytest
 from PIL import Image
 
-from curation.caption import (FUSION_INSTRUCTION, IMAGE_ERRORS_IN_ROW, VEC_PROMPT, CaptionConfig, Captioner,
-                              Degenerate, Fuser, FusionReason, clean_vlm_output, degenerate_reason, summarise)
+from curation.caption import (FUSION_INSTRUCTION, IMAGE_ERRORS_IN_ROW, VEC_PROMPT, VLLM_SHARED_GPU, CaptionConfig,
+                              Captioner, Degenerate, Fuser, FusionReason, clean_vlm_output, degenerate_reason,
+                              summarise)
 from curation.engines.base import Generation
 from curation.validation import OutputReason
 
@@ -223,3 +224,12 @@ def test_config_refuses_nonsense():
         CaptionConfig(fusion_prompt_format="poem")
     with pytest.raises(ValueError):
         CaptionConfig(prompt="  ")
+
+
+def test_two_vllm_engines_in_one_caption_run_share_the_gpu():
+    both = CaptionConfig(captioner_engine="vllm", captioner_model="x", fusion_engine="vllm",
+                         fusion_options={"gpu_memory_utilization": 0.3})
+    assert both.captioner_spec().options["gpu_memory_utilization"] == VLLM_SHARED_GPU
+    assert both.fusion_spec().options["gpu_memory_utilization"] == 0.3  # what the user set stands
+    alone = CaptionConfig(captioner_engine="vllm", captioner_model="x", fuse=False)
+    assert "gpu_memory_utilization" not in alone.captioner_spec().options  # the engine's own default
