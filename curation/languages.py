@@ -76,9 +76,11 @@ def is_function_word(word: str, language: str = "en") -> bool:
     return zipf_frequency(word, language) >= _FUNCTION_ZIPF
 
 
-def words_of(text: str) -> list[str]:
-    """The text's casefolded words, from its NFKC form (fullwidth letters are words wordfreq knows)."""
-    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+def words_of(text: str, casefold: bool = True) -> list[str]:
+    """The text's words, casefolded unless asked not to, from its NFKC form (fullwidth letters are words
+    wordfreq knows)."""
+    text = unicodedata.normalize("NFKC", text)
+    return _WORD.findall(text.casefold() if casefold else text)
 
 
 def language_shares(text: str) -> dict[str, float] | None:

@@ -64,8 +64,9 @@ class ValidationConfig:
     # Every number and colour of the input is in the output ("3 red circles" is not "5 blue circles"): the
     # instruction asks to keep them, and a trainer learns counts and colours from these texts.
     keep_numbers_and_colours: bool = True
-    # A run of this many words of the instruction or an example, absent from the input, is an echo.
-    echo_words: int = 5
+    # A run of this many words of the instruction or an example, absent from the input, is an echo (five
+    # took everyday phrases for echoes: "as the sun goes down", "on a plain white background").
+    echo_words: int = 6
     # An output of 5+ words in which under this share of the adjacent word pairs are distinct is a generation
     # stuck in a loop ("a red car a red car a red car"); 0 turns the check off.
     min_distinct_pairs: float = 0.5
@@ -77,7 +78,7 @@ class ValidationConfig:
 # input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `_chatter`.
 _CHATTER = re.compile(
     r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are)\b|i (can|cannot|can't|will|'ll|am|'m|"
-    r"apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|great\b|"
+    r"apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|great\s*[!,.]|"
     # A labelled answer: "New caption:", "Caption 2:", "Rewording:", "Assistant:".
     r"((new|alternative|alternate|another|improved|revised|rewritten|rephrased|final)\s+)?(caption|rewrite|rewording|"
     r"rephrasing|paraphrase|version|option|answer|output|response|result|note|assistant|user|system)(\s*#?\d+)?\s*:|"
@@ -183,8 +184,25 @@ class _Source:
         return dominant_script(self.text)
 
     @cached_property
-    def language(self) -> str | None:
+    def _plain_words(self) -> frozenset[str]:
+        """Its words written in lower case: a capitalised word may be a name from another language."""
+        return frozenset(w.casefold() for w in words_of(self.text, casefold=False) if not w[:1].isupper())
+
+    @cached_property
+    def _whole_language(self) -> str | None:
         return main_language(self.text)
+
+    @cached_property
+    def _named_language(self) -> bool:
+        """Whether its language comes from its names alone ("Mont Saint Michel at sunset" is no French):
+        two or more lower-case words it knows, and none of them in the language of the whole."""
+        known = [w for w in self._plain_words if languages_of(w)]
+        return (self._whole_language is not None and len(known) >= 2
+                and self._whole_language not in likely_languages(known))
+
+    @cached_property
+    def language(self) -> str | None:
+        return None if self._named_language else self._whole_language
 
     @cached_property
     def content(self) -> frozenset[str]:
@@ -204,8 +222,9 @@ class _Source:
 
     @cached_property
     def likely_languages(self) -> frozenset[str] | None:
-        """`_likely_languages` of its words; None under two words wordfreq knows (one is no evidence)."""
-        words = frozenset(words_of(self.text))
+        """`_likely_languages` of its words (of its lower-case ones where the names decided the language);
+        None under two words wordfreq knows (one is no evidence)."""
+        words = self._plain_words if self._named_language else frozenset(words_of(self.text))
         if sum(bool(languages_of(word)) for word in words) < 2:
             return None
         return likely_languages(words)

@@ -78,6 +78,10 @@ class TextEngine(Protocol):
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[Generation]: ...
 
 
+# The date a chat template that prints one is given (Llama 3's own default).
+TEMPLATE_DATE = "26 Jul 2024"
+
+
 class ChatTokenizer:
     """Chat formatting and token counting over a Hugging Face tokenizer at `self.tokenizer`.
 
@@ -97,8 +101,25 @@ class ChatTokenizer:
             return False
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
-        """The model's own chat template, ending with the assistant's turn opened."""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """The model's own chat template, ending with the assistant's turn opened.
+
+        A template with no system role (Gemma, early Mistral: they raise on one) gets the system text at
+        the head of the first user turn. Templates that print today's date (Llama 3) get a fixed one, so a
+        prompt, and a prefix-cached group of them, is the same whatever day the stage runs.
+        """
+        from jinja2.exceptions import TemplateError
+
+        def render(turns: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True,
+                                                      date_string=TEMPLATE_DATE)
+
+        try:
+            return render(messages)
+        except TemplateError:
+            if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+                raise
+            system, first, *rest = messages
+            return render([{**first, "content": f"{system['content']}\n\n{first['content']}"}, *rest])
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """The token ids every local backend feeds the model for these prompts, so that they all see the same.

@@ -380,3 +380,26 @@ def test_openai_engine_reads_the_server_address_from_openai_base_url(monkeypatch
         assert engine.name == f"openai:{server.base_url}:served"
     elsewhere = _openai("http://127.0.0.1:9/v1")
     assert elsewhere.name.startswith("openai:http://127.0.0.1:9/v1")
+
+
+# A Gemma-style template: no system role, and (as Llama 3's) today's date unless given one.
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+    "{% if add_generation_prompt %}<model date={{ date_string | default('today') }}>{% endif %}")
+
+
+def test_a_template_without_a_system_role_gets_the_instruction_in_the_first_user_turn(tiny_model):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    from curation.engines.base import TEMPLATE_DATE, ChatTokenizer
+
+    class Chat(ChatTokenizer):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    Chat.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    messages = [{"role": "system", "content": "Rewrite the caption."}, {"role": "user", "content": "a red circle"},
+                {"role": "assistant", "content": "one red ring"}, {"role": "user", "content": "two blue squares"}]
+    assert Chat().format_chat(messages) == (
+        "<user>Rewrite the caption.\n\na red circle</user><assistant>one red ring</assistant>"
+        f"<user>two blue squares</user><model date={TEMPLATE_DATE}>")
