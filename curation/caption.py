@@ -396,6 +396,7 @@ class Fuser:
         for i, alt in enumerate(alt_texts):
             if _WORDS.search(alt):
                 pending.append(i)
+                rows[i].stats[f"fusion.prompt_format.{self.format_name}"] += 1  # see mixed_formats_warning
             else:  # nothing to merge: the VeC is the VeCap (VeCLIP's rule for an empty alt-text)
                 rows[i].stats["fusion.empty_alt_text"] += 1
         for attempt in range(cfg.fusion_attempts):

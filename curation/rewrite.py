@@ -270,6 +270,9 @@ class Rewriter:
         for r, text in enumerate(cleaned):
             if text:
                 queue.extend(_Request(r, i, 0) for i in range(cfg.k))
+                # Which layout its prompts had: a resume whose engine resolved "auto" otherwise (an openai
+                # server's tokenizer found one day, not the next) shows as two formats in the manifest.
+                rows[r].stats[f"prompt_format.{self.format_name}"] += 1
             else:
                 rows[r].stats["fallback.empty_caption"] += cfg.k
         size = self._call_size(cleaned)
@@ -359,6 +362,16 @@ def _token_counts(engine: TextEngine, texts: list[str]) -> list[int] | None:
         return counter(texts) if counter else None
     except (OSError, ValueError):
         return None
+
+
+def mixed_formats_warning(totals: dict[str, Any], prefix: str, flag: str) -> str | None:
+    """A warning when the shards' prompts had more than one layout (the engine resolved "auto" otherwise
+    in a resumed run), else None. `prefix` is the stats key of the per-row format counts."""
+    formats = {k[len(prefix):]: v for k, v in totals.items() if k.startswith(prefix)}
+    if len(formats) < 2:
+        return None
+    return (f"the rows' prompts had {len(formats)} layouts ({formats}): the engine resolved 'auto' "
+            f"differently in a resumed run; name the layout ({flag}) and --overwrite to make them one")
 
 
 def summarise(stats: collections.Counter) -> dict[str, Any]:

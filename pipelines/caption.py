@@ -29,6 +29,7 @@ from curation.engines.vision_tiny import build_tiny_vlm, is_random_model
 from curation.images import ImageConfig, prepare_image
 from curation.records import Rejected
 from curation.rejects import reject, rejects_table
+from curation.rewrite import mixed_formats_warning
 from curation.schema import PAIR_SCHEMA, conform
 from curation.shards import atomic_write_bytes, finished_shards, shard_name
 from pipelines.common import (ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, shard_runs,
@@ -276,6 +277,11 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     elapsed = time.perf_counter() - start
     counters = _shard_stats(plan.output)
     images = _shard_stats(plan.output, {shard_name(i) for i, _ in plan.todo}).get("image.prepared", 0)
+    warnings = [RANDOM_MODEL_WARNING] if random_model else []
+    mixed = mixed_formats_warning(counters, "fusion.prompt_format.", "--fusion_prompt_format")
+    if mixed:
+        print(f"[{STAGE}] warning: {mixed}")
+        warnings.append(mixed)
     manifest = finish_stage(
         plan, STAGE, recorded, seconds=round(elapsed, 3), resumed_shards=plan.done,
         captioner_engine=config.captioner_engine, captioner_model=config.captioner_model,
@@ -283,7 +289,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         fusion="skipped" if not config.fuse else f"{config.fusion_engine}:{config.fusion_model}",
         fusion_prompt_version=config.fusion_prompt_version if config.fuse else None,
         images_per_second=round(images / elapsed, 2) if plan.todo and elapsed > 0 else None,
-        warnings=[RANDOM_MODEL_WARNING] if random_model else None, **summarise(counters))
+        warnings=warnings or None, **summarise(counters))
     return StageResult(manifest, plan.output, plan.kept)
 
 

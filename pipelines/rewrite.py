@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from curation.engines import resolve_model
-from curation.rewrite import PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, RowRewrite, selected, summarise
+from curation.rewrite import (PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, RowRewrite, mixed_formats_warning,
+                              selected, summarise)
 from curation.shards import atomic_write_bytes, shard_name
 from curation.validation import ValidationConfig
 from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage, shard_runs
@@ -228,7 +229,11 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     stats = totals | {"seconds": round(elapsed, 3), "resumed_shards": plan.done, "shards_processed": len(plan.todo)}
     if elapsed > 0 and plan.todo:
         stats["captions_per_s_this_run"] = round(sum(_rows(p) for _, p in plan.todo) / elapsed, 3)
-    return StageResult(finish_stage(plan, STAGE, recorded, **stats), plan.output, plan.kept)
+    mixed = mixed_formats_warning(totals, "prompt_format.", "--rewrite_prompt_format")
+    if mixed:
+        print(f"[{STAGE}] warning: {mixed}")
+    manifest = finish_stage(plan, STAGE, recorded, warnings=[mixed] if mixed else None, **stats)
+    return StageResult(manifest, plan.output, plan.kept)
 
 
 def _rows(path: str) -> int:

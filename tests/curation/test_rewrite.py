@@ -397,3 +397,14 @@ def test_tiny_model_rewrites_depend_on_neither_the_batch_nor_the_run(tiny_model)
     for row, caption in zip(first, CAPTIONS):
         assert len(row.rewrites) == 2 and all(isinstance(w, str) and w for w in row.rewrites)
         assert row.stats["fallback"] == sum(w == caption for w in row.rewrites)
+
+
+def test_rows_count_their_prompt_layout_and_two_layouts_warn():
+    from curation.rewrite import mixed_formats_warning
+
+    rows = Rewriter(StubEngine(good_reply), RewriteConfig(k=2)).rewrite(KEYS, CAPTIONS, seed=0)
+    assert all(r.stats["prompt_format.chat"] == 1 for r in rows)
+    assert mixed_formats_warning({"prompt_format.chat": 5}, "prompt_format.", "--rewrite_prompt_format") is None
+    warning = mixed_formats_warning({"prompt_format.chat": 5, "prompt_format.completion": 2, "kept": 9},
+                                    "prompt_format.", "--rewrite_prompt_format")
+    assert "2 layouts ({'chat': 5, 'completion': 2})" in warning and "--rewrite_prompt_format" in warning
