@@ -255,7 +255,8 @@ class Rewriter:
         return self._layout(example_group(group, self.config.examples_per_prompt), cleaned)
 
     def rewrite(self, keys: Sequence[str], captions: Sequence[str], seed: int) -> list[RowRewrite]:
-        """k rewrites per caption. Row order is kept; results depend only on (seed, key, caption, config).
+        """k rewrites per caption. Row order is kept; results depend only on (seed, key, caption, config),
+        up to the engine's numerics (exact in fp32 on CPU; see transformers_engine).
 
         Requests wait in one queue and go to the engine in calls of the
         engine's preferred size; a refused request goes back to the end of the

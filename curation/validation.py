@@ -105,7 +105,8 @@ _MAX_KEPT_DIGITS = 4
 _COUNTS = {
     1: ("one", "a", "an", "single", "lone"), 2: ("two", "pair", "couple", "both", "twin"), 3: ("three", "trio"),
     4: ("four",), 5: ("five",), 6: ("six",), 7: ("seven",), 8: ("eight",), 9: ("nine",), 10: ("ten",),
-    11: ("eleven",), 12: ("twelve", "dozen"),
+    11: ("eleven",), 12: ("twelve", "dozen"), 20: ("twenty",), 30: ("thirty",), 40: ("forty",), 50: ("fifty",),
+    60: ("sixty",), 70: ("seventy",), 80: ("eighty",), 90: ("ninety",),
 }
 _COUNT_WORDS = {word: n for n, words in _COUNTS.items() for word in words[:1]}  # what states a count
 _COUNT_SAYERS = {word: n for n, words in _COUNTS.items() for word in words}     # what may carry it on
@@ -115,6 +116,8 @@ _COLOURS = {c: c for c in ("red", "orange", "yellow", "green", "blue", "purple",
     "gray": "grey", "golden": "gold", "crimson": "red", "scarlet": "red", "ruby": "red", "navy": "blue",
     "azure": "blue", "cobalt": "blue", "emerald": "green", "lime": "green", "violet": "purple",
     "lavender": "purple", "ivory": "white", "charcoal": "grey"}
+# Words that say several colours at once: "black and white" may become "monochrome".
+_COLOUR_SETS = {word: ("black", "white", "grey") for word in ("monochrome", "greyscale", "grayscale")}
 # Colour words that are as often things (an orange, gold, a golden retriever): kept in an output, never asked.
 _AMBIGUOUS_COLOURS = frozenset({"orange", "gold", "golden"})
 # What the completion layout puts between a caption and its rewrite (`source => target`): an output holding it
@@ -329,7 +332,8 @@ def changed_fact(source: str, output: str) -> bool:
     facts = _source(source)
     if facts.counts - _counts(output, _COUNT_SAYERS):
         return True
-    kept = {_COLOURS[w] for w in words_of(output) if w in _COLOURS}
+    words = words_of(output)
+    kept = {_COLOURS[w] for w in words if w in _COLOURS} | {c for w in words for c in _COLOUR_SETS.get(w, ())}
     return not facts.colours <= kept
 
 

@@ -61,6 +61,13 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
     check_paired(prompts, params)
     if not prompts:
         return []
+    return _recover(engine, list(prompts), list(params), retries, backoff_s, stop, sleep, {"ok": 0})
+
+
+def _recover(engine: TextEngine, prompts: list[str], params: list[SamplingParams], retries: int, backoff_s: float,
+             stop: Sequence[str], sleep: Callable[[float], None], done: dict[str, int]) -> list[Generation]:
+    """One batch of `generate_with_recovery`; `done` counts the generations its calls have returned, so a
+    failure where none came back is told as the engine's, not one request's."""
     retried_inside = bool(getattr(engine, "retries_requests", False))
     attempts = attempts_for(engine, retries)
 
@@ -72,8 +79,10 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
 
     name = getattr(engine, "name", "?")
     try:
-        return with_retries(call, attempts=attempts, backoff_s=backoff_s, sleep=sleep,
-                            what=f"engine {name} on {len(prompts)} prompts")
+        out = with_retries(call, attempts=attempts, backoff_s=backoff_s, sleep=sleep,
+                           what=f"engine {name} on {len(prompts)} prompts")
+        done["ok"] += len(out)
+        return out
     except EngineFailure:
         raise
     except Exception as exc:  # noqa: BLE001 - reported below, or the batch is split
@@ -82,12 +91,12 @@ def generate_with_recovery(engine: TextEngine, prompts: Sequence[str], params: S
         raise EngineFailure(f"engine {name} failed with the engine's own retries, in a call of {len(prompts)} "
                             f"request(s): {type(error).__name__}: {error}") from error
     if len(prompts) == 1:  # the caption sits at the prompt's end: its tail finds the row that breaks the engine
+        down = "" if done["ok"] else "; no call of this batch succeeded, so the engine itself may be down"
         raise EngineFailure(f"engine {name} failed on 1 request(s) after {attempts} attempts: "
-                            f"{type(error).__name__}: {error} (prompt ending {prompts[0][-100:]!r})") from error
+                            f"{type(error).__name__}: {error} (prompt ending {prompts[0][-100:]!r}){down}") from error
     half = len(prompts) // 2
-    kwargs = {"retries": retries, "backoff_s": backoff_s, "stop": stop, "sleep": sleep}
-    return (generate_with_recovery(engine, prompts[:half], params[:half], **kwargs)
-            + generate_with_recovery(engine, prompts[half:], params[half:], **kwargs))
+    return (_recover(engine, prompts[:half], params[:half], retries, backoff_s, stop, sleep, done)
+            + _recover(engine, prompts[half:], params[half:], retries, backoff_s, stop, sleep, done))
 
 
 def _release_memory() -> None:

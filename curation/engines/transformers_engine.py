@@ -2,7 +2,8 @@
 
 Loads by hub id, local folder, or a GGUF file inside a folder (dequantised on
 load). bf16 on CUDA, fp32 on CPU. Each request is sampled with its own seed
-(see seeding.py), so a caption's rewrites do not depend on its batch.
+(see seeding.py), so a caption's rewrites do not depend on its batch: exactly in fp32 on CPU; in bf16 on
+a GPU the batch's shape changes the kernels' rounding, and with it now and then a sampled token.
 
 Batch size: on a GPU the rows of one `generate` call are what fits in free
 memory (`bytes_per_row`: the KV cache, plus the larger of the prefill's

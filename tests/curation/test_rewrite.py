@@ -371,8 +371,18 @@ def test_recovery_retries_then_splits_then_fails_clearly():
     big = Flaky(max_ok_batch=2)
     out = generate_with_recovery(big, list("abcdefg"), _params(7), retries=1, sleep=no_sleep)
     assert [g.text for g in out] == list("ABCDEFG")
-    with pytest.raises(EngineFailure, match="CUDA out of memory"):
+    with pytest.raises(EngineFailure, match="CUDA out of memory.*no call of this batch succeeded, so the engine "
+                                            "itself may be down"):
         generate_with_recovery(Flaky(always=True), ["a", "b"], _params(2), retries=1, sleep=no_sleep)
+
+    class OneBadPrompt(Flaky):
+        def generate(self, prompts, params):
+            if "bad" in prompts:
+                raise RuntimeError("this prompt breaks the engine")
+            return super().generate(prompts, params)
+
+    with pytest.raises(EngineFailure, match="prompt ending 'bad'\\)$"):  # one request's failure, not the engine's
+        generate_with_recovery(OneBadPrompt(), ["a", "b", "bad", "c"], _params(4), retries=0, sleep=no_sleep)
 
 
 def test_tiny_model_rewrites_depend_on_neither_the_batch_nor_the_run(tiny_model):
