@@ -24,7 +24,8 @@
   stream (before decoding), and `LoaderState` records, per reader, what was
   consumed and whether its epoch end was. A resumed reader fast-forwards
   without decoding and drops the counts of what it skips (they were counted
-  before the checkpoint), so batches and counters equal an uninterrupted run's.
+  before the checkpoint), so batches and counters equal an uninterrupted run's;
+  row groups whose rows it all skips are read without their images and texts.
 """
 
 from __future__ import annotations
@@ -133,12 +134,19 @@ class ShardStream(IterableDataset):
             offset += unit.rows
         return pieces
 
-    def _rows(self, pieces: list[Piece], epoch: int, counts: collections.Counter) -> Iterator[dict]:
+    def _rows(self, pieces: list[Piece], epoch: int, counts: collections.Counter, light: frozenset[int] = frozenset(),
+              survivors: dict[int, int] | None = None) -> Iterator[dict]:
+        """The rows that pass holdout and curation, each tagged with its piece's number (`_piece`).
+
+        Pieces in `light` are read without images and texts: a resumed reader skips all their rows.
+        `survivors` gets each fully read piece's count of passing rows.
+        """
         spec = self.spec
-        for piece in pieces:
+        for number, piece in enumerate(pieces):
             unit, own = piece.unit, None if piece.whole else list(range(piece.start, piece.stop))
             if spec.train:
-                table = read_unit(spec.shards, unit, spec.columns, own)
+                columns = ["key", *spec.curation_columns] if number in light else spec.columns
+                table = read_unit(spec.shards, unit, columns, own)
             else:  # keys first: only the held-out rows' images are read
                 keys = read_unit(spec.shards, unit, ["key"]).column("key").to_pylist()
                 held = [i for i in range(piece.start, piece.stop) if is_holdout(keys[i], spec.holdout_fraction)]
@@ -146,13 +154,33 @@ class ShardStream(IterableDataset):
                     continue
                 table = read_unit(spec.shards, unit, spec.columns, held)
             keep = keep_probabilities_of(table, spec.entry_p, unit.path) if spec.curation_columns else None
+            passed = 0
             for i, row in enumerate(table.to_pylist()):
                 if spec.train and is_holdout(row["key"], spec.holdout_fraction):
                     continue
                 if keep is not None and unit_uniform(spec.seed, row["key"], epoch, "keep") >= keep[i]:
                     counts["curated_out"] += 1
                     continue
+                passed += 1
+                row["_piece"] = number
                 yield row
+            if survivors is not None:
+                survivors[number] = passed
+
+    def _skipped_pieces(self, pieces: list[Piece], reader: int, epoch: int, skip: int) -> frozenset[int]:
+        """The pieces whose passing rows all come before stream position `skip`, found from keys alone.
+
+        The shuffle's draws depend only on how many rows it holds, so the keys-only stream puts every row
+        where the full one does: those pieces' images and texts need not be read to be skipped.
+        """
+        survivors: dict[int, int] = {}
+        rows = self._rows(pieces, epoch, collections.Counter(), frozenset(range(len(pieces))), survivors)
+        before: collections.Counter = collections.Counter()
+        for index, row in enumerate(self._shuffled(rows, reader, epoch)):
+            if index >= skip:
+                break
+            before[row["_piece"]] += 1
+        return frozenset(number for number, passed in survivors.items() if before[number] == passed)
 
     def _shuffled(self, rows: Iterator[dict], reader: int, epoch: int) -> Iterator[dict]:
         if not self.spec.train or self.spec.shuffle_buffer <= 1:
@@ -179,7 +207,9 @@ class ShardStream(IterableDataset):
         counts: collections.Counter = collections.Counter()
         pending: list[dict] = []
         taken = 0
-        stream = self._shuffled(self._rows(self._pieces(reader, readers, epoch), epoch, counts), reader, epoch)
+        pieces = self._pieces(reader, readers, epoch)
+        light = self._skipped_pieces(pieces, reader, epoch, skip) if skip and spec.train else frozenset()
+        stream = self._shuffled(self._rows(pieces, epoch, counts, light), reader, epoch)
         for index, row in enumerate(stream):
             if index < skip:
                 counts.clear()

@@ -122,6 +122,31 @@ def test_resume_mid_run_gives_the_batches_of_an_uninterrupted_run(raw_pairs, tok
     assert head + tail == straight
 
 
+def test_a_resumed_reader_skips_row_groups_without_reading_their_images(raw_pairs, tokenizer, tmp_path, monkeypatch):
+    """Fast-forwarding past most of an epoch reads the skipped row groups' keys only; the batches after the
+    resume point are those of the straight epoch, and so are their counters."""
+    import training.data
+
+    small_groups = tmp_path / "small-groups"
+    small_groups.mkdir()
+    for i, path in enumerate(sorted(raw_pairs.glob("part-*.parquet"))):
+        table = _set_column(pq.read_table(path), "keep_prob", [0.5] * pq.read_metadata(path).num_rows)
+        pq.write_table(table, small_groups / shard_name(i), row_group_size=16)
+    spec = _spec(small_groups, online_curation=True, needed=["keep_prob"], shuffle_buffer=20)
+    reads, real = [], training.data.read_unit
+    monkeypatch.setattr(training.data, "read_unit", lambda shards, unit, columns, rows=None: (
+        reads.append("image" in columns), real(shards, unit, columns, rows))[1])
+    stream = ShardStream(spec, tokenizer, 8)
+    straight = list(stream.epoch(0, 1, 0))
+    image_reads = sum(reads)
+    reads.clear()
+    at = len(straight) - 4  # near the end: a row may wait long in the shuffle buffer, so its group is read
+    resumed = list(stream.epoch(0, 1, 0, skip=straight[at]["stream_end"]))
+    assert [b.get("keys") for b in resumed] == [b.get("keys") for b in straight[at + 1:]]
+    assert [b["counts"] for b in resumed] == [b["counts"] for b in straight[at + 1:]]
+    assert 0 < sum(reads) < image_reads / 2
+
+
 def _write_variant(raw_pairs, directory, change) -> None:
     """Copy the ingest shards, applying change(table, index) -> table."""
     directory.mkdir(parents=True)
