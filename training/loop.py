@@ -94,7 +94,8 @@ def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_leng
             tokenizer = named if named is not None else load_tokenizer(config.tokenizer, context_length)
         else:
             vocab = config.vocab_size or PRESETS[config.preset].vocab_size
-            tokenizer = train_bpe(iter_texts(shards, config.holdout_fraction), vocab, context_length)
+            sampled = TextSampling(config.use_rewrites, config.fused_ratio, config.synthetic_ratio).columns
+            tokenizer = train_bpe(iter_texts(shards, config.holdout_fraction, sampled), vocab, context_length)
         tokenizer.save_pretrained(output)
         return tokenizer
 
@@ -258,7 +259,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
                         "first_loss": loss_curve[0][1] if loss_curve else None,
                         "final_loss": loss_curve[-1][1] if loss_curve else None,
                         "epochs": loader_state.epoch, **counts_summary(counts)})
-        log.log(steps, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+        log.replace(steps, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
         log.close()
         curves = plot_curves(output)
         atomic_write_bytes(output / METRICS_JSON, json.dumps(metrics, indent=2).encode())
@@ -329,7 +330,7 @@ class _Run:
         def check(at: int, reset_loss: bool) -> HealthReport:
             """Read the step's counters (one sync), report skipped steps, stop a diverged run."""
             report = self.train_step.health.read(reset_loss)
-            if report.new_bad:
+            if report.new_bad and d.main:  # every rank counts the same steps: one says so
                 progress.write(f"[train] steps {window['read'] + 1}..{at}: {report.new_bad} with a non-finite loss "
                                f"or gradient, update skipped ({report.bad_in_row} in a row, {report.bad_total} in all)")
             window["read"] = at

@@ -55,6 +55,13 @@ class MetricsLog:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
 
+    def replace(self, step: int, values: dict[str, float]) -> None:
+        """Log `values` at `step` in place of rows of the same metrics there: a finished run rerun (it
+        resumes at its last step) writes its final metrics once, not once per run."""
+        kept = [r for r in self.read(self.path) if not (int(r["step"]) == step and r["metric"] in values)]
+        self._write_all(kept)
+        self.log(step, values)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

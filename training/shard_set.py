@@ -174,9 +174,10 @@ def is_holdout(key: str, fraction: float) -> bool:
     return fraction > 0 and unit_uniform(HOLDOUT_SALT, key) < fraction
 
 
-def iter_texts(shards: ShardSet, holdout_fraction: float) -> Iterator[str]:
-    """Every training text (captions, rewrites, fused and synthetic captions) in shard order: BPE food."""
-    wanted = [c for c in TEXT_COLUMNS if c in shards.columns]
+def iter_texts(shards: ShardSet, holdout_fraction: float, sampled: Iterable[str] = TEXT_COLUMNS) -> Iterator[str]:
+    """Every training text in shard order, BPE food: the caption and the `sampled` text columns (those the
+    run trains on: merges spent on texts it never sees are lost to the ones it does)."""
+    wanted = [c for c in TEXT_COLUMNS if c in shards.columns and (c == "caption" or c in sampled)]
     for path, own in shards.file_columns.items():
         table = _with_nulls(pq.read_table(path, columns=["key", *(c for c in wanted if c in own)]), wanted)
         for row in table.to_pylist():

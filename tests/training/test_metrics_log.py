@@ -11,6 +11,16 @@ def test_a_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path):
     assert MetricsLog.series(tmp_path / "metrics.csv", "loss") == [(10, 2.0), (20, 1.0), (30, 0.5)]
 
 
+def test_a_rerun_finished_run_writes_its_final_metrics_once(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.log(20, {"loss": 1.0})
+    log.replace(20, {"zeroshot_top1": 0.2})
+    again = MetricsLog(tmp_path, resume_step=20, tensorboard=False)  # the rerun resumes at the last step
+    again.replace(20, {"zeroshot_top1": 0.25})
+    rows = MetricsLog.read(tmp_path / "metrics.csv")
+    assert [(r["step"], r["metric"], r["value"]) for r in rows] == [("20", "loss", "1.0"), ("20", "zeroshot_top1", "0.25")]
+
+
 def test_metrics_csv_gets_its_header_when_missing_on_resume(tmp_path):
     log = MetricsLog(tmp_path, resume_step=40, tensorboard=False)
     log.log(41, {"loss": 1.5})

@@ -353,3 +353,18 @@ def test_demo_flags_point_at_the_demo_eval_split(tmp_path):
     assert flags[flags.index("--eval") + 1] == str(tmp_path / "demo" / "eval")
     assert flags[flags.index("--classes") + 1] == str(tmp_path / "demo" / "classes.json")
     assert "--fused_ratio" not in flags  # nothing captioned yet
+
+
+def test_the_bpe_learns_from_the_texts_the_run_samples_only(raw_pairs, tmp_path):
+    from training.shard_set import inspect_shards, iter_texts
+
+    variant = tmp_path / "with-rewrites"
+    variant.mkdir()
+    for i, path in enumerate(sorted(raw_pairs.glob("part-*.parquet"))):
+        table = pq.read_table(path)
+        rewrites = pa.array([["zzqx unseen wording"]] * table.num_rows, pa.list_(pa.string()))
+        pq.write_table(table.set_column(table.column_names.index("rewrites"), "rewrites", rewrites),
+                       variant / shard_name(i))
+    shards = inspect_shards(variant)
+    assert not any("zzqx" in t for t in iter_texts(shards, 0.0, sampled=[]))
+    assert any("zzqx" in t for t in iter_texts(shards, 0.0, sampled=["rewrites"]))
