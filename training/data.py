@@ -4,8 +4,10 @@
   Every epoch the units are put in an order drawn from (seed, epoch), and that
   row sequence is cut into `world_size x readers` equal ranges, one per
   reader: no two readers share a row, and their row counts differ by at most
-  one, so ranks stay in the same epoch and every row is seen as often (a
-  row group on a cut is read by both readers, each taking its own rows).
+  one, so every row is seen as often (a row group on a cut is read by both
+  readers, each taking its own rows). Holdout, curation and corrupt images
+  then leave readers with somewhat different batch counts, so ranks may
+  drift apart by an epoch's end; their streams are endless, so none waits.
 - Each reader runs its rows through: held-out filter (a hash of the key, the
   same for every seed, so every run is scored on the same rows), online
   curation (`training.online_curation`, drawn anew each epoch), a shuffle
@@ -19,7 +21,8 @@
 - `train_batches` hands batches out in a fixed schedule: readers take turns,
   a reader that reached its end of the epoch drops out until all have, then
   the next epoch starts with reader 0. Batches a reader delivers early wait in
-  a queue (at most about one row group's worth per reader).
+  a queue: as many as the readers' batch counts in an epoch differ (the
+  DataLoader hands its workers' batches out in turn).
 - Resume: every batch carries its reader and its position in that reader's
   stream (before decoding), and `LoaderState` records, per reader, what was
   consumed and whether its epoch end was. A resumed reader fast-forwards
