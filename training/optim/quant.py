@@ -1,7 +1,11 @@
 """Simulated ("fake") 4-bit training as the Stable-SPAM paper ran it: quantize in the forward pass, STE back.
 
 - INT4 weights: flattened into groups (default 256), asymmetric min-max over levels 0..15,
-  scale = (max - min)/15 clamped at 1e-5, a rounded zero point, round to nearest.
+  scale = (max - min)/15 clamped at 1e-5, a rounded zero point, round to nearest. Two corners differ
+  from the reference code, which clamps max - min at 1e-5 before dividing by 15 and clamps the zero
+  point to 0..15: a group of range between 1e-5 and 1.5e-4 gets the coarser scale 1e-5 here (range/15
+  there: 7e-5 errs by up to 5e-6 here, 2.4e-6 there), and an all-positive group keeps its values (the
+  reference clips them into 0..15 x scale: errors up to the group's minimum, 1.0 against 0.033 measured).
 - INT4 activations: the input of each quantized linear, in groups along the feature dimension
   (default 256: what the reference code actually ran, not the 64 its scripts ask for); the top-k (2)
   absolute values per group stay in full precision; the rest symmetric absmax signed 4-bit
