@@ -34,7 +34,7 @@ from curation.schema import PAIR_SCHEMA, conform
 from curation.shards import atomic_write_bytes, finished_shards, shard_name
 from pipelines.common import (ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, shard_runs,
                               write_stage_shard)
-from pipelines.model_cache import keep_only, reused
+from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "caption_stats"
@@ -266,7 +266,6 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     # The seed and the prompts' texts decide the captions too: a resume under another one is refused.
     recorded = config.recorded() | {"seed": options.seed, "prompt_sha256": PROMPT_SHA256}
     plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)
-    keep_only("captioner", "fuser")
     start = time.perf_counter()
     if plan.todo:
         # In runs of a few shards: every shard of one run is written only after its last image is captioned

@@ -35,7 +35,6 @@ from curation.shards import (
 from pipelines.common import (
     STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, begin_stage, manifest_listing,
 )
-from pipelines.model_cache import keep_only
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 MB = 1024 * 1024
@@ -117,7 +116,6 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     config = config_from(options)
     if not options.input or not options.output:
         raise ValueError(f"{STAGE}: --input and --output are required")
-    keep_only()  # the models of the stages before: not needed from here on, nor by the trainer after
     start = time.perf_counter()
     # Checksums before anything is written, once: begin_stage takes the verified manifest.
     verified = verify_manifest(options.input) if is_complete(options.input) else None

@@ -33,7 +33,7 @@ from curation.rewrite import (PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, Row
 from curation.shards import atomic_write_bytes, shard_name
 from curation.validation import ValidationConfig
 from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage, shard_runs
-from pipelines.model_cache import keep_only, reused
+from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "_rewrite_stats"
@@ -218,7 +218,6 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     recorded = config.recorded() | {"resolved_model": model, "resolved_gguf_file": gguf_file, "seed": options.seed,
                                     "prompt_sha256": PROMPT_SHA256}
     plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)
-    keep_only("rewriter")
     start = time.perf_counter()
     if plan.todo:
         share = _share_model(options.rewrite_share_model)

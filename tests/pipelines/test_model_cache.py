@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from pipelines.model_cache import keep_only, reused
+from pipelines.model_cache import reused
 
 
 @dataclass
@@ -23,19 +23,3 @@ def test_the_same_config_reuses_and_another_replaces():
     assert other is not first and loads == ["a", "b"]
     assert reused("test-kind", Config("a"), lambda: load("a")) is not first  # only the last one is kept
     assert reused("other-kind", Config("a"), lambda: load("x")) is not first and loads == ["a", "b", "a", "x"]
-
-
-def test_a_stage_that_starts_frees_the_other_stages_models():
-    import weakref
-
-    class Model:
-        pass
-
-    rewriter = reused("rewriter-test", Config("a"), Model)
-    captioner = reused("captioner-test", Config("a"), Model)
-    gone = weakref.ref(rewriter)
-    del rewriter
-    keep_only("captioner-test")
-    assert gone() is None  # nothing else held it: its memory is free
-    assert reused("captioner-test", Config("a"), Model) is captioner  # the starting stage's own is kept
-    keep_only()
