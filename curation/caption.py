@@ -36,7 +36,8 @@ from curation.rewrite import clean_caption as clean_prompt_text
 from curation.rewrite import parse_output
 from curation.languages import dominant_script
 from curation.names import names_in
-from curation.validation import OutputReason, ValidationConfig, changed_fact, check_output, in_other_language, normalise
+from curation.validation import (VALIDATION_VERSION, OutputReason, ValidationConfig, changed_fact, check_output,
+                                 in_other_language, normalise)
 
 STAGE = "caption"
 
@@ -89,10 +90,11 @@ class FusionReason:
 # Openers a VLM puts before the content ("The image shows ...", "In this photo, ..."): noise for a CLIP
 # caption. The noun must be followed by a verb, "of", a comma or a colon: "The picture frame hangs ..." and
 # "The scene is a busy market" are captions, not openers.
+_PICTURE = r"(?:image|picture|photo(?:graph)?|scene)"
 _OPENER = re.compile(
-    r"^\s*(?:(?:this|the|in this|in the)\s+(?:image|picture|photo(?:graph)?|scene)\s*"
-    r"(?:,\s*(?:there (?:is|are)\s+)?|:\s*|(?:shows|depicts|features|contains|displays|presents|is of|of|"
-    r"captures|there (?:is|are))\b\s*:?\s*)|"
+    rf"^\s*(?:in (?:this|the)\s+{_PICTURE}\s*,\s*(?:there (?:is|are)\s+)?|"  # "In this photo, ..."
+    rf"(?:this|the|in this|in the)\s+{_PICTURE}\s*(?::\s*|(?:shows|depicts|features|contains|displays|presents|"
+    r"is of|of|captures|there (?:is|are))\b\s*:?\s*)|"
     r"(?:caption|description)\s*:\s*|(?:assistant)\s*:\s*)",
     re.IGNORECASE)
 _TEMPLATE_ROLE = re.compile(r"\b(?:USER|ASSISTANT|SYSTEM)\s*:", re.IGNORECASE)
@@ -156,7 +158,8 @@ class CaptionConfig:
         """What decides the captions, for the stage config a resume must match: not the retries, the batch
         sizes (sampling is seeded per row) or the engines' run options (RUN_OPTIONS)."""
         fields = asdict(self) | {"captioner_options": output_options(self.captioner_options),
-                                 "fusion_options": output_options(self.fusion_options)}
+                                 "fusion_options": output_options(self.fusion_options),
+                                 "validation_version": VALIDATION_VERSION}
         run_only = ("engine_retries", "engine_backoff_s", "images_per_batch", "fusion_per_batch")
         return {k: v for k, v in fields.items() if k not in run_only}
 
@@ -282,9 +285,9 @@ class Captioner:
         passing out-of-memory), image by image, with None for an image that alone fails.
 
         One image the backend cannot handle (a processor edge case) then costs its own caption, not the
-        shard, whether it came in a batch or alone. The error goes up when the engine itself is down: a
-        server it cannot reach (`engine.unreachable`), or IMAGE_ERRORS_IN_ROW images in a row that each
-        failed on their own.
+        shard, whether it came in a batch or alone (a request that timed out too). The error goes up when
+        the engine itself is down: a server it cannot connect to (`engine.unreachable`), or
+        IMAGE_ERRORS_IN_ROW images in a row that each failed on their own.
         """
         cfg = self.config
         try:
@@ -323,7 +326,7 @@ class Captioner:
 
     def _unreachable(self, error: Exception) -> bool:
         check = getattr(self.engine, "unreachable", None)
-        return isinstance(error, (ConnectionError, TimeoutError)) or bool(check and check(error))
+        return isinstance(error, ConnectionError) or bool(check and check(error))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingPara
 from curation.engines.base import prompt_sha256
 from curation.engines.recovery import generate_with_recovery
 from curation.engines.seeding import derive_seed
-from curation.validation import MeaningOverlap, ValidationConfig, check_output
+from curation.validation import VALIDATION_VERSION, MeaningOverlap, ValidationConfig, check_output
 
 STAGE = "rewrite"
 # Bump when the instruction, the examples or the prompt layout change: it is recorded in the manifest.
@@ -129,7 +129,8 @@ class RewriteConfig:
     def recorded(self) -> dict[str, Any]:
         """What decides the rewrites, for the stage config a resume must match: not the retries, the call
         sizes or the engine's run options, which a resume may change (RUN_OPTIONS)."""
-        fields = asdict(self) | {"engine_options": output_options(self.engine_options)}
+        fields = asdict(self) | {"engine_options": output_options(self.engine_options),
+                                 "validation_version": VALIDATION_VERSION}
         return {k: v for k, v in fields.items() if k not in ("engine_retries", "engine_backoff_s", "requests_per_call")}
 
 

@@ -24,6 +24,11 @@ from curation.languages import (UNSPACED, dominant_script, is_function_word, lan
                                 likely_languages, main_language, word_count, words_of)
 
 
+# The rules' version, recorded with each stage's config: a resume under other rules would mix shards judged
+# by two of them. 2: labelled answers, steering, language by names, 6-word echoes, judged on the shown text.
+VALIDATION_VERSION = 2
+
+
 class OutputReason:
     """Why an output was refused. Stable strings: they are counted in manifests."""
 
@@ -77,11 +82,12 @@ class ValidationConfig:
 # Assistant small talk around or instead of a caption; matched at the start of the output. A phrase the
 # input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `_chatter`.
 _CHATTER = re.compile(
-    r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are)\b|i (can|cannot|can't|will|'ll|am|'m|"
+    r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are| you go)\b|i (can|cannot|can't|will|'ll|am|'m|"
     r"apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|great\s*[!,.]|"
     # A labelled answer: "New caption:", "Caption 2:", "Rewording:", "Assistant:".
     r"((new|alternative|alternate|another|improved|revised|rewritten|rephrased|final)\s+)?(caption|rewrite|rewording|"
-    r"rephrasing|paraphrase|version|option|answer|output|response|result|note|assistant|user|system)(\s*#?\d+)?\s*:|"
+    r"rephrasing|paraphrase|version|option|answer|output|response|result|note|assistant|user|system)(\s*#?\d+)?"
+    r"(\s*:|\s+[-–—]\s)|"
     r"this (caption|image) )",
     re.IGNORECASE)
 # Small talk, a leaked instruction or leftover chat markup anywhere in the output.
@@ -199,9 +205,9 @@ class _Source:
     def _named_language(self) -> bool:
         """Whether its language comes from its names alone ("Mont Saint Michel at sunset" is no French):
         two or more lower-case words it knows, and none of them in the language of the whole."""
-        known = [w for w in self._plain_words if languages_of(w)]
+        known = [languages_of(w) for w in self._plain_words if languages_of(w)]
         return (self._whole_language is not None and len(known) >= 2
-                and self._whole_language not in likely_languages(known))
+                and not any(self._whole_language in languages for languages in known))
 
     @cached_property
     def language(self) -> str | None:
@@ -333,7 +339,11 @@ def changed_fact(source: str, output: str) -> bool:
     if facts.counts - _counts(output, _COUNT_SAYERS):
         return True
     words = words_of(output)
-    kept = {_COLOURS[w] for w in words if w in _COLOURS} | {c for w in words for c in _COLOUR_SETS.get(w, ())}
+    kept = {_COLOURS[w] for w in words if w in _COLOURS}
+    for word in words:  # "monochrome" says "black and white", not "black" alone (a black cat is no grey one)
+        named = set(_COLOUR_SETS.get(word, ()))
+        if len(facts.colours & named) >= 2 and facts.colours <= named | kept:
+            kept |= named
     return not facts.colours <= kept
 
 

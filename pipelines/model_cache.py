@@ -3,7 +3,10 @@
 The rewrite and caption stages run a few shards per pipeline run, so that a
 failure keeps what finished. Each run's RunInference would load its model
 afresh (seconds for a small LLM, minutes for a big VLM); this keeps the last
-one of each kind, keyed by its config, and frees it before loading another.
+one of each kind, keyed by its config, and drops it before loading another
+(RunInference may still hold it: a process that runs several model stages
+keeps their models, so big models want a process per stage, as Dagster's
+subprocess and k8s launchers give).
 """
 
 from __future__ import annotations

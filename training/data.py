@@ -301,25 +301,18 @@ class LoaderState:
                    data["next_reader"], data["batches"], dict(data["counts"]))
 
 
-# More readers may drop at most this share of a rank's rows more than one reader would.
-READER_WASTE = 0.05
-
-
 def readers_for(shards: ShardSet, workers: int, world_size: int, batch_size: int) -> int:
-    """Readers per rank: the requested workers (one without workers), fewer where their shares would drop
-    too many rows. Each reader drops its last partial batch every epoch: 254 rows in batches of 64 train
-    192 rows with one reader but 128 with two. Refused up front, on every rank alike, when a rank's share
-    cannot fill a batch."""
+    """Readers per rank: the requested workers (one without workers), fewer where a worker's share of the
+    rows would not fill a batch. Refused up front, on every rank alike, when a rank's share cannot.
+
+    Each reader drops its partial last batch every epoch (counted as `dropped_partial`); the epoch's
+    fresh order drops other rows next time, and more readers decode faster, so their number is not cut
+    to drop fewer."""
     per_rank = shards.rows // world_size
     if per_rank < batch_size:
         raise ValueError(f"{shards.rows} rows in {shards.shards} shards give each of {world_size} rank(s) "
                          f"{per_rank}, fewer than a batch of {batch_size}; lower --batch_size or use fewer ranks")
-
-    def dropped(readers: int) -> int:
-        return per_rank - readers * (per_rank // readers // batch_size * batch_size)
-
-    fits = [r for r in range(1, max(1, workers) + 1) if dropped(r) <= dropped(1) + READER_WASTE * per_rank]
-    return fits[-1]
+    return max(1, min(workers, per_rank // batch_size))
 
 
 def train_batches(spec: StreamSpec, tokenizer, state: LoaderState, *, workers: int, batch_size: int,

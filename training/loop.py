@@ -335,6 +335,8 @@ class _Run:
                                f"or gradient, update skipped ({report.bad_in_row} in a row, {report.bad_total} in all)")
             window["read"] = at
             if report.stopped_at:
+                if reset_loss:  # a log row: write it, or its window's good steps are in no row
+                    self._log_row(at, report, window, progress)
                 path = self.save(at, report, diverged=True)
                 progress.close()
                 first, late = report.stopped_at - config.max_bad_steps + 1, at > report.stopped_at

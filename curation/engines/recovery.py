@@ -91,7 +91,8 @@ def _recover(engine: TextEngine, prompts: list[str], params: list[SamplingParams
         raise EngineFailure(f"engine {name} failed with the engine's own retries, in a call of {len(prompts)} "
                             f"request(s): {type(error).__name__}: {error}") from error
     if len(prompts) == 1:  # the caption sits at the prompt's end: its tail finds the row that breaks the engine
-        down = "" if done["ok"] else "; no call of this batch succeeded, so the engine itself may be down"
+        down = "" if done["ok"] else "; no request of this batch has succeeded yet: if this one looks fine, the " \
+            "engine itself may be down"
         raise EngineFailure(f"engine {name} failed on 1 request(s) after {attempts} attempts: "
                             f"{type(error).__name__}: {error} (prompt ending {prompts[0][-100:]!r}){down}") from error
     half = len(prompts) // 2

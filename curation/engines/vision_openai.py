@@ -72,7 +72,8 @@ class OpenAIVisionEngine:
 
     @staticmethod
     def unreachable(error: Exception) -> bool:
-        """Whether the server could not be reached or timed out (not an error about one image)."""
-        from openai import APIConnectionError  # APITimeoutError is one
+        """Whether the server could not be connected to (not an error about one image). A timeout is not:
+        one large image may take too long while the server is fine."""
+        from openai import APIConnectionError, APITimeoutError  # a timeout is a kind of connection error
 
-        return isinstance(error, APIConnectionError)
+        return isinstance(error, APIConnectionError) and not isinstance(error, APITimeoutError)

@@ -371,8 +371,8 @@ def test_recovery_retries_then_splits_then_fails_clearly():
     big = Flaky(max_ok_batch=2)
     out = generate_with_recovery(big, list("abcdefg"), _params(7), retries=1, sleep=no_sleep)
     assert [g.text for g in out] == list("ABCDEFG")
-    with pytest.raises(EngineFailure, match="CUDA out of memory.*no call of this batch succeeded, so the engine "
-                                            "itself may be down"):
+    with pytest.raises(EngineFailure, match="CUDA out of memory.*no request of this batch has succeeded yet: if "
+                                            "this one looks fine, the engine itself may be down"):
         generate_with_recovery(Flaky(always=True), ["a", "b"], _params(2), retries=1, sleep=no_sleep)
 
     class OneBadPrompt(Flaky):

@@ -139,6 +139,7 @@ def test_numbers_make_captions_different():
     ("Mont Saint Michel at sunset", "the abbey of Mont Saint Michel as the sun sets", None),
     ("Mont Saint Michel au coucher du soleil", "the abbey of Mont Saint Michel as the sun sets",
      OutputReason.LANGUAGE),  # French in its own words too
+    ("Le week-end à Paris", "Un week-end à Paris en famille", None),  # French, English loanwords or not
 ])
 def test_language_must_match_the_input_both_ways(source, output, reason):
     assert check_output(source, output) == reason
@@ -159,6 +160,7 @@ def test_an_obeyed_steering_caption_is_off_topic(source, output):
     "Rewording: two red circles set on a plain backdrop", "Assistant: two red circles set on a plain backdrop",
     "<|im_start|>assistant two red circles set on a plain backdrop",
     "two red circles set on a plain backdrop. I hope this helps!", "two red circles set on a plain backdrop (rewritten)",
+    "Here you go: two red circles set on a plain backdrop", "Rewritten caption - two red circles on a plain backdrop",
 ])
 def test_labelled_answers_small_talk_and_chat_markup_are_chatter(output):
     assert check_output(SOURCE, output) == OutputReason.CHATTER
@@ -172,6 +174,7 @@ def test_colours_and_counts_may_be_said_in_other_words():
     assert check_output("black and white photo of a street", "a monochrome shot of a city street") is None
     assert check_output("red and blue photo of a street", "a monochrome shot of a city street") == \
         OutputReason.CHANGED_FACT
+    assert check_output("a black cat on a sofa", "a greyscale photo of a cat on a sofa") == OutputReason.CHANGED_FACT
     assert check_output("Nike Air Max 90 shoes", "a pair of Nike Air Max ninety sneakers") is None
     assert check_output("Nike Air Max 90 shoes", "a pair of Nike Air Max sneakers") == OutputReason.CHANGED_FACT
 

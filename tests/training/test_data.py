@@ -76,10 +76,6 @@ def test_readers_are_as_many_as_the_rows_can_fill_with_batches():
     shards = ShardSet(units, list(REQUIRED_COLUMNS), 600, {"s": frozenset()}, {"s": frozenset()})
     assert readers_for(shards, 8, 4, 64) == 2  # 150 rows a rank: two workers' shares still fill a batch
     assert readers_for(shards, 0, 1, 64) == 1 and readers_for(shards, 3, 1, 64) == 3
-    # 254 rows: one reader trains 192 of them, two would train 128 (each drops its partial last batch).
-    small = ShardSet([Unit("s", "s", 0, 254)], list(REQUIRED_COLUMNS), 254, {"s": frozenset()}, {"s": frozenset()})
-    assert readers_for(small, 2, 1, 64) == 1
-    assert readers_for(small, 4, 1, 8) == 3  # drops 14 rows, one reader 6, four 30 (over 5% more than one)
     with pytest.raises(ValueError, match=r"600 rows in 1 shards give each of 4 rank\(s\) 150, fewer than a batch "
                                          r"of 200; lower --batch_size"):
         readers_for(shards, 2, 4, 200)

@@ -187,6 +187,14 @@ def test_a_resume_needs_no_longer_the_tokenizer_the_run_was_started_with(raw_pai
     assert loop.train(_config(raw_pairs, tmp_path / "run", **settings)).steps == 4
 
 
+def test_a_stop_found_at_a_log_row_still_writes_that_row(raw_pairs, tmp_path, monkeypatch):
+    """Step 5 was good, 6..8 were not: the row at 8 holds step 5's loss, which the retry keeps."""
+    _nan_at(monkeypatch, {6, 7, 8})
+    with pytest.raises(loop.TrainingDiverged):
+        loop.train(_config(raw_pairs, tmp_path / "run", steps=20, max_bad_steps=3, log_every=4))
+    assert [s for s, _ in MetricsLog.series(tmp_path / "run" / "metrics.csv", "loss")] == [4, 8]
+
+
 def test_a_late_stop_still_keeps_the_last_good_weights(raw_pairs, tmp_path, monkeypatch):
     """Counters are read every 4 steps: the run learns at step 8 of a stop at step 5, and steps 6..8 changed nothing."""
     reference = loop.train(_config(raw_pairs, tmp_path / "two", steps=20, stop_after_steps=2))
