@@ -306,7 +306,6 @@ class Captioner:
                                f"for {len(images)} images")
         return outputs
 
-
     def _alone(self, image: Image.Image, params: SamplingParams, error: Exception | None) -> Generation | None:
         """One image's caption asked alone (`error`: how that already failed), None if it fails."""
         if error is None:

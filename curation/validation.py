@@ -82,8 +82,8 @@ class ValidationConfig:
 # Assistant small talk around or instead of a caption; matched at the start of the output. A phrase the
 # input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `_chatter`.
 _CHATTER = re.compile(
-    r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are| you go)\b|i (can|cannot|can't|will|'ll|am|'m|"
-    r"apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|great\s*[!,.]|"
+    r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are| you go)\b|"
+    r"i (can|cannot|can't|will|'ll|am|'m|apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|great\s*[!,.]|"
     # A labelled answer: "New caption:", "Caption 2:", "Rewording:", "Assistant:".
     r"((new|alternative|alternate|another|improved|revised|rewritten|rephrased|final)\s+)?(caption|rewrite|rewording|"
     r"rephrasing|paraphrase|version|option|answer|output|response|result|note|assistant|user|system)(\s*#?\d+)?"

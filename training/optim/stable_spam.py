@@ -19,7 +19,8 @@ unclamped (it rises again after T = total_T + 1, as the repo's does).
 
 Non-finite gradients, and finite ones whose square or norm overflows the statistics' dtype (1e30 in fp32
 would turn AdaGN's mean square into inf and the weights into NaN): that tensor's step is skipped (parameter,
-moments and statistics untouched bit for bit, apart from a scheduled reset) and counted in `skipped_steps()`. Nothing in `step` syncs with the host.
+moments and statistics untouched bit for bit, apart from a scheduled reset) and counted in `skipped_steps()`.
+Nothing in `step` syncs with the host.
 
 `fused=True` runs the per-element work as two multi-tensor Triton kernels (`fused_triton.py`) instead
 of the foreach passes; the per-tensor statistics are the same code in both paths. It is a choice of the
