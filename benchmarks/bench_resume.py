@@ -11,7 +11,7 @@ the same files, after a warm-up read (the page cache holds them for both, so
 the time saved here is decompression and copying only; the bytes not read
 are what a disk or network store would have served).
 
-    python benchmarks/bench_resume.py [--rows 4000] [--image_kb 48] [--row_group 64] [--at 0.9]
+    python benchmarks/bench_resume.py [--rows 4000] [--image_kb 48] [--row_group 64] [--at 0.9] [--shuffle_buffer 256]
 """
 
 from __future__ import annotations
@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--row_group", type=int, default=64)
     parser.add_argument("--at", type=float, default=0.9, help="resume point, as a share of the epoch")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--shuffle_buffer", type=int, default=256)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         make_shards(Path(tmp), args.rows, args.image_kb, args.row_group)
-        spec = StreamSpec(inspect_shards(tmp), 0, 32, 16, shuffle_buffer=256)
+        spec = StreamSpec(inspect_shards(tmp), 0, 32, 16, shuffle_buffer=args.shuffle_buffer)
         stream = ShardStream(spec, train_bpe(["a photo of thing bench"] * 20, 300, 16), args.batch)
         skip = int(args.rows * args.at) // args.batch * args.batch
         fast_forward(stream, 0)  # warm-up: the files in the page cache for both
