@@ -47,20 +47,29 @@ class MetricsLog:
         atomic_write_bytes(self.path, text.getvalue().encode())
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        self._append(step, values)
+        self._to_tensorboard(step, values)
+
+    def replace(self, step: int, values: dict[str, float]) -> None:
+        """Log `values` at `step` in place of rows of the same metrics there: a finished run rerun (it
+        resumes at its last step) writes its final metrics once, not once per run. TensorBoard kept the
+        first run's events at this step, so only metrics new there go to it."""
+        rows = self.read(self.path)
+        logged = {r["metric"] for r in rows if int(r["step"]) == step}
+        self._write_all([r for r in rows if not (int(r["step"]) == step and r["metric"] in values)])
+        self._append(step, values)
+        self._to_tensorboard(step, {name: value for name, value in values.items() if name not in logged})
+
+    def _append(self, step: int, values: dict[str, float]) -> None:
         with open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
             for name, value in values.items():
                 writer.writerow([step, name, value])
+
+    def _to_tensorboard(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
-
-    def replace(self, step: int, values: dict[str, float]) -> None:
-        """Log `values` at `step` in place of rows of the same metrics there: a finished run rerun (it
-        resumes at its last step) writes its final metrics once, not once per run."""
-        kept = [r for r in self.read(self.path) if not (int(r["step"]) == step and r["metric"] in values)]
-        self._write_all(kept)
-        self.log(step, values)
 
     def close(self) -> None:
         if self.writer is not None:
