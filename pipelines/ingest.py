@@ -39,6 +39,7 @@ from curation.ingest import (
     ERROR, INPUT_ROW, STAGE, STATUS, IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
 )
 from curation.rejects import rejects_table
+from curation.schema import KeyTracker, SchemaError
 from curation.shards import file_identity, files_fingerprint, finished_shards, read_table, shard_paths
 from curation.url_lists import is_url_list, list_files
 from pipelines.common import (
@@ -207,6 +208,20 @@ def _renamed_keys(output: Path) -> int:
     return total
 
 
+def _refuse_clashing_renames(output: Path) -> None:
+    """A key made unique (`<key>~<8 hex>`) that another row of the input held as its own key: refused before
+    the manifest, so nothing downstream reads two rows under one key. Only a key of that very shape can
+    clash, so this runs only where something was renamed."""
+    keys = KeyTracker.new()
+    for path in finished_shards(output):
+        keys.add(pq.read_table(path, columns=["key"]).column("key").to_pylist(), str(path))
+    try:
+        keys.check()
+    except SchemaError as exc:
+        raise SchemaError(f"a key made unique by ingest is also another row's own key in the input: {exc}; "
+                          f"rename one of them in the input") from exc
+
+
 def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> None:
     """Before staging anything into the output: wipe it (overwrite) or refuse a run with another config."""
     if overwrite and output.exists():
@@ -303,6 +318,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         rejects_table([])
     stats.update(filtered=filter_counts(rejects), duplicates=duplicate_counts(rejects),
                  renamed_keys=_renamed_keys(output))
+    if stats["renamed_keys"]:
+        _refuse_clashing_renames(output)
     manifest = finish_stage(plan, STAGE, recorded, seconds=round(elapsed, 3), resumed_shards=plan.done, **stats)
     _drop_download(source, output, options.keep_download)
     return StageResult(manifest, plan.output, plan.kept)

@@ -200,3 +200,30 @@ def test_a_mistyped_column_is_named_and_a_zero_key_is_a_key(tmp_path):
     pq.write_table(pa.table({"key": ["a", "b"], "caption": captions, "image": [buffer.getvalue()] * 2}),
                    tmp_path / "in" / "part-00000.parquet")
     assert ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out3")]).rows == 1
+
+
+def test_a_made_unique_key_that_another_row_holds_is_refused_before_the_manifest(tmp_path):
+    """Two rows keyed x (other images): the second becomes x~<8 hex>. A third row that holds exactly that
+    key itself would make two rows of one key: refused, named, with no manifest written."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from curation.schema import SchemaError
+    from curation.shards import is_complete
+
+    def jpeg(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), colour).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    (tmp_path / "in").mkdir()
+    images = [jpeg((200, 0, 0)), jpeg((0, 200, 0)), jpeg((0, 0, 200))]
+    pq.write_table(pa.table({"key": ["x", "x"], "caption": ["a red square", "a green square"], "image": images[:2]}),
+                   tmp_path / "in" / "part-00000.parquet")
+    first = ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    made = next(k for k in read_table(first.output).column("key").to_pylist() if k != "x")
+    pq.write_table(pa.table({"key": [made], "caption": ["a blue square"], "image": images[2:]}),
+                   tmp_path / "in" / "part-00001.parquet")
+    with pytest.raises(SchemaError, match=f"made unique by ingest is also another row's own key.*{made}"):
+        ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2")])
+    assert not is_complete(tmp_path / "out2")
