@@ -25,7 +25,8 @@ from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingPara
 from curation.engines.base import prompt_sha256
 from curation.engines.recovery import generate_with_recovery
 from curation.engines.seeding import derive_seed
-from curation.validation import VALIDATION_VERSION, MeaningOverlap, ValidationConfig, check_output
+from curation.meaning import MeaningOverlap
+from curation.validation import VALIDATION_VERSION, ValidationConfig, check_output
 
 STAGE = "rewrite"
 # Bump when the instruction, the examples or the prompt layout change: it is recorded in the manifest.

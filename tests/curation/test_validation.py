@@ -240,7 +240,7 @@ def test_helpers():
 
 @pytest.mark.slow
 def test_meaning_overlap_with_minilm():
-    from curation.validation import MeaningOverlap
+    from curation.meaning import MeaningOverlap
 
     overlap = MeaningOverlap()
     near = overlap(SOURCE, "a pair of red circles on an empty backdrop")
