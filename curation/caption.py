@@ -358,7 +358,10 @@ class Fuser:
 
     def prompt(self, alt_text: str, vec: str) -> str:
         """The fusion request. Both texts are data: cleaned of chat markup and placed as values only."""
-        alt, visual = self.clean(alt_text), self.clean(vec)
+        return self._layout(self.clean(alt_text), self.clean(vec))
+
+    def _layout(self, alt: str, visual: str) -> str:
+        """The fusion request around texts already cleaned (`clean`)."""
         if self.chat:
             return self.engine.format_chat(fusion_messages(alt, visual))  # type: ignore[attr-defined]
         return fusion_completion(alt, visual)
@@ -404,7 +407,7 @@ class Fuser:
         for attempt in range(cfg.fusion_attempts):
             if not pending:
                 break
-            prompts = [self.prompt(alt_texts[i], shown_vecs[i]) for i in pending]
+            prompts = [self._layout(alt_texts[i], shown_vecs[i]) for i in pending]
             params = [SamplingParams(cfg.fusion_max_new_tokens, cfg.fusion_temperature, cfg.fusion_top_p,
                                      derive_seed(seed, keys[i], "fusion", attempt)) for i in pending]
             outputs = generate_with_recovery(self.engine, prompts, params, stop=self.stop,

@@ -83,7 +83,8 @@ class ValidationConfig:
 # input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `_chatter`.
 _CHATTER = re.compile(
     r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are| you go)\b|"
-    r"i (can|cannot|can't|will|'ll|am|'m|apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|great (question|idea|choice)\b|great\s*[!,.]|"
+    r"i (can|cannot|can't|will|'ll|am|'m|apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|"
+    r"great (question|idea|choice)\b|great\s*[!,.]|"
     # A labelled answer: "New caption:", "Caption 2:", "Rewording:", "Assistant:".
     r"((new|alternative|alternate|another|improved|revised|rewritten|rephrased|final)\s+)?(caption|rewrite|rewording|"
     r"rephrasing|paraphrase|version|option|answer|output|response|result|note|assistant|user|system)(\s*#?\d+)?"
@@ -205,7 +206,7 @@ class _Source:
     def _named_language(self) -> bool:
         """Whether its language comes from its names alone ("Mont Saint Michel at sunset" is no French):
         two or more lower-case words it knows, and none of them in the language of the whole."""
-        known = [languages_of(w) for w in self._plain_words if languages_of(w)]
+        known = [languages for languages in map(languages_of, self._plain_words) if languages]
         return (self._whole_language is not None and len(known) >= 2
                 and not any(self._whole_language in languages for languages in known))
 

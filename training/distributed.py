@@ -79,8 +79,8 @@ def on_main(d: Dist, work: Callable[[], T]) -> T | None:
 
     Why: the other ranks wait for rank 0 at the next collective. On one node torchrun's agent stops them
     when rank 0's process dies (measured: 7 s), but with the reason only in rank 0's log; a launcher with
-    no such agent would leave them there until the process group's timeout (`--dist_timeout_minutes`). Here each rank
-    stops at once and says why.
+    no such agent would leave them there until the process group's timeout (`--dist_timeout_minutes`).
+    Here each rank stops at once and says why.
     """
     result, error = None, None
     if d.main:

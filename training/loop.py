@@ -211,8 +211,8 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, model, optimizer, scheduler, d.device)
         rescale_schedule(scheduler, config.lr / saved["config"]["lr"])
-        step, elapsed_before = saved["step"], saved.get("seconds", 0.0)
-        health = {name: saved[name] for name in ("bad_steps", "bad_in_row", "loss_window") if name in saved}
+        # The saved state holds HealthReport.resumable()'s counters, which StepHealth takes from it.
+        step, health, elapsed_before = saved["step"], saved, saved.get("seconds", 0.0)
         states = saved["loader"]
         if len(states) != d.world_size:
             raise ValueError(f"{checkpoint} was written by {len(states)} ranks; resume it with the same number")

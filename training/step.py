@@ -67,7 +67,8 @@ class StepHealth:
 
     def __init__(self, device: torch.device, max_bad_steps: int, log_scale: torch.Tensor, step: int = 0,
                  saved: dict | None = None):
-        """`saved`: a checkpoint's `HealthReport.resumable()`, whose streak and open loss window go on."""
+        """`saved`: a checkpoint's state, holding `HealthReport.resumable()`: its streak and open loss window
+        go on."""
         saved = saved or {}
         self.max_bad_steps = max_bad_steps
         self.log_scale = log_scale
