@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
@@ -59,6 +61,46 @@ def check_paired(inputs: Sequence, params: Sequence[SamplingParams], what: str =
     """Every engine takes one SamplingParams per input; a length mismatch is a caller bug, caught up front."""
     if len(inputs) != len(params):
         raise ValueError(f"{len(inputs)} {what} but {len(params)} sampling params")
+
+
+T = TypeVar("T")
+
+
+class NotSent(RuntimeError):
+    """A request `send_concurrently` did not send: another had already failed for good."""
+
+
+def send_concurrently(send: Callable[..., T], requests: Sequence[tuple], concurrency: int) -> list[Future]:
+    """`send(*request)` for every request, `concurrency` at a time (a server batches the requests in flight,
+    not serial ones); once one fails, none more is sent, and those in flight finish. Each future holds a
+    result, the request's own error, or NotSent.
+
+    The stop is decided in the worker that saw the failure, before it takes its next request: after a
+    cancellation from the caller's thread, a worker could already have sent one or two more.
+    """
+    failed = threading.Event()
+
+    def guarded(*request):
+        if failed.is_set():
+            raise NotSent
+        try:
+            return send(*request)
+        except BaseException:
+            failed.set()
+            raise
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(requests))))
+    try:
+        futures = [pool.submit(guarded, *request) for request in requests]
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:  # an interrupt too: nothing queued is sent
+        failed.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return futures
+
+
+def not_sent(future: Future) -> bool:
+    return future.cancelled() or isinstance(future.exception(), NotSent)
 
 
 @runtime_checkable

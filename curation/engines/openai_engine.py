@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
-from curation.engines.base import ChatTokenizer, Generation, SamplingParams, check_paired
+from curation.engines.base import ChatTokenizer, Generation, SamplingParams, check_paired, not_sent, send_concurrently
 
 
 class RequestsFailed(RuntimeError):
@@ -103,14 +102,10 @@ class OpenAIEngine(ChatTokenizer):
         check_paired(prompts, params)
         if not prompts:
             return []
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts)))
-        try:
-            futures = [pool.submit(self._one, prompt, p, stop) for prompt, p in zip(self._payloads(prompts), params)]
-            wait(futures, return_when=FIRST_EXCEPTION)
-        finally:  # after a failure (or an interrupt) send nothing more; requests in flight finish
-            pool.shutdown(wait=True, cancel_futures=True)
-        failed = [i for i, f in enumerate(futures) if not f.cancelled() and f.exception() is not None]
+        requests = [(prompt, p, stop) for prompt, p in zip(self._payloads(prompts), params)]
+        futures = send_concurrently(self._one, requests, self.concurrency)
+        failed = [i for i, f in enumerate(futures) if not not_sent(f) and f.exception() is not None]
         if failed:
             first = futures[failed[0]].exception()
-            raise RequestsFailed(prompts, failed, sum(f.cancelled() for f in futures), first) from first
+            raise RequestsFailed(prompts, failed, sum(map(not_sent, futures)), first) from first
         return [f.result() for f in futures]

@@ -11,11 +11,10 @@ import base64
 import io
 import os
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from PIL import Image
 
-from curation.engines.base import Generation, SamplingParams, check_paired
+from curation.engines.base import Generation, SamplingParams, check_paired, not_sent, send_concurrently
 
 
 def data_uri(image: Image.Image, quality: int = 90) -> str:
@@ -59,14 +58,11 @@ class OpenAIVisionEngine:
         check_paired(images, params, "images")
         if not images:
             return []
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(images)))
-        try:
-            futures = [pool.submit(self._one, image, prompt, p) for image, p in zip(images, params)]
-            wait(futures, return_when=FIRST_EXCEPTION)
-        finally:  # after a failure send nothing more: a dead server costs one timeout, not one per image
-            pool.shutdown(wait=True, cancel_futures=True)
+        # After a failure nothing more is sent: a dead server costs one timeout, not one per image.
+        futures = send_concurrently(self._one, [(image, prompt, p) for image, p in zip(images, params)],
+                                    self.concurrency)
         for future in futures:
-            if not future.cancelled() and future.exception() is not None:
+            if not not_sent(future) and future.exception() is not None:
                 raise future.exception()
         return [f.result() for f in futures]
 
