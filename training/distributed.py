@@ -58,6 +58,15 @@ def all_true(d: Dist, flag: torch.Tensor) -> torch.Tensor:
     return value.bool()
 
 
+def mean(d: Dist, value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over ranks, as a new tensor (the input is left as it was)."""
+    if not d.enabled:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / d.world_size
+
+
 def gather_objects(d: Dist, obj: object) -> list:
     if not d.enabled:
         return [obj]

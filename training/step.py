@@ -19,7 +19,7 @@ the device:
 - any other optimizer: the host reads the flag, one sync per step.
 The loss and the bad-step counters stay on the device too (`StepHealth`);
 the trainer reads them, with the logit scale, at log rows and checkpoints,
-one sync each.
+one sync each (and, under DDP, one all-reduce for the rank-mean loss).
 
 Stop: once `max_bad_steps` bad steps come in a row, every later step is
 skipped on the device as well, so when the trainer next reads the counters
@@ -66,10 +66,11 @@ class StepHealth:
     """Non-finite step bookkeeping and the running loss, as device tensors, read with the model's logit scale."""
 
     def __init__(self, device: torch.device, max_bad_steps: int, log_scale: torch.Tensor, step: int = 0,
-                 saved: dict | None = None):
+                 saved: dict | None = None, dist: distributed.Dist | None = None):
         """`saved`: a checkpoint's state, holding `HealthReport.resumable()`: its streak and open loss window
-        go on."""
+        go on. `dist`: the loss read is the mean over ranks (each rank's loss covers its own rows only)."""
         saved = saved or {}
+        self.dist = dist
         self.max_bad_steps = max_bad_steps
         self.log_scale = log_scale
         counter = dict(dtype=torch.int64, device=device)
@@ -96,9 +97,16 @@ class StepHealth:
         self.good += good
 
     def read(self, reset_loss: bool = True) -> HealthReport:
-        """One host sync for every counter and the logit scale; `new_bad` starts again, and the loss window if asked."""
+        """One host sync for every counter and the logit scale; `new_bad` starts again, and the loss window if asked.
+
+        Under DDP every rank must call it at the same step: the loss sum is averaged over ranks there. The
+        good-step count needs no reduction, as every rank skips the same steps. A resumed window holds the
+        mean already, and the mean of equal values is that value, so it stays right across a resume."""
+        loss_sum = self.loss_sum
+        if self.dist is not None and self.dist.enabled:
+            loss_sum = distributed.mean(self.dist, loss_sum)
         values = torch.stack([t.detach().double() for t in (self.step, self.bad_total, self.bad_in_row, self.new_bad,
-                                                             self.stopped_at, self.good, self.loss_sum,
+                                                             self.stopped_at, self.good, loss_sum,
                                                              self.log_scale)]).tolist()
         step, total, in_row, new_bad, stopped, good, loss_sum, log_scale = values
         self.new_bad.zero_()
@@ -144,7 +152,7 @@ class TrainStep:
         self.dist, self.ddp = dist, ddp
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        self.health = StepHealth(device, max_bad_steps, model.logit_scale, step, health)
+        self.health = StepHealth(device, max_bad_steps, model.logit_scale, step, health, dist)
 
     def __call__(self, fetch: Callable[[], dict]) -> int:
         """One step on `grad_accum` batches from `fetch`; returns the samples this rank trained on."""

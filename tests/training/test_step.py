@@ -126,6 +126,40 @@ def test_a_resumed_step_goes_on_with_the_saved_streak_and_loss_window(monkeypatc
     assert report.open_window == (0.0, 0)
 
 
+def _rank_health(rank: int, world: int, init: str, out: dict) -> None:
+    import torch.distributed as dist
+
+    from training.distributed import Dist
+    from training.step import StepHealth
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    d = Dist(rank, world, rank, torch.device("cpu"))
+    # Rank 1 resumes with a window that holds the rank mean already, as rank 0's checkpoint saved it.
+    health = StepHealth(torch.device("cpu"), 5, torch.zeros(()), saved={"loss_window": [3.0, 1]}, dist=d)
+    ok = torch.tensor(True)
+    health.record(ok, torch.tensor(1.0 + 2 * rank), ok)  # rank 0: 1.0, rank 1: 3.0
+    first = health.read(reset_loss=False)
+    health.record(ok, torch.tensor(10.0 * (rank + 1)), ok)  # rank 0: 10, rank 1: 20
+    out[rank] = (first.loss, first.open_window, health.read().loss, float(health.loss_sum))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_logged_loss_is_the_mean_over_ranks(tmp_path):
+    """Each rank's loss covers its own rows only; a log row of rank 0's alone would be a sample of one rank."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_health, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+        results = dict(out)
+    # Window: the resumed 3.0, then the rank mean of (1, 3) = 2, then the rank mean of (10, 20) = 15.
+    for first, window, second, after in results.values():
+        assert first == pytest.approx((3.0 + 2.0) / 2) and window == (pytest.approx(5.0), 2)
+        assert second == pytest.approx((3.0 + 2.0 + 15.0) / 3)
+        assert after == 0.0  # the reset window, on every rank
+
+
 def test_grad_accum_averages_the_micro_batch_losses():
     model = Towers()
     optimizer = _optimizer("adamw", model)
