@@ -15,7 +15,12 @@ content>`, its old key kept in `original_key`. So no row is lost for its key,
 and content dedup then runs over keys that are unique.
 
 A pair that loses in several groups keeps the verdict of the strongest
-criterion (sha256, then URL, then perceptual hash). Near-duplicates use the
+criterion (sha256, then URL, then perceptual hash). Each group decides on
+its own, in one pass: a row may lose to a winner that itself lost in another
+group (a shares b's URL, b shares c's image: b and c both go, and b's image
+with them). Deciding exactly would take connected components over every
+group, rounds of GroupByKeys; such chains need two criteria to link three
+rows, and cost a row, never a duplicate kept. Near-duplicates use the
 pigeonhole trick: two 64-bit hashes within `near_dup_bits` differ in at most
 that many of `near_dup_bits + 1` bands, so they share at least one band
 exactly, and only pairs that share a band are compared.
@@ -89,13 +94,17 @@ def contents(pairs: pa.Table) -> list[str]:
             for sha, caption in zip(pairs.column("sha256").to_pylist(), captions)]
 
 
-# A row on its way to the key decision: (key, (shard, content, [(content group, phash or None), ...])).
-RowPrints = tuple[str, tuple[int, str, list[tuple[str, "int | None"]]]]
+# A row on its way to the key decision:
+# (key, (shard, content, row in the shard, [(content group, phash or None), ...])).
+RowPrints = tuple[str, tuple[int, str, int, list[tuple[str, "int | None"]]]]
 
 
-def row_fingerprints(pairs: pa.Table, shard: int, config: DedupConfig) -> Iterator[RowPrints]:
-    """Each pair under its key, with its content and the content groups it joins (enabled criteria)."""
+def row_fingerprints(pairs: pa.Table, shard: int, config: DedupConfig,
+                     order_by: str | None = None) -> Iterator[RowPrints]:
+    """Each pair under its key, with its content, its place (the `order_by` column, or its index) and the
+    content groups it joins (enabled criteria)."""
     keys = pairs.column("key").to_pylist()
+    places = pairs.column(order_by).to_pylist() if order_by in pairs.column_names else range(len(keys))
     ids = contents(pairs)
     shas = pairs.column("sha256").to_pylist() if config.by_sha256 else [None] * len(keys)
     urls = pairs.column("url").to_pylist() if config.by_url else [None] * len(keys)
@@ -109,19 +118,26 @@ def row_fingerprints(pairs: pa.Table, shard: int, config: DedupConfig) -> Iterat
         if images is not None:
             value = perceptual_hash(images[i].as_py())
             groups += [(f"phash{band}:{bits:x}", value) for band, bits in _bands(value, config.near_dup_bits + 1)]
-        yield key, (shard, ids[i], groups)
+        yield key, (shard, ids[i], places[i], groups)
 
 
 RENAMED_COLUMN = "original_key"
 
 
-def decide_key(key: str, rows: Iterable[tuple[int, str, list]]
+def decide_key(key: str, rows: Iterable[tuple[int, str, int, list]]
                ) -> tuple[list[Loser], list[tuple[int, str, str]], list[tuple[str, Member]]]:
     """For the rows sharing `key`: the losers (repeats of a content already seen, in a later shard), the
     renames (shard, content, new key) of rows with other content, and every kept row's content
-    fingerprints under its final key."""
+    fingerprints under its final key.
+
+    Of the copies of one content in one shard, `drop_duplicates` keeps the first by place, so its
+    fingerprints (its URL, which the other copies may not share) are the ones that go on, whatever
+    order the rows arrived in."""
+    first: dict[tuple[int, str], list] = {}
+    for shard, content, _, groups in sorted(rows, key=lambda row: (row[0], row[2])):
+        first.setdefault((shard, content), groups)
     losers, renames, prints, finals = [], [], [], {}  # finals: content -> the key its first row kept
-    for (shard, content), groups in sorted({(shard, content): groups for shard, content, groups in rows}.items()):
+    for (shard, content), groups in sorted(first.items()):
         if content in finals:
             losers.append(Loser(CRITERIA["key"], finals[content], key, shard, "key", content))
             continue
@@ -182,24 +198,28 @@ def strongest(losers: Iterable[Loser]) -> dict[tuple[str, str], Loser]:
 
 
 def drop_duplicates(pairs: pa.Table, losers: dict[tuple[str, str], Loser], *, stage: str, source: str | None,
-                    order_by: str | None = None) -> tuple[pa.Table, pa.Table]:
+                    order_by: str | None = None, origin: tuple[str, str] | None = None) -> tuple[pa.Table, pa.Table]:
     """Pairs without the losers and without a second copy of a row, and a reject `duplicate_of=<key>` for each.
 
     Sorted first by key and then `order_by` (the rows' place in their input, if the table has one), so
-    which of two copies of one row stays never depends on the order the rows arrived in."""
-    by = [("key", "ascending")] + ([(order_by, "ascending")] if order_by in pairs.column_names else [])
-    pairs = pairs.sort_by(by)
+    which of two copies of one row stays never depends on the order the rows arrived in. A reject names
+    where its row came from: the `origin` columns (file, row) where the table has them, else `source`."""
+    placed = order_by in pairs.column_names
+    pairs = pairs.sort_by([("key", "ascending")] + ([(order_by, "ascending")] if placed else []))
     keys = pairs.column("key").to_pylist()
+    traced = origin is not None and all(name in pairs.column_names for name in origin)
+    files = pairs.column(origin[0]).to_pylist() if traced else [source] * len(keys)
+    places = pairs.column(origin[1]).to_pylist() if traced else [None] * len(keys)
     # A reject names the row by the key it came with (a renamed row's original key).
     given = pairs.column(RENAMED_COLUMN).to_pylist() if RENAMED_COLUMN in pairs.column_names else [None] * len(keys)
     keep, rows, seen = [], [], set()
-    for key, original, content in zip(keys, given, contents(pairs)):
+    for key, original, content, file, place in zip(keys, given, contents(pairs), files, places):
         verdict = losers.get((key, content))
         if verdict is not None:
             reason = Reason.NEAR_DUPLICATE if verdict.criterion == "phash" else Reason.DUPLICATE
-            rows.append(reject(original or key, stage, reason, verdict.detail, source))
+            rows.append(reject(original or key, stage, reason, verdict.detail, file, place))
         elif (key, content) in seen:
-            rows.append(reject(original or key, stage, Reason.DUPLICATE, f"duplicate_of={key} by=key", source))
+            rows.append(reject(original or key, stage, Reason.DUPLICATE, f"duplicate_of={key} by=key", file, place))
         keep.append(verdict is None and (key, content) not in seen)
         seen.add((key, content))
     return pairs.filter(pa.array(keep, pa.bool_())), rejects_table(rows)

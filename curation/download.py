@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,12 +26,15 @@ import pyarrow.parquet as pq
 from curation.ingest import ERROR, ORIGIN_FILE, ORIGIN_LINE, SCREEN_DETAIL, SCREEN_REASON, STATUS
 from curation.records import MAX_CAPTION_CHARS, MAX_IMAGE_PIXELS, Rejected, clean_caption
 from curation.shards import finished_shards, shard_name, write_table_atomic
-from curation.url_lists import list_files, read_list, screen_url
+from curation.url_lists import Layout, UrlListError, list_files, read_list, screen_url
 
 ROW = "_row"  # the row's index in the staged list, carried through img2dataset to join the results back
 FIXED_TYPES = {"key": pa.string(), "url": pa.string(), "caption": pa.string(), ROW: pa.int64(),
                ORIGIN_FILE: pa.string(), ORIGIN_LINE: pa.int64(), SCREEN_REASON: pa.string(),
                SCREEN_DETAIL: pa.string()}
+# What staging and the download write into each row: a list's own column of one of these names would
+# overwrite the screened value, or the download's verdict, without a word.
+RESERVED = frozenset({*FIXED_TYPES, STATUS, ERROR, "image"})
 
 
 @dataclass(frozen=True)
@@ -75,28 +78,43 @@ class ListConfig:
     max_caption_chars: int = MAX_CAPTION_CHARS
     allow_private_network: bool = False
     allow_file_urls: bool = False
+    layout: Layout = Layout()
 
     def __post_init__(self) -> None:
         if self.shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}")
 
 
+def _text(value: object) -> object:
+    """A list's text as Parquet can hold it: bytes that were not UTF-8 (kept as surrogates) become U+FFFD."""
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
 def _staged_row(row, number: int, config: ListConfig, stem: str) -> dict:
     values = dict(row.values)
     url, caption = values.pop(config.url_column, None), values.pop(config.caption_column, None)
-    key = values.pop(config.key_column, None) or f"{stem}-{row.line:09d}"
+    key = values.pop(config.key_column, None)
+    clash = sorted(RESERVED & values.keys())
+    if clash:
+        raise UrlListError(f"{row.file}: line {row.line}: column(s) {clash} would be overwritten by what "
+                           f"staging writes; rename them in the list, or name them with --url_column / "
+                           f"--caption_column / --key_column")
     verdict = screen_url(url, allow_private_network=config.allow_private_network,
                          allow_file_urls=config.allow_file_urls)
-    if not isinstance(verdict, Rejected):
+    fetch = verdict if isinstance(verdict, str) else None  # the screened URL, without surrounding space
+    if fetch is not None:
         verdict = clean_caption(caption, config.max_caption_chars)  # no download for a pair that cannot be one
     rejected = verdict if isinstance(verdict, Rejected) else None
-    staged = {"key": str(key), "url": url if isinstance(url, str) else None,
-              # a rejected row's caption may be megabytes; its reject detail says what was wrong
-              "caption": caption if isinstance(caption, str) and rejected is None else None, ROW: number,
-              ORIGIN_FILE: row.file, ORIGIN_LINE: row.line,
-              SCREEN_REASON: rejected.reason if rejected else None,
-              SCREEN_DETAIL: rejected.detail if rejected else None}
-    staged.update(values)
+    staged = {key_name: _text(value) for key_name, value in values.items()}
+    staged.update({"key": _text(str(key)) if key not in (None, "") else f"{stem}-{row.line:09d}",
+                   "url": fetch or (_text(url) if isinstance(url, str) else None),
+                   # the cleaned caption; a rejected row's may be megabytes, and its reject says what was wrong
+                   "caption": verdict if rejected is None else None, ROW: number,
+                   ORIGIN_FILE: row.file, ORIGIN_LINE: row.line,
+                   SCREEN_REASON: rejected.reason if rejected else None,
+                   SCREEN_DETAIL: rejected.detail if rejected else None})
     return staged
 
 
@@ -108,11 +126,13 @@ def _extras_as_text(rows: list[dict], fixed: set[str]) -> None:
                 row[name] = json.dumps(value, ensure_ascii=False)
 
 
-def stage_url_list(config: ListConfig, list_dir: Path, fetch_dir: Path) -> int:
+def stage_url_list(config: ListConfig, list_dir: Path, fetch_dir: Path,
+                   before_writing: Callable[[], None] | None = None) -> int:
     """Write the list shards and the img2dataset inputs (only missing ones); returns the shard count.
 
     Rows keep their list order, so the shards, keys and download inputs are
-    the same on every run over the same list.
+    the same on every run over the same list. `before_writing` is called before each shard is written
+    (the caller records what the staging is cut from).
     """
     required = (config.url_column, config.caption_column)
     fixed = set(FIXED_TYPES)
@@ -125,9 +145,12 @@ def stage_url_list(config: ListConfig, list_dir: Path, fetch_dir: Path) -> int:
         nonlocal shard, rows
         name = shard_name(shard)
         if name not in done:  # directories only now: a list that fails on its first line leaves nothing behind
+            if before_writing is not None:
+                before_writing()
             if not keep_types:
                 _extras_as_text(rows, fixed)
-            table = pa.Table.from_pylist(rows)
+            columns = dict.fromkeys(column for row in rows for column in row)  # JSONL rows need not share keys
+            table = pa.Table.from_pylist([{column: row.get(column) for column in columns} for row in rows])
             for column, kind in FIXED_TYPES.items():
                 table = table.set_column(table.schema.get_field_index(column), column, table.column(column).cast(kind))
             ok = table.filter(pc.is_null(table.column(SCREEN_REASON)))
@@ -138,7 +161,7 @@ def stage_url_list(config: ListConfig, list_dir: Path, fetch_dir: Path) -> int:
 
     for file in files:
         stem = Path(file).stem
-        for row in read_list(file, required, config.format):
+        for row in read_list(file, required, config.format, config.layout):
             rows.append(_staged_row(row, number, config, stem))
             number += 1
             if len(rows) == config.shard_rows:

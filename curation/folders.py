@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import collections
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.ingest import ORIGIN_FILE, ORIGIN_LINE
-from curation.shards import finished_shards, shard_name, write_table_atomic
+from curation.ingest import ORIGIN_FILE, ORIGIN_LINE, SCREEN_DETAIL, SCREEN_REASON
+from curation.rejects import Reason
+from curation.shards import finished_shards, shard_name, write_parts_atomic
 from curation.url_lists import UrlListError, read_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 ENCODE_FORMATS = ("jpg", "png", "webp")
+IMAGES_PER_PART = 256  # images read into memory at a time while staging a folder (one row group each)
 
 
 def input_kind(path: str | Path) -> str:
@@ -49,13 +52,15 @@ def check_img2dataset_folder(path: Path) -> str:
         if fmt in names:
             return fmt
     tar = next(iter(sorted(path.glob("*.tar"))), None)
-    if tar is not None:
-        with tarfile.open(tar) as archive:
-            for member in archive:
-                suffix = member.name.rsplit(".", 1)[-1]
-                if suffix in ENCODE_FORMATS:
-                    return suffix
-    return ENCODE_FORMATS[0]
+    if tar is None:  # img2dataset's "files" format (or tfrecord): every image would be an empty_image reject
+        raise ValueError(f"{path}: an img2dataset folder without image bytes in its Parquet files and without "
+                         f".tar files; only the parquet and webdataset output formats can be ingested")
+    with tarfile.open(tar) as archive:
+        for member in archive:
+            suffix = member.name.rsplit(".", 1)[-1]
+            if suffix in ENCODE_FORMATS:
+                return suffix
+    return ENCODE_FORMATS[0]  # a tar of failed downloads only: no image to tell the format by
 
 
 def tar_images(parquet_path: str | Path, encode_format: str) -> dict[str, bytes]:
@@ -72,7 +77,7 @@ def tar_images(parquet_path: str | Path, encode_format: str) -> dict[str, bytes]
     return images
 
 
-def _captions(captions_file: Path | None, file_column: str, caption_column: str) -> dict[str, str]:
+def _captions(captions_file: Path | None, file_column: str, caption_column: str) -> dict[str, object]:
     if captions_file is None:
         return {}
     captions = {}
@@ -93,14 +98,33 @@ def image_files(folder: Path, list_dir: Path) -> list[Path]:
     return images
 
 
+def _staged_image(folder: Path, path: Path, number: int, captions: dict[str, object],
+                  stems: collections.Counter) -> dict:
+    relative = path.relative_to(folder).as_posix()
+    caption = captions.get(relative)
+    sidecar = path.with_suffix(".txt")
+    if caption is None and sidecar.is_file():
+        caption = sidecar.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is no text
+    screened = None
+    if isinstance(caption, str):
+        caption = caption.encode("utf-8", "surrogateescape")
+    elif caption is not None and not isinstance(caption, bytes):
+        screened, caption = f"caption is {type(caption).__name__}, not text", None
+    stem = relative.rsplit(".", 1)[0]
+    return {"key": stem if stems[stem] == 1 else relative, "caption": caption, "image": path.read_bytes(),
+            ORIGIN_FILE: str(path), ORIGIN_LINE: number,
+            SCREEN_REASON: Reason.MISSING_FIELD if screened else None, SCREEN_DETAIL: screened}
+
+
 def stage_image_folder(folder: Path, list_dir: Path, *, captions_file: Path | None, file_column: str = "file",
-                       caption_column: str = "caption", shard_rows: int = 1000) -> int:
+                       caption_column: str = "caption", shard_rows: int = 1000,
+                       before_writing: Callable[[], None] | None = None) -> int:
     """Write Parquet shards (key, caption, image, origin) for every image of the folder; returns the shard count.
 
     The key is the image's path relative to the folder, without suffix (with
     it where two images differ only in suffix: cat.jpg and cat.png). An
     image with no caption still gets a row (with a null caption), so it is
-    counted as a reject rather than skipped.
+    counted as a reject rather than skipped. `before_writing`: as for `download.stage_url_list`.
     """
     folder = Path(folder)
     captions = _captions(captions_file, file_column, caption_column)
@@ -110,24 +134,23 @@ def stage_image_folder(folder: Path, list_dir: Path, *, captions_file: Path | No
     unknown = sorted(set(captions) - known)
     if unknown:
         raise ValueError(f"{captions_file}: {len(unknown)} captioned file(s) not in {folder}, e.g. {unknown[:3]}")
-    schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("image", pa.binary()),
-                        (ORIGIN_FILE, pa.string()), (ORIGIN_LINE, pa.int64())])
+    # Captions as bytes: one that is not UTF-8 (a sidecar's bytes, a captions file's surrogates) is then a
+    # non_utf8_caption reject at normalisation; one that is not text at all is screened out here.
+    schema = pa.schema([("key", pa.string()), ("caption", pa.binary()), ("image", pa.binary()),
+                        (ORIGIN_FILE, pa.string()), (ORIGIN_LINE, pa.int64()),
+                        (SCREEN_REASON, pa.string()), (SCREEN_DETAIL, pa.string())])
     done = {p.name for p in finished_shards(list_dir)}
     shards = 0
     for start in range(0, len(images), shard_rows):
         name = shard_name(shards)
         shards += 1
-        if name in done:
-            continue
-        rows = []
-        for number, path in enumerate(images[start:start + shard_rows], start=start + 1):
-            relative = path.relative_to(folder).as_posix()
-            caption = captions.get(relative)
-            sidecar = path.with_suffix(".txt")
-            if caption is None and sidecar.is_file():
-                caption = sidecar.read_text(encoding="utf-8", errors="replace")
-            stem = relative.rsplit(".", 1)[0]
-            rows.append({"key": stem if stems[stem] == 1 else relative, "caption": caption, "image": path.read_bytes(),
-                         ORIGIN_FILE: str(path), ORIGIN_LINE: number})
-        write_table_atomic(pa.Table.from_pylist(rows, schema=schema), list_dir / name)
+        if name not in done:
+            numbered = list(enumerate(images[start:start + shard_rows], start=start + 1))
+            parts = (pa.Table.from_pylist([_staged_image(folder, path, number, captions, stems)
+                                           for number, path in numbered[first:first + IMAGES_PER_PART]],
+                                          schema=schema)
+                     for first in range(0, len(numbered), IMAGES_PER_PART))
+            if before_writing is not None:
+                before_writing()
+            write_parts_atomic(parts, schema, list_dir / name)
     return shards

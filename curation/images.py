@@ -54,6 +54,12 @@ class ImageConfig:
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
 
+    @property
+    def aspect_limit(self) -> float:
+        """The widest shape that fits both sides' bounds: a 5000x100 image scaled to 768 long is 15 short,
+        and scaled up to 16 short it is 819 long, over `max_side`. So it is refused, not bent."""
+        return min(self.max_aspect_ratio, self.max_side / self.min_side)
+
 
 @dataclass
 class PreparedImage:
@@ -102,9 +108,8 @@ def _check_size(width: int, height: int, fmt: str | None, config: ImageConfig) -
     limit = config.max_jpeg_pixels if fmt == "JPEG" else config.max_decode_pixels
     if width * height > limit:
         return Rejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} {fmt or 'image'} exceeds {limit} pixels")
-    if max(width, height) / min(width, height) > config.max_aspect_ratio:
-        return Rejected(Reason.EXTREME_ASPECT_RATIO,
-                        f"{width}x{height} exceeds aspect ratio {config.max_aspect_ratio:g}")
+    if max(width, height) / min(width, height) > config.aspect_limit:
+        return Rejected(Reason.EXTREME_ASPECT_RATIO, f"{width}x{height} exceeds aspect ratio {config.aspect_limit:g}")
     return None
 
 

@@ -25,9 +25,13 @@ STAGE = "ingest"
 SCREEN_REASON, SCREEN_DETAIL = "_reject_reason", "_reject_detail"  # verdict of URL screening, before download
 ORIGIN_FILE, ORIGIN_LINE = "_origin_file", "_origin_line"  # where the row came from, for rejects
 # Each pair's row in its input shard: what orders two copies of one row, whatever order the batches
-# arrived in. The ingest job drops it before writing.
+# arrived in. The ingest job drops it, and the pair's origin (ORIGIN_FILE, ORIGIN_LINE: what a duplicate's
+# reject names), before writing.
 INPUT_ROW = "_input_row"
+INTERNAL_COLUMNS = (INPUT_ROW, ORIGIN_FILE, ORIGIN_LINE)
 STATUS, ERROR = "status", "error_message"  # img2dataset's verdict on the download
+# What staging and img2dataset write beside the pairs. Only rows that came through them carry these: in
+# a user's own shards a `status` or `txt` column is data, carried like any other.
 CONTROL_COLUMNS = frozenset({SCREEN_REASON, SCREEN_DETAIL, ORIGIN_FILE, ORIGIN_LINE, STATUS, ERROR, "_row", "txt"})
 
 
@@ -94,8 +98,10 @@ class IngestConfig:
                     raise SchemaError(f"column holds {kind}, not {what}", file=file, column=column)
 
 
-def _early_reject(row: dict) -> tuple[str, str] | None:
+def _early_reject(row: dict, control: frozenset[str]) -> tuple[str, str] | None:
     """The verdict already reached for this row (screened out, or img2dataset failed), if any."""
+    if not control:
+        return None
     if row.get(SCREEN_REASON):
         return row[SCREEN_REASON], row.get(SCREEN_DETAIL) or ""
     status = row.get(STATUS)
@@ -105,23 +111,29 @@ def _early_reject(row: dict) -> tuple[str, str] | None:
 
 
 def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str, file: str,
-                    row_offset: int) -> tuple[pa.Table, pa.Table]:
-    """Pairs and rejects for one batch of raw rows; extra input columns ride along unchanged."""
+                    row_offset: int, control: frozenset[str] = CONTROL_COLUMNS) -> tuple[pa.Table, pa.Table]:
+    """Pairs and rejects for one batch of raw rows; extra input columns ride along unchanged.
+
+    `source` names the pairs' origin where the rows have no `source` text of their own. `control`: the
+    columns staging and img2dataset wrote (their verdicts are honoured, and they are not carried); empty
+    for a user's own shards."""
     config.check_columns(batch.schema, file)
     own = {config.key_column, config.url_column, config.caption_column, config.image_column}
     extras = [f for f in batch.schema if f.name not in own and f.name not in PAIR_FIELDS
-              and f.name not in CONTROL_COLUMNS]
+              and f.name not in control]
     pairs, rejected = [], []
     for i, row in enumerate(batch.to_pylist()):
-        row_number = row.get(ORIGIN_LINE, row_offset + i)
-        where = row.get(ORIGIN_FILE) or file
+        row_number = row.get(ORIGIN_LINE, row_offset + i) if control else row_offset + i
+        where = (row.get(ORIGIN_FILE) if control else None) or file
         given = row.get(config.key_column)
         key = str(given) if given not in (None, "") else f"{source}-{row_offset + i:09d}"
-        verdict = _early_reject(row)
+        verdict = _early_reject(row, control)
         if verdict is not None:
             rejected.append(reject(key, STAGE, verdict[0], verdict[1], where, row_number))
             continue
-        pair = make_pair(key, row.get(config.image_column), row.get(config.caption_column), source=source,
+        own_source = row.get("source")
+        pair = make_pair(key, row.get(config.image_column), row.get(config.caption_column),
+                         source=own_source if isinstance(own_source, str) and own_source else source,
                          url=row.get(config.url_column), max_caption_chars=config.max_caption_chars)
         if isinstance(pair, Rejected):
             rejected.append(reject(key, STAGE, pair.reason, pair.detail, where, row_number))
@@ -132,8 +144,10 @@ def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str,
             continue
         pair.update({f.name: row[f.name] for f in extras})
         pair[INPUT_ROW] = row_offset + i  # unique in the shard: a list line is per list file
+        pair[ORIGIN_FILE], pair[ORIGIN_LINE] = where, row_number
         pairs.append(pair)
-    schema = pa.schema([*CORE_FIELDS, *extras, pa.field(INPUT_ROW, pa.int64())])
+    schema = pa.schema([*CORE_FIELDS, *extras, pa.field(INPUT_ROW, pa.int64()), pa.field(ORIGIN_FILE, pa.string()),
+                        pa.field(ORIGIN_LINE, pa.int64())])
     return conform(pa.Table.from_pylist(pairs, schema=schema)), rejects_table(rejected)
 
 

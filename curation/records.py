@@ -48,8 +48,16 @@ def image_size(data: bytes | None) -> tuple[int, int] | Rejected:
     return width, height
 
 
-def clean_caption(raw: str | bytes | None, max_chars: int = MAX_CAPTION_CHARS) -> str | Rejected:
-    """Decode and trim a caption; reject empty, non-UTF-8 or oversized ones."""
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def clean_caption(raw: object, max_chars: int = MAX_CAPTION_CHARS) -> str | Rejected:
+    """Decode and trim a caption; reject empty, non-UTF-8, non-text or oversized ones."""
     if raw is None:
         return Rejected(Reason.EMPTY_CAPTION, "caption is null")
     if isinstance(raw, bytes):
@@ -57,6 +65,10 @@ def clean_caption(raw: str | bytes | None, max_chars: int = MAX_CAPTION_CHARS) -
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             return Rejected(Reason.NON_UTF8_CAPTION, str(exc)[:200])
+    elif not isinstance(raw, str):  # a JSONL number or list, a Parquet int column: not a caption
+        return Rejected(Reason.MISSING_FIELD, f"caption is {type(raw).__name__}, not text")
+    elif not raw.isascii() and not _encodable(raw):  # a list file's invalid bytes, kept as surrogates
+        return Rejected(Reason.NON_UTF8_CAPTION, "caption holds bytes that are not UTF-8")
     text = " ".join(raw.split())
     if not text:
         return Rejected(Reason.EMPTY_CAPTION, "caption is empty or whitespace")

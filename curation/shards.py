@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,7 +78,20 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Unique per write, not per process: containerised workers on a shared filesystem often share a pid
+    (1), and two retries of one shard must not write the same temp file."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename the synced temp file into place, then sync the directory, so the rename survives a power
+    loss too (a manifest written after it must not name a shard that is not there)."""
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -87,7 +101,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def atomic_write_figure(figure, path: str | Path, **savefig_options) -> None:
@@ -110,7 +124,26 @@ def write_table_atomic(table: pa.Table, path: str | Path, row_group_rows: int = 
     pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _publish(tmp, path)
+    return info_for(path)
+
+
+def write_parts_atomic(parts: Iterable[pa.Table], schema: pa.Schema, path: str | Path) -> ShardInfo:
+    """One complete shard written part by part (a row group each), so only one part is ever in memory:
+    a shard of ten thousand photos is gigabytes. Temp file, fsync, rename, as `write_table_atomic`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for part in parts:
+                writer.write_table(part)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _publish(tmp, path)
     return info_for(path)
 
 

@@ -95,27 +95,59 @@ def is_url_list(path: str | Path, image_column: str = "image") -> bool:
     return fmt is not None
 
 
-def read_list(path: str | Path, required: tuple[str, ...], fmt: str | None = None) -> Iterator[ListRow]:
+@dataclass(frozen=True)
+class Layout:
+    """How a CSV or TSV list is written, where it is not the common case.
+
+    `columns`: the column names by position, for a list with no header row (CC3M's and CC12M's TSVs);
+    empty: the first line is the header. `quoting`: "csv" reads `"..."` fields as CSV quoting, "none"
+    reads quotes as text; None: "csv" for CSV and "none" for TSV, since web TSVs are not quoted and a
+    caption that starts with `"` would otherwise swallow the tab after it."""
+
+    columns: tuple[str, ...] = ()
+    quoting: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.quoting not in (None, "csv", "none"):
+            raise UrlListError(f"quoting must be 'csv' or 'none', got {self.quoting!r}")
+        if len(set(self.columns)) != len(self.columns) or any(not c for c in self.columns):
+            raise UrlListError(f"column names must be distinct and non-empty, got {list(self.columns)}")
+
+
+# Invalid UTF-8 is kept as surrogates, so a caption holding it becomes a `non_utf8_caption` reject
+# instead of a silent U+FFFD; "-sig" drops the byte-order mark Excel writes before the header.
+TEXT_ENCODING = dict(encoding="utf-8-sig", errors="surrogateescape")
+
+
+def read_list(path: str | Path, required: tuple[str, ...], fmt: str | None = None,
+              layout: Layout = Layout()) -> Iterator[ListRow]:
     """Every row of one list file, in file order; raises UrlListError naming the file and line."""
     path = Path(path)
     fmt = list_format(path, fmt)
     if path.stat().st_size == 0:
         raise UrlListError(f"{path}: line 1: the file is empty")
-    reader = {"parquet": _read_parquet, "csv": _read_delimited, "tsv": _read_delimited, "jsonl": _read_jsonl}[fmt]
+    if fmt in ("csv", "tsv"):
+        rows = _read_delimited(path, required, "\t" if fmt == "tsv" else ",", layout.columns,
+                               layout.quoting or ("none" if fmt == "tsv" else "csv"))
+    else:
+        rows = {"parquet": _read_parquet, "jsonl": _read_jsonl}[fmt](path, required)
     count = 0
-    for row in reader(path, required, "\t" if fmt == "tsv" else ","):
+    for row in rows:
         count += 1
         yield row
     if count == 0:
-        raise UrlListError(f"{path}: line 2: no rows after the header" if fmt in ("csv", "tsv")
+        raise UrlListError(f"{path}: line 2: no rows after the header" if fmt in ("csv", "tsv") and not layout.columns
                            else f"{path}: line 1: no rows")
 
 
 def _missing(path: Path, names: list[str], required: tuple[str, ...], line: int) -> None:
+    """Refuse a list without the required columns; line 0: the names came from --url_list_columns."""
     missing = [c for c in required if c not in names]
     if missing:
-        raise UrlListError(f"{path}: line {line}: missing column(s) {missing}; found {names}. "
-                           f"Name them with --url_column / --caption_column.")
+        where = "--url_list_columns" if line == 0 else f"line {line}"
+        raise UrlListError(f"{path}: {where}: missing column(s) {missing}; found {names}. Name them with "
+                           f"--url_column / --caption_column, or, for a list with no header row, give its "
+                           f"columns with --url_list_columns.")
 
 
 @contextlib.contextmanager
@@ -128,28 +160,30 @@ def _csv_field_limit(limit: int):
         csv.field_size_limit(previous)
 
 
-def _read_delimited(path: Path, required: tuple[str, ...], delimiter: str) -> Iterator[ListRow]:
-    with open(path, newline="", encoding="utf-8", errors="replace") as f, _csv_field_limit(CSV_FIELD_LIMIT):
-        reader = csv.reader(f, delimiter=delimiter, strict=True)
+def _read_delimited(path: Path, required: tuple[str, ...], delimiter: str, columns: tuple[str, ...],
+                    quoting: str) -> Iterator[ListRow]:
+    with open(path, newline="", **TEXT_ENCODING) as f, _csv_field_limit(CSV_FIELD_LIMIT):
+        reader = csv.reader(f, delimiter=delimiter, strict=True,
+                            quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL)
         try:
-            header = next(reader, None)
+            header = list(columns) or next(reader, None)
             if not header:
                 raise UrlListError(f"{path}: line 1: no header row")
-            _missing(path, header, required, 1)
+            _missing(path, header, required, 0 if columns else 1)
             for fields in reader:
                 if not fields:
                     continue  # a blank line
                 if len(fields) != len(header):
-                    raise UrlListError(f"{path}: line {reader.line_num}: {len(fields)} fields, the header has "
-                                       f"{len(header)} (broken quoting or a stray delimiter?)")
+                    raise UrlListError(f"{path}: line {reader.line_num}: {len(fields)} fields, but {len(header)} "
+                                       f"columns are named (broken quoting or a stray delimiter?)")
                 yield ListRow(str(path), reader.line_num, dict(zip(header, fields)))
         except csv.Error as exc:
             raise UrlListError(f"{path}: line {reader.line_num}: broken CSV: {exc}") from exc
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...], _: str) -> Iterator[ListRow]:
-    seen: set[str] = set()
-    with open(path, encoding="utf-8", errors="replace") as f:
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[ListRow]:
+    first = True
+    with open(path, **TEXT_ENCODING) as f:
         for number, text in enumerate(f, start=1):
             if not text.strip():
                 continue
@@ -159,13 +193,13 @@ def _read_jsonl(path: Path, required: tuple[str, ...], _: str) -> Iterator[ListR
                 raise UrlListError(f"{path}: line {number}: not valid JSON: {exc}") from exc
             if not isinstance(values, dict):
                 raise UrlListError(f"{path}: line {number}: expected a JSON object, got {type(values).__name__}")
-            if not seen:
+            if first:
                 _missing(path, list(values), required, number)
-            seen.update(values)
+                first = False
             yield ListRow(str(path), number, values)
 
 
-def _read_parquet(path: Path, required: tuple[str, ...], _: str) -> Iterator[ListRow]:
+def _read_parquet(path: Path, required: tuple[str, ...]) -> Iterator[ListRow]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:
@@ -230,6 +264,8 @@ def screen_url(url: object, *, allow_private_network: bool = False, allow_file_u
     if url is None or not isinstance(url, str) or not url.strip():
         return Rejected(Reason.BAD_URL, "empty URL")
     url = url.strip()
+    if not url.isascii() and any("\udc80" <= c <= "\udcff" for c in url):
+        return Rejected(Reason.BAD_URL, "URL holds bytes that are not UTF-8")
     if len(url) > MAX_URL_CHARS:
         return Rejected(Reason.BAD_URL, f"URL of {len(url)} characters > {MAX_URL_CHARS}")
     try:

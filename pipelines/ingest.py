@@ -21,6 +21,7 @@ import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,12 +37,14 @@ from curation.download import (
 )
 from curation.folders import check_img2dataset_folder, image_files, input_kind, stage_image_folder, tar_images
 from curation.ingest import (
-    ERROR, INPUT_ROW, STAGE, STATUS, IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
+    CONTROL_COLUMNS, ERROR, INPUT_ROW, INTERNAL_COLUMNS, ORIGIN_FILE, ORIGIN_LINE, STAGE, STATUS, IngestConfig,
+    QualityFilters, duplicate_counts, filter_counts, normalise_batch,
 )
 from curation.rejects import rejects_table
 from curation.schema import KeyTracker, SchemaError
-from curation.shards import file_identity, files_fingerprint, finished_shards, read_table, shard_paths
-from curation.url_lists import is_url_list, list_files
+from curation.shards import (atomic_write_bytes, file_identity, files_fingerprint, finished_shards, read_table,
+                             shard_paths)
+from curation.url_lists import Layout, is_url_list, list_files
 from pipelines.common import (
     REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, begin_stage, config_mismatch,
     finish_stage, kept_manifest, write_stage_shard,
@@ -49,6 +52,10 @@ from pipelines.common import (
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STAGING = "_staging"
+# What the staged list or folder was cut from, written before staging starts: the stage's own config
+# is recorded only once staging is done, so a run stopped halfway through would leave shards that a
+# run over an edited list, or with another --list_shard_rows, took for its own.
+STAGING_CONFIG = "_staging_config.json"
 
 
 class IngestOptions(ShardStageOptions):
@@ -64,6 +71,12 @@ class IngestOptions(ShardStageOptions):
         parser.add_argument("--url_list", help="A URL list (Parquet/CSV/TSV/JSONL) or a directory of them; "
                                                "downloaded with img2dataset. Replaces --input.")
         parser.add_argument("--url_list_format", choices=("parquet", "csv", "tsv", "jsonl"), default=None)
+        parser.add_argument("--url_list_columns", default="",
+                            help="Comma-separated column names of a CSV/TSV list that has no header row "
+                                 "(CC3M, CC12M: url,caption).")
+        parser.add_argument("--url_list_quoting", choices=("csv", "none"), default=None,
+                            help="Read \"...\" fields as CSV quoting (csv) or as text (none). "
+                                 "Default: csv for CSV, none for TSV.")
         parser.add_argument("--list_shard_rows", type=int, default=10_000, help="List rows per shard.")
         parser.add_argument("--allow_private_network", action="store_true",
                             help="Fetch loopback/private/link-local hosts too (SSRF risk; see README).")
@@ -96,10 +109,13 @@ class IngestOptions(ShardStageOptions):
         parser.add_argument("--filter_max_aspect_ratio", type=float, default=filters.max_aspect_ratio)
 
 
-def config_from(options: IngestOptions, image_column: str | None = None) -> IngestConfig:
+def config_from(options: IngestOptions, image_column: str | None = None, staged: bool = False) -> IngestConfig:
+    """The ingest config; `staged`: the rows come from staging, which writes `key`, `url`, `caption` and
+    `image` whatever the list or captions file called them (the user's names were used reading those)."""
+    names = ("key", "url", "caption", "image") if staged else \
+        (options.key_column, options.url_column, options.caption_column, image_column or options.image_column)
     return IngestConfig(
-        options.key_column, options.url_column, options.caption_column, image_column or options.image_column,
-        options.max_caption_chars,
+        *names, options.max_caption_chars,
         filters=QualityFilters(options.filter_min_caption_chars, options.filter_max_caption_chars,
                                options.filter_min_side, options.filter_max_aspect_ratio),
         dedup=DedupConfig(not options.no_dedup_sha256, not options.no_dedup_url, options.near_dup_bits))
@@ -148,8 +164,8 @@ def _normalise(item, config: IngestConfig, source: dict):
         images = _tar(path, config.image_column)
         keys = batch.column(config.key_column).to_pylist()
         batch = batch.append_column(config.image_column, pa.array([images.get(k) for k in keys], pa.binary()))
-    name = source.get("name") or Path(path).stem
-    pairs, rejects = normalise_batch(batch, config, source=name, file=path, row_offset=offset)
+    pairs, rejects = normalise_batch(batch, config, source=source["name"], file=path, row_offset=offset,
+                                     control=frozenset() if source["kind"] == "shards" else CONTROL_COLUMNS)
     yield index, ("pairs", pairs)
     if rejects.num_rows:
         yield index, ("rejects", rejects)
@@ -158,7 +174,7 @@ def _normalise(item, config: IngestConfig, source: dict):
 def _row_prints(item, dedup: DedupConfig):
     index, (kind, table) = item
     if kind == "pairs" and table.num_rows:
-        yield from row_fingerprints(table, index, dedup)
+        yield from row_fingerprints(table, index, dedup, order_by=INPUT_ROW)
 
 
 KEPT_PRINTS = "kept_prints"
@@ -191,10 +207,11 @@ def _write_deduped(item, output: str) -> dict:
     verdicts = grouped["verdicts"]
     table = renamed(pa.concat_tables(pairs, promote_options="default"),
                     [rename for kind, rename in verdicts if kind == "rename"])
-    source = table.column("source")[0].as_py() if table.num_rows else None
     losers = strongest(loser for kind, loser in verdicts if kind == "loser")
-    kept, duplicates = drop_duplicates(table, losers, stage=STAGE, source=source, order_by=INPUT_ROW)
-    return write_stage_shard(output, index, kept.drop_columns([INPUT_ROW]),
+    # A duplicate's reject names the file and row it came from, as every other reject of ingest does.
+    kept, duplicates = drop_duplicates(table, losers, stage=STAGE, source=None, order_by=INPUT_ROW,
+                                       origin=(ORIGIN_FILE, ORIGIN_LINE))
+    return write_stage_shard(output, index, kept.drop_columns(list(INTERNAL_COLUMNS)),
                              pa.concat_tables([*rejects, duplicates]))
 
 
@@ -222,14 +239,31 @@ def _refuse_clashing_renames(output: Path) -> None:
                           f"rename one of them in the input") from exc
 
 
-def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> None:
-    """Before staging anything into the output: wipe it (overwrite) or refuse a run with another config."""
+def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> Callable[[], None]:
+    """Before staging anything into the output: wipe it (overwrite) or refuse a run with another config,
+    and drop a staging that was cut for another config (see STAGING_CONFIG). Returns what records the
+    config before staging writes a shard (not before: a list that fails on its first line leaves no
+    output behind)."""
     if overwrite and output.exists():
         shutil.rmtree(output)
     recorded = output / STAGE_CONFIG
     wanted = json.loads(json.dumps(stage_config, default=str))
-    if recorded.is_file() and (previous := json.loads(recorded.read_text()).get("config")) != wanted:
+    previous = json.loads(recorded.read_text()).get("config") if recorded.is_file() else None
+    if previous is not None and previous != wanted:
         raise config_mismatch(output, {"stage": STAGE, "config": previous}, {"stage": STAGE, "config": wanted})
+    staging, stamp = output / STAGING, output / STAGING / STAGING_CONFIG
+    if stamp.is_file():
+        trusted = json.loads(stamp.read_text()) == wanted
+    else:  # staged by a version that wrote no stamp: trusted only once the stage recorded this very config
+        trusted = previous == wanted
+    if staging.exists() and not trusted:
+        shutil.rmtree(staging)
+
+    def record() -> None:
+        if not stamp.is_file():
+            staging.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(stamp, json.dumps(wanted, indent=2).encode())
+    return record
 
 
 def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestConfig, dict, dict]:
@@ -241,14 +275,16 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
         options.url_list, options.input = options.input, None  # what the Dagster asset passes for a list file
     if options.url_list:
         download = download_config_from(options)
+        columns = tuple(c.strip() for c in options.url_list_columns.split(",")) if options.url_list_columns else ()
         listing = ListConfig(str(Path(options.url_list).resolve()), options.url_list_format, options.url_column,
                              options.caption_column, options.key_column, options.list_shard_rows,
-                             options.max_caption_chars, options.allow_private_network, options.allow_file_urls)
-        config = config_from(options, image_column="image")
+                             options.max_caption_chars, options.allow_private_network, options.allow_file_urls,
+                             Layout(columns, options.url_list_quoting))
+        config = config_from(options, staged=True)
         recorded = {**asdict(config), "url_list": asdict(listing), "download": asdict(download),
                     "source_files": files_fingerprint(list_files(listing.path, listing.format))}
-        _refuse_other_run(output, recorded, options.overwrite)
-        stage_url_list(listing, staging / "list", staging / "fetch")
+        record = _refuse_other_run(output, recorded, options.overwrite)
+        stage_url_list(listing, staging / "list", staging / "fetch", record)
         source = {"kind": "url_list", "format": download.encode_format, "download": download,
                   "shard_rows": listing.shard_rows, "name": Path(options.url_list).stem}
         return str(staging / "list"), config, recorded, source
@@ -259,24 +295,27 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
         config = config_from(options, image_column=check_img2dataset_folder(Path(options.input)))
         return options.input, config, asdict(config), {"kind": kind, "name": Path(options.input).name}
     if kind == "images":
-        config = config_from(options, image_column="image")
+        config = config_from(options, staged=True)
         captions = str(Path(options.captions_file).resolve()) if options.captions_file else None
         images = image_files(Path(options.input), staging / "list")
         sidecars = [p.with_suffix(".txt") for p in images if p.with_suffix(".txt").is_file()]
         files = images + sidecars + ([Path(captions)] if captions else [])
         recorded = {**asdict(config), "image_folder": str(Path(options.input).resolve()), "captions_file": captions,
+                    "captions_columns": [options.captions_file_column, options.caption_column],
                     "source_files": files_fingerprint(files)}
-        _refuse_other_run(output, recorded, options.overwrite)
+        record = _refuse_other_run(output, recorded, options.overwrite)
         stage_image_folder(Path(options.input), staging / "list", captions_file=Path(captions) if captions else None,
                            file_column=options.captions_file_column, caption_column=options.caption_column,
-                           shard_rows=options.list_shard_rows)
+                           shard_rows=options.list_shard_rows, before_writing=record)
         return str(staging / "list"), config, recorded, {"kind": kind, "name": Path(options.input).name}
     config = config_from(options)
-    return options.input, config, asdict(config), {"kind": kind}
+    # A row's own `source` text wins; otherwise the directory's name, one value for the whole input.
+    return options.input, config, asdict(config), {"kind": kind, "name": Path(options.input).resolve().name}
 
 
 def _download(source: dict, staging: Path) -> dict:
     """Run img2dataset over the staged list; refuse to go on while some of its shards are unfinished."""
+    before = download_stats(staging / "download")["download_succeeded"]  # a resumed download's earlier part
     start = time.perf_counter()
     run_img2dataset(staging / "fetch", staging / "download", source["download"], source["shard_rows"])
     seconds = time.perf_counter() - start
@@ -288,9 +327,26 @@ def _download(source: dict, staging: Path) -> dict:
     source["downloads"] = {index: str(path) for index, path in found.items()}
     stats = download_stats(staging / "download")
     stats["download_seconds"] = round(seconds, 3)
-    if stats["download_attempted"] and seconds > 0:
-        stats["download_images_per_s"] = round(stats["download_succeeded"] / seconds, 2)
+    if stats["download_succeeded"] > before and seconds > 0:
+        stats["download_images_per_s"] = round((stats["download_succeeded"] - before) / seconds, 2)
     return stats
+
+
+def _refuse_mixed_download(source: dict, staging: Path, plan) -> None:
+    """A resume must dedup against the bytes its finished shards were made from: refuse to fetch them anew.
+
+    Dedup decides over every row, so a resumed run needs every list shard's images; if they are fetched
+    again, the web may serve other bytes than the finished shards were deduplicated against."""
+    if not (plan.done and plan.todo):
+        return
+    if source["download"].incremental_mode == "overwrite":
+        raise ValueError(f"{STAGE}: {plan.done} shard(s) are finished, and --download_incremental_mode overwrite "
+                         f"would download their images again; resume in incremental mode, or start again with "
+                         f"--overwrite")
+    if any((staging / "fetch").glob("*.parquet")) and not (staging / "download").is_dir():
+        raise ValueError(f"{STAGE}: {plan.done} shard(s) are finished, but img2dataset's download they were made "
+                         f"from is gone (it is dropped when a run finishes, unless --keep_download); downloading "
+                         f"again could give other bytes. Rerun with --overwrite")
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
@@ -308,6 +364,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         return StageResult(kept, plan.output, up_to_date=True)
     start = time.perf_counter()
     stats: dict = {}
+    if source["kind"] == "url_list":
+        _refuse_mixed_download(source, output / STAGING, plan)
+        if not plan.todo and (output / STAGING / "download").is_dir():  # the shards were all written before
+            stats.update(download_stats(output / STAGING / "download"))
     if plan.todo:
         if source["kind"] == "url_list":
             stats.update(_download(source, output / STAGING))

@@ -25,7 +25,8 @@ def picture(seed: int, quality: int = 90, shift: int = 0) -> bytes:
 
 def table(rows: list[tuple[str, bytes, str | None]]) -> pa.Table:
     pairs = [make_pair(key, image, "a caption", source="t", url=url) for key, image, url in rows]
-    return pa.Table.from_pylist(pairs).append_column("row", pa.array(range(len(pairs)), pa.int64()))
+    return (pa.Table.from_pylist(pairs).append_column("row", pa.array(range(len(pairs)), pa.int64()))
+            .append_column("file", pa.array(["in.parquet"] * len(pairs))))
 
 
 def decide(tables: dict[int, pa.Table], config: DedupConfig) -> dict[str, Loser]:
@@ -38,7 +39,7 @@ def decide_rows(tables: dict[int, pa.Table], config: DedupConfig):
     verdict routed to its shard: {shard: (losers by (key, content), renames)}."""
     by_key: dict[str, list] = {}
     for shard, t in tables.items():
-        for key, row in row_fingerprints(t, shard, config):
+        for key, row in row_fingerprints(t, shard, config, order_by="row"):
             by_key.setdefault(key, []).append(row)
     losers, renames, groups = [], [], {}
     for key, rows in by_key.items():
@@ -54,7 +55,8 @@ def decide_rows(tables: dict[int, pa.Table], config: DedupConfig):
 
 def drop(tables: dict[int, pa.Table], shard: int, config: DedupConfig) -> tuple[pa.Table, pa.Table]:
     losers, renames = decide_rows(tables, config)[shard]
-    return drop_duplicates(renamed(tables[shard], renames), losers, stage="ingest", source="t", order_by="row")
+    return drop_duplicates(renamed(tables[shard], renames), losers, stage="ingest", source="t", order_by="row",
+                           origin=("file", "row"))
 
 
 def test_smallest_key_wins_whatever_the_order():
@@ -86,7 +88,7 @@ def test_a_key_held_by_rows_of_other_content_is_made_unique_and_no_image_is_lost
     assert kept[0] == ["a"] and len(kept[1]) == 1 and kept[1][0].startswith("k~")
     assert drop(shards, 0, DedupConfig())[1].column("key").to_pylist() == ["k"]  # rejects name the given key
     # A repeat of renamed content names the key that content kept; an input renamed before keeps its origin.
-    losers, renames, _ = decide_key("cat", [(0, "A", []), (0, "B", []), (1, "B", [])])
+    losers, renames, _ = decide_key("cat", [(0, "A", 0, []), (0, "B", 1, []), (1, "B", 0, [])])
     ((_, _, final),) = renames
     assert [(l.shard, l.detail) for l in losers] == [(1, f"duplicate_of={final} by=key")]
     first = table([("k", p, None), ("k", q, None)])
@@ -107,6 +109,18 @@ def test_a_key_held_by_rows_of_other_content_is_made_unique_and_no_image_is_lost
     reversed_rows = reversed_rows.set_column(reversed_rows.column_names.index("row"), "row",
                                              pa.array([0, 1, 2], pa.int64()))  # the input in the other order
     assert drop({0: reversed_rows}, 0, DedupConfig())[0].column("licence").to_pylist()[0] == "cc0"
+
+
+def test_copies_of_one_row_with_other_urls_fingerprint_the_copy_that_stays_in_any_arrival_order():
+    """The reviewer's case: k twice with one image and caption but two URLs, and z with k's first URL. The copy
+    kept is the first in the input (URL 1), so z is its duplicate by URL, whichever copy arrived first."""
+    p, q = picture(1), picture(2)
+    rows = table([("k", p, "http://x/1"), ("k", p, "http://x/2"), ("z", q, "http://x/1")])
+    for order in ([0, 1, 2], [1, 0, 2], [2, 1, 0]):
+        kept, rejects = drop({0: rows.take(order)}, 0, DedupConfig())
+        assert kept.column("key").to_pylist() == ["k"] and kept.column("url").to_pylist() == ["http://x/1"]
+        assert sorted(zip(rejects.column("detail").to_pylist(), rejects.column("row").to_pylist())) == [
+            ("duplicate_of=k by=key", 1), ("duplicate_of=k by=url", 2)]  # each names its row in the input
 
 
 def test_sha_beats_url_and_urls_are_normalised():

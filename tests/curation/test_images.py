@@ -118,3 +118,13 @@ def test_bad_images_are_counted_rejects_not_crashes(data, reason):
 def test_tiny_image_is_upscaled_to_min_side():
     out = prepared(encode(Image.new("RGB", (4, 8), (9, 9, 9)), "PNG"), ImageConfig(min_side=16))
     assert min(out.image.size) == 16 and out.image.size == (16, 32)
+
+
+def test_every_prepared_image_fits_both_side_bounds():
+    """50:1 passed max_aspect_ratio (50), then came out 819x16: over max_side (768), which the captioner's
+    memory bound relies on. The widest shape allowed is max_side / min_side."""
+    config = ImageConfig()
+    out = prepare_image(encode(Image.new("RGB", (5000, 100)), "PNG"), config)
+    assert isinstance(out, Rejected) and out.reason == Reason.EXTREME_ASPECT_RATIO and "aspect ratio 48" in out.detail
+    widest = prepared(encode(Image.new("RGB", (4800, 100)), "PNG"), config)
+    assert widest.image.size == (768, 16)

@@ -234,3 +234,23 @@ def test_img2dataset_webdataset_folder_is_an_input(tmp_path):
     pairs = read_table(tmp_path / "raw")
     assert pairs.column("caption").to_pylist() == [f"thing {i}" for i in range(4)]
     assert pc.all(pc.equal(pairs.column("source"), "wds")).as_py()
+
+
+@pytest.mark.slow
+def test_a_headerless_list_with_its_own_column_names_keeps_its_keys_urls_and_captions(tmp_path):
+    """CC12M-style: no header row, columns named by flags. Staging writes key/url/caption whatever the list
+    called them; the ingest job read the user's names there and crashed after the download (or wrote null
+    URLs, or threw the list's keys away)."""
+    with serve_images() as (base, _):
+        listing = tmp_path / "cc.tsv"
+        listing.write_text(f'id-a\t{base}/img/1\t"Best" photo of a thing\nid-b\t{base}/img/2\ta second thing\n'
+                           f'id-c\t{base}/img/1?again\tthe first image again\n')
+        result = ingest.run(["--url_list", str(listing), "--output", str(tmp_path / "raw"), *DOWNLOAD_FLAGS,
+                             "--url_list_columns", "SAMPLE_ID,URL,TEXT", "--url_column", "URL",
+                             "--caption_column", "TEXT", "--key_column", "SAMPLE_ID"])
+    assert result.rows == 2 and result.rejects == {"duplicate": 1}
+    pairs = read_table(tmp_path / "raw").to_pylist()
+    assert [(p["key"], p["url"], p["caption"]) for p in pairs] == [
+        ("id-a", f"{base}/img/1", '"Best" photo of a thing'), ("id-b", f"{base}/img/2", "a second thing")]
+    (duplicate,) = read_table(tmp_path / "raw" / "rejects").to_pylist()
+    assert (duplicate["key"], duplicate["detail"]) == ("id-c", "duplicate_of=id-a by=sha256")

@@ -1,3 +1,5 @@
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -34,7 +36,7 @@ def test_csv_tsv_jsonl_and_parquet_read_the_same_rows(tmp_path):
     ("quote.csv", 'url,caption\nhttp://a/1,ok\nhttp://a/2,"never closed\nhttp://a/3,x\n',
      r"quote.csv: line \d+: broken CSV"),
     ("stray.csv", 'url,caption\nhttp://a/1,ok\nhttp://a/2,"closed" then text\n', r"stray.csv: line 3: broken CSV"),
-    ("fields.csv", "url,caption\nhttp://a/1,ok,extra\n", r"fields.csv: line 2: 3 fields, the header has 2"),
+    ("fields.csv", "url,caption\nhttp://a/1,ok,extra\n", r"fields.csv: line 2: 3 fields, but 2 columns are named"),
     ("bad.jsonl", '{"url": "http://a/1", "caption": "x"}\n{"url": \n', r"bad.jsonl: line 2: not valid JSON"),
     ("cols.jsonl", '{"link": "http://a/1", "caption": "x"}\n', r"cols.jsonl: line 1: missing column\(s\) \['url'\]"),
 ])
@@ -95,3 +97,53 @@ def test_staging_shards_keys_and_only_fetches_what_passed(tmp_path):
     fetch = read_table(tmp_path / "fetch")
     assert fetch.column("_row").to_pylist() == [0, 1, 2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "fetch").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_web_tsvs_are_not_csv_quoted_and_a_headerless_list_names_its_columns(tmp_path):
+    """CC3M/CC12M ship unquoted TSVs without a header: a caption that starts with a quote is text there."""
+    from curation.url_lists import Layout
+
+    (tmp_path / "cc12m.tsv").write_text('http://a.com/1.jpg\t"Best" photo of a cat\nhttp://a.com/2.jpg\ta dog\n')
+    got = list(read_list(tmp_path / "cc12m.tsv", ("url", "caption"), layout=Layout(("url", "caption"))))
+    assert [(r.line, r.values) for r in got] == [(1, {"url": "http://a.com/1.jpg", "caption": '"Best" photo of a cat'}),
+                                                 (2, {"url": "http://a.com/2.jpg", "caption": "a dog"})]
+    with pytest.raises(UrlListError, match=r"line 1: missing column.*--url_list_columns"):
+        rows(tmp_path / "cc12m.tsv")  # its first row is no header
+    with pytest.raises(UrlListError, match=r"--url_list_columns: missing column\(s\) \['caption'\]"):
+        list(read_list(tmp_path / "cc12m.tsv", ("url", "caption"), layout=Layout(("url", "text"))))
+    with pytest.raises(UrlListError, match="broken CSV"):  # a TSV that is CSV-quoted says so
+        list(read_list(tmp_path / "cc12m.tsv", ("url", "caption"), layout=Layout(("url", "caption"), "csv")))
+
+
+def test_a_byte_order_mark_is_no_header_text_and_bytes_that_are_not_utf8_are_kept_for_the_reject(tmp_path):
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfurl,caption\nhttp://a.com/1.jpg,caf\xe9\n")
+    (row,) = rows(tmp_path / "excel.csv")
+    assert list(row.values) == ["url", "caption"]
+    assert row.values["caption"] == "caf\udce9"  # not a silent U+FFFD: staging rejects it as non_utf8_caption
+
+
+def test_staging_keeps_every_rows_columns_and_rejects_what_is_not_a_caption(tmp_path):
+    lines = [{"url": " http://example.com/0.jpg ", "caption": "a cat", "key": 0},
+             {"url": "http://example.com/1.jpg", "caption": "a dog", "licence": "cc-by"},  # a column row 0 lacks
+             {"url": "http://example.com/2.jpg", "caption": 5},
+             {"url": "http://example.com/3.jpg", "caption": ["a", "b"]}]
+    path = tmp_path / "list.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with path.open("ab") as f:
+        f.write(b'{"url": "http://example.com/4.jpg", "caption": "caf\xe9"}\n')
+    stage_url_list(ListConfig(str(path)), tmp_path / "list", tmp_path / "fetch")
+    staged = read_table(tmp_path / "list").to_pylist()
+    assert [r["key"] for r in staged][:2] == ["0", "list-000000002"]  # key 0 is a key
+    assert staged[0]["url"] == "http://example.com/0.jpg"  # screened: no space goes to img2dataset
+    assert [r["licence"] for r in staged] == [None, "cc-by", None, None, None]
+    assert [r["_reject_reason"] for r in staged] == [None, None, "missing_field", "missing_field", "non_utf8_caption"]
+    assert staged[2]["_reject_detail"] == "caption is int, not text"
+    assert read_table(tmp_path / "fetch").column("_row").to_pylist() == [0, 1]
+
+
+def test_a_list_column_named_like_a_staged_one_is_refused(tmp_path):
+    """With --caption_column TEXT, a `caption` column of the list would have overwritten the screened text."""
+    (tmp_path / "list.csv").write_text("URL,TEXT,caption,status\nhttp://example.com/0.jpg,a cat,old,ok\n")
+    config = ListConfig(str(tmp_path / "list.csv"), url_column="URL", caption_column="TEXT")
+    with pytest.raises(UrlListError, match=r"line 2: column\(s\) \['caption', 'status'\] would be overwritten"):
+        stage_url_list(config, tmp_path / "list", tmp_path / "fetch")

@@ -1,5 +1,6 @@
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import time
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from PIL import Image
 
 from curation.demo_data import generate
 from curation.shards import finished_shards, iter_batches, read_table, verify_manifest
@@ -81,7 +84,7 @@ def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_result(tmp_path):
     assert 0 < len(written) < 80, "the kill must land in the middle of the stage"
     assert not (output / "manifest.json").exists()
     for path in written:  # every visible shard is complete and readable
-        assert sum(b.num_rows for _, b in iter_batches(path)) >= 0
+        assert sum(b.num_rows for _, b in iter_batches(path)) == pq.ParquetFile(path).metadata.num_rows > 0
 
     ingest.run(["--input", str(tmp_path / "src" / "pool"), "--output", str(output)])
     assert _digests(output) == _digests(baseline)
@@ -125,19 +128,21 @@ def test_two_worker_processes_give_the_same_bytes(demo_dir, tmp_path):
 
 
 def test_folder_of_images_with_a_captions_file(tmp_path):
-    from PIL import Image
-
     folder = tmp_path / "photos"
     (folder / "cats").mkdir(parents=True)
     for i, name in enumerate(["cats/a.jpg", "cats/b.png", "dog.jpg", "nocaption.jpg"]):
         Image.new("RGB", (30 + i, 20), (i * 40, 0, 0)).save(folder / name)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     (folder / "dog.txt").write_text("a dog from its sidecar file")
-    (tmp_path / "captions.csv").write_text("file,caption\ncats/a.jpg,a cat\ncats/b.png,another cat\n"
+    Image.new("RGB", (40, 20), (0, 90, 0)).save(folder / "latin1.jpg")
+    (folder / "latin1.txt").write_bytes(b"caf\xe9 terrace")  # not UTF-8: a reject, not a silent U+FFFD
+    # The captions file's own column names: --caption_column names its caption column.
+    (tmp_path / "captions.csv").write_text("file,text\ncats/a.jpg,a cat\ncats/b.png,another cat\n"
                                            "broken.jpg,broken\n")
     result = ingest.run(["--input", str(folder), "--captions_file", str(tmp_path / "captions.csv"),
-                         "--output", str(tmp_path / "raw"), "--list_shard_rows", "2"])
-    assert result.rows == 3 and result.rejects == {"empty_caption": 1, "undecodable_image": 1}
+                         "--caption_column", "text", "--output", str(tmp_path / "raw"), "--list_shard_rows", "2"])
+    assert result.rows == 3
+    assert result.rejects == {"empty_caption": 1, "undecodable_image": 1, "non_utf8_caption": 1}
     pairs = read_table(tmp_path / "raw")
     assert pairs.column("key").to_pylist() == ["cats/a", "cats/b", "dog"]
     assert pairs.column("caption").to_pylist() == ["a cat", "another cat", "a dog from its sidecar file"]
@@ -145,9 +150,9 @@ def test_folder_of_images_with_a_captions_file(tmp_path):
     # A folder that changed since (one more image, cats/a also as a PNG) is not resumed into: its staged
     # shards were cut from the old listing, so resuming lost the new images and wrote others twice.
     Image.new("RGB", (30, 20), (9, 9, 9)).save(folder / "cats" / "a.png")
-    (tmp_path / "captions.csv").write_text("file,caption\ncats/a.jpg,a cat\ncats/a.png,a cat as a PNG\n"
+    (tmp_path / "captions.csv").write_text("file,text\ncats/a.jpg,a cat\ncats/a.png,a cat as a PNG\n"
                                            "cats/b.png,another cat\nbroken.jpg,broken\n")
-    argv = ["--input", str(folder), "--captions_file", str(tmp_path / "captions.csv"),
+    argv = ["--input", str(folder), "--captions_file", str(tmp_path / "captions.csv"), "--caption_column", "text",
             "--output", str(tmp_path / "raw"), "--list_shard_rows", "2"]
     with pytest.raises(StageConfigMismatch, match="--overwrite"):
         ingest.run(argv)
@@ -178,9 +183,6 @@ def test_a_broken_url_list_stops_before_anything_is_written(tmp_path, text, mess
 
 
 def test_a_mistyped_column_is_named_and_a_zero_key_is_a_key(tmp_path):
-    import pyarrow.parquet as pq
-    from PIL import Image
-
     from curation.schema import SchemaError
 
     buffer = io.BytesIO()
@@ -205,9 +207,6 @@ def test_a_mistyped_column_is_named_and_a_zero_key_is_a_key(tmp_path):
 def test_a_made_unique_key_that_another_row_holds_is_refused_before_the_manifest(tmp_path):
     """Two rows keyed x (other images): the second becomes x~<8 hex>. A third row that holds exactly that
     key itself would make two rows of one key: refused, named, with no manifest written."""
-    import pyarrow.parquet as pq
-    from PIL import Image
-
     from curation.schema import SchemaError
     from curation.shards import is_complete
 
@@ -227,3 +226,52 @@ def test_a_made_unique_key_that_another_row_holds_is_refused_before_the_manifest
     with pytest.raises(SchemaError, match=f"made unique by ingest is also another row's own key.*{made}"):
         ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2")])
     assert not is_complete(tmp_path / "out2")
+
+
+def test_a_list_fixed_after_a_run_stopped_in_staging_is_staged_again(tmp_path):
+    """The first run stops at line 6 with two shards staged and no stage config recorded yet. The fixed list,
+    with other shard rows, must not reuse them: they were cut from the old list (rows 4 and 5 were lost)."""
+    from curation.url_lists import UrlListError
+
+    rows = [json.dumps({"url": f"http://10.0.0.{i}/x.jpg", "caption": f"thing {i}"}) for i in range(6)]
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("\n".join(rows[:4] + ["{broken"] + rows[4:]) + "\n")
+    argv = ["--url_list", str(listing), "--output", str(tmp_path / "raw")]  # private hosts: screened, never fetched
+    with pytest.raises(UrlListError, match="line 5: not valid JSON"):
+        ingest.run([*argv, "--list_shard_rows", "2"])
+    listing.write_text("\n".join(rows) + "\n")
+    result = ingest.run([*argv, "--list_shard_rows", "3"])
+    assert result.rejects == {"bad_url": 6}
+    rejects = read_table(tmp_path / "raw" / "rejects")
+    assert sorted(rejects.column("row").to_pylist()) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_users_status_and_source_columns_are_data(tmp_path):
+    """Only img2dataset's rows carry a download status; in a user's shards `status` is a column like any other,
+    and a `source` column names each pair's source (otherwise: the input directory's name)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(buffer, format="JPEG")
+    other = io.BytesIO()
+    Image.new("RGB", (16, 16), (0, 0, 200)).save(other, format="JPEG")
+    (tmp_path / "crawl").mkdir()
+    pq.write_table(pa.table({"key": ["a", "b"], "caption": ["a red square", "a blue square"],
+                             "image": [buffer.getvalue(), other.getvalue()], "status": ["published", "draft"],
+                             "txt": ["x", "y"], "source": ["laion", None]}),
+                   tmp_path / "crawl" / "part-00000.parquet")
+    result = ingest.run(["--input", str(tmp_path / "crawl"), "--output", str(tmp_path / "raw")])
+    assert result.rows == 2 and not result.rejects
+    pairs = read_table(tmp_path / "raw")
+    assert pairs.column("status").to_pylist() == ["published", "draft"] and pairs.column("txt").to_pylist() == ["x", "y"]
+    assert pairs.column("source").to_pylist() == ["laion", "crawl"]
+
+
+def test_an_img2dataset_folder_of_loose_files_is_refused(tmp_path):
+    """img2dataset's "files" format has no image bytes in its Parquet and no tar: every row would have been
+    an empty_image reject."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    pq.write_table(pa.table({"key": ["000000000"], "caption": ["a cat"], "status": ["success"]}),
+                   folder / "00000.parquet")
+    (folder / "00000_stats.json").write_text("{}")
+    with pytest.raises(ValueError, match="only the parquet and webdataset output formats"):
+        ingest.run(["--input", str(folder), "--output", str(tmp_path / "raw")])
