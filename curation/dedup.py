@@ -124,6 +124,13 @@ def row_fingerprints(pairs: pa.Table, shard: int, config: DedupConfig,
 RENAMED_COLUMN = "original_key"
 
 
+def _made_key(key: str, content: str, taken: set[str]) -> str:
+    """`<key>~<8 hex of the content>`, or 16 hex where 8 are taken by another content of this key (about one
+    in 4e9 pairs: expected once where some 100k rows share one key)."""
+    made = f"{key}~{hashlib.blake2b(content.encode(), digest_size=4).hexdigest()}"
+    return made if made not in taken else f"{key}~{hashlib.blake2b(content.encode(), digest_size=8).hexdigest()}"
+
+
 def decide_key(key: str, rows: Iterable[tuple[int, str, int, list]]
                ) -> tuple[list[Loser], list[tuple[int, str, str]], list[tuple[str, Member]]]:
     """For the rows sharing `key`: the losers (repeats of a content already seen, in a later shard), the
@@ -141,7 +148,7 @@ def decide_key(key: str, rows: Iterable[tuple[int, str, int, list]]
         if content in finals:
             losers.append(Loser(CRITERIA["key"], finals[content], key, shard, "key", content))
             continue
-        final = key if not finals else f"{key}~{hashlib.blake2b(content.encode(), digest_size=4).hexdigest()}"
+        final = key if not finals else _made_key(key, content, set(finals.values()))
         if finals:
             renames.append((shard, content, final))
         finals[content] = final

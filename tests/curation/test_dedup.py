@@ -146,3 +146,19 @@ def test_near_duplicates_only_when_asked():
     assert list(verdicts) == ["b"] and verdicts["b"].detail == "duplicate_of=a by=phash"
     _, rejects = drop(shard, 0, DedupConfig(near_dup_bits=6))
     assert rejects.column("reason").to_pylist() == ["near_duplicate"]
+
+
+def test_two_contents_whose_short_digests_clash_still_get_two_keys(monkeypatch):
+    import hashlib
+
+    from curation import dedup
+
+    real = hashlib.blake2b
+
+    def clashing(data, digest_size):  # every content gets the same 8 hex digits
+        return real(b"same", digest_size=4) if digest_size == 4 else real(data, digest_size=digest_size)
+
+    monkeypatch.setattr(dedup.hashlib, "blake2b", clashing)
+    _, renames, _ = decide_key("k", [(0, "A", 0, []), (0, "B", 1, []), (0, "C", 2, [])])
+    finals = [final for _, _, final in renames]
+    assert len(set(finals)) == 2 and len(finals[0]) == 10 and len(finals[1]) == 18
