@@ -89,6 +89,8 @@ class TrainConfig:
     log_every: int = opt(10, "steps between metric rows")
     progress: bool = opt(True, "progress bar with samples/s")
     threads: int = opt(0, "torch CPU threads; 0: leave torch's default")
+    verify_checksums: bool = opt(False, "check every input shard's sha256 against its manifest before training "
+                                        "(reads all the data once; sizes are always checked)")
     dist_timeout_minutes: int = opt(60, "how long ranks wait at a collective, e.g. while rank 0 alone trains the "
                                         "tokenizer or evaluates (NCCL's own default is 10 minutes)")
 
@@ -157,7 +159,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 RESUME_FREE = frozenset({"stop_after_steps", "progress", "log_every", "eval_every", "threads",
                          "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "eval", "classes",
                          "holdout_max_pairs", "compile", "assume_online_balanced",
-                         "dist_timeout_minutes"})
+                         "dist_timeout_minutes", "verify_checksums"})
 
 
 # What a run stopped for divergence may change when resumed: its message tells the user to retry so.

@@ -27,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from curation.shards import atomic_write_bytes
+from curation.shards import atomic_write_bytes, is_complete, verify_manifest
 from training import distributed
 from training.checkpoint import (CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  restore_interrupted_save, save_checkpoint)
@@ -179,6 +179,8 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     context_length = config.context_length or preset.context_length
     # Input errors surface before anything is written, or cleared by --overwrite, and not after the last step.
     shards = inspect_shards(config.input, _needed_columns(config))
+    if config.verify_checksums and is_complete(config.input):
+        distributed.on_main(d, lambda: verify_manifest(config.input))
     if config.online_curation:
         check_curation_column(shards, config.t)
     entry_p = curation_probabilities(config)

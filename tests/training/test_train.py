@@ -128,6 +128,26 @@ def test_wrong_shards_fail_before_any_training(raw_pairs, tmp_path):
         loop.train(_config(tmp_path / "bad", tmp_path / "out"))
 
 
+def test_shards_that_differ_from_their_manifest_fail_before_any_training(raw_pairs, tmp_path):
+    """Sizes are always checked (a stat per file); the sha256s with --verify_checksums."""
+    import shutil
+
+    from curation.shards import ManifestError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(raw_pairs, copy)
+    shard = sorted(copy.glob("part-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    shard.write_bytes(bytes(data[:-1]))  # a copy cut short
+    with pytest.raises(ManifestError, match=f"{shard.name} holds {len(data) - 1} bytes, its manifest {len(data)}"):
+        loop.train(_config(copy, tmp_path / "out"))
+    data[len(data) // 2] ^= 0xFF  # one byte flipped, the size unchanged
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="does not match its manifest checksum"):
+        loop.train(_config(copy, tmp_path / "out", verify_checksums=True))
+    assert not (tmp_path / "out").exists()
+
+
 def test_wrong_settings_and_eval_inputs_fail_before_overwrite_clears_anything(raw_pairs, tmp_path):
     """Found after `--overwrite` had cleared the output (preset, tokenizer), or after the last step (eval
     split, classes.json: no model was saved), these stopped a run only once its cost was paid."""
