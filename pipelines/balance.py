@@ -9,8 +9,10 @@ pass 2 as a side input, which Beam computes in full before pass 2 starts.
 Pass 2 reads the input shards still to do, computes each pair's keep
 probability and keeps it when the (seed, key) draw falls under it.
 
-Beside the output: `entry_counts.parquet` (entry, count, p, kept: a new t can
-be applied from it and `matched_entries` without matching again) and
+Beside the output: `entry_counts.parquet` (entry, count, p, kept: with
+`--online_curation`, whose output keeps every pair, a new t can be applied
+from it and `matched_entries` without matching again; `entry_matches/` holds
+every pool row's matches either way) and
 `entry_counts.png` (the sorted count curve before and after).
 """
 
@@ -32,7 +34,8 @@ from curation.balancing import (
 )
 from curation.matching import MATCH_BATCH_ROWS, MATCHES_TYPE, matcher_for
 from curation.metadata import DEFAULT, MetadataFile, resolve_metadata
-from curation.shards import file_identity, finished_shards, shard_name, shard_paths, write_table_atomic
+from curation.schema import KeyTracker, SchemaError
+from curation.shards import file_identity, finished_shards, remove_stale_temps, shard_name, shard_paths, write_table_atomic
 from pipelines.common import (
     REJECTS_DIR, ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, finish_stage, kept_manifest,
 )
@@ -151,7 +154,8 @@ class SampleBatch(beam.DoFn):
         index, (path, offset, batch) = item
         table = pa.Table.from_batches([batch])
         matches = _matches_for(self.output, index).slice(offset, batch.num_rows)
-        if matches.num_rows != table.num_rows or not matches.column("key").equals(table.column("key")):
+        keys = table.column("key").cast(pa.string())  # matches hold keys as string; an input may be large_string
+        if matches.num_rows != table.num_rows or not matches.column("key").equals(keys):
             raise RuntimeError(f"{path}: rows {offset}..{offset + table.num_rows} differ from "
                                f"{self.output}/{MATCHES_DIR}/{shard_name(index)}; the input changed since "
                                f"matching (rerun with --overwrite)")
@@ -163,12 +167,24 @@ class SampleBatch(beam.DoFn):
 
 
 def _check_inputs(paths: list[Path]) -> None:
-    """Refuse a shard without `key` or `caption` before any work, naming the file."""
+    """Refuse, before any work and naming the file, a shard without `key` or `caption` or whose keys are
+    not text, and any null or repeated key: every pair's draw hashes its key, so two rows of one key would
+    be kept or dropped together, and a null one crashed a worker, naming nothing."""
+    keys = KeyTracker.new()
     for path in paths:
-        names = pq.read_schema(path).names
-        missing = [c for c in ("key", CAPTION_COLUMN) if c not in names]
+        schema = pq.read_schema(path)
+        missing = [c for c in ("key", CAPTION_COLUMN) if c not in schema.names]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; balance reads pair shards (run ingest first)")
+        kind = schema.field("key").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise SchemaError(f"column holds {kind}, not text", file=str(path), column="key")
+        column = pq.read_table(path, columns=["key"]).column("key")
+        if column.null_count:
+            row = pc.index(pc.is_null(column), True).as_py()
+            raise SchemaError(f"row {row} has no key ({column.null_count} in all)", file=str(path), column="key")
+        keys.add(column.cast(pa.string()).to_pylist(), str(path))
+    keys.check()
 
 
 def config_from(options: BalanceOptions) -> tuple[BalanceConfig, MetadataFile]:
@@ -176,7 +192,8 @@ def config_from(options: BalanceOptions) -> tuple[BalanceConfig, MetadataFile]:
     if options.t is None or options.t <= 0:
         raise ValueError(f"--t must be positive, got {options.t}")
     metadata = resolve_metadata(options.metadata)
-    config = BalanceConfig(str(metadata.path), metadata.sha256, options.t, options.case_fold, options.online_curation,
+    # Resolved: remote workers open it, from another working directory.
+    config = BalanceConfig(str(Path(metadata.path).resolve()), metadata.sha256, options.t, options.case_fold, options.online_curation,
                            options.seed)
     return config, metadata
 
@@ -195,6 +212,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if (kept := kept_manifest(plan)) is not None:  # nothing to do: not even the counts and plot are rewritten
         return StageResult(kept, plan.output, up_to_date=True)
     output = str(plan.output)
+    remove_stale_temps(plan.output / MATCHES_DIR)  # begin_stage cleans the output and its rejects only
     start = time.perf_counter()
     if not plan.up_to_date:
         matched = {p.name for p in finished_shards(plan.output / MATCHES_DIR)}
@@ -221,8 +239,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                  | WriteShards(plan.output))
     elapsed = time.perf_counter() - start
     stats = summarise(plan.output, config, metadata.entries)
-    stats.update(seconds=round(elapsed, 3), rows_per_second=round(stats["rows_in"] / elapsed, 1) if elapsed else 0.0,
-                 resumed_shards=plan.done)
+    # A resumed run did only part of the pool: a rate of the whole pool over its seconds would be inflated.
+    rate = round(stats["rows_in"] / elapsed, 1) if elapsed and not plan.done else None
+    stats.update(seconds=round(elapsed, 3), rows_per_second=rate, resumed_shards=plan.done)
     manifest = finish_stage(plan, STAGE, asdict(config), **stats)
     return StageResult(manifest, plan.output, plan.kept)
 

@@ -22,10 +22,14 @@ def naive_match(entries: list[str], text: str | None, case_fold: bool = False) -
     """The first MetaCLIP release: `" entry " in spaced_text` for every entry."""
     if text is None:
         return None
-    if case_fold:
-        text, entries = text.lower(), [e.lower() for e in entries]
+    if case_fold:  # case variants are one entry, its first id
+        text = text.lower()
+        first = {}
+        for i, entry in enumerate(entries):
+            first.setdefault(entry.lower(), i)
+        entries = [e.lower() if first[e.lower()] == i else None for i, e in enumerate(entries)]
     spaced = metaclip_spacing(text)
-    return [i for i, entry in enumerate(entries) if f" {entry} " in spaced]
+    return [i for i, entry in enumerate(entries) if entry is not None and f" {entry} " in spaced]
 
 
 def metaclip_automaton(entries: list[str]) -> ahocorasick.Automaton:

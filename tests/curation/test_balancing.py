@@ -166,3 +166,16 @@ def test_summary_table_and_plot(tmp_path):
     path = tmp_path / "curve.png"
     plot_entry_counts(counts, kept, 50, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_case_variants_under_case_fold_share_one_cap():
+    """The reviewer's case: 20,000 captions "red", t = 100, entries "red" and "Red". Folded as two entries,
+    each took p = t / count, and a caption kept with 1 - (1 - p)^2: twice the cap (210 kept, not ~100)."""
+    from curation.matching import Matcher
+
+    captions = pa.array(["red"] * 20_000)
+    for entries in (["red"], ["red", "Red"]):
+        matched = Matcher(entries, case_fold=True).match_array(captions)
+        counts = count_matches(matched, len(entries))
+        keep = keep_probabilities(matched, entry_probabilities(counts, 100))
+        assert keep.sum() == pytest.approx(100, rel=1e-6), entries

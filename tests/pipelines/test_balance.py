@@ -12,6 +12,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from curation.balancing import count_matches
 from curation.matching import Matcher
 from curation.metadata import MetadataError
+from curation.schema import SchemaError
 from curation.shards import MANIFEST, finished_shards, iter_batches, read_table, verify_manifest
 from pipelines import balance, ingest
 from pipelines.balance import COUNTS_FILE, MATCHES_DIR, PLOT_FILE
@@ -105,6 +106,8 @@ def test_rerun_after_a_kill_gives_the_uninterrupted_result(balanced, tmp_path):
     rerun[rerun.index("--output") + 1] = str(killed)
     resumed = balance.run(rerun)
     assert resumed.manifest["stats"]["resumed_shards"] == 1
+    assert not list((killed / MATCHES_DIR).glob(".*.tmp-*"))  # the killed write's temp file is gone
+    assert resumed.manifest["stats"]["rows_per_second"] is None  # part of the pool: no whole-pool rate
     assert _digests(killed) == _digests(result.output)
     assert pq.read_table(killed / COUNTS_FILE).equals(pq.read_table(result.output / COUNTS_FILE))
     skip = {"seconds", "rows_per_second", "resumed_shards"}
@@ -158,6 +161,23 @@ def test_null_empty_and_huge_captions_are_counted_not_fatal(tmp_path):
     assert result.manifest["stats"]["before_matches"] == 6
 
 
+def test_keys_are_text_unique_and_present_and_large_strings_are_text(tmp_path):
+    """Polars writes large_string: pass 2 compared it with pass 1's string keys by type and refused every
+    run as "the input changed". A null key crashed a worker; a repeated one shared its draw."""
+    source = tmp_path / "pairs"
+    source.mkdir()
+    argv = ["--input", str(source), "--metadata", _write_metadata(tmp_path, ["red"]), "--t", "100"]
+    large = pa.table({"key": pa.array(["a", "b"], pa.large_string()),
+                      "caption": pa.array(["a red dog", "red"], pa.large_string())})
+    pq.write_table(large, source / "part-00000.parquet")
+    assert balance.run([*argv, "--output", str(tmp_path / "large")]).rows == 2
+    for keys, message in (([None, "b"], "row 0 has no key"), (["a", "a"], "'a'"), ([1, 2], "int64, not text")):
+        pq.write_table(pa.table({"key": keys, "caption": ["a red dog", "red"]}), source / "part-00000.parquet")
+        with pytest.raises(SchemaError, match=message):
+            balance.run([*argv, "--output", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()
+
+
 def test_missing_caption_column_names_the_file(tmp_path):
     source = tmp_path / "pairs"
     source.mkdir()
@@ -188,7 +208,10 @@ def test_a_grown_or_unfinished_input_is_not_balanced_into_an_old_output(balanced
     with pytest.raises(ValueError, match="has not finished"):
         balance.run(flags)
     (grown / "_stage_config.json").unlink()  # plain shards, grown by one
-    shutil.copy(grown / "part-00000.parquet", grown / "part-00009.parquet")
+    more = pq.read_table(grown / "part-00000.parquet")
+    more = more.set_column(more.schema.get_field_index("key"), "key",
+                           pa.array([f"more-{k}" for k in more.column("key").to_pylist()]))
+    pq.write_table(more, grown / "part-00009.parquet")
     with pytest.raises(StageConfigMismatch, match="input_shards"):
         balance.run(flags)
 
