@@ -348,14 +348,18 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
         yield dg.MaterializeResult(asset_key=stage.asset, metadata=metadata)
         return
     manifest = read_manifest(output)
-    published = resources.storage.publish(build, stage.asset)
     # A no-op step keeps the manifest (and figures) of the run that made the output: say so beside them.
-    metadata = {**stage_metadata(manifest, output, published), "step_duration_s": round(elapsed, 3),
+    metadata = {**stage_metadata(manifest, output, str(output)), "step_duration_s": round(elapsed, 3),
                 "up_to_date": up_to_date}
     results = stage_checks(stage, output, manifest, metadata, config, resources.gates)
+    failed = [check.check_name for check in results if not check.passed]
     for check in results:
         if not check.passed:
             context.log.warning(f"check {check.check_name} failed: {dict(check.metadata)}")
+    if failed:  # published, a failed output would look like a finished dataset to whatever reads the storage
+        context.log.warning(f"{stage.asset} is not published to the storage root: {', '.join(failed)} failed")
+    else:
+        metadata["path"] = dg.MetadataValue.path(resources.storage.publish(build, stage.asset))
     yield dg.MaterializeResult(asset_key=stage.asset, metadata=metadata, check_results=results)
     yield from _extra_results(stage, output, manifest)
 

@@ -8,7 +8,8 @@ import fsspec.implementations.memory
 import pytest
 
 from assets.definitions import stage_assets
-from assets.resources import BeamRunnerResource, CaptionerResource, LLMEngineResource, StorageResource
+from assets.resources import (BeamRunnerResource, CaptionerResource, LLMEngineResource, QualityGatesResource,
+                              StorageResource)
 from curation.shards import read_manifest
 from tests.assets.helpers import add_builds, stage_resources
 
@@ -87,6 +88,17 @@ def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_pat
              if "/rejects/" not in p and p.endswith(".parquet")}
     assert names == {s["name"] for s in read_manifest(tmp_path / "staging" / "b1" / "raw_pairs")["shards"]}
     assert len(names) < len(local["shards"])
+
+    # An output that fails its checks stays in staging: in the bucket it would look like a finished dataset.
+    add_builds(instance, "b2")
+    strict = QualityGatesResource(max_reject_ratio=-1.0)
+    failed = dg.materialize(stage_assets, instance=instance, partition_key="b2", selection=["raw_pairs"],
+                            resources=stage_resources(tmp_path, storage=storage, gates=strict), raise_on_error=False,
+                            run_config={"ops": {"raw_pairs": {"config": {"demo_pairs": 60, "demo_shard_rows": 20}}}})
+    assert not failed.success and (tmp_path / "staging" / "b2" / "raw_pairs" / "manifest.json").is_file()
+    assert not fs.exists("/clip-curation-test/builds/b2")
+    assert failed.asset_materializations_for_node("raw_pairs")[0].metadata["path"].value == str(
+        tmp_path / "staging" / "b2" / "raw_pairs")
 
 
 def test_an_unknown_storage_protocol_names_the_field():
