@@ -48,7 +48,10 @@ def image_size(data: bytes | None) -> tuple[int, int] | Rejected:
     return width, height
 
 
-def _encodable(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """False for text that holds bytes which were not UTF-8 (read with surrogateescape, kept as surrogates)."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -67,7 +70,7 @@ def clean_caption(raw: object, max_chars: int = MAX_CAPTION_CHARS) -> str | Reje
             return Rejected(Reason.NON_UTF8_CAPTION, str(exc)[:200])
     elif not isinstance(raw, str):  # a JSONL number or list, a Parquet int column: not a caption
         return Rejected(Reason.MISSING_FIELD, f"caption is {type(raw).__name__}, not text")
-    elif not raw.isascii() and not _encodable(raw):  # a list file's invalid bytes, kept as surrogates
+    elif not is_utf8(raw):  # a list file's invalid bytes, kept as surrogates
         return Rejected(Reason.NON_UTF8_CAPTION, "caption holds bytes that are not UTF-8")
     text = " ".join(raw.split())
     if not text:

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.parquet as pq
 
-from curation.records import Rejected
+from curation.records import Rejected, is_utf8
 from curation.rejects import Reason
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
@@ -264,7 +264,7 @@ def screen_url(url: object, *, allow_private_network: bool = False, allow_file_u
     if url is None or not isinstance(url, str) or not url.strip():
         return Rejected(Reason.BAD_URL, "empty URL")
     url = url.strip()
-    if not url.isascii() and any("\udc80" <= c <= "\udcff" for c in url):
+    if not is_utf8(url):
         return Rejected(Reason.BAD_URL, "URL holds bytes that are not UTF-8")
     if len(url) > MAX_URL_CHARS:
         return Rejected(Reason.BAD_URL, f"URL of {len(url)} characters > {MAX_URL_CHARS}")

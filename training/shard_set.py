@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from curation.export import TRAINING_COLUMNS, validate_training_table
 from curation.schema import PAIR_FIELDS, SCHEMA_VERSION_KEY, SchemaError
-from curation.shards import ManifestError, is_complete, read_manifest, shard_paths
+from curation.shards import is_complete, read_manifest, shard_paths, verify_manifest
 from training.randomness import unit_uniform
 
 REQUIRED_COLUMNS = ("key", "image", "caption")
@@ -106,27 +106,14 @@ def has_values(source: str | Path, column: str) -> bool:
     return any(column_has_values(pq.ParquetFile(path), column) for path in shard_paths(source))
 
 
-def check_sizes(source: str | Path, manifest: dict) -> None:
-    """Every shard the manifest lists is there with its recorded size: a copy cut short, or a shard
-    rewritten since, is refused before training, at the cost of a stat per file. (The sha256s too, with
-    `--verify_checksums`: that reads all the data once.)"""
-    for shard in manifest["shards"]:
-        path = Path(source) / shard["name"]
-        if not path.is_file():
-            raise ManifestError(f"{path} is listed in the manifest but missing")
-        if path.stat().st_size != shard["bytes"]:
-            raise ManifestError(f"{path} holds {path.stat().st_size} bytes, its manifest {shard['bytes']}: "
-                                f"copied only in part, or rewritten since the manifest")
-
-
 def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
     """Check every shard's footer against the pair schema; `needed` optional columns must hold values somewhere."""
     if is_complete(source):
-        manifest = read_manifest(source)
-        version = manifest.get("schema_version")
+        # Each shard's size against the manifest, a stat per file: a copy cut short is refused before
+        # training (the sha256s too with --verify_checksums, which reads all the data once).
+        version = verify_manifest(source, checksums=False).get("schema_version")
         check_schema_version({SCHEMA_VERSION_KEY: str(version).encode()} if version else None,
                              str(Path(source) / "manifest.json"))
-        check_sizes(source, manifest)
     paths = shard_paths(source)
     if not paths:
         raise FileNotFoundError(f"no Parquet shards in {source}")
