@@ -280,8 +280,8 @@ def verify_manifest(directory: str | Path, checksums: bool = True) -> dict:
         if not path.is_file():
             raise ManifestError(f"{path} is listed in the manifest but missing")
         if (size := path.stat().st_size) != shard["bytes"]:
-            raise ManifestError(f"{path} holds {size} bytes, its manifest {shard['bytes']}: copied only in part, "
-                                f"or rewritten since the manifest")
+            raise ManifestError(f"{path} holds {size} bytes, its manifest {shard['bytes']}, so it does not match its "
+                                f"manifest checksum (copied only in part, or rewritten since)")
         if checksums and file_sha256(path) != shard["sha256"]:
             raise ManifestError(f"{path} does not match its manifest checksum")
     return manifest
