@@ -30,6 +30,7 @@ from assets.report import plot_markdown, stage_metadata
 from assets.resources import QualityGatesResource
 from curation.shards import ManifestError, atomic_write_bytes, is_complete, read_manifest, verify_manifest
 from pipelines.common import STAGE_CONFIG
+from training.config import RUN_MARKER
 
 builds = dg.DynamicPartitionsDefinition(name="builds")
 DEFAULT_BUILD = "default"
@@ -141,27 +142,35 @@ def _record_upstream(build_dir: Path, stage: Stage, input_manifest: Optional[dic
                            _fingerprint(input_manifest).encode())
 
 
-def _manifest_stamp(output: Path) -> Optional[tuple[int, int]]:
-    """The manifest's modification time and size, None without one: unchanged across a run, it was kept."""
-    manifest = output / "manifest.json"
-    if not manifest.is_file():
+def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
+    """A file's inode, modification time and size, None without it: unchanged across a run, it was kept
+    (an atomic rewrite renames a new file in, so even a same-size rewrite in the same tick shows)."""
+    if not path.is_file():
         return None
-    info = manifest.stat()
-    return info.st_mtime_ns, info.st_size
+    info = path.stat()
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
-def _overwrite_once(build_dir: Path, stage: Stage, context: dg.AssetExecutionContext) -> bool:
-    """Whether this run should still wipe the output it was asked to overwrite: once per run and its
-    re-executions (which share the root run id and reuse its config), so a retry resumes what the first
-    attempt made instead of wiping it again."""
-    run = context.run
-    root = run.root_run_id or run.run_id
-    marker = build_dir / UPSTREAM_MARKER / f"{stage.asset}.overwritten-by"
-    if marker.is_file() and marker.read_text() == root:
-        return False
+def _overwrite_marker(build_dir: Path, stage: Stage) -> Path:
+    return build_dir / UPSTREAM_MARKER / f"{stage.asset}.overwritten-by"
+
+
+def _root_run_id(context: dg.AssetExecutionContext) -> str:
+    """One id for a run and its re-executions, which share the root run id and reuse its config."""
+    return context.run.root_run_id or context.run.run_id
+
+
+def _still_to_overwrite(build_dir: Path, stage: Stage, context: dg.AssetExecutionContext) -> bool:
+    """Whether this run should still wipe the output it was asked to overwrite: not once an attempt of this
+    run (or of one it re-executes) has wiped it, so a retry resumes what that attempt made."""
+    marker = _overwrite_marker(build_dir, stage)
+    return not (marker.is_file() and marker.read_text() == _root_run_id(context))
+
+
+def _record_overwrite(build_dir: Path, stage: Stage, context: dg.AssetExecutionContext) -> None:
+    marker = _overwrite_marker(build_dir, stage)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(marker, root.encode())
-    return True
+    atomic_write_bytes(marker, _root_run_id(context).encode())
 
 
 def _source(config: IngestRunConfig, build_dir: Path, seed: int) -> Path:
@@ -333,14 +342,23 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
         shutil.rmtree(output, ignore_errors=True)
     # Recorded before the run: a retry after a failure then resumes the shards made from this upstream.
     _record_upstream(build_dir, stage, input_manifest)
-    overwrite = config.overwrite and _overwrite_once(build_dir, stage, context)
+    overwrite = config.overwrite and _still_to_overwrite(build_dir, stage, context)
     argv = stage_argv(stage, config, input_dir, output, build_dir, resources, overwrite)
-    before = _manifest_stamp(output)
+    before = _stamp(output / "manifest.json")
+    # The job wipes an output it overwrites first thing, then records its config (the trainer, its run
+    # marker): that file renewed means the wipe is done, and only then may a retry skip it. A job that
+    # failed before it (bad input, a model that would not load) leaves the wipe to its retry.
+    wiped_when = output / (STAGE_CONFIG if stage.pair_output else RUN_MARKER)
+    wiped_before = _stamp(wiped_when)
     start = time.perf_counter()
-    result = run_stage(context, stage.module, argv, resources.beam_runner, _environment(stage, resources),
-                       is_beam_job=stage.beam)
+    try:
+        result = run_stage(context, stage.module, argv, resources.beam_runner, _environment(stage, resources),
+                           is_beam_job=stage.beam)
+    finally:
+        if overwrite and _stamp(wiped_when) != wiped_before:
+            _record_overwrite(build_dir, stage, context)
     elapsed = time.perf_counter() - start
-    up_to_date = before is not None and _manifest_stamp(output) == before  # the stage found nothing to do
+    up_to_date = before is not None and _stamp(output / "manifest.json") == before  # it found nothing to do
     if not stage.pair_output:
         published = resources.storage.publish(build, stage.asset)
         metadata = {**_model_metadata(output, result), "path": dg.MetadataValue.path(published),

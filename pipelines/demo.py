@@ -14,6 +14,7 @@ from pathlib import Path
 
 from curation.demo_data import generate
 from pipelines.common import StageConfigMismatch
+from training.loop import RunMismatch
 
 # (stage, module, output directory name), in data-flow order.
 STEPS: tuple[tuple[str, str, str], ...] = (
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[demo] {stage}: {' '.join(flags)}")
         try:
             module.main(flags)
-        except StageConfigMismatch as exc:  # the demo's own output, from another version: made again
+        except (StageConfigMismatch, RunMismatch) as exc:  # the demo's own output, of other data or version
             print(f"[demo] {stage}: {exc}; redoing it")
             module.main([*flags, "--overwrite"])
         print(f"[demo] {stage} took {time.perf_counter() - start:.1f}s")

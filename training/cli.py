@@ -37,13 +37,13 @@ def run(argv: list[str] | None = None) -> TrainResult:
 def demo_flags(workdir: Path) -> list[str]:
     """Demo-sized training: the tiny model for a few minutes on CPU, scored on the demo's labelled split.
 
-    Fused captions join the mix half the time (VeCLIP) when the caption stage has produced them. Each demo
-    run starts over (`--overwrite`): the demo's input is rebuilt between runs.
+    Fused captions join the mix half the time (VeCLIP) when the caption stage has produced them. No
+    `--overwrite`: a retried or repeated run resumes from its checkpoints like every other stage.
     """
     workdir = Path(workdir)
     flags = ["--preset", "tiny", "--image_size", "32", "--steps", "200", "--batch_size", "64", "--warmup_steps", "20",
              "--lr", "2e-3", "--weight_decay", "0.1", "--eval", str(workdir / "demo" / "eval"),
-             "--classes", str(workdir / "demo" / "classes.json"), "--eval_every", "50", "--overwrite"]
+             "--classes", str(workdir / "demo" / "classes.json"), "--eval_every", "50"]
     newest = next((workdir / name for name in DEMO_INPUTS if (workdir / name).is_dir()), None)
     if newest is not None and has_values(newest, "fused_caption"):
         flags += ["--fused_ratio", "0.5"]

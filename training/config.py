@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OPTIMIZERS = ("adamw", "stable_spam", "spam")
+# Written first into every output (after an --overwrite's wipe), so a run that died before anything else still
+# marks the folder as its own. Here, with no torch import, so that the Dagster step can look for it too.
+RUN_MARKER = ".clip-curation-train"
 
 
 def opt(default, help: str = ""):

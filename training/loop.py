@@ -31,7 +31,7 @@ from curation.shards import atomic_write_bytes, is_complete, verify_manifest
 from training import distributed
 from training.checkpoint import (CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  restore_interrupted_save, save_checkpoint)
-from training.config import RETRY_AFTER_DIVERGENCE, TrainConfig, resume_mismatches
+from training.config import RETRY_AFTER_DIVERGENCE, RUN_MARKER, TrainConfig, resume_mismatches
 from training.data import DATA_ORDER, LoaderState, StreamSpec, counts_summary, train_batches
 from training.evaluate import check_eval_inputs, evaluate_all
 from training.image_transforms import image_processor_config
@@ -46,8 +46,6 @@ from training.tokenizer import load_tokenizer, train_bpe
 
 METRICS_JSON = "metrics.json"
 TRAIN_CONFIG = "train_config.json"
-# Written first into every output, so a run that died before anything else still marks the folder as its own.
-RUN_MARKER = ".clip-curation-train"
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,6 +101,11 @@ def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_leng
     return tokenizer if d.main else load_tokenizer(output, context_length)
 
 
+class RunMismatch(ValueError):
+    """The output holds another run (other settings, data or version) that this one cannot continue:
+    `--overwrite` starts over. Its own type, so the demo can start over where a user would be told to."""
+
+
 def _is_trainer_output(output: Path) -> bool:
     """Whether `output` holds what this trainer writes, so that --overwrite may delete it.
 
@@ -129,7 +132,7 @@ def _prepare_output(config: TrainConfig, output: Path) -> None:
                              f"choose another --output")
         shutil.rmtree(output)
     elif not config.resume and list_checkpoints(output):
-        raise ValueError(f"{output} holds checkpoints of an earlier run, which a later resume would mix with this "
+        raise RunMismatch(f"{output} holds checkpoints of an earlier run, which a later resume would mix with this "
                          f"one's; pass --overwrite to start over there, or choose another --output")
     output.mkdir(parents=True, exist_ok=True)
     (output / RUN_MARKER).touch()
@@ -142,18 +145,18 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path |
         return None
     saved = json.loads((checkpoint / "state.json").read_text())
     if "input" not in saved:  # written before input fingerprints (and the loader's per-reader state) existed
-        raise ValueError(f"{checkpoint} predates input fingerprints: whether it was trained on {config.input} "
+        raise RunMismatch(f"{checkpoint} predates input fingerprints: whether it was trained on {config.input} "
                          f"cannot be checked, and its data-loader state is of an older format. Pass --overwrite "
                          f"to start over there, or use another --output.")
     if saved.get("data_order", 1) != DATA_ORDER:
-        raise ValueError(f"{checkpoint} was written by a version that ordered the data otherwise (data order "
+        raise RunMismatch(f"{checkpoint} was written by a version that ordered the data otherwise (data order "
                          f"{saved.get('data_order', 1)}, this one is {DATA_ORDER}); its data-loader state would "
                          f"repeat or skip rows here. Pass --overwrite to start over there, or use another --output.")
     changed = resume_mismatches(saved["config"], config, diverged=saved.get("diverged", False))
     if saved["input"] != fingerprint:
         changed.append(f"input shards (the contents of {config.input})")
     if changed:
-        raise ValueError(f"{output} holds a run with other settings or data ({', '.join(changed)} differ); resuming "
+        raise RunMismatch(f"{output} holds a run with other settings or data ({', '.join(changed)} differ); resuming "
                          f"would mix two runs. Pass --overwrite to start over there, or use another --output.")
     return checkpoint
 

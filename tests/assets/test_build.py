@@ -131,15 +131,45 @@ def test_a_retry_after_an_upstream_rebuild_resumes_instead_of_wiping_again(insta
 def test_overwrite_wipes_once_per_run_and_its_re_executions(tmp_path):
     from types import SimpleNamespace
 
-    from assets.stages import _overwrite_once
+    from assets.stages import _record_overwrite, _still_to_overwrite
 
     stage = available_stages()[0]
     first = SimpleNamespace(run=SimpleNamespace(run_id="r1", root_run_id=None))
     retry = SimpleNamespace(run=SimpleNamespace(run_id="r2", root_run_id="r1"))
     later = SimpleNamespace(run=SimpleNamespace(run_id="r3", root_run_id=None))
-    assert _overwrite_once(tmp_path, stage, first)
-    assert not _overwrite_once(tmp_path, stage, retry)  # the same run's config again: resume, do not wipe
-    assert _overwrite_once(tmp_path, stage, later)  # a new run that asks to overwrite does
+    assert _still_to_overwrite(tmp_path, stage, first)
+    _record_overwrite(tmp_path, stage, first)
+    assert not _still_to_overwrite(tmp_path, stage, retry)  # the same run's config again: resume, do not wipe
+    assert _still_to_overwrite(tmp_path, stage, later)  # a new run that asks to overwrite does
+
+
+def test_an_overwrite_counts_as_done_only_once_the_job_has_wiped(instance, tmp_path, monkeypatch):
+    """The marker was written before the job ran: a job that failed before its wipe left a retry resuming
+    from the very output it had been asked to replace."""
+    import pipelines.ingest
+
+    add_builds(instance, "b1")
+    ops = {"raw_pairs": demo_run_config(pairs=60)["ops"]["raw_pairs"]}
+    assert _materialize(instance, tmp_path, "b1", {"ops": ops}, selection=["raw_pairs"]).success
+    ops["raw_pairs"]["config"]["overwrite"] = True
+    marker = tmp_path / "b1" / ".upstream" / "raw_pairs.overwritten-by"
+    real = pipelines.ingest.run
+
+    def fails_before_its_wipe(argv, *args, **kwargs):
+        raise RuntimeError("could not reach the input (injected)")
+
+    def dies_after_its_work(argv, *args, **kwargs):
+        real(argv, *args, **kwargs)
+        raise RuntimeError("worker lost (injected)")
+
+    monkeypatch.setattr(pipelines.ingest, "run", fails_before_its_wipe)
+    with pytest.raises(Exception, match="could not reach"):
+        _materialize(instance, tmp_path, "b1", {"ops": ops}, selection=["raw_pairs"])
+    assert not marker.exists()  # nothing was wiped: its retry must still wipe
+    monkeypatch.setattr(pipelines.ingest, "run", dies_after_its_work)
+    with pytest.raises(Exception, match="worker lost"):
+        _materialize(instance, tmp_path, "b1", {"ops": ops}, selection=["raw_pairs"])
+    assert marker.read_text() == instance.get_runs(limit=1)[0].run_id  # wiped: a retry resumes
 
 
 def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path):

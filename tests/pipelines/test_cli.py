@@ -61,3 +61,28 @@ def test_the_demo_redoes_a_stage_whose_output_another_version_wrote(tmp_path, ca
     demo.main(flags)
     assert "redoing it" in capsys.readouterr().out
     assert json.loads(recorded.read_text()) == old and verify_manifest(tmp_path / "raw_pairs")["rows"] > 100
+
+
+def test_the_demo_starts_training_over_when_its_run_was_made_from_other_data(tmp_path, monkeypatch, capsys):
+    """A train output of other shards (or settings) is redone with --overwrite; a matching one resumes."""
+    import sys
+    import types
+
+    from pipelines import demo
+    from training.loop import RunMismatch
+
+    calls = []
+
+    def main(flags):
+        calls.append(flags)
+        if len(calls) == 1:
+            raise RunMismatch("holds a run with other settings or data")
+
+    job = types.ModuleType("fake_train")
+    job.main, job.demo_flags = main, lambda workdir: ["--steps", "2"]
+    monkeypatch.setitem(sys.modules, "fake_train", job)
+    monkeypatch.setattr(demo, "STEPS", (("train", "fake_train", "clip_model"),))
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "classes.json").write_text("[]")
+    demo.main(["--workdir", str(tmp_path), "--stages", "train"])
+    assert [c[-1] for c in calls] == ["2", "--overwrite"] and "redoing it" in capsys.readouterr().out

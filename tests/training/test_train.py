@@ -245,7 +245,7 @@ def test_resume_refuses_other_input_and_overwrite_starts_over(demo_pairs, tmp_pa
     assert json.loads((first.checkpoint / "state.json").read_text())["input"] == input_fingerprint(data)
     shutil.rmtree(data)
     shutil.copytree(demo_pairs[1], data)  # same path, re-exported contents
-    with pytest.raises(ValueError, match=r"input shards .* differ.*--overwrite"):
+    with pytest.raises(loop.RunMismatch, match=r"input shards .* differ.*--overwrite"):
         loop.train(_config(data, tmp_path / "run", steps=6, checkpoint_every=2))
     again = loop.train(_config(data, tmp_path / "run", steps=6, checkpoint_every=2, overwrite=True))
     assert again.steps == 6
@@ -253,12 +253,13 @@ def test_resume_refuses_other_input_and_overwrite_starts_over(demo_pairs, tmp_pa
     assert [s for s, _ in MetricsLog.series(tmp_path / "run" / "metrics.csv", "loss")] == list(range(1, 7))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
     # Starting a second run beside the first one's checkpoints is refused; --overwrite clears them.
-    with pytest.raises(ValueError, match="checkpoints of an earlier run"):
+    with pytest.raises(loop.RunMismatch, match="checkpoints of an earlier run"):
         loop.train(_config(data, tmp_path / "run", steps=2, resume=False))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("not a model")
-    with pytest.raises(ValueError, match="holds no trainer output"):
+    with pytest.raises(ValueError, match="holds no trainer output") as refused:  # not a run: never wiped
         loop.train(_config(data, tmp_path / "other", steps=2, overwrite=True))
+    assert not isinstance(refused.value, loop.RunMismatch)
     assert read_manifest(data)["rows"] == 240
 
 
@@ -381,6 +382,7 @@ def test_demo_flags_point_at_the_demo_eval_split(tmp_path):
     assert flags[flags.index("--eval") + 1] == str(tmp_path / "demo" / "eval")
     assert flags[flags.index("--classes") + 1] == str(tmp_path / "demo" / "classes.json")
     assert "--fused_ratio" not in flags  # nothing captioned yet
+    assert "--overwrite" not in flags  # a retried train step resumes; the demo starts over on a RunMismatch
 
 
 def test_the_bpe_learns_from_the_texts_the_run_samples_only(raw_pairs, tmp_path):
