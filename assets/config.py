@@ -63,7 +63,13 @@ class RewriteRunConfig(StageConfig):
 
 
 class CaptionRunConfig(StageConfig):
-    pass
+    fusion_temperature: Optional[float] = Field(
+        default=None, description="Sampling temperature of VeCLIP fusion: low, so the VeCap keeps the facts of "
+                                  "both captions (the llm resource's temperature is the rewrites', which want "
+                                  "variety). Empty: the stage's default.")
+
+    def stage_flags(self) -> list[str]:
+        return _opt("fusion_temperature", self.fusion_temperature)
 
 
 class ExportRunConfig(StageConfig):

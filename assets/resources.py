@@ -211,7 +211,8 @@ class LLMEngineResource(dg.ConfigurableResource):
     gguf_file: Optional[str] = Field(default=None, description="GGUF file inside `model` (transformers, vllm).")
     dtype: Optional[str] = Field(default=None, description=f"One of {', '.join(DTYPES)}; empty: auto "
                                                            "(bf16 on CUDA, fp32 on CPU).")
-    temperature: Optional[float] = Field(default=None, description="Sampling temperature.")
+    temperature: Optional[float] = Field(default=None, description="Sampling temperature of the rewrites "
+                                                                   "(fusion has its own: the caption run config's).")
     top_p: Optional[float] = Field(default=None, description="Nucleus sampling mass.")
     max_new_tokens: Optional[int] = Field(default=None, description="Tokens generated per rewrite at most.")
     max_num_seqs: Optional[int] = Field(default=None, description="vllm: sequences scheduled at once; "

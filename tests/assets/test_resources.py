@@ -160,6 +160,18 @@ def test_captioner_endpoint_reaches_only_a_served_captioner_and_the_llm_fuses():
     assert config.fusion_model == CaptionOptions([]).fusion_model  # an empty llm model keeps the stage's
 
 
+def test_fusion_temperature_is_set_in_the_caption_run_config_not_taken_from_the_rewrites():
+    from assets.config import CaptionRunConfig
+    from pipelines.caption import CaptionOptions, config_from
+
+    def fusion_temperature(run_config: CaptionRunConfig) -> float:
+        return config_from(CaptionOptions(["--input", "a", "--output", "b", "--captioner_model", "m",
+                                           *run_config.stage_flags()])).fusion_temperature
+
+    assert fusion_temperature(CaptionRunConfig(fusion_temperature=0.05)) == 0.05
+    assert fusion_temperature(CaptionRunConfig()) == CaptionOptions([]).fusion_temperature != 0.05
+
+
 def test_credentials_holding_a_key_instead_of_its_path_are_refused_without_echoing_it():
     key = '{"type": "service_account", "private_key": "' + "k" * 3000 + '"}'
     with pytest.raises(dg.Failure) as error:
