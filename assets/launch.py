@@ -7,14 +7,16 @@ and checks have one code path, and the job code knows nothing of Dagster.
 """
 
 import contextlib
+import copy
 import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import dagster as dg
 
-from assets.resources import BeamRunnerResource, misconfigured
+from assets.resources import BeamRunnerResource, misconfigured, spec_value
 
 PIPES_ENTRY = "assets.pipes_job"
 
@@ -45,14 +47,34 @@ def load_stage_module(module_name: str):
         raise
 
 
+def job_pod_spec(base: dict, step_k8s: dict) -> dict:
+    """The job pod's PodSpec: the resource's (volumes, mounts) plus the step's `dagster-k8s/config` requests,
+    node selector and tolerations, so a rewrite job lands on a GPU node with its GPU, as its step would.
+
+    Whatever `base` sets itself wins; nothing of it is changed in place.
+    """
+    spec = copy.deepcopy(base)
+    containers = spec_value(spec, "containers") or [{}]
+    spec.pop("containers", None)
+    spec["containers"] = containers
+    resources = step_k8s.get("container_config", {}).get("resources")
+    if resources and spec_value(containers[0], "resources") is None:
+        containers[0]["resources"] = copy.deepcopy(resources)
+    for name, value in step_k8s.get("pod_spec_config", {}).items():
+        if spec_value(spec, name) is None:
+            spec[name] = copy.deepcopy(value)
+    return spec
+
+
 def run_stage(context: dg.AssetExecutionContext, module_name: str, argv: list[str], beam: BeamRunnerResource,
-              env: dict[str, str], is_beam_job: bool = True):
+              env: dict[str, str], is_beam_job: bool = True, step_k8s: Optional[dict] = None):
     """Run `module.run(argv)` with the launcher the Beam resource asks for; raise on failure.
 
     In process, the job's own result comes back (training's metrics); through
     Pipes, None: the asset reads what it needs from the output directory.
     A program that is not a Beam job (training) runs in process unless a
-    launcher is named explicitly.
+    launcher is named explicitly. `step_k8s` is the step's `dagster-k8s/config`,
+    whose requests a k8s job pod takes over.
     """
     launcher = beam.effective_launcher()
     if not is_beam_job and beam.launcher == "auto":
@@ -70,5 +92,6 @@ def run_stage(context: dg.AssetExecutionContext, module_name: str, argv: list[st
     except ImportError as exc:
         raise misconfigured("BeamRunnerResource", "launcher",
                             "'k8s' needs dagster-k8s installed in the code location image") from exc
-    PipesK8sClient().run(context=context, image=beam.k8s_image, command=["python", *command[1:]], env=env)
+    PipesK8sClient().run(context=context, image=beam.k8s_image, command=["python", *command[1:]], env=env,
+                         base_pod_spec=job_pod_spec(beam.k8s_pod_spec, step_k8s or {}))
     return None

@@ -10,7 +10,7 @@ so they never appear in run config or in the UI.
 import importlib.util
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import dagster as dg
@@ -133,6 +133,17 @@ def _is_file(path: str) -> bool:
         return False
 
 
+def spec_value(spec: dict, snake: str):
+    """A PodSpec field given in either of Kubernetes' spellings (`node_selector` or `nodeSelector`)."""
+    head, *rest = snake.split("_")
+    return spec.get(snake, spec.get(head + "".join(word.title() for word in rest)))
+
+
+def _mounts_volumes(pod_spec: dict) -> bool:
+    containers = spec_value(pod_spec, "containers") or [{}]
+    return bool(spec_value(pod_spec, "volumes")) and bool(spec_value(containers[0], "volume_mounts"))
+
+
 class BeamRunnerResource(dg.ConfigurableResource):
     """The Beam runner, its options, and how the job is launched from the Dagster step.
 
@@ -151,6 +162,11 @@ class BeamRunnerResource(dg.ConfigurableResource):
                                 "'rewrite' and 'caption' on Dataflow).")
     launcher: str = Field(default="auto", description=f"One of {', '.join(LAUNCHERS)}.")
     k8s_image: Optional[str] = Field(default=None, description="Image of the job pod when launcher is k8s.")
+    k8s_pod_spec: dict[str, Any] = Field(
+        default={}, description="PodSpec of the job pod when launcher is k8s (camelCase or snake_case): its "
+                                "`volumes` and the first container's `volumeMounts` must mount the staging dir at "
+                                "the same path as the step's pod. The stage's CPU, memory and GPU requests, node "
+                                "selector and tolerations are added unless it sets its own.")
     credentials: Optional[str] = Field(
         default=None, description="Path of a cloud credentials file (GOOGLE_APPLICATION_CREDENTIALS); set with EnvVar.")
 
@@ -166,6 +182,11 @@ class BeamRunnerResource(dg.ConfigurableResource):
             raise misconfigured("BeamRunnerResource", "direct_num_workers", f"must be >= 1, got {self.direct_num_workers}")
         if self.launcher == "k8s" and not self.k8s_image:
             raise misconfigured("BeamRunnerResource", "k8s_image", "required when launcher is 'k8s'")
+        if self.launcher == "k8s" and not _mounts_volumes(self.k8s_pod_spec):
+            raise misconfigured("BeamRunnerResource", "k8s_pod_spec", "with launcher 'k8s' it must give the job "
+                                "pod `volumes` and mount them in its first container (`volumeMounts`): the job "
+                                "reads and writes the staging dir, which its own pod lacks, and the step would find "
+                                "no output")
         if self.credentials and not _is_file(self.credentials):
             # Never echo the value: a secret created --from-file puts the key itself here, not its path.
             raise misconfigured("BeamRunnerResource", "credentials", "is not the path of a file (a key's contents "

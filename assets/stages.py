@@ -353,7 +353,7 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
     start = time.perf_counter()
     try:
         result = run_stage(context, stage.module, argv, resources.beam_runner, _environment(stage, resources),
-                           is_beam_job=stage.beam)
+                           is_beam_job=stage.beam, step_k8s=stage.k8s)
     finally:
         if overwrite and _stamp(wiped_when) != wiped_before:
             _record_overwrite(build_dir, stage, context)

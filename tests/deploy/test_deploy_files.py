@@ -97,8 +97,15 @@ def test_helm_values_match_the_instance_and_the_code():
     as_dagster = {"max_concurrent_runs": queued["maxConcurrentRuns"],
                   "tag_concurrency_limits": queued["tagConcurrencyLimits"]}
     assert validate_config(QueuedRunCoordinator.config_type(), as_dagster).success
-    instance_limits = _yaml(DEPLOY / "dagster.yaml")["concurrency"]["runs"]["tag_concurrency_limits"]
-    assert queued["tagConcurrencyLimits"] == instance_limits
+    instance = _yaml(DEPLOY / "dagster.yaml")
+    assert queued["tagConcurrencyLimits"] == instance["concurrency"]["runs"]["tag_concurrency_limits"]
+    # The GPU pool's limit and the run retries, as the VM instance has them (a step launched from the UI
+    # carries no run tag: the pool is what holds every GPU step to the limit).
+    pools = values["concurrency"]["pools"]
+    assert {"default_limit": pools["defaultLimit"], "granularity": pools["granularity"]} == instance["concurrency"]["pools"]
+    retries = values["dagsterDaemon"]["runRetries"]
+    assert {"enabled": retries["enabled"], "max_retries": retries["maxRetries"],
+            "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"]} == instance["run_retries"]
 
 
 def test_gpu_stages_get_gpu_pods_through_their_k8s_tags():
