@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -23,15 +24,22 @@ REJECT_RATIO = "reject_ratio_under_threshold"
 BALANCED = "entries_kept_as_expected"
 REWRITES = "valid_rewrite_share"
 CAPTIONS = "synthetic_caption_share"
+ROWS_CONSERVED = "every_input_row_exported"
 
 
-def specs(asset: str, *extra: tuple[str, str, bool]) -> list[dg.AssetCheckSpec]:
-    """The checks every stage output gets, plus the stage's own (name, description, blocking)."""
+def specs(asset: str, *extra: tuple[str, str, bool], rejects: bool = True) -> list[dg.AssetCheckSpec]:
+    """The checks every stage output gets, plus the stage's own (name, description, blocking).
+
+    A stage that refuses bad input rather than rejecting rows (export) gets no reject-ratio check: it could
+    not fail there.
+    """
     common = [
         (SCHEMA_VALID, "Every shard matches the pair schema and no key repeats.", True),
         (CHECKSUMS_MATCH, "The manifest's sizes and sha256 match the files.", True),
-        (REJECT_RATIO, "The share of rejected input rows stays under the QualityGatesResource limit.", True),
     ]
+    if rejects:
+        common.append((REJECT_RATIO, "The share of rejected input rows stays under the QualityGatesResource limit.",
+                       True))
     return [dg.AssetCheckSpec(name, asset=asset, description=description, blocking=blocking)
             for name, description, blocking in [*common, *extra]]
 
@@ -41,7 +49,10 @@ def _training_rows(output: Path) -> int:
     from curation.export import validate_training_table
     keys, rows = KeyTracker.new(), 0
     for path in shard_paths(output):
-        parquet = pq.ParquetFile(path)
+        try:
+            parquet = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise SchemaError(f"not a readable Parquet file: {exc}", file=str(path)) from exc
         validate_training_table(parquet.schema_arrow, file=str(path))
         offset = 0
         for batch in parquet.iter_batches(columns=["key"]):
@@ -56,19 +67,30 @@ def schema_valid(asset: str, output: Path, training: bool = False) -> dg.AssetCh
     """The pair schema (or, for training shards, the training columns) holds and no key repeats."""
     try:
         rows = _training_rows(output) if training else sum(batch.num_rows for _, batch in iter_batches(output))
-    except SchemaError as exc:
+    except (SchemaError, OSError, pa.ArrowException) as exc:  # a wrong column, a missing or unreadable shard
         return dg.AssetCheckResult(asset_key=asset, check_name=SCHEMA_VALID, passed=False, metadata={"error": str(exc)})
     return dg.AssetCheckResult(asset_key=asset, check_name=SCHEMA_VALID, passed=True, metadata={"rows": rows})
 
 
-def checksums_match(asset: str, output: Path) -> dg.AssetCheckResult:
+def checksums_match(asset: str, output: Path, export: bool = False) -> dg.AssetCheckResult:
+    """The manifest's sizes and sha256 against the files; an export's WebDataset tars too."""
+    from curation.export import verify_export
     try:
-        manifest = verify_manifest(output)
+        manifest = verify_export(output) if export else verify_manifest(output)
     except ManifestError as exc:
         return dg.AssetCheckResult(asset_key=asset, check_name=CHECKSUMS_MATCH, passed=False,
                                    metadata={"error": str(exc)})
     return dg.AssetCheckResult(asset_key=asset, check_name=CHECKSUMS_MATCH, passed=True,
                                metadata={"files": len(manifest["shards"])})
+
+
+def rows_conserved(asset: str, manifest: dict, input_rows: int) -> dg.AssetCheckResult:
+    """Export keeps every row: its shards (and tar twins) hold exactly the upstream manifest's rows."""
+    webdataset = manifest.get("webdataset")
+    made = {"parquet": manifest["rows"], **({"webdataset": webdataset["rows"]} if webdataset else {})}
+    return dg.AssetCheckResult(asset_key=asset, check_name=ROWS_CONSERVED,
+                               passed=all(rows == input_rows for rows in made.values()),
+                               metadata={"input_rows": input_rows, **{f"{k}_rows": v for k, v in made.items()}})
 
 
 def reject_ratio(asset: str, ratio: float, threshold: float) -> dg.AssetCheckResult:

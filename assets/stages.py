@@ -74,6 +74,7 @@ class Stage:
     extra_checks: tuple[tuple[str, str, bool], ...] = ()
     pair_output: bool = True                     # output holds pair shards with a manifest
     beam: bool = True                            # a Beam job (takes runner flags); else a plain program
+    rejects: bool = True                         # rejects rows (with a reason); else refuses bad input
     gpu: bool = False
     k8s: dict = field(default_factory=dict)
 
@@ -103,7 +104,8 @@ STAGES: tuple[Stage, ...] = (
           extra_checks=((checks.CAPTIONS, "Share of rows with a synthetic caption over the threshold.", True),),
           gpu=True, k8s=gpu_k8s_config("8", "48Gi")),
     Stage("export", "training_shards", "pipelines.export", "captioned_pairs", ExportRunConfig,
-          "The training shards, their manifest (the contract with training) and a data card.",
+          "The training shards, their manifest (the contract with training) and a data card.", rejects=False,
+          extra_checks=((checks.ROWS_CONSERVED, "The shards (and tar twins) hold every row of the upstream.", True),),
           k8s=cpu_k8s_config("4", "8Gi")),
     Stage("train", "clip_model", "training.cli", "training_shards", TrainRunConfig,
           "A CLIP model trained on the training shards, with its zero-shot metrics.", pair_output=False,
@@ -267,11 +269,16 @@ def _environment(stage: Stage, resources) -> dict[str, str]:
 
 
 def stage_checks(stage: Stage, output: Path, manifest: dict, metadata: dict, config: StageConfig,
-                 gates: QualityGatesResource) -> list[dg.AssetCheckResult]:
+                 gates: QualityGatesResource, input_manifest: Optional[dict]) -> list[dg.AssetCheckResult]:
     """Evaluate the stage's declared checks on the output just written."""
-    results = [checks.schema_valid(stage.asset, output, training=stage.name == "export"), checks.checksums_match(stage.asset, output),
-               checks.reject_ratio(stage.asset, metadata["reject_ratio"],
-                                   gates.max_balance_reject_ratio if stage.name == "balance" else gates.max_reject_ratio)]
+    export = stage.name == "export"
+    results = [checks.schema_valid(stage.asset, output, training=export),
+               checks.checksums_match(stage.asset, output, export=export)]
+    if stage.rejects:
+        results.append(checks.reject_ratio(stage.asset, metadata["reject_ratio"], gates.max_balance_reject_ratio
+                                           if stage.name == "balance" else gates.max_reject_ratio))
+    if export:
+        results.append(checks.rows_conserved(stage.asset, manifest, (input_manifest or {}).get("rows", -1)))
     if stage.name == "balance":
         recorded = manifest.get("config", {})
         t = float(recorded.get("t") or getattr(config, "t", None) or 20000)
@@ -369,7 +376,7 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
     # A no-op step keeps the manifest (and figures) of the run that made the output: say so beside them.
     metadata = {**stage_metadata(manifest, output, str(output)), "step_duration_s": round(elapsed, 3),
                 "up_to_date": up_to_date}
-    results = stage_checks(stage, output, manifest, metadata, config, resources.gates)
+    results = stage_checks(stage, output, manifest, metadata, config, resources.gates, input_manifest)
     failed = [check.check_name for check in results if not check.passed]
     for check in results:
         if not check.passed:
@@ -390,7 +397,7 @@ def stage_asset(stage: Stage) -> dg.AssetsDefinition:
     specs += [dg.AssetSpec(extra, description=f"{extra} written by the {stage.name} job, beside {stage.asset}.",
                            group_name="curation", deps=[stage.upstream] if stage.upstream else [],
                            kinds={"parquet"}) for extra in stage.extra_assets]
-    check_specs = checks.specs(stage.asset, *stage.extra_checks) if stage.pair_output else []
+    check_specs = checks.specs(stage.asset, *stage.extra_checks, rejects=stage.rejects) if stage.pair_output else []
     # Every step needs every resource: a misconfigured one then fails the run at its first step, before
     # anything is written, rather than hours later at the stage that uses it.
     resource_keys = set(RESOURCE_KEYS)

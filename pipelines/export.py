@@ -142,6 +142,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     shards = _check_written(output, plan, config)
     written = time.perf_counter()
     total_bytes = sum(s.bytes for s in shards)
+    made_now = set(todo)
+    written_bytes = sum(s.bytes for i, s in enumerate(shards) if i in made_now)  # a resume's kept shards took no time
     card = write_datacard(output, records=upstream_stages(options.input, STAGE_CONFIG),
                           shards=[output / s.name for s in shards],
                           export_summary={"rows": plan.input_rows, "shards": plan.shards, "bytes": total_bytes,
@@ -157,7 +159,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         stats={"rows_in": plan.input_rows, "rows_out": sum(s.rows for s in shards), "input_shards": plan.input_shards,
                "shards": plan.shards, "resumed_shards": plan.shards - len(todo), "seconds": round(elapsed, 3),
                "check_and_plan_seconds": round(planned - start, 3), "write_seconds": round(written - planned, 3),
-               "mb_per_s": round(total_bytes / MB / max(elapsed, 1e-9), 2),
+               "mb_per_s": round(written_bytes / MB / max(elapsed, 1e-9), 2),
                "estimated_bytes": plan.stats["estimated_bytes"], "datacard": card["datacard"], "plots": card["plots"],
                "caption_lengths": card["caption_lengths"]})
     return StageResult(manifest, output)

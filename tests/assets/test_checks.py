@@ -38,6 +38,43 @@ def test_checksum_check_catches_a_changed_shard(tmp_path):
     assert not checks.checksums_match("a", data).passed
 
 
+def test_an_unreadable_shard_fails_the_schema_check_instead_of_the_step(tmp_path):
+    """A corrupt training shard raised out of the check, losing the step's other check results."""
+    for training in (False, True):
+        data = _dataset(tmp_path / f"d{training}", _pairs(3))
+        (data / "part-00000.parquet").write_bytes(b"PAR1 not parquet at all PAR1")
+        result = checks.schema_valid("a", data, training=training)
+        assert not result.passed and "part-00000.parquet" in result.metadata["error"].value
+
+
+def test_an_export_s_checksum_check_covers_its_webdataset_tars(tmp_path):
+    """Only the Parquet shards were checked: a truncated tar passed."""
+    from curation.shards import file_sha256
+
+    data = tmp_path / "export"
+    data.mkdir()
+    info = write_table_atomic(_pairs(3), data / "part-00000.parquet")
+    (data / "webdataset").mkdir()
+    tar = data / "webdataset" / "00000.tar"
+    tar.write_bytes(b"t" * 1024)
+    write_manifest(data, stage="export", config={}, shards=[info], webdataset={
+        "directory": "webdataset", "rows": 3, "shards": [{"name": tar.name, "rows": 3, "bytes": 1024,
+                                                          "sha256": file_sha256(tar)}]})
+    assert checks.checksums_match("a", data, export=True).passed
+    tar.write_bytes(b"t" * 512)
+    assert checks.checksums_match("a", data).passed  # the Parquet side alone cannot see it
+    result = checks.checksums_match("a", data, export=True)
+    assert not result.passed and "00000.tar" in result.metadata["error"].value
+
+
+def test_the_export_row_check_fails_when_a_row_went_missing():
+    manifest = {"rows": 10, "webdataset": {"rows": 10}}
+    assert checks.rows_conserved("a", manifest, 10).passed
+    assert not checks.rows_conserved("a", manifest, 11).passed
+    assert not checks.rows_conserved("a", {**manifest, "webdataset": {"rows": 9}}, 10).passed
+    assert checks.rows_conserved("a", {"rows": 4}, 4).passed  # no tar twin: the shards alone
+
+
 def test_rewrite_share_does_not_count_the_original_held_as_a_fallback(tmp_path):
     fallback = [[f"caption {i}", f"caption {i}"] for i in range(4)]
     data = _dataset(tmp_path / "d", _pairs(4, rewrites=fallback[:3] + [["caption 3", "a new wording"]]))

@@ -36,7 +36,7 @@ def test_every_available_stage_has_its_assets_deps_and_checks():
         upstream = {k.to_user_string() for k in node.parent_keys}
         assert upstream == ({stage.upstream} if stage.upstream else set())
         if stage.pair_output:
-            expected = {checks.SCHEMA_VALID, checks.CHECKSUMS_MATCH, checks.REJECT_RATIO,
+            expected = {checks.SCHEMA_VALID, checks.CHECKSUMS_MATCH, *([checks.REJECT_RATIO] if stage.rejects else []),
                         *(name for name, _, _ in stage.extra_checks)}
             assert {name for asset, name in check_keys if asset == stage.asset} == expected
     # Nothing beyond the stages' own assets and checks.

@@ -168,6 +168,10 @@ def test_kill_then_rerun_gives_the_uninterrupted_bytes(pairs, exported, tmp_path
     (output / ".part-00005.parquet.tmp-123").write_bytes(b"half")
     result = export.run(_argv(pairs["captioned"], output, "--webdataset"))
     assert result.manifest["stats"]["resumed_shards"] == len(result.manifest["shards"]) - 3
+    # Its throughput counts the three shards it wrote, not the kept ones it took no time over.
+    stats, redone = result.manifest["stats"], {"part-00001.parquet", "part-00003.parquet", "part-00004.parquet"}
+    redone_mb = sum(s["bytes"] for s in result.manifest["shards"] if s["name"] in redone) / 2 ** 20
+    assert abs(stats["mb_per_s"] * stats["seconds"] - redone_mb) <= 0.005 * stats["seconds"] + 1e-3
     assert _digests(output) == baseline
     assert not list(output.glob(".*.tmp-*"))
     # Once finished, a rerun finds nothing to do and leaves the manifest and the data card as they are.
