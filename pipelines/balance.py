@@ -35,7 +35,10 @@ from curation.balancing import (
 from curation.matching import MATCH_BATCH_ROWS, MATCHES_TYPE, matcher_for
 from curation.metadata import DEFAULT, MetadataFile, resolve_metadata
 from curation.schema import KeyTracker, SchemaError
-from curation.shards import file_identity, finished_shards, remove_stale_temps, shard_name, shard_paths, write_table_atomic
+from curation.shards import (
+    STAGE_CONFIG, file_identity, finished_shards, is_complete, remove_stale_temps, shard_name, shard_paths,
+    write_table_atomic,
+)
 from pipelines.common import (
     REJECTS_DIR, ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, finish_stage, kept_manifest,
 )
@@ -187,6 +190,19 @@ def _check_inputs(paths: list[Path]) -> None:
     keys.check()
 
 
+def _may_be_up_to_date(output: str, overwrite: bool) -> bool:
+    """Whether the output is a finished run that a rerun may find up to date (begin_stage decides).
+
+    Such a rerun does nothing, and the run that made the output checked its
+    input, which begin_stage finds unchanged (by each shard's identity), so
+    the key scan of the whole pool can wait until begin_stage says there is
+    work. Any other output gets the scan first: begin_stage writes the stage
+    config, and bad input must leave no output behind (nor a recorded input
+    that the fixed one would be refused against).
+    """
+    return not overwrite and is_complete(output) and (Path(output) / STAGE_CONFIG).is_file()
+
+
 def config_from(options: BalanceOptions) -> tuple[BalanceConfig, MetadataFile]:
     """Validate t and the metadata (empty file, blank entry) before anything is read or written."""
     if options.t is None or options.t <= 0:
@@ -206,11 +222,15 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if not options.input or not options.output:
         raise ValueError(f"{STAGE}: --input and --output are required")
     inputs = shard_paths(options.input)
-    _check_inputs(inputs)
+    finished = _may_be_up_to_date(options.output, options.overwrite)
+    if not finished:
+        _check_inputs(inputs)
     plan = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite,
                        shardwise=False)  # counts over the whole pool
     if (kept := kept_manifest(plan)) is not None:  # nothing to do: not even the counts and plot are rewritten
         return StageResult(kept, plan.output, up_to_date=True)
+    if finished:  # finished, yet work to do (a shard deleted since): still checked before any work
+        _check_inputs(inputs)
     output = str(plan.output)
     remove_stale_temps(plan.output / MATCHES_DIR)  # begin_stage cleans the output and its rejects only
     start = time.perf_counter()

@@ -1,11 +1,12 @@
 import json
 import random
+import re
 
 import pyarrow as pa
 import pytest
 
 from curation.matching import MAX_CODE_LETTERS, Matcher, matcher_for, token_codes
-from curation.metadata import load_metadata
+from curation.metadata import can_match, load_metadata
 from tests.curation.matching_reference import automaton_match, metaclip_automaton, naive_match
 
 
@@ -62,6 +63,20 @@ def test_metaclip_semantics_examples():
     assert names("T-shirt!") == {"T-shirt"}
     assert names("ice cream cone") == {"ice", "cream", "ice cream", "ice cream cone", "cone"}
     assert ENTRIES.count("dog") == 2 and set(matcher.match_text("dog")) == {0, ENTRIES.index("dog", 1)}
+
+
+def test_can_match_says_which_entries_some_caption_matches():
+    """A caption is spaced and an entry is not: "St. Louis" or "a.m." is never found, "St . Louis" is."""
+    entries = list(dict.fromkeys(ENTRIES + ["St. Louis", "St . Louis", "x . . y", "x .  . y", ". x", "x .", "a.m.",
+                                            "line\nbreak", "`dog`", " ` dog ` ", "x  .  y"]))
+    # Each entry with one space taken off each side of each mark: spacing puts them back, so where
+    # can_match says yes, this caption matches.
+    witnesses = [re.sub(r" ?([,.;:?!`]) ?", r"\1", entry) for entry in entries]
+    texts = entries + witnesses + ADVERSARIAL + _random_texts(3000, seed=4)
+    matched = {i for ids in Matcher(entries).match_array(pa.array(texts)).to_pylist() for i in ids}
+    assert {i for i, entry in enumerate(entries) if can_match(entry)} == matched
+    assert {"St . Louis", "x .  . y", "?"} <= {entries[i] for i in matched}
+    assert not {"St. Louis", "a.m.", "x . . y", "U.S.", "a, b", "tab\there"} & {entries[i] for i in matched}
 
 
 def test_case_fold_is_an_option_and_case_variants_are_one_entry():

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
@@ -113,6 +114,37 @@ def test_rerun_after_a_kill_gives_the_uninterrupted_result(balanced, tmp_path):
     skip = {"seconds", "rows_per_second", "resumed_shards"}
     assert ({k: v for k, v in resumed.manifest["stats"].items() if k not in skip}
             == {k: v for k, v in result.manifest["stats"].items() if k not in skip})
+
+
+def test_an_up_to_date_rerun_reads_no_keys_and_a_rerun_with_work_checks_them_first(balanced, raw_pairs, tmp_path,
+                                                                                    monkeypatch):
+    """Refusing null or repeated keys reads every key of the pool: a rerun with nothing to do skipped nothing."""
+    result, argv = balanced
+    output = tmp_path / "out"
+    shutil.copytree(result.output, output)
+    rerun = list(argv)
+    rerun[rerun.index("--output") + 1] = str(output)
+    events = []
+    read_table, pipeline_for = pq.read_table, balance.pipeline_for
+
+    def counting_read(source, *args, **kwargs):
+        if kwargs.get("columns") == ["key"]:
+            events.append(("keys", Path(source).name))
+        return read_table(source, *args, **kwargs)
+
+    def counting_pipeline(*args, **kwargs):
+        events.append(("pipeline", None))
+        return pipeline_for(*args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", counting_read)
+    monkeypatch.setattr(balance, "pipeline_for", counting_pipeline)
+    assert balance.run(rerun).up_to_date and events == []
+    # Finished, but a shard deleted since: work to do, so every input shard's keys are read before the job.
+    (output / "part-00001.parquet").unlink()
+    assert not balance.run(rerun).up_to_date
+    inputs = [("keys", p.name) for p in finished_shards(raw_pairs)]
+    assert events == inputs + [("pipeline", None)]
+    assert _digests(output) == _digests(result.output)
 
 
 def test_online_curation_keeps_every_matched_pair(balanced, tmp_path):
