@@ -114,9 +114,9 @@ def balance_table(table: pa.Table, matched: pa.ListArray, p: np.ndarray, config:
     keep = prob > 0
     if not config.online_curation:
         keep &= uniform_draws(keys, config.seed) < prob
-    rejected = [reject(keys[i], STAGE, Reason.EMPTY_CAPTION, "caption is null or blank", file, row_offset + i)
+    rejected = [reject(keys[i], STAGE, Reason.EMPTY_CAPTION, "caption is null or blank", file, row_offset + i + 1)
                 for i in np.flatnonzero(empty)]
-    rejected += [reject(keys[i], STAGE, Reason.NO_MATCH, "no metadata entry in caption", file, row_offset + i)
+    rejected += [reject(keys[i], STAGE, Reason.NO_MATCH, "no metadata entry in caption", file, row_offset + i + 1)
                  for i in np.flatnonzero(no_match)]
     rows = pa.array(np.flatnonzero(keep))
     kept = table.take(rows)

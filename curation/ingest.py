@@ -23,16 +23,19 @@ STAGE = "ingest"
 
 # Columns that steer normalisation and are never carried into the pairs.
 SCREEN_REASON, SCREEN_DETAIL = "_reject_reason", "_reject_detail"  # verdict of URL screening, before download
-ORIGIN_FILE, ORIGIN_LINE = "_origin_file", "_origin_line"  # where the row came from, for rejects
-# Each pair's row in its input shard: what orders two copies of one row, whatever order the batches
+# Where the row came from, for rejects: the file and its 1-based line or row (curation.rejects says why).
+ORIGIN_FILE, ORIGIN_LINE = "_origin_file", "_origin_line"
+# Each pair's 0-based row in its input shard: what orders two copies of one row, whatever order the batches
 # arrived in. The ingest job drops it, and the pair's origin (ORIGIN_FILE, ORIGIN_LINE: what a duplicate's
 # reject names), before writing.
 INPUT_ROW = "_input_row"
 INTERNAL_COLUMNS = (INPUT_ROW, ORIGIN_FILE, ORIGIN_LINE)
 STATUS, ERROR = "status", "error_message"  # img2dataset's verdict on the download
-# What staging and img2dataset write beside the pairs. Only rows that came through them carry these: in
-# a user's own shards a `status` or `txt` column is data, carried like any other.
-CONTROL_COLUMNS = frozenset({SCREEN_REASON, SCREEN_DETAIL, ORIGIN_FILE, ORIGIN_LINE, STATUS, ERROR, "_row", "txt"})
+# What staging (of a URL list or an image folder) and the download write beside the pairs. Only rows that
+# came through them carry these: in a user's own shards a `status` column is data, carried like any other.
+STAGED_COLUMNS = frozenset({SCREEN_REASON, SCREEN_DETAIL, ORIGIN_FILE, ORIGIN_LINE, STATUS, ERROR, "_row"})
+# An img2dataset folder's Parquet also repeats the caption as `txt`; a URL list's own `txt` column is data.
+IMG2DATASET_COLUMNS = STAGED_COLUMNS | {"txt"}
 
 
 @dataclass(frozen=True)
@@ -111,21 +114,24 @@ def _early_reject(row: dict, control: frozenset[str]) -> tuple[str, str] | None:
 
 
 def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str, file: str,
-                    row_offset: int, control: frozenset[str] = CONTROL_COLUMNS) -> tuple[pa.Table, pa.Table]:
+                    row_offset: int, control: frozenset[str] = STAGED_COLUMNS) -> tuple[pa.Table, pa.Table]:
     """Pairs and rejects for one batch of raw rows; extra input columns ride along unchanged.
 
-    `source` names the pairs' origin where the rows have no `source` text of their own. `control`: the
-    columns staging and img2dataset wrote (their verdicts are honoured, and they are not carried); empty
-    for a user's own shards."""
+    `source` names the pairs' origin where the rows have no `source` text of their own. `row_offset`: the
+    batch's first row in `file`, 0-based as Parquet readers count; a reject names its row 1-based, or the
+    list line staging recorded. `control`: the columns staging and img2dataset wrote (their verdicts are
+    honoured, and they are not carried); empty for a user's own shards."""
     config.check_columns(batch.schema, file)
     own = {config.key_column, config.url_column, config.caption_column, config.image_column}
     extras = [f for f in batch.schema if f.name not in own and f.name not in PAIR_FIELDS
               and f.name not in control]
     pairs, rejected = [], []
     for i, row in enumerate(batch.to_pylist()):
-        row_number = row.get(ORIGIN_LINE, row_offset + i) if control else row_offset + i
+        place = row_offset + i + 1
+        row_number = row.get(ORIGIN_LINE, place) if control else place
         where = (row.get(ORIGIN_FILE) if control else None) or file
         given = row.get(config.key_column)
+        # A made key keeps the 0-based row it always had: counting it from 1 would rename every such pair.
         key = str(given) if given not in (None, "") else f"{source}-{row_offset + i:09d}"
         verdict = _early_reject(row, control)
         if verdict is not None:

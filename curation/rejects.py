@@ -3,6 +3,11 @@
 A row that cannot go on is never dropped silently: it becomes a row of the
 rejects table with a reason from a small fixed vocabulary (so reasons can be
 counted and charted) and a free-text detail (so a person can debug it).
+
+Where it came from is `source` (the file) and `row`, counted from 1 as an editor or `sed -n Np` counts:
+the line in a CSV, TSV or JSONL file (a header row is a line too), the row in a Parquet file, an image's
+place in its folder's sorted listing. One convention for every input and stage, so a reader never has to
+guess whether there is a row 0.
 """
 
 from __future__ import annotations
@@ -38,11 +43,14 @@ REJECT_SCHEMA = pa.schema([
     pa.field("reason", pa.string(), nullable=False),
     pa.field("detail", pa.string(), nullable=True),
     pa.field("source", pa.string(), nullable=True),
-    pa.field("row", pa.int64(), nullable=True),
+    # Described in the files too, for whoever opens a rejects table without this code at hand.
+    pa.field("row", pa.int64(), nullable=True, metadata={
+        "description": "1-based line of `source` (CSV/TSV/JSONL, a header row counts) or 1-based row (Parquet)"}),
 ])
 
 
 def reject(key: str | None, stage: str, reason: str, detail: str = "", source: str | None = None, row: int | None = None) -> dict:
+    """One reject; `row` is 1-based (see the module docstring), `source` the file it is counted in."""
     return {"key": key, "stage": stage, "reason": reason, "detail": detail[:2000], "source": source, "row": row}
 
 

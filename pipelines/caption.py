@@ -163,7 +163,7 @@ def _prepare(item, image_config: ImageConfig):
     for i, (key, data, alt) in enumerate(zip(keys, images, alts)):
         prepared = prepare_image(data, image_config)
         if isinstance(prepared, Rejected):
-            rejected.append(reject(key, STAGE, prepared.reason, prepared.detail, path, offset + i))
+            rejected.append(reject(key, STAGE, prepared.reason, prepared.detail, path, offset + i + 1))  # 1-based (curation.rejects)
             continue
         kept.append(i)
         notes.update(f"image.{note}" for note in prepared.notes)

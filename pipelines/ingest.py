@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -37,8 +38,8 @@ from curation.download import (
 )
 from curation.folders import check_img2dataset_folder, image_files, input_kind, stage_image_folder, tar_images
 from curation.ingest import (
-    CONTROL_COLUMNS, ERROR, INPUT_ROW, INTERNAL_COLUMNS, ORIGIN_FILE, ORIGIN_LINE, STAGE, STATUS, IngestConfig,
-    QualityFilters, duplicate_counts, filter_counts, normalise_batch,
+    ERROR, IMG2DATASET_COLUMNS, INPUT_ROW, INTERNAL_COLUMNS, ORIGIN_FILE, ORIGIN_LINE, STAGE, STAGED_COLUMNS, STATUS,
+    IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
 )
 from curation.rejects import rejects_table
 from curation.schema import KeyTracker, SchemaError
@@ -149,6 +150,11 @@ def _read_tar(identity: tuple, encode_format: str) -> dict[str, bytes]:
     return tar_images(identity[0], encode_format)
 
 
+# The columns that steer normalisation, by input kind: none in a user's own shards (a `status` there is data),
+# img2dataset's in its folders, staging's in a staged list or folder (where a list's own `txt` is data).
+CONTROL_BY_KIND = {"shards": frozenset(), "img2dataset": IMG2DATASET_COLUMNS}
+
+
 def _normalise(item, config: IngestConfig, source: dict):
     """(index, ("pairs"|"rejects", table)) for one batch; joins downloads or tar images first when needed."""
     index, (path, offset, batch) = item
@@ -165,7 +171,7 @@ def _normalise(item, config: IngestConfig, source: dict):
         keys = batch.column(config.key_column).to_pylist()
         batch = batch.append_column(config.image_column, pa.array([images.get(k) for k in keys], pa.binary()))
     pairs, rejects = normalise_batch(batch, config, source=source["name"], file=path, row_offset=offset,
-                                     control=frozenset() if source["kind"] == "shards" else CONTROL_COLUMNS)
+                                     control=CONTROL_BY_KIND.get(source["kind"], STAGED_COLUMNS))
     yield index, ("pairs", pairs)
     if rejects.num_rows:
         yield index, ("rejects", rejects)
@@ -239,6 +245,26 @@ def _refuse_clashing_renames(output: Path) -> None:
                           f"rename one of them in the input") from exc
 
 
+def _as_recorded(stage_config: dict) -> dict:
+    """The config as the stage's JSON records hold it (paths and tuples as JSON has them)."""
+    return json.loads(json.dumps(stage_config, default=str))
+
+
+def _recorded_config(output: Path) -> dict | None:
+    """The config `begin_stage` recorded for the output, or None."""
+    recorded = output / STAGE_CONFIG
+    return json.loads(recorded.read_text()).get("config") if recorded.is_file() else None
+
+
+def _staged_before(output: Path, stage_config: dict) -> bool:
+    """Staging for this very config finished in an earlier run: the stage records its config only once
+    staging is done, and the staged shards are still there. Staging again would read and parse the whole
+    list (or walk the folder and its captions file) only to find every shard written; on a 200k-row CSV
+    that was nine tenths of an up-to-date rerun. A list or folder changed since has another fingerprint,
+    so another config: refused before this is asked (see _refuse_other_run)."""
+    return _recorded_config(output) == _as_recorded(stage_config) and bool(finished_shards(output / STAGING / "list"))
+
+
 def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> Callable[[], None]:
     """Before staging anything into the output: wipe it (overwrite) or refuse a run with another config,
     and drop a staging that was cut for another config (see STAGING_CONFIG). Returns what records the
@@ -246,9 +272,7 @@ def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> Call
     output behind)."""
     if overwrite and output.exists():
         shutil.rmtree(output)
-    recorded = output / STAGE_CONFIG
-    wanted = json.loads(json.dumps(stage_config, default=str))
-    previous = json.loads(recorded.read_text()).get("config") if recorded.is_file() else None
+    wanted, previous = _as_recorded(stage_config), _recorded_config(output)
     if previous is not None and previous != wanted:
         raise config_mismatch(output, {"stage": STAGE, "config": previous}, {"stage": STAGE, "config": wanted})
     staging, stamp = output / STAGING, output / STAGING / STAGING_CONFIG
@@ -264,6 +288,12 @@ def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> Call
             staging.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(stamp, json.dumps(wanted, indent=2).encode())
     return record
+
+
+def _named(path: str) -> Path:
+    """The input's path made absolute, for its name (the pairs' source): `--input .` names the directory,
+    where the bare path's name is "", and a symlink keeps the name it was given."""
+    return Path(os.path.abspath(path))
 
 
 def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestConfig, dict, dict]:
@@ -284,16 +314,17 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
         recorded = {**asdict(config), "url_list": asdict(listing), "download": asdict(download),
                     "source_files": files_fingerprint(list_files(listing.path, listing.format))}
         record = _refuse_other_run(output, recorded, options.overwrite)
-        stage_url_list(listing, staging / "list", staging / "fetch", record)
+        if not _staged_before(output, recorded):
+            stage_url_list(listing, staging / "list", staging / "fetch", record)
         source = {"kind": "url_list", "format": download.encode_format, "download": download,
-                  "shard_rows": listing.shard_rows, "name": Path(options.url_list).stem}
+                  "shard_rows": listing.shard_rows, "name": _named(options.url_list).stem}
         return str(staging / "list"), config, recorded, source
     if not options.input:
         raise ValueError(f"{STAGE}: --input (or --url_list) and --output are required")
     kind = input_kind(options.input)
     if kind == "img2dataset":
         config = config_from(options, image_column=check_img2dataset_folder(Path(options.input)))
-        return options.input, config, asdict(config), {"kind": kind, "name": Path(options.input).name}
+        return options.input, config, asdict(config), {"kind": kind, "name": _named(options.input).name}
     if kind == "images":
         config = config_from(options, staged=True)
         captions = str(Path(options.captions_file).resolve()) if options.captions_file else None
@@ -304,10 +335,11 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
                     "captions_columns": [options.captions_file_column, options.caption_column],
                     "source_files": files_fingerprint(files)}
         record = _refuse_other_run(output, recorded, options.overwrite)
-        stage_image_folder(Path(options.input), staging / "list", captions_file=Path(captions) if captions else None,
-                           file_column=options.captions_file_column, caption_column=options.caption_column,
-                           shard_rows=options.list_shard_rows, before_writing=record)
-        return str(staging / "list"), config, recorded, {"kind": kind, "name": Path(options.input).name}
+        if not _staged_before(output, recorded):
+            stage_image_folder(Path(options.input), staging / "list", captions_file=Path(captions) if captions else None,
+                               file_column=options.captions_file_column, caption_column=options.caption_column,
+                               shard_rows=options.list_shard_rows, before_writing=record)
+        return str(staging / "list"), config, recorded, {"kind": kind, "name": _named(options.input).name}
     config = config_from(options)
     # A row's own `source` text wins; otherwise the directory's name, one value for the whole input.
     return options.input, config, asdict(config), {"kind": kind, "name": Path(options.input).resolve().name}

@@ -137,7 +137,7 @@ def test_balance_table_rejects_empty_and_unmatched_and_keeps_columns():
     assert pairs.column("keep_prob").to_pylist() == [1.0, 1.0]
     assert pairs.schema.field("keep_prob").type == pa.float32()
     assert rejects.column("reason").to_pylist() == [Reason.EMPTY_CAPTION, Reason.EMPTY_CAPTION, Reason.NO_MATCH]
-    assert rejects.column("row").to_pylist() == [101, 102, 103]
+    assert rejects.column("row").to_pylist() == [102, 103, 104]  # 1-based, as every stage counts
     assert set(rejects.column("source").to_pylist()) == {"part-0.parquet"}
 
 

@@ -111,7 +111,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.mark.slow
 def test_url_list_download_gives_exact_pairs_and_rejects(tmp_path):
     with serve_images() as (base, hits):
-        rows = [{"url": f"{base}/img/{i}", "caption": f"a photo of thing {i}", "license": f"cc-{i}"} for i in range(6)]
+        rows = [{"url": f"{base}/img/{i}", "caption": f"a photo of thing {i}", "license": f"cc-{i}",
+                 "txt": f"notes {i}"} for i in range(6)]
         rows += [
             {"url": f"{base}/img/0?copy=1", "caption": "same bytes as row 1", "license": "x"},  # sha256 duplicate
             {"url": f"{base}/changing", "caption": "first", "license": "x"},
@@ -145,6 +146,8 @@ def test_url_list_download_gives_exact_pairs_and_rejects(tmp_path):
     pairs = read_table(tmp_path / "raw")
     assert pairs.column("key").to_pylist() == [f"list-{n:09d}" for n in (1, 2, 3, 4, 5, 6, 8)]
     assert pairs.column("license").to_pylist()[:6] == [f"cc-{i}" for i in range(6)]  # extra column kept
+    # A list's own `txt` is data too (only an img2dataset folder's repeats its caption): it was dropped.
+    assert pairs.column("txt").to_pylist() == [f"notes {i}" for i in range(6)] + [None]
     assert set(pairs.column("width").to_pylist()) == {32}
     assert all(hashlib.sha256(b).hexdigest() == s for b, s in zip(pairs.column("image").to_pylist(),
                                                                    pairs.column("sha256").to_pylist()))

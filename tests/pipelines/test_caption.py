@@ -100,6 +100,9 @@ def test_captions_fusion_rejects_manifest_and_resume(pairs, models, tmp_path, ca
 
     # Bad images are counted rejects with their reasons; every other row is captioned and kept.
     assert result.rejects == {Reason.IMAGE_TOO_LARGE: 1, Reason.UNDECODABLE_IMAGE: 1}
+    from pipelines.common import REJECTS_DIR
+    rejected = pa.concat_tables(pq.read_table(p) for p in sorted((output / REJECTS_DIR).glob("*.parquet")))
+    assert sorted(rejected.column("row").to_pylist()) == [4, 8]  # rows 3 and 7 of the shard, counted from 1
     assert result.rows == 118 and stats["image.prepared"] == 118
     table = pq.read_table(output / "part-00001.parquet")
     validate(table)

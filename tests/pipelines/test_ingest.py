@@ -275,3 +275,52 @@ def test_an_img2dataset_folder_of_loose_files_is_refused(tmp_path):
     (folder / "00000_stats.json").write_text("{}")
     with pytest.raises(ValueError, match="only the parquet and webdataset output formats"):
         ingest.run(["--input", str(folder), "--output", str(tmp_path / "raw")])
+
+
+def test_an_up_to_date_url_list_rerun_reads_no_list_while_a_changed_list_or_config_is_refused(tmp_path, monkeypatch):
+    """Staging already finished for this config, so neither an up-to-date rerun nor a resume needs the list
+    (a 400M-row list takes hours to parse); what tells a changed list is its fingerprint, read before."""
+    from curation import download
+
+    listing = tmp_path / "list.csv"  # private hosts: screened, never fetched
+    listing.write_text("url,caption\n" + "".join(f"http://10.0.0.{i}/x.jpg,thing {i}\n" for i in range(5)))
+    output = tmp_path / "raw"
+    argv = ["--url_list", str(listing), "--output", str(output), "--list_shard_rows", "2"]
+    ingest.run(argv)
+    shards, rejects, manifest = _digests(output), _digests(output / "rejects"), (output / "manifest.json").read_bytes()
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the URL list was read again")
+
+    monkeypatch.setattr(download, "read_list", unread)
+    again = ingest.run(argv)
+    assert again.up_to_date and again.manifest == json.loads(manifest)
+    assert (output / "manifest.json").read_bytes() == manifest
+    (output / "part-00001.parquet").unlink()  # a run that lost a shard and its manifest resumes from staging
+    (output / "manifest.json").unlink()
+    resumed = ingest.run(argv)
+    assert not resumed.up_to_date and resumed.rejects == {"bad_url": 5}
+    assert _digests(output) == shards and _digests(output / "rejects") == rejects
+    with pytest.raises(StageConfigMismatch, match="max_caption_chars"):
+        ingest.run([*argv, "--max_caption_chars", "5"])
+    listing.write_text("url,caption\nhttp://10.0.0.9/x.jpg,another thing\n")
+    with pytest.raises(StageConfigMismatch, match="source_files"):
+        ingest.run(argv)
+    monkeypatch.undo()
+    assert ingest.run([*argv, "--overwrite"]).rejects == {"bad_url": 1}
+
+
+def test_an_up_to_date_image_folder_rerun_reads_no_captions_file_and_dot_names_the_folder(tmp_path, monkeypatch):
+    """`--input .` gives the pairs the folder's name as their source, not an empty one."""
+    from curation import folders
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (20, 20), (200, 0, 0)).save(folder / "a.jpg")
+    (tmp_path / "captions.csv").write_text("file,caption\na.jpg,a red square\n")
+    monkeypatch.chdir(folder)
+    argv = ["--input", ".", "--captions_file", str(tmp_path / "captions.csv"), "--output", str(tmp_path / "raw")]
+    first = ingest.run(argv)
+    assert read_table(first.output).column("source").to_pylist() == ["photos"]
+    monkeypatch.setattr(folders, "read_list", lambda *args, **kwargs: pytest.fail("the captions file was read"))
+    assert ingest.run(argv).up_to_date
