@@ -60,9 +60,10 @@ def test_upstream_chain_is_followed_oldest_first_and_counted(tmp_path):
     records = upstream_stages(_chain(tmp_path), STAGE_CONFIG)
     assert [r.stage for r in records] == ["ingest", "balance", "rewrite", "caption"]
     counts = stage_count_rows(records)
-    assert counts[0] == {"stage": "ingest", "rows_in": 100, "rows_out": 90, "rejected": 10,
+    assert counts[0] == {"stage": "ingest", "rows_in": 100, "rows_out": 90, "rejected": 10, "dropped": 0,
                          "by_reason": {"empty_caption": 6, "undecodable_image": 4}}
     assert [(c["rows_in"], c["rows_out"]) for c in counts[1:]] == [(90, 40), (40, 40), (40, 40)]
+    assert [c["dropped"] for c in counts[1:]] == [50, 0, 0]  # balance's draw: no rejects, yet 50 rows fewer
     assert rewrite_acceptance(records) == {"accepted": 60, "rejected_by_reason": {"echo": 15, "too_short": 5}}
 
 
@@ -85,7 +86,8 @@ def test_write_datacard_with_every_section_available(tmp_path):
     assert set(card["plots"]) >= {ENTRY_COUNTS_PLOT, REWRITE_PLOT, CONTACT_SHEET}
     for plot in card["plots"]:
         assert (out / plot).is_file() and f"]({plot})" in text
-    assert "| ingest | 100 | 90 | 10 | empty_caption: 6, undecodable_image: 4 |" in text
+    assert "| ingest | 100 | 90 | 10 | 0 | empty_caption: 6, undecodable_image: 4 |" in text
+    assert "| balance | 90 | 40 | 0 | 50 | - |" in text
     assert "top before: [50, 30, 2], top after: [10, 10, 2]" in text
     assert "Accepted 60 of 80 generated rewrites (75.0%)" in text and "| echo | 15 | 18.8% |" in text
     assert card["caption_lengths"]["alt_text"] == {"count": 20, "mean": 5.7, "median": 6.0, "p95": 9.0}
