@@ -27,6 +27,10 @@ MAX_REMEMBERED = 10_000
 # A file modified this recently may still be being copied in: it waits for a later tick, so one list being
 # written never starts one build for its first half and another for the whole.
 SETTLE_SECONDS = 60
+# Seconds one tick may spend hashing new lists. A sensor tick is cut off after 60 s, and a cut-off tick keeps
+# no cursor: a backlog of big lists would be hashed again and again and never start a build. Lists left
+# unhashed wait for the next tick; at least one is hashed per tick, so a backlog always moves.
+HASH_BUDGET_SECONDS = 20.0
 
 
 def build_job(selection: list[str]):
@@ -88,12 +92,18 @@ def url_list_sensor(job) -> dg.SensorDefinition:
         known = set(seen)
         requests, keys, files = [], [], {}
         now = time.time()
+        hashing_since, hashed_now, deferred = time.perf_counter(), 0, 0
         for path in sorted(p for p in inbox.glob("*") if _is_url_list(p)) if inbox.is_dir() else []:
             info = path.stat()
             if now - info.st_mtime < SETTLE_SECONDS:
                 continue  # still arriving, perhaps
             cached = hashed.get(path.name)
             same = cached is not None and cached[:2] == [info.st_size, info.st_mtime_ns]
+            if not same and hashed_now and time.perf_counter() - hashing_since > HASH_BUDGET_SECONDS:
+                deferred += 1  # this tick's hashing budget is spent: the next tick goes on from here
+                continue
+            if not same:
+                hashed_now += 1
             digest = cached[2] if same else _digest(path)
             files[path.name] = [info.st_size, info.st_mtime_ns, digest]
             if digest in known:
@@ -106,8 +116,11 @@ def url_list_sensor(job) -> dg.SensorDefinition:
                                           run_config=source_run_config(str(path)),
                                           tags={"clip-curation/trigger": "sensor", "clip-curation/url_list": path.name}))
         next_cursor = json.dumps({"digests": seen[-MAX_REMEMBERED:], "files": files})
+        if deferred:
+            context.log.info(f"{deferred} URL list(s) in {inbox} left to hash on the next tick")
         if not requests:
-            return dg.SensorResult(skip_reason=f"no new URL list in {inbox}", cursor=next_cursor)
+            waiting = f"; {deferred} left to hash on the next tick" if deferred else ""
+            return dg.SensorResult(skip_reason=f"no new URL list in {inbox}{waiting}", cursor=next_cursor)
         return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=[builds.build_add_request(keys)],
                                cursor=next_cursor)
 

@@ -91,3 +91,24 @@ def test_a_file_is_hashed_once_and_a_list_still_arriving_waits(instance, tmp_pat
     _settled(inbox, "b.csv")
     (request,) = _tick(instance, later.cursor).run_requests  # one build, for the whole file
     assert request.partition_key.startswith("b-") and hashed == ["a.csv", "b.csv"]
+
+
+def test_a_backlog_of_lists_is_hashed_a_budget_per_tick(instance, tmp_path, monkeypatch):
+    """A tick hashed every new list: with many big ones it ran past the sensor's timeout, kept no cursor,
+    and the next tick started over, so no build ever started."""
+    import assets.automation
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    monkeypatch.setenv(INBOX_ENV, str(inbox))
+    for name in ("a", "b", "c"):
+        (inbox / f"{name}.csv").write_text(f"url,caption\nhttps://example.com/{name}.jpg,a {name}\n")
+    _settled(inbox)
+    monkeypatch.setattr(assets.automation, "HASH_BUDGET_SECONDS", 0.0)  # spent by the first list of a tick
+    started, cursor = [], None
+    for _ in range(3):
+        result = _tick(instance, cursor)
+        started += [r.partition_key[0] for r in result.run_requests]
+        cursor = result.cursor
+    assert started == ["a", "b", "c"]  # one list per tick, each once, the backlog moving on every tick
+    assert not _tick(instance, cursor).run_requests
