@@ -50,9 +50,12 @@ class IngestRunConfig(StageConfig):
 class BalanceRunConfig(StageConfig):
     t: Optional[float] = Field(default=None, description="Per-entry cap t of MetaCLIP balancing (stage default: 20000).")
     metadata: Optional[str] = Field(default=None, description="MetaCLIP metadata.json; empty: the stage's default.")
+    metaclip2_padding: bool = Field(default=False, description="MetaCLIP 2's entry padding, for worldwide metadata: "
+                                    "entries match inside Chinese, Japanese, Thai, ... text written without spaces.")
 
     def stage_flags(self) -> list[str]:
-        return _opt("t", self.t) + _opt("metadata", self.metadata)
+        return _opt("t", self.t) + _opt("metadata", self.metadata) + (
+            ["--metaclip2_padding"] if self.metaclip2_padding else [])
 
 
 class RewriteRunConfig(StageConfig):

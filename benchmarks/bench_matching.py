@@ -15,7 +15,11 @@ processes on a shared machine weighs on both alike. Captions are web-like: words
 drawn from wordfreq's English frequencies (a Zipf law), some capitalised, with
 punctuation.
 
+With `--metaclip2_padding` all three use MetaCLIP 2's padding instead (an entry's CJK or punctuation edge
+gets no space), and the project matches its open-edged entries with a per-caption automaton loop.
+
     python benchmarks/bench_matching.py [--captions 20000] [--naive_captions 20] [--batch_rows 8192]
+                                        [--metaclip2_padding]
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 import wordfreq  # noqa: E402
 
-from curation.matching import MATCH_BATCH_ROWS, Matcher  # noqa: E402
+from curation.matching import MATCH_BATCH_ROWS, Matcher, unpadded_key  # noqa: E402
 from curation.metadata import default_metadata_path  # noqa: E402
-from tests.curation.matching_reference import automaton_match, metaclip_automaton, naive_match  # noqa: E402
+from tests.curation.matching_reference import (  # noqa: E402
+    automaton_match, metaclip_automaton, naive_match, naive_match_metaclip2,
+)
 
 
 def web_captions(n: int, seed: int) -> list[str]:
@@ -51,8 +57,9 @@ def web_captions(n: int, seed: int) -> list[str]:
     return captions
 
 
-def naive(entries: list[str], captions: list[str]) -> list[list[int]]:
-    return [naive_match(entries, caption) for caption in captions]
+def naive(entries: list[str], captions: list[str], metaclip2_padding: bool) -> list[list[int]]:
+    match = naive_match_metaclip2 if metaclip2_padding else naive_match
+    return [match(entries, caption) for caption in captions]
 
 
 def aho_corasick_loop(automaton, captions: list[str]) -> list[list[int]]:
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_rows", type=int, default=MATCH_BATCH_ROWS,
                         help="Rows per Arrow batch (default: the balance pipeline's matching batch).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats of (b) and the project; best is kept.")
+    parser.add_argument("--metaclip2_padding", action="store_true", help="MetaCLIP 2's entry padding, all methods.")
     args = parser.parse_args(argv)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -82,8 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"metadata: {len(entries)} entries ({path}; load/build {build_s:.1f}s); {len(captions)} captions, "
           f"{sum(map(len, captions)) / len(captions):.0f} chars on average")
 
-    matcher_s, matcher = timed(Matcher, entries)
-    automaton_s, automaton = timed(metaclip_automaton, entries)
+    padding = args.metaclip2_padding
+    if padding:
+        print(f"MetaCLIP 2 padding: {sum(unpadded_key(e) is not None for e in entries)} entries have an open edge")
+    matcher_s, matcher = timed(Matcher, entries, False, padding)
+    automaton_s, automaton = timed(metaclip_automaton, entries, padding)
     print(f"build once per worker: project matcher {matcher_s:.1f}s, plain pyahocorasick automaton {automaton_s:.1f}s")
 
     array = pa.array(captions, pa.string())
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     project_result = [row for batch in project_batches for row in batch.to_pylist()]
     loop_s, loop_result = min(loop_runs, key=lambda r: r[0])
     subset = captions[:args.naive_captions]
-    naive_s, naive_result = timed(naive, entries, subset)
+    naive_s, naive_result = timed(naive, entries, subset, padding)
     if loop_result != project_result or naive_result != project_result[:len(subset)]:
         raise SystemExit("results differ between methods: the benchmark is void")
 

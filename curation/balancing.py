@@ -41,6 +41,7 @@ class BalanceConfig:
     metadata_sha256: str
     t: float = DEFAULT_T
     case_fold: bool = False
+    metaclip2_padding: bool = False  # MetaCLIP 2's entry padding (curation.matching): for worldwide metadata
     online_curation: bool = False
     seed: int = 0
 

@@ -6,6 +6,13 @@ carriage return turned into spaces), every entry is wrapped as " entry ", and
 an entry matches when its wrapped form is a substring of the spaced caption.
 Entries therefore match whole words and phrases, every entry found counts once
 per caption, and overlapping entries all match ("New York" and "York").
+`metaclip2_padding` is MetaCLIP 2's rule for worldwide metadata: an entry
+gets no padding space on a side whose character is CJK, Thai, Lao, Burmese,
+Khmer or Tibetan (scripts without spaces between words) or punctuation, so
+"猫" matches inside "一只猫在睡觉". Those entries are plain substrings on their
+open side, which no token run expresses: they are matched by a character
+automaton over the spaced caption, MetaCLIP's own per-caption loop, beside the
+token path below. Off by default: MetaCLIP 1 pads every entry.
 Case-sensitive by default, as MetaCLIP; `case_fold` lower-cases both sides
 with Python's `str.lower`, and an entry's case variants ("red", "Red") are then
 one entry, the first id: as two, each would get the full count and its own
@@ -41,6 +48,7 @@ that ranking; the result does not.
 from __future__ import annotations
 
 import itertools
+import string
 import threading
 
 import ahocorasick
@@ -53,6 +61,16 @@ from curation.metadata import SPACE_LIKE, SPACED_PUNCTUATION, MetadataFile, load
 _PUNCTUATION_PATTERN = "([" + SPACED_PUNCTUATION.replace(".", "\\.").replace("?", "\\?") + "])"
 _SPACE_PATTERN = "[" + SPACE_LIKE + "]"
 MATCHES_TYPE = pa.list_(pa.int32())
+# MetaCLIP 2's scripts written without spaces (code point ranges), and the full-width punctuation it adds to
+# ASCII's; an entry whose first or last character is one of them gets no padding space on that side.
+UNSPACED_SCRIPTS = (
+    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF), (0x2CEB0, 0x2EBEF), (0xF900, 0xFAFF), (0x2E80, 0x2EFF), (0x2F00, 0x2FDF),
+    (0x2FF0, 0x2FFF),  # CJK ideographs, compatibility ideographs, radicals, description characters
+    (0x3040, 0x30FF), (0x31F0, 0x31FF),  # Japanese kana (this project's addition)
+    (0x0E00, 0x0E7F), (0x0E80, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x0F00, 0x0FFF),  # Thai .. Tibetan
+)
+FULL_WIDTH_PUNCTUATION = "，。、；：？！“”‘’（）【】《》〈〉「」『』～—"
 # Captions per `match_array` call in the pipeline. Matching reads only key and caption, so a large batch is
 # cheap, and it amortises the per-call work: each distinct token of a batch is looked up once.
 MATCH_BATCH_ROWS = 8192
@@ -121,19 +139,26 @@ def token_codes(n_tokens: int) -> np.ndarray:
 class Matcher:
     """Entry ids matched by each caption; build once per worker (see `matcher_for`), reuse for every batch."""
 
-    def __init__(self, entries: list[str], case_fold: bool = False):
+    def __init__(self, entries: list[str], case_fold: bool = False, metaclip2_padding: bool = False):
         self.n_entries = len(entries)
         self.case_fold = case_fold
+        self.metaclip2_padding = metaclip2_padding
         patterns: dict[str, list[int]] = {}
         for entry_id, entry in enumerate(entries):
             ids = patterns.setdefault(entry.lower() if case_fold else entry, [])
             if not (case_fold and ids):  # folded: the group's first id only (see the module docstring)
                 ids.append(entry_id)
-        pattern_tokens = [pattern.split(" ") for pattern in patterns]
-        phrase_tokens = rank_by_frequency(list({t: None for tokens in pattern_tokens if len(tokens) > 1
+        # Under MetaCLIP 2's padding an entry with an open side is a plain substring there: no token run, so
+        # those go to a character automaton (see `unpadded_key`); every other entry stays on the token path.
+        unpadded = {pattern_id: key for pattern_id, pattern in enumerate(patterns)
+                    if metaclip2_padding and (key := unpadded_key(pattern)) is not None}
+        self._unpadded = _character_automaton(unpadded)
+        pattern_tokens = [(pattern_id, pattern.split(" ")) for pattern_id, pattern in enumerate(patterns)
+                          if pattern_id not in unpadded]
+        phrase_tokens = rank_by_frequency(list({t: None for _, tokens in pattern_tokens if len(tokens) > 1
                                                 for t in tokens}))
         self._vocab = {token: i for i, token in enumerate(phrase_tokens)}  # phrase tokens first, by frequency
-        for tokens in pattern_tokens:
+        for _, tokens in pattern_tokens:
             if len(tokens) == 1:
                 self._vocab.setdefault(tokens[0], len(self._vocab))
         self._unknown = len(self._vocab)
@@ -141,7 +166,7 @@ class Matcher:
         codes = token_codes(len(phrase_tokens))
         letters = [tuple(c for c in code if c >= 0) for code in codes.tolist()]
         keys = []
-        for pattern_id, tokens in enumerate(pattern_tokens):
+        for pattern_id, tokens in pattern_tokens:
             if len(tokens) == 1:
                 self._single[self._vocab[tokens[0]]] = pattern_id
             else:
@@ -151,7 +176,7 @@ class Matcher:
         # Adjacent token pairs of the phrases, sorted: a phrase can only match inside a run of tokens whose
         # every adjacent pair is one of them, so only such runs go through the automaton.
         pairs = {self._vocab[a] * (self._unknown + 1) + self._vocab[b]
-                 for tokens in pattern_tokens for a, b in zip(tokens, tokens[1:])}
+                 for _, tokens in pattern_tokens for a, b in zip(tokens, tokens[1:])}
         self._pairs = np.array(sorted(pairs), np.int64)
         self._has_next = np.zeros(self._unknown + 1, bool)
         self._has_next[self._pairs // (self._unknown + 1)] = True
@@ -207,7 +232,22 @@ class Matcher:
             phrase_rows, phrase_patterns = self._scan_phrases(token, row_of, n)
             rows.append(phrase_rows)
             patterns.append(phrase_patterns)
+        if self._unpadded is not None:
+            unpadded_rows, unpadded_patterns = self._scan_unpadded(spaced)
+            rows.append(unpadded_rows)
+            patterns.append(unpadded_patterns)
         return self._to_lists(np.concatenate(rows), np.concatenate(patterns), n, captions)
+
+    def _scan_unpadded(self, spaced: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, pattern) of every entry matched as a plain substring: MetaCLIP 2's per-caption automaton loop
+        over the spaced caption (outer spaces put back: a padded side may sit at the caption's end)."""
+        rows, found = [], []
+        for row, text in enumerate(spaced.to_pylist()):
+            if text is not None:
+                ids = {pattern_id for _, pattern_id in self._unpadded.iter(f" {text} ")}
+                rows += [row] * len(ids)
+                found += ids
+        return np.array(rows, np.int64), np.array(found, np.int64)
 
     def _scan_phrases(self, token: np.ndarray, row_of: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(row, pattern) of every phrase match: one automaton scan over the candidate runs of the whole batch."""
@@ -253,11 +293,39 @@ class Matcher:
     def match_text(self, text: str) -> list[int]:
         """Entry ids of one caption (for interactive use; pipelines call `match_array` on whole batches)."""
         return self.match_array(pa.array([text], pa.string()))[0].as_py()
-_CACHE: dict[tuple[str, bool], Matcher] = {}
+def is_unspaced_boundary(char: str) -> bool:
+    """MetaCLIP 2's test of an entry's boundary character: a script written without spaces between words
+    (CJK ideographs and radicals, Thai, Lao, Burmese, Khmer, Tibetan), or punctuation (ASCII, and the
+    full-width marks of CJK text). Japanese kana count too: MetaCLIP 2 names Japanese a language without
+    spaces, but its ranges miss kana, so "タワー" could never match inside "東京タワー"."""
+    code = ord(char)
+    return (any(low <= code <= high for low, high in UNSPACED_SCRIPTS)
+            or char in string.punctuation or char in FULL_WIDTH_PUNCTUATION)
+
+
+def unpadded_key(entry: str) -> str | None:
+    """The entry as MetaCLIP 2 pads it, when a side stays open ("東京" for 東京, " C++" for C++); None when
+    both sides get their space, as in MetaCLIP 1, which the token path matches."""
+    left, right = not is_unspaced_boundary(entry[0]), not is_unspaced_boundary(entry[-1])
+    return None if left and right else (" " if left else "") + entry + (" " if right else "")
+
+
+def _character_automaton(keys: dict[int, str]) -> ahocorasick.Automaton | None:
+    if not keys:
+        return None
+    automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+    for pattern_id, key in keys.items():
+        automaton.add_word(key, pattern_id)
+    automaton.make_automaton()
+    return automaton
+
+
+_CACHE: dict[tuple[str, bool, bool], Matcher] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def matcher_for(metadata: MetadataFile | str, sha256: str | None = None, case_fold: bool = False) -> Matcher:
+def matcher_for(metadata: MetadataFile | str, sha256: str | None = None, case_fold: bool = False,
+                metaclip2_padding: bool = False) -> Matcher:
     """The worker's Matcher for a metadata file, built on first use and kept, keyed by the file's checksum.
 
     Beam DoFns call this from `setup`, so each worker process builds the index
@@ -269,10 +337,11 @@ def matcher_for(metadata: MetadataFile | str, sha256: str | None = None, case_fo
         loaded = load_metadata(metadata)
         digest = loaded.sha256
     with _CACHE_LOCK:
-        cached = _CACHE.get((digest, case_fold))
+        cached = _CACHE.get((digest, case_fold, metaclip2_padding))
         if cached is None:
             loaded = loaded or load_metadata(metadata)
             if loaded.sha256 != digest:
                 raise ValueError(f"{loaded.path} changed since the stage started (sha256 {loaded.sha256} != {digest})")
-            cached = _CACHE[(digest, case_fold)] = Matcher(loaded.entries, case_fold)
+            cached = _CACHE[(digest, case_fold, metaclip2_padding)] = Matcher(loaded.entries, case_fold,
+                                                                              metaclip2_padding)
         return cached

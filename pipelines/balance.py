@@ -64,6 +64,10 @@ class BalanceOptions(ShardStageOptions):
                             help="Pairs kept per head entry in expectation (MetaCLIP: 20000 for a 1.6B pool).")
         parser.add_argument("--case_fold", action="store_true",
                             help="Match case-insensitively (MetaCLIP matches case-sensitively).")
+        parser.add_argument("--metaclip2_padding", action="store_true",
+                            help="MetaCLIP 2's padding: no space required beside an entry's CJK, Thai, Lao, "
+                                 "Burmese, Khmer, Tibetan or punctuation edge, so entries match in text written "
+                                 "without spaces (MetaCLIP 1 pads every entry).")
         parser.add_argument("--online_curation", action="store_true",
                             help="Keep every matched pair with its keep_prob and let the trainer draw.")
 
@@ -71,12 +75,13 @@ class BalanceOptions(ShardStageOptions):
 class MatchCaptions(beam.DoFn):
     """(shard, (offset, key/matches/caption length table)) per batch; the matcher is built once per worker."""
 
-    def __init__(self, metadata: str, sha256: str, case_fold: bool):
-        self.metadata, self.sha256, self.case_fold = metadata, sha256, case_fold
+    def __init__(self, metadata: str, sha256: str, case_fold: bool, metaclip2_padding: bool):
+        self.metadata, self.sha256, self.case_fold, self.metaclip2_padding = metadata, sha256, case_fold, \
+            metaclip2_padding
         self._matcher = None
 
     def setup(self) -> None:
-        self._matcher = matcher_for(self.metadata, self.sha256, self.case_fold)
+        self._matcher = matcher_for(self.metadata, self.sha256, self.case_fold, self.metaclip2_padding)
 
     def process(self, item):
         index, (path, offset, batch) = item
@@ -209,8 +214,8 @@ def config_from(options: BalanceOptions) -> tuple[BalanceConfig, MetadataFile]:
         raise ValueError(f"--t must be positive, got {options.t}")
     metadata = resolve_metadata(options.metadata)
     # Resolved: remote workers open it, from another working directory.
-    config = BalanceConfig(str(Path(metadata.path).resolve()), metadata.sha256, options.t, options.case_fold, options.online_curation,
-                           options.seed)
+    config = BalanceConfig(str(Path(metadata.path).resolve()), metadata.sha256, options.t, options.case_fold,
+                           options.metaclip2_padding, options.online_curation, options.seed)
     return config, metadata
 
 
@@ -243,7 +248,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             new_counts = (p
                           | "ReadCaptions" >> ReadShardBatches(to_match, MATCH_BATCH_ROWS, ["key", CAPTION_COLUMN])
                           | "Match" >> beam.ParDo(MatchCaptions(config.metadata, config.metadata_sha256,
-                                                                config.case_fold))
+                                                                config.case_fold, config.metaclip2_padding))
                           | "ByShard" >> beam.GroupByKey()
                           | "WriteMatches" >> beam.Map(_write_matches, output, n_entries))
             old_counts = (p

@@ -184,3 +184,13 @@ def test_stage_options_may_name_the_beam_stages():
     from assets.stages import STAGES
 
     assert set(BEAM_STAGES) == {stage.name for stage in STAGES if stage.beam}
+
+
+def test_the_balance_run_config_turns_on_metaclip2_padding():
+    from assets.config import BalanceRunConfig
+    from pipelines.balance import BalanceOptions
+
+    def padding(run_config: BalanceRunConfig) -> bool:
+        return BalanceOptions(["--input", "a", "--output", "b", *run_config.stage_flags()]).metaclip2_padding
+
+    assert padding(BalanceRunConfig(metaclip2_padding=True)) and not padding(BalanceRunConfig())

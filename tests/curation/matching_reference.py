@@ -32,11 +32,12 @@ def naive_match(entries: list[str], text: str | None, case_fold: bool = False) -
     return [i for i, entry in enumerate(entries) if entry is not None and f" {entry} " in spaced]
 
 
-def metaclip_automaton(entries: list[str]) -> ahocorasick.Automaton:
-    """MetaCLIP's current index: one pyahocorasick automaton over `" entry "`, valued by entry id."""
+def metaclip_automaton(entries: list[str], metaclip2_padding: bool = False) -> ahocorasick.Automaton:
+    """MetaCLIP's current index: one pyahocorasick automaton over `" entry "` (MetaCLIP 2: `metaclip2_key`),
+    valued by entry id."""
     automaton = ahocorasick.Automaton()
     for i, entry in enumerate(entries):
-        automaton.add_word(f" {entry} ", i)
+        automaton.add_word(metaclip2_key(entry) if metaclip2_padding else f" {entry} ", i)
     automaton.make_automaton()
     return automaton
 
@@ -44,3 +45,27 @@ def metaclip_automaton(entries: list[str]) -> ahocorasick.Automaton:
 def automaton_match(automaton: ahocorasick.Automaton, text: str) -> list[int]:
     """MetaCLIP's per-caption loop: one `iter` call over the spaced caption, ids sorted and unique."""
     return sorted({value for _, value in automaton.iter(metaclip_spacing(text))})
+
+
+def metaclip2_key(entry: str) -> str:
+    """MetaCLIP 2's padding, written from the spec: a space on a side only if that character is not
+    CJK-or-similar (the spec's scripts, kana, ASCII or full-width punctuation)."""
+    import string
+    import unicodedata
+
+    def unspaced(char: str) -> bool:
+        name = unicodedata.name(char, "")
+        scripts = ("CJK", "THAI", "LAO", "MYANMAR", "KHMER", "TIBETAN", "HIRAGANA", "KATAKANA", "KANGXI",
+                   "IDEOGRAPHIC DESCRIPTION")
+        return (name.startswith(scripts) or char in string.punctuation
+                or char in "，。、；：？！“”‘’（）【】《》〈〉「」『』～—")
+
+    return ("" if unspaced(entry[0]) else " ") + entry + ("" if unspaced(entry[-1]) else " ")
+
+
+def naive_match_metaclip2(entries: list[str], text: str | None) -> list[int] | None:
+    """MetaCLIP 2's matching by a loop of `in` tests: each entry padded by `metaclip2_key`."""
+    if text is None:
+        return None
+    spaced = metaclip_spacing(text)
+    return [i for i, entry in enumerate(entries) if metaclip2_key(entry) in spaced]

@@ -7,7 +7,7 @@ import pytest
 
 from curation.matching import MAX_CODE_LETTERS, Matcher, matcher_for, token_codes
 from curation.metadata import can_match, load_metadata
-from tests.curation.matching_reference import automaton_match, metaclip_automaton, naive_match
+from tests.curation.matching_reference import automaton_match, metaclip_automaton, naive_match, naive_match_metaclip2
 
 
 ENTRIES = [
@@ -161,3 +161,37 @@ def test_only_words_or_only_phrases(entries):
     texts = ["a big red dog", "big cat, red dog.", "dog cat red", "big  cat", "", "big", "cat", "big red", "dog"]
     got = Matcher(entries).match_array(pa.array(texts)).to_pylist()  # no phrase runs on into the next caption
     assert got == [naive_match(entries, t) for t in texts]
+
+
+CJK_ENTRIES = ["猫", "东京", "東京タワー", "タワー", "แมว", "ແມວ", "ကြောင်", "ឆ្មា", "ཞི་མི", "「猫」", "C++", "(dog)",
+               "dog", "red dog", "New York", "T-shirt", "a", "猫 dog", "dog 猫", "—", "，"]
+CJK_TEXTS = ["一只猫在睡觉", "猫", "我在东京", "東京タワーの夜景", "แมวสีดำ", "ແມວ", "ကြောင်လေး", "ឆ្មាខ្មៅ", "ཞི་མིའི",
+             "「猫」です", "C++ code", "C+++", "a C++", "(dog) and dogs", "red dog", "a red dog.", "New York, 猫",
+             "T-shirt 猫", "猫 dog", "猫dog", "dog 猫", "dog猫", "——", "，，", "", None]
+
+
+def test_metaclip2_padding_matches_entries_in_text_written_without_spaces():
+    """MetaCLIP 1 pads every entry, so no Chinese, Japanese or Thai word was ever found inside a caption."""
+    texts = CJK_TEXTS + _random_texts(2000, seed=3)
+    rng = random.Random(4)
+    pieces = [p for e in CJK_ENTRIES for p in (e, *e)] + list(" ,.。、!?-")
+    texts += ["".join(rng.choices(pieces, k=rng.randint(0, 10))) for _ in range(2000)]
+    got = Matcher(CJK_ENTRIES, metaclip2_padding=True).match_array(pa.array(texts, pa.string())).to_pylist()
+    want = [naive_match_metaclip2(CJK_ENTRIES, t) for t in texts]
+    mismatches = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
+    assert not mismatches, mismatches[:5]
+
+    def names(text, **kw):
+        return {CJK_ENTRIES[i] for i in Matcher(CJK_ENTRIES, **kw).match_text(text)}
+
+    assert names("一只猫在睡觉", metaclip2_padding=True) == {"猫"} and names("一只猫在睡觉") == set()
+    assert names("東京タワーの夜景", metaclip2_padding=True) == {"東京タワー", "タワー"}
+    assert "dog" not in names("dogs", metaclip2_padding=True)  # a Latin entry keeps both spaces
+    assert names("猫dog", metaclip2_padding=True) == {"猫"}  # "猫 dog" needs its space; "dog" its left one
+    assert names("C+++", metaclip2_padding=True) == {"C++"}  # punctuation ends leave that side open too
+    latin = ADVERSARIAL + _random_texts(2000, seed=5) + [None]  # punctuation-edged entries: "?", "-", "C++"
+    assert Matcher(ENTRIES, metaclip2_padding=True).match_array(pa.array(latin, pa.string())).to_pylist() == [
+        naive_match_metaclip2(ENTRIES, t) for t in latin]
+    # Under MetaCLIP 1's padding the same matcher equals the MetaCLIP 1 reference.
+    assert Matcher(CJK_ENTRIES).match_array(pa.array(texts, pa.string())).to_pylist() == [
+        naive_match(CJK_ENTRIES, t) for t in texts]

@@ -193,6 +193,23 @@ def test_null_empty_and_huge_captions_are_counted_not_fatal(tmp_path):
     assert result.manifest["stats"]["before_matches"] == 6
 
 
+def test_metaclip2_padding_balances_captions_written_without_spaces(tmp_path):
+    """With MetaCLIP 1's padding a Chinese or Thai caption never matches its entry and is rejected."""
+    source = tmp_path / "pairs"
+    source.mkdir()
+    table = pa.table({"key": ["a", "b", "c"], "caption": ["一只猫在睡觉", "แมวสีดำบนโซฟา", "a red dog"]})
+    pq.write_table(table, source / "part-00000.parquet")
+    metadata = _write_metadata(tmp_path, ["猫", "แมว", "dog"])
+    argv = ["--input", str(source), "--metadata", metadata, "--t", "100"]
+    padded = balance.run([*argv, "--output", str(tmp_path / "v1")])
+    assert padded.rejects == {"no_metadata_match": 2}
+    open_edges = balance.run([*argv, "--output", str(tmp_path / "v2"), "--metaclip2_padding"])
+    assert not open_edges.rejects and open_edges.manifest["config"]["metaclip2_padding"] is True
+    kept = read_table(open_edges.output)
+    assert dict(zip(kept.column("key").to_pylist(), kept.column("matched_entries").to_pylist())) == {
+        "a": [0], "b": [1], "c": [2]}
+
+
 def test_keys_are_text_unique_and_present_and_large_strings_are_text(tmp_path):
     """Polars writes large_string: pass 2 compared it with pass 1's string keys by type and refused every
     run as "the input changed". A null key crashed a worker; a repeated one shared its draw."""
