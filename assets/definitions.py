@@ -13,14 +13,14 @@ import dagster as dg
 
 from assets.automation import build_job, url_list_sensor, weekly_schedule
 from assets.resources import (
-    BeamRunnerResource, CaptionerResource, LLMEngineResource, QualityGatesResource, StorageResource,
+    EXECUTOR_ENV, BeamRunnerResource, CaptionerResource, LLMEngineResource, QualityGatesResource, StorageResource,
 )
 from assets.stages import available_stages, stage_asset
 
 
 def _executor():
     """Steps in their own pods on Kubernetes (deploy/helm), else one process per step."""
-    if os.environ.get("CLIP_CURATION_EXECUTOR") == "k8s":
+    if os.environ.get(EXECUTOR_ENV) == "k8s":
         from dagster_k8s import k8s_job_executor
         return k8s_job_executor
     return dg.multiprocess_executor

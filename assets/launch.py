@@ -7,7 +7,6 @@ and checks have one code path, and the job code knows nothing of Dagster.
 """
 
 import contextlib
-import copy
 import importlib
 import os
 import sys
@@ -16,7 +15,8 @@ from typing import Optional
 
 import dagster as dg
 
-from assets.resources import BeamRunnerResource, misconfigured, spec_value
+from assets.k8s_pod import job_pod_spec, unmounted
+from assets.resources import EXECUTOR_ENV, BeamRunnerResource, misconfigured
 
 PIPES_ENTRY = "assets.pipes_job"
 
@@ -47,25 +47,6 @@ def load_stage_module(module_name: str):
         raise
 
 
-def job_pod_spec(base: dict, step_k8s: dict) -> dict:
-    """The job pod's PodSpec: the resource's (volumes, mounts) plus the step's `dagster-k8s/config` requests,
-    node selector and tolerations, so a rewrite job lands on a GPU node with its GPU, as its step would.
-
-    Whatever `base` sets itself wins; nothing of it is changed in place.
-    """
-    spec = copy.deepcopy(base)
-    containers = spec_value(spec, "containers") or [{}]
-    spec.pop("containers", None)
-    spec["containers"] = containers
-    resources = step_k8s.get("container_config", {}).get("resources")
-    if resources and spec_value(containers[0], "resources") is None:
-        containers[0]["resources"] = copy.deepcopy(resources)
-    for name, value in step_k8s.get("pod_spec_config", {}).items():
-        if spec_value(spec, name) is None:
-            spec[name] = copy.deepcopy(value)
-    return spec
-
-
 def run_stage(context: dg.AssetExecutionContext, module_name: str, argv: list[str], beam: BeamRunnerResource,
               env: dict[str, str], is_beam_job: bool = True, step_k8s: Optional[dict] = None):
     """Run `module.run(argv)` with the launcher the Beam resource asks for; raise on failure.
@@ -87,11 +68,39 @@ def run_stage(context: dg.AssetExecutionContext, module_name: str, argv: list[st
     if launcher == "subprocess":
         dg.PipesSubprocessClient(env=env, cwd=str(Path.cwd())).run(context=context, command=command)
         return None
+    spec = _checked_job_pod(beam, argv, env, step_k8s or {})
     try:
         from dagster_k8s import PipesK8sClient
     except ImportError as exc:
         raise misconfigured("BeamRunnerResource", "launcher",
                             "'k8s' needs dagster-k8s installed in the code location image") from exc
     PipesK8sClient().run(context=context, image=beam.k8s_image, command=["python", *command[1:]], env=env,
-                         base_pod_spec=job_pod_spec(beam.k8s_pod_spec, step_k8s or {}))
+                         namespace=beam.k8s_namespace, base_pod_spec=spec)
     return None
+
+
+def _flag_value(argv: list[str], name: str) -> Optional[str]:
+    """The value of `--name value` or `--name=value` in a job's flags, or None."""
+    for i, flag in enumerate(argv):
+        if flag == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if flag.startswith(f"--{name}="):
+            return flag.split("=", 1)[1]
+    return None
+
+
+def _checked_job_pod(beam: BeamRunnerResource, argv: list[str], env: dict[str, str], step_k8s: dict) -> dict:
+    """The job pod's spec, refused (before any pod starts) where it could only fail inside the pod: under the
+    k8s executor, whose step pod already holds the stage's GPU, or without a mount for the job's input,
+    output or credentials file."""
+    if os.environ.get(EXECUTOR_ENV) == "k8s":
+        raise misconfigured("BeamRunnerResource", "launcher", f"'k8s' under {EXECUTOR_ENV}=k8s: each step is "
+                            "already a pod with its stage's requests, and a job pod beside it would hold a second "
+                            "GPU; use 'in_process' or 'subprocess'")
+    spec = job_pod_spec(beam.k8s_pod_spec, step_k8s)
+    paths = [_flag_value(argv, "input"), _flag_value(argv, "output"), env.get("GOOGLE_APPLICATION_CREDENTIALS")]
+    missing = unmounted(spec, [p for p in paths if p])
+    if missing:
+        raise misconfigured("BeamRunnerResource", "k8s_pod_spec", f"the job pod mounts nothing at {missing}: "
+                            "mount the staging volume (and the credentials secret) at the same paths as the step")
+    return spec

@@ -16,10 +16,14 @@ from urllib.parse import urlparse
 import dagster as dg
 from pydantic import Field
 
+from assets.k8s_pod import spec_value
+
 RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PortableRunner")
 LAUNCHERS = ("auto", "in_process", "subprocess", "k8s")
 TEXT_ENGINES = ("transformers", "vllm", "openai")
 LOCAL_PROTOCOLS = ("", "file", "local")
+# Set to "k8s" (deploy/helm), it runs every step in its own pod (assets/definitions.py).
+EXECUTOR_ENV = "CLIP_CURATION_EXECUTOR"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # LLMEngineResource fields that only some backends read.
 ENGINE_ONLY_FIELDS = {"gguf_file": ("transformers", "vllm"), "max_num_seqs": ("vllm",),
@@ -133,13 +137,8 @@ def _is_file(path: str) -> bool:
         return False
 
 
-def spec_value(spec: dict, snake: str):
-    """A PodSpec field given in either of Kubernetes' spellings (`node_selector` or `nodeSelector`)."""
-    head, *rest = snake.split("_")
-    return spec.get(snake, spec.get(head + "".join(word.title() for word in rest)))
-
-
 def _mounts_volumes(pod_spec: dict) -> bool:
+    """Whether the job pod's spec gives it volumes and mounts some in its first container."""
     containers = spec_value(pod_spec, "containers") or [{}]
     return bool(spec_value(pod_spec, "volumes")) and bool(spec_value(containers[0], "volume_mounts"))
 
@@ -162,6 +161,8 @@ class BeamRunnerResource(dg.ConfigurableResource):
                                 "'rewrite' and 'caption' on Dataflow).")
     launcher: str = Field(default="auto", description=f"One of {', '.join(LAUNCHERS)}.")
     k8s_image: Optional[str] = Field(default=None, description="Image of the job pod when launcher is k8s.")
+    k8s_namespace: Optional[str] = Field(default=None, description="Namespace of the job pod when launcher is "
+                                                                  "k8s; empty: the code location's own.")
     k8s_pod_spec: dict[str, Any] = Field(
         default={}, description="PodSpec of the job pod when launcher is k8s (camelCase or snake_case): its "
                                 "`volumes` and the first container's `volumeMounts` must mount the staging dir at "

@@ -30,12 +30,12 @@ from assets.report import plot_markdown, stage_metadata
 from assets.resources import QualityGatesResource
 from curation.shards import ManifestError, atomic_write_bytes, is_complete, read_manifest, verify_manifest
 from pipelines.common import STAGE_CONFIG
-from training.config import RUN_MARKER
 
 builds = dg.DynamicPartitionsDefinition(name="builds")
 DEFAULT_BUILD = "default"
 GPU_POOL = "gpu"
 UPSTREAM_MARKER = ".upstream"
+OVERWRITE_SENTINEL = ".overwrite-pending"  # in an output a run asked to overwrite, until its job wipes it
 DEMO_PARAMS = "demo_params.json"
 RESOURCE_KEYS = ("storage", "beam_runner", "llm", "captioner", "gates")
 
@@ -154,6 +154,7 @@ def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
 
 
 def _overwrite_marker(build_dir: Path, stage: Stage) -> Path:
+    """Where a build records the run that asked to overwrite this stage's output (see `_overwrite_pending`)."""
     return build_dir / UPSTREAM_MARKER / f"{stage.asset}.overwritten-by"
 
 
@@ -162,17 +163,26 @@ def _root_run_id(context: dg.AssetExecutionContext) -> str:
     return context.run.root_run_id or context.run.run_id
 
 
-def _still_to_overwrite(build_dir: Path, stage: Stage, context: dg.AssetExecutionContext) -> bool:
-    """Whether this run should still wipe the output it was asked to overwrite: not once an attempt of this
-    run (or of one it re-executes) has wiped it, so a retry resumes what that attempt made."""
-    marker = _overwrite_marker(build_dir, stage)
-    return not (marker.is_file() and marker.read_text() == _root_run_id(context))
+def _overwrite_pending(build_dir: Path, stage: Stage, output: Path, context: dg.AssetExecutionContext) -> bool:
+    """Whether this attempt must still wipe the output its run asked to overwrite.
 
-
-def _record_overwrite(build_dir: Path, stage: Stage, context: dg.AssetExecutionContext) -> None:
-    marker = _overwrite_marker(build_dir, stage)
+    The run's first attempt leaves a sentinel file in the output before its
+    job runs; the job's wipe deletes it with the rest. A later attempt of the
+    same run (a retry, a re-execution) wipes again only while the sentinel is
+    there: the earlier attempt failed before its wipe. Once it is gone the
+    wipe is done, however that attempt ended (an exception, or a killed process
+    that ran no cleanup), and the retry resumes what it made. An output that
+    is absent or empty has nothing to lose: it gets no sentinel.
+    """
+    marker, root = _overwrite_marker(build_dir, stage), _root_run_id(context)
+    sentinel = output / OVERWRITE_SENTINEL
+    if marker.is_file() and marker.read_text() == root:
+        return sentinel.is_file()
+    if output.is_dir() and any(output.iterdir()):
+        sentinel.write_text(root)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(marker, _root_run_id(context).encode())
+    atomic_write_bytes(marker, root.encode())
+    return True
 
 
 def _source(config: IngestRunConfig, build_dir: Path, seed: int) -> Path:
@@ -278,7 +288,7 @@ def stage_checks(stage: Stage, output: Path, manifest: dict, metadata: dict, con
         results.append(checks.reject_ratio(stage.asset, metadata["reject_ratio"], gates.max_balance_reject_ratio
                                            if stage.name == "balance" else gates.max_reject_ratio))
     if export:
-        results.append(checks.rows_conserved(stage.asset, manifest, (input_manifest or {}).get("rows", -1)))
+        results.append(checks.rows_conserved(stage.asset, output, manifest, input_manifest["rows"]))
     if stage.name == "balance":
         recorded = manifest.get("config", {})
         t = float(recorded.get("t") or getattr(config, "t", None) or 20000)
@@ -349,21 +359,12 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
         shutil.rmtree(output, ignore_errors=True)
     # Recorded before the run: a retry after a failure then resumes the shards made from this upstream.
     _record_upstream(build_dir, stage, input_manifest)
-    overwrite = config.overwrite and _still_to_overwrite(build_dir, stage, context)
+    overwrite = config.overwrite and _overwrite_pending(build_dir, stage, output, context)
     argv = stage_argv(stage, config, input_dir, output, build_dir, resources, overwrite)
     before = _stamp(output / "manifest.json")
-    # The job wipes an output it overwrites first thing, then records its config (the trainer, its run
-    # marker): that file renewed means the wipe is done, and only then may a retry skip it. A job that
-    # failed before it (bad input, a model that would not load) leaves the wipe to its retry.
-    wiped_when = output / (STAGE_CONFIG if stage.pair_output else RUN_MARKER)
-    wiped_before = _stamp(wiped_when)
     start = time.perf_counter()
-    try:
-        result = run_stage(context, stage.module, argv, resources.beam_runner, _environment(stage, resources),
-                           is_beam_job=stage.beam, step_k8s=stage.k8s)
-    finally:
-        if overwrite and _stamp(wiped_when) != wiped_before:
-            _record_overwrite(build_dir, stage, context)
+    result = run_stage(context, stage.module, argv, resources.beam_runner, _environment(stage, resources),
+                       is_beam_job=stage.beam, step_k8s=stage.k8s)
     elapsed = time.perf_counter() - start
     up_to_date = before is not None and _stamp(output / "manifest.json") == before  # it found nothing to do
     if not stage.pair_output:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from curation.demo_data import generate
 from pipelines.common import StageConfigMismatch
-from training.loop import RunMismatch
+from training.config import RunMismatch
 
 # (stage, module, output directory name), in data-flow order.
 STEPS: tuple[tuple[str, str, str], ...] = (

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OPTIMIZERS = ("adamw", "stable_spam", "spam")
-# Written first into every output (after an --overwrite's wipe), so a run that died before anything else still
-# marks the folder as its own. Here, with no torch import, so that the Dagster step can look for it too.
-RUN_MARKER = ".clip-curation-train"
+
+
+class RunMismatch(ValueError):
+    """The output holds another run (other settings, data or version) that this one cannot continue:
+    `--overwrite` starts over. Its own type, so the demo can start over where a user would be told to;
+    here, with no torch import, so the demo need not load the trainer to catch it."""
 
 
 def opt(default, help: str = ""):

@@ -31,7 +31,7 @@ from curation.shards import atomic_write_bytes, is_complete, verify_manifest
 from training import distributed
 from training.checkpoint import (CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  restore_interrupted_save, save_checkpoint)
-from training.config import RETRY_AFTER_DIVERGENCE, RUN_MARKER, TrainConfig, resume_mismatches
+from training.config import RETRY_AFTER_DIVERGENCE, RunMismatch, TrainConfig, resume_mismatches
 from training.data import DATA_ORDER, LoaderState, StreamSpec, counts_summary, train_batches
 from training.evaluate import check_eval_inputs, evaluate_all
 from training.image_transforms import image_processor_config
@@ -46,6 +46,8 @@ from training.tokenizer import load_tokenizer, train_bpe
 
 METRICS_JSON = "metrics.json"
 TRAIN_CONFIG = "train_config.json"
+# Written first into every output, so a run that died before anything else still marks the folder as its own.
+RUN_MARKER = ".clip-curation-train"
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,11 +101,6 @@ def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_leng
 
     tokenizer = distributed.on_main(d, make_and_save)
     return tokenizer if d.main else load_tokenizer(output, context_length)
-
-
-class RunMismatch(ValueError):
-    """The output holds another run (other settings, data or version) that this one cannot continue:
-    `--overwrite` starts over. Its own type, so the demo can start over where a user would be told to."""
 
 
 def _is_trainer_output(output: Path) -> bool:

@@ -105,10 +105,31 @@ def test_a_backlog_of_lists_is_hashed_a_budget_per_tick(instance, tmp_path, monk
         (inbox / f"{name}.csv").write_text(f"url,caption\nhttps://example.com/{name}.jpg,a {name}\n")
     _settled(inbox)
     monkeypatch.setattr(assets.automation, "HASH_BUDGET_SECONDS", 0.0)  # spent by the first list of a tick
-    started, cursor = [], None
+    ticks, cursor = [], None
     for _ in range(3):
         result = _tick(instance, cursor)
-        started += [r.partition_key[0] for r in result.run_requests]
+        ticks.append([r.partition_key[0] for r in result.run_requests])
         cursor = result.cursor
-    assert started == ["a", "b", "c"]  # one list per tick, each once, the backlog moving on every tick
+    assert ticks == [["a"], ["b"], ["c"]]  # one list per tick, each once, the backlog moving on every tick
     assert not _tick(instance, cursor).run_requests
+
+
+def test_a_huge_list_is_named_by_its_size_and_ends(tmp_path, monkeypatch):
+    import assets.automation
+
+    monkeypatch.setattr(assets.automation, "FULL_HASH_BYTES", 100)
+    monkeypatch.setattr(assets.automation, "SAMPLE_BYTES", 10)
+    path = tmp_path / "big.csv"
+
+    def written(data: bytes, mtime: int) -> str:
+        path.write_bytes(data)
+        os.utime(path, ns=(mtime, mtime))
+        return assets.automation._digest(path)
+
+    named = written(b"h" * 10 + b"m" * 200 + b"t" * 10, 1)
+    assert written(b"h" * 10 + b"M" * 200 + b"t" * 10, 1) == named  # only the unread middle differs
+    assert written(b"h" * 10 + b"M" * 200 + b"t" * 10, 2) != named  # edited since: never taken for the old one
+    assert written(b"h" * 10 + b"m" * 200 + b"T" * 10, 1) != named
+    path.write_bytes(b"h" * 50)  # under the limit: the whole file
+    import hashlib
+    assert assets.automation._digest(path) == hashlib.sha256(b"h" * 50).hexdigest()

@@ -8,6 +8,7 @@ from assets.report import rows_in
 from assets.resources import QualityGatesResource
 from assets.stages import available_stages
 from curation.shards import read_manifest
+from pipelines.common import STAGE_CONFIG
 from tests.assets.helpers import add_builds, demo_run_config, stage_resources
 
 
@@ -128,31 +129,44 @@ def test_a_retry_after_an_upstream_rebuild_resumes_instead_of_wiping_again(insta
     assert rows_in(read_manifest(output)) == read_manifest(tmp_path / "b1" / "raw_pairs")["rows"]
 
 
-def test_overwrite_wipes_once_per_run_and_its_re_executions(tmp_path):
+def _context(run_id: str, root: str | None = None):
     from types import SimpleNamespace
 
-    from assets.stages import _record_overwrite, _still_to_overwrite
+    return SimpleNamespace(run=SimpleNamespace(run_id=run_id, root_run_id=root))
+
+
+def test_overwrite_wipes_once_per_run_however_its_first_attempt_ended(tmp_path):
+    """The wipe was recorded before the job ran (a job failing before its wipe left the retry resuming the
+    output it should have replaced), then only after it returned (a killed step left the retry wiping again)."""
+    import shutil
+
+    from assets.stages import _overwrite_pending
 
     stage = available_stages()[0]
-    first = SimpleNamespace(run=SimpleNamespace(run_id="r1", root_run_id=None))
-    retry = SimpleNamespace(run=SimpleNamespace(run_id="r2", root_run_id="r1"))
-    later = SimpleNamespace(run=SimpleNamespace(run_id="r3", root_run_id=None))
-    assert _still_to_overwrite(tmp_path, stage, first)
-    _record_overwrite(tmp_path, stage, first)
-    assert not _still_to_overwrite(tmp_path, stage, retry)  # the same run's config again: resume, do not wipe
-    assert _still_to_overwrite(tmp_path, stage, later)  # a new run that asks to overwrite does
+    output = tmp_path / stage.asset
+    output.mkdir()
+    (output / STAGE_CONFIG).write_text("{}")
+    assert _overwrite_pending(tmp_path, stage, output, _context("r1"))
+    assert _overwrite_pending(tmp_path, stage, output, _context("r2", "r1"))  # failed before its wipe: again
+    shutil.rmtree(output)  # the job's wipe; it starts over, then its process is killed
+    output.mkdir()
+    (output / "part-00000.parquet").write_bytes(b"made by the killed attempt")
+    assert not _overwrite_pending(tmp_path, stage, output, _context("r3", "r1"))  # the retry resumes
+    assert _overwrite_pending(tmp_path, stage, output, _context("r4"))  # a new run that asks to overwrite does
+    empty = tmp_path / "empty"
+    assert _overwrite_pending(tmp_path, available_stages()[1], empty, _context("r5")) and not empty.exists()
 
 
 def test_an_overwrite_counts_as_done_only_once_the_job_has_wiped(instance, tmp_path, monkeypatch):
-    """The marker was written before the job ran: a job that failed before its wipe left a retry resuming
-    from the very output it had been asked to replace."""
+    """Through Dagster: a job that fails before its wipe leaves it to the retry; one that dies after it not."""
     import pipelines.ingest
+    from assets.stages import _overwrite_pending
 
     add_builds(instance, "b1")
     ops = {"raw_pairs": demo_run_config(pairs=60)["ops"]["raw_pairs"]}
     assert _materialize(instance, tmp_path, "b1", {"ops": ops}, selection=["raw_pairs"]).success
     ops["raw_pairs"]["config"]["overwrite"] = True
-    marker = tmp_path / "b1" / ".upstream" / "raw_pairs.overwritten-by"
+    stage, output = available_stages()[0], tmp_path / "b1" / "raw_pairs"
     real = pipelines.ingest.run
 
     def fails_before_its_wipe(argv, *args, **kwargs):
@@ -162,14 +176,12 @@ def test_an_overwrite_counts_as_done_only_once_the_job_has_wiped(instance, tmp_p
         real(argv, *args, **kwargs)
         raise RuntimeError("worker lost (injected)")
 
-    monkeypatch.setattr(pipelines.ingest, "run", fails_before_its_wipe)
-    with pytest.raises(Exception, match="could not reach"):
-        _materialize(instance, tmp_path, "b1", {"ops": ops}, selection=["raw_pairs"])
-    assert not marker.exists()  # nothing was wiped: its retry must still wipe
-    monkeypatch.setattr(pipelines.ingest, "run", dies_after_its_work)
-    with pytest.raises(Exception, match="worker lost"):
-        _materialize(instance, tmp_path, "b1", {"ops": ops}, selection=["raw_pairs"])
-    assert marker.read_text() == instance.get_runs(limit=1)[0].run_id  # wiped: a retry resumes
+    for job, wiped in ((fails_before_its_wipe, False), (dies_after_its_work, True)):
+        monkeypatch.setattr(pipelines.ingest, "run", job)
+        with pytest.raises(Exception, match="could not reach|worker lost"):
+            _materialize(instance, tmp_path, "b1", {"ops": ops}, selection=["raw_pairs"])
+        retry = _context("retry", instance.get_runs(limit=1)[0].run_id)
+        assert _overwrite_pending(tmp_path / "b1", stage, output, retry) is not wiped
 
 
 def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path):

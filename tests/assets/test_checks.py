@@ -4,7 +4,7 @@ import pyarrow as pa
 
 from assets import checks
 from curation.schema import PAIR_SCHEMA
-from curation.shards import info_for, write_manifest, write_table_atomic
+from curation.shards import info_for, read_manifest, write_manifest, write_table_atomic
 
 
 def _pairs(n: int, *, keys=None, rewrites=None, entries=None) -> pa.Table:
@@ -67,12 +67,29 @@ def test_an_export_s_checksum_check_covers_its_webdataset_tars(tmp_path):
     assert not result.passed and "00000.tar" in result.metadata["error"].value
 
 
-def test_the_export_row_check_fails_when_a_row_went_missing():
-    manifest = {"rows": 10, "webdataset": {"rows": 10}}
-    assert checks.rows_conserved("a", manifest, 10).passed
-    assert not checks.rows_conserved("a", manifest, 11).passed
-    assert not checks.rows_conserved("a", {**manifest, "webdataset": {"rows": 9}}, 10).passed
-    assert checks.rows_conserved("a", {"rows": 4}, 4).passed  # no tar twin: the shards alone
+def test_the_export_row_check_counts_what_the_files_hold(tmp_path):
+    """It compared the manifest's own row counts, which export had already checked: it could not fail."""
+    from curation.export import webdataset_bytes
+
+    data = tmp_path / "export"
+    (data / "webdataset").mkdir(parents=True)
+    tables = [_pairs(3), _pairs(2, keys=["k3", "k4"])]
+    infos = [write_table_atomic(t, data / f"part-{i:05d}.parquet") for i, t in enumerate(tables)]
+
+    def exported(*tars: pa.Table) -> dict:
+        for i, table in enumerate(tars):
+            (data / "webdataset" / f"{i:05d}.tar").write_bytes(webdataset_bytes(table))
+        return write_manifest(data, stage="export", config={}, shards=infos, webdataset={
+            "directory": "webdataset", "rows": 5, "shards": [{"name": f"{i:05d}.tar"} for i in range(len(tars))]})
+
+    assert checks.rows_conserved("a", data, exported(*tables), 5).passed
+    assert not checks.rows_conserved("a", data, exported(*tables), 6).passed  # an upstream row is missing
+    one_short = checks.rows_conserved("a", data, exported(tables[0], tables[1].slice(0, 1)), 5)
+    assert not one_short.passed and one_short.metadata["webdataset_samples"].value == 4
+    merged = tables[1].set_column(0, "key", pa.array(["k3", "k3"]))  # one member stem: webdataset reads 1 sample
+    assert not checks.rows_conserved("a", data, exported(tables[0], merged), 5).passed
+    (data / "webdataset" / "00001.tar").unlink()
+    assert "00001.tar" in checks.rows_conserved("a", data, read_manifest(data), 5).metadata["error"].value
 
 
 def test_rewrite_share_does_not_count_the_original_held_as_a_fallback(tmp_path):

@@ -38,8 +38,7 @@ def test_a_k8s_job_pod_without_the_staging_volume_is_refused():
     BeamRunnerResource(launcher="k8s", k8s_image="img", k8s_pod_spec=snake).check()
 
 
-def test_a_k8s_job_pod_gets_the_staging_volume_and_its_stage_s_gpu_request(monkeypatch):
-    """The job pod had neither volumes nor the GPU its stage's step asks for."""
+def _launched(monkeypatch, beam, argv, env, stage_name="rewrite") -> dict:
     from assets.stages import STAGES
 
     launched = {}
@@ -49,12 +48,20 @@ def test_a_k8s_job_pod_gets_the_staging_volume_and_its_stage_s_gpu_request(monke
             launched.update(kwargs)
 
     monkeypatch.setitem(sys.modules, "dagster_k8s", types.SimpleNamespace(PipesK8sClient=FakePipesK8sClient))
-    rewrite = next(stage for stage in STAGES if stage.name == "rewrite")
-    beam = BeamRunnerResource(launcher="k8s", k8s_image="ghcr.io/x/gpu:1", k8s_pod_spec=STAGING)
-    assert run_stage(dg.build_asset_context(), "pipelines.rewrite", ["--input", "/scratch/b/in"], beam,
-                     {"OPENAI_API_KEY": "k"}, step_k8s=rewrite.k8s) is None
+    stage = next(stage for stage in STAGES if stage.name == stage_name)
+    assert run_stage(dg.build_asset_context(), stage.module, argv, beam, env, step_k8s=stage.k8s) is None
+    return launched
+
+
+def test_a_k8s_job_pod_gets_the_staging_volume_and_its_stage_s_gpu_request(monkeypatch):
+    """The job pod had neither volumes nor the GPU its stage's step asks for."""
+    monkeypatch.delenv("CLIP_CURATION_EXECUTOR", raising=False)
+    beam = BeamRunnerResource(launcher="k8s", k8s_image="ghcr.io/x/gpu:1", k8s_pod_spec=STAGING, k8s_namespace="ml")
+    launched = _launched(monkeypatch, beam, ["--input", "/scratch/b/in", "--output=/scratch/b/out"],
+                         {"OPENAI_API_KEY": "k"})
     spec = launched["base_pod_spec"]
     assert launched["image"] == "ghcr.io/x/gpu:1" and launched["env"] == {"OPENAI_API_KEY": "k"}
+    assert launched["namespace"] == "ml"
     assert launched["command"][:4] == ["python", "-m", "assets.pipes_job", "pipelines.rewrite"]
     assert spec["volumes"] == STAGING["volumes"]
     assert spec["containers"][0]["volumeMounts"] == STAGING["containers"][0]["volumeMounts"]
@@ -63,13 +70,30 @@ def test_a_k8s_job_pod_gets_the_staging_volume_and_its_stage_s_gpu_request(monke
     assert "resources" not in STAGING["containers"][0]  # the resource's own spec is not changed in place
 
 
-def test_what_the_job_pod_spec_sets_itself_wins_over_the_stage_s_requests():
-    from assets.launch import job_pod_spec
+def test_a_k8s_job_pod_that_could_only_fail_inside_the_pod_is_refused_before_it_starts(monkeypatch):
+    """An output or credentials path no mount holds, or a second GPU pod beside a k8s-executor step pod."""
+    monkeypatch.delenv("CLIP_CURATION_EXECUTOR", raising=False)
+    beam = BeamRunnerResource(launcher="k8s", k8s_image="img", k8s_pod_spec=STAGING)
+    with pytest.raises(dg.Failure, match=r"mounts nothing at \['/data/out'\]"):
+        _launched(monkeypatch, beam, ["--input", "/scratch/in", "--output", "/data/out"], {})
+    with pytest.raises(dg.Failure, match="/secrets/gcp/key.json"):
+        _launched(monkeypatch, beam, ["--input", "/scratch/in", "--output", "/scratch/out"],
+                  {"GOOGLE_APPLICATION_CREDENTIALS": "/secrets/gcp/key.json"})
+    monkeypatch.setenv("CLIP_CURATION_EXECUTOR", "k8s")
+    with pytest.raises(dg.Failure, match="second GPU"):
+        _launched(monkeypatch, beam, ["--input", "/scratch/in", "--output", "/scratch/out"], {})
+
+
+def test_what_the_job_pod_spec_sets_itself_wins_key_by_key_over_the_stage_s_requests():
+    """A CPU limit of every job pod, or a toleration of its own, dropped the stage's GPU request or toleration."""
+    from assets.k8s_pod import job_pod_spec
     from assets.stages import gpu_k8s_config
 
     own = {**STAGING, "nodeSelector": {"pool": "a100"},
-           "containers": [{**STAGING["containers"][0], "resources": {"limits": {"nvidia.com/gpu": "4"}}}]}
+           "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+           "containers": [{**STAGING["containers"][0], "resources": {"limits": {"cpu": "4", "memory": "8Gi"}}}]}
     spec = job_pod_spec(own, gpu_k8s_config("8", "48Gi"))
-    assert spec["nodeSelector"] == {"pool": "a100"} and "node_selector" not in spec
-    assert spec["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
-    assert spec["tolerations"]  # what it does not set still comes from the stage
+    assert spec["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    assert spec["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert spec["nodeSelector"] == {"pool": "a100"} and "node_selector" not in spec  # its own pool, whole
+    assert [t["key"] for t in spec["tolerations"]] == ["dedicated", "nvidia.com/gpu"]

@@ -101,6 +101,7 @@ def test_helm_values_match_the_instance_and_the_code():
     assert queued["tagConcurrencyLimits"] == instance["concurrency"]["runs"]["tag_concurrency_limits"]
     # The GPU pool's limit and the run retries, as the VM instance has them (a step launched from the UI
     # carries no run tag: the pool is what holds every GPU step to the limit).
+    assert values["concurrency"]["enabled"] is True  # else the chart leaves the block out of the instance
     pools = values["concurrency"]["pools"]
     assert {"default_limit": pools["defaultLimit"], "granularity": pools["granularity"]} == instance["concurrency"]["pools"]
     retries = values["dagsterDaemon"]["runRetries"]

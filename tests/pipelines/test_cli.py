@@ -64,12 +64,12 @@ def test_the_demo_redoes_a_stage_whose_output_another_version_wrote(tmp_path, ca
 
 
 def test_the_demo_starts_training_over_when_its_run_was_made_from_other_data(tmp_path, monkeypatch, capsys):
-    """A train output of other shards (or settings) is redone with --overwrite; a matching one resumes."""
+    """A train output of other shards (or settings) is redone with --overwrite, announced."""
     import sys
     import types
 
     from pipelines import demo
-    from training.loop import RunMismatch
+    from training.config import RunMismatch
 
     calls = []
 
