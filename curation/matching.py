@@ -9,7 +9,7 @@ per caption, and overlapping entries all match ("New York" and "York").
 `metaclip2_padding` is MetaCLIP 2's rule for worldwide metadata: an entry
 gets no padding space on a side whose character is CJK, Thai, Lao, Burmese,
 Khmer or Tibetan (scripts without spaces between words) or punctuation, so
-"猫" matches inside "一只猫在睡觉". Those entries are plain substrings on their
+"猫" matches inside "一只猫在睡觉" (MetaCLIP 2's code-point ranges exactly). Those entries are plain substrings on their
 open side, which no token run expresses: they are matched by a character
 automaton over the spaced caption, MetaCLIP's own per-caption loop, beside the
 token path below. Off by default: MetaCLIP 1 pads every entry.
@@ -67,7 +67,6 @@ UNSPACED_SCRIPTS = (
     (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
     (0x2B820, 0x2CEAF), (0x2CEB0, 0x2EBEF), (0xF900, 0xFAFF), (0x2E80, 0x2EFF), (0x2F00, 0x2FDF),
     (0x2FF0, 0x2FFF),  # CJK ideographs, compatibility ideographs, radicals, description characters
-    (0x3040, 0x30FF), (0x31F0, 0x31FF),  # Japanese kana (this project's addition)
     (0x0E00, 0x0E7F), (0x0E80, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x0F00, 0x0FFF),  # Thai .. Tibetan
 )
 FULL_WIDTH_PUNCTUATION = "，。、；：？！“”‘’（）【】《》〈〉「」『』～—"
@@ -294,10 +293,11 @@ class Matcher:
         """Entry ids of one caption (for interactive use; pipelines call `match_array` on whole batches)."""
         return self.match_array(pa.array([text], pa.string()))[0].as_py()
 def is_unspaced_boundary(char: str) -> bool:
-    """MetaCLIP 2's test of an entry's boundary character: a script written without spaces between words
-    (CJK ideographs and radicals, Thai, Lao, Burmese, Khmer, Tibetan), or punctuation (ASCII, and the
-    full-width marks of CJK text). Japanese kana count too: MetaCLIP 2 names Japanese a language without
-    spaces, but its ranges miss kana, so "タワー" could never match inside "東京タワー"."""
+    """MetaCLIP 2's test of an entry's boundary character, exactly: a script written without spaces between
+    words (CJK ideographs and radicals, Thai, Lao, Burmese, Khmer, Tibetan), or punctuation (ASCII, and the
+    full-width marks of CJK text). Its ranges leave kana out, so a kana edge keeps its space: "タワー" does
+    not match inside "東京タワーの夜景". Widening them would let the English metadata's one-kana entries
+    (の, が, て, ...) match inside nearly every Japanese caption."""
     code = ord(char)
     return (any(low <= code <= high for low, high in UNSPACED_SCRIPTS)
             or char in string.punctuation or char in FULL_WIDTH_PUNCTUATION)
@@ -306,6 +306,8 @@ def is_unspaced_boundary(char: str) -> bool:
 def unpadded_key(entry: str) -> str | None:
     """The entry as MetaCLIP 2 pads it, when a side stays open ("東京" for 東京, " C++" for C++); None when
     both sides get their space, as in MetaCLIP 1, which the token path matches."""
+    if not entry:
+        raise ValueError("an empty entry matches everywhere: metadata entries must be non-empty")
     left, right = not is_unspaced_boundary(entry[0]), not is_unspaced_boundary(entry[-1])
     return None if left and right else (" " if left else "") + entry + (" " if right else "")
 

@@ -47,18 +47,27 @@ def automaton_match(automaton: ahocorasick.Automaton, text: str) -> list[int]:
     return sorted({value for _, value in automaton.iter(metaclip_spacing(text))})
 
 
+# MetaCLIP 2's `is_cjk_or_similar` as its code states it: these blocks, ASCII punctuation, and its full-width list.
+METACLIP2_BLOCKS = {
+    "CJK Unified Ideographs": (0x4E00, 0x9FFF), "Extension A": (0x3400, 0x4DBF), "Extension B": (0x20000, 0x2A6DF),
+    "Extension C": (0x2A700, 0x2B73F), "Extension D": (0x2B740, 0x2B81F), "Extension E": (0x2B820, 0x2CEAF),
+    "Extension F": (0x2CEB0, 0x2EBEF), "Compatibility Ideographs": (0xF900, 0xFAFF),
+    "Radicals Supplement": (0x2E80, 0x2EFF), "Kangxi Radicals": (0x2F00, 0x2FDF),
+    "Ideographic Description Characters": (0x2FF0, 0x2FFF), "Thai": (0x0E00, 0x0E7F), "Lao": (0x0E80, 0x0EFF),
+    "Myanmar": (0x1000, 0x109F), "Khmer": (0x1780, 0x17FF), "Tibetan": (0x0F00, 0x0FFF),
+}
+METACLIP2_PUNCTUATION = "，。、；：？！“”‘’（）【】《》〈〉「」『』～—"
+
+
 def metaclip2_key(entry: str) -> str:
-    """MetaCLIP 2's padding, written from the spec: a space on a side only if that character is not
-    CJK-or-similar (the spec's scripts, kana, ASCII or full-width punctuation)."""
+    """MetaCLIP 2's padding: a space on a side only if that character is in none of its blocks and no
+    punctuation."""
     import string
-    import unicodedata
 
     def unspaced(char: str) -> bool:
-        name = unicodedata.name(char, "")
-        scripts = ("CJK", "THAI", "LAO", "MYANMAR", "KHMER", "TIBETAN", "HIRAGANA", "KATAKANA", "KANGXI",
-                   "IDEOGRAPHIC DESCRIPTION")
-        return (name.startswith(scripts) or char in string.punctuation
-                or char in "，。、；：？！“”‘’（）【】《》〈〉「」『』～—")
+        code = ord(char)
+        return (any(low <= code <= high for low, high in METACLIP2_BLOCKS.values())
+                or char in string.punctuation or char in METACLIP2_PUNCTUATION)
 
     return ("" if unspaced(entry[0]) else " ") + entry + ("" if unspaced(entry[-1]) else " ")
 

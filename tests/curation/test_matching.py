@@ -7,7 +7,9 @@ import pytest
 
 from curation.matching import MAX_CODE_LETTERS, Matcher, matcher_for, token_codes
 from curation.metadata import can_match, load_metadata
-from tests.curation.matching_reference import automaton_match, metaclip_automaton, naive_match, naive_match_metaclip2
+from tests.curation.matching_reference import (
+    automaton_match, metaclip2_key, metaclip_automaton, naive_match, naive_match_metaclip2,
+)
 
 
 ENTRIES = [
@@ -185,7 +187,8 @@ def test_metaclip2_padding_matches_entries_in_text_written_without_spaces():
         return {CJK_ENTRIES[i] for i in Matcher(CJK_ENTRIES, **kw).match_text(text)}
 
     assert names("一只猫在睡觉", metaclip2_padding=True) == {"猫"} and names("一只猫在睡觉") == set()
-    assert names("東京タワーの夜景", metaclip2_padding=True) == {"東京タワー", "タワー"}
+    assert names("東京タワー の夜景", metaclip2_padding=True) == {"東京タワー"}  # a kana edge keeps its space
+    assert names("東京タワーの夜景", metaclip2_padding=True) == set()  # as in MetaCLIP 2
     assert "dog" not in names("dogs", metaclip2_padding=True)  # a Latin entry keeps both spaces
     assert names("猫dog", metaclip2_padding=True) == {"猫"}  # "猫 dog" needs its space; "dog" its left one
     assert names("C+++", metaclip2_padding=True) == {"C++"}  # punctuation ends leave that side open too
@@ -195,3 +198,19 @@ def test_metaclip2_padding_matches_entries_in_text_written_without_spaces():
     # Under MetaCLIP 1's padding the same matcher equals the MetaCLIP 1 reference.
     assert Matcher(CJK_ENTRIES).match_array(pa.array(texts, pa.string())).to_pylist() == [
         naive_match(CJK_ENTRIES, t) for t in texts]
+
+
+def test_metaclip2_padding_opens_exactly_the_edges_of_metaclip2_s_blocks():
+    """Each block's first and last code point opens an entry's edge, the code points just outside do not
+    (unless another block or punctuation holds them); checked on both sides of an entry."""
+    from tests.curation.matching_reference import METACLIP2_BLOCKS
+
+    edges = sorted({c for low, high in METACLIP2_BLOCKS.values() for c in (low - 1, low, high, high + 1)})
+    chars = [chr(c) for c in edges] + ["\u3042", "\u30ab", "\u3005", "(", "，", "x"]  # kana stay padded
+    entries = [f"{c}x" for c in chars] + [f"x{c}" for c in chars]
+    texts = [f"a{c}xb" for c in chars] + [f"ax{c}b" for c in chars] + [f"{c}x" for c in chars]
+    got = Matcher(entries, metaclip2_padding=True).match_array(pa.array(texts, pa.string())).to_pylist()
+    assert got == [naive_match_metaclip2(entries, t) for t in texts]
+    opened = {c for c, key in zip(chars, (metaclip2_key(e) for e in entries)) if not key.startswith(" ")}
+    assert {"\u4e00", "\u9fff", "\u0e00", "\u0fff", "(", "，"} <= opened
+    assert not opened & {"\u3042", "\u30ab", "\u3005", "x", "\u4dc0"}  # kana, 々, Latin, just past Ext A
