@@ -102,8 +102,9 @@ def stage_count_rows(records: list[StageRecord]) -> list[dict]:
     stage's own stat if it has one.
 
     Balance drops the pairs its draw does not keep: that is the curation, not bad data, so they are no
-    rejects, and without this count its rows in and out would not add up. Any other stage's dropped count
-    should be 0; the card shows it either way.
+    rejects, and it counts them (`rows_dropped_by_sampling`). For any other stage the count is what rows in
+    less rows out and rejects leaves, which should be 0: the card shows it, since anything else is rows the
+    manifests do not account for.
     """
     table = []
     previous_out: int | None = None
@@ -114,7 +115,8 @@ def stage_count_rows(records: list[StageRecord]) -> list[dict]:
         if not isinstance(rows_in, (int, float)):
             rows_in = previous_out if previous_out is not None else record.rows_out + rejected
         table.append({"stage": record.stage, "rows_in": int(rows_in), "rows_out": record.rows_out,
-                      "rejected": rejected, "dropped": int(rows_in) - record.rows_out - rejected,
+                      "rejected": rejected,
+                      "dropped": int(stats.get("rows_dropped_by_sampling", int(rows_in) - record.rows_out - rejected)),
                       "by_reason": record.rejects})
         previous_out = record.rows_out
     return table
@@ -309,14 +311,15 @@ def plot_contact_sheet(samples: list[dict], path: Path) -> None:
 def _counts_table(rows: list[dict]) -> list[str]:
     if not rows:
         return [f"Stage counts: {NOT_AVAILABLE} (no upstream manifest reachable from the input)."]
-    lines = ["| stage | rows in | rows out | rejected | dropped by sampling | rejected by reason |",
+    lines = ["| stage | rows in | rows out | rejected | dropped, no reject | rejected by reason |",
              "|---|---:|---:|---:|---:|---|"]
     for row in rows:
         reasons = ", ".join(f"{k}: {v}" for k, v in row["by_reason"].items()) or "-"
         lines.append(f"| {row['stage']} | {row['rows_in']} | {row['rows_out']} | {row['rejected']} | "
                      f"{row['dropped']} | {reasons} |")
-    return lines + ["", "Dropped by sampling: pairs MetaCLIP balancing's draw did not keep (rows in - out - "
-                        "rejected); only balance drops rows so."]
+    return lines + ["", "Dropped, no reject: for balance, the pairs MetaCLIP's draw did not keep (the curation "
+                        "itself); for any other stage it should be 0, and anything else is rows the stage "
+                        "manifests do not account for."]
 
 
 def write_datacard(output: str | Path, *, records: list[StageRecord], export_summary: dict,

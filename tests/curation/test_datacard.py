@@ -64,6 +64,9 @@ def test_upstream_chain_is_followed_oldest_first_and_counted(tmp_path):
                          "by_reason": {"empty_caption": 6, "undecodable_image": 4}}
     assert [(c["rows_in"], c["rows_out"]) for c in counts[1:]] == [(90, 40), (40, 40), (40, 40)]
     assert [c["dropped"] for c in counts[1:]] == [50, 0, 0]  # balance's draw: no rejects, yet 50 rows fewer
+    records[1].manifest["stats"]["rows_dropped_by_sampling"] = 48  # balance's own count wins (2 rows are not)
+    records[2].manifest["rows"] = 38  # a rewrite that lost 2 rows without a reject: shown, not hidden
+    assert [c["dropped"] for c in stage_count_rows(records)[1:]] == [48, 2, -2]
     assert rewrite_acceptance(records) == {"accepted": 60, "rejected_by_reason": {"echo": 15, "too_short": 5}}
 
 
