@@ -173,11 +173,13 @@ def cut_shards(hashes: np.ndarray, sizes: np.ndarray, target_bytes: int) -> tupl
 
 
 def check_images(batch: pa.RecordBatch, file: str, row_offset: int) -> None:
-    """A pair without image bytes cannot be trained on: name the row rather than export it."""
+    """A pair without image bytes cannot be trained on: name the row (1-based) rather than export it.
+
+    `row_offset` is the 0-based place of the batch's first row in `file`."""
     empty = pc.equal(pc.binary_length(batch.column(batch.schema.get_field_index("image"))), 0)
     if pc.any(empty).as_py():
         row = pc.index(empty, True).as_py()
-        raise SchemaError("missing image (zero bytes)", file=file, column="image", row=row_offset + row)
+        raise SchemaError("missing image (zero bytes)", file=file, column="image", row=row_offset + row + 1)
 
 
 def plan_export(input_dir: str | Path, config: ExportConfig, batch_rows: int = 1024) -> ExportPlan:

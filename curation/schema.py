@@ -45,7 +45,10 @@ PAIR_FIELDS = {f.name: f for f in PAIR_SCHEMA}
 
 
 class SchemaError(ValueError):
-    """A shard that breaks the pair contract; says where, so the row can be found."""
+    """A shard that breaks the pair contract; says where, so the row can be found.
+
+    `row` is counted from 1, as a rejects table's `row` is (curation.rejects), so the first row of a
+    shard is "row 1" in a refusal and in a reject alike."""
 
     def __init__(self, message: str, *, file: str | None = None, column: str | None = None, row: int | None = None):
         self.file, self.column, self.row = file, column, row
@@ -109,7 +112,8 @@ class KeyTracker:
             later, first = min(clashes)
             (first_file, first_row), (file, row) = self._where(first, starts), self._where(later, starts)
             raise SchemaError(f"duplicate key {self._key(later, starts, read)!r}, first seen in "
-                              f"{first_file or 'this table'} row {first_row}", file=file, column="key", row=row)
+                              f"{first_file or 'this table'} row {first_row + 1}", file=file, column="key",
+                              row=row + 1)
 
     def _place(self, index: int, starts: np.ndarray) -> tuple[str | None, list[str] | None, int, int]:
         """(file, keys if held, position in that add, row in the file) of the index-th key added."""
@@ -119,7 +123,7 @@ class KeyTracker:
         return file, keys, position, offset + position
 
     def _where(self, index: int, starts: np.ndarray) -> tuple[str | None, int]:
-        """(file, row in that file) of the index-th key added."""
+        """(file, 0-based row in that file) of the index-th key added."""
         file, _, _, row = self._place(index, starts)
         return file, row
 
@@ -149,7 +153,9 @@ def conform(table: pa.Table) -> pa.Table:
 
 
 def validate(table: pa.Table, *, file: str | None = None, keys: KeyTracker | None = None, row_offset: int = 0) -> None:
-    """Raise SchemaError for a missing or mistyped column, a null where none is allowed, or a duplicate key."""
+    """Raise SchemaError for a missing or mistyped column, a null where none is allowed, or a duplicate key.
+
+    `row_offset` is the 0-based place of the table's first row in `file`; the error's row is 1-based."""
     version = (table.schema.metadata or {}).get(SCHEMA_VERSION_KEY)
     if version is not None and version.decode().split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise SchemaError(f"schema version {version.decode()} is not compatible with {SCHEMA_VERSION}", file=file)
@@ -165,7 +171,8 @@ def validate(table: pa.Table, *, file: str | None = None, keys: KeyTracker | Non
             column = table.column(field.name)
             if column.null_count:
                 row = pc.index(pc.is_null(column), True).as_py()
-                raise SchemaError("null in a non-nullable column", file=file, column=field.name, row=row_offset + row)
+                raise SchemaError("null in a non-nullable column", file=file, column=field.name,
+                                  row=row_offset + row + 1)
     if keys is not None:  # keys across tables: checked by the caller once all are in
         keys.add(table.column("key").to_pylist(), file, row_offset)
         return

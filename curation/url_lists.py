@@ -162,23 +162,28 @@ def _csv_field_limit(limit: int):
 
 def _read_delimited(path: Path, required: tuple[str, ...], delimiter: str, columns: tuple[str, ...],
                     quoting: str) -> Iterator[ListRow]:
+    """Each record named by the line it starts on, as `sed -n Np` counts: a quoted field may hold newlines,
+    and `reader.line_num` (the lines read so far) would name such a record by its last line."""
     with open(path, newline="", **TEXT_ENCODING) as f, _csv_field_limit(CSV_FIELD_LIMIT):
         reader = csv.reader(f, delimiter=delimiter, strict=True,
                             quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL)
+        consumed = 0  # lines before the record being read, which starts on the next one
         try:
             header = list(columns) or next(reader, None)
             if not header:
                 raise UrlListError(f"{path}: line 1: no header row")
             _missing(path, header, required, 0 if columns else 1)
+            consumed = reader.line_num
             for fields in reader:
+                line, consumed = consumed + 1, reader.line_num
                 if not fields:
                     continue  # a blank line
                 if len(fields) != len(header):
-                    raise UrlListError(f"{path}: line {reader.line_num}: {len(fields)} fields, but {len(header)} "
+                    raise UrlListError(f"{path}: line {line}: {len(fields)} fields, but {len(header)} "
                                        f"columns are named (broken quoting or a stray delimiter?)")
-                yield ListRow(str(path), reader.line_num, dict(zip(header, fields)))
+                yield ListRow(str(path), line, dict(zip(header, fields)))
         except csv.Error as exc:
-            raise UrlListError(f"{path}: line {reader.line_num}: broken CSV: {exc}") from exc
+            raise UrlListError(f"{path}: line {consumed + 1}: broken CSV: {exc}") from exc
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[ListRow]:

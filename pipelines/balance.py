@@ -164,7 +164,7 @@ class SampleBatch(beam.DoFn):
         matches = _matches_for(self.output, index).slice(offset, batch.num_rows)
         keys = table.column("key").cast(pa.string())  # matches hold keys as string; an input may be large_string
         if matches.num_rows != table.num_rows or not matches.column("key").equals(keys):
-            raise RuntimeError(f"{path}: rows {offset}..{offset + table.num_rows} differ from "
+            raise RuntimeError(f"{path}: rows {offset + 1}..{offset + table.num_rows} differ from "
                                f"{self.output}/{MATCHES_DIR}/{shard_name(index)}; the input changed since "
                                f"matching (rerun with --overwrite)")
         pairs, rejects = balance_table(table, matches.column(MATCHES_COLUMN).combine_chunks(), self._p, self.config,
@@ -190,7 +190,7 @@ def _check_inputs(paths: list[Path]) -> None:
         column = pq.read_table(path, columns=["key"]).column("key")
         if column.null_count:
             row = pc.index(pc.is_null(column), True).as_py()
-            raise SchemaError(f"row {row} has no key ({column.null_count} in all)", file=str(path), column="key")
+            raise SchemaError(f"row {row + 1} has no key ({column.null_count} in all)", file=str(path), column="key")
         keys.add(column.cast(pa.string()).to_pylist(), str(path))
     keys.check()
 

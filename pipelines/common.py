@@ -60,6 +60,17 @@ class StagePlan:
     kept: bool = False  # set by finish_stage: the manifest of the run that made the output was kept
 
 
+def _with_new_options_off(previous: dict, wanted: dict) -> dict:
+    """The recorded run, with the options a later version added and this run leaves off (False or None) read
+    as off: that is what the older run did, and refusing it would make its users redo a whole stage."""
+    config = previous.get("config")
+    if not isinstance(config, dict) or not isinstance(wanted.get("config"), dict):
+        return previous
+    added = {name: value for name, value in wanted["config"].items()
+             if name not in config and (value is False or value is None)}
+    return {**previous, "config": {**config, **added}} if added else previous
+
+
 def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False,
                 shardwise: bool = True, verified: dict | None = None) -> StagePlan:
     """Check the output against this run's config, clean stale temps, and list the shards left to do.
@@ -70,7 +81,8 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     new shards resumes only for a `shardwise` stage, one whose output shard i
     depends on input shard i alone: balance counts over the whole pool and
     dedup decides over all rows, so their finished shards are stale then.
-    `verified` is the input's manifest if the caller has already checked its files against it.
+    `verified` is the input's manifest if the caller has already checked its files against it; else the
+    input's sha256s are checked here, before any work (for a finished output, only if there is work).
     """
     if not input_dir or not output_dir:
         raise ValueError(f"{stage}: --input and --output are required")
@@ -78,7 +90,11 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     if (Path(input_dir) / STAGE_CONFIG).is_file() and not is_complete(input_dir):
         raise ValueError(f"{input_dir} is the output of a stage that has not finished (it has {STAGE_CONFIG} but "
                          f"no manifest.json); rerun that stage to the end first")
-    input_manifest = verified or (verify_manifest(input_dir) if is_complete(input_dir) else None)
+    # A finished output's rerun is most often up to date, and then reads no input byte: its sizes are checked
+    # now and the sha256 of every byte only once there is work (hashing a large pool takes hours).
+    deferred = verified is None and is_complete(input_dir) and not overwrite and is_complete(output_dir)
+    input_manifest = verified or (verify_manifest(input_dir, checksums=not deferred) if is_complete(input_dir)
+                                  else None)
     inputs = shard_paths(input_dir)
     if not inputs:
         raise FileNotFoundError(f"no Parquet shards in {input_dir}")
@@ -89,7 +105,7 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     (output / REJECTS_DIR).mkdir(exist_ok=True)
     recorded = output / STAGE_CONFIG
     wanted = json.loads(json.dumps({"stage": stage, "input": str(Path(input_dir).resolve()),
-                                    "input_shards": _input_identity(inputs, input_manifest), "config": config},
+                                    "input_shards": input_identity(inputs, input_manifest), "config": config},
                                    default=str))
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
@@ -101,6 +117,7 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
         grown = shardwise and before is not None and len(now) > len(before) and now[:len(before)] == before
         if before is None or grown or before == now:
             previous = {**previous, "input_shards": now}
+        previous = _with_new_options_off(previous, wanted)
         if previous != wanted:
             raise config_mismatch(output, previous, wanted)
     if not recorded.is_file() or json.loads(recorded.read_text()) != wanted:
@@ -109,6 +126,8 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     remove_stale_temps(output / REJECTS_DIR)
     finished = {p.name for p in finished_shards(output)}
     todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
+    if deferred and todo:
+        verify_manifest(input_dir)  # there is work after all: the bytes it reads are checked before any
     return StagePlan(output, todo, len(inputs) - len(todo), up_to_date=is_complete(output) and not todo,
                      input_manifest=input_manifest)
 
@@ -121,7 +140,7 @@ def shard_runs(todo: list[tuple[int, str]], per_run: int,
     return [todo[first:first + step] for first in range(0, len(todo), step)]
 
 
-def _input_identity(inputs: list[Path], manifest: dict | None) -> list:
+def input_identity(inputs: list[Path], manifest: dict | None) -> list:
     """What the output is computed from, shard by shard, so an input rebuilt under the same path no longer
     resumes into the old output, while one that grew by new shards does: name, size and, from the input's
     manifest (already verified against the files), the sha256; without a manifest, the modification time."""

@@ -47,7 +47,7 @@ from curation.shards import (atomic_write_bytes, file_identity, files_fingerprin
                              shard_paths)
 from curation.url_lists import Layout, is_url_list, list_files
 from pipelines.common import (
-    REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, begin_stage, config_mismatch,
+    REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, begin_stage, config_mismatch, input_identity,
     finish_stage, kept_manifest, write_stage_shard,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
@@ -250,19 +250,70 @@ def _as_recorded(stage_config: dict) -> dict:
     return json.loads(json.dumps(stage_config, default=str))
 
 
+def _record(output: Path) -> dict:
+    """What `begin_stage` recorded for the output (its config and input shards), or {}."""
+    recorded = output / STAGE_CONFIG
+    return json.loads(recorded.read_text()) if recorded.is_file() else {}
+
+
 def _recorded_config(output: Path) -> dict | None:
     """The config `begin_stage` recorded for the output, or None."""
-    recorded = output / STAGE_CONFIG
-    return json.loads(recorded.read_text()).get("config") if recorded.is_file() else None
+    return _record(output).get("config")
+
+
+def _staged_shards(output: Path) -> list[list]:
+    """[name, size] of each finished staged shard, as the recorded input shards begin with."""
+    return [[path.name, path.stat().st_size] for path in finished_shards(output / STAGING / "list")]
 
 
 def _staged_before(output: Path, stage_config: dict) -> bool:
-    """Staging for this very config finished in an earlier run: the stage records its config only once
-    staging is done, and the staged shards are still there. Staging again would read and parse the whole
-    list (or walk the folder and its captions file) only to find every shard written; on a 200k-row CSV
-    that was nine tenths of an up-to-date rerun. A list or folder changed since has another fingerprint,
-    so another config: refused before this is asked (see _refuse_other_run)."""
-    return _recorded_config(output) == _as_recorded(stage_config) and bool(finished_shards(output / STAGING / "list"))
+    """Staging for this very config finished in an earlier run and every shard it recorded as the stage's
+    input is still there, by name and size. Staging again would read and parse the whole list (or walk the
+    folder and its captions file) only to find every shard written; on a 200k-row CSV that was nine tenths
+    of an up-to-date rerun. A shard lost since (a cleanup, a partial restore) is staged again instead.
+    A list or folder changed since has another fingerprint, so another config: refused before this is asked
+    (see _refuse_other_run)."""
+    record = _record(output)
+    shards = record.get("input_shards")
+    return (record.get("config") == _as_recorded(stage_config) and shards is not None
+            and _staged_shards(output) == [shard[:2] for shard in shards])
+
+
+def _record_restaged(output: Path, stage_config: dict, lost: set[str]) -> None:
+    """Record the identity of staged shards that were `lost` and have been staged again.
+
+    `begin_stage` tells an input shard by its modification time too, so a shard staged anew reads as
+    another input, and the stage would be refused. Staging is fixed by the config (which holds the list's
+    or folder's fingerprint), so a shard staged again from it, of the size recorded, is the one the
+    output was made from. One of another size is left for begin_stage to refuse. An entry keeps the
+    length it was recorded with: [name, size] from earlier versions is compared by begin_stage as such."""
+    record = _record(output)
+    if not lost or record.get("config") != _as_recorded(stage_config) or record.get("input_shards") is None:
+        return
+    now = {path.name: path for path in finished_shards(output / STAGING / "list")}
+    shards = []
+    for entry in record["input_shards"]:
+        path = now.get(entry[0])
+        again = entry[0] in lost and path is not None and path.stat().st_size == entry[1]
+        shards.append(input_identity([path], None)[0][:len(entry)] if again else entry)
+    if shards != record["input_shards"]:
+        atomic_write_bytes(output / STAGE_CONFIG, json.dumps({**record, "input_shards": shards}, indent=2).encode())
+
+
+def _lost_staged(output: Path) -> set[str]:
+    """Names of recorded input shards whose staged shard is gone."""
+    staged = {name for name, _ in _staged_shards(output)}
+    return {shard[0] for shard in _record(output).get("input_shards") or []} - staged
+
+
+def _stage(output: Path, stage_config: dict, stage: Callable[[], int]) -> None:
+    """Run `stage` (which writes only the staged shards that are missing) unless staging is all there,
+    and record the shards it wrote again in place of the lost ones."""
+    if _staged_before(output, stage_config):
+        return
+    lost = _lost_staged(output)
+    stage()
+    _record_restaged(output, stage_config, lost)
 
 
 def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> Callable[[], None]:
@@ -314,8 +365,7 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
         recorded = {**asdict(config), "url_list": asdict(listing), "download": asdict(download),
                     "source_files": files_fingerprint(list_files(listing.path, listing.format))}
         record = _refuse_other_run(output, recorded, options.overwrite)
-        if not _staged_before(output, recorded):
-            stage_url_list(listing, staging / "list", staging / "fetch", record)
+        _stage(output, recorded, lambda: stage_url_list(listing, staging / "list", staging / "fetch", record))
         source = {"kind": "url_list", "format": download.encode_format, "download": download,
                   "shard_rows": listing.shard_rows, "name": _named(options.url_list).stem}
         return str(staging / "list"), config, recorded, source
@@ -335,10 +385,10 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
                     "captions_columns": [options.captions_file_column, options.caption_column],
                     "source_files": files_fingerprint(files)}
         record = _refuse_other_run(output, recorded, options.overwrite)
-        if not _staged_before(output, recorded):
-            stage_image_folder(Path(options.input), staging / "list", captions_file=Path(captions) if captions else None,
-                               file_column=options.captions_file_column, caption_column=options.caption_column,
-                               shard_rows=options.list_shard_rows, before_writing=record)
+        _stage(output, recorded, lambda: stage_image_folder(
+            Path(options.input), staging / "list", captions_file=Path(captions) if captions else None,
+            file_column=options.captions_file_column, caption_column=options.caption_column,
+            shard_rows=options.list_shard_rows, before_writing=record))
         return str(staging / "list"), config, recorded, {"kind": kind, "name": _named(options.input).name}
     config = config_from(options)
     # A row's own `source` text wins; otherwise the directory's name, one value for the whole input.

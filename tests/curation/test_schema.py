@@ -48,7 +48,7 @@ def test_null_in_required_column_names_row():
     t = conform(t.set_column(2, "caption", pa.array(caption)))
     with pytest.raises(SchemaError) as err:
         validate(t, file="f.parquet", row_offset=100)
-    assert (err.value.column, err.value.row) == ("caption", 103)
+    assert (err.value.column, err.value.row) == ("caption", 104)  # 0-based offset 100, fourth row
 
 
 def test_duplicate_key_across_tables_names_both_places(tmp_path):
@@ -58,9 +58,9 @@ def test_duplicate_key_across_tables_names_both_places(tmp_path):
         validate(pq.read_table(tmp_path / name), file=str(tmp_path / name), keys=keys)
     with pytest.raises(SchemaError) as err:
         keys.check()  # once every key is in
-    assert err.value.row == 1 and err.value.file == str(tmp_path / "two.parquet")
-    assert "one.parquet row 0" in str(err.value) and "'a'" in str(err.value)
-    with pytest.raises(SchemaError, match="duplicate key 'x'.*this table row 0"):
+    assert err.value.row == 2 and err.value.file == str(tmp_path / "two.parquet")
+    assert "one.parquet row 1 " in str(err.value) and "'a'" in str(err.value)
+    with pytest.raises(SchemaError, match=r"duplicate key 'x'.*this table row 1 .*row 2\)"):
         validate(table(pair("x"), pair("x")))  # within one table: at once
 
 

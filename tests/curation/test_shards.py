@@ -83,7 +83,20 @@ def test_reader_refuses_duplicate_keys_across_shards(tmp_path):
     write_all(tmp_path, rows(10) + rows(5, start=3), rows_per_shard=10)
     with pytest.raises(SchemaError) as err:
         list(iter_batches(tmp_path))
-    assert err.value.file.endswith("part-00001.parquet") and err.value.row == 0 and err.value.column == "key"
+    assert err.value.file.endswith("part-00001.parquet") and err.value.row == 1 and err.value.column == "key"
+    assert "part-00000.parquet row 4 " in str(err.value)  # k00003, the fourth row of the first shard
+
+
+def test_a_null_key_in_a_shard_s_first_row_is_row_1_as_in_a_rejects_table(tmp_path):
+    """Refusals count rows from 1, as rejects do: the first row is never "row 0" in one and "row 1" in the other."""
+    import pyarrow.parquet as pq
+    data = rows(3)
+    data[0]["key"] = None
+    pq.write_table(pa.Table.from_pylist(data, schema=pa.schema([f.with_nullable(True) for f in PAIR_SCHEMA])),
+                   tmp_path / "part-00000.parquet")
+    with pytest.raises(SchemaError, match=r"null in a non-nullable column .*column 'key', row 1\)$") as err:
+        list(iter_batches(tmp_path))
+    assert err.value.row == 1
 
 
 def test_reader_refuses_missing_column_naming_the_file(tmp_path):

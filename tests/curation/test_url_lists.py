@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.download import ListConfig, stage_url_list
+from curation.ingest import ORIGIN_LINE
 from curation.records import Rejected
 from curation.shards import read_table
 from curation.url_lists import UrlListError, is_private_host, normalise_url, read_list, screen_url
@@ -34,9 +35,10 @@ def test_csv_tsv_jsonl_and_parquet_read_the_same_rows(tmp_path):
     ("header.csv", "url,caption\n", r"header.csv: line 2: no rows"),
     ("cols.csv", "link,alt\nhttp://a/1,x\n", r"cols.csv: line 1: missing column\(s\) \['url', 'caption'\]"),
     ("quote.csv", 'url,caption\nhttp://a/1,ok\nhttp://a/2,"never closed\nhttp://a/3,x\n',
-     r"quote.csv: line \d+: broken CSV"),
+     r"quote.csv: line 3: broken CSV"),  # where the record with the open quote starts, not the file's end
     ("stray.csv", 'url,caption\nhttp://a/1,ok\nhttp://a/2,"closed" then text\n', r"stray.csv: line 3: broken CSV"),
     ("fields.csv", "url,caption\nhttp://a/1,ok,extra\n", r"fields.csv: line 2: 3 fields, but 2 columns are named"),
+    ("span.csv", 'url,caption\nhttp://a/1,"two\nlines",extra\n', r"span.csv: line 2: 3 fields, but 2 columns"),
     ("bad.jsonl", '{"url": "http://a/1", "caption": "x"}\n{"url": \n', r"bad.jsonl: line 2: not valid JSON"),
     ("cols.jsonl", '{"link": "http://a/1", "caption": "x"}\n', r"cols.jsonl: line 1: missing column\(s\) \['url'\]"),
 ])
@@ -44,6 +46,18 @@ def test_broken_lists_name_the_file_and_line(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(UrlListError, match=message):
         rows(tmp_path / name)
+
+
+def test_a_record_spanning_lines_is_named_by_the_line_it_starts_on(tmp_path):
+    """As `sed -n Np` counts; blank lines count too. A keyless row's key is made from that line, so a
+    record on one line keeps the key it always had, and one spanning lines is keyed by its first."""
+    (tmp_path / "list.csv").write_text('url,caption\n"javascript:x","two\nlines"\nhttp://e.com/a.jpg,one\n\n\n'
+                                       'http://e.com/b.jpg,"x\n\ny"\nhttp://e.com/c.jpg,z\n')
+    assert [r.line for r in rows(tmp_path / "list.csv")] == [2, 4, 7, 10]
+    stage_url_list(ListConfig(str(tmp_path / "list.csv")), tmp_path / "list", tmp_path / "fetch")
+    staged = read_table(tmp_path / "list")
+    assert staged.column("key").to_pylist() == [f"list-{n:09d}" for n in (2, 4, 7, 10)]
+    assert staged.column(ORIGIN_LINE).to_pylist() == [2, 4, 7, 10]
 
 
 def test_a_ten_megabyte_caption_is_a_row_not_a_crash(tmp_path):

@@ -220,11 +220,26 @@ def test_keys_are_text_unique_and_present_and_large_strings_are_text(tmp_path):
                       "caption": pa.array(["a red dog", "red"], pa.large_string())})
     pq.write_table(large, source / "part-00000.parquet")
     assert balance.run([*argv, "--output", str(tmp_path / "large")]).rows == 2
-    for keys, message in (([None, "b"], "row 0 has no key"), (["a", "a"], "'a'"), ([1, 2], "int64, not text")):
+    for keys, message in (([None, "b"], "row 1 has no key"), (["a", "a"], "'a'"), ([1, 2], "int64, not text")):
         pq.write_table(pa.table({"key": keys, "caption": ["a red dog", "red"]}), source / "part-00000.parquet")
         with pytest.raises(SchemaError, match=message):
             balance.run([*argv, "--output", str(tmp_path / "out")])
         assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_whose_keys_differ_from_its_matches_names_its_rows_from_1(tmp_path):
+    """The input changed between the passes: the refusal names the batch's rows as rejects count them."""
+    from curation.balancing import BalanceConfig
+    from curation.shards import shard_name
+
+    (tmp_path / MATCHES_DIR).mkdir()
+    matches = pa.table({"key": ["a", "b", "c", "d"], balance.MATCHES_COLUMN: [[0]] * 4, "caption_chars": [1] * 4},
+                       schema=balance.MATCH_SCHEMA)
+    pq.write_table(matches, tmp_path / MATCHES_DIR / shard_name(0))
+    batch = pa.record_batch({"key": ["c", "x"], "caption": ["red", "red"]})  # the third and fourth rows
+    sample = balance.SampleBatch(str(tmp_path), BalanceConfig(metadata="m", metadata_sha256="0"))
+    with pytest.raises(RuntimeError, match=r"part-00000.parquet: rows 3\.\.4 differ from "):
+        list(sample.process((0, ("part-00000.parquet", 2, batch)), np.ones(1, np.uint64)))
 
 
 def test_missing_caption_column_names_the_file(tmp_path):
@@ -284,7 +299,8 @@ def test_an_input_rebuilt_to_the_same_sizes_is_not_taken_for_the_old_one(raw_pai
 
 
 def test_an_output_recorded_by_an_earlier_version_still_resumes(raw_pairs, demo_dir, tmp_path):
-    """Earlier versions recorded each input shard as [name, size]: such an output must not be refused."""
+    """Earlier versions recorded each input shard as [name, size], and no option added since: such an output
+    must not be refused."""
     import json
 
     argv = ["--input", str(raw_pairs), "--output", str(tmp_path / "out"), "--metadata",
@@ -292,5 +308,9 @@ def test_an_output_recorded_by_an_earlier_version_still_resumes(raw_pairs, demo_
     first = balance.run(argv)
     recorded = json.loads((tmp_path / "out" / "_stage_config.json").read_text())
     recorded["input_shards"] = [shard[:2] for shard in recorded["input_shards"]]
+    del recorded["config"]["metaclip2_padding"]  # an option added since, which this run leaves off
     (tmp_path / "out" / "_stage_config.json").write_text(json.dumps(recorded))
     assert balance.run(argv).manifest == first.manifest
+    # Turned on, it is another config: refused, not mixed into the old output.
+    with pytest.raises(StageConfigMismatch, match="metaclip2_padding"):
+        balance.run([*argv, "--metaclip2_padding"])

@@ -231,12 +231,12 @@ def test_bad_input_is_refused_before_anything_is_written(pairs, tmp_path):
         return table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
 
     cases = {
-        "missing image": (_break(pairs["raw"], tmp_path / "a", no_image), SchemaError, r"missing image.*row 5"),
+        "missing image": (_break(pairs["raw"], tmp_path / "a", no_image), SchemaError, r"missing image.*row 6\)"),
         "schema": (_break(pairs["raw"], tmp_path / "b", lambda t: t.drop_columns(["caption"])), SchemaError,
                    r"part-00001.parquet.*'caption'"),
         "null": (_break(pairs["raw"], tmp_path / "c", lambda t: t.set_column(
             2, "caption", pc.if_else(pc.equal(t.column("key"), t.column("key")[3]), None, t.column("caption")))),
-                 SchemaError, r"null.*'caption'.*row 3"),
+                 SchemaError, r"null.*'caption'.*row 4\)"),
     }
     for name, (source, error, message) in cases.items():
         (source / "manifest.json").unlink()  # the schema checks, not the checksums, must catch these

@@ -310,6 +310,39 @@ def test_an_up_to_date_url_list_rerun_reads_no_list_while_a_changed_list_or_conf
     assert ingest.run([*argv, "--overwrite"]).rejects == {"bad_url": 1}
 
 
+def test_a_staged_shard_lost_after_a_finished_run_is_staged_again_without_overwrite(tmp_path, monkeypatch):
+    """A cleanup or partial restore that lost a staged list shard: the rerun stages it again (reading the
+    list once more) and is up to date, or resumes; it was refused as another input ("pass --overwrite",
+    which downloads everything again)."""
+    from curation import download
+
+    listing = tmp_path / "list.csv"  # private hosts: screened, never fetched
+    listing.write_text("url,caption\n" + "".join(f"http://10.0.0.{i}/x.jpg,thing {i}\n" for i in range(5)))
+    output, staged = tmp_path / "raw", tmp_path / "raw" / ingest.STAGING / "list"
+    argv = ["--url_list", str(listing), "--output", str(output), "--list_shard_rows", "2"]
+    ingest.run(argv)
+    shards, rejects, lists = _digests(output), _digests(output / "rejects"), _digests(staged)
+    manifest = (output / "manifest.json").read_bytes()
+    real, reads = download.read_list, []
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(download, "read_list", counted)
+    (staged / "part-00001.parquet").unlink()
+    again = ingest.run(argv)
+    assert again.up_to_date and (output / "manifest.json").read_bytes() == manifest
+    assert len(reads) == 1 and _digests(staged) == lists and _digests(output) == shards
+    for lost in (staged / "part-00002.parquet", output / "part-00002.parquet", output / "manifest.json"):
+        lost.unlink()
+    resumed = ingest.run(argv)
+    assert not resumed.up_to_date and resumed.rejects == {"bad_url": 5}
+    assert len(reads) == 2 and _digests(staged) == lists
+    assert _digests(output) == shards and _digests(output / "rejects") == rejects
+    assert ingest.run(argv).up_to_date and len(reads) == 2  # nothing lost: the list is not read
+
+
 def test_an_up_to_date_image_folder_rerun_reads_no_captions_file_and_dot_names_the_folder(tmp_path, monkeypatch):
     """`--input .` gives the pairs the folder's name as their source, not an empty one."""
     from curation import folders
@@ -322,5 +355,10 @@ def test_an_up_to_date_image_folder_rerun_reads_no_captions_file_and_dot_names_t
     argv = ["--input", ".", "--captions_file", str(tmp_path / "captions.csv"), "--output", str(tmp_path / "raw")]
     first = ingest.run(argv)
     assert read_table(first.output).column("source").to_pylist() == ["photos"]
+    real = folders.read_list
     monkeypatch.setattr(folders, "read_list", lambda *args, **kwargs: pytest.fail("the captions file was read"))
     assert ingest.run(argv).up_to_date
+    monkeypatch.setattr(folders, "read_list", real)
+    staged = tmp_path / "raw" / ingest.STAGING / "list" / "part-00000.parquet"
+    staged.unlink()  # lost since: staged again, and the output is still the one it was made from
+    assert ingest.run(argv).up_to_date and staged.is_file()
