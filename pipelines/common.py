@@ -71,6 +71,37 @@ def _with_new_options_off(previous: dict, wanted: dict) -> dict:
     return {**previous, "config": {**config, **added}} if added else previous
 
 
+def recorded_run(input_dir: str | Path, stage: str, config: dict, inputs: list[Path], input_manifest: dict | None
+                 ) -> dict:
+    """What `_stage_config.json` records of a run: stage, input, its shards' identities and the config (as JSON)."""
+    return json.loads(json.dumps({"stage": stage, "input": str(Path(input_dir).resolve()),
+                                  "input_shards": input_identity(inputs, input_manifest), "config": config},
+                                 default=str))
+
+
+def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict) -> dict | None:
+    """The output's manifest if it is finished and recorded from this very input and config, else None.
+
+    For a stage whose up-to-date check would otherwise read its whole input
+    first (export plans from every row): the input's sizes and recorded
+    sha256s are checked against its manifest, no byte is read. Anything it
+    cannot tell this way (no manifests, a record of an earlier format) is None:
+    the stage then decides as usual.
+    """
+    output = Path(output_dir)
+    recorded = output / STAGE_CONFIG
+    if not (is_complete(input_dir) and is_complete(output) and recorded.is_file()):
+        return None
+    try:
+        input_manifest = verify_manifest(input_dir, checksums=False)
+        verify_manifest(output, checksums=False)
+    except ManifestError:
+        return None
+    wanted = recorded_run(input_dir, stage, config, shard_paths(input_dir), input_manifest)
+    previous = _with_new_options_off(json.loads(recorded.read_text()), wanted)
+    return read_manifest(output) if previous == wanted else None
+
+
 def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False,
                 shardwise: bool = True, verified: dict | None = None) -> StagePlan:
     """Check the output against this run's config, clean stale temps, and list the shards left to do.
@@ -104,9 +135,7 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     output.mkdir(parents=True, exist_ok=True)
     (output / REJECTS_DIR).mkdir(exist_ok=True)
     recorded = output / STAGE_CONFIG
-    wanted = json.loads(json.dumps({"stage": stage, "input": str(Path(input_dir).resolve()),
-                                    "input_shards": input_identity(inputs, input_manifest), "config": config},
-                                   default=str))
+    wanted = recorded_run(input_dir, stage, config, inputs, input_manifest)
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
         before, now = previous.get("input_shards"), wanted["input_shards"]

@@ -15,6 +15,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+import curation.shards
 from curation.demo_data import generate
 from curation.export import PLAN_FILE, TRAINING_COLUMNS, WEBDATASET_DIR, validate_training_table, verify_export
 from curation.schema import SchemaError
@@ -155,7 +156,7 @@ def test_data_card_and_plots_sit_beside_the_shards(exported):
     assert manifest["stats"]["caption_lengths"]["rewrites"]["count"] == 2 * manifest["rows"]
 
 
-def test_kill_then_rerun_gives_the_uninterrupted_bytes(pairs, exported, tmp_path):
+def test_kill_then_rerun_gives_the_uninterrupted_bytes(pairs, exported, tmp_path, monkeypatch):
     output = tmp_path / "killed"
     export.run(_argv(pairs["captioned"], output, "--webdataset"))
     baseline = _digests(exported)
@@ -174,11 +175,18 @@ def test_kill_then_rerun_gives_the_uninterrupted_bytes(pairs, exported, tmp_path
     assert abs(stats["mb_per_s"] * stats["seconds"] - redone_mb) <= 0.005 * stats["seconds"] + 1e-3
     assert _digests(output) == baseline
     assert not list(output.glob(".*.tmp-*"))
-    # Once finished, a rerun finds nothing to do and leaves the manifest and the data card as they are.
+    # Once finished, a rerun finds nothing to do and leaves the manifest and the data card as they are,
+    # reading no input row and hashing no byte (planning would read every image).
     written = {name: (output / name).read_bytes() for name in ("manifest.json", result.manifest["datacard"]["file"])}
+    monkeypatch.setattr(export, "plan_export", lambda *a, **k: pytest.fail("an up-to-date rerun planned"))
+    monkeypatch.setattr(curation.shards, "file_sha256", lambda path: pytest.fail(f"an up-to-date rerun hashed {path}"))
     again = export.run(_argv(pairs["captioned"], output, "--webdataset"))
     assert again.up_to_date and again.manifest == json.loads(written["manifest.json"])
     assert {name: (output / name).read_bytes() for name in written} == written
+    (output / f"{WEBDATASET_DIR}/00001.tar").unlink()  # a twin lost: not up to date, made again
+    monkeypatch.undo()
+    assert not export.run(_argv(pairs["captioned"], output, "--webdataset")).up_to_date
+    assert _digests(output) == baseline
 
 
 def test_a_partial_export_of_other_rows_is_refused(pairs, tmp_path):
@@ -187,6 +195,7 @@ def test_a_partial_export_of_other_rows_is_refused(pairs, tmp_path):
     plan = json.loads((output / PLAN_FILE).read_text())
     plan["shard_rows"][0] += 1
     (output / PLAN_FILE).write_text(json.dumps(plan))
+    (output / "manifest.json").unlink()  # partial: its shards were cut by another plan
     with pytest.raises(StageConfigMismatch, match="--overwrite"):
         export.run(_argv(pairs["captioned"], output))
     rerun = export.run(_argv(pairs["captioned"], output, "--overwrite"))
