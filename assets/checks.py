@@ -102,7 +102,7 @@ def rows_conserved(asset: str, output: Path, manifest: dict, input_rows: int) ->
     except (OSError, pa.ArrowException, tarfile.TarError) as exc:  # missing or unreadable: fail, do not raise
         return dg.AssetCheckResult(asset_key=asset, check_name=ROWS_CONSERVED, passed=False,
                                    metadata={"error": str(exc)})
-    uneven = [manifest["shards"][i]["name"] for i, n in enumerate(tars or []) if i >= len(parquet) or n != parquet[i]]
+    uneven = [twin["shards"][i]["name"] for i, n in enumerate(tars or []) if i >= len(parquet) or n != parquet[i]]
     passed = sum(parquet) == input_rows and (tars is None or (len(tars) == len(parquet) and not uneven))
     metadata = {"input_rows": input_rows, "parquet_rows": sum(parquet),
                 **({"webdataset_samples": sum(tars), "shards_whose_tar_differs": dg.MetadataValue.json(uneven)}

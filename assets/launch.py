@@ -79,28 +79,41 @@ def run_stage(context: dg.AssetExecutionContext, module_name: str, argv: list[st
     return None
 
 
-def _flag_value(argv: list[str], name: str) -> Optional[str]:
-    """The value of `--name value` or `--name=value` in a job's flags, or None."""
+def _flag_values(argv: list[str]) -> dict[str, str]:
+    """Each `--name value` or `--name=value` of a job's flags; a repeated flag's last, as argparse takes it."""
+    values = {}
     for i, flag in enumerate(argv):
-        if flag == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-        if flag.startswith(f"--{name}="):
-            return flag.split("=", 1)[1]
-    return None
+        if flag.startswith("--") and "=" in flag:
+            name, value = flag[2:].split("=", 1)
+            values[name] = value
+        elif flag.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            values[flag[2:]] = argv[i + 1]
+    return values
+
+
+def _job_paths(argv: list[str], env: dict[str, str]) -> list[str]:
+    """The paths a job pod must see, made absolute: its input and output, any other flag naming a path
+    that exists here (a model folder, a metadata file), and the credentials file."""
+    values = _flag_values(argv)
+    paths = [values.get("input"), values.get("output"),
+             *(v for name, v in values.items() if name not in ("input", "output") and v.startswith(("/", "./"))
+               and os.path.exists(v)),
+             env.get("GOOGLE_APPLICATION_CREDENTIALS")]
+    return [os.path.abspath(p) for p in paths if p]
 
 
 def _checked_job_pod(beam: BeamRunnerResource, argv: list[str], env: dict[str, str], step_k8s: dict) -> dict:
     """The job pod's spec, refused (before any pod starts) where it could only fail inside the pod: under the
-    k8s executor, whose step pod already holds the stage's GPU, or without a mount for the job's input,
-    output or credentials file."""
+    k8s executor, whose step pod already holds the stage's GPU, or without a mount for a path its job reads
+    or writes (see `_job_paths`)."""
     if os.environ.get(EXECUTOR_ENV) == "k8s":
         raise misconfigured("BeamRunnerResource", "launcher", f"'k8s' under {EXECUTOR_ENV}=k8s: each step is "
                             "already a pod with its stage's requests, and a job pod beside it would hold a second "
                             "GPU; use 'in_process' or 'subprocess'")
     spec = job_pod_spec(beam.k8s_pod_spec, step_k8s)
-    paths = [_flag_value(argv, "input"), _flag_value(argv, "output"), env.get("GOOGLE_APPLICATION_CREDENTIALS")]
-    missing = unmounted(spec, [p for p in paths if p])
+    missing = unmounted(spec, _job_paths(argv, env))
     if missing:
         raise misconfigured("BeamRunnerResource", "k8s_pod_spec", f"the job pod mounts nothing at {missing}: "
-                            "mount the staging volume (and the credentials secret) at the same paths as the step")
+                            "mount the staging volume (and the credentials secret, the model and metadata "
+                            "volumes) at the same paths as the step")
     return spec

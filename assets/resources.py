@@ -17,6 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.k8s_pod import spec_value
+from curation.shards import OVERWRITE_SENTINEL
 
 RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PortableRunner")
 LAUNCHERS = ("auto", "in_process", "subprocess", "k8s")
@@ -108,7 +109,7 @@ class StorageResource(dg.ConfigurableResource):
             return uri
         if fs.exists(remote_manifest):
             fs.rm_file(remote_manifest)
-        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != "manifest.json")
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name not in ("manifest.json", OVERWRITE_SENTINEL))
         wanted = {_rooted(f"{path}/{file.relative_to(local).as_posix()}") for file in files}
         for target in fs.find(path) if fs.exists(path) else []:
             if _rooted(target) not in wanted:

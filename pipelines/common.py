@@ -60,7 +60,7 @@ class StagePlan:
     kept: bool = False  # set by finish_stage: the manifest of the run that made the output was kept
 
 
-def _with_new_options_off(previous: dict, wanted: dict) -> dict:
+def with_new_options_off(previous: dict, wanted: dict) -> dict:
     """The recorded run, with the options a later version added and this run leaves off (False or None) read
     as off: that is what the older run did, and refusing it would make its users redo a whole stage."""
     config = previous.get("config")
@@ -98,7 +98,7 @@ def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, con
     except ManifestError:
         return None
     wanted = recorded_run(input_dir, stage, config, shard_paths(input_dir), input_manifest)
-    previous = _with_new_options_off(json.loads(recorded.read_text()), wanted)
+    previous = with_new_options_off(json.loads(recorded.read_text()), wanted)
     return read_manifest(output) if previous == wanted else None
 
 
@@ -146,17 +146,17 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
         grown = shardwise and before is not None and len(now) > len(before) and now[:len(before)] == before
         if before is None or grown or before == now:
             previous = {**previous, "input_shards": now}
-        previous = _with_new_options_off(previous, wanted)
+        previous = with_new_options_off(previous, wanted)
         if previous != wanted:
             raise config_mismatch(output, previous, wanted)
+    finished = {p.name for p in finished_shards(output)}
+    todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
+    if deferred and todo:  # there is work after all: its bytes are checked before any, and before the record
+        verify_manifest(input_dir)
     if not recorded.is_file() or json.loads(recorded.read_text()) != wanted:
         atomic_write_bytes(recorded, json.dumps(wanted, indent=2, default=str).encode())
     remove_stale_temps(output)
     remove_stale_temps(output / REJECTS_DIR)
-    finished = {p.name for p in finished_shards(output)}
-    todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
-    if deferred and todo:
-        verify_manifest(input_dir)  # there is work after all: the bytes it reads are checked before any
     return StagePlan(output, todo, len(inputs) - len(todo), up_to_date=is_complete(output) and not todo,
                      input_manifest=input_manifest)
 

@@ -48,7 +48,7 @@ from curation.shards import (atomic_write_bytes, file_identity, files_fingerprin
 from curation.url_lists import Layout, is_url_list, list_files
 from pipelines.common import (
     REJECTS_DIR, STAGE_CONFIG, ReadShardBatches, ShardStageOptions, begin_stage, config_mismatch, input_identity,
-    finish_stage, kept_manifest, write_stage_shard,
+    finish_stage, kept_manifest, with_new_options_off, write_stage_shard,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -250,6 +250,14 @@ def _as_recorded(stage_config: dict) -> dict:
     return json.loads(json.dumps(stage_config, default=str))
 
 
+def _same_config(recorded: dict | None, stage_config: dict) -> bool:
+    """Whether a recorded config is this run's, options added since and left off counting as the same."""
+    if recorded is None:
+        return False
+    wanted = _as_recorded(stage_config)
+    return with_new_options_off({"config": recorded}, {"config": wanted})["config"] == wanted
+
+
 def _record(output: Path) -> dict:
     """What `begin_stage` recorded for the output (its config and input shards), or {}."""
     recorded = output / STAGE_CONFIG
@@ -275,7 +283,7 @@ def _staged_before(output: Path, stage_config: dict) -> bool:
     (see _refuse_other_run)."""
     record = _record(output)
     shards = record.get("input_shards")
-    return (record.get("config") == _as_recorded(stage_config) and shards is not None
+    return (_same_config(record.get("config"), stage_config) and shards is not None
             and _staged_shards(output) == [shard[:2] for shard in shards])
 
 
@@ -288,7 +296,7 @@ def _record_restaged(output: Path, stage_config: dict, lost: set[str]) -> None:
     output was made from. One of another size is left for begin_stage to refuse. An entry keeps the
     length it was recorded with: [name, size] from earlier versions is compared by begin_stage as such."""
     record = _record(output)
-    if not lost or record.get("config") != _as_recorded(stage_config) or record.get("input_shards") is None:
+    if not lost or not _same_config(record.get("config"), stage_config) or record.get("input_shards") is None:
         return
     now = {path.name: path for path in finished_shards(output / STAGING / "list")}
     shards = []
@@ -324,13 +332,13 @@ def _refuse_other_run(output: Path, stage_config: dict, overwrite: bool) -> Call
     if overwrite and output.exists():
         shutil.rmtree(output)
     wanted, previous = _as_recorded(stage_config), _recorded_config(output)
-    if previous is not None and previous != wanted:
+    if previous is not None and not _same_config(previous, stage_config):
         raise config_mismatch(output, {"stage": STAGE, "config": previous}, {"stage": STAGE, "config": wanted})
     staging, stamp = output / STAGING, output / STAGING / STAGING_CONFIG
     if stamp.is_file():
-        trusted = json.loads(stamp.read_text()) == wanted
+        trusted = _same_config(json.loads(stamp.read_text()), stage_config)
     else:  # staged by a version that wrote no stamp: trusted only once the stage recorded this very config
-        trusted = previous == wanted
+        trusted = _same_config(previous, stage_config)
     if staging.exists() and not trusted:
         shutil.rmtree(staging)
 

@@ -27,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from curation.shards import atomic_write_bytes, is_complete, verify_manifest
+from curation.shards import OVERWRITE_SENTINEL, atomic_write_bytes, is_complete, verify_manifest
 from training import distributed
 from training.checkpoint import (CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  restore_interrupted_save, save_checkpoint)
@@ -112,7 +112,7 @@ def _is_trainer_output(output: Path) -> bool:
     """
     if any((output / name).exists() for name in (RUN_MARKER, TRAIN_CONFIG, CHECKPOINTS, METRICS_CSV)):
         return True
-    return not any(output.iterdir())
+    return not any(path.name != OVERWRITE_SENTINEL for path in output.iterdir())  # the orchestrator's, not a file
 
 
 def _prepare_output(config: TrainConfig, output: Path) -> None:

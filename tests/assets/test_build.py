@@ -7,7 +7,7 @@ from assets.definitions import stage_assets
 from assets.report import rows_in
 from assets.resources import QualityGatesResource
 from assets.stages import available_stages
-from curation.shards import read_manifest
+from curation.shards import OVERWRITE_SENTINEL, read_manifest
 from pipelines.common import STAGE_CONFIG
 from tests.assets.helpers import add_builds, demo_run_config, stage_resources
 
@@ -182,6 +182,12 @@ def test_an_overwrite_counts_as_done_only_once_the_job_has_wiped(instance, tmp_p
             _materialize(instance, tmp_path, "b1", {"ops": ops}, selection=["raw_pairs"])
         retry = _context("retry", instance.get_runs(limit=1)[0].run_id)
         assert _overwrite_pending(tmp_path / "b1", stage, output, retry) is not wiped
+        if not wiped:  # a run without overwrite resumes it: the sentinel is gone, nor can that run wipe it now
+            monkeypatch.setattr(pipelines.ingest, "run", real)
+            plain = {"ops": {"raw_pairs": {"config": {**ops["raw_pairs"]["config"], "overwrite": False}}}}
+            assert _materialize(instance, tmp_path, "b1", plain, selection=["raw_pairs"]).success
+            assert not (output / OVERWRITE_SENTINEL).exists()
+            assert not _overwrite_pending(tmp_path / "b1", stage, output, retry)
 
 
 def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path):

@@ -88,6 +88,10 @@ def test_the_export_row_check_counts_what_the_files_hold(tmp_path):
     assert not one_short.passed and one_short.metadata["webdataset_samples"].value == 4
     merged = tables[1].set_column(0, "key", pa.array(["k3", "k3"]))  # one member stem: webdataset reads 1 sample
     assert not checks.rows_conserved("a", data, exported(tables[0], merged), 5).passed
+    extra = checks.rows_conserved("a", data, exported(*tables, tables[1]), 5)  # a tar with no Parquet twin
+    assert not extra.passed and extra.metadata["shards_whose_tar_differs"].value == ["00002.tar"]
+    (data / "webdataset" / "00002.tar").unlink()
+    exported(*tables)
     (data / "webdataset" / "00001.tar").unlink()
     assert "00001.tar" in checks.rows_conserved("a", data, read_manifest(data), 5).metadata["error"].value
 

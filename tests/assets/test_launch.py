@@ -70,12 +70,20 @@ def test_a_k8s_job_pod_gets_the_staging_volume_and_its_stage_s_gpu_request(monke
     assert "resources" not in STAGING["containers"][0]  # the resource's own spec is not changed in place
 
 
-def test_a_k8s_job_pod_that_could_only_fail_inside_the_pod_is_refused_before_it_starts(monkeypatch):
+def test_a_k8s_job_pod_that_could_only_fail_inside_the_pod_is_refused_before_it_starts(monkeypatch, tmp_path):
     """An output or credentials path no mount holds, or a second GPU pod beside a k8s-executor step pod."""
     monkeypatch.delenv("CLIP_CURATION_EXECUTOR", raising=False)
     beam = BeamRunnerResource(launcher="k8s", k8s_image="img", k8s_pod_spec=STAGING)
     with pytest.raises(dg.Failure, match=r"mounts nothing at \['/data/out'\]"):
         _launched(monkeypatch, beam, ["--input", "/scratch/in", "--output", "/data/out"], {})
+    with pytest.raises(dg.Failure, match="data/out"):  # a relative path is the step's, made absolute
+        _launched(monkeypatch, beam, ["--input", "/scratch/in", "--output", "/scratch/out", "--output", "data/out"],
+                  {})
+    models = tmp_path / "models" / "llm"
+    models.mkdir(parents=True)
+    with pytest.raises(dg.Failure, match="models/llm"):  # a model folder the step sees, the pod would not
+        _launched(monkeypatch, beam, ["--input", "/scratch/in", "--output", "/scratch/out",
+                                      f"--rewrite_model={models}"], {})
     with pytest.raises(dg.Failure, match="/secrets/gcp/key.json"):
         _launched(monkeypatch, beam, ["--input", "/scratch/in", "--output", "/scratch/out"],
                   {"GOOGLE_APPLICATION_CREDENTIALS": "/secrets/gcp/key.json"})
@@ -84,16 +92,29 @@ def test_a_k8s_job_pod_that_could_only_fail_inside_the_pod_is_refused_before_it_
         _launched(monkeypatch, beam, ["--input", "/scratch/in", "--output", "/scratch/out"], {})
 
 
-def test_what_the_job_pod_spec_sets_itself_wins_key_by_key_over_the_stage_s_requests():
-    """A CPU limit of every job pod, or a toleration of its own, dropped the stage's GPU request or toleration."""
-    from assets.k8s_pod import job_pod_spec
+def test_what_the_job_pod_spec_sets_itself_wins_resource_by_resource_and_the_api_server_would_accept_it():
+    """A CPU limit of every job pod dropped the stage's GPU request; then a per-dict merge put the stage's
+    8-CPU request beside a 4-CPU limit, and a GPU request of 1 beside a limit of 4: both refused by Kubernetes."""
+    from assets.k8s_pod import _quantity, job_pod_spec
     from assets.stages import gpu_k8s_config
 
     own = {**STAGING, "nodeSelector": {"pool": "a100"},
            "tolerations": [{"key": "dedicated", "operator": "Exists"}],
            "containers": [{**STAGING["containers"][0], "resources": {"limits": {"cpu": "4", "memory": "8Gi"}}}]}
     spec = job_pod_spec(own, gpu_k8s_config("8", "48Gi"))
-    assert spec["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}
-    assert spec["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    resources = spec["containers"][0]["resources"]
+    assert resources["limits"] == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    assert resources["requests"] == {"nvidia.com/gpu": "1"}  # its own cpu/memory: limits only, as it said
     assert spec["nodeSelector"] == {"pool": "a100"} and "node_selector" not in spec  # its own pool, whole
     assert [t["key"] for t in spec["tolerations"]] == ["dedicated", "nvidia.com/gpu"]
+    four = job_pod_spec({"containers": [{"resources": {"limits": {"nvidia.com/gpu": "4"}}}]}, gpu_k8s_config("8", "48Gi"))
+    assert four["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert "nvidia.com/gpu" not in four["containers"][0]["resources"]["requests"]  # defaults to its limit
+    low = job_pod_spec({"containers": [{"resources": {"requests": {"cpu": "16", "nvidia.com/gpu": "1"},
+                                                      "limits": {"cpu": "4", "nvidia.com/gpu": "2"}}}]}, {})
+    assert low["containers"][0]["resources"]["requests"] == {"cpu": "4", "nvidia.com/gpu": "2"}
+    for spec in (spec, four):  # every request at or under its limit
+        resources = spec["containers"][0]["resources"]
+        assert all(_quantity(v) <= _quantity(resources["limits"][k]) for k, v in resources["requests"].items()
+                   if k in resources["limits"])
+    assert _quantity("48Gi") == 48 * 2 ** 30 and _quantity("500m") == 0.5

@@ -42,3 +42,26 @@ def test_an_up_to_date_rerun_hashes_no_input_and_a_rerun_with_work_hashes_it_fir
     with pytest.raises(ManifestError, match="does not match its manifest checksum"):
         begin_stage(source, output, "copy", {"x": 1})
     assert sorted(hashed) == [shard_name(i) for i in range(3)]
+
+
+def test_a_grown_input_whose_new_shard_is_corrupt_is_refused_before_the_record_names_it(tmp_path):
+    """The record was rewritten with the new shard before its bytes were checked: once upstream rebuilt that
+    shard, the output (which never read a byte of it) was refused as made from another input."""
+    import json
+
+    from pipelines.common import STAGE_CONFIG
+
+    source, output = _finished(tmp_path)
+    recorded = (output / STAGE_CONFIG).read_text()
+    rows = [{"key": "k9", "caption": "new", "image": b"\xff\xd8", "width": 8, "height": 8, "sha256": "9" * 64,
+             "source": "t"}]
+    manifest = json.loads((source / "manifest.json").read_text())
+    info = write_table_atomic(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), source / shard_name(3))
+    write_manifest(source, stage="test", config={}, shards=[*[curation.shards.ShardInfo(**{
+        k: s[k] for k in ("name", "rows", "bytes", "sha256")}) for s in manifest["shards"]], info])
+    with open(source / shard_name(3), "r+b") as f:  # corrupt after the manifest was written
+        f.seek(8)
+        f.write(b"\x00\x00")
+    with pytest.raises(ManifestError, match="does not match its manifest checksum"):
+        begin_stage(source, output, "copy", {"x": 1})
+    assert (output / STAGE_CONFIG).read_text() == recorded

@@ -398,3 +398,14 @@ def test_the_bpe_learns_from_the_texts_the_run_samples_only(raw_pairs, tmp_path)
     shards = inspect_shards(variant)
     assert not any("zzqx" in t for t in iter_texts(shards, 0.0, sampled=[]))
     assert any("zzqx" in t for t in iter_texts(shards, 0.0, sampled=["rewrites"]))
+
+
+def test_a_folder_holding_only_the_orchestrators_sentinel_is_the_trainers_to_overwrite(tmp_path):
+    """The Dagster step leaves `.overwrite-pending` in an output it will have overwritten: alone, it made the
+    folder look like someone's files, and the trainer refused the --overwrite."""
+    from curation.shards import OVERWRITE_SENTINEL
+
+    (tmp_path / OVERWRITE_SENTINEL).write_text("run-1")
+    assert loop._is_trainer_output(tmp_path)
+    (tmp_path / "notes.txt").write_text("someone's")
+    assert not loop._is_trainer_output(tmp_path)
