@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,14 +79,16 @@ def recorded_run(input_dir: str | Path, stage: str, config: dict, inputs: list[P
                                  default=str))
 
 
-def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict) -> dict | None:
+def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict,
+                  verify_output: Callable[..., dict] = verify_manifest) -> dict | None:
     """The output's manifest if it is finished and recorded from this very input and config, else None.
 
     For a stage whose up-to-date check would otherwise read its whole input
     first (export plans from every row): the input's sizes and recorded
-    sha256s are checked against its manifest, no byte is read. Anything it
-    cannot tell this way (no manifests, a record of an earlier format) is None:
-    the stage then decides as usual.
+    sha256s are checked against its manifest, and the output's files by
+    `verify_output(output, checksums=False)` (export's checks its tar twins
+    too); no byte is read. Anything it cannot tell this way (no manifests, a
+    record of an earlier format) is None: the stage then decides as usual.
     """
     output = Path(output_dir)
     recorded = output / STAGE_CONFIG
@@ -94,12 +96,12 @@ def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, con
         return None
     try:
         input_manifest = verify_manifest(input_dir, checksums=False)
-        verify_manifest(output, checksums=False)
+        manifest = verify_output(output, checksums=False)
     except ManifestError:
         return None
     wanted = recorded_run(input_dir, stage, config, shard_paths(input_dir), input_manifest)
     previous = with_new_options_off(json.loads(recorded.read_text()), wanted)
-    return read_manifest(output) if previous == wanted else None
+    return manifest if previous == wanted else None
 
 
 def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False,

@@ -25,7 +25,7 @@ import numpy as np
 from curation.datacard import write_datacard, upstream_stages
 from curation.export import (
     PLAN_FILE, STAGE, WEBDATASET_DIR, ExportConfig, ExportPlan, parquet_name, plan_export, route_batch, shard_done,
-    tar_name, write_shard,
+    tar_name, verify_export, write_shard,
 )
 from curation.schema import SCHEMA_VERSION
 from curation.shards import (
@@ -111,14 +111,6 @@ def _webdataset_section(output: Path, plan: ExportPlan) -> dict:
             "rows": sum(plan.shard_rows), "bytes": sum(s.bytes for s in shards), "shards": [asdict(s) for s in shards]}
 
 
-def _twins_there(output: Path, manifest: dict) -> bool:
-    """Whether every tar twin the manifest lists is there at its size (the Parquet shards are checked already)."""
-    twin = manifest.get("webdataset") or {}
-    return all((output / twin["directory"] / shard["name"]).is_file()
-               and (output / twin["directory"] / shard["name"]).stat().st_size == shard["bytes"]
-               for shard in twin.get("shards", []))
-
-
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, ExportOptions)
     options = ExportOptions(argv)
@@ -127,8 +119,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         raise ValueError(f"{STAGE}: --input and --output are required")
     start = time.perf_counter()
     # Up to date: planning would read every input row (and hashing every byte) only to find the shards made.
-    if not options.overwrite and (kept := finished_from(options.input, options.output, STAGE, asdict(config))) \
-            and _twins_there(Path(options.output), kept):
+    if not options.overwrite and (kept := finished_from(options.input, options.output, STAGE, asdict(config),
+                                                        verify_output=verify_export)):
         return StageResult(kept, Path(options.output), up_to_date=True)
     # Checksums before anything is written, once: begin_stage takes the verified manifest.
     verified = verify_manifest(options.input) if is_complete(options.input) else None
