@@ -93,5 +93,7 @@ class TrainRunConfig(StageConfig):
                                       description="Pairs per step; empty: $CLIP_CURATION_TRAIN_BATCH or the trainer's.")
 
     def stage_flags(self) -> list[str]:
-        return (_opt("steps", self.steps) + _opt("preset", self.preset) + _opt("fused_ratio", self.fused_ratio)
-                + _opt("batch_size", self.batch_size))
+        # The trainer checks its input's sha256s, and only when it has steps left to run: a rerun of a trained
+        # build then hashes no byte of the export. First, so that extra_flags' --no-verify_checksums wins.
+        return (["--verify_checksums"] + _opt("steps", self.steps) + _opt("preset", self.preset)
+                + _opt("fused_ratio", self.fused_ratio) + _opt("batch_size", self.batch_size))

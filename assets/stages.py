@@ -29,7 +29,7 @@ from assets.launch import load_stage_module, run_stage
 from assets.report import plot_markdown, stage_metadata
 from assets.resources import QualityGatesResource
 from curation.shards import (
-    OVERWRITE_SENTINEL, ManifestError, atomic_write_bytes, is_complete, read_manifest, verify_manifest,
+    OVERWRITE_SENTINEL, ManifestError, atomic_write_bytes, is_complete, read_manifest,
 )
 from pipelines.common import STAGE_CONFIG
 
@@ -350,9 +350,10 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
             raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} of build {build!r} has no "
                                          f"manifest at {input_dir}; materialise it first")
         try:
-            # A Beam stage's job checks its input's files against the manifest itself (begin_stage), so
-            # hashing them here too would read the whole upstream twice; the trainer does not, so its step does.
-            input_manifest = read_manifest(input_dir) if stage.beam else verify_manifest(input_dir)
+            # Every stage's job checks its input's files against the manifest itself (begin_stage, or the
+            # trainer's --verify_checksums), and only when it has work: hashing them here would read the
+            # whole upstream on every materialisation, an up-to-date one too.
+            input_manifest = read_manifest(input_dir)
         except ManifestError as exc:
             raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} is corrupt: {exc}") from exc
     if _upstream_changed(build_dir, stage, input_manifest):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from curation.shards import OVERWRITE_SENTINEL, atomic_write_bytes, is_complete, verify_manifest
 from training import distributed
-from training.checkpoint import (CHECKPOINTS, latest_checkpoint, list_checkpoints, load_checkpoint,
+from training.checkpoint import (CHECKPOINTS, STATE, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  restore_interrupted_save, save_checkpoint)
 from training.config import RETRY_AFTER_DIVERGENCE, RunMismatch, TrainConfig, resume_mismatches
 from training.data import DATA_ORDER, LoaderState, StreamSpec, counts_summary, train_batches
@@ -140,7 +140,7 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path |
     checkpoint = latest_checkpoint(output) if config.resume else None
     if checkpoint is None:
         return None
-    saved = json.loads((checkpoint / "state.json").read_text())
+    saved = json.loads((checkpoint / STATE).read_text())
     if "input" not in saved:  # written before input fingerprints (and the loader's per-reader state) existed
         raise RunMismatch(f"{checkpoint} predates input fingerprints: whether it was trained on {config.input} "
                          f"cannot be checked, and its data-loader state is of an older format. Pass --overwrite "
@@ -156,6 +156,15 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path |
         raise RunMismatch(f"{output} holds a run with other settings or data ({', '.join(changed)} differ); resuming "
                          f"would mix two runs. Pass --overwrite to start over there, or use another --output.")
     return checkpoint
+
+
+def _trained_to_the_end(config: TrainConfig, output: Path) -> bool:
+    """Whether the run would resume at a checkpoint that already holds every step: only the final save and
+    evaluation are left, so hashing every input byte again (hours on a large pool, on each rerun of a
+    scheduled build) buys nothing. The sizes are still checked, and the manifest's sha256s still name the
+    data: a checkpoint of other data is refused as another run (_resume_state)."""
+    checkpoint = latest_checkpoint(output) if config.resume and not config.overwrite else None
+    return checkpoint is not None and json.loads((checkpoint / STATE).read_text())["step"] >= config.steps
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -179,7 +188,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     context_length = config.context_length or preset.context_length
     # Input errors surface before anything is written, or cleared by --overwrite, and not after the last step.
     shards = inspect_shards(config.input, _needed_columns(config))
-    if config.verify_checksums and is_complete(config.input):
+    if config.verify_checksums and is_complete(config.input) and not _trained_to_the_end(config, output):
         distributed.on_main(d, lambda: verify_manifest(config.input))
     if config.online_curation:
         check_curation_column(shards, config.t)

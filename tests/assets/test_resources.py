@@ -194,3 +194,15 @@ def test_the_balance_run_config_turns_on_metaclip2_padding():
         return BalanceOptions(["--input", "a", "--output", "b", *run_config.stage_flags()]).metaclip2_padding
 
     assert padding(BalanceRunConfig(metaclip2_padding=True)) and not padding(BalanceRunConfig())
+
+
+def test_the_train_step_leaves_the_checksums_to_the_trainer_and_extra_flags_can_turn_them_off():
+    """The step reads the export's manifest only; the trainer hashes the shards when it has steps to run."""
+    from assets.config import TrainRunConfig
+    from training.cli import parse_args
+
+    def verifies(run_config: TrainRunConfig) -> bool:
+        return parse_args(["--input", "a", "--output", "b", *run_config.stage_flags(),
+                           *run_config.extra_flags]).verify_checksums
+
+    assert verifies(TrainRunConfig()) and not verifies(TrainRunConfig(extra_flags=["--no-verify_checksums"]))

@@ -148,6 +148,22 @@ def test_shards_that_differ_from_their_manifest_fail_before_any_training(raw_pai
     assert not (tmp_path / "out").exists()
 
 
+def test_verify_checksums_hashes_the_input_only_while_steps_are_left(raw_pairs, tmp_path, monkeypatch):
+    """A rerun of a finished run (the Dagster train step of an up-to-date build) only saves and evaluates:
+    hashing the whole pool again would cost hours for nothing. A resume with steps left hashes it first."""
+    hashed = []
+    real = loop.verify_manifest
+    monkeypatch.setattr(loop, "verify_manifest", lambda source, **kw: hashed.append(source) or real(source, **kw))
+    run = dict(steps=4, checkpoint_every=2, verify_checksums=True)
+    loop.train(_config(raw_pairs, tmp_path / "run", stop_after_steps=2, **run))
+    loop.train(_config(raw_pairs, tmp_path / "run", **run))  # resumes at step 2 of 4
+    assert hashed == [str(raw_pairs)] * 2
+    again = loop.train(_config(raw_pairs, tmp_path / "run", **run))  # resumes at step 4 of 4
+    assert again.steps == 4 and not again.stopped_early and len(hashed) == 2
+    loop.train(_config(raw_pairs, tmp_path / "fresh", steps=2, verify_checksums=True, resume=False))
+    assert len(hashed) == 3
+
+
 def test_wrong_settings_and_eval_inputs_fail_before_overwrite_clears_anything(raw_pairs, tmp_path):
     """Found after `--overwrite` had cleared the output (preset, tokenizer), or after the last step (eval
     split, classes.json: no model was saved), these stopped a run only once its cost was paid."""
