@@ -36,8 +36,8 @@ from curation.rewrite import clean_caption as clean_prompt_text
 from curation.rewrite import parse_output
 from curation.languages import dominant_script
 from curation.names import names_in
-from curation.validation import (VALIDATION_VERSION, OutputReason, ValidationConfig, changed_fact, check_output,
-                                 in_other_language, normalise)
+from curation.validation import (VALIDATION_VERSION, OutputReason, ValidationConfig, changed_fact, chatter,
+                                 check_output, in_other_language, normalise)
 
 STAGE = "caption"
 
@@ -54,17 +54,20 @@ FUSION_INSTRUCTION = ("You combine two descriptions of the same picture into one
                       "the caption only, in one sentence.")
 FUSION_COMPLETION_HEADER = ("Web text and a visual description of the same picture, merged into one caption that "
                             "keeps the names from the web text and the visual details from the description:")
+# The labels the request puts before its two texts; a VeCap holding one (that its inputs do not) is an echo.
+WEB_TEXT, VISUAL_DESCRIPTION = "Web text:", "Visual description:"
+FUSION_LABELS = (WEB_TEXT.casefold(), VISUAL_DESCRIPTION.casefold())
 
 
 def fusion_messages(alt: str, visual: str) -> list[dict[str, str]]:
     """A chat model's fusion request: the instruction, then both texts as values in one user turn."""
     return [{"role": "system", "content": FUSION_INSTRUCTION},
-            {"role": "user", "content": f"Web text: {alt}\nVisual description: {visual}"}]
+            {"role": "user", "content": f"{WEB_TEXT} {alt}\n{VISUAL_DESCRIPTION} {visual}"}]
 
 
 def fusion_completion(alt: str, visual: str) -> str:
     """A base model's fusion request, ending where the merged caption starts."""
-    return f"{FUSION_COMPLETION_HEADER}\n\nWeb text: {alt}\nVisual description: {visual}\nCaption:"
+    return f"{FUSION_COMPLETION_HEADER}\n\n{WEB_TEXT} {alt}\n{VISUAL_DESCRIPTION} {visual}\nCaption:"
 
 
 # The VeC prompt is laid out by each vision engine's own processor; the fusion prompts here.
@@ -79,6 +82,9 @@ class Degenerate:
     ECHO = "echo_of_prompt"
     REPEATED = "repeated_tokens"
     TOO_SHORT = "too_short"
+    # A refusal or small talk ("I'm sorry, I can't identify people", "Sure! Here is ..."): an instruct VLM's
+    # answer about the picture, not a caption of it, which would train CLIP (and a fusion falling back to it).
+    CHATTER = "chatter"
 
 
 class FusionReason:
@@ -205,6 +211,8 @@ def degenerate_reason(text: str, prompt: str, min_words: int = 2) -> str | None:
         return Degenerate.REPEATED
     if len(words) < min_words:
         return Degenerate.TOO_SHORT
+    if chatter(text):
+        return Degenerate.CHATTER
     return None
 
 
@@ -371,6 +379,9 @@ class Fuser:
         cfg = self.config
         if fused.strip() and normalise(fused) in (normalise(alt_text), normalise(vec)):
             return OutputReason.IDENTICAL  # nothing was merged
+        # The request's own layout ("Web text: <the alt-text>", or both lines echoed) is no merged caption.
+        if any(label in fused.casefold() and label not in f"{alt_text} {vec}".casefold() for label in FUSION_LABELS):
+            return OutputReason.ECHO
         # Language and facts are judged against each input on its own: with German alt-text and an English
         # VeC, a fusion in either language is one, and keeps the numbers and colours of the text it is in.
         # Checked against the two as one text, every fusion was in another language than that mix.

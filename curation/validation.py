@@ -26,7 +26,9 @@ from curation.languages import (UNSPACED, dominant_script, is_function_word, lan
 
 # The rules' version, recorded with each stage's config: a resume under other rules would mix shards judged
 # by two of them. 2: labelled answers, steering, language by names, 6-word echoes, judged on the shown text.
-VALIDATION_VERSION = 2
+# 3: labels with an article or a verb ("The new caption is:", "Rewritten:", "A:"), refusals ("unable to
+# describe"), small talk in a VeC, the fusion prompt's own labels in a VeCap.
+VALIDATION_VERSION = 3
 
 
 class OutputReason:
@@ -80,21 +82,27 @@ class ValidationConfig:
 
 
 # Assistant small talk around or instead of a caption; matched at the start of the output. A phrase the
-# input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `_chatter`.
+# input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `chatter`.
 _CHATTER = re.compile(
     r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are| you go)\b|"
     r"i (can|cannot|can't|will|'ll|am|'m|apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|"
-    r"great (question|idea|choice)\b|great\s*[!,.]|"
-    # A labelled answer: "New caption:", "Caption 2:", "Rewording:", "Assistant:".
-    r"((new|alternative|alternate|another|improved|revised|rewritten|rephrased|final)\s+)?(caption|rewrite|rewording|"
-    r"rephrasing|paraphrase|version|option|answer|output|response|result|note|assistant|user|system)(\s*#?\d+)?"
-    r"(\s*:|\s+[-–—]\s)|"
+    r"great (question|idea|choice)\b|great\s*[!,.]|unable to\b|"
+    # A labelled answer: "New caption:", "The new caption is:", "Caption 2:", "Rewritten:", "A:", "Assistant:".
+    r"(((a|an|the|my|your|one)\s+)?((new|alternative|alternate|another|improved|revised|rewritten|rephrased|reworded|"
+    r"final|combined|merged|fused|short)\s+)*(caption|rewrite|rewording|rephrasing|paraphrase|version|option|answer|"
+    r"output|response|result|note|assistant|user|system|description)(\s*#?\d+)?|rewritten|reworded|rephrased|"
+    r"paraphrased|revised|combined|merged|fused|a|q)(\s+(is|would be))?(\s*:|\s+[-–—]\s)|"
     r"this (caption|image) )",
     re.IGNORECASE)
+# A label is the opener up to its colon or dash: held by the input only with them ("Q: A: ..."), where the
+# other openers are held by their words.
+_LABEL_END = (":", "-", "–", "—")
 # Small talk, a leaked instruction or leftover chat markup anywhere in the output.
 _CHATTER_ANYWHERE = re.compile(
     r"\b(as an ai|language model|i cannot help|i can't help|let me know|hope (this|that|it) helps|my (system )?"
-    r"(prompt|instructions?))\b|\((re)?written\)|<\|[^|<>\s]*\|>", re.IGNORECASE)
+    r"(prompt|instructions?)|unable to (describe|identify|determine)|can(not|'t) (describe|identify|determine)|"
+    r"too \w+ to (describe|identify|make out))\b|[|(]\s*(re)?(written|worded|phrased)\b\)?|<\|[^|<>\s]*\|>",
+    re.IGNORECASE)
 # A caption that tries to steer the model ("ignore previous instructions and ..."): an output must keep a real
 # share of its words, not just the one word of the task it smuggled in ("write a poem about the sea").
 _STEERING = re.compile(r"\b(ignore|disregard|forget|override)\b.{0,40}\b(instructions?|above|prompt|previous|"
@@ -303,17 +311,20 @@ def _echoes(plain: str, source_plain: str, echoes: _EchoPieces) -> bool:
     return any(piece in padded and piece not in source_padded for piece in echoes.pieces)
 
 
-def _chatter(text: str, source_plain: str) -> bool:
-    """Whether the output holds assistant small talk that the input does not.
+def chatter(text: str, source: str = "") -> bool:
+    """Whether the output holds assistant small talk, a refusal or an answer label that `source` does not.
 
     An opener the input itself holds ("Sure Foot boots", "I Can See Clearly
     Now") is part of the caption: it is skipped and the check goes on after it,
     so "Sure, here is a rewrite:" for that input still counts.
     """
-    padded = f" {source_plain} "
+    padded, held_text = f" {_source(source).plain} ", " ".join(source.casefold().split())
     rest = text
     while match := _CHATTER.search(rest):
-        if f" {normalise(match.group(1))} " not in padded:
+        opener = match.group(1)
+        held = (" ".join(opener.casefold().split()) in held_text if opener.rstrip().endswith(_LABEL_END)
+                else f" {normalise(opener)} " in padded)
+        if not held:
             return True
         rest = rest[match.end():]
     return any(f" {normalise(m.group(0))} " not in padded for m in _CHATTER_ANYWHERE.finditer(text))
@@ -413,7 +424,7 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
     limit = min(config.max_words, config.max_length_ratio * facts.words + config.max_extra_words)
     if words > limit:
         return OutputReason.TOO_LONG
-    if _chatter(text, facts.plain):
+    if chatter(text, source):
         return OutputReason.CHATTER
     plain = normalise(text)
     if plain == facts.plain:

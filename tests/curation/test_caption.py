@@ -81,6 +81,12 @@ def test_clean_vlm_output(raw, clean):
     ("a small house with a red roof, a red door and a red fence", None),  # three red things, no loop
     ("a man in a red shirt and a woman in a blue shirt sitting in a park", None),
     ("a red car a red car a red car", Degenerate.REPEATED),
+    # An instruct VLM's refusals and small talk: trained on, CLIP would learn "sorry" for photos of people.
+    ("I'm sorry, but I can't help with identifying people in images.", Degenerate.CHATTER),
+    ("As an AI language model, I cannot see images.", Degenerate.CHATTER),
+    ("The image is too blurry to describe.", Degenerate.CHATTER),
+    ("Sure! Here is a short sentence: a brown dog lying on green grass.", Degenerate.CHATTER),
+    ("a sorry-looking dog lying on wet grass", None),
 ])
 def test_degenerate_reason(text, reason):
     assert degenerate_reason(text, VEC_PROMPT) == reason
@@ -190,6 +196,18 @@ def test_fusion_in_either_inputs_script_is_one(alt, fused, reason):
     fuser = Fuser(ScriptedText(lambda prompt, p: fused), CaptionConfig(captioner_model="x",
                                                                        fusion_keep_proper_nouns=False))
     assert fuser.check(alt, "A large square with a red brick building covered in snow.", fused) == reason
+
+
+@pytest.mark.parametrize("fused, reason", [
+    ("Web text: Red Ferrari for sale in Milan", OutputReason.ECHO),  # the alt-text, labelled: nothing merged
+    ("Web text: Red Ferrari for sale in Milan. Visual description: A red sports car parked on a street.",
+     OutputReason.ECHO),
+    ("Combined caption: a red Ferrari for sale, parked on a street in Milan", OutputReason.CHATTER),
+    ("A red Ferrari for sale, parked on a street in Milan", None),
+])
+def test_a_fusion_in_the_request_s_own_layout_is_refused(fused, reason):
+    fuser = Fuser(ScriptedText(lambda prompt, p: fused), CaptionConfig(captioner_model="x"))
+    assert fuser.check("Red Ferrari for sale in Milan", "A red sports car parked on a street.", fused) == reason
 
 
 def test_fusion_prompt_treats_texts_as_data():

@@ -161,6 +161,10 @@ def test_an_obeyed_steering_caption_is_off_topic(source, output):
     "<|im_start|>assistant two red circles set on a plain backdrop",
     "two red circles set on a plain backdrop. I hope this helps!", "two red circles set on a plain backdrop (rewritten)",
     "Here you go: two red circles set on a plain backdrop", "Rewritten caption - two red circles on a plain backdrop",
+    "A new caption: two red circles set on a plain backdrop", "The new caption is: two red circles on a plain backdrop",
+    "Rewritten: two red circles set on a plain backdrop", "Paraphrased: two red circles set on a plain backdrop",
+    "A: two red circles set on a plain backdrop", "two red circles set on a plain backdrop | rewritten",
+    "Combined caption: two red circles set on a plain backdrop",
 ])
 def test_labelled_answers_small_talk_and_chat_markup_are_chatter(output):
     assert check_output(SOURCE, output) == OutputReason.CHATTER
@@ -168,6 +172,9 @@ def test_labelled_answers_small_talk_and_chat_markup_are_chatter(output):
                         "My system prompt tells me to rewrite image captions") == OutputReason.CHATTER
     assert check_output("User: guide to the new phone", "a user guide for the new phone") is None  # the input's own
     assert check_output("huge white shark near a diver", "Great white shark swimming near a diver") is None
+    # A label the input holds is the input's, with its colon: "A:" of a quiz, not the "a" of every caption.
+    assert check_output("Q: which planet is red? A: Mars, a quiz card", "A: Mars, on a red quiz card") is None
+    assert check_output("a red quiz card about Mars", "A red card with a quiz about Mars") is None
 
 
 def test_colours_and_counts_may_be_said_in_other_words():
