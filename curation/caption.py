@@ -159,6 +159,13 @@ class CaptionConfig:
                              f"got {self.fusion_prompt_format!r}")
         if not self.prompt.strip():
             raise ValueError("the caption prompt is empty")
+        # Here, not in a Beam worker after the models have loaded and the stage has recorded this config.
+        SamplingParams(self.max_new_tokens, self.temperature)
+        SamplingParams(self.max_new_tokens, self.retry_temperature, self.retry_top_p)
+        SamplingParams(self.fusion_max_new_tokens, self.fusion_temperature, self.fusion_top_p)
+        if self.fuse and self.fusion_temperature == 0 and self.fusion_attempts > 1:
+            raise ValueError("with fusion_temperature 0 a fusion retry repeats the refused output (greedy decoding "
+                             "ignores its seed): set fusion_attempts to 1 or a fusion_temperature above 0")
 
     def recorded(self) -> dict[str, Any]:
         """What decides the captions, for the stage config a resume must match: not the retries, the batch

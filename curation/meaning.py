@@ -30,11 +30,14 @@ class MeaningOverlap:
         return self._model
 
     def prime(self, texts: Sequence[str]) -> None:
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        """Embed the texts not cached yet in one pass. A full cache keeps only this batch's own texts: cleared
+        outright, their earlier embeddings went too, and each was then embedded alone on its call."""
+        wanted = dict.fromkeys(texts)
+        missing = [t for t in wanted if t not in self._cache]
         if not missing:
             return
         if len(self._cache) + len(missing) > self.cache_size:
-            self._cache.clear()
+            self._cache = {t: self._cache[t] for t in wanted if t in self._cache}
         vectors = self._load().encode(missing, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         self._cache.update(zip(missing, vectors))
 

@@ -73,9 +73,12 @@ EXAMPLES_BY_KIND: tuple[tuple[ExamplePair, ...], ...] = (
     ),
 )
 
-# Markup that opens or closes a chat turn in common templates; a caption must not carry it into a prompt.
-_SPECIAL_MARKUP = re.compile(r"<\|[^|<>]{0,40}\|>|</?s>|\[/?INST\]|<<?/?SYS>>?|<\|?(?:bos|eos|pad|unk)\|?>",
-                             re.IGNORECASE)
+# Markup that opens or closes a chat turn in common templates (ChatML and Llama 3 `<|...|>`, Llama 2, Mistral,
+# Gemma, DeepSeek's full-width bars); a caption must not carry it into a prompt. The model's own special
+# tokens are removed too where its tokenizer is at hand: a server's model (openai engine) may have none here.
+_SPECIAL_MARKUP = re.compile(r"<\|[^|<>]{0,40}\|>|<｜[^｜<>]{0,40}｜>|</?s>|\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|"
+                             r"TOOL_CALLS|TOOL_RESULTS)\]|<<?/?SYS>>?|<\|?(?:bos|eos|pad|unk)\|?>|"
+                             r"<(?:start|end)_of_(?:turn|text|image)>", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
 _QUOTES = "\"'“”‘’`"
 
@@ -123,6 +126,11 @@ class RewriteConfig:
             raise ValueError(f"row_fraction must be in (0, 1], got {self.row_fraction}")
         if not 0 <= self.examples_per_prompt <= len(EXAMPLES_BY_KIND):
             raise ValueError(f"examples_per_prompt must be in 0..{len(EXAMPLES_BY_KIND)}")
+        # Here, not in a Beam worker after the model has loaded and the stage has recorded this config.
+        SamplingParams(self.max_new_tokens, self.temperature, self.top_p)
+        if self.temperature == 0 and self.max_attempts > 1:
+            raise ValueError("with temperature 0 a retry repeats the refused output (greedy decoding ignores its "
+                             "seed): set max_attempts to 1 or a temperature above 0")
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(self.engine, self.model, self.gguf_file, self.dtype, dict(self.engine_options))
@@ -132,6 +140,8 @@ class RewriteConfig:
         sizes or the engine's run options, which a resume may change (RUN_OPTIONS)."""
         fields = asdict(self) | {"engine_options": output_options(self.engine_options),
                                  "validation_version": VALIDATION_VERSION}
+        if not self.meaning_check:  # decides nothing then: another value must not refuse a resume
+            fields["validation"].pop("min_similarity")
         return {k: v for k, v in fields.items() if k not in ("engine_retries", "engine_backoff_s", "requests_per_call")}
 
 

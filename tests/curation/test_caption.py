@@ -251,3 +251,14 @@ def test_two_vllm_engines_in_one_caption_run_share_the_gpu():
     assert both.fusion_spec().options["gpu_memory_utilization"] == 0.3  # what the user set stands
     alone = CaptionConfig(captioner_engine="vllm", captioner_model="x", fuse=False)
     assert "gpu_memory_utilization" not in alone.captioner_spec().options  # the engine's own default
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(fusion_top_p=0), "top_p must be in"), (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(fusion_max_new_tokens=0), "max_new_tokens must be positive"),
+    (dict(fusion_temperature=0), "with fusion_temperature 0 a fusion retry repeats"),
+])
+def test_caption_sampling_settings_are_refused_with_the_config(settings, message):
+    with pytest.raises(ValueError, match=message):
+        CaptionConfig(captioner_model="x", **settings)
+    assert CaptionConfig(captioner_model="x", fusion_temperature=0, fusion_attempts=1).fusion_temperature == 0

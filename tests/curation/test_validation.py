@@ -245,6 +245,27 @@ def test_helpers():
     assert word_overlap(SOURCE, "a pair of red rings") == (1, 4, 2)  # red; red circles plain background; pair rings
 
 
+def test_a_full_meaning_cache_keeps_the_batch_s_own_embeddings():
+    """Cleared outright, the cache lost the captions primed a call before: each was then embedded alone."""
+    import numpy as np
+
+    from curation.meaning import MeaningOverlap
+
+    encoded: list[list[str]] = []
+
+    class Embedder:
+        def encode(self, texts, **kw):
+            encoded.append(list(texts))
+            return [np.ones(2) / np.sqrt(2) for _ in texts]
+
+    overlap = MeaningOverlap(cache_size=3)
+    overlap._model = Embedder()
+    overlap.prime(["caption a", "caption b"])
+    overlap.prime(["caption a", "caption b", "rewrite a", "rewrite b"])  # past the size: the captions stay
+    assert encoded == [["caption a", "caption b"], ["rewrite a", "rewrite b"]]
+    assert overlap("caption a", "rewrite a") == pytest.approx(1.0) and len(encoded) == 2
+
+
 @pytest.mark.slow
 def test_meaning_overlap_with_minilm():
     from curation.meaning import MeaningOverlap

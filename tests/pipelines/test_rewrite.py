@@ -168,3 +168,5 @@ def test_row_fraction_rewrites_a_fixed_share(pairs, tmp_path, tiny_model):  # no
     assert 0 < sum(chosen) < len(chosen)
     assert [r is not None for r in table.column("rewrites").to_pylist()] == chosen
     assert result.manifest["stats"]["rows_not_selected"] == chosen.count(False)
+    stats = result.manifest["stats"]  # the rate counts the captions rewritten, not the rows left out
+    assert stats["captions_per_s_this_run"] == pytest.approx(sum(chosen) / stats["seconds"], rel=0.02)
