@@ -247,6 +247,10 @@ class RowCaption:
 VLLM_SHARED_GPU = 0.45
 # Images in a row that each failed on their own: past this the captioner, not an image, is what fails.
 IMAGE_ERRORS_IN_ROW = 8
+# Over this share of the last ERROR_WINDOW images (once ERROR_WINDOW_MIN are in) failing on their own, the
+# engine fails intermittently (an overloaded server timing out every other request): each of those rows
+# would keep a null caption that no resume asks for again, so the run stops instead.
+MAX_ERROR_SHARE, ERROR_WINDOW, ERROR_WINDOW_MIN = 0.25, 256, 32
 
 
 class Captioner:
@@ -255,6 +259,7 @@ class Captioner:
     def __init__(self, engine: VisionEngine, config: CaptionConfig):
         self.engine, self.config = engine, config
         self.errors_in_row = 0  # across batches: whether an image fails alone must not depend on its batch
+        self.recent_errors: collections.deque[bool] = collections.deque(maxlen=ERROR_WINDOW)
 
     def caption(self, keys: Sequence[str], images: Sequence[Image.Image], seed: int) -> list[RowCaption]:
         if len(keys) != len(images):
@@ -301,8 +306,9 @@ class Captioner:
 
         One image the backend cannot handle (a processor edge case) then costs its own caption, not the
         shard, whether it came in a batch or alone (a request that timed out too). The error goes up when
-        the engine itself is down: a server it cannot connect to (`engine.unreachable`), or
-        IMAGE_ERRORS_IN_ROW images in a row that each failed on their own.
+        the engine itself is down: a server it cannot connect to (`engine.unreachable`),
+        IMAGE_ERRORS_IN_ROW images in a row that each failed on their own, or over MAX_ERROR_SHARE of the
+        recent ones.
         """
         cfg = self.config
         try:
@@ -319,6 +325,12 @@ class Captioner:
         if len(outputs) != len(images):
             raise RuntimeError(f"captioner {self.engine.name} returned {len(outputs)} captions "
                                f"for {len(images)} images")
+        self.recent_errors.extend(output is None for output in outputs)
+        failed, seen = sum(self.recent_errors), len(self.recent_errors)
+        if seen >= ERROR_WINDOW_MIN and failed > MAX_ERROR_SHARE * seen:
+            raise RuntimeError(f"captioner {self.engine.name}: {failed} of the last {seen} images failed on their "
+                               f"own (over {MAX_ERROR_SHARE:.0%}), so the engine fails intermittently (a server "
+                               f"overloaded or timing out?); finished shards are kept: rerun to resume")
         return outputs
 
     def _alone(self, image: Image.Image, params: SamplingParams, error: Exception | None) -> Generation | None:

@@ -58,7 +58,8 @@ class OpenAIVisionEngine:
         check_paired(images, params, "images")
         if not images:
             return []
-        # After a failure nothing more is sent: a dead server costs one timeout, not one per image.
+        # After a failure nothing more of this call is sent: a dead server costs one failed request, not one
+        # per image (a hung one costs a timeout per image the captioner then asks alone; see Captioner).
         futures = send_concurrently(self._one, [(image, prompt, p) for image, p in zip(images, params)],
                                     self.concurrency)
         for future in futures:

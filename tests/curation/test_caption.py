@@ -5,9 +5,9 @@ import collections
 import pytest
 from PIL import Image
 
-from curation.caption import (FUSION_INSTRUCTION, IMAGE_ERRORS_IN_ROW, VEC_PROMPT, VLLM_SHARED_GPU, CaptionConfig,
-                              Captioner, Degenerate, Fuser, FusionReason, clean_vlm_output, degenerate_reason,
-                              summarise)
+from curation.caption import (ERROR_WINDOW_MIN, FUSION_INSTRUCTION, IMAGE_ERRORS_IN_ROW, VEC_PROMPT, VLLM_SHARED_GPU,
+                              CaptionConfig, Captioner, Degenerate, Fuser, FusionReason, clean_vlm_output,
+                              degenerate_reason, summarise)
 from curation.engines.base import Generation
 from curation.validation import OutputReason
 
@@ -129,6 +129,24 @@ def test_an_image_the_engine_fails_on_costs_only_its_own_caption():
     with pytest.raises(RuntimeError, match=f"{IMAGE_ERRORS_IN_ROW} images in a row failed on their own"):
         for batch in range(IMAGE_ERRORS_IN_ROW):
             captioner.caption([f"b{batch}"], images(2), seed=0)
+
+
+def test_an_engine_failing_every_other_image_stops_the_run_instead_of_nulling_half_the_captions():
+    """No two failures in a row, so the in-a-row stop never came: half the rows kept a null caption that no
+    resume asks for again."""
+    class Flaky(ScriptedVision):
+        def caption(self, images, prompt, params):
+            self.calls.append(len(images))
+            if len(self.calls) % 2:
+                raise RuntimeError("timed out")
+            return [Generation("a red circle on white", 3, 5)] * len(images)
+
+    captioner = Captioner(Flaky({}), CaptionConfig(captioner_model="x", engine_retries=0))
+    with pytest.raises(RuntimeError, match="of the last 32 images failed on their own"):
+        for row in range(ERROR_WINDOW_MIN):
+            assert captioner.caption([f"r{row}"], images(1), seed=0)[0].stats["vec.engine_error"] == (row % 2 == 0)
+    steady = Captioner(Flaky({}), CaptionConfig(captioner_model="x", engine_retries=1, engine_backoff_s=0))
+    assert all(steady.caption([f"r{row}"], images(1), seed=0)[0].text for row in range(2 * ERROR_WINDOW_MIN))
 
 
 def test_a_captioner_that_cannot_reach_its_server_stops_at_once():
