@@ -28,7 +28,7 @@ from PIL import Image
 
 from curation.engines import (DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, VisionEngine,
                               output_options)
-from curation.engines.base import prompt_sha256
+from curation.engines.base import CaptionsFailed, prompt_sha256
 from curation.engines.recovery import attempts_for, generate_with_recovery, with_retries
 from curation.engines.seeding import derive_seed
 from curation.images import ImageConfig
@@ -305,26 +305,42 @@ class Captioner:
         passing out-of-memory), image by image, with None for an image that alone fails.
 
         One image the backend cannot handle (a processor edge case) then costs its own caption, not the
-        shard, whether it came in a batch or alone (a request that timed out too). The error goes up when
-        the engine itself is down: a server it cannot connect to (`engine.unreachable`),
-        IMAGE_ERRORS_IN_ROW images in a row that each failed on their own, or over MAX_ERROR_SHARE of the
-        recent ones.
+        shard, whether it came in a batch or alone (a request that timed out too). An engine that says which
+        of its captions came back (CaptionsFailed: a server's requests, each retried by its client) keeps
+        those; its failed requests count as failed alone and the ones it did not send go again as a batch,
+        concurrent still. The error goes up when the engine itself is down: a server it cannot connect to
+        (`engine.unreachable`), IMAGE_ERRORS_IN_ROW images in a row that each failed on their own, or over
+        MAX_ERROR_SHARE of the recent ones.
         """
-        cfg = self.config
-        try:
-            outputs: list[Generation | None] = list(with_retries(
-                lambda: self.engine.caption(images, cfg.prompt, params),
-                attempts=attempts_for(self.engine, cfg.engine_retries),
-                backoff_s=cfg.engine_backoff_s, what=f"captioner {self.engine.name} on {len(images)} images"))
+        outputs: list[Generation | None] = [None] * len(images)
+        todo = list(range(len(images)))
+        while todo:
+            try:
+                got = self._batch([images[i] for i in todo], [params[i] for i in todo])
+            except Exception as batch_error:
+                if self._unreachable(batch_error):
+                    raise
+                if not (isinstance(batch_error, CaptionsFailed) and len(batch_error.results) == len(todo)):
+                    for i in todo:
+                        outputs[i] = self._alone(images[i], params[i], batch_error if len(todo) == 1 else None)
+                    break
+                unsent, failed_alone = [], set(batch_error.failed)
+                for j, (i, output) in enumerate(zip(todo, batch_error.results)):
+                    if output is not None:
+                        outputs[i], self.errors_in_row = output, 0
+                    elif j in failed_alone:
+                        self._alone(images[i], params[i], batch_error)  # counted: its client retried it already
+                    else:
+                        unsent.append(i)
+                todo = unsent
+                continue
+            if len(got) != len(todo):
+                raise RuntimeError(f"captioner {self.engine.name} returned {len(got)} captions "
+                                   f"for {len(todo)} images")
+            for i, output in zip(todo, got):
+                outputs[i] = output
             self.errors_in_row = 0
-        except Exception as batch_error:
-            if self._unreachable(batch_error):
-                raise
-            outputs = [self._alone(image, p, batch_error if len(images) == 1 else None)
-                       for image, p in zip(images, params)]
-        if len(outputs) != len(images):
-            raise RuntimeError(f"captioner {self.engine.name} returned {len(outputs)} captions "
-                               f"for {len(images)} images")
+            break
         self.recent_errors.extend(output is None for output in outputs)
         failed, seen = sum(self.recent_errors), len(self.recent_errors)
         if seen >= ERROR_WINDOW_MIN and failed > MAX_ERROR_SHARE * seen:
@@ -332,6 +348,14 @@ class Captioner:
                                f"own (over {MAX_ERROR_SHARE:.0%}), so the engine fails intermittently (a server "
                                f"overloaded or timing out?); finished shards are kept: rerun to resume")
         return outputs
+
+    def _batch(self, images: list[Image.Image], params: list[SamplingParams]) -> list[Generation]:
+        """One engine call over `images`, with the engine's retries."""
+        cfg = self.config
+        return list(with_retries(lambda: self.engine.caption(images, cfg.prompt, params),
+                                 attempts=attempts_for(self.engine, cfg.engine_retries),
+                                 backoff_s=cfg.engine_backoff_s,
+                                 what=f"captioner {self.engine.name} on {len(images)} images"))
 
     def _alone(self, image: Image.Image, params: SamplingParams, error: Exception | None) -> Generation | None:
         """One image's caption asked alone (`error`: how that already failed), None if it fails."""
@@ -351,6 +375,8 @@ class Captioner:
         return None
 
     def _unreachable(self, error: Exception) -> bool:
+        if isinstance(error, CaptionsFailed) and isinstance(error.__cause__, Exception):
+            error = error.__cause__  # the first failed request's own error
         check = getattr(self.engine, "unreachable", None)
         return isinstance(error, ConnectionError) or bool(check and check(error))
 

@@ -99,6 +99,16 @@ def send_concurrently(send: Callable[..., T], requests: Sequence[tuple], concurr
     return futures
 
 
+class CaptionsFailed(RuntimeError):
+    """Some images of a captioning call failed for good; `results` holds the captions that came back (None for
+    the others), `failed` the indices whose request failed itself (the rest of the Nones were not sent)."""
+
+    def __init__(self, results: list[Generation | None], failed: list[int], first: BaseException):
+        self.results, self.failed = results, failed
+        super().__init__(f"{len(failed)} of {len(results)} images failed, {results.count(None) - len(failed)} not "
+                         f"sent; first: image {failed[0]}: {type(first).__name__}: {first}")
+
+
 def not_sent(future: Future) -> bool:
     return future.cancelled() or isinstance(future.exception(), NotSent)
 
@@ -193,7 +203,11 @@ class ChatTokenizer:
 
 @runtime_checkable
 class VisionEngine(Protocol):
-    """Generates one caption per image for a shared instruction prompt."""
+    """Generates one caption per image for a shared instruction prompt.
+
+    A call that fails may raise CaptionsFailed, holding the captions it did finish, so that the caller asks
+    again only for the others.
+    """
 
     name: str
 

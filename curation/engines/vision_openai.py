@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from curation.engines.base import Generation, SamplingParams, check_paired, not_sent, send_concurrently
+from curation.engines.base import (CaptionsFailed, Generation, SamplingParams, check_paired, not_sent,
+                                   send_concurrently)
 
 
 def data_uri(image: Image.Image, quality: int = 90) -> str:
@@ -59,12 +60,15 @@ class OpenAIVisionEngine:
         if not images:
             return []
         # After a failure nothing more of this call is sent: a dead server costs one failed request, not one
-        # per image (a hung one costs a timeout per image the captioner then asks alone; see Captioner).
+        # per image. The captions that did come back go up with the error, so that only the others are asked
+        # again: a request timing out in a batch of 64 costs its own caption, not 63 captions asked anew.
         futures = send_concurrently(self._one, [(image, prompt, p) for image, p in zip(images, params)],
                                     self.concurrency)
-        for future in futures:
-            if not not_sent(future) and future.exception() is not None:
-                raise future.exception()
+        failed = [i for i, f in enumerate(futures) if not not_sent(f) and f.exception() is not None]
+        if failed:
+            first = futures[failed[0]].exception()
+            results = [None if not_sent(f) or f.exception() is not None else f.result() for f in futures]
+            raise CaptionsFailed(results, failed, first) from first
         return [f.result() for f in futures]
 
     @staticmethod

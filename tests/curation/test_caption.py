@@ -8,7 +8,7 @@ from PIL import Image
 from curation.caption import (ERROR_WINDOW_MIN, FUSION_INSTRUCTION, IMAGE_ERRORS_IN_ROW, VEC_PROMPT, VLLM_SHARED_GPU,
                               CaptionConfig, Captioner, Degenerate, Fuser, FusionReason, clean_vlm_output,
                               degenerate_reason, summarise)
-from curation.engines.base import Generation
+from curation.engines.base import CaptionsFailed, Generation
 from curation.validation import OutputReason
 
 
@@ -147,6 +147,25 @@ def test_an_engine_failing_every_other_image_stops_the_run_instead_of_nulling_ha
             assert captioner.caption([f"r{row}"], images(1), seed=0)[0].stats["vec.engine_error"] == (row % 2 == 0)
     steady = Captioner(Flaky({}), CaptionConfig(captioner_model="x", engine_retries=1, engine_backoff_s=0))
     assert all(steady.caption([f"r{row}"], images(1), seed=0)[0].text for row in range(2 * ERROR_WINDOW_MIN))
+
+
+def test_captions_a_failed_call_did_finish_are_kept_and_only_its_unsent_images_go_again_as_a_batch():
+    class Partial(ScriptedVision):
+        retries_requests = True  # as a server's client: each request retried already, the batch is not
+
+        def caption(self, images, prompt, params):
+            out = super().caption(images, prompt, params)
+            if len(self.calls) == 1:  # image 2 failed after its client's retries; 3 and 4 were not sent
+                raise CaptionsFailed([out[0], None, None, None, out[4]], [1], TimeoutError("timed out"))
+            return out
+
+    engine = Partial({w: [f"a picture {w} pixels wide"] for w in range(1, 6)})
+    rows = Captioner(engine, CaptionConfig(captioner_model="x", retries=0)).caption(
+        list("abcde"), images(1, 2, 3, 4, 5), seed=0)
+    assert [r.text for r in rows] == ["a picture 1 pixels wide", None, "a picture 3 pixels wide",
+                                      "a picture 4 pixels wide", "a picture 5 pixels wide"]
+    assert rows[1].stats["vec.engine_error"] == 1 and not rows[2].stats["vec.engine_error"]
+    assert [[width for width, _ in call] for call in engine.calls] == [[1, 2, 3, 4, 5], [3, 4]]
 
 
 def test_a_captioner_that_cannot_reach_its_server_stops_at_once():

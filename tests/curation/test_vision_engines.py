@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from curation.engines import EngineSpec
-from curation.engines.base import SamplingParams, VisionEngine
+from curation.caption import CaptionConfig, Captioner
+from curation.engines.base import CaptionsFailed, SamplingParams, VisionEngine
 from curation.engines.vision import make_vision_engine
 from curation.engines.vision_tiny import RANDOM_MODEL_MARKER, build_tiny_vlm, is_random_model
 from curation.images import prepare_image
@@ -191,6 +192,52 @@ def test_openai_captioner_defaults_to_a_local_server_and_knows_an_unreachable_on
     assert str(local.client.base_url).startswith("http://127.0.0.1:8000/v1")
     dead = make_vision_engine(EngineSpec("openai", "fake-vlm", options={
         "base_url": f"http://127.0.0.1:{free_port()}/v1", "retries": 0, "timeout": 5.0}))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(CaptionsFailed) as info:
         dead.caption([Image.new("RGB", (8, 8))] * 3, "Describe.", [SamplingParams(4, 0.0, 1.0, s) for s in range(3)])
-    assert dead.unreachable(info.value) and not dead.unreachable(ValueError("bad image"))
+    assert info.value.results == [None] * 3 and info.value.failed
+    assert dead.unreachable(info.value.__cause__) and not dead.unreachable(ValueError("bad image"))
+    with pytest.raises(CaptionsFailed):
+        Captioner(dead, CaptionConfig(captioner_model="fake-vlm")).caption(["a"], [Image.new("RGB", (8, 8))], seed=0)
+
+
+class _PickyVisionServer(_FakeVisionServer):
+    """Refuses (400, which the client does not retry) any image 13 pixels wide; counts what it is sent."""
+
+    widths: list[int] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        length = int(self.headers["Content-Length"])
+        body = self.rfile.read(length)
+        url = next(p["image_url"]["url"] for p in json.loads(body)["messages"][0]["content"]
+                   if p["type"] == "image_url")
+        width = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).width
+        self.widths.append(width)
+        if width == 13:
+            data = json.dumps({"error": {"message": "cannot process this image"}}).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.rfile = io.BytesIO(body)
+        super().do_POST()
+
+
+def test_a_server_failing_one_image_keeps_the_batch_s_other_captions_without_asking_again():
+    """The captions that came back go up with the error: the image the server refused costs its own caption,
+    and no image is sent twice (before, the whole batch was asked again image by image, serially)."""
+    _PickyVisionServer.widths = []
+    server = HTTPServer(("127.0.0.1", 0), _PickyVisionServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        engine = make_vision_engine(EngineSpec("openai", "fake-vlm", options={
+            "base_url": f"http://127.0.0.1:{server.server_port}/v1", "retries": 0, "concurrency": 4}))
+        pictures = [Image.new("RGB", (w, 20), (250, 0, 0)) for w in (30, 13, 31, 32)]
+        rows = Captioner(engine, CaptionConfig(captioner_model="fake-vlm", retries=0)).caption(
+            ["a", "b", "c", "d"], pictures, seed=0)
+    finally:
+        server.shutdown()
+    assert [r.text is not None for r in rows] == [True, False, True, True]
+    assert rows[0].text.startswith("data:image/jpeg;base64 30x20") and rows[1].stats["vec.engine_error"] == 1
+    assert sorted(_PickyVisionServer.widths) == [13, 30, 31, 32]
