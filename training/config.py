@@ -120,6 +120,9 @@ class TrainConfig:
             "fused_optimizer": not self.fused_optimizer or self.optimizer in ("stable_spam", "adamw"),
             "t": self.t >= 0 and math.isfinite(self.t),
             "holdout_max_pairs": self.holdout_max_pairs >= 1, "dist_timeout_minutes": self.dist_timeout_minutes >= 1,
+            "log_every": self.log_every >= 1, "eval_every": self.eval_every >= 0, "threads": self.threads >= 0,
+            "image_size": self.image_size >= 0, "context_length": self.context_length >= 0,
+            "vocab_size": self.vocab_size >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -161,12 +164,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
-# Settings that may differ between a run and its resumption without changing what is trained.
-RESUME_FREE = frozenset({"stop_after_steps", "progress", "log_every", "eval_every", "threads",
+# Settings that may differ between a run and its resumption without changing what is trained. The input
+# and output are checked otherwise: the input by its fingerprint (its shards' contents, wherever they are
+# and however their path is spelled), the output is where the resumed checkpoint was found.
+RESUME_FREE = frozenset({"input", "output", "stop_after_steps", "progress", "log_every", "eval_every", "threads",
                          "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "eval", "classes",
                          "holdout_max_pairs", "compile", "assume_online_balanced",
                          "dist_timeout_minutes", "verify_checksums"})
 
+
+# Settings naming a local file or folder (a tokenizer may also be a hub id).
+LOCAL_PATHS = frozenset({"tokenizer", "entry_counts"})
 
 # What a run stopped for divergence may change when resumed: its message tells the user to retry so.
 RETRY_AFTER_DIVERGENCE = frozenset({"lr", "warmup_steps", "grad_clip", "max_bad_steps"})
@@ -176,6 +184,13 @@ def resume_mismatches(saved: dict, current: TrainConfig, diverged: bool = False)
     """Fields whose change would make a resumed run a different run (a diverged one's retry excepted)."""
     now = current.to_dict()
     free = RESUME_FREE | RETRY_AFTER_DIVERGENCE if diverged else RESUME_FREE
-    return sorted(k for k in now if k not in free and k in saved and saved[k] != now[k])
+    return sorted(k for k in now if k not in free and k in saved and _as_compared(k, saved[k]) != _as_compared(k, now[k]))
+
+
+def _as_compared(name: str, value: object) -> object:
+    """A local path setting as the file it names (`work/x` is `./work/x`); a hub id or another setting as is."""
+    if name in LOCAL_PATHS and value and Path(str(value)).exists():
+        return str(Path(str(value)).resolve())
+    return value
 
 

@@ -18,14 +18,15 @@
   partial batch, curated-out or corrupt rows after the last sample). So one
   DataLoader serves the whole run (no worker start-up per epoch), and every
   counter covers every row exactly once.
-- `train_batches` hands batches out in a fixed schedule: readers take turns,
-  a reader that reached its end of the epoch drops out until all have, then
-  the next epoch starts with reader 0. Batches a reader delivers early wait in
-  a queue: as many as the readers' batch counts in an epoch differ (the
-  DataLoader hands its workers' batches out in turn).
+- `train_batches` hands batches out in the DataLoader's own order: readers
+  take turns, one item each (a batch, or an epoch's end marker), and each
+  reader goes on into its next epoch on its own. No batch waits in the main
+  process for another reader to catch up, however far their epochs drift apart
+  over a long run.
 - Resume: every batch carries its reader and its position in that reader's
-  stream (before decoding), and `LoaderState` records, per reader, what was
-  consumed and whether its epoch end was. A resumed reader fast-forwards
+  stream (before decoding), and `LoaderState` records, per reader, its epoch
+  and what of it was consumed, and whose turn is next: the resumed
+  DataLoader's first worker serves that reader. A resumed reader fast-forwards
   without decoding and drops the counts of what it skips (they were counted
   before the checkpoint), so batches and counters equal an uninterrupted run's;
   row groups whose rows it all skips are read without their images and texts.
@@ -53,8 +54,8 @@ from training.tokenizer import encode
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' own threads fight the DataLoader's forks
 # Version of how an epoch orders its units, recorded in checkpoints: a loader state is a position in that
 # order, so a resume under another one would repeat or skip rows. 2: seeded by the shard's name in the input;
-# 3: dealt to readers as equal row ranges.
-DATA_ORDER = 3
+# 3: dealt to readers as equal row ranges; 4: readers' turns run on across epoch ends.
+DATA_ORDER = 4
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,9 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        reader, readers = (info.id, info.num_workers) if info else (0, 1)
+        worker, readers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader asks its workers in turn from worker 0, so worker 0 serves the reader whose turn is next.
+        reader = (worker + self.start.next_reader) % readers
         if not self.spec.train:
             yield from self.epoch(reader, readers, 0)
             return
@@ -260,45 +263,48 @@ class ShardStream(IterableDataset):
 
 @dataclass
 class LoaderState:
-    """Where a rank's data stream stands: epoch, what each reader delivered, whose turn is next, counters."""
+    """Where a rank's data stream stands: each reader's epoch and position in it, whose turn is next, counters."""
 
-    epoch: int = 0
+    epochs: dict[int, int] = field(default_factory=dict)     # reader -> the epoch it is in
     consumed: dict[int, int] = field(default_factory=dict)   # reader -> stream position after its last batch
-    finished: list[int] = field(default_factory=list)       # readers whose end of this epoch was consumed
+    batches: dict[int, int] = field(default_factory=dict)    # reader -> batches it gave in its current epoch
     next_reader: int = 0
-    batches: int = 0            # batches consumed in this epoch
     counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs every reader has finished."""
+        return min(self.epochs.values(), default=0)
 
     def start_of(self, reader: int) -> tuple[int, int]:
         """(epoch, stream position) a reader restarts from."""
-        if reader in self.finished:
-            return self.epoch + 1, 0
-        return self.epoch, self.consumed.get(reader, 0)
+        return self.epochs.get(reader, 0), self.consumed.get(reader, 0)
 
     def update(self, item: dict, readers: int) -> None:
         """Account for a batch or an end marker handed out by `train_batches`."""
+        reader = item["reader"]
         if item.get("end"):
-            self.finished.append(item["reader"])
+            self.epochs[reader] = self.epochs.get(reader, 0) + 1
+            self.consumed[reader] = self.batches[reader] = 0
         else:
-            self.consumed[item["reader"]] = item["stream_end"]
-            self.batches += 1
-        self.next_reader = (item["reader"] + 1) % readers
+            self.consumed[reader] = item["stream_end"]
+            self.batches[reader] = self.batches.get(reader, 0) + 1
+        self.next_reader = (reader + 1) % readers
         for k, v in item["counts"].items():
             self.counts[k] = self.counts.get(k, 0) + v
 
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.consumed, self.finished, self.next_reader, self.batches = {}, [], 0, 0
-
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": {str(k): v for k, v in self.consumed.items()},
-                "finished": sorted(self.finished), "next_reader": self.next_reader, "batches": self.batches,
-                "counts": dict(self.counts)}
+        return {"epochs": {str(k): v for k, v in self.epochs.items()},
+                "consumed": {str(k): v for k, v in self.consumed.items()},
+                "batches": {str(k): v for k, v in self.batches.items()},
+                "next_reader": self.next_reader, "counts": dict(self.counts)}
 
     @classmethod
     def from_dict(cls, data: dict) -> LoaderState:
-        return cls(data["epoch"], {int(k): v for k, v in data["consumed"].items()}, list(data["finished"]),
-                   data["next_reader"], data["batches"], dict(data["counts"]))
+        def per_reader(name: str) -> dict[int, int]:
+            return {int(k): v for k, v in data[name].items()}
+        return cls(per_reader("epochs"), per_reader("consumed"), per_reader("batches"), data["next_reader"],
+                   dict(data["counts"]))
 
 
 def readers_for(shards: ShardSet, workers: int, world_size: int, batch_size: int) -> int:
@@ -326,27 +332,26 @@ def train_batches(spec: StreamSpec, tokenizer, state: LoaderState, *, workers: i
                          start=LoaderState.from_dict(state.to_dict()))
     loader = DataLoader(stream, batch_size=None, num_workers=readers if workers else 0, pin_memory=pin_memory,
                         prefetch_factor=4 if workers else None)
-    arrived: dict[int, collections.deque] = {r: collections.deque() for r in range(readers)}
+    for reader in range(readers):
+        state.epochs.setdefault(reader, 0)
+    fruitless: set[int] = set()  # readers whose last epoch gave no batch
     source = iter(loader)
     try:
-        while True:
-            turn = [r % readers for r in range(state.next_reader, state.next_reader + readers)]
-            waiting = [r for r in turn if r not in state.finished]
-            if not waiting:
-                if state.batches == 0:
-                    raise ValueError(f"epoch {state.epoch} gave no full batch of {batch_size} on rank {rank}: "
-                                     f"too few training rows ({spec.shards.rows} in {spec.shards.shards} shards, "
-                                     f"before holdout and curation); lower --batch_size")
-                state.next_epoch()
-                continue
-            reader = waiting[0]
-            while not arrived[reader]:
-                item = next(source)
-                arrived[item["reader"]].append(item)
-            item = arrived[reader].popleft()
+        for item in source:
+            if item["reader"] != state.next_reader:
+                raise RuntimeError(f"the DataLoader handed out reader {item['reader']}'s item in reader "
+                                   f"{state.next_reader}'s turn: the data order would not resume")
+            empty = bool(item.get("end")) and not state.batches.get(item["reader"], 0)
             state.update(item, readers)
             if not item.get("end"):
+                fruitless.discard(item["reader"])
                 yield item
+            elif empty:
+                fruitless.add(item["reader"])
+                if len(fruitless) == readers:
+                    raise ValueError(f"epoch {item['epoch']} gave no full batch of {batch_size} on rank {rank}: "
+                                     f"too few training rows ({spec.shards.rows} in {spec.shards.shards} shards, "
+                                     f"before holdout and curation); lower --batch_size")
     finally:
         del source  # its workers shut down with it
 

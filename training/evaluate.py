@@ -35,6 +35,7 @@ from training.tokenizer import encode
 TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an illustration of a {}.", "a drawing of a {}.",
              "a close-up photo of a {}.", "a photo of the {}.")
 RECALL_AT = (1, 5, 10)
+EVAL_BATCH = 128  # images or texts encoded at once
 RANK_CHUNK = 1024  # query rows scored at a time: memory grows with the pool, not its square
 
 
@@ -124,18 +125,13 @@ def _image_features(model, images: list[bytes], image_size: int, device: torch.d
 
 
 @torch.no_grad()
-def zero_shot(model, tokenizer, eval_dir: str | Path, classes: list[str], *, image_size: int, context_length: int,
-              device: torch.device, precision: str = "fp32", templates: Iterable[str] = TEMPLATES,
-              batch_size: int = 128) -> dict:
-    """Top-1/top-5 accuracy over `classes`, plus accuracy per attribute column (e.g. colour, shape)."""
-    table = load_labelled(eval_dir)
+def zero_shot(model, tokenizer, table: pa.Table, classes: list[str], features: torch.Tensor, kept: list[int], *,
+              context_length: int, device: torch.device, precision: str = "fp32",
+              templates: Iterable[str] = TEMPLATES) -> dict:
+    """Top-1/top-5 accuracy over `classes`, plus accuracy per attribute column (e.g. colour, shape), for the
+    labelled split `table` whose decodable images `kept` have the image `features`."""
     labels = table.column("label").to_pylist()
-    _check_labels(eval_dir, labels, classes)
     weights = class_weights(model, tokenizer, classes, templates, context_length, device, precision)
-    features, kept = _image_features(model, table.column("image").to_pylist(), image_size, device, precision, batch_size)
-    if not kept:
-        raise ValueError(f"none of the {table.num_rows} images of eval split {eval_dir} decodes: zero-shot has "
-                         f"nothing to score")
     logits = 100.0 * features @ weights.T
     target = torch.tensor([classes.index(labels[i]) for i in kept], device=logits.device)
     top5 = logits.topk(min(5, len(classes)), dim=1).indices
@@ -208,10 +204,10 @@ def _first_of_each(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def retrieval_on_table(model, tokenizer, images: list[bytes], captions: list[str], *, image_size: int,
+def retrieval_on_table(model, tokenizer, image_features: torch.Tensor, kept: list[int], captions: list[str], *,
                        context_length: int, device: torch.device, precision: str = "fp32", prefix: str,
-                       batch_size: int = 128) -> dict:
-    image_features, kept = _image_features(model, images, image_size, device, precision, batch_size)
+                       batch_size: int = EVAL_BATCH) -> dict:
+    """Retrieval between the `kept` images' features and their captions."""
     texts = [captions[i] for i in kept]
     text_features, token_ids = [], []
     for chunk in _batches(texts, batch_size):
@@ -226,7 +222,7 @@ def retrieval_on_table(model, tokenizer, images: list[bytes], captions: list[str
 
 @torch.no_grad()
 def holdout_retrieval(model, tokenizer, spec: StreamSpec, *, device: torch.device, precision: str = "fp32",
-                      batch_size: int = 128) -> dict:
+                      batch_size: int = EVAL_BATCH) -> dict:
     """Retrieval over the shards' first `spec.max_rows` held-out rows (alt-text as the text, centre crop)."""
     image_features, text_features, token_ids = [], [], []
     for batch in ShardStream(spec, tokenizer, batch_size):
@@ -254,16 +250,21 @@ def evaluate_all(model, tokenizer, *, holdout: StreamSpec | None, eval_dir: str 
     metrics: dict = {}
     try:
         if eval_dir:
-            if classes_path is None or not classes_path.is_file():
-                raise FileNotFoundError(f"zero-shot needs a classes.json; none at {classes_path}")
-            metrics.update(zero_shot(model, tokenizer, eval_dir, load_classes(classes_path), image_size=image_size,
-                                     context_length=context_length, device=device, precision=precision))
+            # Decoded and encoded once for both scores: each evaluation on rank 0 holds the others back.
             table = load_labelled(eval_dir)
+            classes = load_classes(classes_path)
+            _check_labels(eval_dir, table.column("label").to_pylist(), classes)
+            features, kept = _image_features(model, table.column("image").to_pylist(), image_size, device,
+                                             precision, EVAL_BATCH)
+            if not kept:
+                raise ValueError(f"none of the {table.num_rows} images of eval split {eval_dir} decodes: zero-shot "
+                                 f"has nothing to score")
+            metrics.update(zero_shot(model, tokenizer, table, classes, features, kept,
+                                     context_length=context_length, device=device, precision=precision))
             if "caption" in table.column_names:
                 metrics.update(retrieval_on_table(
-                    model, tokenizer, table.column("image").to_pylist(), table.column("caption").to_pylist(),
-                    image_size=image_size, context_length=context_length, device=device, precision=precision,
-                    prefix="eval"))
+                    model, tokenizer, features, kept, table.column("caption").to_pylist(),
+                    context_length=context_length, device=device, precision=precision, prefix="eval"))
         if holdout is not None and holdout.holdout_fraction > 0:
             metrics.update(holdout_retrieval(model, tokenizer, holdout, device=device, precision=precision))
     finally:

@@ -115,18 +115,24 @@ def _is_trainer_output(output: Path) -> bool:
     return not any(path.name != OVERWRITE_SENTINEL for path in output.iterdir())  # the orchestrator's, not a file
 
 
+def _read_paths(config: TrainConfig) -> list[tuple[str, Path]]:
+    """(flag, resolved path) of each local file or folder the run reads."""
+    named = [("input", config.input), ("eval", config.eval), ("entry_counts", config.entry_counts),
+             ("classes", config.classes_path), ("tokenizer", config.tokenizer)]
+    return [(flag, Path(path).resolve()) for flag, path in named if path and Path(path).exists()]
+
+
 def _prepare_output(config: TrainConfig, output: Path) -> None:
-    """Clear an earlier run on --overwrite; refuse to start a second run beside an earlier one's checkpoints;
-    put back a checkpoint that a killed save had renamed aside."""
-    restore_interrupted_save(output)
+    """Clear an earlier run on --overwrite (never what this run reads); refuse to start a second run beside
+    an earlier one's checkpoints."""
     if config.overwrite and output.exists():
         if not _is_trainer_output(output):
             raise ValueError(f"--overwrite would delete {output}, which holds no trainer output; "
                              f"choose another --output")
-        tokenizer = Path(config.tokenizer).resolve() if config.tokenizer else None
-        if tokenizer is not None and (tokenizer == output.resolve() or output.resolve() in tokenizer.parents):
-            raise ValueError(f"--overwrite would delete {output}, the --tokenizer this run loads; "
-                             f"choose another --output")
+        for flag, path in _read_paths(config):
+            if path == output.resolve() or output.resolve() in path.parents:
+                raise ValueError(f"--overwrite would delete {output}, which holds the --{flag} this run reads "
+                                 f"({path}); choose another --output")
         shutil.rmtree(output)
     elif not config.resume and list_checkpoints(output):
         raise RunMismatch(f"{output} holds checkpoints of an earlier run, which a later resume would mix with this "
@@ -186,6 +192,8 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
         raise ValueError(f"unknown model preset {config.preset!r}; choose one of {sorted(PRESETS)}")
     image_size = config.image_size or preset.image_size
     context_length = config.context_length or preset.context_length
+    # A checkpoint a killed save renamed aside is put back before anything asks for the newest one.
+    distributed.on_main(d, lambda: restore_interrupted_save(output))
     # Input errors surface before anything is written, or cleared by --overwrite, and not after the last step.
     shards = inspect_shards(config.input, _needed_columns(config))
     if config.verify_checksums and is_complete(config.input) and not _trained_to_the_end(config, output):
@@ -260,6 +268,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     # Each rank counted only the rows it read: the run's counters are their sum.
     counts = sum((collections.Counter(c) for c in distributed.gather_objects(d, loader_state.counts)),
                  collections.Counter())
+    epochs = min(distributed.gather_objects(d, loader_state.epoch))  # finished by every reader of every rank
 
     def finish() -> dict:
         """Rank 0's last writes: the final metrics and the curves."""
@@ -269,7 +278,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
                         "samples_seen": steps * config.batch_size * config.grad_accum * d.world_size,
                         "first_loss": loss_curve[0][1] if loss_curve else None,
                         "final_loss": loss_curve[-1][1] if loss_curve else None,
-                        "epochs": loader_state.epoch, **counts_summary(counts)})
+                        "epochs": epochs, **counts_summary(counts)})
         log.replace(steps, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
         log.close()
         curves = plot_curves(output)
@@ -330,7 +339,7 @@ class _Run:
         progress = tqdm(total=end, initial=step, desc="train", unit="step", disable=not (d.main and config.progress),
                         mininterval=1.0)
         window = {"samples": 0, "start": time.perf_counter(), "wait": 0.0, "read": step}
-        last_checkpoint = checkpoint
+        last_checkpoint, saved_at = checkpoint, None
 
         def fetch() -> dict:
             start = time.perf_counter()
@@ -365,23 +374,27 @@ class _Run:
             window["samples"] += self.train_step(fetch) * d.world_size
             step += 1
             progress.update(1)
-            # Not at a `stop_after_steps` end: the checkpoint keeps the open loss window, so the resumed run
-            # writes the rows a straight run would.
+            # A `stop_after_steps` end is saved after the loop, its loss window left open, so the resumed run
+            # writes the rows a straight run would. An evaluation due there is made all the same (the resumed
+            # run would never make it), after its checkpoint: one that fails costs its metrics, not the steps.
+            # The run's last step has the final evaluation instead.
             log_row = step % config.log_every == 0 or step == config.steps
-            checkpoint_due = step % config.checkpoint_every == 0 and step < end
-            eval_due = bool(config.eval_every) and step % config.eval_every == 0 and step < end
+            eval_due = bool(config.eval_every) and step % config.eval_every == 0 and step < config.steps
+            checkpoint_due = (step % config.checkpoint_every == 0 and step < end) or (eval_due and step == end)
             if not (log_row or checkpoint_due or eval_due):
                 continue
             report = check(step, reset_loss=log_row)
             if log_row:
                 self._log_row(step, report, window, progress)
             if checkpoint_due:
-                last_checkpoint = self.save(step, report)
+                last_checkpoint, saved_at = self.save(step, report), step
             if eval_due:
                 metrics = self.evaluate()
                 if self.log is not None and metrics:
                     self.log.log(step, metrics)
         progress.close()
+        if saved_at == step:
+            return step, last_checkpoint, report
         report = check(step, reset_loss=False) if report is None or report.step != step else report
         return step, self.save(step, report), report
 
@@ -390,7 +403,7 @@ class _Run:
         elapsed = max(now - window["start"], 1e-9)
         rate = window["samples"] / elapsed
         if self.log is not None:
-            values = {"lr": self.scheduler.get_last_lr()[0], "logit_scale": report.logit_scale,
+            values = {"lr": self.train_step.lr, "logit_scale": report.logit_scale,
                       "samples_per_s": rate, "data_wait_fraction": window["wait"] / elapsed,
                       "bad_steps": report.bad_total}
             if report.loss is not None:

@@ -95,10 +95,17 @@ def _leaves(parquet: pq.ParquetFile, column: str) -> list[int]:
 
 
 def null_count(parquet: pq.ParquetFile, column: str) -> int:
-    """Nulls in a flat column, from the footer's statistics (0 where a row group has none)."""
+    """Nulls in a flat column, from the footer's statistics; a row group written without them (pyarrow's
+    `write_statistics=False`) has that column read, so a null is found here and not mid-epoch in a worker."""
     (leaf,) = _leaves(parquet, column)
-    counts = (parquet.metadata.row_group(g).column(leaf).statistics for g in range(parquet.metadata.num_row_groups))
-    return sum(stats.null_count for stats in counts if stats is not None and stats.has_null_count)
+    nulls = 0
+    for g in range(parquet.metadata.num_row_groups):
+        stats = parquet.metadata.row_group(g).column(leaf).statistics
+        if stats is not None and stats.has_null_count:
+            nulls += stats.null_count
+        else:
+            nulls += parquet.read_row_group(g, columns=[column]).column(column).null_count
+    return nulls
 
 
 def has_values(source: str | Path, column: str) -> bool:

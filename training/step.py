@@ -151,6 +151,7 @@ class TrainStep:
         self.device, self.grad_accum, self.grad_clip = device, grad_accum, grad_clip
         self.dist, self.ddp = dist, ddp
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.lr = float(optimizer.param_groups[0]["lr"])  # the rate the last step trained with, for its log row
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
         self.health = StepHealth(device, max_bad_steps, model.logit_scale, step, health, dist)
 
@@ -180,6 +181,7 @@ class TrainStep:
         apply_update(self.optimizer, self.params, ok & allowed)
         self.optimizer.zero_grad(set_to_none=True)
         clamp_logit_scale(self.model)
+        self.lr = float(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()
         self.health.record(ok, total / self.grad_accum, allowed)
         return samples

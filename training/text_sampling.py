@@ -49,9 +49,10 @@ def _usable(text: object, min_words: int = 1) -> bool:
 
 
 def valid_rewrites(caption: str, rewrites: list | None) -> list[str]:
-    """The distinct rewrites LaCLIP samples from: two words or more, and not the caption again."""
+    """The distinct rewrites LaCLIP samples from: two words or more, and not the caption again. Whitespace
+    around one does not make it another rewrite (each would get its own share of the draws)."""
     plain = caption.strip()
-    return list(dict.fromkeys(t for t in rewrites or () if _usable(t, min_words=2) and t.strip() != plain))
+    return list(dict.fromkeys(t.strip() for t in rewrites or () if _usable(t, min_words=2) and t.strip() != plain))
 
 
 def choose_text(row: dict, sampling: TextSampling, seed: int, epoch: int) -> tuple[str, str]:

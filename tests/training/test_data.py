@@ -231,9 +231,16 @@ def test_counters_after_a_resume_equal_an_uninterrupted_runs(raw_pairs, tokenize
     spec = _curation_variant(raw_pairs, tmp_path / "curated")
     state = LoaderState()
     batches = train_batches(spec, tokenizer, state, workers=2, batch_size=8)
-    straight = [next(batches)["keys"] for _ in range(30)]
+    items = [next(batches) for _ in range(30)]
     batches.close()
+    straight = [item["keys"] for item in items]
     assert state.epoch == 1  # the run crossed an epoch end, whose markers carry counts
+    # A reader whose epoch ended first goes on into the next one, in its turn, while the other finishes:
+    # no batch waits in the main process for the readers to meet at an epoch's end (that queue grew
+    # with every epoch's difference, without bound over a long run).
+    epochs = [item["epoch"] for item in items]
+    assert epochs != sorted(epochs)
+    assert [item["reader"] for item in items[:2]] == [0, 1]
     head_state = LoaderState()
     batches = train_batches(spec, tokenizer, head_state, workers=2, batch_size=8)
     head = [next(batches)["keys"] for _ in range(9)]

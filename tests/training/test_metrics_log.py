@@ -39,7 +39,8 @@ def test_a_row_cut_short_by_a_kill_is_skipped(tmp_path):
 
 
 def test_tensorboard_keeps_the_checkpoint_steps_events_on_resume(tmp_path):
-    """The CSV keeps rows up to the resume step; TensorBoard purged that step too (purge_step=resume_step)."""
+    """The CSV keeps rows up to the resume step, and so does TensorBoard: it purges from the step after
+    (purge_step=resume_step + 1), so the checkpoint step's own events stay."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = MetricsLog(tmp_path)

@@ -30,6 +30,7 @@ def test_one_word_or_missing_rewrites_fall_back_to_the_caption():
     ["the original alt text", "the original alt text ", "a real rewrite here", "the original alt text"],
     [None, "", "a real rewrite here"],
     ["ok", "a real rewrite here", "a real rewrite here"],
+    ["a real rewrite here", "a real rewrite here ", " a real rewrite here"],  # whitespace makes no new one
     ["一只黑猫", "a real rewrite here"],  # two characters of Chinese make a word, as validation counts them
 ])
 def test_caption_copies_invalid_and_repeated_rewrites_do_not_skew_the_draw(rewrites):

@@ -16,6 +16,7 @@ from curation.shards import read_manifest, shard_name
 from training import loop, step
 from training.cli import demo_flags, run, summary
 from training.config import TrainConfig
+from training.data import DATA_ORDER
 from training.demo_shards import write_demo_pairs
 from training.metrics_log import MetricsLog
 from training.shard_set import input_fingerprint
@@ -30,17 +31,21 @@ def _config(raw_pairs, output, **kw) -> TrainConfig:
 
 
 def test_resume_continues_the_same_run(raw_pairs, tmp_path):
-    """The checkpoint at step 4 falls inside the log window 4..6: the resumed row at 6 still averages 4, 5, 6."""
-    run = dict(steps=8, checkpoint_every=4, grad_accum=2, log_every=3)
+    """The checkpoint at step 4 falls inside the log window 4..6: the resumed row at 6 still averages 4, 5, 6.
+    The evaluation due at step 4 is made before the stop there; the resume may spell the paths otherwise."""
+    run = dict(steps=8, checkpoint_every=4, grad_accum=2, log_every=3, eval_every=4)
     straight = loop.train(_config(raw_pairs, tmp_path / "straight", **run))
     assert straight.steps == 8 and straight.metrics["samples_seen"] == 8 * 2 * 16
     first = loop.train(_config(raw_pairs, tmp_path / "resumed", stop_after_steps=4, **run))
     assert first.stopped_early and first.checkpoint.name == "step-0000004"
     assert json.loads((first.checkpoint / "state.json").read_text())["loss_window"][1] == 1  # step 4
-    second = loop.train(_config(raw_pairs, tmp_path / "resumed", **run))
+    second = loop.train(TrainConfig(input=f"{raw_pairs}/.", output=f"{tmp_path}/./resumed/", **{**FAST, **run}))
     assert second.steps == 8 and not second.stopped_early
     losses = {name: MetricsLog.series(tmp_path / name / "metrics.csv", "loss") for name in ("straight", "resumed")}
     assert [s for s, _ in losses["resumed"]] == [s for s, _ in losses["straight"]] == [3, 6, 8]
+    recalls = {name: MetricsLog.series(tmp_path / name / "metrics.csv", "holdout_i2t_r@1")
+               for name in ("straight", "resumed")}
+    assert [s for s, _ in recalls["resumed"]] == [s for s, _ in recalls["straight"]] == [4, 8]
     for (_, a), (_, b) in zip(losses["straight"], losses["resumed"]):
         assert abs(a - b) < 1e-4
     weights = [load_file(tmp_path / name / "model.safetensors") for name in ("straight", "resumed")]
@@ -52,18 +57,29 @@ def test_resume_continues_the_same_run(raw_pairs, tmp_path):
 
 
 def test_a_log_row_reads_the_device_once(demo_pairs, tmp_path, monkeypatch):
-    """Its values come from the health read's one stacked sync: the loop itself calls no .item()."""
-    real, callers = torch.Tensor.item, []
+    """Its values come from the health read's one stacked sync, made at log rows only: nothing else in the
+    loop or the step reads a tensor back to the host (on CUDA each such read waits for the GPU)."""
+    syncs, reads = [], []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        def reading(self, *args, _real=getattr(torch.Tensor, name), _name=name):
+            frame = sys._getframe(1).f_code
+            syncs.append((frame.co_filename, frame.co_name, _name))
+            return _real(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, reading)
+    real_read = step.StepHealth.read
 
-    def item(self):
-        callers.append(sys._getframe(1).f_code.co_filename)
-        return real(self)
+    def read(self, reset_loss=True):
+        reads.append(reset_loss)
+        return real_read(self, reset_loss)
 
-    monkeypatch.setattr(torch.Tensor, "item", item)
-    result = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=3, log_every=1))
-    assert result.steps == 3 and loop.__file__ not in callers
+    monkeypatch.setattr(step.StepHealth, "read", read)
+    result = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, log_every=2))
+    assert result.steps == 4
+    assert reads == [True, True]  # the rows at steps 2 and 4; the final save reuses step 4's report
+    in_loop = [s for s in syncs if s[0] in (loop.__file__, step.__file__)]
+    assert in_loop and {(function, kind) for _, function, kind in in_loop} == {("read", "tolist")}
     logged = MetricsLog.series(tmp_path / "run" / "metrics.csv", "logit_scale")
-    assert [s for s, _ in logged] == [1, 2, 3]
+    assert [s for s, _ in logged] == [2, 4]
     final = load_file(tmp_path / "run" / "model.safetensors")["logit_scale"]
     assert logged[-1][1] == pytest.approx(math.exp(final.item()), rel=1e-6)
 
@@ -102,9 +118,11 @@ def test_a_diverged_run_resumes_from_its_last_good_weights_with_a_lower_lr(raw_p
     assert retried.steps == 8 and retried.metrics["bad_steps"] == 3
     lrs = dict(MetricsLog.series(tmp_path / "run" / "metrics.csv", "lr"))
     assert lrs[2] == pytest.approx(1e-3)  # the first run: warmup 2 to its peak
-    # Resumed at step 5, the schedule is the new one: warmup 4, peak 1e-4, cosine to 0 at step 8.
+    # Resumed at step 5, the schedule is the new one: warmup 4, peak 1e-4, cosine to 0 after step 8. A row
+    # shows the rate its step trained with: step 5 the peak, step 8 the last above 0.
     for at in (6, 7, 8):
-        assert lrs[at] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * (at - 4) / 4)), abs=1e-12)
+        assert lrs[at] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * (at - 5) / 4)), abs=1e-12)
+    assert lrs[8] > 0
     with pytest.raises(ValueError, match="lr"):
         loop.train(_config(raw_pairs, tmp_path / "run", **{**run, "lr": 1e-5}))
 
@@ -122,10 +140,11 @@ def test_wrong_shards_fail_before_any_training(raw_pairs, tmp_path):
     table = pq.read_table(sorted(raw_pairs.glob("part-*.parquet"))[0])
     captions = table.column("caption").to_pylist()
     captions[3] = None
-    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions)),
-                   tmp_path / "bad" / shard_name(0))
-    with pytest.raises(SchemaError, match="1 row\\(s\\) have no caption"):
-        loop.train(_config(tmp_path / "bad", tmp_path / "out"))
+    nullable = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions))
+    for statistics in (True, False):  # and from the column itself where the footer has no statistics
+        pq.write_table(nullable, tmp_path / "bad" / shard_name(0), write_statistics=statistics)
+        with pytest.raises(SchemaError, match="1 row\\(s\\) have no caption"):
+            loop.train(_config(tmp_path / "bad", tmp_path / "out"))
 
 
 def test_shards_that_differ_from_their_manifest_fail_before_any_training(raw_pairs, tmp_path):
@@ -283,9 +302,9 @@ def test_a_checkpoint_from_before_input_fingerprints_is_refused_for_what_it_is(d
     first = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, checkpoint_every=2))
     path = first.checkpoint / "state.json"
     state = json.loads(path.read_text())
-    del state["input"]  # as the trainer wrote it then: no fingerprint, no per-reader end of epoch
+    del state["input"]  # as the trainer wrote it then: no fingerprint, and its loader state of another format
     for loader in state["loader"]:
-        del loader["finished"]
+        del loader["epochs"]
     path.write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"predates input fingerprints.*--overwrite") as info:
         loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2))
@@ -300,7 +319,7 @@ def test_a_checkpoint_of_another_data_order_is_refused(demo_pairs, tmp_path):
     state = json.loads(path.read_text())
     state["data_order"] = 2  # as checkpoints were written while units were dealt to readers whole
     path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"ordered the data otherwise \(data order 2, this one is 3\).*--overwrite"):
+    with pytest.raises(ValueError, match=rf"ordered the data otherwise \(data order 2, this one is {DATA_ORDER}\).*--overwrite"):
         loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2))
 
 
@@ -324,10 +343,16 @@ def test_overwrite_clears_a_run_that_died_after_saving_its_tokenizer(demo_pairs,
     assert (tmp_path / "tok" / "tokenizer_config.json").is_file()
     # Nor is a tokenizer this run loads deleted under it, even inside the output it overwrites.
     shutil.copytree(tmp_path / "tok", tmp_path / "run" / "tok")
-    with pytest.raises(ValueError, match="the --tokenizer this run loads"):
+    with pytest.raises(ValueError, match="holds the --tokenizer this run reads"):
         loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, tokenizer=str(tmp_path / "run" / "tok"),
                            overwrite=True))
     assert (tmp_path / "run" / "tok" / "tokenizer_config.json").is_file()
+    # Nor the input shards, when a run's output was made their parent folder.
+    shutil.copytree(demo_pairs[0], tmp_path / "run" / "shards")
+    with pytest.raises(ValueError, match="holds the --input this run reads"):
+        loop.train(TrainConfig(input=str(tmp_path / "run" / "shards"), output=str(tmp_path / "run"),
+                               **{**FAST, "steps": 2, "overwrite": True}))
+    assert read_manifest(tmp_path / "run" / "shards")["rows"] == read_manifest(demo_pairs[0])["rows"]
 
 
 @pytest.mark.slow

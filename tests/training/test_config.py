@@ -1,0 +1,30 @@
+"""Training settings: refused when they cannot run, and what a resume may change."""
+
+import pytest
+
+from training.config import TrainConfig, resume_mismatches
+
+
+@pytest.mark.parametrize("field, value", [
+    ("log_every", 0), ("eval_every", -1), ("threads", -2), ("image_size", -32), ("context_length", -1),
+    ("vocab_size", -5),
+])
+def test_a_setting_that_cannot_run_is_refused_before_any_work(field, value):
+    """`--log_every 0` was accepted, and the run divided by it after the tokenizer, the model and a step."""
+    with pytest.raises(ValueError, match=f"invalid training settings: {field}="):
+        TrainConfig(**{field: value})
+
+
+def test_a_resume_compares_paths_by_what_they_name(tmp_path, monkeypatch):
+    """The input is checked by its contents' fingerprint and the output is where the checkpoint was found, so
+    neither's spelling makes another run; a local tokenizer is the folder it names, and another one differs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "other-tok").mkdir()
+    saved = TrainConfig(input="work/shards", output="work/model", tokenizer="tok").to_dict()
+    assert resume_mismatches(saved, TrainConfig(input=str(tmp_path / "work" / "shards"), output="./work/model/",
+                                                tokenizer=str(tmp_path / "tok"))) == []
+    assert resume_mismatches(saved, TrainConfig(input="work/shards", output="work/model",
+                                                tokenizer="other-tok")) == ["tokenizer"]
+    assert resume_mismatches(saved, TrainConfig(input="work/shards", output="work/model", tokenizer="tok",
+                                                lr=1.0)) == ["lr"]
