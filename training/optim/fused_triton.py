@@ -53,11 +53,6 @@ def unsupported_reason(param: torch.Tensor) -> str | None:
     return None
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 parameters are computed in fp64 (so tests compare at 1e-12), everything else in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @triton.jit
 def _clipped_sumsq_kernel(addr_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, tau_ptr, ratio_ptr, out_ptr,
                           G_DT: tl.constexpr, C_DT: tl.constexpr, BLOCK: tl.constexpr):
@@ -152,14 +147,15 @@ def _table_for(tensors: list[torch.Tensor]) -> BlockTable:
 
 
 def clipped_norms(grads: list[torch.Tensor], tau: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """Per tensor: the L2 norm of the gradient after AdaClip (|g| > tau scaled by ratio), in compute dtype."""
+    """Per tensor: the L2 norm of the gradient after AdaClip (|g| > tau scaled by ratio), summed in tau's
+    dtype (the optimizer's compute dtype for the parameters, whatever the gradients' dtype)."""
     table = _table_for(grads)
-    dtype = compute_dtype(grads[0].dtype)
+    dtype = tau.dtype
     partial = torch.empty(table.n_blocks, dtype=dtype, device=grads[0].device)
     if table.n_blocks:
         _clipped_sumsq_kernel[(table.n_blocks,)](
             address_table([grads], grads[0].device), table.numel, table.tensor_index, table.start,
-            tau.to(dtype).contiguous(), ratio.to(dtype).contiguous(), partial, G_DT=_TL_DTYPES[grads[0].dtype],
+            tau.contiguous(), ratio.to(dtype).contiguous(), partial, G_DT=_TL_DTYPES[grads[0].dtype],
             C_DT=_TL_DTYPES[dtype], BLOCK=BLOCK)
     return torch.segment_reduce(partial, "sum", lengths=table.blocks_per_tensor, unsafe=True, initial=0).sqrt()
 
@@ -169,15 +165,14 @@ def update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[
     """Clip, scale, update m and v, decay and step every parameter of the bucket, in one launch.
 
     `per_tensor` maps each PER_TENSOR name to a (n_tensors,) device tensor, `constants` each CONSTANTS
-    name to a host float (sent as one small tensor in the compute dtype: Triton would pass a float
-    argument as fp32). Gradients may have another dtype than the parameters (torch's `grad_dtype`); m and
-    v are in the compute dtype.
+    name to a host float (sent as one small tensor in the compute dtype, m's: Triton would pass a float
+    argument as fp32). Gradients may have another dtype than the parameters (torch's `grad_dtype`).
     """
     table = _table_for(params)
     if not table.n_blocks:
         return
     device = params[0].device
-    dtype = compute_dtype(params[0].dtype)
+    dtype = exp_avg[0].dtype
     coefficients = torch.stack([per_tensor[name].to(dtype) for name in PER_TENSOR], dim=1)
     step_constants = to_device(torch.tensor([constants[name] for name in CONSTANTS], dtype=dtype), device)
     _update_kernel[(table.n_blocks,)](

@@ -12,7 +12,9 @@ The two moments need different maps:
   (`log_octaves`: 12 at 8 bits, 3.3% per level). Why logarithmic: every magnitude gets the same relative
   precision, so a quiet element beside loud ones in its block is stored as precisely as the loudest (a
   linear grid leaves it one or two levels). The grid is zero-free: values below its floor are rounded up
-  to it, which only shrinks their update, and m / (sqrt(v) + eps) can never blow up on a v rounded to 0.
+  to it, which shrinks their update, and m / (sqrt(v) + eps) can never blow up on a v rounded to 0. At 4
+  bits the floor is within reach: an element 100x quieter than its block's loudest settles at ~2x its
+  fp32 v (updates ~1.4x smaller) for as long as the block keeps a loud element.
 - Rounding: re-encoding after a step rounds *stochastically* (up with the probability that makes the
   stored value unbiased), with a generator the optimizer seeds from the step. Why: with beta2 = 0.999 an
   EMA changes v by 0.1% per step, under half a level of any 8-bit grid, so round-to-nearest hands back
@@ -33,11 +35,11 @@ import torch
 from training.optim.devices import to_device
 
 SUPPORTED_BITS = (4, 8)
-# Version of the code maps above, recorded in every optimizer state dict: codes only mean something under
-# the maps that wrote them. 1 was a linear v grid; 2 is the log grid. State dicts from before versions were
-# recorded are read as 2, the maps every release since the log grid (commit 4cf3d54) wrote.
-CODE_FORMAT = 2
-UNRECORDED_CODE_FORMAT = 2
+# Version of the quantized state format, recorded in every optimizer state dict: codes only mean something
+# under the maps that wrote them. 1 was a linear v grid; 2 the log grid; 3 also records each parameter's
+# shape. A quantized state dict that records no format is refused: the versions before formats were
+# recorded wrote the linear grid's codes or the log grid's under the same keys and shapes.
+CODE_FORMAT = 3
 DEFAULT_BLOCK = {8: 256, 4: 128}
 KINDS = ("signed", "nonneg")  # m, v
 _TINY = torch.finfo(torch.float32).tiny
@@ -46,7 +48,10 @@ _TINY = torch.finfo(torch.float32).tiny
 def log_octaves(bits: int) -> int:
     """Dynamic range of the v grid, in octaves of sqrt(v) below the block's top: 12 at 8 bits (a 4096x
     range at 3.3% per level), 6 at 4 bits (64x at 32%). Why not wider: each rounding step moves a
-    decaying v by one level, so the spread of v around its fp32 value grows with the level size."""
+    decaying v by one level, so the spread of v around its fp32 value grows with the level size. Measured
+    at 4 bits on elements going 100x quiet (beta2 0.99): 8 octaves lift the floor's steady-state bias
+    (median v 0.91x fp32's against 1.94x) but widen the spread while v decays (90% of elements within
+    7.4x of fp32's v against 2.3x, median 0.36x against 0.68x)."""
     return 12 if bits == 8 else 6
 
 
@@ -223,7 +228,10 @@ class BucketMoments:
         """
         last, valid, owner = self.index
         m, v = self.m_flat.float(), self.v_flat.float()  # .float() copies only for fp64 moments
-        v[last] = v[last] * valid  # the zero-free grid decodes padding to its floor: code it as 0 again
+        # Padding is coded as 0: the zero-free grid decodes v's to its floor, and m's must not keep any
+        # value a loaded state left there (it would set its block's absmax for good).
+        m[last] = m[last] * valid
+        v[last] = v[last] * valid
         code_sizes = [layout.code_bytes for layout in self.layouts]
         block_counts = [layout.n_blocks for layout in self.layouts]
         parts = (*encode_signed(m, self.bits, generator), *encode_nonneg(v, self.bits, generator))

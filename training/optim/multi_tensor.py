@@ -114,6 +114,19 @@ def compute_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+def ema_coefficient(value: float, dtype: torch.dtype) -> float:
+    """`value` as a `dtype` tensor holds it. An EMA computed in `dtype` weighs by this number, so its
+    complement and its bias correction must use it too: 0.99999 is 1 - 1.0014e-5 in fp32, and beside the
+    exact 1 - 0.99999 the weights summed to 1.0014, biasing AdaGN at the BF16 setting by 0.07%."""
+    return torch.tensor(value, dtype=dtype).item()
+
+
+def bias_correction(coefficient: float, count: torch.Tensor) -> torch.Tensor:
+    """1 - coefficient^count, computed in fp64 and given back in count's dtype. In fp32 the power alone
+    rounds by ~6e-8, which is 0.3% of 1 - 0.99999^2."""
+    return (1 - torch.pow(coefficient, count.double())).to(count.dtype)
+
+
 def cosine_ramp(step: int, length: int, start: float, end: float) -> float:
     """Cosine interpolation from `start` (step 0) to `end` (step >= length)."""
     if length <= 0:
@@ -157,12 +170,21 @@ class MomentOptimizer(Optimizer, abc.ABC):
         keeps one for the optimizer: the same for the groups given to the constructor, while a group added
         later starts its reset schedule and c_T decay from 0, as a fresh set of parameters would."""
         param_group = dict(param_group)
-        if "state_bits" in param_group and "block_size" not in param_group:
-            param_group["block_size"] = None  # the default block size belongs to the default bit width
+        if param_group.get("state_bits", self.defaults["state_bits"]) != self.defaults["state_bits"]:
+            param_group.setdefault("block_size", None)  # the default block size belongs to the default bit width
+        # A refused group must not stay behind in param_groups, where it would break every later step: the
+        # options are checked before torch appends it, its parameters (normalised by torch) right after.
+        param_group.update(self.check_options({**self.defaults, **param_group}))
+        param_group["step"] = param_group.get("step", 0)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        group.update(self.check_options({k: group[k] for k in self.defaults}))
-        group.setdefault("step", 0)
+        try:
+            self._check_params(self.param_groups[-1]["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_params(self, params: list[torch.Tensor]) -> None:
+        """Raise a ValueError naming a parameter this implementation cannot step (none by default)."""
 
     # ---- state --------------------------------------------------------------------------------
     def _layout(self, p: torch.Tensor, group: dict) -> lb.StateLayout | None:
@@ -181,6 +203,10 @@ class MomentOptimizer(Optimizer, abc.ABC):
             for name in ("exp_avg", "exp_avg_sq"):
                 spec[name] = ((layout.code_bytes,), torch.uint8)
                 spec[name + "_scale"] = ((layout.n_blocks,), torch.float32)
+            # Codes and scales depend on the element count in whole blocks only: the parameter's shape is
+            # recorded so that a state saved for another shape (a transposed matrix, a shorter vector
+            # padded to the same blocks) is refused on load rather than permuted against the elements.
+            spec["param_shape"] = ((p.dim(),), torch.int64)
         return spec
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -193,6 +219,7 @@ class MomentOptimizer(Optimizer, abc.ABC):
                 zeros = torch.zeros(p.shape, device=p.device)
                 state["exp_avg"], state["exp_avg_scale"] = lb.quantize(zeros, layout, "signed")
                 state["exp_avg_sq"], state["exp_avg_sq_scale"] = lb.quantize(zeros, layout, "nonneg")
+                state["param_shape"] = torch.tensor(p.shape, dtype=torch.int64, device=p.device)
         return state
 
     def _load_moments(self, params: list[torch.Tensor], states: list[dict],
@@ -300,17 +327,28 @@ class MomentOptimizer(Optimizer, abc.ABC):
         in (`_expected_state`: fp32 moments and statistics, fp64 for fp64 parameters; uint8 codes; fp32
         scales). A saved tensor of another dtype is cast only where that is exact (e.g. bf16 moments
         upcast to fp32); one the cast would round or change in kind (fp64 moments into fp32, float
-        codes) is refused, and so are quantized states written under other code maps (`code_format`).
+        codes) is refused, and so are quantized states of another format (`code_format`) or saved for a
+        parameter of another shape. torch's load hooks run around it, as in torch's own method.
         """
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            adapted = pre_hook(self, state_dict)
+            state_dict = state_dict if adapted is None else adapted
+        self._load_checked(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_checked(self, state_dict: dict[str, Any]) -> None:
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         if saved_groups is None or saved_state is None:
             raise ValueError("not an optimizer state dict: needs 'state' and 'param_groups'")
-        code_format = state_dict.get("code_format", lb.UNRECORDED_CODE_FORMAT)
+        code_format = state_dict.get("code_format")
         if code_format != lb.CODE_FORMAT and any(g.get("state_bits", 32) != 32 for g in saved_groups):
-            raise ValueError(f"the state dict's quantized moments use code format {code_format}, this optimizer "
-                             f"decodes format {lb.CODE_FORMAT}: its codes would decode to other moments. Resume "
-                             f"with the version that saved it, or start the optimizer state over")
+            written = "records no code format" if code_format is None else f"has code format {code_format}"
+            raise ValueError(f"the state dict's quantized moments {written}, this optimizer reads format "
+                             f"{lb.CODE_FORMAT}: its codes could decode to other moments. Resume with the version "
+                             f"that saved it, or start the optimizer state over")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(saved_groups)} param groups, optimizer has "
                              f"{len(self.param_groups)}")
@@ -349,6 +387,9 @@ class MomentOptimizer(Optimizer, abc.ABC):
                                      f"the {dtype} this optimizer keeps it in for a {p.dtype} parameter; saved for "
                                      f"parameters of another dtype or by another optimizer")
                 new_state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
+            if "param_shape" in entry and entry["param_shape"].tolist() != list(p.shape):
+                raise ValueError(f"param {pid}: its quantized state was saved for a parameter of shape "
+                                 f"{tuple(entry['param_shape'].tolist())}, this parameter has shape {tuple(p.shape)}")
         for group, saved in zip(self.param_groups, saved_groups):  # in place: schedulers hold these dicts
             group.update({k: v for k, v in saved.items() if k not in ("params",) + IMPLEMENTATION_KEYS})
         self.state = new_state

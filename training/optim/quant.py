@@ -44,6 +44,8 @@ FP4_GRIDS = {
 # The reference code's floor on a group's absmax (activations and FP4).
 MIN_ABSMAX = 1e-6
 MASTER_DTYPES = (torch.float32, torch.bfloat16)
+# The output head's name in models that do not say which layer it is (no get_output_embeddings).
+HEAD_NAMES = ("lm_head",)
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,10 @@ class QuantConfig:
 
     `outliers` is the top-k kept per group for activations (both formats) and for FP4 weights;
     INT4 weights are plain asymmetric min-max, as in the paper. `act_rounding` applies to INT4
-    activations ("floor": as the reference code ran; "nearest"). `exclude` names (full or last
-    component) are never swapped, on top of the model's output head, which is always skipped unless
-    `quantize_head` is set; `include`, when given, restricts swapping to those names.
+    activations ("floor": as the reference code ran; "nearest"). The model's output head
+    (`get_output_embeddings()`, or a layer named in HEAD_NAMES for models without that method) is
+    skipped unless `quantize_head` is set. `exclude` names (full or last component) are never swapped;
+    `include`, when given, restricts swapping to those names.
     """
 
     weight_format: str | None = "int4"
@@ -64,7 +67,7 @@ class QuantConfig:
     outliers: int = 2
     stochastic_round: bool = False
     act_rounding: str = "floor"
-    exclude: tuple[str, ...] = ("lm_head",)
+    exclude: tuple[str, ...] = ()
     include: tuple[str, ...] | None = None
     quantize_head: bool = False
 
@@ -236,8 +239,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None,
                    master_dtype: torch.dtype | None = None) -> nn.Module:
     """Swap the model's nn.Linear layers for QuantLinear in place and return the model.
 
-    Embeddings and norms are never touched (they are not nn.Linear); the output head
-    (`get_output_embeddings()`, or anything named in `config.exclude`) is left out by default.
+    Embeddings and norms are never touched (they are not nn.Linear); the output head is left out unless
+    `config.quantize_head` is set, and anything named in `config.exclude` always.
     `master_dtype` (torch.float32 or torch.bfloat16) casts the master weights first.
     """
     config = config or QuantConfig()
@@ -246,8 +249,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None,
             raise ValueError(f"master_dtype must be one of {MASTER_DTYPES}, got {master_dtype}")
         model.to(master_dtype)
     head = None
-    if not config.quantize_head and hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()
+    if not config.quantize_head:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            head = next((module for name, module in model.named_modules()
+                         if name.rsplit(".", 1)[-1] in HEAD_NAMES), None)
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module is not head and not _excluded(name, config)]
     for name, module in targets:

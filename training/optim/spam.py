@@ -17,8 +17,8 @@ from typing import Iterable
 
 import torch
 
-from training.optim.multi_tensor import (MomentOptimizer, check_common, check_interval, check_range, clipped_copies,
-                                        cosine_ramp)
+from training.optim.multi_tensor import (MomentOptimizer, bias_correction, check_common, check_interval, check_range,
+                                        clipped_copies, cosine_ramp, ema_coefficient)
 
 
 def warmup_factor(steps_since_reset: int, warmup_steps: int) -> float:
@@ -57,12 +57,12 @@ class SPAM(MomentOptimizer):
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
                      states: list[dict], seed: int) -> None:
         lr, wd, eps, threshold = group["lr"], group["weight_decay"], group["eps"], group["threshold"]
-        beta1, beta2 = group["betas"]
         interval = group["reset_interval"]
         since_reset = step % interval if interval is not None else step
 
         stats = torch.stack([s["stats"] for s in states])
         adam_count, skipped = stats.unbind(1)
+        beta1, beta2 = (ema_coefficient(beta, stats.dtype) for beta in group["betas"])
         gmax = torch.stack(torch._foreach_norm(grads, math.inf)).to(stats.dtype)
         finite = torch.isfinite(gmax * gmax)  # a square that overflows would make v inf for good
         clean = clipped_copies(grads, finite, stats.dtype)
@@ -88,7 +88,7 @@ class SPAM(MomentOptimizer):
 
         count = adam_count + 1
         size = lr * warmup_factor(since_reset, group["warmup_steps"])
-        step_size = size * torch.sqrt(1 - torch.pow(beta2, count)) / (1 - torch.pow(beta1, count))
+        step_size = size * torch.sqrt(bias_correction(beta2, count)) / bias_correction(beta1, count)
         # W -= step * m / (sqrt(v) + eps) as one addcdiv; a skipped tensor divides by inf and adds exactly 0.
         denom = torch._foreach_sqrt(exp_avg_sq)
         torch._foreach_add_(denom, eps)

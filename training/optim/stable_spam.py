@@ -34,8 +34,8 @@ from typing import Iterable
 
 import torch
 
-from training.optim.multi_tensor import (MomentOptimizer, check_common, check_interval, check_range, clipped_copies,
-                                        cosine_ramp)
+from training.optim.multi_tensor import (MomentOptimizer, bias_correction, check_common, check_interval, check_range,
+                                        clipped_copies, cosine_ramp, ema_coefficient)
 
 
 def load_fused_kernels():
@@ -95,28 +95,29 @@ class StableSPAM(MomentOptimizer):
         self._kernels = load_fused_kernels() if self.fused else None
 
     def add_param_group(self, param_group: dict) -> None:
-        """As the base class; a group may not choose another implementation, and fused groups are checked."""
+        """As the base class; a group may not choose another implementation."""
         if param_group.get("fused", self.fused) != self.fused:
             raise ValueError(f"a param group sets fused={param_group['fused']!r} but this optimizer was built with "
                              f"fused={self.fused}: the implementation is chosen for the whole optimizer")
         super().add_param_group({k: v for k, v in param_group.items() if k != "fused"})
-        if self.fused:
-            for param in self.param_groups[-1]["params"]:
-                reason = self._kernels.unsupported_reason(param)
-                if reason:
-                    raise ValueError(f"fused=True cannot step a parameter of shape {tuple(param.shape)}: {reason}")
+
+    def _check_params(self, params: list[torch.Tensor]) -> None:
+        """fused=True refuses the parameters its kernels cannot step."""
+        for param in params if self.fused else ():
+            reason = self._kernels.unsupported_reason(param)
+            if reason:
+                raise ValueError(f"fused=True cannot step a parameter of shape {tuple(param.shape)}: {reason}")
 
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
                      states: list[dict], seed: int) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        beta1, beta2 = group["betas"]
-        theta, gamma2 = group["theta"], group["gamma2"]
         interval, code_exact = group["reset_interval"], group["code_exact"]
         decay = beta_decay(step, group["total_T"], group["eta_min"], code_exact)
-        beta1, gamma1 = beta1 * decay, group["gamma1"] * decay
         reset = interval is not None and step % interval == 0
 
         stats = torch.stack([s["stats"] for s in states])
+        beta1, beta2, gamma1, gamma2, theta = (ema_coefficient(c, stats.dtype) for c in (
+            group["betas"][0] * decay, group["betas"][1], group["gamma1"] * decay, group["gamma2"], group["theta"]))
         clip_ema, norm_ema, norm_sq_ema, ema_count, adam_count, skipped = stats.unbind(1)
         gmax = torch.stack(torch._foreach_norm(grads, math.inf)).to(stats.dtype)
         finite = torch.isfinite(gmax * gmax)  # a square that overflows would make AdaGN's statistics inf
@@ -129,11 +130,11 @@ class StableSPAM(MomentOptimizer):
 
         # AdaClip: threshold from the EMA of pre-clip maxima.
         clip_ema_new = theta * clip_ema + (1 - theta) * gmax
-        tau = clip_ema_new / (1 - torch.pow(theta, count))
+        tau = clip_ema_new / bias_correction(theta, count)
         ratio = torch.where(gmax > tau, tau / gmax, torch.ones_like(tau))
         if self.fused:
             grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-            norm = self._kernels.clipped_norms(grads, tau, ratio).to(stats.dtype)
+            norm = self._kernels.clipped_norms(grads, tau, ratio)
         else:
             work = clipped_copies(grads, finite, stats.dtype, tau, ratio)
             norm = torch.stack(torch._foreach_norm(work, 2))
@@ -143,15 +144,15 @@ class StableSPAM(MomentOptimizer):
         norm_sq_ema_new = gamma2 * norm_sq_ema + (1 - gamma2) * norm * norm
         # Elements each finite can still sum to a norm whose square overflows: skipped like an inf.
         finite = finite & torch.isfinite(norm_sq_ema_new)
-        target = (norm_ema_new / (1 - torch.pow(gamma1, count))) / (
-            torch.sqrt(norm_sq_ema_new / (1 - torch.pow(gamma2, count))) + eps)
+        target = (norm_ema_new / bias_correction(gamma1, count)) / (
+            torch.sqrt(norm_sq_ema_new / bias_correction(gamma2, count)) + eps)
         scale = torch.where(norm > 0, target / norm, torch.ones_like(norm))
         # (1 - beta1) is folded into the gradient; skipped tensors get 0 and keep m and v.
         grad_scale = torch.where(finite, scale * (1 - beta1), 0)
         # With code_exact the reset step runs with k = 1 on the old moments, so adam_count_new is right
         # for both modes.
-        bias1 = 1 - torch.pow(beta1, adam_count_new)
-        rsqrt_bias2 = torch.rsqrt(1 - torch.pow(beta2, adam_count_new))
+        bias1 = bias_correction(beta1, adam_count_new)
+        rsqrt_bias2 = torch.rsqrt(bias_correction(beta2, adam_count_new))
         step_size = torch.where(finite, -lr / bias1, 0)
         exp_avg, exp_avg_sq, coded = self._load_moments(params, states, group)
         clean_reset = reset and not code_exact

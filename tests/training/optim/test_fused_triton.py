@@ -108,6 +108,7 @@ def test_a_param_group_cannot_choose_another_implementation():
     fused = StableSPAM(on_device(params[:2]), fused=True)
     with pytest.raises(ValueError, match="not contiguous"):
         fused.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 6, device=DEVICE).t())]})
+    assert len(fused.param_groups) == 1  # the refused group is not left behind to break the next step
 
 
 def test_fused_follows_reallocated_gradients_and_moved_parameters(kernels):

@@ -183,6 +183,17 @@ def test_quantize_model_include_and_exclude():
     assert len(names) == 2 and all(n.endswith("q_proj") for n in names)
 
 
+def test_the_output_head_is_quantized_only_when_asked():
+    """The head is found by get_output_embeddings, or by its name in a model without that method."""
+    assert "lm_head" in quantized_layers(quantize_model(_tiny_llama(), QuantConfig(quantize_head=True)))
+    assert "lm_head" not in quantized_layers(quantize_model(_tiny_llama()))
+    def plain():
+        return nn.ModuleDict({"body": nn.Linear(8, 8), "lm_head": nn.Linear(8, 4)})
+    assert quantized_layers(quantize_model(plain())) == ["body"]
+    assert quantized_layers(quantize_model(plain(), QuantConfig(quantize_head=True))) == ["body", "lm_head"]
+    assert quantized_layers(quantize_model(plain(), QuantConfig(quantize_head=True, exclude=("body",)))) == ["lm_head"]
+
+
 @pytest.mark.parametrize("kwargs", [dict(weight_format="int8"), dict(act_format="fp8"), dict(weight_group=0),
                                     dict(act_rounding="ceil"),
                                     dict(outliers=-1), dict(outliers=300)])

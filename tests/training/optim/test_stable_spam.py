@@ -315,6 +315,15 @@ def test_invalid_hyperparameters_raise(kwargs):
     # A param group is checked like the constructor: its options would otherwise fail mid-run, or never.
     with pytest.raises(ValueError, match="invalid|must"):
         StableSPAM([{"params": make_params()[:2]}, {"params": make_params()[2:], **kwargs}])
+    # A refused add_param_group leaves nothing behind: the optimizer steps on as before.
+    params = make_params()
+    opt = StableSPAM(params[:2])
+    with pytest.raises(ValueError, match="invalid|must"):
+        opt.add_param_group({"params": params[2:], **kwargs})
+    assert len(opt.param_groups) == 1
+    set_grads(params, gradient_stream(params, 1)[0])
+    opt.step()
+    assert all(p in opt.state for p in params[:2]) and not any(p in opt.state for p in params[2:])
 
 
 @pytest.mark.parametrize("cls", [StableSPAM, SPAM])
@@ -331,6 +340,9 @@ def test_a_group_may_choose_its_own_state_bits(cls):
     assert opt.state[params[2]]["exp_avg"].dtype == torch.float32
     eight_bit_default = cls([{"params": params[:2], "state_bits": 32}, {"params": params[2:]}], state_bits=8)
     assert [g["block_size"] for g in eight_bit_default.param_groups] == [None, 256]
+    # A group restating the optimizer's own bit width keeps the optimizer's block size.
+    restated = cls([{"params": params[:2], "state_bits": 8}, {"params": params[2:]}], state_bits=8, block_size=2048)
+    assert [g["block_size"] for g in restated.param_groups] == [2048, 2048]
 
 
 @pytest.mark.parametrize("cls, fused", [(StableSPAM, False), (SPAM, False),
@@ -431,3 +443,18 @@ def test_cuda_step_has_no_host_sync(bits, fused):
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("gamma2", [0.999, 0.99999])
+def test_adagn_leaves_a_constant_gradient_s_norm_alone_in_fp32(gamma2):
+    """For a constant gradient the bias-corrected mean and RMS of its norm are equal, so AdaGN scales it to
+    norm 1 exactly. In fp32, with 0.99999 rounded in the EMA but not in its complement and bias correction,
+    the scale was 1.00068 (the reference tests run in fp64, where it cannot show)."""
+    w = torch.nn.Parameter(torch.zeros(1000))
+    opt = StableSPAM([w], gamma1=0.85, gamma2=gamma2, reset_interval=None, lr=0.0)
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    for _ in range(50):
+        w.grad = g.clone()
+        opt.step()
+    applied = opt.state[w]["exp_avg"].double().norm().item() / (1 - 0.9 ** 50)
+    assert applied == pytest.approx(1.0, abs=1e-5)

@@ -4,6 +4,7 @@ shapes or dtypes is refused with a clear error; scheduled options are restored a
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -86,17 +87,18 @@ def test_loading_casts_a_state_dtype_only_where_exact():
 
 
 def test_quantized_states_of_other_code_maps_are_refused_and_fp32_states_need_none():
-    """8-bit codes mean something only under the maps that wrote them: codes of format 1 (the linear v grid)
-    would load silently and decode to other moments. A state dict from before formats were recorded holds
-    the log grid's codes (format 2) and loads."""
+    """8-bit codes mean something only under the maps that wrote them. Versions before formats were recorded
+    wrote the linear v grid's codes or the log grid's under the same keys and shapes, so a quantized state
+    dict that records no format is refused too; fp32 states need no format."""
     params = make_params(dtype=torch.float32)
     coded = _trained(lambda p: StableSPAM(p, state_bits=8), clone_params(params))
-    assert coded["code_format"] == 2
+    assert coded["code_format"] == 3
     StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
+    coded["code_format"] = 2
+    with pytest.raises(ValueError, match="has code format 2, this optimizer reads format 3"):
+        StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
     del coded["code_format"]
-    StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
-    coded["code_format"] = 1
-    with pytest.raises(ValueError, match="code format 1, this optimizer decodes format 2"):
+    with pytest.raises(ValueError, match="records no code format"):
         StableSPAM(clone_params(params), state_bits=8).load_state_dict(coded)
     plain = _trained(lambda p: SPAM(p), clone_params(params))
     del plain["code_format"]
@@ -104,6 +106,34 @@ def test_quantized_states_of_other_code_maps_are_refused_and_fp32_states_need_no
     resumed = SPAM(resumed_params)
     resumed.load_state_dict(plain)
     assert torch.equal(resumed.state[resumed_params[0]]["exp_avg"], plain["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("saved_shape, shape", [((20, 30), (30, 20)), ((300,), (260,))])
+def test_a_quantized_state_saved_for_another_shape_is_refused(bits, saved_shape, shape):
+    """Codes and scales only depend on the element count in whole blocks: a transposed matrix, or a shorter
+    vector padded to the same blocks, would load and permute the moments against the elements."""
+    saved = _trained(lambda p: StableSPAM(p, state_bits=bits), [torch.nn.Parameter(torch.randn(saved_shape))])
+    with pytest.raises(ValueError, match=rf"saved for a parameter of shape {re.escape(str(saved_shape))}, this "
+                                         rf"parameter has shape {re.escape(str(shape))}"):
+        StableSPAM([torch.nn.Parameter(torch.zeros(shape))], state_bits=bits).load_state_dict(saved)
+
+
+def test_load_hooks_run_around_the_checked_load():
+    """torch's load_state_dict pre- and post-hooks (used by checkpoint wrappers) run as in torch's own method."""
+    params = make_params(dtype=torch.float32)
+    saved = _trained(lambda p: StableSPAM(p, reset_interval=4), clone_params(params))
+    resumed = StableSPAM(clone_params(params), reset_interval=4)
+    calls = []
+
+    def adapt(optimizer, state_dict):
+        calls.append("pre")
+        return {**state_dict, "param_groups": [{**g, "lr": 0.5} for g in state_dict["param_groups"]]}
+
+    resumed.register_load_state_dict_pre_hook(adapt)
+    resumed.register_load_state_dict_post_hook(lambda optimizer: calls.append(optimizer.param_groups[0]["lr"]))
+    resumed.load_state_dict(saved)
+    assert calls == ["pre", 0.5]
 
 
 @pytest.mark.parametrize("option, value", [("reset_interval", 7), ("gamma1", 0.85), ("gamma2", 0.99999),
