@@ -177,6 +177,29 @@ def _as_fp32(opt: StableSPAM, params: list[torch.Tensor]) -> dict:
     return state
 
 
+QUIET_N = 1024
+LOUD = torch.arange(QUIET_N) % 128 == 0  # two loud elements per 8-bit block, one per 4-bit block
+
+
+def _quiet_run(cls, bits: int, steps: int, quiet_from: int, **options) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Unit gradients, all elements but LOUD 100x quieter from step `quiet_from` on, stepped with fp32 and
+    with `bits`-bit states: (decoded low-bit v, fp32 v, low-bit state)."""
+    gen = torch.Generator().manual_seed(0)
+    weights = {b: torch.nn.Parameter(torch.zeros(QUIET_N)) for b in (32, bits)}
+    opts = {b: cls([w], lr=1e-3, state_bits=b, reset_interval=None, **options) for b, w in weights.items()}
+    for t in range(steps):
+        g = torch.randn(QUIET_N, generator=gen)
+        if t >= quiet_from:
+            g = torch.where(LOUD, g, 0.01 * g)
+        for b, w in weights.items():
+            w.grad = g.clone()
+            opts[b].step()
+    state = opts[bits].state[weights[bits]]
+    layout = lb.StateLayout(bits, opts[bits].param_groups[0]["block_size"], QUIET_N)
+    v = lb.dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"], layout, "nonneg", (QUIET_N,), torch.float32)
+    return v, opts[32].state[weights[32]]["exp_avg_sq"], state
+
+
 @pytest.mark.parametrize("cls, bits, median_range, mean_range, q90_factor", [
     (StableSPAM, 8, (0.75, 1.33), (0.85, 1.18), 2.5),
     (SPAM, 8, (0.7, 1.43), (0.8, 1.25), 3.0),
@@ -188,24 +211,9 @@ def test_quiet_elements_v_decays_like_fp32_in_the_transient(cls, bits, median_ra
     quiet elements must follow the fp32-state run's v: median and mean ratio within the given ranges, 90%
     of the elements within `q90_factor`. Rounding to nearest kept them ~80x (8-bit) too high. v is then
     still above the 4-bit floor; the steady-state test below covers what happens once it is reached."""
-    n = 1024
-    loud = torch.zeros(n, dtype=torch.bool)
-    loud[::128] = True
-    gen = torch.Generator().manual_seed(0)
-    weights = {b: torch.nn.Parameter(torch.zeros(n)) for b in (32, bits)}
     extra = dict(warmup_steps=0) if cls is SPAM else {}
-    opts = {b: cls([w], lr=1e-3, state_bits=b, reset_interval=None, **extra) for b, w in weights.items()}
-    for t in range(3300):
-        g = torch.randn(n, generator=gen)
-        if t >= 300:
-            g = torch.where(loud, g, 0.01 * g)
-        for b, w in weights.items():
-            w.grad = g.clone()
-            opts[b].step()
-    state = opts[bits].state[weights[bits]]
-    layout = lb.StateLayout(bits, opts[bits].param_groups[0]["block_size"], n)
-    v = lb.dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"], layout, "nonneg", (n,), torch.float32)
-    ratio = (v / opts[32].state[weights[32]]["exp_avg_sq"])[~loud]
+    v, fp32_v, _ = _quiet_run(cls, bits, 3300, 300, **extra)
+    ratio = (v / fp32_v)[~LOUD]
     assert median_range[0] < ratio.median() < median_range[1]
     assert mean_range[0] < ratio.mean() < mean_range[1]
     assert ratio.log().abs().quantile(0.9).exp() < q90_factor
@@ -217,30 +225,13 @@ def test_quiet_elements_v_in_steady_state_and_the_four_bit_floor(bits, median_ra
     100x quieter than their block's loudest matches fp32 states'. At 4 bits their fp32 v lies below the
     grid's floor (6 octaves of sqrt(v) under the block's top): it is held at the floor, ~2x fp32's, so
     their updates are ~1.4x smaller than with fp32 states while the block keeps a loud element."""
-    n = 1024
-    loud = torch.zeros(n, dtype=torch.bool)
-    loud[::128] = True
-    gen = torch.Generator().manual_seed(0)
-    weights = {b: torch.nn.Parameter(torch.zeros(n)) for b in (32, bits)}
-    opts = {b: StableSPAM([w], lr=1e-3, betas=(0.9, 0.99), state_bits=b, reset_interval=None)
-            for b, w in weights.items()}
-    for t in range(1200):
-        g = torch.randn(n, generator=gen)
-        if t >= 100:
-            g = torch.where(loud, g, 0.01 * g)
-        for b, w in weights.items():
-            w.grad = g.clone()
-            opts[b].step()
-    state = opts[bits].state[weights[bits]]
-    block = lb.DEFAULT_BLOCK[bits]
-    v = lb.dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"], lb.StateLayout(bits, block, n), "nonneg",
-                      (n,), torch.float32)
-    fp32_v = opts[32].state[weights[32]]["exp_avg_sq"]
-    ratio = (v / fp32_v)[~loud]
+    v, fp32_v, state = _quiet_run(StableSPAM, bits, 1200, 100, betas=(0.9, 0.99))
+    ratio = (v / fp32_v)[~LOUD]
     assert median_range[0] < ratio.median() < median_range[1]
-    floor = (state["exp_avg_sq_scale"].square() * 2.0 ** (-2 * lb.log_octaves(bits))).repeat_interleave(block)[:n]
+    top_v = state["exp_avg_sq_scale"].square().repeat_interleave(lb.DEFAULT_BLOCK[bits])[:QUIET_N]
+    floor = top_v * 2.0 ** (-2 * lb.log_octaves(bits))
     assert (v >= floor * (1 - 1e-5)).all()
-    below = (fp32_v < floor)[~loud].float().mean()
+    below = (fp32_v < floor)[~LOUD].float().mean()
     assert below > 0.9 if bits == 4 else below == 0
 
 
