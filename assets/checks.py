@@ -207,14 +207,19 @@ def share_filled(asset: str, check_name: str, output: Path, column: str, thresho
 
 
 def valid_rewrite_share(asset: str, output: Path, threshold: float) -> dg.AssetCheckResult:
-    """Share of rows with at least one real rewrite: a refused slot holds the original caption, which is no rewrite."""
-    total = rewritten = 0
+    """Share of the rows chosen for rewriting with at least one real rewrite: a refused slot holds the
+    original caption, which is no rewrite. Rows --rewrite_row_fraction left out (rewrites null) were never
+    meant to get one: counted among them, a 0.4 fraction failed a 0.5 gate with a perfect LLM."""
+    selected = rewritten = not_selected = 0
     for path in shard_paths(output):
         for batch in pq.ParquetFile(path).iter_batches(columns=["caption", "rewrites"]):
             for caption, rewrites in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                total += 1
-                rewritten += any(isinstance(r, str) and r.strip() and r != caption for r in rewrites or ())
-    share = rewritten / total if total else 0.0
-    return dg.AssetCheckResult(asset_key=asset, check_name=REWRITES, passed=total > 0 and share >= threshold,
-                               metadata={"rows": total, "rewritten": rewritten, "share": round(share, 4),
-                                         "threshold": threshold})
+                if rewrites is None:
+                    not_selected += 1
+                    continue
+                selected += 1
+                rewritten += any(isinstance(r, str) and r.strip() and r != caption for r in rewrites)
+    share = rewritten / selected if selected else 0.0
+    return dg.AssetCheckResult(asset_key=asset, check_name=REWRITES, passed=selected > 0 and share >= threshold,
+                               metadata={"rows": selected + not_selected, "rows_not_selected": not_selected,
+                                         "rewritten": rewritten, "share": round(share, 4), "threshold": threshold})

@@ -278,15 +278,18 @@ class LLMEngineResource(dg.ConfigurableResource):
         # base_url may come from OPENAI_BASE_URL for every resource; only the openai backend takes it.
         return options | ({"base_url": self.base_url} if self.engine == "openai" and self.base_url else {})
 
-    def environment(self) -> dict[str, str]:
-        return {"OPENAI_API_KEY": self.api_key} if self.api_key else {}
+    def environment(self, variable: str = "OPENAI_API_KEY") -> dict[str, str]:
+        """The key as the environment variable the stage's engine reads it from."""
+        return {variable: self.api_key} if self.api_key else {}
 
 
 class CaptionerResource(dg.ConfigurableResource):
     """The vision-language engine that writes synthetic captions."""
 
     engine: str = Field(default="transformers", description=f"One of {', '.join(TEXT_ENGINES)}.")
-    model: str = Field(default="", description="Model directory or hub id. Empty: the stage's default.")
+    model: str = Field(default="", description="Model directory or hub id. Empty: only for demo-sized builds, "
+                                               "whose demo flags bring a tiny model; a run of any other build "
+                                               "that includes the caption step fails at its first step.")
     max_new_tokens: Optional[int] = Field(default=None, description="Tokens per synthetic caption at most. "
                                                                     "Empty: the stage's default.")
     base_url: Optional[str] = Field(default=None, description="OpenAI-compatible endpoint (engine openai).")
@@ -324,5 +327,6 @@ class QualityGatesResource(dg.ConfigurableResource):
                                  "outcome, not broken data, so the limit is looser.")
     balance_slack: float = Field(default=0.1, description="Entries may keep up to (1 + slack) times the pairs their "
                                                            "keep probabilities promise, plus 4 standard deviations.")
-    min_rewrite_share: float = Field(default=0.5, description="Share of rows that must carry a valid rewrite.")
+    min_rewrite_share: float = Field(default=0.5, description="Share of the rows chosen for rewriting "
+                                                              "(--rewrite_row_fraction) that must carry a valid rewrite.")
     min_caption_share: float = Field(default=0.5, description="Share of rows that must carry a synthetic caption.")

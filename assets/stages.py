@@ -39,6 +39,7 @@ GPU_POOL = "gpu"
 UPSTREAM_MARKER = ".upstream"
 DEMO_PARAMS = "demo_params.json"
 RESOURCE_KEYS = ("storage", "beam_runner", "llm", "captioner", "gates")
+FUSION_KEY_ENV = "CLIP_CURATION_FUSION_API_KEY"
 
 
 def gpu_k8s_config(cpu: str, memory: str, gpus: int = 1) -> dict:
@@ -145,6 +146,31 @@ def _record_upstream(build_dir: Path, stage: Stage, input_manifest: Optional[dic
                            _fingerprint(input_manifest).encode())
 
 
+def _checks_marker(build_dir: Path, asset: str) -> Path:
+    """Where a build records the checks an output failed, with the manifest they judged."""
+    return build_dir / UPSTREAM_MARKER / f"{asset}.failed-checks.json"
+
+
+def _record_checks(build_dir: Path, asset: str, manifest: dict, failed: list[str]) -> None:
+    """Remember (or forget) the checks this output failed: a later run that materialises a downstream
+    asset alone must not build on it (a failed blocking check only stops the run it ran in)."""
+    marker = _checks_marker(build_dir, asset)
+    if failed:
+        marker.parent.mkdir(exist_ok=True)
+        atomic_write_bytes(marker, json.dumps({"manifest": _fingerprint(manifest), "failed": failed}).encode())
+    else:
+        marker.unlink(missing_ok=True)
+
+
+def _failed_checks(build_dir: Path, asset: str, manifest: dict) -> list[str]:
+    """The checks this very output (same manifest) failed when it was materialised; none recorded: []."""
+    marker = _checks_marker(build_dir, asset)
+    if not marker.is_file():
+        return []
+    record = json.loads(marker.read_text())
+    return record["failed"] if record["manifest"] == _fingerprint(manifest) else []
+
+
 def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
     """A file's inode, modification time and size, None without it: unchanged across a run, it was kept
     (an atomic rewrite renames a new file in, so even a same-size rewrite in the same tick shows)."""
@@ -217,6 +243,30 @@ def is_demo_build(build_dir: Path) -> bool:
     return json.loads(recorded.read_text()).get("input") == str((build_dir / "demo" / "pool").resolve())
 
 
+def _captioner_model_missing(context: dg.AssetExecutionContext, build_dir: Path) -> bool:
+    """True when this run's caption step will refuse to start for want of a captioner model: no model in
+    the CaptionerResource, none in the caption step's extra_flags, and a build that is not demo-sized (only
+    the demo flags bring one). Asked at every step, so the run fails at its first one, not after ingest,
+    balance and rewrite have spent their hours."""
+    caption = next(stage for stage in STAGES if stage.name == "caption")
+    steps = context.run.step_keys_to_execute  # a re-execution's remaining steps; None: the job's
+    in_run = (caption.asset in steps if steps is not None
+              else dg.AssetKey(caption.asset) in context.job_def.asset_layer.selected_asset_keys)
+    if context.resources.captioner.model or not in_run:
+        return False
+    ops = context.run.run_config.get("ops") or {}
+    config = (ops.get(caption.asset) or {}).get("config") or {}
+    if any(flag.split("=", 1)[0] == "--captioner_model" for flag in config.get("extra_flags") or []):
+        return False
+    demo_sized = config.get("demo_sized")
+    if demo_sized is None and (build_dir / "raw_pairs" / STAGE_CONFIG).is_file():
+        demo_sized = is_demo_build(build_dir)
+    if demo_sized is None:  # before ingest has run: what its config asks for
+        ingest = (ops.get("raw_pairs") or {}).get("config") or {}
+        demo_sized = ingest.get("source", IngestRunConfig().source) == DEMO_SOURCE
+    return not demo_sized
+
+
 def _engine_flags(stage: Stage, resources) -> list[str]:
     adapter = ENGINE_FLAGS.get(stage.name)
     return adapter(resources) if stage.engine is not None and adapter else []
@@ -226,9 +276,9 @@ def _flag(name: str, value) -> list[str]:
     return [] if value in (None, "") else [f"--{name}={value}"]
 
 
-def _llm_flags(llm, prefix: str, options_flag: str) -> list[str]:
+def _llm_flags(llm, prefix: str, options_flag: str, **extra_options) -> list[str]:
     """The llm resource's engine, model and backend settings as one stage's `<prefix>_*` flags."""
-    options = llm.engine_options()
+    options = llm.engine_options() | extra_options
     return [f"--{prefix}_engine={llm.engine}", *_flag(f"{prefix}_model", llm.model),
             *_flag(f"{prefix}_gguf_file", llm.gguf_file), *_flag(f"{prefix}_dtype", llm.dtype),
             *([f"--{options_flag}={json.dumps(options)}"] if options else [])]
@@ -250,7 +300,9 @@ def _caption_engine_flags(resources) -> list[str]:
     # Only a served engine takes an endpoint: the transformers and vLLM captioners refuse a base_url.
     if captioner.engine == "openai" and captioner.base_url:
         flags.append(f"--captioner_options={json.dumps({'base_url': captioner.base_url})}")
-    return flags + _llm_flags(llm, "fusion", "fusion_options")
+    # The fusion LLM reads its key from a variable of its own: OPENAI_API_KEY holds the captioner's.
+    own_key = {"api_key_env": FUSION_KEY_ENV} if llm.engine == "openai" and llm.api_key else {}
+    return flags + _llm_flags(llm, "fusion", "fusion_options", **own_key)
 
 
 # Stage name -> how its engine resource becomes the stage's flags.
@@ -273,7 +325,7 @@ def stage_argv(stage: Stage, config: StageConfig, input_dir: Path, output: Path,
 def _environment(stage: Stage, resources) -> dict[str, str]:
     env = dict(resources.beam_runner.environment())
     if stage.engine == "captioner":
-        env.update(resources.llm.environment())  # the fusion LLM's key; the captioner's own wins below
+        env.update(resources.llm.environment(FUSION_KEY_ENV))  # the fusion LLM's key, apart from the captioner's
     if stage.engine:
         env.update(getattr(resources, stage.engine).environment())
     return env
@@ -340,6 +392,10 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
     build = build_name(context)
     build_dir = resources.storage.build_dir(build)
     output = build_dir / stage.asset
+    if _captioner_model_missing(context, build_dir):
+        raise dg.Failure(description="CaptionerResource.model is empty, and this run's caption step needs a model "
+                                     "for a build that is not demo-sized: set the resource's model (or "
+                                     "--captioner_model in the caption step's extra_flags)")
     input_manifest = None
     if stage.upstream is None:
         input_dir = _source(config, build_dir, config.seed)
@@ -356,6 +412,11 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
             input_manifest = read_manifest(input_dir)
         except ManifestError as exc:
             raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} is corrupt: {exc}") from exc
+        failed = _failed_checks(build_dir, stage.upstream, input_manifest)
+        if failed:
+            raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} of build {build!r} failed its "
+                                         f"checks ({', '.join(failed)}); fix it (or the QualityGatesResource) and "
+                                         f"materialise it again first")
     if _upstream_changed(build_dir, stage, input_manifest):
         context.log.warning(f"{stage.upstream} of build {build!r} changed since {stage.asset} was made: rebuilding it")
         shutil.rmtree(output, ignore_errors=True)
@@ -384,6 +445,7 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
                 "up_to_date": up_to_date}
     results = stage_checks(stage, output, manifest, metadata, config, resources.gates, input_manifest)
     failed = [check.check_name for check in results if not check.passed]
+    _record_checks(build_dir, stage.asset, manifest, failed)
     for check in results:
         if not check.passed:
             context.log.warning(f"check {check.check_name} failed: {dict(check.metadata)}")

@@ -24,7 +24,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # longer timeout, more retries), and a key never lands in a manifest.
 RUN_OPTIONS = frozenset({
     "batch_size", "max_batch_size", "memory_fraction", "threads", "cpu_threads", "concurrency", "timeout",
-    "retries", "base_url", "api_key", "gpu_memory_utilization", "max_num_seqs", "tensor_parallel_size",
+    "retries", "base_url", "api_key", "api_key_env", "gpu_memory_utilization", "max_num_seqs", "tensor_parallel_size",
 })
 
 __all__ = [
@@ -50,7 +50,7 @@ class EngineSpec:
     compile, enable_prefix_caching, threads. vllm: max_num_seqs,
     gpu_memory_utilization, tensor_parallel_size, enable_prefix_caching,
     max_model_len. openai: base_url, concurrency, timeout, retries, tokenizer,
-    token_ids.
+    token_ids, api_key_env (the variable holding the key, default OPENAI_API_KEY).
     """
 
     engine: str = "transformers"

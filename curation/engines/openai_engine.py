@@ -46,14 +46,15 @@ class OpenAIEngine(ChatTokenizer):
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
                  concurrency: int = 64, timeout: float = 120.0, retries: int = 3, tokenizer: str | None = None,
-                 token_ids: bool = True):
+                 token_ids: bool = True, api_key_env: str = "OPENAI_API_KEY"):
         from openai import OpenAI
 
         self.model, self.concurrency, self.token_ids = model, concurrency, token_ids
         # As the vision engine and the resource check read it: the option, else OPENAI_BASE_URL, else local.
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1"
-        # The key comes from OPENAI_API_KEY unless given; local servers accept any.
-        self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+        # The key comes from the environment unless given (local servers accept any): OPENAI_API_KEY, or the
+        # variable `api_key_env` names, so that a stage's second endpoint (fusion) need not share its key.
+        self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get(api_key_env) or "EMPTY",
                              timeout=timeout, max_retries=retries)
         self.name = f"openai:{base_url}:{model}"
         self._tokenizer_name = tokenizer or model

@@ -206,6 +206,16 @@ def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path
     assert failed == ["reject_ratio_under_threshold"]
     assert result.asset_materializations_for_node("raw_pairs")
     assert not (tmp_path / "b1" / stages[1].asset).exists()
+    # A later run of the downstream asset alone (the UI's Materialize on it) refuses the failed output too.
+    downstream = {"ops": {stages[1].asset: demo_run_config(pairs=60)["ops"][stages[1].asset]}}
+    with pytest.raises(dg.Failure, match="upstream raw_pairs of build 'b1' failed its checks "
+                                         r"\(reject_ratio_under_threshold\)"):
+        _materialize(instance, tmp_path, "b1", downstream, selection=[stages[1].asset, *stages[1].extra_assets])
+    assert not (tmp_path / "b1" / stages[1].asset).exists()
+    # Once raw_pairs passes (here under the default gates, its output unchanged), the downstream builds on it.
+    raw_only = {"ops": {"raw_pairs": demo_run_config(pairs=60)["ops"]["raw_pairs"]}}
+    assert _materialize(instance, tmp_path, "b1", raw_only, selection=["raw_pairs"]).success
+    assert _materialize(instance, tmp_path, "b1", downstream, selection=[stages[1].asset, *stages[1].extra_assets]).success
 
 
 def test_a_corrupt_upstream_shard_fails_the_step_before_anything_is_written(instance, tmp_path):

@@ -104,6 +104,21 @@ def test_rewrite_share_does_not_count_the_original_held_as_a_fallback(tmp_path):
     assert checks.valid_rewrite_share("a", data, threshold=0.25).passed
 
 
+def test_rewrite_share_counts_only_the_rows_chosen_for_rewriting(tmp_path):
+    """--rewrite_row_fraction 0.4 leaves 60% of rows with null rewrites: with every chosen row rewritten the
+    gate of 0.5 passes; a chosen row falling back still counts against it; no chosen row at all fails."""
+    chosen = [[f"new wording {i}"] if i < 4 else None for i in range(10)]
+    data = _dataset(tmp_path / "d", _pairs(10, rewrites=chosen))
+    result = checks.valid_rewrite_share("a", data, threshold=0.5)
+    assert result.passed and result.metadata["share"].value == 1.0
+    assert result.metadata["rows_not_selected"].value == 6
+    chosen[0] = ["caption 0"]
+    chosen[1] = ["caption 1"]
+    chosen[2] = ["caption 2"]
+    assert not checks.valid_rewrite_share("a", _dataset(tmp_path / "e", _pairs(10, rewrites=chosen)), 0.5).passed
+    assert not checks.valid_rewrite_share("a", _dataset(tmp_path / "f", _pairs(10)), 0.0).passed
+
+
 def test_balance_check_holds_each_entry_to_what_its_keep_probabilities_promise(demo_dir, tmp_path):
     """A flat cap near t failed correct output: head entries ride along with their rarer co-entries."""
     import shutil

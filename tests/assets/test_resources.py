@@ -1,5 +1,6 @@
 """Misconfigured resources fail the run before any stage writes, naming the field; remote storage publishes."""
 
+import os
 from types import SimpleNamespace
 
 import dagster as dg
@@ -47,6 +48,28 @@ def test_a_missing_source_fails_naming_the_config_field(instance, tmp_path):
     assert not result.success
     assert "IngestRunConfig.source" in _failure_message(result)
     assert not (tmp_path / "b1" / "raw_pairs").exists()
+
+
+@pytest.mark.parametrize("ops", [
+    {"raw_pairs": {"config": {"source": "SHARDS"}}},  # a real source: no demo flags bring a captioner
+    {"raw_pairs": {"config": {"demo_pairs": 50}}, "captioned_pairs": {"config": {"demo_sized": False}}},
+])
+def test_a_run_whose_caption_step_has_no_model_fails_at_its_first_step(instance, tmp_path, ops):
+    """The default CaptionerResource (no model) passed its setup, and the caption stage refused to start
+    only after ingest, balance and rewrite had run."""
+    (tmp_path / "shards").mkdir()
+    ops["raw_pairs"]["config"] = {k: str(tmp_path / "shards") if v == "SHARDS" else v
+                                  for k, v in ops["raw_pairs"]["config"].items()}
+    add_builds(instance, "b1")
+    result = dg.materialize(stage_assets, instance=instance, partition_key="b1", raise_on_error=False,
+                            resources=stage_resources(tmp_path / "root"), run_config={"ops": ops})
+    assert not result.success and "CaptionerResource.model is empty" in _failure_message(result)
+    assert not result.get_asset_materialization_events()
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("*.parquet"))
+    ingest_only = dg.materialize(stage_assets, instance=instance, partition_key="b1", raise_on_error=False,
+                                 selection=["raw_pairs"], resources=stage_resources(tmp_path / "root"),
+                                 run_config={"ops": {"raw_pairs": ops["raw_pairs"]}})
+    assert "CaptionerResource" not in _failure_message(ingest_only)  # a run without the caption step is fine
 
 
 def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_path):
@@ -158,6 +181,26 @@ def test_captioner_endpoint_reaches_only_a_served_captioner_and_the_llm_fuses():
     config = config_from(CaptionOptions(["--input", "a", "--output", "b", *flags]))
     assert config.captioner_options == {"base_url": "http://127.0.0.1:9/v1"}
     assert config.fusion_model == CaptionOptions([]).fusion_model  # an empty llm model keeps the stage's
+
+
+def test_the_fusion_llm_and_a_served_captioner_each_send_their_own_key(monkeypatch):
+    """Both engines read OPENAI_API_KEY: the captioner's key overwrote the LLM's, and every fusion call sent
+    the VLM endpoint's key to the LLM endpoint."""
+    from assets.stages import ENGINE_FLAGS, STAGES, _environment
+    from curation.engines import EngineSpec, make_text_engine
+    from pipelines.caption import CaptionOptions, config_from
+
+    resources = SimpleNamespace(
+        captioner=CaptionerResource(engine="openai", model="vlm", base_url="http://127.0.0.1:9/v1", api_key="VLM-KEY"),
+        llm=LLMEngineResource(engine="openai", model="llm", base_url="http://127.0.0.1:8/v1", api_key="LLM-KEY"),
+        beam_runner=BeamRunnerResource())
+    caption = next(stage for stage in STAGES if stage.name == "caption")
+    for name, value in _environment(caption, resources).items():
+        monkeypatch.setenv(name, value)
+    config = config_from(CaptionOptions(["--input", "a", "--output", "b", *ENGINE_FLAGS["caption"](resources)]))
+    fusion = make_text_engine(EngineSpec(config.fusion_engine, config.fusion_model, options=config.fusion_options))
+    assert fusion.client.api_key == "LLM-KEY" and os.environ["OPENAI_API_KEY"] == "VLM-KEY"
+    assert "api_key_env" not in config.recorded()["fusion_options"]
 
 
 def test_fusion_temperature_is_set_in_the_caption_run_config_not_taken_from_the_rewrites():
