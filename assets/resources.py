@@ -7,6 +7,7 @@ credentials) are plain string fields meant to be set with `dg.EnvVar(...)`,
 so they never appear in run config or in the UI.
 """
 
+import argparse
 import importlib.util
 import os
 from pathlib import Path
@@ -122,6 +123,15 @@ class StorageResource(dg.ConfigurableResource):
         return uri
 
 
+def _option_flag(name: str, value: str) -> str:
+    """A pipeline option as its flag. Beam's switches take no value: "true" or "" gives the bare switch,
+    "false" its --no_ form (use_public_ips: "false" is --no_use_public_ips); anything else --name=value."""
+    switch = value.strip().lower()
+    if switch in ("", "true"):
+        return f"--{name}"
+    return f"--no_{name}" if switch == "false" else f"--{name}={value}"
+
+
 def _rooted(path: str) -> str:
     """One spelling of a remote path: file systems list them with or without the leading slash."""
     return "/" + path.lstrip("/")
@@ -156,7 +166,9 @@ class BeamRunnerResource(dg.ConfigurableResource):
 
     runner: str = Field(default="DirectRunner", description=f"One of {', '.join(RUNNERS)}.")
     direct_num_workers: int = Field(default=1, description="DirectRunner worker processes (1 = in process).")
-    options: dict[str, str] = Field(default={}, description="Extra pipeline options, e.g. {'flink_master': 'host:8081'}.")
+    options: dict[str, str] = Field(default={}, description="Extra pipeline options, e.g. {'flink_master': 'host:8081'}; "
+                                                           "a switch takes 'true' (or '') or 'false' "
+                                                           "({'use_public_ips': 'false'} is --no_use_public_ips).")
     stage_options: dict[str, dict[str, str]] = Field(
         default={}, description="Per-stage overrides of `options`, keyed by stage name (e.g. GPU workers for "
                                 "'rewrite' and 'caption' on Dataflow).")
@@ -201,15 +213,28 @@ class BeamRunnerResource(dg.ConfigurableResource):
             if name.startswith("-") or name in ("runner", "input", "output"):
                 raise misconfigured("BeamRunnerResource", "options", f"{name!r}: give option names without dashes, "
                                     "and set runner/input/output through their own fields")
+        # Beam's own parser exits the process on a value it refuses (a switch given a value, a number that
+        # is none): parsed here, that fails the run at its first step naming the field, not inside a job.
+        from pipelines.runner import beam_parser
+        parser = beam_parser()
+        for stage in (None, *self.stage_options):
+            try:
+                parser.parse_known_args(self._flags(stage))
+            except argparse.ArgumentError as exc:
+                field = "options" if stage is None else f"stage_options[{stage!r}]"
+                raise misconfigured("BeamRunnerResource", field, f"Beam refuses it: {exc}") from exc
 
     def flags(self, stage: Optional[str] = None) -> list[str]:
         """The runner flags of one stage: shared options, then that stage's overrides."""
         self.check()
+        return self._flags(stage)
+
+    def _flags(self, stage: Optional[str]) -> list[str]:
         flags = [f"--runner={self.runner}"]
         if self.runner == "DirectRunner" and self.direct_num_workers > 1:
             flags += [f"--direct_num_workers={self.direct_num_workers}", "--direct_running_mode=multi_processing"]
         options = {**self.options, **self.stage_options.get(stage or "", {})}
-        return flags + [f"--{name}={value}" for name, value in sorted(options.items())]
+        return flags + [_option_flag(name, value) for name, value in sorted(options.items())]
 
     def effective_launcher(self) -> str:
         if self.launcher != "auto":

@@ -41,16 +41,23 @@ def refuse_unknown_flags(argv: list[str] | None, options: type[PipelineOptions])
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(add_help=True, conflict_handler="resolve")
-    beams = [c for c in _subclasses(PipelineOptions) if c.__module__.startswith("apache_beam.")]
-    for cls in {PipelineOptions, *beams, *options.__mro__}:
-        if "_add_argparse_args" in vars(cls):
-            cls._add_argparse_args(parser)
+    parser = beam_parser(options)
     known = {flag for action in parser._actions for flag in action.option_strings}
     flags = [arg.split("=", 1)[0] for arg in args if arg.startswith("--") and arg != "--"]
     unknown = [flag for flag in flags if flag not in known]
     if unknown:
         raise ValueError(f"unknown flag(s) {', '.join(unknown)}; see --help for this stage's flags")
+
+
+def beam_parser(options: type[PipelineOptions] = PipelineOptions) -> argparse.ArgumentParser:
+    """One parser of every flag Beam's options classes define, plus `options`' own (and its bases'). It
+    raises argparse.ArgumentError on a value it refuses instead of exiting the process as Beam's does."""
+    parser = argparse.ArgumentParser(add_help=True, conflict_handler="resolve", exit_on_error=False)
+    beams = [c for c in _subclasses(PipelineOptions) if c.__module__.startswith("apache_beam.")]
+    for cls in {PipelineOptions, *beams, *options.__mro__}:
+        if "_add_argparse_args" in vars(cls):
+            cls._add_argparse_args(parser)
+    return parser
 
 
 def _subclasses(cls: type) -> list[type]:

@@ -249,3 +249,17 @@ def test_the_train_step_leaves_the_checksums_to_the_trainer_and_extra_flags_can_
                            *run_config.extra_flags]).verify_checksums
 
     assert verifies(TrainRunConfig()) and not verifies(TrainRunConfig(extra_flags=["--no-verify_checksums"]))
+
+
+def test_beam_switches_are_flags_without_values_and_a_value_beam_refuses_fails_the_resource_check():
+    """Options render as --name=value: a switch (save_main_session) then made Beam's parser exit the step
+    with SystemExit 2, after the resource check had passed it."""
+    runner = BeamRunnerResource(options={"save_main_session": "true", "use_public_ips": "false",
+                                         "no_pipeline_type_check": "", "num_workers": "4"})
+    assert runner.flags() == ["--runner=DirectRunner", "--no_pipeline_type_check", "--num_workers=4",
+                              "--save_main_session", "--no_use_public_ips"]
+    for options in ({"save_main_session": "yes"}, {"num_workers": "four"}, {"dataflow_kms_key": ""}):
+        with pytest.raises(dg.Failure, match="BeamRunnerResource.options: Beam refuses"):
+            BeamRunnerResource(options=options).check()
+    with pytest.raises(dg.Failure, match=r"stage_options\[.rewrite.\]: Beam refuses"):
+        BeamRunnerResource(stage_options={"rewrite": {"max_num_workers": "many"}}).check()
