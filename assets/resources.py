@@ -9,6 +9,7 @@ so they never appear in run config or in the UI.
 
 import argparse
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -18,12 +19,14 @@ import dagster as dg
 from pydantic import Field
 
 from assets.k8s_pod import spec_value
-from curation.shards import OVERWRITE_SENTINEL
+from curation.shards import OVERWRITE_SENTINEL, atomic_write_bytes
 
 RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PortableRunner")
 LAUNCHERS = ("auto", "in_process", "subprocess", "k8s")
 TEXT_ENGINES = ("transformers", "vllm", "openai")
 LOCAL_PROTOCOLS = ("", "file", "local")
+# Published in place of a shard manifest by an output without one (the trained model): see publish().
+FILE_LIST = "published_files.json"
 # Set to "k8s" (deploy/helm), it runs every step in its own pod (assets/definitions.py).
 EXECUTOR_ENV = "CLIP_CURATION_EXECUTOR"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -95,7 +98,9 @@ class StorageResource(dg.ConfigurableResource):
 
         The remote manifest goes first and comes back last, so a reader never pairs the old manifest with
         new shards; remote files the output no longer has (an overwrite with fewer shards) are deleted;
-        an output whose manifest the remote already has (a no-op rerun) is not uploaded again.
+        an output whose manifest the remote already has (a no-op rerun) is not uploaded again. An output
+        without a shard manifest (the trained model) gets a list of its files (FILE_LIST: path, size,
+        mtime) in its place: the marker of a finished upload, and what tells a rerun nothing changed.
         """
         uri = self.uri_for(build, name)
         if not self.is_remote:
@@ -105,12 +110,15 @@ class StorageResource(dg.ConfigurableResource):
         fs, path = fsspec.core.url_to_fs(uri, **options)
         local = self.build_dir(build) / name
         manifest = local / "manifest.json"
-        remote_manifest = f"{path}/manifest.json"
+        if not manifest.is_file() and local.is_dir():
+            manifest = local / FILE_LIST
+            atomic_write_bytes(manifest, json.dumps(_file_list(local), indent=1).encode())
+        remote_manifest = f"{path}/{manifest.name}"
         if manifest.is_file() and fs.exists(remote_manifest) and fs.cat_file(remote_manifest) == manifest.read_bytes():
             return uri
         if fs.exists(remote_manifest):
             fs.rm_file(remote_manifest)
-        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name not in ("manifest.json", OVERWRITE_SENTINEL))
+        files = _published_files(local)
         wanted = {_rooted(f"{path}/{file.relative_to(local).as_posix()}") for file in files}
         for target in fs.find(path) if fs.exists(path) else []:
             if _rooted(target) not in wanted:
@@ -121,6 +129,17 @@ class StorageResource(dg.ConfigurableResource):
                 fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
                 fs.put_file(str(file), target)
         return uri
+
+
+def _published_files(local: Path) -> list[Path]:
+    """The files of an output that are uploaded before its marker (manifest or file list)."""
+    return sorted(p for p in local.rglob("*") if p.is_file() and p.name not in ("manifest.json", FILE_LIST,
+                                                                               OVERWRITE_SENTINEL))
+
+
+def _file_list(local: Path) -> list[list]:
+    """[relative path, size, mtime_ns] of every file to publish: unchanged files give the same bytes."""
+    return [[p.relative_to(local).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in _published_files(local)]
 
 
 def _option_flag(name: str, value: str) -> str:

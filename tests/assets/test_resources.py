@@ -124,6 +124,32 @@ def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_pat
         tmp_path / "staging" / "b2" / "raw_pairs")
 
 
+def test_a_model_output_is_published_once_with_its_file_list_last(tmp_path, monkeypatch):
+    """The trained model has no shard manifest: every rerun uploaded all of it again, and a remote copy cut
+    short looked like a whole one. Its file list now marks a finished upload and tells a rerun nothing changed."""
+    from assets.resources import FILE_LIST
+
+    storage = StorageResource(root="memory://model-publish/builds", staging=str(tmp_path))
+    model = storage.build_dir("b1") / "clip_model"
+    (model / "checkpoints" / "step-8").mkdir(parents=True)
+    (model / "checkpoints" / "step-8" / "model.safetensors").write_bytes(b"x" * 1000)
+    (model / "metrics.json").write_text("{}")
+    put = []
+    real_put = fsspec.implementations.memory.MemoryFileSystem.put_file
+    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "put_file",
+                        lambda self, lpath, rpath, **kw: (put.append(rpath.rsplit("/", 1)[-1]),
+                                                          real_put(self, lpath, rpath, **kw)))
+    storage.publish("b1", "clip_model")
+    assert put == ["model.safetensors", "metrics.json", FILE_LIST]  # the marker last
+    storage.publish("b1", "clip_model")
+    assert len(put) == 3  # unchanged: nothing uploaded again
+    (model / "metrics.json").write_text('{"steps": 16}')
+    storage.publish("b1", "clip_model")
+    assert put[3:] == ["model.safetensors", "metrics.json", FILE_LIST]
+    fs = fsspec.filesystem("memory")
+    assert fs.cat_file("/model-publish/builds/b1/clip_model/metrics.json") == b'{"steps": 16}'
+
+
 def test_an_unknown_storage_protocol_names_the_field():
     with pytest.raises(dg.Failure, match="StorageResource.root"):
         StorageResource(root="nosuchproto://bucket").setup_for_execution(dg.build_init_resource_context())
