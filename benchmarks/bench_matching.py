@@ -39,7 +39,7 @@ import wordfreq  # noqa: E402
 from curation.matching import MATCH_BATCH_ROWS, Matcher, unpadded_key  # noqa: E402
 from curation.metadata import default_metadata_path  # noqa: E402
 from tests.curation.matching_reference import (  # noqa: E402
-    automaton_match, metaclip_automaton, naive_match, naive_match_metaclip2,
+    automaton_match, metaclip2_key, metaclip_automaton, naive_match, naive_match_keys,
 )
 
 
@@ -58,8 +58,11 @@ def web_captions(n: int, seed: int) -> list[str]:
 
 
 def naive(entries: list[str], captions: list[str], metaclip2_padding: bool) -> list[list[int]]:
-    match = naive_match_metaclip2 if metaclip2_padding else naive_match
-    return [match(entries, caption) for caption in captions]
+    """MetaCLIP's loop; with MetaCLIP 2's padding the entries are padded once per run, not once per caption."""
+    if metaclip2_padding:
+        keys = [metaclip2_key(entry) for entry in entries]
+        return [naive_match_keys(keys, caption) for caption in captions]
+    return [naive_match(entries, caption) for caption in captions]
 
 
 def aho_corasick_loop(automaton, captions: list[str]) -> list[list[int]]:

@@ -212,3 +212,20 @@ class VisionEngine(Protocol):
     name: str
 
     def caption(self, images: Sequence[Image.Image], prompt: str, params: Sequence[SamplingParams]) -> list[Generation]: ...
+
+
+def eos_ids(generation_config, tokenizer=None) -> set[int]:
+    """Every token id that ends a generation: the generation config's, and the tokenizer's when there is one."""
+    eos = generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """The generated tokens up to (not including) the first end-of-sequence token."""
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:i]
+    return tokens

@@ -32,7 +32,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from curation.engines.base import ChatTokenizer, Generation, SamplingParams, check_paired
+from curation.engines.base import ChatTokenizer, Generation, SamplingParams, check_paired, eos_ids, until_eos
 from curation.engines.seeding import SAMPLER_PEAK_BYTES_PER_LOGIT, SeededSampler, request_seeds
 
 CPU_BATCH = 32
@@ -116,7 +116,7 @@ class TransformersEngine(ChatTokenizer):
         self.enable_prefix_caching, self.min_prefix_tokens = enable_prefix_caching, min_prefix_tokens
         self._prefix_cache: dict[tuple[int, ...], Any] = {}
         # Where a row's completion ends: EOS, or the padding generate writes after a row that ended on a stop string.
-        self._eos = _eos_ids(self.model.generation_config, self.tokenizer) | {self.tokenizer.pad_token_id}
+        self._eos = eos_ids(self.model.generation_config, self.tokenizer) | {self.tokenizer.pad_token_id}
         # Prompt tokens computed vs served from a reused prefix, for throughput reports.
         self.stats = {"prompt_tokens": 0, "prefix_reused_tokens": 0}
 
@@ -306,7 +306,7 @@ class TransformersEngine(ChatTokenizer):
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         results = []
         for row, p, prompt, cached in zip(new, params, rows, prefix):
-            tokens = _until_eos(row[:p.max_new_tokens], self._eos)
+            tokens = until_eos(row[:p.max_new_tokens], self._eos)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             for s in stop:
                 text = text.split(s, 1)[0]
@@ -323,19 +323,3 @@ def _common_prefix_length(rows: list[list[int]]) -> int:
             i += 1
         n = i
     return n
-
-
-def _eos_ids(generation_config, tokenizer) -> set[int]:
-    eos = generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    """The generated tokens up to (not including) the first end-of-sequence token."""
-    for i, token in enumerate(tokens):
-        if token in eos:
-            return tokens[:i]
-    return tokens

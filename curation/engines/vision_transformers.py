@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from curation.engines.base import Generation, SamplingParams, check_paired
+from curation.engines.base import Generation, SamplingParams, check_paired, eos_ids, until_eos
 from curation.engines.seeding import SeededSampler, request_seeds
 
 PROMPT_MODES = ("auto", "chat", "plain", "none")
@@ -126,20 +126,11 @@ class TransformersVisionEngine:
         else:
             new = out
             prompt_tokens = [0] * len(images)
-        eos = self._eos_ids()
+        eos = eos_ids(self.model.generation_config, self.tokenizer)
         results = []
         for row, p, n_prompt in zip(new.tolist(), params, prompt_tokens):
-            tokens = row[:p.max_new_tokens]
-            ends = [i for i, t in enumerate(tokens) if t in eos]
-            tokens = tokens[:ends[0]] if ends else tokens
+            tokens = until_eos(row[:p.max_new_tokens], eos)
             caption = self.processor.decode(tokens, skip_special_tokens=True).strip()
             results.append(Generation(text=caption, prompt_tokens=int(n_prompt), completion_tokens=len(tokens)))
         return results
 
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        eos = self.model.generation_config.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
