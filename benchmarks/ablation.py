@@ -7,9 +7,15 @@ caption exist (each through its `run(argv)` with its own `demo_flags`), trains
 `--train_seeds` models per dataset with identical settings (the seeds differ, the data does not: on a
 tiny run the spread between seeds is as large as some of the differences), and prints held-out
 zero-shot accuracy (100 "colour shape" classes, plus colour-only and
-shape-only) and retrieval Recall@k for each. The labelled eval split is the
-same for every row of the table; the shard holdout is a hash of the key, so
-rows present in two datasets are held out in both.
+shape-only) and retrieval Recall@k for each. Every score in the table is on the
+labelled eval split, one gallery for every row: Recall@k falls as the gallery
+grows, and each dataset's own shard holdout (a share of its keys) is larger
+for raw than for balanced, so its retrieval would rank rows by dataset size.
+The holdout gallery sizes are printed under the table, its scores are left out.
+
+Captions from a random-weight VLM (the caption stage's demo flags build one:
+no real model is available offline) are word salad, so a row trained on them
+is labelled "(random VLM)" and the footer says it is no VeCLIP ablation.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ from training.loop import train  # noqa: E402
 from training.shard_set import has_values  # noqa: E402
 
 COLUMNS = ("zeroshot_top1", "zeroshot_top5", "zeroshot_colour_acc", "zeroshot_shape_acc", "eval_i2t_r@1",
-           "eval_t2i_r@1", "holdout_i2t_r@1", "holdout_t2i_r@1", "holdout_i2t_r@10", "final_loss")
-HEADERS = ("top1", "top5", "colour", "shape", "evI2T@1", "evT2I@1", "hoI2T@1", "hoT2I@1", "hoI2T@10", "loss")
+           "eval_i2t_r@10", "eval_t2i_r@1", "eval_t2i_r@10", "final_loss")
+HEADERS = ("top1", "top5", "colour", "shape", "evI2T@1", "evI2T@10", "evT2I@1", "evT2I@10", "loss")
+RANDOM_VLM = "(random VLM)"
 
 
 def run_stage(module_name: str, source: Path, output: Path, workdir: Path, seed: int,
@@ -58,6 +65,28 @@ def run_stage(module_name: str, source: Path, output: Path, workdir: Path, seed:
     module.run(flags)
     print(f"[ablation] {module_name}: {read_manifest(output)['rows']} rows in {time.perf_counter() - start:.0f}s")
     return output
+
+
+def captioned_by_random_vlm(dataset: Path) -> bool:
+    """Whether the caption stage that wrote `dataset` recorded a random-weight tiny captioner."""
+    return bool(read_manifest(dataset)["stats"].get("captioner_is_random_tiny_model"))
+
+
+def footer(results: dict[str, list[dict]]) -> list[str]:
+    """Lines under the table: the one retrieval gallery, the per-dataset holdout sizes (why they are not
+    compared), and a warning for rows trained on a random VLM's captions."""
+    first = next(iter(results.values()))[0]
+    holdout = ", ".join(f"{name} {runs[0].get('holdout_pairs', 0)}" for name, runs in results.items())
+    lines = [f"ev*: retrieval on the labelled eval split, {first.get('eval_pairs', 0)} pairs, the same gallery for "
+             f"every row. Each dataset's own shard holdout (pairs: {holdout}) is not compared: a larger gallery "
+             f"lowers Recall@k whatever the data."]
+    random_rows = [name for name in results if name.endswith(RANDOM_VLM)]
+    if random_rows:
+        lines.append(f"WARNING: {', '.join(random_rows)} trained on captions from a tiny VLM with RANDOM weights "
+                     f"(caption manifest: captioner_is_random_tiny_model): word salad in half the texts, so the "
+                     f"row measures caption noise, not VeCLIP; a VeCLIP ablation needs the caption stage run with a "
+                     f"real --captioner_model.")
+    return lines
 
 
 def cell(values: list[float]) -> str:
@@ -125,7 +154,10 @@ def main() -> None:
                 parts.append("VeC")
                 extra["synthetic_ratio"] = 0.5
             if len(parts) > 1:
-                datasets["+".join(parts)] = (current, extra)
+                name = "+".join(parts)
+                if parts[-1] in ("VeC", "VeCap") and captioned_by_random_vlm(current):
+                    name += RANDOM_VLM
+                datasets[name] = (current, extra)
             else:
                 print(f"[ablation] {current.name} holds no rewrites or captions: no third row")
         results: dict[str, list[dict]] = {}
@@ -150,6 +182,7 @@ def main() -> None:
         print("dataset".ljust(width) + "".join(h.rjust(13) for h in HEADERS))
         for name, runs in results.items():
             print(name.ljust(width) + "".join(cell([m.get(c, float("nan")) for m in runs]) for c in COLUMNS))
+        print("\n".join(footer(results)))
         if args.workdir:
             (workdir / "ablation.json").write_text(json.dumps(results, indent=2))
 
