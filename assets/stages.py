@@ -250,8 +250,8 @@ def _captioner_model_missing(context: dg.AssetExecutionContext, build_dir: Path)
     balance and rewrite have spent their hours."""
     caption = next(stage for stage in STAGES if stage.name == "caption")
     steps = context.run.step_keys_to_execute  # a re-execution's remaining steps; None: the job's
-    in_run = (caption.asset in steps if steps is not None
-              else dg.AssetKey(caption.asset) in context.job_def.asset_layer.selected_asset_keys)
+    selected = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
+    in_run = caption.asset in steps if steps is not None else dg.AssetKey(caption.asset) in selected
     if context.resources.captioner.model or not in_run:
         return False
     ops = context.run.run_config.get("ops") or {}
