@@ -7,7 +7,6 @@ the asset before it and writes `B/X/`; the stage job resumes from its
 finished shards, so a step retried from the UI only does the shards left.
 """
 
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -21,6 +20,9 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from assets import checks
+from assets.build_records import (
+    failed_checks, overwrite_pending, record_checks, record_upstream, upstream_changed,
+)
 from assets.config import (
     DEMO_SOURCE, BalanceRunConfig, CaptionRunConfig, ExportRunConfig, IngestRunConfig, RewriteRunConfig,
     StageConfig, TrainRunConfig,
@@ -29,14 +31,13 @@ from assets.launch import load_stage_module, run_stage
 from assets.report import plot_markdown, stage_metadata
 from assets.resources import QualityGatesResource
 from curation.shards import (
-    OVERWRITE_SENTINEL, ManifestError, atomic_write_bytes, is_complete, read_manifest,
+    OVERWRITE_SENTINEL, ManifestError, is_complete, read_manifest,
 )
 from pipelines.common import STAGE_CONFIG
 
 builds = dg.DynamicPartitionsDefinition(name="builds")
 DEFAULT_BUILD = "default"
 GPU_POOL = "gpu"
-UPSTREAM_MARKER = ".upstream"
 DEMO_PARAMS = "demo_params.json"
 RESOURCE_KEYS = ("storage", "beam_runner", "llm", "captioner", "gates")
 FUSION_KEY_ENV = "CLIP_CURATION_FUSION_API_KEY"
@@ -129,48 +130,6 @@ def build_name(context: dg.AssetExecutionContext) -> str:
     return context.partition_key if context.has_partition_key else DEFAULT_BUILD
 
 
-def _fingerprint(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps([s["sha256"] for s in manifest["shards"]]).encode()).hexdigest()
-
-
-def _upstream_changed(build_dir: Path, stage: Stage, input_manifest: Optional[dict]) -> bool:
-    """True when this stage's output was made from other upstream files than today's (a rebuilt upstream)."""
-    marker = build_dir / UPSTREAM_MARKER / f"{stage.asset}.sha256"
-    return input_manifest is not None and marker.is_file() and marker.read_text() != _fingerprint(input_manifest)
-
-
-def _record_upstream(build_dir: Path, stage: Stage, input_manifest: Optional[dict]) -> None:
-    if input_manifest is not None:
-        (build_dir / UPSTREAM_MARKER).mkdir(exist_ok=True)
-        atomic_write_bytes(build_dir / UPSTREAM_MARKER / f"{stage.asset}.sha256",
-                           _fingerprint(input_manifest).encode())
-
-
-def _checks_marker(build_dir: Path, asset: str) -> Path:
-    """Where a build records the checks an output failed, with the manifest they judged."""
-    return build_dir / UPSTREAM_MARKER / f"{asset}.failed-checks.json"
-
-
-def _record_checks(build_dir: Path, asset: str, manifest: dict, failed: list[str]) -> None:
-    """Remember (or forget) the checks this output failed: a later run that materialises a downstream
-    asset alone must not build on it (a failed blocking check only stops the run it ran in)."""
-    marker = _checks_marker(build_dir, asset)
-    if failed:
-        marker.parent.mkdir(exist_ok=True)
-        atomic_write_bytes(marker, json.dumps({"manifest": _fingerprint(manifest), "failed": failed}).encode())
-    else:
-        marker.unlink(missing_ok=True)
-
-
-def _failed_checks(build_dir: Path, asset: str, manifest: dict) -> list[str]:
-    """The checks this very output (same manifest) failed when it was materialised; none recorded: []."""
-    marker = _checks_marker(build_dir, asset)
-    if not marker.is_file():
-        return []
-    record = json.loads(marker.read_text())
-    return record["failed"] if record["manifest"] == _fingerprint(manifest) else []
-
-
 def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
     """A file's inode, modification time and size, None without it: unchanged across a run, it was kept
     (an atomic rewrite renames a new file in, so even a same-size rewrite in the same tick shows)."""
@@ -178,38 +137,6 @@ def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
         return None
     info = path.stat()
     return info.st_ino, info.st_mtime_ns, info.st_size
-
-
-def _overwrite_marker(build_dir: Path, stage: Stage) -> Path:
-    """Where a build records the run that asked to overwrite this stage's output (see `_overwrite_pending`)."""
-    return build_dir / UPSTREAM_MARKER / f"{stage.asset}.overwritten-by"
-
-
-def _root_run_id(context: dg.AssetExecutionContext) -> str:
-    """One id for a run and its re-executions, which share the root run id and reuse its config."""
-    return context.run.root_run_id or context.run.run_id
-
-
-def _overwrite_pending(build_dir: Path, stage: Stage, output: Path, context: dg.AssetExecutionContext) -> bool:
-    """Whether this attempt must still wipe the output its run asked to overwrite.
-
-    The run's first attempt leaves a sentinel file in the output before its
-    job runs; the job's wipe deletes it with the rest. A later attempt of the
-    same run (a retry, a re-execution) wipes again only while the sentinel is
-    there: the earlier attempt failed before its wipe. Once it is gone the
-    wipe is done, however that attempt ended (an exception, or a killed process
-    that ran no cleanup), and the retry resumes what it made. An output that
-    is absent or empty has nothing to lose: it gets no sentinel.
-    """
-    marker, root = _overwrite_marker(build_dir, stage), _root_run_id(context)
-    sentinel = output / OVERWRITE_SENTINEL
-    if marker.is_file() and marker.read_text() == root:
-        return sentinel.is_file()
-    if output.is_dir() and any(output.iterdir()):
-        sentinel.write_text(root)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(marker, root.encode())
-    return True
 
 
 def _source(config: IngestRunConfig, build_dir: Path, seed: int) -> Path:
@@ -412,17 +339,17 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
             input_manifest = read_manifest(input_dir)
         except ManifestError as exc:
             raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} is corrupt: {exc}") from exc
-        failed = _failed_checks(build_dir, stage.upstream, input_manifest)
+        failed = failed_checks(build_dir, stage.upstream, input_manifest)
         if failed:
             raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} of build {build!r} failed its "
                                          f"checks ({', '.join(failed)}); fix it (or the QualityGatesResource) and "
                                          f"materialise it again first")
-    if _upstream_changed(build_dir, stage, input_manifest):
+    if upstream_changed(build_dir, stage.asset, input_manifest):
         context.log.warning(f"{stage.upstream} of build {build!r} changed since {stage.asset} was made: rebuilding it")
         shutil.rmtree(output, ignore_errors=True)
     # Recorded before the run: a retry after a failure then resumes the shards made from this upstream.
-    _record_upstream(build_dir, stage, input_manifest)
-    overwrite = config.overwrite and _overwrite_pending(build_dir, stage, output, context)
+    record_upstream(build_dir, stage.asset, input_manifest)
+    overwrite = config.overwrite and overwrite_pending(build_dir, stage.asset, output, context)
     argv = stage_argv(stage, config, input_dir, output, build_dir, resources, overwrite)
     before = _stamp(output / "manifest.json")
     start = time.perf_counter()
@@ -445,7 +372,7 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
                 "up_to_date": up_to_date}
     results = stage_checks(stage, output, manifest, metadata, config, resources.gates, input_manifest)
     failed = [check.check_name for check in results if not check.passed]
-    _record_checks(build_dir, stage.asset, manifest, failed)
+    record_checks(build_dir, stage.asset, manifest, failed)
     for check in results:
         if not check.passed:
             context.log.warning(f"check {check.check_name} failed: {dict(check.metadata)}")

@@ -140,27 +140,27 @@ def test_overwrite_wipes_once_per_run_however_its_first_attempt_ended(tmp_path):
     output it should have replaced), then only after it returned (a killed step left the retry wiping again)."""
     import shutil
 
-    from assets.stages import _overwrite_pending
+    from assets.build_records import overwrite_pending
 
     stage = available_stages()[0]
     output = tmp_path / stage.asset
     output.mkdir()
     (output / STAGE_CONFIG).write_text("{}")
-    assert _overwrite_pending(tmp_path, stage, output, _context("r1"))
-    assert _overwrite_pending(tmp_path, stage, output, _context("r2", "r1"))  # failed before its wipe: again
+    assert overwrite_pending(tmp_path, stage.asset, output, _context("r1"))
+    assert overwrite_pending(tmp_path, stage.asset, output, _context("r2", "r1"))  # failed before its wipe: again
     shutil.rmtree(output)  # the job's wipe; it starts over, then its process is killed
     output.mkdir()
     (output / "part-00000.parquet").write_bytes(b"made by the killed attempt")
-    assert not _overwrite_pending(tmp_path, stage, output, _context("r3", "r1"))  # the retry resumes
-    assert _overwrite_pending(tmp_path, stage, output, _context("r4"))  # a new run that asks to overwrite does
+    assert not overwrite_pending(tmp_path, stage.asset, output, _context("r3", "r1"))  # the retry resumes
+    assert overwrite_pending(tmp_path, stage.asset, output, _context("r4"))  # a new run that asks to overwrite does
     empty = tmp_path / "empty"
-    assert _overwrite_pending(tmp_path, available_stages()[1], empty, _context("r5")) and not empty.exists()
+    assert overwrite_pending(tmp_path, available_stages()[1].asset, empty, _context("r5")) and not empty.exists()
 
 
 def test_an_overwrite_counts_as_done_only_once_the_job_has_wiped(instance, tmp_path, monkeypatch):
     """Through Dagster: a job that fails before its wipe leaves it to the retry; one that dies after it not."""
     import pipelines.ingest
-    from assets.stages import _overwrite_pending
+    from assets.build_records import overwrite_pending
 
     add_builds(instance, "b1")
     ops = {"raw_pairs": demo_run_config(pairs=60)["ops"]["raw_pairs"]}
@@ -181,13 +181,13 @@ def test_an_overwrite_counts_as_done_only_once_the_job_has_wiped(instance, tmp_p
         with pytest.raises(Exception, match="could not reach|worker lost"):
             _materialize(instance, tmp_path, "b1", {"ops": ops}, selection=["raw_pairs"])
         retry = _context("retry", instance.get_runs(limit=1)[0].run_id)
-        assert _overwrite_pending(tmp_path / "b1", stage, output, retry) is not wiped
+        assert overwrite_pending(tmp_path / "b1", stage.asset, output, retry) is not wiped
         if not wiped:  # a run without overwrite resumes it: the sentinel is gone, nor can that run wipe it now
             monkeypatch.setattr(pipelines.ingest, "run", real)
             plain = {"ops": {"raw_pairs": {"config": {**ops["raw_pairs"]["config"], "overwrite": False}}}}
             assert _materialize(instance, tmp_path, "b1", plain, selection=["raw_pairs"]).success
             assert not (output / OVERWRITE_SENTINEL).exists()
-            assert not _overwrite_pending(tmp_path / "b1", stage, output, retry)
+            assert not overwrite_pending(tmp_path / "b1", stage.asset, output, retry)
 
 
 def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path):
