@@ -30,6 +30,8 @@ from curation.schema import PAIR_SCHEMA
 from curation.shards import shard_name, write_manifest, write_table_atomic
 from pipelines import export
 
+ROW_GROUP_MB = 2  # the export's --row_group_mb, and the baseline's row groups
+
 
 def make_pairs(directory: Path, rows: int, image_kb: int, shards: int) -> int:
     """Captioned pair shards with random image payloads; returns the bytes written."""
@@ -54,9 +56,6 @@ def make_pairs(directory: Path, rows: int, image_kb: int, shards: int) -> int:
         infos.append(write_table_atomic(table, directory / shard_name(s)))
     write_manifest(directory, stage="caption", config={"bench": True}, shards=infos)
     return sum(i.bytes for i in infos)
-
-
-ROW_GROUP_MB = 2
 
 
 def plain_copy(source: Path, target: Path) -> tuple[float, int]:

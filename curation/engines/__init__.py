@@ -24,7 +24,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # longer timeout, more retries), and a key never lands in a manifest.
 RUN_OPTIONS = frozenset({
     "batch_size", "max_batch_size", "memory_fraction", "threads", "cpu_threads", "concurrency", "timeout",
-    "retries", "base_url", "api_key", "api_key_env", "gpu_memory_utilization", "max_num_seqs", "tensor_parallel_size",
+    "retries", "base_url", "api_key", "api_key_env", "gpu_memory_utilization", "max_num_seqs",
+    "tensor_parallel_size",
 })
 
 __all__ = [

@@ -175,7 +175,7 @@ class MomentOptimizer(Optimizer, abc.ABC):
         # A refused group must not stay behind in param_groups, where it would break every later step: the
         # options are checked before torch appends it, its parameters (normalised by torch) right after.
         param_group.update(self.check_options({**self.defaults, **param_group}))
-        param_group["step"] = param_group.get("step", 0)
+        param_group.setdefault("step", 0)
         super().add_param_group(param_group)
         try:
             self._check_params(self.param_groups[-1]["params"])
