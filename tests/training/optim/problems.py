@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
+
+NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 SHAPES = ((7, 5), (13,), (4, 3, 2), (1,), (33, 9))
 
