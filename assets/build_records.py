@@ -5,58 +5,52 @@ a later run (a retry, a re-execution, a downstream asset materialised alone) can
 upstream, an output whose checks failed, or an overwrite still to do. Every write is atomic.
 """
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
 
 import dagster as dg
 
+from curation.failed_checks import failed_checks, manifest_fingerprint, record_failed_checks
 from curation.shards import OVERWRITE_SENTINEL, atomic_write_bytes
 
 UPSTREAM_MARKER = ".upstream"
 
 
-def fingerprint(manifest: dict) -> str:
-    """One hash of a stage output's shard checksums: the same files give the same fingerprint."""
-    return hashlib.sha256(json.dumps([s["sha256"] for s in manifest["shards"]]).encode()).hexdigest()
-
-
 def upstream_changed(build_dir: Path, asset: str, input_manifest: Optional[dict]) -> bool:
     """True when this asset's output was made from other upstream files than today's (a rebuilt upstream)."""
     marker = build_dir / UPSTREAM_MARKER / f"{asset}.sha256"
-    return input_manifest is not None and marker.is_file() and marker.read_text() != fingerprint(input_manifest)
+    return (input_manifest is not None and marker.is_file()
+            and marker.read_text() != manifest_fingerprint(input_manifest))
 
 
 def record_upstream(build_dir: Path, asset: str, input_manifest: Optional[dict]) -> None:
     if input_manifest is not None:
         (build_dir / UPSTREAM_MARKER).mkdir(exist_ok=True)
-        atomic_write_bytes(build_dir / UPSTREAM_MARKER / f"{asset}.sha256", fingerprint(input_manifest).encode())
+        marker = build_dir / UPSTREAM_MARKER / f"{asset}.sha256"
+        atomic_write_bytes(marker, manifest_fingerprint(input_manifest).encode())
 
 
-def _checks_marker(build_dir: Path, asset: str) -> Path:
-    """Where a build records the checks an output failed, with the manifest they judged."""
+def _legacy_checks_record(build_dir: Path, asset: str) -> Path:
+    """Where versions before the record moved into the output kept an output's failed checks."""
     return build_dir / UPSTREAM_MARKER / f"{asset}.failed-checks.json"
 
 
 def record_checks(build_dir: Path, asset: str, manifest: dict, failed: list[str]) -> None:
     """Remember (or forget) the checks this output failed: a later run that materialises a downstream
     asset alone must not build on it (a failed blocking check only stops the run it ran in)."""
-    marker = _checks_marker(build_dir, asset)
-    if failed:
-        marker.parent.mkdir(exist_ok=True)
-        atomic_write_bytes(marker, json.dumps({"manifest": fingerprint(manifest), "failed": failed}).encode())
-    else:
-        marker.unlink(missing_ok=True)
+    record_failed_checks(build_dir / asset, manifest, failed)
+    _legacy_checks_record(build_dir, asset).unlink(missing_ok=True)
 
 
-def failed_checks(build_dir: Path, asset: str, manifest: dict) -> list[str]:
-    """The checks this very output (same manifest) failed when it was materialised; none recorded: []."""
-    marker = _checks_marker(build_dir, asset)
-    if not marker.is_file():
-        return []
-    record = json.loads(marker.read_text())
-    return record["failed"] if record["manifest"] == fingerprint(manifest) else []
+def failed_upstream_checks(build_dir: Path, asset: str, manifest: dict) -> list[str]:
+    """The checks this very output (same manifest) failed when it was materialised, wherever the version
+    that materialised it recorded them; none recorded: []."""
+    legacy = _legacy_checks_record(build_dir, asset)
+    if legacy.is_file():
+        record = json.loads(legacy.read_text())
+        return record["failed"] if record["manifest"] == manifest_fingerprint(manifest) else []
+    return failed_checks(build_dir / asset, manifest)
 
 
 def _overwrite_marker(build_dir: Path, asset: str) -> Path:

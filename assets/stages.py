@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from assets import checks
 from assets.build_records import (
-    failed_checks, overwrite_pending, record_checks, record_upstream, upstream_changed,
+    failed_upstream_checks, overwrite_pending, record_checks, record_upstream, upstream_changed,
 )
 from assets.config import (
     DEMO_SOURCE, BalanceRunConfig, CaptionRunConfig, ExportRunConfig, IngestRunConfig, RewriteRunConfig,
@@ -339,7 +339,7 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
             input_manifest = read_manifest(input_dir)
         except ManifestError as exc:
             raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} is corrupt: {exc}") from exc
-        failed = failed_checks(build_dir, stage.upstream, input_manifest)
+        failed = failed_upstream_checks(build_dir, stage.upstream, input_manifest)
         if failed:
             raise dg.Failure(description=f"{stage.asset}: upstream {stage.upstream} of build {build!r} failed its "
                                          f"checks ({', '.join(failed)}); fix it (or the QualityGatesResource) and "

@@ -32,6 +32,7 @@ from curation.balancing import (
     CAPTION_COLUMN, DEFAULT_T, LONG_CAPTION_CHARS, MATCHES_COLUMN, STAGE, BalanceConfig, balance_table, count_matches,
     count_summary, entry_count_table, entry_probabilities, plot_entry_counts,
 )
+from curation.failed_checks import verify_input
 from curation.matching import MATCH_BATCH_ROWS, MATCHES_TYPE, matcher_for
 from curation.metadata import DEFAULT, MetadataFile, resolve_metadata
 from curation.schema import KeyTracker, SchemaError
@@ -228,6 +229,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         raise ValueError(f"{STAGE}: --input and --output are required")
     inputs = shard_paths(options.input)
     finished = _may_be_up_to_date(options.output, options.overwrite)
+    if is_complete(options.input):  # a pool whose checks failed is refused before the scan of its keys
+        verify_input(options.input, checksums=False)
     if not finished:
         _check_inputs(inputs)
     plan = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite,

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from curation.failed_checks import verify_input
 from curation.rejects import REJECT_SCHEMA, count_reasons
 from curation.schema import PAIR_SCHEMA
 from curation.shards import (
@@ -95,7 +96,7 @@ def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, con
     if not (is_complete(input_dir) and is_complete(output) and recorded.is_file()):
         return None
     try:
-        input_manifest = verify_manifest(input_dir, checksums=False)
+        input_manifest = verify_input(input_dir, checksums=False)
         manifest = verify_output(output, checksums=False)
     except ManifestError:
         return None
@@ -126,7 +127,7 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     # A finished output's rerun is most often up to date, and then reads no input byte: its sizes are checked
     # now and the sha256 of every byte only once there is work (hashing a large pool takes hours).
     deferred = verified is None and is_complete(input_dir) and not overwrite and is_complete(output_dir)
-    input_manifest = verified or (verify_manifest(input_dir, checksums=not deferred) if is_complete(input_dir)
+    input_manifest = verified or (verify_input(input_dir, checksums=not deferred) if is_complete(input_dir)
                                   else None)
     inputs = shard_paths(input_dir)
     if not inputs:

@@ -27,10 +27,11 @@ from curation.export import (
     PLAN_FILE, STAGE, WEBDATASET_DIR, ExportConfig, ExportPlan, parquet_name, plan_export, route_batch, shard_done,
     tar_name, verify_export, write_shard,
 )
+from curation.failed_checks import verify_input
 from curation.schema import SCHEMA_VERSION
 from curation.shards import (
     ShardInfo, atomic_write_bytes, file_sha256, info_for, is_complete, remove_stale_temps, shard_paths,
-    verify_manifest, write_manifest,
+    write_manifest,
 )
 from pipelines.common import (
     STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, begin_stage, finished_from,
@@ -123,7 +124,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                                                         verify_output=verify_export)):
         return StageResult(kept, Path(options.output), up_to_date=True)
     # Checksums before anything is written, once: begin_stage takes the verified manifest.
-    verified = verify_manifest(options.input) if is_complete(options.input) else None
+    verified = verify_input(options.input) if is_complete(options.input) else None
     plan = plan_export(options.input, config, options.batch_rows)  # schema, nulls, keys, images
     planned = time.perf_counter()
     stage = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite,

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from curation.export import TRAINING_COLUMNS, validate_training_table
 from curation.schema import PAIR_FIELDS, SCHEMA_VERSION_KEY, SchemaError
-from curation.shards import is_complete, read_manifest, shard_paths, verify_manifest
+from curation.failed_checks import verify_input
+from curation.shards import is_complete, read_manifest, shard_paths
 from training.randomness import unit_uniform
 
 REQUIRED_COLUMNS = ("key", "image", "caption")
@@ -118,7 +119,7 @@ def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
     if is_complete(source):
         # Each shard's size against the manifest, a stat per file: a copy cut short is refused before
         # training (the sha256s too with --verify_checksums, which reads all the data once).
-        version = verify_manifest(source, checksums=False).get("schema_version")
+        version = verify_input(source, checksums=False).get("schema_version")
         check_schema_version({SCHEMA_VERSION_KEY: str(version).encode()} if version else None,
                              str(Path(source) / "manifest.json"))
     paths = shard_paths(source)

@@ -1,5 +1,7 @@
 """A whole dataset build through Dagster on demo data: every check passes, builds stay apart, retries resume."""
 
+import json
+
 import dagster as dg
 import pytest
 
@@ -7,6 +9,7 @@ from assets.definitions import stage_assets
 from assets.report import rows_in
 from assets.resources import QualityGatesResource
 from assets.stages import available_stages
+from curation.failed_checks import FailedChecksError, verify_input
 from curation.shards import OVERWRITE_SENTINEL, read_manifest
 from pipelines.common import STAGE_CONFIG
 from tests.assets.helpers import add_builds, demo_run_config, stage_resources
@@ -212,10 +215,31 @@ def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path
                                          r"\(reject_ratio_under_threshold\)"):
         _materialize(instance, tmp_path, "b1", downstream, selection=[stages[1].asset, *stages[1].extra_assets])
     assert not (tmp_path / "b1" / stages[1].asset).exists()
+    # The record sits in the output itself: whatever reads it from the command line is refused too.
+    with pytest.raises(FailedChecksError, match=r"\(reject_ratio_under_threshold\)"):
+        verify_input(tmp_path / "b1" / "raw_pairs")
     # Once raw_pairs passes (here under the default gates, its output unchanged), the downstream builds on it.
     raw_only = {"ops": {"raw_pairs": demo_run_config(pairs=60)["ops"]["raw_pairs"]}}
     assert _materialize(instance, tmp_path, "b1", raw_only, selection=["raw_pairs"]).success
     assert _materialize(instance, tmp_path, "b1", downstream, selection=[stages[1].asset, *stages[1].extra_assets]).success
+    assert verify_input(tmp_path / "b1" / "raw_pairs")
+
+
+def test_failed_checks_recorded_by_an_earlier_version_are_still_honoured(tmp_path):
+    """Versions before the record moved into the output kept it under B/.upstream: a build made by one
+    must not become readable by the upgrade; the next judgement moves the record into the output."""
+    from assets.build_records import UPSTREAM_MARKER, failed_upstream_checks, record_checks
+    from curation.failed_checks import manifest_fingerprint
+
+    manifest = {"shards": [{"sha256": "0" * 64}]}
+    (tmp_path / "raw_pairs").mkdir()
+    legacy = tmp_path / UPSTREAM_MARKER / "raw_pairs.failed-checks.json"
+    legacy.parent.mkdir()
+    legacy.write_text(json.dumps({"manifest": manifest_fingerprint(manifest), "failed": ["schema_valid"]}))
+    assert failed_upstream_checks(tmp_path, "raw_pairs", manifest) == ["schema_valid"]
+    assert failed_upstream_checks(tmp_path, "raw_pairs", {"shards": [{"sha256": "1" * 64}]}) == []
+    record_checks(tmp_path, "raw_pairs", manifest, ["rows_conserved"])
+    assert not legacy.exists() and failed_upstream_checks(tmp_path, "raw_pairs", manifest) == ["rows_conserved"]
 
 
 def test_a_corrupt_upstream_shard_fails_the_step_before_anything_is_written(instance, tmp_path):

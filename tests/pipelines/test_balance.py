@@ -14,7 +14,7 @@ from curation.balancing import count_matches
 from curation.matching import Matcher
 from curation.metadata import MetadataError
 from curation.schema import SchemaError
-from curation.shards import MANIFEST, finished_shards, iter_batches, read_table, verify_manifest
+from curation.shards import MANIFEST, finished_shards, iter_batches, read_manifest, read_table, verify_manifest
 from pipelines import balance, ingest
 from pipelines.balance import COUNTS_FILE, MATCHES_DIR, PLOT_FILE
 from pipelines.common import StageConfigMismatch
@@ -314,3 +314,19 @@ def test_an_output_recorded_by_an_earlier_version_still_resumes(raw_pairs, demo_
     # Turned on, it is another config: refused, not mixed into the old output.
     with pytest.raises(StageConfigMismatch, match="metaclip2_padding"):
         balance.run([*argv, "--metaclip2_padding"])
+
+
+def test_a_pool_whose_checks_failed_is_refused_before_its_keys_are_read(balanced, raw_pairs, tmp_path, monkeypatch):
+    from curation.failed_checks import FailedChecksError, record_failed_checks
+
+    _, argv = balanced
+    pool = tmp_path / "raw_pairs"
+    shutil.copytree(raw_pairs, pool)
+    record_failed_checks(pool, read_manifest(pool), ["reject_ratio_under_threshold"])
+    run = list(argv)
+    run[run.index("--input") + 1], run[run.index("--output") + 1] = str(pool), str(tmp_path / "out")
+    read = []
+    monkeypatch.setattr(pq, "read_table", lambda *args, **kwargs: read.append(args) or pytest.fail("read the pool"))
+    with pytest.raises(FailedChecksError, match="reject_ratio_under_threshold"):
+        balance.run(run)
+    assert read == [] and not (tmp_path / "out").exists()

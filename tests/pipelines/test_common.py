@@ -65,3 +65,13 @@ def test_a_grown_input_whose_new_shard_is_corrupt_is_refused_before_the_record_n
     with pytest.raises(ManifestError, match="does not match its manifest checksum"):
         begin_stage(source, output, "copy", {"x": 1})
     assert (output / STAGE_CONFIG).read_text() == recorded
+
+
+def test_an_input_whose_checks_failed_is_refused_before_any_output_is_written(tmp_path):
+    from curation.failed_checks import FailedChecksError, record_failed_checks
+
+    source = _input(tmp_path / "in")
+    record_failed_checks(source, curation.shards.read_manifest(source), ["reject_ratio_under_threshold"])
+    with pytest.raises(FailedChecksError, match="reject_ratio_under_threshold"):
+        begin_stage(source, tmp_path / "out", "copy", {"x": 1})
+    assert not (tmp_path / "out").exists()

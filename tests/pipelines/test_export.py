@@ -144,6 +144,20 @@ def test_a_tampered_shard_or_tar_is_refused(exported, tmp_path):
         verify_export(copy)
 
 
+def test_an_input_whose_checks_failed_is_refused_before_it_is_planned(pairs, tmp_path, monkeypatch):
+    import shutil
+
+    from curation.failed_checks import FailedChecksError, record_failed_checks
+
+    source = tmp_path / "captioned"
+    shutil.copytree(pairs["captioned"], source)
+    record_failed_checks(source, read_manifest(source), ["valid_rewrite_share"])
+    monkeypatch.setattr(export, "plan_export", lambda *args: pytest.fail("planned from every row"))
+    with pytest.raises(FailedChecksError, match="valid_rewrite_share"):
+        export.run(_argv(source, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_data_card_and_plots_sit_beside_the_shards(exported):
     manifest = read_manifest(exported)
     card = (exported / manifest["datacard"]["file"]).read_text()

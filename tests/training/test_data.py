@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.schema import SCHEMA_VERSION_KEY, SchemaError
-from curation.shards import read_table, shard_name
+from curation.failed_checks import FailedChecksError, record_failed_checks
+from curation.shards import read_manifest, read_table, shard_name
 from training.data import LoaderState, ShardStream, StreamSpec, readers_for, train_batches
 from training.randomness import unit_uniform
 from training.shard_set import REQUIRED_COLUMNS, ShardSet, Unit, has_values, inspect_shards, is_holdout
@@ -289,6 +290,10 @@ def test_bad_shards_are_refused_before_training(raw_pairs, tmp_path):
         inspect_shards(tmp_path / "typed")
     with pytest.raises(SchemaError, match="fused_caption"):
         inspect_shards(raw_pairs, ["fused_caption"])
+    shutil.copytree(raw_pairs, tmp_path / "failed")
+    record_failed_checks(tmp_path / "failed", read_manifest(tmp_path / "failed"), ["schema_valid"])
+    with pytest.raises(FailedChecksError, match=r"failed its quality checks \(schema_valid\)"):
+        inspect_shards(tmp_path / "failed")
 
 
 def test_pair_schema_subset_without_optional_columns_streams(raw_pairs, tokenizer, tmp_path):
