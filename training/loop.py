@@ -45,6 +45,7 @@ from training.text_sampling import TextSampling
 from training.tokenizer import load_tokenizer, train_bpe
 
 METRICS_JSON = "metrics.json"
+EVAL_SECONDS = "eval_seconds"
 TRAIN_CONFIG = "train_config.json"
 # Written first into every output, so a run that died before anything else still marks the folder as its own.
 RUN_MARKER = ".clip-curation-train"
@@ -254,6 +255,8 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     run = _Run(config, d, output, model, optimizer, scheduler, train_step, loader_state, log, fingerprint,
                elapsed_before, tokenizer, holdout, image_size, context_length, precision)
     try:
+        if checkpoint is not None:
+            run.evaluate_if_missed(step)
         steps, last_checkpoint, report = run.loop(batches, step, checkpoint)
     finally:
         batches.close()
@@ -326,11 +329,34 @@ class _Run:
             keep=self.config.keep_checkpoints))
 
     def evaluate(self) -> dict:
-        """Rank 0 evaluates; the others get {} (and stop with it if it fails)."""
-        return distributed.on_main(self.d, lambda: evaluate_all(
-            self.model, self.tokenizer, holdout=self.holdout, eval_dir=self.config.eval or None,
-            classes_path=self.config.classes_path, image_size=self.image_size, context_length=self.context_length,
-            device=self.d.device, precision=self.precision)) or {}
+        """Rank 0 evaluates; the others get {} (and stop with it if it fails). The metrics come with the
+        evaluation's duration, EVAL_SECONDS, which also marks in the log the steps that were evaluated."""
+        def work() -> dict:
+            start = time.perf_counter()
+            metrics = evaluate_all(
+                self.model, self.tokenizer, holdout=self.holdout, eval_dir=self.config.eval or None,
+                classes_path=self.config.classes_path, image_size=self.image_size,
+                context_length=self.context_length, device=self.d.device, precision=self.precision)
+            return {**metrics, EVAL_SECONDS: round(time.perf_counter() - start, 3)} if metrics else {}
+
+        return distributed.on_main(self.d, work) or {}
+
+    def eval_due(self, step: int) -> bool:
+        """Whether a mid-run evaluation follows this step (the last step has the final evaluation instead)."""
+        return bool(self.config.eval_every) and step % self.config.eval_every == 0 and step < self.config.steps
+
+    def evaluate_and_log(self, step: int) -> None:
+        metrics = self.evaluate()
+        if self.log is not None and metrics:
+            self.log.log(step, metrics)
+
+    def evaluate_if_missed(self, step: int) -> None:
+        """A run resumed at a checkpoint whose evaluation is not in the log (it failed, or the run was
+        killed during it) evaluates those weights first: the resumed run never comes back to that step."""
+        missed = self.eval_due(step) and distributed.broadcast_object(self.d, distributed.on_main(
+            self.d, lambda: EVAL_SECONDS not in self.log.metrics_at(step)))
+        if missed:
+            self.evaluate_and_log(step)
 
     def loop(self, batches, step: int, checkpoint: Path | None) -> tuple[int, Path | None, HealthReport]:
         """Steps until the end (or `stop_after_steps`); returns the step reached, its checkpoint, the last report."""
@@ -375,11 +401,11 @@ class _Run:
             step += 1
             progress.update(1)
             # A `stop_after_steps` end is saved after the loop, its loss window left open, so the resumed run
-            # writes the rows a straight run would. An evaluation due there is made all the same (the resumed
-            # run would never make it), after its checkpoint: one that fails costs its metrics, not the steps.
+            # writes the rows a straight run would. An evaluation due there is made all the same, after its
+            # checkpoint: one that fails costs no steps, and the resumed run makes it first (evaluate_if_missed).
             # The run's last step has the final evaluation instead.
             log_row = step % config.log_every == 0 or step == config.steps
-            eval_due = bool(config.eval_every) and step % config.eval_every == 0 and step < config.steps
+            eval_due = self.eval_due(step)
             checkpoint_due = (step % config.checkpoint_every == 0 and step < end) or (eval_due and step == end)
             if not (log_row or checkpoint_due or eval_due):
                 continue
@@ -389,9 +415,7 @@ class _Run:
             if checkpoint_due:
                 last_checkpoint, saved_at = self.save(step, report), step
             if eval_due:
-                metrics = self.evaluate()
-                if self.log is not None and metrics:
-                    self.log.log(step, metrics)
+                self.evaluate_and_log(step)
         progress.close()
         if saved_at == step:
             return step, last_checkpoint, report

@@ -60,6 +60,10 @@ class MetricsLog:
         self._append(step, values)
         self._to_tensorboard(step, {name: value for name, value in values.items() if name not in logged})
 
+    def metrics_at(self, step: int) -> set[str]:
+        """The names of the metrics logged at `step`."""
+        return {r["metric"] for r in self.read(self.path) if int(r["step"]) == step}
+
     def _append(self, step: int, values: dict[str, float]) -> None:
         with open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
