@@ -98,9 +98,11 @@ class StorageResource(dg.ConfigurableResource):
 
         The remote manifest goes first and comes back last, so a reader never pairs the old manifest with
         new shards; remote files the output no longer has (an overwrite with fewer shards) are deleted;
-        an output whose manifest the remote already has (a no-op rerun) is not uploaded again. An output
-        without a shard manifest (the trained model) gets a list of its files (FILE_LIST: path, size,
-        mtime) in its place: the marker of a finished upload, and what tells a rerun nothing changed.
+        an output whose manifest the remote already has (a no-op rerun) is not uploaded again, and of a
+        changed one only what the remote manifest does not vouch for (a resume's new shards, the small
+        files beside them). An output without a shard manifest (the trained model) gets a list of its
+        files (FILE_LIST: path, size, mtime) in its place: the marker of a finished upload, and what tells
+        a rerun which files changed.
         """
         uri = self.uri_for(build, name)
         if not self.is_remote:
@@ -114,20 +116,28 @@ class StorageResource(dg.ConfigurableResource):
             manifest = local / FILE_LIST
             atomic_write_bytes(manifest, json.dumps(_file_list(local), indent=1).encode())
         remote_manifest = f"{path}/{manifest.name}"
-        if manifest.is_file() and fs.exists(remote_manifest) and fs.cat_file(remote_manifest) == manifest.read_bytes():
+        published = fs.cat_file(remote_manifest) if fs.exists(remote_manifest) else None
+        if manifest.is_file() and published == manifest.read_bytes():
             return uri
-        if fs.exists(remote_manifest):
+        # What the remote marker vouches for was uploaded whole before it: those files, unchanged since
+        # and of the same size remote, are not uploaded again (a resumed output adds its new shards only).
+        vouched, wanted = _identities(published, manifest.name), _identities(manifest, manifest.name)
+        if published is not None:
             fs.rm_file(remote_manifest)
         files = _published_files(local)
-        wanted = {_rooted(f"{path}/{file.relative_to(local).as_posix()}") for file in files}
-        for target in fs.find(path) if fs.exists(path) else []:
-            if _rooted(target) not in wanted:
+        targets = {_rooted(f"{path}/{file.relative_to(local).as_posix()}") for file in files}
+        remote = {_rooted(name): info for name, info in fs.find(path, detail=True).items()} if fs.exists(path) else {}
+        for target in remote:
+            if target not in targets:
                 fs.rm_file(target)
         for file in [*files, manifest]:
-            if file.is_file():
-                target = f"{path}/{file.relative_to(local).as_posix()}"
-                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                fs.put_file(str(file), target)
+            name = file.relative_to(local).as_posix()
+            target = f"{path}/{name}"
+            if not file.is_file() or (name in wanted and vouched.get(name) == wanted[name]
+                                      and remote.get(_rooted(target), {}).get("size") == file.stat().st_size):
+                continue
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(file), target)
         return uri
 
 
@@ -135,6 +145,20 @@ def _published_files(local: Path) -> list[Path]:
     """The files of an output that are uploaded before its marker (manifest or file list)."""
     return sorted(p for p in local.rglob("*") if p.is_file() and p.name not in ("manifest.json", FILE_LIST,
                                                                                OVERWRITE_SENTINEL))
+
+
+def _identities(marker: bytes | Path | None, name: str) -> dict[str, tuple]:
+    """Relative path -> identity of each file a marker lists: a manifest's shards and WebDataset tars by
+    size and sha256, a file list's files by size and mtime. An unreadable marker vouches for nothing."""
+    try:
+        record = json.loads(marker.read_bytes() if isinstance(marker, Path) else marker or b"null")
+        if name == FILE_LIST:
+            return {path: (size, mtime) for path, size, mtime in record}
+        twin = record.get("webdataset") or {}
+        return {**{s["name"]: (s["bytes"], s["sha256"]) for s in record["shards"]},
+                **{f"{twin['directory']}/{s['name']}": (s["bytes"], s["sha256"]) for s in twin.get("shards", [])}}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _file_list(local: Path) -> list[list]:

@@ -6,12 +6,14 @@ from types import SimpleNamespace
 import dagster as dg
 import fsspec
 import fsspec.implementations.memory
+import pyarrow as pa
 import pytest
 
 from assets.definitions import stage_assets
 from assets.resources import (BeamRunnerResource, CaptionerResource, LLMEngineResource, QualityGatesResource,
                               StorageResource)
-from curation.shards import read_manifest
+from curation.schema import PAIR_SCHEMA
+from curation.shards import read_manifest, shard_name, write_manifest, write_table_atomic
 from tests.assets.helpers import add_builds, stage_resources
 
 
@@ -145,9 +147,48 @@ def test_a_model_output_is_published_once_with_its_file_list_last(tmp_path, monk
     assert len(put) == 3  # unchanged: nothing uploaded again
     (model / "metrics.json").write_text('{"steps": 16}')
     storage.publish("b1", "clip_model")
-    assert put[3:] == ["model.safetensors", "metrics.json", FILE_LIST]
+    assert put[3:] == ["metrics.json", FILE_LIST]  # the weights the remote list vouches for stay
     fs = fsspec.filesystem("memory")
     assert fs.cat_file("/model-publish/builds/b1/clip_model/metrics.json") == b'{"steps": 16}'
+    # A remote copy of another size (cut short by hand, say) is uploaded again; so is everything when
+    # the remote marker is gone: an upload cut short vouches for nothing.
+    fs.pipe_file("/model-publish/builds/b1/clip_model/checkpoints/step-8/model.safetensors", b"x" * 10)
+    (model / "metrics.json").write_text('{"steps": 24}')
+    storage.publish("b1", "clip_model")
+    assert put[5:] == ["model.safetensors", "metrics.json", FILE_LIST]
+    fs.rm_file(f"/model-publish/builds/b1/clip_model/{FILE_LIST}")
+    storage.publish("b1", "clip_model")
+    assert put[8:] == ["model.safetensors", "metrics.json", FILE_LIST]
+
+
+def test_a_resumed_pair_output_uploads_only_its_new_shards(tmp_path, monkeypatch):
+    storage = StorageResource(root="memory://pairs-publish/builds", staging=str(tmp_path))
+    output = storage.build_dir("b1") / "raw_pairs"
+    rows = [{"key": f"k{i}", "caption": f"caption {i}", "image": b"\xff\xd8", "width": 8, "height": 8,
+             "sha256": f"{i:064x}", "source": "t"} for i in range(4)]
+    table = pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+    infos = [write_table_atomic(table.slice(i, 1), output / shard_name(i)) for i in range(2)]
+    write_manifest(output, stage="ingest", config={}, shards=infos)
+    (output / "rejects").mkdir()
+    (output / "rejects" / "part-00000.parquet").write_bytes(b"r" * 10)
+    put = []
+    real_put = fsspec.implementations.memory.MemoryFileSystem.put_file
+    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "put_file",
+                        lambda self, lpath, rpath, **kw: (put.append(rpath.split("raw_pairs/")[1]),
+                                                          real_put(self, lpath, rpath, **kw)))
+    storage.publish("b1", "raw_pairs")
+    assert put == ["part-00000.parquet", "part-00001.parquet", "rejects/part-00000.parquet", "manifest.json"]
+    infos.append(write_table_atomic(table.slice(2, 2), output / shard_name(2)))
+    write_manifest(output, stage="ingest", config={}, shards=infos)
+    storage.publish("b1", "raw_pairs")
+    # Files no manifest lists (rejects, data card, plots) are small and go again.
+    assert put[4:] == ["part-00002.parquet", "rejects/part-00000.parquet", "manifest.json"]
+    fs = fsspec.filesystem("memory")
+    assert fs.cat_file("/pairs-publish/builds/b1/raw_pairs/manifest.json") == (output / "manifest.json").read_bytes()
+    infos[0] = write_table_atomic(table.slice(0, 2), output / shard_name(0))  # rewritten: another sha256
+    write_manifest(output, stage="ingest", config={}, shards=infos)
+    storage.publish("b1", "raw_pairs")
+    assert put[7:] == ["part-00000.parquet", "rejects/part-00000.parquet", "manifest.json"]
 
 
 def test_an_unknown_storage_protocol_names_the_field():
