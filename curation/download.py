@@ -126,6 +126,21 @@ def _extras_as_text(rows: list[dict], fixed: set[str]) -> None:
                 row[name] = json.dumps(value, ensure_ascii=False)
 
 
+def _parquet_types_agree(files: list) -> bool:
+    """Whether the Parquet lists give every column they share one type: only then do the extras keep
+    their types. A column that is a float in one file and text in another becomes text, as CSV and JSONL
+    extras do (typed, it failed in Arrow, naming no file, or gave shards of different schemas)."""
+    types: dict[str, pa.DataType] = {}
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except Exception:  # noqa: BLE001 - read_list says what is wrong with the file, naming it
+            continue
+        if any(types.setdefault(field.name, field.type) != field.type for field in schema):
+            return False
+    return True
+
+
 def stage_url_list(config: ListConfig, list_dir: Path, fetch_dir: Path,
                    before_writing: Callable[[], None] | None = None) -> int:
     """Write the list shards and the img2dataset inputs (only missing ones); returns the shard count.
@@ -138,7 +153,7 @@ def stage_url_list(config: ListConfig, list_dir: Path, fetch_dir: Path,
     fixed = set(FIXED_TYPES)
     done = {p.name for p in finished_shards(list_dir)}
     files = list_files(config.path, config.format)
-    keep_types = all(str(f).endswith(".parquet") for f in files)
+    keep_types = all(str(f).endswith(".parquet") for f in files) and _parquet_types_agree(files)
     shard, rows, number = 0, [], 0
 
     def flush() -> None:

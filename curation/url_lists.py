@@ -162,33 +162,51 @@ def _csv_field_limit(limit: int):
 
 def _read_delimited(path: Path, required: tuple[str, ...], delimiter: str, columns: tuple[str, ...],
                     quoting: str) -> Iterator[ListRow]:
-    """Each record named by the line it starts on, as `sed -n Np` counts: a quoted field may hold newlines,
-    and `reader.line_num` (the lines read so far) would name such a record by its last line."""
+    records = _unquoted_records(path, delimiter) if quoting == "none" else _csv_records(path, delimiter)
+    header = list(columns)
+    if not header:
+        first = next(records, None)
+        if not first or not first[1]:
+            raise UrlListError(f"{path}: line 1: no header row")
+        header = first[1]
+    _missing(path, header, required, 0 if columns else 1)
+    for line, fields in records:
+        if not fields:
+            continue  # a blank line
+        if len(fields) != len(header):
+            raise UrlListError(f"{path}: line {line}: {len(fields)} fields, but {len(header)} "
+                               f"columns are named (broken quoting or a stray delimiter?)")
+        yield ListRow(str(path), line, dict(zip(header, fields)))
+
+
+def _unquoted_records(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of each line: fields are the text between delimiters, and a record ends at "\n"
+    (or "\r\n") only. csv's reader, even unquoted, also ends one at a bare "\r": a caption holding one was
+    cut there, and its rest read as a row of its own, with every later line misnumbered."""
+    with open(path, newline="\n", **TEXT_ENCODING) as f:
+        for line, text in enumerate(f, start=1):
+            text = text.removesuffix("\n").removesuffix("\r")
+            yield line, text.split(delimiter) if text else []
+
+
+def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of each record, named by the line it starts on, as `sed -n Np` counts: a quoted field
+    may hold newlines, and `reader.line_num` (the lines read so far) would name such a record by its last."""
     with open(path, newline="", **TEXT_ENCODING) as f, _csv_field_limit(CSV_FIELD_LIMIT):
-        reader = csv.reader(f, delimiter=delimiter, strict=True,
-                            quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL)
+        reader = csv.reader(f, delimiter=delimiter, strict=True, quoting=csv.QUOTE_MINIMAL)
         consumed = 0  # lines before the record being read, which starts on the next one
         try:
-            header = list(columns) or next(reader, None)
-            if not header:
-                raise UrlListError(f"{path}: line 1: no header row")
-            _missing(path, header, required, 0 if columns else 1)
-            consumed = reader.line_num
             for fields in reader:
                 line, consumed = consumed + 1, reader.line_num
-                if not fields:
-                    continue  # a blank line
-                if len(fields) != len(header):
-                    raise UrlListError(f"{path}: line {line}: {len(fields)} fields, but {len(header)} "
-                                       f"columns are named (broken quoting or a stray delimiter?)")
-                yield ListRow(str(path), line, dict(zip(header, fields)))
+                yield line, fields
         except csv.Error as exc:
             raise UrlListError(f"{path}: line {consumed + 1}: broken CSV: {exc}") from exc
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[ListRow]:
+    """Lines end at "\n" only, as JSON Lines has it: a bare "\r" is JSON whitespace, not a line end."""
     first = True
-    with open(path, **TEXT_ENCODING) as f:
+    with open(path, newline="\n", **TEXT_ENCODING) as f:
         for number, text in enumerate(f, start=1):
             if not text.strip():
                 continue
@@ -231,6 +249,7 @@ def normalise_url(url: str) -> str:
         return url.strip()
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
+    host = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets: the port is apart
     port = port if port and (scheme, port) not in (("http", 80), ("https", 443)) else None
     netloc = host if port is None else f"{host}:{port}"
     if parts.username or parts.password:
@@ -251,16 +270,49 @@ def _host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
         return None
 
 
+def resolver_name(host: str) -> str | None:
+    """The ASCII name the resolver looks a host up by, or None if it cannot be encoded.
+
+    A non-ASCII host is IDNA-encoded first, whose nameprep folds compatibility characters: full-width or
+    superscript digits become ASCII ones and "。" separates labels, so `１２７．０．０．１` and `¹27.0.0.¹`
+    are 127.0.0.1. Screened as written, they passed as names.
+    """
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+
+
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries to: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d),
+    NAT64 (64:ff9b::a.b.c.d) or 6to4 (2002:a.b.c.d::)."""
+    if address.ipv4_mapped or address.sixtofour:
+        return address.ipv4_mapped or address.sixtofour
+    if int(address) >> 32 == 0 or any(address in network for network in _NAT64):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def is_private_host(host: str) -> bool:
-    """Loopback, private, link-local, reserved or unspecified addresses, and `localhost` names."""
-    host = host.lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
+    """Loopback, private, link-local, reserved or unspecified addresses, and `localhost` names, however
+    the host is spelled (see `resolver_name`; a host that cannot be encoded is refused too)."""
+    name = resolver_name(host)
+    if name is None:
         return True
-    address = _host_address(host)
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    address = _host_address(name)
     if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address) and (embedded := _embedded_ipv4(address)) is not None:
+        if not embedded.is_global or embedded.is_multicast:
+            return True
     return not address.is_global or address.is_multicast
 
 
@@ -285,7 +337,11 @@ def screen_url(url: object, *, allow_private_network: bool = False, allow_file_u
         return Rejected(Reason.BAD_URL, f"scheme {scheme or 'none'!r} is not http(s)")
     if not parts.hostname:
         return Rejected(Reason.BAD_URL, "URL has no host")
+    name = resolver_name(parts.hostname)
+    if name is None:
+        return Rejected(Reason.BAD_URL, f"host {parts.hostname!r} has no IDNA form for the resolver")
     if not allow_private_network and is_private_host(parts.hostname):
-        return Rejected(Reason.BAD_URL, f"private-network host {parts.hostname!r} refused "
+        spelled = "" if name == parts.hostname else f" (the resolver's {name!r})"
+        return Rejected(Reason.BAD_URL, f"private-network host {parts.hostname!r}{spelled} refused "
                                         f"(pass --allow_private_network)")
     return url

@@ -75,6 +75,13 @@ def test_a_ten_megabyte_caption_is_a_row_not_a_crash(tmp_path):
     ("http://[::1]/x", "private-network"), ("http://[::ffff:192.168.0.1]/x", "private-network"),
     ("http://2130706433/x", "private-network"), ("http://0x7f.1/x", "private-network"),
     ("http://0.0.0.0/x", "private-network"),
+    # Spellings the resolver folds to a loopback or private address (IDNA's nameprep) or that carry one.
+    ("http://\uff11\uff12\uff17\uff0e\uff10\uff0e\uff10\uff0e\uff11/x", "the resolver's '127.0.0.1'"),
+    ("http://\u00b927.0.0.\u00b9/x", "private-network"),
+    ("http://\uff2c\uff2f\uff23\uff21\uff2c\uff28\uff2f\uff33\uff34/x", "private-network"),  # LOCALHOST
+    ("http://127\u30020\u30020\u30021/x", "private-network"), ("http://\u2460\u2461\u2466.0.0.1/x", "private-network"),
+    ("http://[::127.0.0.1]/x", "private-network"), ("http://[64:ff9b::a00:1]/x", "private-network"),
+    ("http://[2002:c0a8:1::]/x", "private-network"), ("http://" + "\u00fc" * 70 + ".de/x", "no IDNA form"),
 ])
 def test_screen_refuses_bad_and_internal_urls(url, reason):
     verdict = screen_url(url)
@@ -87,6 +94,8 @@ def test_screen_opt_ins_and_public_urls():
     assert screen_url("http://127.0.0.1/a", allow_private_network=True) == "http://127.0.0.1/a"
     assert screen_url("file:///tmp/a.jpg", allow_file_urls=True) == "file:///tmp/a.jpg"
     assert not is_private_host("example.com")
+    assert screen_url("http://b\u00fccher.de/a.jpg") == "http://b\u00fccher.de/a.jpg"  # a real IDN is a name
+    assert screen_url("http://[64:ff9b::808:808]/a.jpg") == "http://[64:ff9b::808:808]/a.jpg"  # NAT64 of 8.8.8.8
 
 
 def test_normalised_urls_match_when_they_name_the_same_resource():
@@ -96,6 +105,9 @@ def test_normalised_urls_match_when_they_name_the_same_resource():
     assert normalise_url(" http://x:abc/1 ") == "http://x:abc/1" and normalise_url("http://[::1/3") == "http://[::1/3"
     assert normalise_url("https://example.com:8443/a?x=1") == "https://example.com:8443/a?x=1"
     assert normalise_url("http://example.com/a?x=1") != normalise_url("http://example.com/a?x=2")
+    # IPv6 hosts keep their brackets: port 8080 of one host is not another host ending in :8080.
+    assert normalise_url("http://[2001:DB8::1]:8080/a.jpg") == "http://[2001:db8::1]:8080/a.jpg"
+    assert normalise_url("http://[2001:db8::1:8080]/a.jpg") == "http://[2001:db8::1:8080]/a.jpg"
 
 
 def test_staging_shards_keys_and_only_fetches_what_passed(tmp_path):
@@ -127,6 +139,34 @@ def test_web_tsvs_are_not_csv_quoted_and_a_headerless_list_names_its_columns(tmp
         list(read_list(tmp_path / "cc12m.tsv", ("url", "caption"), layout=Layout(("url", "text"))))
     with pytest.raises(UrlListError, match="broken CSV"):  # a TSV that is CSV-quoted says so
         list(read_list(tmp_path / "cc12m.tsv", ("url", "caption"), layout=Layout(("url", "caption"), "csv")))
+
+
+def test_a_bare_carriage_return_is_text_in_a_tsv_and_whitespace_in_jsonl(tmp_path):
+    """csv's reader ended a record at a lone CR even unquoted: the caption was cut, its rest made a row
+    of its own (fetched, if it held a tab and a URL), and every later line was misnumbered."""
+    (tmp_path / "cr.tsv").write_bytes(b"url\tcaption\nhttp://e.com/a.jpg\ta red\rbus\r\nhttp://e.com/c.jpg\tok\n")
+    got = rows(tmp_path / "cr.tsv")
+    assert [(r.line, r.values) for r in got] == [(2, {"url": "http://e.com/a.jpg", "caption": "a red\rbus"}),
+                                                 (3, {"url": "http://e.com/c.jpg", "caption": "ok"})]
+    (tmp_path / "phantom.tsv").write_bytes(b"url\tcaption\nhttp://e.com/a.jpg\ta red bus\rhttp://e.com/b.jpg\tx\n")
+    with pytest.raises(UrlListError, match="phantom.tsv: line 2: 3 fields, but 2 columns"):
+        rows(tmp_path / "phantom.tsv")
+    (tmp_path / "cr.jsonl").write_bytes(b'{"url": "http://e.com/a.jpg",\r "caption": "a"}\r\n'
+                                        b'{"url": "http://e.com/b.jpg", "caption": "b"}\n')
+    assert [(r.line, r.values["caption"]) for r in rows(tmp_path / "cr.jsonl")] == [(1, "a"), (2, "b")]
+
+
+def test_parquet_lists_whose_extra_column_types_differ_stage_it_as_text(tmp_path):
+    (tmp_path / "lists").mkdir()
+    pq.write_table(pa.table({"url": ["http://e.com/a.jpg"], "caption": ["a"], "score": [0.5]}),
+                   tmp_path / "lists" / "a.parquet")
+    pq.write_table(pa.table({"url": ["http://e.com/b.jpg"], "caption": ["b"], "score": ["high"]}),
+                   tmp_path / "lists" / "b.parquet")
+    stage_url_list(ListConfig(str(tmp_path / "lists")), tmp_path / "list", tmp_path / "fetch")
+    assert read_table(tmp_path / "list").column("score").to_pylist() == ["0.5", "high"]
+    (tmp_path / "lists" / "b.parquet").unlink()  # one type: kept as it is
+    stage_url_list(ListConfig(str(tmp_path / "lists")), tmp_path / "typed", tmp_path / "fetch2")
+    assert read_table(tmp_path / "typed").column("score").to_pylist() == [0.5]
 
 
 def test_a_byte_order_mark_is_no_header_text_and_bytes_that_are_not_utf8_are_kept_for_the_reject(tmp_path):
