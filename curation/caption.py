@@ -210,7 +210,9 @@ def degenerate_reason(text: str, prompt: str, min_words: int = 2) -> str | None:
         return Degenerate.EMPTY
     plain, prompt_plain = " ".join(words), " ".join(w.casefold() for w in _WORDS.findall(prompt))
     prompt_head = " ".join(prompt_plain.split()[:6])
-    if (prompt_head and prompt_head in plain) or (len(words) >= 3 and plain in prompt_plain):
+    # As whole words: "Hat is visible" is no echo of "...what is visible".
+    if (prompt_head and f" {prompt_head} " in f" {plain} ") or (
+            len(words) >= 3 and f" {plain} " in f" {prompt_plain} "):
         return Degenerate.ECHO
     if _TEMPLATE_ROLE.search(text):
         return Degenerate.ECHO
@@ -422,8 +424,8 @@ class Fuser:
     def check(self, alt_text: str, vec: str, fused: str) -> str | None:
         """None for a usable fusion, else the reason (OutputReason.* or FusionReason.*)."""
         cfg = self.config
-        if fused.strip() and normalise(fused) in (normalise(alt_text), normalise(vec)):
-            return OutputReason.IDENTICAL  # nothing was merged
+        if fused.strip() and normalise(fused) in (normalise(alt_text), normalise(vec), normalise(f"{vec} {alt_text}")):
+            return OutputReason.IDENTICAL  # nothing was merged (the alt-text then the VeC is check_output's)
         # The request's own layout ("Web text: <the alt-text>", or both lines echoed) is no merged caption.
         if any(label in fused.casefold() and label not in f"{alt_text} {vec}".casefold() for label in FUSION_LABELS):
             return OutputReason.ECHO

@@ -27,8 +27,9 @@ from curation.languages import (UNSPACED, dominant_script, is_function_word, lan
 # The rules' version, recorded with each stage's config: a resume under other rules would mix shards judged
 # by two of them. 2: labelled answers, steering, language by names, 6-word echoes, judged on the shown text.
 # 3: labels with an article or a verb ("The new caption is:", "Rewritten:", "A:"), refusals ("unable to
-# describe"), small talk in a VeC, the fusion prompt's own labels in a VeCap.
-VALIDATION_VERSION = 3
+# describe"), small talk in a VeC, the fusion prompt's own labels in a VeCap. 4: "I'm" and "I'll" openers,
+# typographic apostrophes ("Here’s", "dog’s") read as "'", a fusion that pastes the VeC before the alt-text.
+VALIDATION_VERSION = 4
 
 
 class OutputReason:
@@ -85,7 +86,7 @@ class ValidationConfig:
 # input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `chatter`.
 _CHATTER = re.compile(
     r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are| you go)\b|"
-    r"i (can|cannot|can't|will|'ll|am|'m|apologi[sz]e|hope|would)\b|i'd\b|as an ai\b|sorry\b|unfortunately\b|"
+    r"i( (can|cannot|can't|will|am|apologi[sz]e|hope|would)|'ll|'m|'d)\b|as an ai\b|sorry\b|unfortunately\b|"
     r"great (question|idea|choice)\b|great\s*[!,.]|unable to\b|"
     # A labelled answer: "New caption:", "The new caption is:", "Caption 2:", "Rewritten:", "A:", "Assistant:".
     r"(((a|an|the|my|your|one)\s+)?((new|alternative|alternate|another|improved|revised|rewritten|rephrased|reworded|"
@@ -140,9 +141,15 @@ _AMBIGUOUS_COLOURS = frozenset({"orange", "gold", "golden"})
 PROMPT_SEPARATORS = ("=>",)
 
 
+# How much more of an output's known words another language may have than its input's.
+LANGUAGE_MARGIN = 0.3
+# Apostrophes that NFKC leaves as they are: "dog’s" is "dog's", "Here’s" is "Here's".
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
 def normalise(text: str) -> str:
     """Casefolded words and numbers only: the form used to compare texts for identity and echo."""
-    return " ".join(_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold()))
+    return " ".join(_TOKEN.findall(unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).casefold()))
 
 
 def content_words(text: str, language: str | None = None) -> set[str]:
@@ -318,7 +325,8 @@ def chatter(text: str, source: str = "") -> bool:
     Now") is part of the caption: it is skipped and the check goes on after it,
     so "Sure, here is a rewrite:" for that input still counts.
     """
-    padded, held_text = f" {_source(source).plain} ", " ".join(source.casefold().split())
+    padded, held_text = f" {_source(source).plain} ", " ".join(source.translate(_APOSTROPHES).casefold().split())
+    text = text.translate(_APOSTROPHES)
     rest = text
     while match := _CHATTER.search(rest):
         opener = match.group(1)
@@ -380,7 +388,7 @@ def _different_language(facts: _Source, text: str) -> bool:
     """Whether the output is in another language than its (Latin-script) input.
 
     With the input's language known, the output must have 40% of its known
-    words in it. A caption too short or mixed for that ("orange cat") still
+    words in it, and no other language LANGUAGE_MARGIN more. A caption too short or mixed for that ("orange cat") still
     has likely languages, those most of its words belong to (orange is French
     too, cat is not: English), and an output whose main language is known must
     be in one of them. All the caption's words count, those the output keeps
@@ -391,7 +399,12 @@ def _different_language(facts: _Source, text: str) -> bool:
     """
     if facts.language:
         shares = language_shares(text)
-        return shares is not None and shares[facts.language] < 0.4
+        if shares is None:
+            return False
+        # Related languages share everyday words ("table", "on"): an all-English translation of a French
+        # caption still has 40% of its words French, but clearly more English ones.
+        main = max(shares, key=shares.get)
+        return shares[facts.language] < 0.4 or shares[main] - shares[facts.language] >= LANGUAGE_MARGIN
     if facts.likely_languages is None:
         return False
     language = main_language(text)

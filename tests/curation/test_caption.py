@@ -87,6 +87,9 @@ def test_clean_vlm_output(raw, clean):
     ("The image is too blurry to describe.", Degenerate.CHATTER),
     ("Sure! Here is a short sentence: a brown dog lying on green grass.", Degenerate.CHATTER),
     ("a sorry-looking dog lying on wet grass", None),
+    ("I\u2019m sorry, I can\u2019t identify the people in this image.", Degenerate.CHATTER),  # typographic quotes
+    ("I'm not able to see any details in this picture", Degenerate.CHATTER),
+    ("Hat is visible", None),  # "...what is visible" of the prompt holds "hat is visible", but not as words
 ])
 def test_degenerate_reason(text, reason):
     assert degenerate_reason(text, VEC_PROMPT) == reason
@@ -240,6 +243,10 @@ def test_fusion_in_either_inputs_script_is_one(alt, fused, reason):
     ("Web text: Red Ferrari for sale in Milan. Visual description: A red sports car parked on a street.",
      OutputReason.ECHO),
     ("Combined caption: a red Ferrari for sale, parked on a street in Milan", OutputReason.CHATTER),
+    ("Here\u2019s the merged caption: a red Ferrari for sale, parked on a street in Milan", OutputReason.CHATTER),
+    # The two pasted together, either way round: nothing merged.
+    ("Red Ferrari for sale in Milan. A red sports car parked on a street.", OutputReason.IDENTICAL),
+    ("A red sports car parked on a street, Red Ferrari for sale in Milan", OutputReason.IDENTICAL),
     ("A red Ferrari for sale, parked on a street in Milan", None),
 ])
 def test_a_fusion_in_the_request_s_own_layout_is_refused(fused, reason):

@@ -124,6 +124,8 @@ def test_numbers_make_captions_different():
     assert check_output("3 red circles on white", "5 red circles on white",
                         ValidationConfig(keep_numbers_and_colours=False)) is None
     assert check_output("3 red circles on white", "3 Red circles, on white!") == OutputReason.IDENTICAL
+    assert check_output("the dog's red ball on the grass",
+                        "The dog\u2019s red ball on the grass.") == OutputReason.IDENTICAL
 
 
 @pytest.mark.parametrize("source, output, reason", [
@@ -140,6 +142,10 @@ def test_numbers_make_captions_different():
     ("Mont Saint Michel au coucher du soleil", "the abbey of Mont Saint Michel as the sun sets",
      OutputReason.LANGUAGE),  # French in its own words too
     ("Le week-end à Paris", "Un week-end à Paris en famille", None),  # French, English loanwords or not
+    # All English, though "table" and "on" are French words too: clearly more English than French.
+    ("une pomme rouge sur la table", "a red apple lying on the table", OutputReason.LANGUAGE),
+    ("un chat noir sur une chaise", "a black cat on a chair", OutputReason.LANGUAGE),
+    ("une pomme rouge sur la table", "une pomme rouge posée sur une table en bois", None),
 ])
 def test_language_must_match_the_input_both_ways(source, output, reason):
     assert check_output(source, output) == reason
@@ -165,6 +171,9 @@ def test_an_obeyed_steering_caption_is_off_topic(source, output):
     "Rewritten: two red circles set on a plain backdrop", "Paraphrased: two red circles set on a plain backdrop",
     "A: two red circles set on a plain backdrop", "two red circles set on a plain backdrop | rewritten",
     "Combined caption: two red circles set on a plain backdrop",
+    "I'm happy to help: two red circles set on a plain backdrop",
+    "I'll rewrite it: two red circles on a plain backdrop",
+    "Here\u2019s a rewrite: two red circles set on a plain backdrop",  # a typographic apostrophe
 ])
 def test_labelled_answers_small_talk_and_chat_markup_are_chatter(output):
     assert check_output(SOURCE, output) == OutputReason.CHATTER
