@@ -28,7 +28,8 @@ from curation.languages import (UNSPACED, dominant_script, is_function_word, lan
 # by two of them. 2: labelled answers, steering, language by names, 6-word echoes, judged on the shown text.
 # 3: labels with an article or a verb ("The new caption is:", "Rewritten:", "A:"), refusals ("unable to
 # describe"), small talk in a VeC, the fusion prompt's own labels in a VeCap. 4: "I'm" and "I'll" openers,
-# typographic apostrophes ("Here’s", "dog’s") read as "'", a fusion that pastes the VeC before the alt-text.
+# typographic apostrophes ("Here’s", "dog’s") read as "'", a fusion that pastes the VeC before the alt-text,
+# a caption written out twice.
 VALIDATION_VERSION = 4
 
 
@@ -384,11 +385,19 @@ def _repetitive(tokens: Sequence[str], min_distinct_pairs: float) -> bool:
     return len(pairs) >= 4 and len(set(pairs)) < min_distinct_pairs * len(pairs)
 
 
+def _written_again(words: Sequence[str]) -> bool:
+    """Whether the output is one phrase of 3+ words written out two or more times ("a dog on the beach a
+    dog on the beach"): a loop too short for the count of distinct pairs."""
+    return any(len(words) % period == 0 and list(words) == list(words[:period]) * (len(words) // period)
+               for period in range(3, len(words) // 2 + 1))
+
+
 def _different_language(facts: _Source, text: str) -> bool:
     """Whether the output is in another language than its (Latin-script) input.
 
     With the input's language known, the output must have 40% of its known
-    words in it, and no other language LANGUAGE_MARGIN more. A caption too short or mixed for that ("orange cat") still
+    words in it, and no other language LANGUAGE_MARGIN more. A caption too short or mixed for that
+    ("orange cat") still
     has likely languages, those most of its words belong to (orange is French
     too, cat is not: English), and an output whose main language is known must
     be in one of them. All the caption's words count, those the output keeps
@@ -446,7 +455,8 @@ def check_output(source: str, output: str, config: ValidationConfig = Validation
         return OutputReason.ECHO
     if any(separator in text and separator not in source for separator in separators):
         return OutputReason.ECHO
-    if _repetitive(plain.split(), config.min_distinct_pairs):
+    if config.min_distinct_pairs and (_repetitive(plain.split(), config.min_distinct_pairs)
+                                      or _written_again(plain.split())):
         return OutputReason.REPETITIVE
     if config.check_script:
         output_script = dominant_script(text)

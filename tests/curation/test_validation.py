@@ -72,6 +72,14 @@ def test_repetition_loops_are_refused(output, reason):
     assert check_output("a red car", output) == reason
 
 
+def test_a_caption_written_out_twice_is_a_loop():
+    """5 of its 9 word pairs are distinct, enough for the pair count: the repeat is found as such."""
+    twice = "a brown dog playing on the beach a brown dog playing on the beach"
+    assert check_output("a brown dog playing on the beach", twice) == OutputReason.REPETITIVE
+    assert check_output("a brown dog on the sand", "a brown dog on the wet sand by the sea") is None
+    assert check_output("a brown dog playing on the beach", twice, ValidationConfig(min_distinct_pairs=0)) is None
+
+
 def test_repetition_check_can_be_turned_off():
     loop = "a red car a red car a red car a red car"
     assert check_output("a red car", loop, ValidationConfig(min_distinct_pairs=0)) is None
