@@ -48,7 +48,8 @@ class EngineSpec:
     CPU), "float32", "bfloat16" or "float16". `options` carries backend
     settings; unknown keys are refused by the backend. transformers:
     batch_size, max_batch_size, memory_fraction, cache ("dynamic"/"static"),
-    compile, enable_prefix_caching, threads. vllm: max_num_seqs,
+    compile, enable_prefix_caching, threads, max_prompt_tokens (2048, as vllm's
+    max_model_len; a longer prompt loses its head, with a warning). vllm: max_num_seqs,
     gpu_memory_utilization, tensor_parallel_size, enable_prefix_caching,
     max_model_len. openai: base_url, concurrency, timeout, retries, tokenizer,
     token_ids, api_key_env (the variable holding the key, default OPENAI_API_KEY).

@@ -28,12 +28,15 @@ CUDA graphs, which removes the per-layer kernel-launch overhead of small models.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from curation.engines.base import ChatTokenizer, Generation, SamplingParams, check_paired, eos_ids, until_eos
 from curation.engines.seeding import SAMPLER_PEAK_BYTES_PER_LOGIT, SeededSampler, request_seeds
+
+log = logging.getLogger(__name__)
 
 CPU_BATCH = 32
 # Past this many rows a decode step is bound by memory bandwidth and grows linearly with the rows, so a
@@ -87,7 +90,7 @@ class TransformersEngine(ChatTokenizer):
 
     def __init__(self, model: str, *, gguf_file: str | None = None, dtype: str = "auto", device: str | None = None,
                  batch_size: int | None = None, max_batch_size: int = MAX_GPU_BATCH, memory_fraction: float = 0.8,
-                 max_prompt_tokens: int = 1024, cache: str = "dynamic", compile: bool = False,
+                 max_prompt_tokens: int = 2048, cache: str = "dynamic", compile: bool = False,
                  enable_prefix_caching: bool = True, min_prefix_tokens: int = 16, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +149,13 @@ class TransformersEngine(ChatTokenizer):
         check_paired(prompts, params)
         if not prompts:
             return []
-        ids = [row[-self.max_prompt_tokens:] for row in self.prompt_ids(prompts)]
+        # vLLM's max_model_len by default: the stages cap what they put in a prompt well under it (600 bytes
+        # a caption), so a cut, which loses the instruction at the prompt's head, says those caps were raised.
+        ids = self.prompt_ids(prompts)
+        if cut := sum(len(row) > self.max_prompt_tokens for row in ids):
+            log.warning("%d of %d prompts are longer than max_prompt_tokens=%d and lose their head (the "
+                        "instruction): lower the caption caps or raise it", cut, len(ids), self.max_prompt_tokens)
+            ids = [row[-self.max_prompt_tokens:] for row in ids]
         seeds = request_seeds([p.seed for p in params])
         # Text order puts prompts with a shared prefix side by side (see the module docstring);
         # the results go back in request order.

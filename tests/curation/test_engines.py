@@ -39,6 +39,15 @@ def test_transformers_engine_loads_from_a_saved_folder(engine, tiny_model):  # n
     assert gens[0].completion_tokens <= 5 and gens[1].completion_tokens <= 3
 
 
+def test_a_prompt_past_max_prompt_tokens_is_cut_and_said(tiny_model, caplog):  # noqa: F811
+    cut = make_text_engine(EngineSpec(model=str(tiny_model), options={"batch_size": 4, "max_prompt_tokens": 8}))
+    prompts = ["a red circle", "two blue squares on a plain white background, " * 3]
+    with caplog.at_level("WARNING"):
+        gens = cut.generate(prompts, [SamplingParams(max_new_tokens=2, seed=1)] * 2)
+    assert [g.prompt_tokens for g in gens] == [min(n, 8) for n in cut.count_tokens(prompts)]
+    assert "1 of 2 prompts are longer than max_prompt_tokens=8" in caplog.text
+
+
 def test_outputs_depend_on_the_request_only(engine):
     prompts = [engine.format_chat([{"role": "user", "content": f"caption number {i} of some rings"}]) for i in range(7)]
     params = [SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.95, seed=derive_seed("t", i)) for i in range(7)]
