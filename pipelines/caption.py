@@ -24,9 +24,10 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from curation.caption import PROMPT_SHA256, STAGE, CaptionConfig, Captioner, Fuser, RowCaption, RowFusion, summarise
+from curation.caption import PROMPT_SHA256, STAGE, CaptionConfig, Captioner, RowCaption, summarise
 from curation.engines import resolve_model
 from curation.engines.vision_tiny import build_tiny_vlm, is_random_model
+from curation.fusion import Fuser, RowFusion
 from curation.images import ImageConfig, prepare_image
 from curation.records import Rejected
 from curation.rejects import reject, rejects_table
