@@ -7,9 +7,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
-from dagster._config import validate_config
 from dagster._core.instance.config import dagster_instance_config
-from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._serdes import ConfigurableClassData
 
 from assets.definitions import defs
@@ -70,7 +68,26 @@ def test_workspace_and_pyproject_name_the_same_code_location():
     assert entry["python_module"]["location_name"] == tool["code_location_name"]
 
 
-def test_helm_values_match_the_instance_and_the_code():
+def _chart_instance(values: dict) -> dict:
+    """The run coordinator and concurrency parts of the instance the dagster chart renders from `values`,
+    as its templates (dagsterYaml.runCoordinator.queued, dagsterYaml.concurrency) write them: run limits
+    set on the queued coordinator are written there whenever given, pools and runs under concurrency."""
+    queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    coordinator = {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator"}
+    if any(v is not None for v in queued.values()):
+        coordinator["config"] = {"max_concurrent_runs": queued.get("maxConcurrentRuns", -1),
+                                 **({"tag_concurrency_limits": queued["tagConcurrencyLimits"]}
+                                    if queued.get("tagConcurrencyLimits") else {})}
+    concurrency, pools, runs = {}, values["concurrency"].get("pools", {}), values["concurrency"].get("runs", {})
+    if values["concurrency"]["enabled"] and pools:
+        concurrency["pools"] = {"default_limit": pools["defaultLimit"], "granularity": pools["granularity"]}
+    if values["concurrency"]["enabled"] and runs:
+        concurrency["runs"] = {"max_concurrent_runs": runs["maxConcurrentRuns"],
+                               "tag_concurrency_limits": runs["tagConcurrencyLimits"]}
+    return {"run_coordinator": coordinator, **({"concurrency": concurrency} if concurrency else {})}
+
+
+def test_helm_values_match_the_instance_and_the_code(tmp_path):
     values = _yaml(DEPLOY / "helm" / "values.yaml")
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     args = deployment["dagsterApiGrpcArgs"]
@@ -79,6 +96,8 @@ def test_helm_values_match_the_instance_and_the_code():
     assert env["CLIP_CURATION_EXECUTOR"] == "k8s"
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     assert values["postgresql"]["enabled"] is False
+    assert values["generatePostgresqlPasswordSecret"] is False  # the secret is made by hand, under this name
+    assert values["global"]["postgresqlSecretName"] in (DEPLOY / "README.md").read_text()
     # Every step is its own pod: the staging dir must be a shared claim in the run and step pods' volumes,
     # and the inbox the sensor (in the user deployment) watches must be mounted there and in the runs.
     launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
@@ -92,18 +111,14 @@ def test_helm_values_match_the_instance_and_the_code():
     key = Path(env["GOOGLE_APPLICATION_CREDENTIALS"])  # a file's path, mounted from a secret
     assert any(key.is_relative_to(m["mountPath"]) for m in deployment["volumeMounts"])
 
-    # The chart's queued run coordinator config, in Dagster's own names, must validate against its schema.
-    queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
-    as_dagster = {"max_concurrent_runs": queued["maxConcurrentRuns"],
-                  "tag_concurrency_limits": queued["tagConcurrencyLimits"]}
-    assert validate_config(QueuedRunCoordinator.config_type(), as_dagster).success
+    # The instance the chart renders from these values loads, and holds the VM instance's run limits and
+    # GPU pool (a step launched from the UI carries no run tag: the pool is what holds every GPU step).
+    rendered = _chart_instance(values)
+    with dg.instance_for_test(temp_dir=str(tmp_path), overrides=rendered) as loaded:
+        queue = loaded.get_concurrency_config().run_queue_config
+        assert queue.max_concurrent_runs == 8 and len(queue.tag_concurrency_limits) == 2
     instance = _yaml(DEPLOY / "dagster.yaml")
-    assert queued["tagConcurrencyLimits"] == instance["concurrency"]["runs"]["tag_concurrency_limits"]
-    # The GPU pool's limit and the run retries, as the VM instance has them (a step launched from the UI
-    # carries no run tag: the pool is what holds every GPU step to the limit).
-    assert values["concurrency"]["enabled"] is True  # else the chart leaves the block out of the instance
-    pools = values["concurrency"]["pools"]
-    assert {"default_limit": pools["defaultLimit"], "granularity": pools["granularity"]} == instance["concurrency"]["pools"]
+    assert rendered["concurrency"] == instance["concurrency"]
     retries = values["dagsterDaemon"]["runRetries"]
     assert {"enabled": retries["enabled"], "max_retries": retries["maxRetries"],
             "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"]} == instance["run_retries"]
