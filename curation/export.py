@@ -239,12 +239,23 @@ def row_group_slices(table: pa.Table, row_group_bytes: int) -> list[tuple[int, i
     return [(int(s), int(e - s)) for s, e in zip(starts, ends)]
 
 
+def leaf_paths(schema: pa.Schema) -> list[str]:
+    """Parquet's names of the schema's leaf columns, which its per-column options take: a list column's
+    is "rewrites.list.element" (named "rewrites", the options never reached it)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    written = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    return [written.column(i).path for i in range(len(written))]
+
+
 def parquet_bytes(table: pa.Table, row_group_bytes: int) -> bytes:
-    """The shard file: images stored as is (already compressed), everything else zstd."""
-    compression = {name: ("none" if name == "image" else "zstd") for name in table.column_names}
+    """The shard file: images stored as is (already compressed), everything else zstd, with statistics
+    (the trainer tells from them, without reading data, which columns hold values)."""
+    leaves = leaf_paths(table.schema)
+    compression = {leaf: ("none" if leaf == "image" else "zstd") for leaf in leaves}
     dictionary = [name for name in ("source",) if name in table.column_names]  # few distinct values
     # Min/max statistics of the image column would copy two whole images into every page header and footer.
-    statistics = [name for name in table.column_names if name != "image"]
+    statistics = [leaf for leaf in leaves if leaf != "image"]
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(sink, table.schema, compression=compression, use_dictionary=dictionary,
                           write_statistics=statistics) as writer:

@@ -89,6 +89,23 @@ def test_parquet_round_trip_keeps_every_row_and_only_training_columns(pairs, exp
     assert all(step["code_version"] for step in manifest["lineage"])
 
 
+def test_every_column_but_the_image_is_zstd_with_statistics_list_leaves_too(pairs, exported, tmp_path):
+    """Options named by top-level column never reached "rewrites.list.element": its text went uncompressed,
+    and without statistics the trainer took an all-null list column for one holding values."""
+    from training.shard_set import has_values
+
+    footer = pq.ParquetFile(exported / "part-00000.parquet").metadata.row_group(0)
+    chunks = {footer.column(i).path_in_schema: footer.column(i) for i in range(footer.num_columns)}
+    assert {"rewrites.list.element", "matched_entries.list.element"} <= chunks.keys()
+    for path, chunk in chunks.items():
+        assert (chunk.compression, chunk.is_stats_set) == (("UNCOMPRESSED", False) if path == "image"
+                                                            else ("ZSTD", True)), path
+    assert has_values(exported, "rewrites")
+    raw = tmp_path / "raw_export"  # ingest's pairs: no rewrites, no matches
+    export.run(_argv(pairs["raw"], raw))
+    assert not has_values(raw, "rewrites") and not has_values(raw, "matched_entries")
+
+
 def test_shards_stay_within_ten_percent_of_the_byte_target(exported):
     manifest = read_manifest(exported)
     target = TARGET_MB * 1024 * 1024
