@@ -60,6 +60,8 @@ class ExportOptions(ShardStageOptions):
 
 
 def config_from(options: ExportOptions) -> ExportConfig:
+    if options.row_group_mb is None or options.row_group_mb <= 0:  # rounded up to a byte below, it was never 0
+        raise ValueError(f"--row_group_mb must be positive, got {options.row_group_mb}")
     return ExportConfig(
         seed=options.seed,
         target_bytes=int(round(options.shard_mb * MB)),

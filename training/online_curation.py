@@ -54,7 +54,13 @@ def check_not_subsampled(source: str | Path, assume_online_balanced: bool = Fals
                          f"(which --online_curation would sample a second time) cannot be checked. Train on the "
                          f"balance stage's output itself, or pass --assume_online_balanced if these shards come "
                          f"from a balance run with --online_curation.")
-    offline = [c for c in balance_configs(source) if not c.get("online_curation")]
+    configs = balance_configs(source)
+    if not configs and not assume_online_balanced:
+        raise ValueError(f"{source}'s manifest records no balance stage (shards exported from a copy without its "
+                         f"manifest, say), so whether its rows were already sampled offline cannot be checked. "
+                         f"Export the balance stage's output itself, or pass --assume_online_balanced if they come "
+                         f"from a balance run with --online_curation.")
+    offline = [c for c in configs if not c.get("online_curation")]
     if offline:
         raise ValueError(f"{source} was balanced offline (balance t={offline[-1].get('t')}): its rows were already "
                          f"sampled with their keep_prob, and --online_curation would sample them a second time. "

@@ -161,6 +161,13 @@ def test_a_tampered_shard_or_tar_is_refused(exported, tmp_path):
         verify_export(copy)
 
 
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_row_group_size_that_is_not_positive_is_refused(pairs, tmp_path, value):
+    with pytest.raises(ValueError, match=f"--row_group_mb must be positive, got {value}"):
+        export.run(_argv(pairs["captioned"], tmp_path / "out", "--row_group_mb", value))
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_input_whose_checks_failed_is_refused_before_it_is_planned(pairs, tmp_path, monkeypatch):
     import shutil
 

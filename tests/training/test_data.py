@@ -290,6 +290,11 @@ def test_bad_shards_are_refused_before_training(raw_pairs, tmp_path):
         inspect_shards(tmp_path / "typed")
     with pytest.raises(SchemaError, match="fused_caption"):
         inspect_shards(raw_pairs, ["fused_caption"])
+    # A stage's output without its manifest is unfinished: part of its rows.
+    shutil.copytree(raw_pairs, tmp_path / "unfinished")
+    (tmp_path / "unfinished" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="has not finished"):
+        inspect_shards(tmp_path / "unfinished")
     shutil.copytree(raw_pairs, tmp_path / "failed")
     record_failed_checks(tmp_path / "failed", read_manifest(tmp_path / "failed"), ["schema_valid"])
     with pytest.raises(FailedChecksError, match=r"failed its quality checks \(schema_valid\)"):

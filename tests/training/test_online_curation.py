@@ -110,6 +110,17 @@ def test_shards_without_a_manifest_are_refused_unless_stated_balanced_online(onl
         TrainConfig(assume_online_balanced=True)
 
 
+def test_an_export_of_shards_copied_without_their_manifest_is_refused_too(raw_pairs, demo_dir, tmp_path):
+    """Its own manifest's lineage starts at export: no balance stage says how its rows were sampled."""
+    from pipelines import export
+
+    offline = _copied(_balance(raw_pairs, demo_dir, tmp_path / "balanced_pairs"), tmp_path / "offline")
+    export.run(["--input", str(offline), "--output", str(tmp_path / "export"), "--allow_small_shards"])
+    with pytest.raises(ValueError, match=r"records no balance stage.*--assume_online_balanced"):
+        curation_probabilities(_config(tmp_path / "export"))
+    assert curation_probabilities(_config(tmp_path / "export", assume_online_balanced=True)) is None
+
+
 def test_counts_that_cannot_be_found_are_a_clear_error(online, tmp_path):
     copied = _copied(online, tmp_path / "copied")
     with pytest.raises(FileNotFoundError, match=r"no balance stage is reachable .*--entry_counts"):
