@@ -36,6 +36,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from curation.export import valid_rewrites  # noqa: E402
+from curation.languages import word_count  # noqa: E402
 from curation.shards import MANIFEST, atomic_write_bytes, atomic_write_figure  # noqa: E402
 
 DATACARD = "datacard.md"
@@ -200,7 +202,8 @@ def rewrite_acceptance(records: list[StageRecord]) -> dict | None:
 
 
 def word_counts(texts: Iterable[str | None]) -> np.ndarray:
-    return np.array([len(t.split()) for t in texts if t], dtype=np.int64)
+    """Words as validation counts them: a Chinese caption is not one word."""
+    return np.array([word_count(t) for t in texts if t], dtype=np.int64)
 
 
 @dataclass
@@ -228,7 +231,10 @@ def caption_lengths(shards: list[Path], samples: int = CONTACT_SHEET_IMAGES) -> 
         parquet = pq.ParquetFile(path)
         for batch in parquet.iter_batches(columns=["caption", "rewrites", "fused_caption"]):
             alt.append(word_counts(batch.column(0).to_pylist()))
-            rewrites.append(word_counts(r for row in batch.column(1).to_pylist() if row for r in row))
+            # The rewrites training draws from: a fallback copy of the caption is none.
+            captions, rows = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            rewrites.append(word_counts(r for caption, row in zip(captions, rows)
+                                        for r in valid_rewrites(caption or "", row)))
             fused.append(word_counts(batch.column(2).to_pylist()))
         if len(picked) < samples and parquet.metadata.num_rows:
             head = parquet.read_row_group(0, columns=["key", "image", "caption", "rewrites", "fused_caption"])

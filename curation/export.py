@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.languages import word_count
 from curation.schema import PAIR_FIELDS, PAIR_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaError, conform
 from curation.shards import (
     ManifestError, ShardInfo, atomic_write_bytes, file_sha256, iter_batches, shard_paths, verify_manifest,
@@ -350,6 +351,20 @@ def verify_export(directory: str | Path, checksums: bool = True) -> dict:
         if path.stat().st_size != shard["bytes"] or (checksums and file_sha256(path) != shard["sha256"]):
             raise ManifestError(f"{path} does not match its manifest checksum")
     return manifest
+
+
+def usable_text(text: object, min_words: int = 1) -> bool:
+    """A text a trainer may draw: at least `min_words`, counted as the rewrite stage validated it (two
+    characters of an unspaced script make a word), so no rewrite it kept is dropped here."""
+    return isinstance(text, str) and bool(text.strip()) and word_count(text) >= min_words
+
+
+def valid_rewrites(caption: str, rewrites: list | None) -> list[str]:
+    """The distinct rewrites LaCLIP samples from, for the trainer and the data card that describes them: two
+    words or more, and not the caption again (a fallback copy). Whitespace around one does not make it
+    another rewrite (each would get its own share of the draws)."""
+    plain = caption.strip()
+    return list(dict.fromkeys(t.strip() for t in rewrites or () if usable_text(t, min_words=2) and t.strip() != plain))
 
 
 def validate_training_table(table: pa.Table | pa.RecordBatch | pa.Schema, *, file: str | None = None) -> None:

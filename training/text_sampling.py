@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from curation.languages import word_count
+from curation.export import usable_text, valid_rewrites
 from training.randomness import unit_uniform
 
 SOURCES = ("caption", "rewrite", "fused", "synthetic", "fused_missing", "synthetic_missing")
@@ -42,29 +42,16 @@ class TextSampling:
         return wanted
 
 
-def _usable(text: object, min_words: int = 1) -> bool:
-    """A text of at least `min_words`, counted as the rewrite stage validated it (two characters of an
-    unspaced script make a word), so no rewrite it kept is dropped here."""
-    return isinstance(text, str) and bool(text.strip()) and word_count(text) >= min_words
-
-
-def valid_rewrites(caption: str, rewrites: list | None) -> list[str]:
-    """The distinct rewrites LaCLIP samples from: two words or more, and not the caption again. Whitespace
-    around one does not make it another rewrite (each would get its own share of the draws)."""
-    plain = caption.strip()
-    return list(dict.fromkeys(t.strip() for t in rewrites or () if _usable(t, min_words=2) and t.strip() != plain))
-
-
 def choose_text(row: dict, sampling: TextSampling, seed: int, epoch: int) -> tuple[str, str]:
     """(text, source) for this row at this epoch, from one draw; see the module docstring for the sources."""
     caption = row["caption"]
     u = unit_uniform(seed, row["key"], epoch, "text")
     if u < sampling.synthetic_ratio:
         text = row.get("synthetic_caption")
-        return (text, "synthetic") if _usable(text) else (caption, "synthetic_missing")
+        return (text, "synthetic") if usable_text(text) else (caption, "synthetic_missing")
     if u < sampling.synthetic_ratio + sampling.fused_ratio:
         text = row.get("fused_caption")
-        return (text, "fused") if _usable(text) else (caption, "fused_missing")
+        return (text, "fused") if usable_text(text) else (caption, "fused_missing")
     pool = [caption, *valid_rewrites(caption, row.get("rewrites"))] if sampling.use_rewrites else [caption]
     # Rescale the rest of the interval onto the pool, so the choice uses the same single draw.
     low = sampling.synthetic_ratio + sampling.fused_ratio

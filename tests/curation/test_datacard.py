@@ -106,3 +106,16 @@ def test_datacard_says_not_available_without_upstream(tmp_path):
     text = (tmp_path / DATACARD).read_text()
     assert text.count("not available") >= 3 and ENTRY_COUNTS_PLOT not in card["plots"]
     assert "first 3 rows" in text
+
+
+def test_caption_lengths_count_words_as_validation_does_and_only_the_rewrites_training_draws(tmp_path):
+    from curation.datacard import caption_lengths
+
+    rows = [{"key": "a", "image": _image("red"), "caption": "一只红色的狗在草地上奔跑",
+             "rewrites": ["一只红狗在绿色草地上跑", "一只红色的狗在草地上奔跑"]},  # the second: a fallback copy
+            {"key": "b", "image": _image("blue"), "caption": "a red dog", "rewrites": ["a red dog", " a red dog "]}]
+    table = pa.Table.from_pylist(rows, schema=export_schema(("key", "image", "caption", "rewrites", "fused_caption")))
+    (tmp_path / "part-00000.parquet").write_bytes(parquet_bytes(table, 1 << 20))
+    lengths = caption_lengths([tmp_path / "part-00000.parquet"])
+    assert lengths.alt_text.tolist() == [6, 3]  # twelve characters make six words, as word_count counts
+    assert lengths.rewrites.tolist() == [6]  # neither copy of a caption is a rewrite
