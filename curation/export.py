@@ -183,8 +183,22 @@ def check_images(batch: pa.RecordBatch, file: str, row_offset: int) -> None:
         raise SchemaError("missing image (zero bytes)", file=file, column="image", row=row_offset + row + 1)
 
 
+def check_keep_probs(batch: pa.RecordBatch, file: str, row_offset: int) -> None:
+    """A keep probability is a number in [0, 1]: a NaN one would sample nothing in training, and its
+    WebDataset sidecar would not be JSON. The row (1-based) is named, as `check_images` does."""
+    if "keep_prob" not in batch.schema.names:
+        return
+    column = batch.column(batch.schema.get_field_index("keep_prob"))
+    values = column.fill_null(0.0).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(~((values >= 0) & (values <= 1)))  # NaN fails both comparisons; a null is no value
+    if len(bad):
+        raise SchemaError(f"keep_prob {values[bad[0]]} is not in [0, 1]", file=file, column="keep_prob",
+                          row=row_offset + int(bad[0]) + 1)
+
+
 def plan_export(input_dir: str | Path, config: ExportConfig, batch_rows: int = 1024) -> ExportPlan:
-    """Validate every input row (schema, nulls, duplicate keys, missing images) and cut the shards.
+    """Validate every input row (schema, nulls, duplicate keys, missing images, keep probabilities) and cut
+    the shards.
 
     Raises SchemaError (or ManifestError from the caller's checksum check)
     before a single output byte is written. Keeps 24 bytes per row in memory: each row's shuffle hash and
@@ -195,6 +209,7 @@ def plan_export(input_dir: str | Path, config: ExportConfig, batch_rows: int = 1
     for path, batch in iter_batches(inputs, batch_rows=batch_rows):
         offset = offsets.get(path, 0)
         check_images(batch, str(path), offset)
+        check_keep_probs(batch, str(path), offset)
         offsets[path] = offset + batch.num_rows
         hashes.append(shuffle_hashes(batch.column(batch.schema.get_field_index("key")).to_pylist(), config.seed))
         sizes.append(estimated_row_bytes(conform(pa.Table.from_batches([batch])).select(config.columns)))

@@ -161,6 +161,20 @@ def test_a_tampered_shard_or_tar_is_refused(exported, tmp_path):
         verify_export(copy)
 
 
+@pytest.mark.parametrize("value", [float("nan"), 1.5, -0.1])
+def test_a_keep_probability_outside_0_1_is_refused_naming_its_row(pairs, tmp_path, value):
+    source = tmp_path / "bad"
+    source.mkdir()
+    table = pq.read_table(pairs["captioned"] / "part-00000.parquet")
+    probs = [0.25] * table.num_rows
+    probs[3] = value
+    table = table.set_column(table.schema.get_field_index("keep_prob"), "keep_prob", pa.array(probs, pa.float32()))
+    write_manifest(source, stage="caption", config={}, shards=[write_table_atomic(table, source / "part-00000.parquet")])
+    with pytest.raises(SchemaError, match=r"keep_prob .* is not in \[0, 1\].*row 4"):
+        export.run(_argv(source, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_a_row_group_size_that_is_not_positive_is_refused(pairs, tmp_path, value):
     with pytest.raises(ValueError, match=f"--row_group_mb must be positive, got {value}"):
