@@ -126,15 +126,17 @@ class StorageResource(dg.ConfigurableResource):
             fs.rm_file(remote_manifest)
         files = _published_files(local)
         targets = {_rooted(f"{path}/{file.relative_to(local).as_posix()}") for file in files}
-        remote = {_rooted(name): info for name, info in fs.find(path, detail=True).items()} if fs.exists(path) else {}
-        for target in remote:
+        # Keyed by one spelling of each path; deleted by the name the file system gave.
+        remote = {_rooted(listed): (listed, info) for listed, info in fs.find(path, detail=True).items()} \
+            if fs.exists(path) else {}
+        for target, (listed, _) in remote.items():
             if target not in targets:
-                fs.rm_file(target)
+                fs.rm_file(listed)
         for file in [*files, manifest]:
             name = file.relative_to(local).as_posix()
             target = f"{path}/{name}"
             if not file.is_file() or (name in wanted and vouched.get(name) == wanted[name]
-                                      and remote.get(_rooted(target), {}).get("size") == file.stat().st_size):
+                                      and remote.get(_rooted(target), ("", {}))[1].get("size") == file.stat().st_size):
                 continue
             fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             fs.put_file(str(file), target)

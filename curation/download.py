@@ -127,17 +127,19 @@ def _extras_as_text(rows: list[dict], fixed: set[str]) -> None:
 
 
 def _parquet_types_agree(files: list) -> bool:
-    """Whether the Parquet lists give every column they share one type: only then do the extras keep
-    their types. A column that is a float in one file and text in another becomes text, as CSV and JSONL
-    extras do (typed, it failed in Arrow, naming no file, or gave shards of different schemas)."""
-    types: dict[str, pa.DataType] = {}
+    """Whether the Parquet lists' columns have types Arrow can unify (int32 and int64, string and
+    large_string do): only then do the extras keep their types. A column that is a float in one file and
+    text in another becomes text, as CSV and JSONL extras do (typed, it failed in Arrow, naming no file)."""
+    schemas = []
     for file in files:
         try:
-            schema = pq.read_schema(file)
+            schemas.append(pq.read_schema(file).remove_metadata())
         except Exception:  # noqa: BLE001 - read_list says what is wrong with the file, naming it
             continue
-        if any(types.setdefault(field.name, field.type) != field.type for field in schema):
-            return False
+    try:
+        pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return False
     return True
 
 

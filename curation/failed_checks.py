@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from curation.shards import ManifestError, atomic_write_bytes, verify_manifest
+from curation.shards import ManifestError, atomic_write_bytes, read_manifest, verify_manifest
 
 FAILED_CHECKS = "failed_checks.json"
 
@@ -53,10 +53,10 @@ def failed_checks(directory: str | Path, manifest: dict) -> list[str]:
 
 
 def verify_input(directory: str | Path, checksums: bool = True) -> dict:
-    """`verify_manifest` for a dataset about to be read as input: it also refuses one whose checks failed."""
-    manifest = verify_manifest(directory, checksums=checksums)
-    if failed := failed_checks(directory, manifest):
+    """`verify_manifest` for a dataset about to be read as input: it also refuses one whose checks failed,
+    before any byte is hashed (hashing a large pool takes hours)."""
+    if failed := failed_checks(directory, read_manifest(directory)):
         raise FailedChecksError(
             f"{directory} failed its quality checks ({', '.join(failed)}) and is not a finished dataset: fix it "
             f"(or the gates) and materialise it again; to read it anyway, delete {Path(directory) / FAILED_CHECKS}")
-    return manifest
+    return verify_manifest(directory, checksums=checksums)

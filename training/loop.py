@@ -345,10 +345,12 @@ class _Run:
         """Whether a mid-run evaluation follows this step (the last step has the final evaluation instead)."""
         return bool(self.config.eval_every) and step % self.config.eval_every == 0 and step < self.config.steps
 
-    def evaluate_and_log(self, step: int) -> None:
+    def evaluate_and_log(self, step: int, again: bool = False) -> None:
+        """`again`: in place of what the log holds at `step` (a kill mid-append, a log from before
+        EVAL_SECONDS), so no metric is there twice."""
         metrics = self.evaluate()
         if self.log is not None and metrics:
-            self.log.log(step, metrics)
+            (self.log.replace if again else self.log.log)(step, metrics)
 
     def evaluate_if_missed(self, step: int) -> None:
         """A run resumed at a checkpoint whose evaluation is not in the log (it failed, or the run was
@@ -356,7 +358,7 @@ class _Run:
         missed = self.eval_due(step) and distributed.broadcast_object(self.d, distributed.on_main(
             self.d, lambda: EVAL_SECONDS not in self.log.metrics_at(step)))
         if missed:
-            self.evaluate_and_log(step)
+            self.evaluate_and_log(step, again=True)
 
     def loop(self, batches, step: int, checkpoint: Path | None) -> tuple[int, Path | None, HealthReport]:
         """Steps until the end (or `stop_after_steps`); returns the step reached, its checkpoint, the last report."""

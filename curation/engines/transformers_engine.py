@@ -151,11 +151,19 @@ class TransformersEngine(ChatTokenizer):
             return []
         # vLLM's max_model_len by default: the stages cap what they put in a prompt well under it (600 bytes
         # a caption), so a cut, which loses the instruction at the prompt's head, says those caps were raised.
+        # A model with fewer positions than that cuts where its positions end, new tokens counted.
+        limit = self.max_prompt_tokens
+        if positions := getattr(self.model.config, "max_position_embeddings", None):
+            limit = min(limit, positions - max(p.max_new_tokens for p in params))
+            if limit <= 0:
+                raise ValueError(f"max_new_tokens {max(p.max_new_tokens for p in params)} leaves no room for a "
+                                 f"prompt in {self.name}'s {positions} positions")
         ids = self.prompt_ids(prompts)
-        if cut := sum(len(row) > self.max_prompt_tokens for row in ids):
-            log.warning("%d of %d prompts are longer than max_prompt_tokens=%d and lose their head (the "
-                        "instruction): lower the caption caps or raise it", cut, len(ids), self.max_prompt_tokens)
-            ids = [row[-self.max_prompt_tokens:] for row in ids]
+        if cut := sum(len(row) > limit for row in ids):
+            log.warning("%d of %d prompts are longer than %d tokens (max_prompt_tokens, or the model's positions "
+                        "less max_new_tokens) and lose their head, the instruction: lower the caption caps",
+                        cut, len(ids), limit)
+            ids = [row[-limit:] for row in ids]
         seeds = request_seeds([p.seed for p in params])
         # Text order puts prompts with a shared prefix side by side (see the module docstring);
         # the results go back in request order.

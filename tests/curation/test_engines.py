@@ -45,7 +45,14 @@ def test_a_prompt_past_max_prompt_tokens_is_cut_and_said(tiny_model, caplog):  #
     with caplog.at_level("WARNING"):
         gens = cut.generate(prompts, [SamplingParams(max_new_tokens=2, seed=1)] * 2)
     assert [g.prompt_tokens for g in gens] == [min(n, 8) for n in cut.count_tokens(prompts)]
-    assert "1 of 2 prompts are longer than max_prompt_tokens=8" in caplog.text
+    assert "1 of 2 prompts are longer than 8 tokens" in caplog.text
+    positions = cut.model.config.max_position_embeddings  # a model with fewer: cut where they end
+    wide = make_text_engine(EngineSpec(model=str(tiny_model), options={"batch_size": 4}))
+    long_prompt = "two blue squares on a plain white background, " * positions
+    (gen,) = wide.generate([long_prompt], [SamplingParams(max_new_tokens=4, seed=1)])
+    assert gen.prompt_tokens == positions - 4
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        wide.generate(["a red circle"], [SamplingParams(max_new_tokens=positions, seed=1)])
 
 
 def test_outputs_depend_on_the_request_only(engine):

@@ -27,6 +27,16 @@ def test_an_output_whose_checks_failed_is_refused_as_input_until_it_passes(tmp_p
     assert not (tmp_path / FAILED_CHECKS).exists() and verify_input(tmp_path) == manifest
 
 
+def test_a_failed_input_is_refused_before_any_byte_is_hashed(tmp_path, monkeypatch):
+    import curation.shards
+
+    manifest = _dataset(tmp_path, ["a red bus"])
+    record_failed_checks(tmp_path, manifest, ["schema_valid"])
+    monkeypatch.setattr(curation.shards, "file_sha256", lambda path: pytest.fail(f"hashed {path}"))
+    with pytest.raises(FailedChecksError):
+        verify_input(tmp_path)
+
+
 def test_a_record_judges_only_the_output_it_was_made_for(tmp_path):
     before = _dataset(tmp_path, ["a red bus", "two dogs"])
     record_failed_checks(tmp_path, before, ["rows_conserved"])

@@ -164,9 +164,11 @@ def test_parquet_lists_whose_extra_column_types_differ_stage_it_as_text(tmp_path
                    tmp_path / "lists" / "b.parquet")
     stage_url_list(ListConfig(str(tmp_path / "lists")), tmp_path / "list", tmp_path / "fetch")
     assert read_table(tmp_path / "list").column("score").to_pylist() == ["0.5", "high"]
-    (tmp_path / "lists" / "b.parquet").unlink()  # one type: kept as it is
+    # Types Arrow unifies (int32 and int64, string and large_string) keep the extras typed.
+    pq.write_table(pa.table({"url": pa.array(["http://e.com/b.jpg"], pa.large_string()), "caption": ["b"],
+                             "score": pa.array([2], pa.int32())}), tmp_path / "lists" / "b.parquet")
     stage_url_list(ListConfig(str(tmp_path / "lists")), tmp_path / "typed", tmp_path / "fetch2")
-    assert read_table(tmp_path / "typed").column("score").to_pylist() == [0.5]
+    assert read_table(tmp_path / "typed").column("score").to_pylist() == [0.5, 2.0]
 
 
 def test_a_byte_order_mark_is_no_header_text_and_bytes_that_are_not_utf8_are_kept_for_the_reject(tmp_path):

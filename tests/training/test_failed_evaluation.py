@@ -48,3 +48,22 @@ def test_an_evaluation_that_failed_after_its_checkpoint_is_made_on_resume(raw_pa
     assert len(calls) == 1
     loop.train(fast_config(raw_pairs, tmp_path / "stopped", **run))
     assert len(calls) == 2  # the final one only: step 4's is in the log
+
+
+def test_an_evaluation_logged_without_its_mark_is_made_again_in_place(raw_pairs, tmp_path):
+    """A log from before eval_seconds (or one a kill cut mid-append) holds step 4's metrics without the
+    mark: the resume evaluates again, and the log still holds each metric once."""
+    import csv
+
+    run = dict(steps=8, checkpoint_every=4, eval_every=4)
+    loop.train(fast_config(raw_pairs, tmp_path / "run", stop_after_steps=4, **run))
+    path = tmp_path / "run" / "metrics.csv"
+    rows = [r for r in MetricsLog.read(path) if r["metric"] != loop.EVAL_SECONDS]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(rows)
+    loop.train(fast_config(raw_pairs, tmp_path / "run", **run))
+    logged = [(r["step"], r["metric"]) for r in MetricsLog.read(path)]
+    assert len(logged) == len(set(logged))
+    assert ("4", "holdout_i2t_r@1") in logged and ("4", loop.EVAL_SECONDS) in logged
