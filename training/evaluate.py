@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from curation.shards import read_table, shard_paths
+from curation.failed_checks import verify_input
+from curation.shards import is_complete, read_table, shard_paths
 from training.data import ShardStream, StreamSpec
 from training.image_transforms import CorruptImage, decode, eval_transform, normalise
 from training.model import encode_images, encode_texts
@@ -95,6 +96,8 @@ def check_eval_inputs(eval_dir: str, classes_path: Path | None) -> None:
     column only, no image): found wrong at the final evaluation, they would stop the run at its end."""
     if not eval_dir:
         return
+    if is_complete(eval_dir):  # a split with a manifest: its files match it, and its checks did not fail
+        verify_input(eval_dir, checksums=False)
     paths = shard_paths(eval_dir)
     if not paths:
         raise FileNotFoundError(f"eval split {eval_dir} holds no Parquet shards")

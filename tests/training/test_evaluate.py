@@ -103,3 +103,20 @@ def test_the_held_out_pool_is_capped_and_read_only_as_far_as_needed(raw_pairs, m
     reads.clear()
     assert pairs(5) == 5
     assert len([u for u, columns in reads if "image" in columns]) < len(shards.units)
+
+
+def test_an_eval_split_whose_checks_failed_is_refused_before_training(tmp_path):
+    import pyarrow as pa
+
+    from curation.failed_checks import FailedChecksError, record_failed_checks
+    from curation.shards import write_manifest, write_table_atomic
+    from training.evaluate import check_eval_inputs
+
+    table = pa.table({"key": ["a", "b"], "image": [b"x", b"y"], "label": ["dog", "cat"]})
+    manifest = write_manifest(tmp_path, stage="eval", config={},
+                              shards=[write_table_atomic(table, tmp_path / "part-00000.parquet")])
+    (tmp_path / "classes.json").write_text('["dog", "cat"]')
+    check_eval_inputs(str(tmp_path), tmp_path / "classes.json")  # a split like any other
+    record_failed_checks(tmp_path, manifest, ["schema_valid"])
+    with pytest.raises(FailedChecksError, match="schema_valid"):
+        check_eval_inputs(str(tmp_path), tmp_path / "classes.json")
