@@ -59,9 +59,10 @@ class TrainConfig:
                         "entry counts; 0: the keep_prob the balance stage wrote")
     entry_counts: str = opt("", "the balance stage's entry_counts.parquet for --t; empty: found through the "
                                 "shards' stage chain")
-    assume_online_balanced: bool = opt(False, "with --online_curation on shards without a manifest (copied away "
-                                              "from their stage chain), which cannot be checked: you state that "
-                                              "they were balanced with --online_curation, not sampled offline")
+    assume_online_balanced: bool = opt(False, "with --online_curation on shards without a manifest, or whose "
+                                              "manifest records no balance stage (copied away from their stage "
+                                              "chain), which cannot be checked: you state that they were "
+                                              "balanced with --online_curation, not sampled offline")
 
     # Optimisation.
     steps: int = opt(200, "optimizer steps of the whole run")
