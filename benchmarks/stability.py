@@ -17,8 +17,10 @@ by cosine to 10% (training.optimization.warmup_cosine).
 
 Defaults: hidden 384, 6 layers (11.4M parameters with the corpus's 1030-word vocabulary), 300 steps.
 The paper resets momentum every 500 steps of 20k; so that resets happen within this short run, the
-reset interval is scaled to the run (default steps // 3 = 100, both optimizers), and SPAM's post-reset
-warmup keeps the paper's 150/500 ratio (30 steps). SPAM's ramp also runs from step 0, on top of the LR
+reset interval is scaled to the run (default steps // 3 = 100, both optimizers), SPAM's post-reset
+warmup keeps the paper's 150/500 ratio (30 steps), and its clip delay is the paper's 20 steps where that is
+under a fifth of the interval, else a fifth (at least 2: the `--quick` run's 13-step interval clipped nothing
+with 20). SPAM's ramp also runs from step 0, on top of the LR
 warmup, as the spec's warmup after every reset does (SPAM's own code starts past it). On a shared 2-core CPU the default takes ~1.3 s per step, about an hour
 for its 9 runs; `--quick` is a 0.5M-parameter smoke run of 40 steps (~10 s).
 
@@ -87,7 +89,8 @@ def quant_label(quant: QuantConfig) -> str:
 
 def train(name: str, lr: float, args: argparse.Namespace, tokens: torch.Tensor, vocab: int, seed: int) -> dict:
     model = build_model(vocab, args.hidden, args.layers, seed, quant_config(args))
-    options = {"spam": dict(reset_interval=args.reset_interval, warmup_steps=args.spam_warmup),
+    options = {"spam": dict(reset_interval=args.reset_interval, warmup_steps=args.spam_warmup,
+                            clip_delay=args.spam_clip_delay),
                "stable_spam": dict(reset_interval=args.reset_interval)}.get(name, {})
     clip = name == "adamw_clip"
     opt = build_optimizer("adamw" if clip else name, model.parameters(), lr=lr, weight_decay=0.0, **options)
@@ -160,12 +163,14 @@ def main(argv: list[str] | None = None) -> None:
         args = parser.parse_args(argv)
     args.reset_interval = args.reset_interval or max(1, args.steps // 3)
     args.spam_warmup = args.spam_warmup if args.spam_warmup is not None else round(0.3 * args.reset_interval)
+    args.spam_clip_delay = min(20, max(2, args.reset_interval // 5))
     torch.set_num_threads(args.threads)
     label = quant_label(quant_config(args))  # refuses a bad combination before any run
 
     tokens, vocab = token_stream(caption_corpus(args.captions, args.seed))
     print(f"corpus: {len(tokens)} tokens, vocab {vocab}; uniform-guess loss {math.log(vocab):.3f}")
-    print(f"{args.steps} steps, reset every {args.reset_interval}, SPAM warmup {args.spam_warmup}, "
+    print(f"{args.steps} steps, reset every {args.reset_interval}, SPAM warmup {args.spam_warmup} and clip "
+          f"delay {args.spam_clip_delay}, "
           f"{label}")
     results: dict[tuple[str, float], list[dict]] = {}
     for lr in args.lrs:

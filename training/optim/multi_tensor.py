@@ -77,13 +77,20 @@ def check_interval(name: str, value: int | None, allow_none: bool = True) -> Non
         raise ValueError(f"invalid {name}={value!r}: must be a positive int{never}")
 
 
+def check_int(name: str, value: object, least: int) -> None:
+    """Raise a ValueError naming the option unless `value` is an int (not a bool) >= `least`: a float
+    size such as 256.0 passed every range check, then failed in torch at the first step."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"invalid {name}={value!r}: must be an int >= {least}")
+
+
 def check_common(options: dict) -> dict:
     """Validate the options every spike-aware optimizer shares; return them with betas a tuple and the
     block size resolved (None for fp32 states, the bit width's default when not given)."""
     lr, betas, eps = options["lr"], options["betas"], options["eps"]
     state_bits, block_size = options["state_bits"], options["block_size"]
     check_range("lr", lr, 0.0, math.inf)
-    if len(betas) != 2:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"invalid betas={betas!r}: need two values")
     check_range("betas[0]", betas[0], 0.0, 1.0)
     check_range("betas[1]", betas[1], 0.0, 1.0)
@@ -91,13 +98,14 @@ def check_common(options: dict) -> dict:
     if eps == 0:  # a skipped tensor's step size is 0: eps keeps its update at m / inf = 0, never 0 * inf
         raise ValueError("invalid eps=0: must be > 0")
     check_range("weight_decay", options["weight_decay"], 0.0, math.inf)
-    if state_bits not in STATE_BITS:
+    if isinstance(state_bits, bool) or not isinstance(state_bits, int) or state_bits not in STATE_BITS:
         raise ValueError(f"invalid state_bits={state_bits!r}: must be one of {STATE_BITS}")
     if state_bits == 32:
         if block_size is not None:
             raise ValueError(f"invalid block_size={block_size!r}: it only applies to quantized states (state_bits 8 or 4)")
     else:
         block_size = lb.DEFAULT_BLOCK[state_bits] if block_size is None else block_size
+        check_int("block_size", block_size, 2)
         lb.StateLayout(state_bits, block_size, 1)  # validates the block size
     return {**options, "betas": tuple(betas), "block_size": block_size}
 

@@ -78,10 +78,11 @@ class QuantConfig:
                 raise ValueError(f"invalid {name}={value!r}: must be one of {FORMATS} or None")
         if self.act_rounding not in ACT_ROUNDING:
             raise ValueError(f"invalid act_rounding={self.act_rounding!r}: must be one of {ACT_ROUNDING}")
-        for name in ("weight_group", "act_group"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be > 0")
-        if self.outliers < 0 or self.outliers >= min(self.weight_group, self.act_group):
+        for name, least in (("weight_group", 1), ("act_group", 1), ("outliers", 0)):
+            value = getattr(self, name)  # an int: 256.0 failed in torch at the first forward
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"invalid {name}={value!r}: must be an int >= {least}")
+        if self.outliers >= min(self.weight_group, self.act_group):
             raise ValueError(f"invalid outliers={self.outliers!r}: must be >= 0 and smaller than the group sizes")
 
 

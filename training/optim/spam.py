@@ -17,8 +17,8 @@ from typing import Iterable
 
 import torch
 
-from training.optim.multi_tensor import (MomentOptimizer, bias_correction, check_common, check_interval, check_range,
-                                        clipped_copies, cosine_ramp, ema_coefficient)
+from training.optim.multi_tensor import (MomentOptimizer, bias_correction, check_common, check_int, check_interval,
+                                        check_range, clipped_copies, cosine_ramp, ema_coefficient)
 
 
 def warmup_factor(steps_since_reset: int, warmup_steps: int) -> float:
@@ -46,12 +46,15 @@ class SPAM(MomentOptimizer):
         options = check_common(options)
         check_range("threshold", options["threshold"], 0.0, math.inf)
         check_interval("reset_interval", options["reset_interval"])
-        # clip_delay >= 1: at step 1 and at every reset v is 0, so every element would be a spike, clipped
-        # to sqrt(theta * 0) = 0, and m and v would stay 0 for good.
-        for name, least in (("warmup_steps", 0), ("clip_delay", 1)):
-            value = options[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"invalid {name}={value!r}: must be an int >= {least}")
+        # Clipping runs where t mod reset_interval >= clip_delay (the spec's condition, t from 1). At t = 1
+        # v is still 0, so a delay of 1 made every element a spike, clipped to sqrt(theta * 0) = 0: m and v
+        # stayed 0 and nothing trained until the first reset. A delay of the interval or more never clips.
+        check_int("warmup_steps", options["warmup_steps"], 0)
+        check_int("clip_delay", options["clip_delay"], 2)
+        interval = options["reset_interval"]
+        if options["threshold"] > 0 and interval is not None and options["clip_delay"] >= interval:
+            raise ValueError(f"invalid clip_delay={options['clip_delay']!r}: with reset_interval={interval} no "
+                             f"step would ever be clipped (it must be smaller; threshold=0 turns clipping off)")
         return options
 
     def _step_bucket(self, group: dict, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],

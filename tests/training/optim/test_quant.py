@@ -196,7 +196,8 @@ def test_the_output_head_is_quantized_only_when_asked():
 
 @pytest.mark.parametrize("kwargs", [dict(weight_format="int8"), dict(act_format="fp8"), dict(weight_group=0),
                                     dict(act_rounding="ceil"),
-                                    dict(outliers=-1), dict(outliers=300)])
+                                    dict(outliers=-1), dict(outliers=300), dict(weight_group=256.0),
+                                    dict(act_group=128.0), dict(outliers=1.5)])
 def test_invalid_quant_config_raises(kwargs):
     with pytest.raises(ValueError, match="invalid"):
         QuantConfig(**kwargs)

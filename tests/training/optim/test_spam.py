@@ -13,7 +13,7 @@ from training.optim import SPAM
 
 CONFIGS = [
     dict(reset_interval=9, warmup_steps=4, clip_delay=3, threshold=50.0),
-    dict(reset_interval=None, warmup_steps=0, clip_delay=1, threshold=5000.0, weight_decay=0.05, lr=1e-2),
+    dict(reset_interval=None, warmup_steps=0, clip_delay=2, threshold=5000.0, weight_decay=0.05, lr=1e-2),
     dict(reset_interval=8, warmup_steps=20, clip_delay=2, threshold=0.0),
 ]
 
@@ -25,6 +25,16 @@ def test_matches_reference_every_step(config):
     opt, ref = SPAM(params, **config), ReferenceSPAM(ref_params, **config)
     assert_same_trajectory(opt, params, ref, ref_params, gradient_stream(params, 25, spike_every=3))
     assert ref.clip_events > 0 or not config.get("threshold", 1)
+
+
+def test_the_smallest_delay_trains_from_the_first_step():
+    """With clip_delay=1 (accepted before) a run's m and v stayed 0 and its weights never moved."""
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = SPAM([w], reset_interval=None, warmup_steps=0, clip_delay=2)
+    for _ in range(5):
+        w.grad = torch.ones(4, dtype=torch.float64)
+        opt.step()
+    assert (w.detach() < 0).all()
 
 
 def test_spike_is_clipped_to_the_boundary_after_the_delay():
@@ -63,7 +73,10 @@ def test_warmup_ramps_the_step_after_each_reset():
 
 @pytest.mark.parametrize("kwargs", [dict(threshold=-1.0), dict(reset_interval=0), dict(warmup_steps=-1),
                                     dict(clip_delay=1.5), dict(eps=-1.0), dict(eps=0.0),
-                                    dict(betas=(0.9, 1.0)), dict(clip_delay=0)])
+                                    dict(betas=(0.9, 1.0)), dict(clip_delay=0),
+                                    # A delay of 1 clips step 1 against v = 0: nothing trains until a reset.
+                                    dict(clip_delay=1), dict(clip_delay=500, reset_interval=500),
+                                    dict(state_bits=4, block_size=128.0)])
 def test_invalid_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError, match="invalid"):
         SPAM(make_params(), **kwargs)

@@ -203,7 +203,9 @@ def test_reset_zeroes_moments_and_restarts_warmup():
                                     dict(theta=1.5), dict(eps=-1e-8), dict(weight_decay=-0.1),
                                     dict(state_bits=16), dict(state_bits=8, block_size=7),
                                     dict(block_size=256), dict(total_T=0), dict(lr=float("nan")), dict(eps=0.0),
-                                    dict(lr="1e-3"), dict(lr=True), dict(betas=("0.9", 0.999))])
+                                    dict(lr="1e-3"), dict(lr=True), dict(betas=("0.9", 0.999)),
+                                    # Sizes that are floats failed in torch at the first step, not here.
+                                    dict(state_bits=8.0), dict(state_bits=8, block_size=256.0), dict(betas=None)])
 def test_invalid_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError, match="invalid|must"):
         StableSPAM(make_params(), **kwargs)

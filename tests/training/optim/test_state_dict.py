@@ -17,7 +17,7 @@ from training.optim import SPAM, StableSPAM
     lambda p: StableSPAM(p, lr=1e-2, reset_interval=4),
     lambda p: StableSPAM(p, lr=1e-2, reset_interval=4, state_bits=8),
     lambda p: StableSPAM(p, lr=1e-2, reset_interval=4, state_bits=4, code_exact=True),
-    lambda p: SPAM(p, lr=1e-2, reset_interval=4, warmup_steps=2, clip_delay=1, state_bits=8),
+    lambda p: SPAM(p, lr=1e-2, reset_interval=4, warmup_steps=2, clip_delay=2, state_bits=8),
 ])
 def test_state_dict_round_trip_resumes_identically(make):
     params = make_params(dtype=torch.float32)
