@@ -47,6 +47,8 @@ def restore_interrupted_save(output: str | Path) -> list[Path]:
         if not final.exists() and (aside / STATE).is_file():
             os.replace(aside, final)
             restored.append(final)
+        else:  # the save took its place before the kill (or it is torn): a hidden copy, never to come back
+            shutil.rmtree(aside, ignore_errors=True)
     return restored
 
 

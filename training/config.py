@@ -170,7 +170,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 # and however their path is spelled), the output is where the resumed checkpoint was found.
 RESUME_FREE = frozenset({"input", "output", "stop_after_steps", "progress", "log_every", "eval_every", "threads",
                          "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "eval", "classes",
-                         "holdout_max_pairs", "compile", "assume_online_balanced",
+                         "holdout_max_pairs", "compile", "gradient_checkpointing", "assume_online_balanced",
                          "dist_timeout_minutes", "verify_checksums"})
 
 

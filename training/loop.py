@@ -75,12 +75,13 @@ def _needed_columns(config: TrainConfig) -> list[str]:
     return needed
 
 
-def _precision(config: TrainConfig, device: torch.device) -> str:
-    if config.precision == "auto":
+def _precision(precision: str, device: torch.device) -> str:
+    """The precision a --precision setting trains with on `device` ("auto": bf16 on CUDA, fp32 on CPU)."""
+    if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if config.precision == "bf16" and device.type != "cuda":
+    if precision == "bf16" and device.type != "cuda":
         raise ValueError("bf16 autocast is for CUDA; use --precision fp32 on CPU")
-    return config.precision
+    return precision
 
 
 def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_length: int, d: distributed.Dist,
@@ -134,6 +135,10 @@ def _prepare_output(config: TrainConfig, output: Path) -> None:
             if path == output.resolve() or output.resolve() in path.parents:
                 raise ValueError(f"--overwrite would delete {output}, which holds the --{flag} this run reads "
                                  f"({path}); choose another --output")
+        # The marker last: a kill mid-delete leaves a folder --overwrite still recognises as a run's.
+        for path in output.iterdir():
+            if path.name != RUN_MARKER:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         shutil.rmtree(output)
     elif not config.resume and list_checkpoints(output):
         raise RunMismatch(f"{output} holds checkpoints of an earlier run, which a later resume would mix with this "
@@ -142,7 +147,7 @@ def _prepare_output(config: TrainConfig, output: Path) -> None:
     (output / RUN_MARKER).touch()
 
 
-def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path | None:
+def _resume_state(config: TrainConfig, output: Path, fingerprint: str, device: torch.device) -> Path | None:
     """The checkpoint to continue from, after checking it belongs to the same run on the same data."""
     checkpoint = latest_checkpoint(output) if config.resume else None
     if checkpoint is None:
@@ -157,6 +162,9 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str) -> Path |
                          f"{saved.get('data_order', 1)}, this one is {DATA_ORDER}); its data-loader state would "
                          f"repeat or skip rows here. Pass --overwrite to start over there, or use another --output.")
     changed = resume_mismatches(saved["config"], config, diverged=saved.get("diverged", False))
+    if "precision" in changed and _precision(saved["config"]["precision"], device) == _precision(config.precision,
+                                                                                                 device):
+        changed.remove("precision")  # "auto" and what it resolves to here train alike
     if saved["input"] != fingerprint:
         changed.append(f"input shards (the contents of {config.input})")
     if changed:
@@ -193,6 +201,9 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
         raise ValueError(f"unknown model preset {config.preset!r}; choose one of {sorted(PRESETS)}")
     image_size = config.image_size or preset.image_size
     context_length = config.context_length or preset.context_length
+    if image_size < preset.patch_size:  # found in torch at the first forward, after the tokenizer was trained
+        raise ValueError(f"--image_size {image_size} is smaller than the {config.preset} preset's patch size "
+                         f"{preset.patch_size}")
     # A checkpoint a killed save renamed aside is put back before anything asks for the newest one.
     distributed.on_main(d, lambda: restore_interrupted_save(output))
     # Input errors surface before anything is written, or cleared by --overwrite, and not after the last step.
@@ -208,7 +219,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     check_eval_inputs(config.eval, config.classes_path)
     fingerprint = input_fingerprint(config.input)
     distributed.on_main(d, lambda: _prepare_output(config, output))
-    checkpoint = _resume_state(config, output, fingerprint)
+    checkpoint = _resume_state(config, output, fingerprint, d.device)
     tokenizer = _tokenizer(config, shards, output, context_length, d, named, resuming=checkpoint is not None)
     model_config = clip_config(config.preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -224,7 +235,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
         step_module = torch.compile(step_module)
     optimizer = make_optimizer(model, config)
     scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps)
-    precision = _precision(config, d.device)
+    precision = _precision(config.precision, d.device)
 
     step, health, elapsed_before = 0, {}, 0.0
     loader_state = LoaderState()
@@ -414,10 +425,13 @@ class _Run:
             report = check(step, reset_loss=log_row)
             if log_row:
                 self._log_row(step, report, window, progress)
+            paused = time.perf_counter()
             if checkpoint_due:
                 last_checkpoint, saved_at = self.save(step, report), step
             if eval_due:
                 self.evaluate_and_log(step)
+            # Time spent saving and evaluating is no training: the next row's samples/s and data wait leave it out.
+            window["start"] += time.perf_counter() - paused
         progress.close()
         if saved_at == step:
             return step, last_checkpoint, report

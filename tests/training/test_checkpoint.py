@@ -83,3 +83,25 @@ def test_a_save_killed_before_its_rename_leaves_nothing_behind(tmp_path, monkeyp
     assert [p.name for p in (tmp_path / "checkpoints").glob(".step-*.tmp-*")] == [".step-0000005.tmp-" + str(os.getpid())]
     assert restore_interrupted_save(tmp_path) == []
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004"]
+
+
+def test_a_copy_left_aside_after_its_save_took_its_place_is_deleted_not_restored_later(tmp_path, monkeypatch):
+    """Killed after the new step-5 took its place, before the old copy was deleted: that copy is removed at
+    the next start. Kept, it came back as step-5 once pruning had removed the real one."""
+    parts = _parts(0)
+    save_checkpoint(tmp_path, 5, *parts, {"run": "five"})
+    real_rmtree = shutil.rmtree
+
+    def killed_deleting_the_old_copy(path, *args, **kwargs):
+        if ".old-" in str(path) and Path(path).exists():
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr("training.checkpoint.shutil.rmtree", killed_deleting_the_old_copy)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 5, *parts, {"run": "five again"})
+    monkeypatch.undo()
+    assert any(".old-" in p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert restore_interrupted_save(tmp_path) == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005"]
+    assert json.loads((tmp_path / "checkpoints" / "step-0000005" / "state.json").read_text())["run"] == "five again"

@@ -28,3 +28,9 @@ def test_a_resume_compares_paths_by_what_they_name(tmp_path, monkeypatch):
                                                 tokenizer="other-tok")) == ["tokenizer"]
     assert resume_mismatches(saved, TrainConfig(input="work/shards", output="work/model", tokenizer="tok",
                                                 lr=1.0)) == ["lr"]
+
+
+def test_settings_that_only_trade_speed_or_memory_may_change_on_resume():
+    """Gradient checkpointing gives the same weights: resuming an out-of-memory run with it was refused."""
+    saved = TrainConfig().to_dict()
+    assert resume_mismatches(saved, TrainConfig(gradient_checkpointing=True, compile=True)) == []

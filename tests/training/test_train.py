@@ -2,6 +2,7 @@ import json
 import math
 import shutil
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -302,6 +303,33 @@ def test_a_checkpoint_of_another_data_order_is_refused(demo_pairs, tmp_path):
     path.write_text(json.dumps(state))
     with pytest.raises(ValueError, match=rf"ordered the data otherwise \(data order 2, this one is {DATA_ORDER}\).*--overwrite"):
         loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2))
+
+
+def test_an_overwrite_killed_mid_delete_is_still_an_overwrite_of_a_run(demo_pairs, tmp_path, monkeypatch):
+    """The marker goes last: killed before it, the folder is still the trainer's, and --overwrite clears it."""
+    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2)).steps == 2
+    real_rmtree, kept = shutil.rmtree, []
+
+    def killed_before_the_marker(path, *args, **kwargs):
+        if Path(path) == tmp_path / "run":  # what is left for the last delete
+            kept.append(sorted(p.name for p in Path(path).iterdir()))
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop.shutil, "rmtree", killed_before_the_marker)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True))
+    monkeypatch.undo()
+    assert kept == [[loop.RUN_MARKER]]  # everything else was gone first
+    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
+
+
+def test_a_resume_may_spell_precision_as_auto_and_an_image_smaller_than_a_patch_is_refused(demo_pairs, tmp_path):
+    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, stop_after_steps=2)).stopped_early
+    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, precision="fp32")).steps == 4  # auto here
+    with pytest.raises(ValueError, match="smaller than the tiny preset's patch size"):
+        loop.train(_config(demo_pairs[0], tmp_path / "small", steps=2, image_size=4))
+    assert not (tmp_path / "small").exists()
 
 
 def test_overwrite_clears_a_run_that_died_after_saving_its_tokenizer(demo_pairs, tmp_path, monkeypatch):
