@@ -16,6 +16,7 @@ what an earlier run left there.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import shutil
 import time
@@ -147,8 +148,17 @@ def _prepare_output(config: TrainConfig, output: Path) -> None:
     (output / RUN_MARKER).touch()
 
 
-def _resume_state(config: TrainConfig, output: Path, fingerprint: str, device: torch.device) -> Path | None:
-    """The checkpoint to continue from, after checking it belongs to the same run on the same data."""
+def curation_fingerprint(entry_p) -> str | None:
+    """One hash of the per-entry keep probabilities online curation at --t trains with (None: each row's
+    keep_prob, which the input fingerprint covers): the entry counts are read by path, and counts rebuilt
+    in place under an unchanged input would change the keep probabilities of a resumed run silently."""
+    return None if entry_p is None else hashlib.sha256(entry_p.astype("<f8").tobytes()).hexdigest()
+
+
+def _resume_state(config: TrainConfig, output: Path, fingerprint: str, device: torch.device,
+                  curation: str | None) -> Path | None:
+    """The checkpoint to continue from, after checking it belongs to the same run on the same data.
+    `curation` is `curation_fingerprint` of this run's online-curation probabilities."""
     checkpoint = latest_checkpoint(output) if config.resume else None
     if checkpoint is None:
         return None
@@ -167,6 +177,8 @@ def _resume_state(config: TrainConfig, output: Path, fingerprint: str, device: t
         changed.remove("precision")  # "auto" and what it resolves to here train alike
     if saved["input"] != fingerprint:
         changed.append(f"input shards (the contents of {config.input})")
+    if saved.get("curation", curation) != curation:  # a checkpoint from before it was recorded is not judged
+        changed.append("online-curation probabilities (the entry counts read for --t, rebuilt since)")
     if changed:
         raise RunMismatch(f"{output} holds a run with other settings or data ({', '.join(changed)} differ); resuming "
                          f"would mix two runs. Pass --overwrite to start over there, or use another --output.")
@@ -218,8 +230,9 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     named = load_tokenizer(config.tokenizer, context_length) if config.tokenizer and not resumable else None
     check_eval_inputs(config.eval, config.classes_path)
     fingerprint = input_fingerprint(config.input)
+    curation = curation_fingerprint(entry_p)
     distributed.on_main(d, lambda: _prepare_output(config, output))
-    checkpoint = _resume_state(config, output, fingerprint, d.device)
+    checkpoint = _resume_state(config, output, fingerprint, d.device, curation)
     tokenizer = _tokenizer(config, shards, output, context_length, d, named, resuming=checkpoint is not None)
     model_config = clip_config(config.preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -263,7 +276,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     log = MetricsLog(output, resume_step=step) if d.main else None
     if d.main:
         atomic_write_bytes(output / TRAIN_CONFIG, json.dumps(config.to_dict(), indent=2).encode())
-    run = _Run(config, d, output, model, optimizer, scheduler, train_step, loader_state, log, fingerprint,
+    run = _Run(config, d, output, model, optimizer, scheduler, train_step, loader_state, log, fingerprint, curation,
                elapsed_before, tokenizer, holdout, image_size, context_length, precision)
     try:
         if checkpoint is not None:
@@ -319,6 +332,7 @@ class _Run:
     loader_state: LoaderState
     log: MetricsLog | None
     fingerprint: str
+    curation: str | None
     elapsed_before: float
     tokenizer: object
     holdout: StreamSpec
@@ -333,7 +347,8 @@ class _Run:
         states = distributed.gather_objects(self.d, self.loader_state.to_dict())
         return distributed.on_main(self.d, lambda: save_checkpoint(
             self.output, at, self.model, self.optimizer, self.scheduler, {
-                "config": self.config.to_dict(), "input": self.fingerprint, "loader": states,
+                "config": self.config.to_dict(), "input": self.fingerprint, "curation": self.curation,
+                "loader": states,
                 **report.resumable(), **({"bad_in_row": 0} if diverged else {}),  # a retry starts a new streak
                 "seconds": self.elapsed_before + time.perf_counter() - self.started, "diverged": diverged,
                 "data_order": DATA_ORDER},

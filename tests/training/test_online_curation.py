@@ -74,6 +74,26 @@ def test_a_run_trains_at_another_t(online, tmp_path):
     assert result.metrics["curated_out"] > 0 and result.steps == 3
 
 
+def test_a_resume_refuses_entry_counts_rebuilt_under_the_same_input(online, tmp_path):
+    """The counts are read by path: rebuilt in place, they changed a resumed run's keep probabilities."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    counts = tmp_path / "entry_counts.parquet"
+    shutil.copy(online / "entry_counts.parquet", counts)
+    run = dict(input=str(online), output=str(tmp_path / "model"), online_curation=True, t=4, entry_counts=str(counts),
+               preset="tiny", image_size=32, context_length=16, vocab_size=300, batch_size=16, workers=0, threads=1,
+               steps=4, warmup_steps=1, progress=False, holdout_fraction=0.0)
+    assert loop.train(TrainConfig(**run, stop_after_steps=2)).stopped_early
+    table = pq.read_table(counts)
+    doubled = pc.multiply(table.column("count"), pa.scalar(2, table.schema.field("count").type))
+    pq.write_table(table.set_column(table.schema.get_field_index("count"), "count", doubled), counts)
+    with pytest.raises(loop.RunMismatch, match="online-curation probabilities"):
+        loop.train(TrainConfig(**run))
+    shutil.copy(online / "entry_counts.parquet", counts)  # the counts it was started with: it resumes
+    assert loop.train(TrainConfig(**run)).steps == 4
+
+
 def test_shards_balanced_offline_are_not_subsampled_again(raw_pairs, demo_dir, tmp_path):
     offline = _balance(raw_pairs, demo_dir, tmp_path / "balanced_pairs")
     with pytest.raises(ValueError, match=r"balanced offline \(balance t=20.0\).*second time"):
