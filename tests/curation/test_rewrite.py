@@ -444,3 +444,13 @@ def test_min_similarity_is_recorded_only_where_the_meaning_check_uses_it():
     assert RewriteConfig(validation=ValidationConfig(min_similarity=0.5)).recorded() == RewriteConfig().recorded()
     checked = RewriteConfig(meaning_check=True, validation=ValidationConfig(min_similarity=0.5)).recorded()
     assert checked["validation"]["min_similarity"] == 0.5
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.9])
+def test_row_selection_rewrites_the_share_asked_for(fraction):
+    """Over 4,000 keys the chosen share is the fraction within 0.03 (a binomial sd is at most 0.008)."""
+    from curation.rewrite import selected
+
+    share = sum(selected(3, f"key-{i}", fraction) for i in range(4000)) / 4000
+    assert abs(share - fraction) < 0.03
+    assert all(selected(3, f"key-{i}", 1.0) for i in range(100))

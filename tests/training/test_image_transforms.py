@@ -22,3 +22,10 @@ def test_eval_transform_is_clip_image_processor_pixel_for_pixel(size):
         theirs = processor(images=[image], return_tensors="pt")["pixel_values"]
         assert ours.shape == theirs.shape == (1, 3, size, size)
         assert torch.allclose(ours, theirs, atol=1e-5), (width, height, float((ours - theirs).abs().max()))
+
+
+def test_normalisation_is_openai_clips():
+    """The processor config is built from these constants too: a test against it alone could not see them change."""
+    config = image_processor_config(224)
+    assert config["image_mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert config["image_std"] == pytest.approx([0.26862954, 0.26130258, 0.27577711])

@@ -67,11 +67,16 @@ def test_a_smaller_t_keeps_fewer_rows(online, tokenizer):
 
 
 def test_a_run_trains_at_another_t(online, tmp_path):
-    result = loop.train(TrainConfig(input=str(online), output=str(tmp_path / "model"), online_curation=True, t=4,
-                                    preset="tiny", image_size=32, context_length=16, vocab_size=300, batch_size=16,
-                                    workers=0, threads=1, steps=3, warmup_steps=1, progress=False,
-                                    holdout_fraction=0.0))
-    assert result.metrics["curated_out"] > 0 and result.steps == 3
+    """At t=4 the run curates out more rows than at the balance stage's t=20 (each row's own keep_prob)."""
+    curated = {}
+    for t in (0, 4):
+        result = loop.train(TrainConfig(input=str(online), output=str(tmp_path / f"model-{t}"), online_curation=True,
+                                        t=t, preset="tiny", image_size=32, context_length=16, vocab_size=300,
+                                        batch_size=16, workers=0, threads=1, steps=3, warmup_steps=1, progress=False,
+                                        holdout_fraction=0.0))
+        assert result.steps == 3
+        curated[t] = result.metrics["curated_out"] / (result.metrics["curated_out"] + result.metrics["samples_seen"])
+    assert curated[4] > curated[0] > 0
 
 
 def test_a_resume_refuses_entry_counts_rebuilt_under_the_same_input(online, tmp_path):

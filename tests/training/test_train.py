@@ -436,8 +436,7 @@ def test_demo_flags_point_at_the_demo_eval_split(tmp_path):
 
 
 def test_the_bpe_learns_from_the_texts_the_run_samples_only(raw_pairs, tmp_path):
-    from training.shard_set import inspect_shards, iter_texts
-
+    """Every row's rewrite says "zzqx": the run's tokenizer has a token for it only if the run draws rewrites."""
     variant = tmp_path / "with-rewrites"
     variant.mkdir()
     for i, path in enumerate(sorted(raw_pairs.glob("part-*.parquet"))):
@@ -445,9 +444,11 @@ def test_the_bpe_learns_from_the_texts_the_run_samples_only(raw_pairs, tmp_path)
         rewrites = pa.array([["zzqx unseen wording"]] * table.num_rows, pa.list_(pa.string()))
         pq.write_table(table.set_column(table.column_names.index("rewrites"), "rewrites", rewrites),
                        variant / shard_name(i))
-    shards = inspect_shards(variant)
-    assert not any("zzqx" in t for t in iter_texts(shards, 0.0, sampled=[]))
-    assert any("zzqx" in t for t in iter_texts(shards, 0.0, sampled=["rewrites"]))
+    for use_rewrites in (False, True):
+        output = tmp_path / f"rewrites-{use_rewrites}"
+        loop.train(_config(variant, output, steps=1, use_rewrites=use_rewrites))
+        vocabulary = AutoTokenizer.from_pretrained(output).get_vocab()
+        assert any("zzqx" in token for token in vocabulary) == use_rewrites
 
 
 def test_a_folder_holding_only_the_orchestrators_sentinel_is_the_trainers_to_overwrite(tmp_path):
