@@ -193,6 +193,10 @@ def run_img2dataset(fetch_dir: Path, download_dir: Path, config: DownloadConfig,
     if not any(fetch_dir.glob("*.parquet")):
         return
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # img2dataset compares an image's area with max_image_area only after OpenCV decoded all of it: a 109 KB
+    # PNG bomb took 1.7 GB a worker. OpenCV's own limit, read from its header, refuses it first.
+    if config.max_image_area:
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(config.max_image_area))
     from img2dataset import download
 
     options = asdict(config)
@@ -225,7 +229,11 @@ def download_stats(download_dir: Path) -> dict:
     """img2dataset's own counts, summed over its finished shards, with the success rate."""
     totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "duration": 0.0}
     for stats in sorted(download_dir.glob("*_stats.json")) if download_dir.is_dir() else []:
-        data = json.loads(stats.read_text())
+        try:
+            data = json.loads(stats.read_text())
+        except json.JSONDecodeError as exc:  # img2dataset writes it in place: a kill can cut it short
+            raise ValueError(f"{stats} is not valid JSON ({exc}); delete it and its .parquet, then rerun to "
+                             f"download that shard again") from exc
         for name in totals:
             totals[name] += data.get(name, 0)
     return {

@@ -80,12 +80,15 @@ def tar_images(parquet_path: str | Path, encode_format: str) -> dict[str, bytes]
 def _captions(captions_file: Path | None, file_column: str, caption_column: str) -> dict[str, object]:
     if captions_file is None:
         return {}
-    captions = {}
+    captions, lines = {}, {}
     for row in read_list(captions_file, (file_column, caption_column)):
         name = row.values.get(file_column)
         if not name:
             raise UrlListError(f"{row.file}: line {row.line}: empty {file_column!r}")
-        captions[str(name)] = row.values.get(caption_column)
+        if str(name) in lines:  # which of the two captions is the image's cannot be told
+            raise UrlListError(f"{row.file}: line {row.line}: {name!r} has a caption on line {lines[str(name)]} "
+                               f"already")
+        captions[str(name)], lines[str(name)] = row.values.get(caption_column), row.line
     return captions
 
 

@@ -129,13 +129,12 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int], notes: list[str])
     notes.append(MODE_CONVERTED)
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
+    elif im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit or float greyscale: scale to 8 bits by its range instead of clipping (above 255 to white;
+        # a float image in [0, 1] to black).
         low, high = im.getextrema()
-        span = max(high - low, 1)
+        span = (high - low) or 1
         im = im.point(lambda v: (v - low) * 255 / span).convert("L")
-    elif im.mode == "F":
-        im = im.convert("L")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         notes.append(ALPHA_FLATTENED)
         rgba = im.convert("RGBA")

@@ -109,7 +109,10 @@ def _early_reject(row: dict, control: frozenset[str]) -> tuple[str, str] | None:
         return row[SCREEN_REASON], row.get(SCREEN_DETAIL) or ""
     status = row.get(STATUS)
     if status is not None and status != "success":
-        return Reason.DOWNLOAD_FAILED, f"{status}: {row.get(ERROR) or ''}"
+        error = row.get(ERROR) or ""
+        if "CV_IO_MAX_IMAGE_PIXELS" in error:  # OpenCV's limit (download.run_img2dataset sets it): its header
+            error = "image area too large (refused from its header, before decoding)"
+        return Reason.DOWNLOAD_FAILED, f"{status}: {error}"
     return None
 
 

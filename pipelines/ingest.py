@@ -268,6 +268,13 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
     if not options.input:
         raise ValueError(f"{STAGE}: --input (or --url_list) and --output are required")
     kind = input_kind(options.input)
+    if options.captions_file and kind != "images":
+        # A Parquet captions file inside the folder made it read as shards, and the flag was ignored.
+        kind = "images" if Path(options.input).is_dir() and not any(Path(options.input).glob("*_stats.json")) \
+            else kind
+        if kind != "images":
+            raise ValueError(f"{STAGE}: --captions_file is for an --input folder of images, and {options.input} "
+                             f"is {kind}")
     if kind == "img2dataset":
         config = config_from(options, image_column=check_img2dataset_folder(Path(options.input)))
         return options.input, config, asdict(config), {"kind": kind, "name": _named(options.input).name}
@@ -279,7 +286,8 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
         files = images + sidecars + ([Path(captions)] if captions else [])
         recorded = {**asdict(config), "image_folder": str(Path(options.input).resolve()), "captions_file": captions,
                     "captions_columns": [options.captions_file_column, options.caption_column],
-                    "source_files": files_fingerprint(files)}
+                    # Staging is cut by it: a resume under another size left images in no shard, or in two.
+                    "list_shard_rows": options.list_shard_rows, "source_files": files_fingerprint(files)}
         record = refuse_other_run(output, recorded, options.overwrite)
         stage_missing(output, recorded, lambda: stage_image_folder(
             Path(options.input), staging / "list", captions_file=Path(captions) if captions else None,

@@ -49,6 +49,10 @@ def test_rgba_and_16_bit_grey_convert():
     grey16.putpixel((0, 0), 1000)
     out = prepared(encode(grey16, "PNG"))
     assert out.image.getpixel((0, 0))[0] == 255 and out.image.getpixel((5, 5))[0] == 0  # scaled, not clipped
+    floats = Image.new("F", (16, 16), 0.25)  # a float TIFF in [0, 1] came out black: clipped, not scaled
+    floats.putpixel((0, 0), 1.0)
+    out = prepared(encode(floats, "TIFF"))
+    assert out.image.getpixel((0, 0))[0] == 255 and out.image.getpixel((5, 5))[0] == 0
 
 
 def test_exif_orientation_is_applied():

@@ -158,7 +158,8 @@ def test_url_list_download_gives_exact_pairs_and_rejects(tmp_path):
     assert by_key["list-000000010"]["detail"] == "failed_to_download: HTTP Error 404: Not Found"
     assert by_key["list-000000011"]["detail"] == "failed_to_download: timed out"
     assert by_key["list-000000012"]["detail"] == "failed_to_resize: Image decoding error"
-    assert by_key["list-000000014"]["detail"] == "failed_to_resize: image area too large"
+    assert by_key["list-000000014"]["detail"] == ("failed_to_resize: image area too large (refused from its "
+                                                  "header, before decoding)")
     assert "X-Robots-Tag" in by_key["list-000000015"]["detail"]
     assert by_key["list-000000017"]["detail"].startswith("file:// URL refused")
     assert by_key["list-000000017"]["row"] == 17 and by_key["list-000000017"]["source"] == str(listing)
@@ -257,3 +258,26 @@ def test_a_headerless_list_with_its_own_column_names_keeps_its_keys_urls_and_cap
         ("id-a", f"{base}/img/1", '"Best" photo of a thing'), ("id-b", f"{base}/img/2", "a second thing")]
     (duplicate,) = read_table(tmp_path / "raw" / "rejects").to_pylist()
     assert (duplicate["key"], duplicate["detail"]) == ("id-c", "duplicate_of=id-a by=sha256")
+
+
+def test_opencv_refuses_a_decompression_bomb_before_decoding_it_and_cut_stats_are_named(tmp_path, monkeypatch):
+    """img2dataset decoded an image whole before comparing its area: OpenCV's own limit is set for its workers."""
+    import json as json_module
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.download import DownloadConfig, download_stats, run_img2dataset
+
+    seen = {}
+    monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS", raising=False)
+    monkeypatch.setattr("img2dataset.download", lambda **kwargs: seen.update(
+        limit=__import__("os").environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")))
+    (tmp_path / "fetch").mkdir()
+    pq.write_table(pa.table({"url": ["http://e.com/a.jpg"], "row": [0]}), tmp_path / "fetch" / "part-00000.parquet")
+    run_img2dataset(tmp_path / "fetch", tmp_path / "download", DownloadConfig(max_image_area=1e6), 10)
+    assert seen == {"limit": "1000000"}
+    (tmp_path / "download").mkdir()
+    (tmp_path / "download" / "00000_stats.json").write_text(json_module.dumps({"count": 3})[:-3])
+    with pytest.raises(ValueError, match=r"00000_stats.json is not valid JSON.*delete it and its .parquet"):
+        download_stats(tmp_path / "download")

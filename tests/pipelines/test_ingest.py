@@ -362,3 +362,48 @@ def test_an_up_to_date_image_folder_rerun_reads_no_captions_file_and_dot_names_t
     staged = tmp_path / "raw" / ingest.STAGING / "list" / "part-00000.parquet"
     staged.unlink()  # lost since: staged again, and the output is still the one it was made from
     assert ingest.run(argv).up_to_date and staged.is_file()
+
+
+def _photos(folder, n: int):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (40, 30), (i * 25, 100, 200 - i * 20)).save(folder / f"img{i:02d}.jpg")
+        (folder / f"img{i:02d}.txt").write_text(f"picture number {i}")
+    return folder
+
+
+def test_an_image_folder_staging_killed_then_rerun_at_another_shard_size_loses_no_image(tmp_path, monkeypatch):
+    """The shard size was not recorded for a folder: the rerun kept the 2-row shards staged and cut the rest at
+    3 rows, so images 4 and 5 fell between the two cuts, neither pair nor reject."""
+    import curation.folders
+
+    photos, out = _photos(tmp_path / "photos", 10), tmp_path / "out"
+    real, written = curation.folders.write_parts_atomic, []
+
+    def killed_at_the_third(parts, schema, path):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(parts, schema, path)
+
+    monkeypatch.setattr(curation.folders, "write_parts_atomic", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        ingest.run(["--input", str(photos), "--output", str(out), "--list_shard_rows", "2"])
+    monkeypatch.undo()
+    result = ingest.run(["--input", str(photos), "--output", str(out), "--list_shard_rows", "3"])  # staged anew
+    assert result.rows == 10 and not result.rejects
+    assert sorted(read_table(out).column("key").to_pylist()) == [f"img{i:02d}" for i in range(10)]
+
+
+def test_a_parquet_captions_file_inside_the_folder_and_a_file_captioned_twice(tmp_path):
+    photos = _photos(tmp_path / "photos", 2)
+    pq.write_table(pa.table({"file": ["img00.jpg", "img01.jpg"], "caption": ["a first", "a second"]}),
+                   photos / "captions.parquet")  # made the folder read as shards, and the flag ignored
+    result = ingest.run(["--input", str(photos), "--captions_file", str(photos / "captions.parquet"),
+                         "--output", str(tmp_path / "out")])
+    assert sorted(read_table(tmp_path / "out").column("caption").to_pylist()) == ["a first", "a second"]
+    assert result.rows == 2
+    (tmp_path / "twice.csv").write_text("file,caption\nimg00.jpg,a dog\nimg01.jpg,a cat\nimg00.jpg,a beach\n")
+    with pytest.raises(ValueError, match=r"twice.csv: line 4: 'img00.jpg' has a caption on line 2 already"):
+        ingest.run(["--input", str(photos), "--captions_file", str(tmp_path / "twice.csv"),
+                    "--output", str(tmp_path / "out2")])
