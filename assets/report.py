@@ -40,6 +40,10 @@ def stage_metadata(manifest: dict, output: Path, published: str) -> dict:
         "duration_s": seconds,
         "stats": dg.MetadataValue.json({k: v for k, v in stats.items() if k != "plots"}),
     }
+    if twin := manifest.get("webdataset"):  # export's tar twin: about as many bytes again, beside the Parquet
+        metadata["webdataset_bytes"] = twin["bytes"]
+        metadata["webdataset_shards"] = len(twin["shards"])
+        metadata["webdataset_pattern"] = str(output / twin["pattern"]) if twin.get("pattern") else ""
     if seconds > 0 and not stats.get("resumed_shards"):  # a resumed run's seconds cover only some of the rows
         metadata["rows_per_s"] = round(n_in / seconds, 2)
     for name in stats.get("plots", []):

@@ -10,6 +10,7 @@ so they never appear in run config or in the UI.
 import argparse
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +34,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # LLMEngineResource fields that only some backends read.
 ENGINE_ONLY_FIELDS = {"gguf_file": ("transformers", "vllm"), "max_num_seqs": ("vllm",),
                       "gpu_memory_utilization": ("vllm",), "tensor_parallel_size": ("vllm",),
-                      "enable_prefix_caching": ("transformers", "vllm")}
+                      "enable_prefix_caching": ("transformers", "vllm"), "dtype": ("transformers", "vllm")}
 
 
 def misconfigured(resource: str, field: str, problem: str) -> dg.Failure:
@@ -263,11 +264,13 @@ class BeamRunnerResource(dg.ConfigurableResource):
         from pipelines.runner import beam_parser
         parser = beam_parser()
         for stage in (None, *self.stage_options):
+            field = "options" if stage is None else f"stage_options[{stage!r}]"
             try:
-                parser.parse_known_args(self._flags(stage))
+                _, unknown = parser.parse_known_args(self._flags(stage))
             except argparse.ArgumentError as exc:
-                field = "options" if stage is None else f"stage_options[{stage!r}]"
                 raise misconfigured("BeamRunnerResource", field, f"Beam refuses it: {exc}") from exc
+            if unknown:  # every stage refuses a flag Beam does not know: found here, not after the stages before
+                raise misconfigured("BeamRunnerResource", field, f"{' '.join(unknown)}: not an option Beam knows")
 
     def flags(self, stage: Optional[str] = None) -> list[str]:
         """The runner flags of one stage: shared options, then that stage's overrides."""
@@ -383,6 +386,8 @@ def check_engine(resource: str, engine: str, known: tuple[str, ...], model: str,
         raise misconfigured(resource, "model", f"no such model directory: {model}")
     if engine == "openai" and not base_url and not os.environ.get("OPENAI_BASE_URL"):
         raise misconfigured(resource, "base_url", "required for engine 'openai' (or set OPENAI_BASE_URL)")
+    if engine == "openai" and not model:  # else the stage's default, a local folder, was the name asked for
+        raise misconfigured(resource, "model", "required for engine 'openai': the name the server serves")
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise misconfigured(resource, "engine", "'vllm' is not installed here: use the GPU image "
                             "(pip install -e '.[gpu]') or engine 'transformers'")
@@ -400,3 +405,13 @@ class QualityGatesResource(dg.ConfigurableResource):
     min_rewrite_share: float = Field(default=0.5, description="Share of the rows chosen for rewriting "
                                                               "(--rewrite_row_fraction) that must carry a valid rewrite.")
     min_caption_share: float = Field(default=0.5, description="Share of rows that must carry a synthetic caption.")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Shares in [0, 1] and a slack >= 0, checked at the run's first step: a gate given as a percent
+        (min_rewrite_share=50) failed good data after the GPU stage, and max_reject_ratio=20 passed any."""
+        for name in ("max_reject_ratio", "max_balance_reject_ratio", "min_rewrite_share", "min_caption_share"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise misconfigured("QualityGatesResource", name, f"a share in [0, 1], got {value}")
+        if not (math.isfinite(self.balance_slack) and self.balance_slack >= 0):
+            raise misconfigured("QualityGatesResource", "balance_slack", f"must be >= 0, got {self.balance_slack}")

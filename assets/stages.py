@@ -272,13 +272,14 @@ def stage_checks(stage: Stage, output: Path, manifest: dict, metadata: dict, con
     if stage.name == "balance":
         recorded = manifest.get("config", {})
         t = float(recorded.get("t") or getattr(config, "t", None) or 20000)
-        results.append(checks.entries_balanced(stage.asset, output, t, gates.balance_slack,
-                                               online=bool(recorded.get("online_curation"))))
+        results.append(checks.judged(stage.asset, checks.BALANCED, lambda: checks.entries_balanced(
+            stage.asset, output, t, gates.balance_slack, online=bool(recorded.get("online_curation")))))
     if stage.name == "rewrite":
-        results.append(checks.valid_rewrite_share(stage.asset, output, gates.min_rewrite_share))
+        results.append(checks.judged(stage.asset, checks.REWRITES, lambda: checks.valid_rewrite_share(
+            stage.asset, output, gates.min_rewrite_share)))
     if stage.name == "caption":
-        results.append(checks.share_filled(stage.asset, checks.CAPTIONS, output, "synthetic_caption",
-                                           gates.min_caption_share))
+        results.append(checks.judged(stage.asset, checks.CAPTIONS, lambda: checks.share_filled(
+            stage.asset, checks.CAPTIONS, output, "synthetic_caption", gates.min_caption_share)))
     return results
 
 

@@ -52,7 +52,9 @@ def refuse_unknown_flags(argv: list[str] | None, options: type[PipelineOptions])
 def beam_parser(options: type[PipelineOptions] = PipelineOptions) -> argparse.ArgumentParser:
     """One parser of every flag Beam's options classes define, plus `options`' own (and its bases'). It
     raises argparse.ArgumentError on a value it refuses instead of exiting the process as Beam's does."""
-    parser = argparse.ArgumentParser(add_help=True, conflict_handler="resolve", exit_on_error=False)
+    # No abbreviations: --machine_typ is no --machine_type, as refuse_unknown_flags (exact names) has it.
+    parser = argparse.ArgumentParser(add_help=True, conflict_handler="resolve", exit_on_error=False,
+                                     allow_abbrev=False)
     beams = [c for c in _subclasses(PipelineOptions) if c.__module__.startswith("apache_beam.")]
     for cls in {PipelineOptions, *beams, *options.__mro__}:
         if "_add_argparse_args" in vars(cls):

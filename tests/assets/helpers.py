@@ -42,3 +42,12 @@ def demo_run_config(pairs: int = DEMO_PAIRS, **ops) -> dict:
 
 def add_builds(instance: dg.DagsterInstance, *keys: str) -> None:
     instance.add_dynamic_partitions(builds.name, list(keys))
+
+
+def failing_reject_ratio(monkeypatch) -> None:
+    """Make every stage's reject-ratio check fail, as for an output that rejected too much (the demo pool
+    rejects too little to cross any gate QualityGatesResource accepts)."""
+    from assets import checks
+
+    real = checks.reject_ratio
+    monkeypatch.setattr(checks, "reject_ratio", lambda asset, ratio, threshold: real(asset, 1.0, 0.0))

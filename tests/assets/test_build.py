@@ -7,12 +7,11 @@ import pytest
 
 from assets.definitions import stage_assets
 from assets.report import rows_in
-from assets.resources import QualityGatesResource
 from assets.stages import available_stages
 from curation.failed_checks import FailedChecksError, verify_input
 from curation.shards import OVERWRITE_SENTINEL, read_manifest
 from pipelines.common import STAGE_CONFIG
-from tests.assets.helpers import add_builds, demo_run_config, stage_resources
+from tests.assets.helpers import add_builds, demo_run_config, failing_reject_ratio, stage_resources
 
 
 def _materialize(instance, root, build, run_config, selection=None, **resources):
@@ -193,17 +192,18 @@ def test_an_overwrite_counts_as_done_only_once_the_job_has_wiped(instance, tmp_p
             assert not overwrite_pending(tmp_path / "b1", stage.asset, output, retry)
 
 
-def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path):
+def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path, monkeypatch):
     stages = available_stages()
     if len(stages) < 2:
         pytest.skip("needs a second stage after ingest")
     add_builds(instance, "b1")
-    strict = QualityGatesResource(max_reject_ratio=-1.0)  # any share of rejects, even 0, is too many
-    result = dg.materialize(stage_assets, instance=instance, partition_key="b1", raise_on_error=False,
-                            selection=["raw_pairs", stages[1].asset, *stages[1].extra_assets],
-                            run_config={"ops": {k: v for k, v in demo_run_config(pairs=60)["ops"].items()
-                                                if k in ("raw_pairs", stages[1].asset)}},
-                            resources=stage_resources(tmp_path, gates=strict))
+    with monkeypatch.context() as patch:
+        failing_reject_ratio(patch)
+        result = dg.materialize(stage_assets, instance=instance, partition_key="b1", raise_on_error=False,
+                                selection=["raw_pairs", stages[1].asset, *stages[1].extra_assets],
+                                run_config={"ops": {k: v for k, v in demo_run_config(pairs=60)["ops"].items()
+                                                    if k in ("raw_pairs", stages[1].asset)}},
+                                resources=stage_resources(tmp_path))
     assert not result.success
     failed = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
     assert failed == ["reject_ratio_under_threshold"]

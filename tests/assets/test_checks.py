@@ -47,6 +47,21 @@ def test_an_unreadable_shard_fails_the_schema_check_instead_of_the_step(tmp_path
         assert not result.passed and "part-00000.parquet" in result.metadata["error"].value
 
 
+def test_an_unreadable_shard_fails_the_share_and_balance_checks_through_the_stage_step(tmp_path):
+    """They raised out of the step: no result, no failure recorded, the earlier passing evaluation stood."""
+    from assets.stages import STAGES, stage_checks
+    from tests.assets.helpers import stage_resources
+
+    data = _dataset(tmp_path / "d", _pairs(3, rewrites=[["a new wording"]] * 3))
+    (data / "part-00000.parquet").write_bytes(b"PAR1 not parquet at all PAR1")
+    gates = stage_resources(tmp_path)["gates"]
+    for name, check in (("rewrite", checks.REWRITES), ("caption", checks.CAPTIONS)):
+        (stage,) = [s for s in STAGES if s.name == name]
+        results = {r.check_name: r for r in stage_checks(stage, data, read_manifest(data), {"reject_ratio": 0.0},
+                                                          stage.config(), gates, None)}
+        assert not results[check].passed and "cannot be read" in results[check].metadata["error"].value
+
+
 def test_an_export_s_checksum_check_covers_its_webdataset_tars(tmp_path):
     """Only the Parquet shards were checked: a truncated tar passed."""
     from curation.shards import file_sha256
@@ -148,3 +163,17 @@ def test_balance_check_holds_each_entry_to_what_its_keep_probabilities_promise(d
 def test_reject_ratio_check_compares_with_the_threshold():
     assert checks.reject_ratio("a", 0.1, 0.2).passed
     assert not checks.reject_ratio("a", 0.3, 0.2).passed
+
+
+def test_an_export_s_metadata_counts_its_webdataset_twin(tmp_path):
+    """Its tars are about as many bytes again as its Parquet files: the metadata left them out."""
+    from assets.report import stage_metadata
+
+    data = _dataset(tmp_path / "d", _pairs(3))
+    twin = {"directory": "webdataset", "pattern": "webdataset/{00000..00001}.tar", "bytes": 2048,
+            "shards": [{"name": "00000.tar"}, {"name": "00001.tar"}]}
+    manifest = {**read_manifest(data), "webdataset": twin}
+    metadata = stage_metadata(manifest, data, str(data))
+    assert metadata["bytes"] == manifest["bytes"] and metadata["webdataset_bytes"] == 2048
+    assert metadata["webdataset_shards"] == 2 and metadata["webdataset_pattern"].endswith("{00000..00001}.tar")
+    assert "webdataset_bytes" not in stage_metadata(read_manifest(data), data, str(data))

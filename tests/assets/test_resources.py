@@ -14,7 +14,7 @@ from assets.resources import (BeamRunnerResource, CaptionerResource, LLMEngineRe
                               StorageResource)
 from curation.schema import PAIR_SCHEMA
 from curation.shards import read_manifest, shard_name, write_manifest, write_table_atomic
-from tests.assets.helpers import add_builds, stage_resources
+from tests.assets.helpers import add_builds, failing_reject_ratio, stage_resources
 
 
 def _failure_message(result) -> str:
@@ -74,7 +74,7 @@ def test_a_run_whose_caption_step_has_no_model_fails_at_its_first_step(instance,
     assert "CaptionerResource" not in _failure_message(ingest_only)  # a run without the caption step is fine
 
 
-def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_path):
+def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_path, monkeypatch):
     """fsspec's in-memory file system stands in for s3:// or gs://: the same code path as a bucket."""
     add_builds(instance, "b1")
     storage = StorageResource(root="memory://clip-curation-test/builds", staging=str(tmp_path / "staging"))
@@ -116,10 +116,12 @@ def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_pat
 
     # An output that fails its checks stays in staging: in the bucket it would look like a finished dataset.
     add_builds(instance, "b2")
-    strict = QualityGatesResource(max_reject_ratio=-1.0)
-    failed = dg.materialize(stage_assets, instance=instance, partition_key="b2", selection=["raw_pairs"],
-                            resources=stage_resources(tmp_path, storage=storage, gates=strict), raise_on_error=False,
-                            run_config={"ops": {"raw_pairs": {"config": {"demo_pairs": 60, "demo_shard_rows": 20}}}})
+    with monkeypatch.context() as patch:
+        failing_reject_ratio(patch)
+        failed = dg.materialize(stage_assets, instance=instance, partition_key="b2", selection=["raw_pairs"],
+                                resources=stage_resources(tmp_path, storage=storage), raise_on_error=False,
+                                run_config={"ops": {"raw_pairs": {"config": {"demo_pairs": 60,
+                                                                             "demo_shard_rows": 20}}}})
     assert not failed.success and (tmp_path / "staging" / "b2" / "raw_pairs" / "manifest.json").is_file()
     assert not fs.exists("/clip-curation-test/builds/b2")
     assert failed.asset_materializations_for_node("raw_pairs")[0].metadata["path"].value == str(
@@ -191,6 +193,23 @@ def test_a_resumed_pair_output_uploads_only_its_new_shards(tmp_path, monkeypatch
     assert put[7:] == ["part-00000.parquet", "rejects/part-00000.parquet", "manifest.json"]
 
 
+@pytest.mark.parametrize("resource, field", [
+    (QualityGatesResource(min_rewrite_share=50.0), "QualityGatesResource.min_rewrite_share"),  # a percent
+    (QualityGatesResource(max_reject_ratio=20.0), "QualityGatesResource.max_reject_ratio"),
+    (QualityGatesResource(min_caption_share=float("nan")), "QualityGatesResource.min_caption_share"),
+    (QualityGatesResource(balance_slack=-1.0), "QualityGatesResource.balance_slack"),
+    # Beam options a stage would refuse, found at the run's first step rather than at that stage.
+    (BeamRunnerResource(runner="DataflowRunner", stage_options={"rewrite": {"machine_typ": "g2-standard-8"}}),
+     r"BeamRunnerResource.stage_options\['rewrite'\]: --machine_typ"),
+    (LLMEngineResource(engine="openai", base_url="http://127.0.0.1:1/v1"), "LLMEngineResource.model"),
+    (LLMEngineResource(engine="openai", model="m", base_url="http://127.0.0.1:1/v1", dtype="float16"),
+     "LLMEngineResource.dtype"),
+])
+def test_settings_that_would_fail_late_or_do_nothing_fail_at_setup(resource, field):
+    with pytest.raises(dg.Failure, match=field):
+        resource.setup_for_execution(dg.build_init_resource_context())
+
+
 def test_an_unknown_storage_protocol_names_the_field():
     with pytest.raises(dg.Failure, match="StorageResource.root"):
         StorageResource(root="nosuchproto://bucket").setup_for_execution(dg.build_init_resource_context())
@@ -199,8 +218,9 @@ def test_an_unknown_storage_protocol_names_the_field():
 @pytest.mark.parametrize("fields, field", [
     ({"engine": "transformers", "max_num_seqs": 8}, "LLMEngineResource.max_num_seqs"),
     ({"engine": "transformers", "tensor_parallel_size": 2}, "LLMEngineResource.tensor_parallel_size"),
-    ({"engine": "openai", "base_url": "http://127.0.0.1:1/v1", "gguf_file": "m.gguf"}, "LLMEngineResource.gguf_file"),
-    ({"engine": "openai", "base_url": "http://127.0.0.1:1/v1", "enable_prefix_caching": False},
+    ({"engine": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1", "gguf_file": "m.gguf"},
+     "LLMEngineResource.gguf_file"),
+    ({"engine": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1", "enable_prefix_caching": False},
      "LLMEngineResource.enable_prefix_caching"),
     ({"dtype": "int3"}, "LLMEngineResource.dtype"),
     ({"engine": "transformers", "gpu_memory_utilization": 0.5}, "LLMEngineResource.gpu_memory_utilization"),
