@@ -294,6 +294,13 @@ def is_complete(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()
 
 
+def refuse_unfinished(directory: str | Path) -> None:
+    """Refuse another stage's output that has its stage config but no manifest: read, it is part of its rows."""
+    if (Path(directory) / STAGE_CONFIG).is_file() and not is_complete(directory):
+        raise ValueError(f"{directory} is the output of a stage that has not finished (it has {STAGE_CONFIG} but "
+                         f"no manifest.json); rerun that stage to the end first")
+
+
 def shard_paths(source: str | Path | Iterable[str | Path]) -> list[Path]:
     """Shard files of a dataset directory (manifest order if there is one), a file, or a list of files."""
     if isinstance(source, (str, Path)):

@@ -25,7 +25,8 @@ from curation.rejects import REJECT_SCHEMA, count_reasons
 from curation.schema import PAIR_SCHEMA
 from curation.shards import (
     STAGE_CONFIG, ManifestError, atomic_write_bytes, finished_shards, info_for, is_complete, read_manifest,
-    remove_stale_temps, shard_name, shard_paths, verify_manifest, write_manifest, write_table_atomic,
+    refuse_unfinished, remove_stale_temps, shard_name, shard_paths, verify_manifest, write_manifest,
+    write_table_atomic,
 )
 
 REJECTS_DIR = "rejects"
@@ -121,9 +122,7 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     if not input_dir or not output_dir:
         raise ValueError(f"{stage}: --input and --output are required")
     # Check the input before writing anything, so bad input leaves no output directory behind.
-    if (Path(input_dir) / STAGE_CONFIG).is_file() and not is_complete(input_dir):
-        raise ValueError(f"{input_dir} is the output of a stage that has not finished (it has {STAGE_CONFIG} but "
-                         f"no manifest.json); rerun that stage to the end first")
+    refuse_unfinished(input_dir)
     # A finished output's rerun is most often up to date, and then reads no input byte: its sizes are checked
     # now and the sha256 of every byte only once there is work (hashing a large pool takes hours).
     deferred = verified is None and is_complete(input_dir) and not overwrite and is_complete(output_dir)

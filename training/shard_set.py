@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from curation.export import TRAINING_COLUMNS, validate_training_table
 from curation.schema import PAIR_FIELDS, SCHEMA_VERSION_KEY, SchemaError
 from curation.failed_checks import verify_input
-from curation.shards import STAGE_CONFIG, is_complete, read_manifest, shard_paths
+from curation.shards import is_complete, read_manifest, refuse_unfinished, shard_paths
 from training.randomness import unit_uniform
 
 REQUIRED_COLUMNS = ("key", "image", "caption")
@@ -116,9 +116,7 @@ def has_values(source: str | Path, column: str) -> bool:
 
 def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
     """Check every shard's footer against the pair schema; `needed` optional columns must hold values somewhere."""
-    if (Path(source) / STAGE_CONFIG).is_file() and not is_complete(source):
-        raise ValueError(f"{source} is the output of a stage that has not finished (it has {STAGE_CONFIG} but no "
-                         f"manifest.json): training on it would read part of its rows; rerun that stage to the end")
+    refuse_unfinished(source)
     if is_complete(source):
         # Each shard's size against the manifest, a stat per file: a copy cut short is refused before
         # training (the sha256s too with --verify_checksums, which reads all the data once).
