@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+from curation.facts import lost_fact, stated_colours, stated_counts
 from curation.languages import (UNSPACED, dominant_script, is_function_word, language_shares, languages_of,
                                 likely_languages, main_language, word_count, words_of)
 
@@ -113,30 +114,6 @@ _STEERING = re.compile(r"\b(ignore|disregard|forget|override)\b.{0,40}\b(instruc
 _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
 _CONTENT_TOKEN = re.compile(f"[{UNSPACED}]|[^\\W_{UNSPACED}]+(?:'[^\\W_{UNSPACED}]+)?", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?:;])\s+|\n+")
-# A number standing as a word: not one glued to letters, underscores, dots or colons (IMG_2231.jpg,
-# 1920x1080, v2, 10:30), with its thousands separators and decimals (10,000 people; 3.5 stars).
-_NUMBER = re.compile(r"(?<![\w.:])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\w:]|\.\w)|(?<![\w.:])\d+(?:\.\d+)?(?![\w:]|\.\w)")
-# Longer numbers are catalogue and stock-photo ids, which a rewrite drops with the rest of the credits.
-_MAX_KEPT_DIGITS = 4
-# Number words and what else says the same count ("a red circle" is one, "a pair of mugs" two).
-_COUNTS = {
-    1: ("one", "a", "an", "single", "lone"), 2: ("two", "pair", "couple", "both", "twin"), 3: ("three", "trio"),
-    4: ("four",), 5: ("five",), 6: ("six",), 7: ("seven",), 8: ("eight",), 9: ("nine",), 10: ("ten",),
-    11: ("eleven",), 12: ("twelve", "dozen"), 20: ("twenty",), 30: ("thirty",), 40: ("forty",), 50: ("fifty",),
-    60: ("sixty",), 70: ("seventy",), 80: ("eighty",), 90: ("ninety",),
-}
-_COUNT_WORDS = {word: n for n, words in _COUNTS.items() for word in words[:1]}  # what states a count
-_COUNT_SAYERS = {word: n for n, words in _COUNTS.items() for word in words}     # what may carry it on
-# Colour words, each to its family: a rewrite may say "crimson" for "red", not "blue".
-_COLOURS = {c: c for c in ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
-                           "grey", "gold", "silver", "beige", "teal", "turquoise", "maroon", "cyan", "magenta")} | {
-    "gray": "grey", "golden": "gold", "crimson": "red", "scarlet": "red", "ruby": "red", "navy": "blue",
-    "azure": "blue", "cobalt": "blue", "emerald": "green", "lime": "green", "violet": "purple",
-    "lavender": "purple", "ivory": "white", "charcoal": "grey"}
-# Words that say several colours at once: "black and white" may become "monochrome".
-_COLOUR_SETS = {word: ("black", "white", "grey") for word in ("monochrome", "greyscale", "grayscale")}
-# Colour words that are as often things (an orange, gold, a golden retriever): kept in an output, never asked.
-_AMBIGUOUS_COLOURS = frozenset({"orange", "gold", "golden"})
 # What the completion layout puts between a caption and its rewrite (`source => target`): an output holding it
 # went on to write the next example pair.
 PROMPT_SEPARATORS = ("=>",)
@@ -240,11 +217,11 @@ class _Source:
 
     @cached_property
     def counts(self) -> frozenset[str]:
-        return _counts(self.text, _COUNT_WORDS)
+        return stated_counts(self.text)
 
     @cached_property
     def colours(self) -> frozenset[str]:
-        return frozenset(_COLOURS[w] for w in words_of(self.text) if w in _COLOURS and w not in _AMBIGUOUS_COLOURS)
+        return stated_colours(self.text)
 
     @cached_property
     def likely_languages(self) -> frozenset[str] | None:
@@ -339,33 +316,10 @@ def chatter(text: str, source: str = "") -> bool:
     return any(f" {normalise(m.group(0))} " not in padded for m in _CHATTER_ANYWHERE.finditer(text))
 
 
-def _counts(text: str, words: dict[str, int]) -> frozenset[str]:
-    """The counts a text states: its free-standing numbers of up to four digits (10,000 as 10000, 3.0 as 3),
-    and the number words among `words` ("one" of "one of the best" is no count)."""
-    numbers = set()
-    for match in _NUMBER.findall(text):
-        value = float(match.replace(",", ""))
-        if len(match.replace(",", "").split(".")[0]) <= _MAX_KEPT_DIGITS:
-            numbers.add(str(int(value)) if value.is_integer() else repr(value))
-    tokens = words_of(text)
-    said = {str(words[w]) for w, after in zip(tokens, [*tokens[1:], ""]) if w in words and not (w == "one" and
-                                                                                                  after == "of")}
-    return frozenset(numbers | said)
-
-
 def changed_fact(source: str, output: str) -> bool:
-    """Whether `output` lost a number or a colour of `source` (OutputReason.CHANGED_FACT); a count may
-    change its wording."""
+    """Whether `output` lost a number or a colour of `source` (OutputReason.CHANGED_FACT)."""
     facts = _source(source)
-    if facts.counts - _counts(output, _COUNT_SAYERS):
-        return True
-    words = words_of(output)
-    kept = {_COLOURS[w] for w in words if w in _COLOURS}
-    for word in words:  # "monochrome" says "black and white", not "black" alone (a black cat is no grey one)
-        named = set(_COLOUR_SETS.get(word, ()))
-        if len(facts.colours & named) >= 2 and facts.colours <= named | kept:
-            kept |= named
-    return not facts.colours <= kept
+    return lost_fact(facts.counts, facts.colours, output)
 
 
 def in_other_language(source: str, output: str) -> bool:
