@@ -195,3 +195,11 @@ def _as_compared(name: str, value: object) -> object:
     return value
 
 
+def resolve_precision(precision: str, device_type: str) -> str:
+    """The precision a --precision setting trains with on a device of `device_type` ("auto": bf16 on CUDA,
+    fp32 on CPU). A resume compares settings by it: "auto" and what it resolves to train alike."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if precision == "bf16" and device_type != "cuda":
+        raise ValueError("bf16 autocast is for CUDA; use --precision fp32 on CPU")
+    return precision

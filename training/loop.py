@@ -8,17 +8,15 @@ loop reads the step's device counters only at log rows, checkpoints and
 evaluations, and stops a run whose `max_bad_steps` bad steps came in a row,
 with a checkpoint of the last good weights.
 
-A run belongs to its output directory: resuming needs the same settings and
-the same input shards (the manifest's sha256s), and `--overwrite` clears
-what an earlier run left there.
+A run belongs to its output directory (`training.run_dir`): resuming needs
+the same settings and the same input shards, and `--overwrite` clears what
+an earlier run left there.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,11 +26,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from curation.shards import OVERWRITE_SENTINEL, atomic_write_bytes, is_complete, verify_manifest
+from curation.shards import atomic_write_bytes, is_complete, verify_manifest
 from training import distributed
-from training.checkpoint import (CHECKPOINTS, STATE, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                 restore_interrupted_save, save_checkpoint)
-from training.config import RETRY_AFTER_DIVERGENCE, RunMismatch, TrainConfig, resume_mismatches
+from training.checkpoint import latest_checkpoint, load_checkpoint, restore_interrupted_save, save_checkpoint
+from training.config import RETRY_AFTER_DIVERGENCE, TrainConfig, resolve_precision
 from training.data import DATA_ORDER, LoaderState, StreamSpec, counts_summary, train_batches
 from training.evaluate import check_eval_inputs, evaluate_all
 from training.image_transforms import image_processor_config
@@ -40,6 +37,7 @@ from training.metrics_log import CURVES_PNG, METRICS_CSV, MetricsLog, plot_curve
 from training.model import PRESETS, ClipTowers, build_model, clip_config
 from training.online_curation import check_curation_column, curation_probabilities
 from training.optimization import make_optimizer, rescale_schedule, warmup_cosine
+from training.run_dir import TRAIN_CONFIG, curation_fingerprint, prepare_output, resume_checkpoint, trained_to_the_end
 from training.shard_set import ShardSet, input_fingerprint, inspect_shards, iter_texts
 from training.step import HealthReport, TrainStep
 from training.text_sampling import TextSampling
@@ -47,9 +45,6 @@ from training.tokenizer import load_tokenizer, train_bpe
 
 METRICS_JSON = "metrics.json"
 EVAL_SECONDS = "eval_seconds"
-TRAIN_CONFIG = "train_config.json"
-# Written first into every output, so a run that died before anything else still marks the folder as its own.
-RUN_MARKER = ".clip-curation-train"
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,15 +71,6 @@ def _needed_columns(config: TrainConfig) -> list[str]:
     return needed
 
 
-def _precision(precision: str, device: torch.device) -> str:
-    """The precision a --precision setting trains with on `device` ("auto": bf16 on CUDA, fp32 on CPU)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16" and device.type != "cuda":
-        raise ValueError("bf16 autocast is for CUDA; use --precision fp32 on CPU")
-    return precision
-
-
 def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_length: int, d: distributed.Dist,
                named, resuming: bool):
     """The run's tokenizer: the one saved in output (resume), the `--tokenizer` one (`named` if it was loaded
@@ -104,94 +90,6 @@ def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_leng
 
     tokenizer = distributed.on_main(d, make_and_save)
     return tokenizer if d.main else load_tokenizer(output, context_length)
-
-
-def _is_trainer_output(output: Path) -> bool:
-    """Whether `output` holds what this trainer writes, so that --overwrite may delete it.
-
-    A run writes RUN_MARKER before anything else (its tokenizer, train_config.json, metrics.csv,
-    checkpoints/), so one that died early is still recognised, while a folder of someone's files,
-    a downloaded tokenizer among them, never is.
-    """
-    if any((output / name).exists() for name in (RUN_MARKER, TRAIN_CONFIG, CHECKPOINTS, METRICS_CSV)):
-        return True
-    return not any(path.name != OVERWRITE_SENTINEL for path in output.iterdir())  # the orchestrator's, not a file
-
-
-def _read_paths(config: TrainConfig) -> list[tuple[str, Path]]:
-    """(flag, resolved path) of each local file or folder the run reads."""
-    named = [("input", config.input), ("eval", config.eval), ("entry_counts", config.entry_counts),
-             ("classes", config.classes_path), ("tokenizer", config.tokenizer)]
-    return [(flag, Path(path).resolve()) for flag, path in named if path and Path(path).exists()]
-
-
-def _prepare_output(config: TrainConfig, output: Path) -> None:
-    """Clear an earlier run on --overwrite (never what this run reads); refuse to start a second run beside
-    an earlier one's checkpoints."""
-    if config.overwrite and output.exists():
-        if not _is_trainer_output(output):
-            raise ValueError(f"--overwrite would delete {output}, which holds no trainer output; "
-                             f"choose another --output")
-        for flag, path in _read_paths(config):
-            if path == output.resolve() or output.resolve() in path.parents:
-                raise ValueError(f"--overwrite would delete {output}, which holds the --{flag} this run reads "
-                                 f"({path}); choose another --output")
-        # The marker last: a kill mid-delete leaves a folder --overwrite still recognises as a run's.
-        for path in output.iterdir():
-            if path.name != RUN_MARKER:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        shutil.rmtree(output)
-    elif not config.resume and list_checkpoints(output):
-        raise RunMismatch(f"{output} holds checkpoints of an earlier run, which a later resume would mix with this "
-                         f"one's; pass --overwrite to start over there, or choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / RUN_MARKER).touch()
-
-
-def curation_fingerprint(entry_p) -> str | None:
-    """One hash of the per-entry keep probabilities online curation at --t trains with (None: each row's
-    keep_prob, which the input fingerprint covers): the entry counts are read by path, and counts rebuilt
-    in place under an unchanged input would change the keep probabilities of a resumed run silently."""
-    return None if entry_p is None else hashlib.sha256(entry_p.astype("<f8").tobytes()).hexdigest()
-
-
-def _resume_state(config: TrainConfig, output: Path, fingerprint: str, device: torch.device,
-                  curation: str | None) -> Path | None:
-    """The checkpoint to continue from, after checking it belongs to the same run on the same data.
-    `curation` is `curation_fingerprint` of this run's online-curation probabilities."""
-    checkpoint = latest_checkpoint(output) if config.resume else None
-    if checkpoint is None:
-        return None
-    saved = json.loads((checkpoint / STATE).read_text())
-    if "input" not in saved:  # written before input fingerprints (and the loader's per-reader state) existed
-        raise RunMismatch(f"{checkpoint} predates input fingerprints: whether it was trained on {config.input} "
-                         f"cannot be checked, and its data-loader state is of an older format. Pass --overwrite "
-                         f"to start over there, or use another --output.")
-    if saved.get("data_order", 1) != DATA_ORDER:
-        raise RunMismatch(f"{checkpoint} was written by a version that ordered the data otherwise (data order "
-                         f"{saved.get('data_order', 1)}, this one is {DATA_ORDER}); its data-loader state would "
-                         f"repeat or skip rows here. Pass --overwrite to start over there, or use another --output.")
-    changed = resume_mismatches(saved["config"], config, diverged=saved.get("diverged", False))
-    if "precision" in changed and _precision(saved["config"]["precision"], device) == _precision(config.precision,
-                                                                                                 device):
-        changed.remove("precision")  # "auto" and what it resolves to here train alike
-    if saved["input"] != fingerprint:
-        changed.append(f"input shards (the contents of {config.input})")
-    if saved.get("curation", curation) != curation:  # a checkpoint from before it was recorded is not judged
-        changed.append("online-curation probabilities (the entry counts read for --t, rebuilt since)")
-    if changed:
-        raise RunMismatch(f"{output} holds a run with other settings or data ({', '.join(changed)} differ); resuming "
-                         f"would mix two runs. Pass --overwrite to start over there, or use another --output.")
-    return checkpoint
-
-
-def _trained_to_the_end(config: TrainConfig, output: Path) -> bool:
-    """Whether the run would resume at a checkpoint that already holds every step: only the final save and
-    evaluation are left, so hashing every input byte again (hours on a large pool, on each rerun of a
-    scheduled build) buys nothing. The sizes are still checked, and the manifest's sha256s still name the
-    data: a checkpoint of other data is refused as another run (_resume_state)."""
-    checkpoint = latest_checkpoint(output) if config.resume and not config.overwrite else None
-    return checkpoint is not None and json.loads((checkpoint / STATE).read_text())["step"] >= config.steps
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -220,7 +118,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     distributed.on_main(d, lambda: restore_interrupted_save(output))
     # Input errors surface before anything is written, or cleared by --overwrite, and not after the last step.
     shards = inspect_shards(config.input, _needed_columns(config))
-    if config.verify_checksums and is_complete(config.input) and not _trained_to_the_end(config, output):
+    if config.verify_checksums and is_complete(config.input) and not trained_to_the_end(config, output):
         distributed.on_main(d, lambda: verify_manifest(config.input))
     if config.online_curation:
         check_curation_column(shards, config.t)
@@ -231,8 +129,8 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     check_eval_inputs(config.eval, config.classes_path)
     fingerprint = input_fingerprint(config.input)
     curation = curation_fingerprint(entry_p)
-    distributed.on_main(d, lambda: _prepare_output(config, output))
-    checkpoint = _resume_state(config, output, fingerprint, d.device, curation)
+    distributed.on_main(d, lambda: prepare_output(config, output))
+    checkpoint = resume_checkpoint(config, output, fingerprint, d.device, curation)
     tokenizer = _tokenizer(config, shards, output, context_length, d, named, resuming=checkpoint is not None)
     model_config = clip_config(config.preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -248,7 +146,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
         step_module = torch.compile(step_module)
     optimizer = make_optimizer(model, config)
     scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps)
-    precision = _precision(config.precision, d.device)
+    precision = resolve_precision(config.precision, d.device.type)
 
     step, health, elapsed_before = 0, {}, 0.0
     loader_state = LoaderState()

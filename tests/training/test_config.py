@@ -2,7 +2,7 @@
 
 import pytest
 
-from training.config import TrainConfig, resume_mismatches
+from training.config import TrainConfig, resolve_precision, resume_mismatches
 
 
 @pytest.mark.parametrize("field, value", [
@@ -34,3 +34,10 @@ def test_settings_that_only_trade_speed_or_memory_may_change_on_resume():
     """Gradient checkpointing gives the same weights: resuming an out-of-memory run with it was refused."""
     saved = TrainConfig().to_dict()
     assert resume_mismatches(saved, TrainConfig(gradient_checkpointing=True, compile=True)) == []
+
+
+def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu_and_bf16_needs_cuda():
+    assert [resolve_precision("auto", device) for device in ("cuda", "cpu")] == ["bf16", "fp32"]
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cuda") == "bf16"
+    with pytest.raises(ValueError, match="bf16 autocast is for CUDA"):
+        resolve_precision("bf16", "cpu")

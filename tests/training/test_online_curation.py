@@ -8,7 +8,7 @@ import pytest
 
 from curation.shards import read_table
 from training import loop
-from training.config import TrainConfig
+from training.config import RunMismatch, TrainConfig
 from training.data import ShardStream, StreamSpec
 from training.online_curation import (
     curation_probabilities, entry_probabilities_for, find_entry_counts, keep_probabilities_of,
@@ -93,7 +93,7 @@ def test_a_resume_refuses_entry_counts_rebuilt_under_the_same_input(online, tmp_
     table = pq.read_table(counts)
     doubled = pc.multiply(table.column("count"), pa.scalar(2, table.schema.field("count").type))
     pq.write_table(table.set_column(table.schema.get_field_index("count"), "count", doubled), counts)
-    with pytest.raises(loop.RunMismatch, match="online-curation probabilities"):
+    with pytest.raises(RunMismatch, match="online-curation probabilities"):
         loop.train(TrainConfig(**run))
     shutil.copy(online / "entry_counts.parquet", counts)  # the counts it was started with: it resumes
     assert loop.train(TrainConfig(**run)).steps == 4

@@ -2,7 +2,6 @@ import json
 import math
 import shutil
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,14 +12,11 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 from curation.demo_data import generate
 from curation.schema import SchemaError
-from curation.shards import read_manifest, shard_name
+from curation.shards import shard_name
 from training import loop, step
 from training.cli import demo_flags, run, summary
 from training.config import TrainConfig
-from training.data import DATA_ORDER
-from training.demo_shards import write_demo_pairs
 from training.metrics_log import MetricsLog
-from training.shard_set import input_fingerprint
 from tests.training.fast_runs import FAST, fast_config as _config
 
 
@@ -144,8 +140,6 @@ def test_wrong_shards_fail_before_any_training(raw_pairs, tmp_path):
 
 def test_shards_that_differ_from_their_manifest_fail_before_any_training(raw_pairs, tmp_path):
     """Sizes are always checked (a stat per file); the sha256s with --verify_checksums."""
-    import shutil
-
     from curation.shards import ManifestError
 
     copy = tmp_path / "copy"
@@ -247,121 +241,12 @@ def test_a_late_stop_still_keeps_the_last_good_weights(raw_pairs, tmp_path, monk
         assert torch.equal(tensor, good[key]), key
 
 
-@pytest.fixture(scope="module")
-def demo_pairs(tmp_path_factory):
-    """Two small pair datasets written without Beam (the CUDA tests run where Beam is absent)."""
-    root = tmp_path_factory.mktemp("demo-pairs")
-    return [write_demo_pairs(root / name, 240, rows_per_shard=80, row_group_rows=40, seed=seed)
-            for seed, name in enumerate(("a", "b"))]
-
-
-def test_resume_refuses_other_input_and_overwrite_starts_over(demo_pairs, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(demo_pairs[0], data)
-    first = loop.train(_config(data, tmp_path / "run", steps=4, checkpoint_every=2))
-    assert json.loads((first.checkpoint / "state.json").read_text())["input"] == input_fingerprint(data)
-    shutil.rmtree(data)
-    shutil.copytree(demo_pairs[1], data)  # same path, re-exported contents
-    with pytest.raises(loop.RunMismatch, match=r"input shards .* differ.*--overwrite"):
-        loop.train(_config(data, tmp_path / "run", steps=6, checkpoint_every=2))
-    again = loop.train(_config(data, tmp_path / "run", steps=6, checkpoint_every=2, overwrite=True))
-    assert again.steps == 6
-    assert json.loads((again.checkpoint / "state.json").read_text())["input"] == input_fingerprint(data)
-    assert [s for s, _ in MetricsLog.series(tmp_path / "run" / "metrics.csv", "loss")] == list(range(1, 7))
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
-    # Starting a second run beside the first one's checkpoints is refused; --overwrite clears them.
-    with pytest.raises(loop.RunMismatch, match="checkpoints of an earlier run"):
-        loop.train(_config(data, tmp_path / "run", steps=2, resume=False))
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("not a model")
-    with pytest.raises(ValueError, match="holds no trainer output") as refused:  # not a run: never wiped
-        loop.train(_config(data, tmp_path / "other", steps=2, overwrite=True))
-    assert not isinstance(refused.value, loop.RunMismatch)
-    assert read_manifest(data)["rows"] == 240
-
-
-def test_a_checkpoint_from_before_input_fingerprints_is_refused_for_what_it_is(demo_pairs, tmp_path):
-    first = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, checkpoint_every=2))
-    path = first.checkpoint / "state.json"
-    state = json.loads(path.read_text())
-    del state["input"]  # as the trainer wrote it then: no fingerprint, and its loader state of another format
-    for loader in state["loader"]:
-        del loader["epochs"]
-    path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"predates input fingerprints.*--overwrite") as info:
-        loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2))
-    assert "differ" not in str(info.value)
-    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
-
-
-def test_a_checkpoint_of_another_data_order_is_refused(demo_pairs, tmp_path):
-    """Its loader state is a position in an order this version no longer draws: resuming would repeat rows."""
-    first = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, checkpoint_every=2, stop_after_steps=2))
-    path = first.checkpoint / "state.json"
-    state = json.loads(path.read_text())
-    state["data_order"] = 2  # as checkpoints were written while units were dealt to readers whole
-    path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=rf"ordered the data otherwise \(data order 2, this one is {DATA_ORDER}\).*--overwrite"):
-        loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2))
-
-
-def test_an_overwrite_killed_mid_delete_is_still_an_overwrite_of_a_run(demo_pairs, tmp_path, monkeypatch):
-    """The marker goes last: killed before it, the folder is still the trainer's, and --overwrite clears it."""
-    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2)).steps == 2
-    real_rmtree, kept = shutil.rmtree, []
-
-    def killed_before_the_marker(path, *args, **kwargs):
-        if Path(path) == tmp_path / "run":  # what is left for the last delete
-            kept.append(sorted(p.name for p in Path(path).iterdir()))
-            raise KeyboardInterrupt
-        return real_rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(loop.shutil, "rmtree", killed_before_the_marker)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True))
-    monkeypatch.undo()
-    assert kept == [[loop.RUN_MARKER]]  # everything else was gone first
-    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
-
-
 def test_a_resume_may_spell_precision_as_auto_and_an_image_smaller_than_a_patch_is_refused(demo_pairs, tmp_path):
     assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, stop_after_steps=2)).stopped_early
     assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, precision="fp32")).steps == 4  # auto here
     with pytest.raises(ValueError, match="smaller than the tiny preset's patch size"):
         loop.train(_config(demo_pairs[0], tmp_path / "small", steps=2, image_size=4))
     assert not (tmp_path / "small").exists()
-
-
-def test_overwrite_clears_a_run_that_died_after_saving_its_tokenizer(demo_pairs, tmp_path, monkeypatch):
-    def killed(*args, **kwargs):
-        raise RuntimeError("killed")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop, "build_model", killed)
-        with pytest.raises(RuntimeError, match="killed"):
-            loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2))
-    left = {p.name for p in (tmp_path / "run").iterdir()}
-    assert "tokenizer_config.json" in left and loop.TRAIN_CONFIG not in left  # the tokenizer only, and the run's marker
-    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
-    # A folder holding only a tokenizer that no run wrote (a downloaded one, say) is not the trainer's.
-    shutil.copytree(tmp_path / "run", tmp_path / "tok", ignore=lambda _, names: {n for n in names
-                                                                                if "tokenizer" not in n})
-    assert {p.name for p in (tmp_path / "tok").iterdir()} >= {"tokenizer_config.json"}
-    with pytest.raises(ValueError, match="holds no trainer output"):
-        loop.train(_config(demo_pairs[0], tmp_path / "tok", steps=2, overwrite=True))
-    assert (tmp_path / "tok" / "tokenizer_config.json").is_file()
-    # Nor is a tokenizer this run loads deleted under it, even inside the output it overwrites.
-    shutil.copytree(tmp_path / "tok", tmp_path / "run" / "tok")
-    with pytest.raises(ValueError, match="holds the --tokenizer this run reads"):
-        loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, tokenizer=str(tmp_path / "run" / "tok"),
-                           overwrite=True))
-    assert (tmp_path / "run" / "tok" / "tokenizer_config.json").is_file()
-    # Nor the input shards, when a run's output was made their parent folder.
-    shutil.copytree(demo_pairs[0], tmp_path / "run" / "shards")
-    with pytest.raises(ValueError, match="holds the --input this run reads"):
-        loop.train(TrainConfig(input=str(tmp_path / "run" / "shards"), output=str(tmp_path / "run"),
-                               **{**FAST, "steps": 2, "overwrite": True}))
-    assert read_manifest(tmp_path / "run" / "shards")["rows"] == read_manifest(demo_pairs[0])["rows"]
 
 
 @pytest.mark.slow
@@ -449,14 +334,3 @@ def test_the_bpe_learns_from_the_texts_the_run_samples_only(raw_pairs, tmp_path)
         loop.train(_config(variant, output, steps=1, use_rewrites=use_rewrites))
         vocabulary = AutoTokenizer.from_pretrained(output).get_vocab()
         assert any("zzqx" in token for token in vocabulary) == use_rewrites
-
-
-def test_a_folder_holding_only_the_orchestrators_sentinel_is_the_trainers_to_overwrite(tmp_path):
-    """The Dagster step leaves `.overwrite-pending` in an output it will have overwritten: alone, it made the
-    folder look like someone's files, and the trainer refused the --overwrite."""
-    from curation.shards import OVERWRITE_SENTINEL
-
-    (tmp_path / OVERWRITE_SENTINEL).write_text("run-1")
-    assert loop._is_trainer_output(tmp_path)
-    (tmp_path / "notes.txt").write_text("someone's")
-    assert not loop._is_trainer_output(tmp_path)
