@@ -37,6 +37,41 @@ HEAD_TOKENS = 256
 SAMPLER_PEAK_BYTES_PER_LOGIT = 56
 
 
+# What a checkpoint's generation_config.json may set that picks other tokens than the stage's recorded
+# settings (seeded temperature and top-p, or greedy): `generate` fills each from the model's config where the
+# call leaves it unset, and applies it ahead of SeededSampler. The sampling fields themselves are passed
+# explicitly with every call; token ids, forced tokens and cache settings are the model's own and stay.
+CHECKPOINT_DECODING = (
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "force_words_ids", "constraints", "sequence_bias", "min_length", "min_new_tokens",
+    "exponential_decay_length_penalty", "num_beams", "num_beam_groups", "diversity_penalty", "length_penalty",
+    "early_stopping", "penalty_alpha", "dola_layers", "guidance_scale", "watermarking_config", "typical_p",
+    "min_p", "top_h", "epsilon_cutoff", "eta_cutoff", "renormalize_logits", "num_return_sequences",
+    "prompt_lookup_num_tokens", "token_healing")
+
+
+def drop_checkpoint_decoding(generation_config: Any) -> dict[str, Any]:
+    """Unset, in place, the CHECKPOINT_DECODING settings a loaded model came with, and return those that
+    differed from transformers' defaults.
+
+    Qwen2.5-Instruct ships repetition_penalty 1.05, captioners often num_beams
+    3: kept, they would change every output while the manifest records only
+    temperature and top-p, and the vLLM engine (given explicit SamplingParams)
+    would write other text for the same seeds.
+    """
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig._get_default_generation_params()
+    dropped = {}
+    for name in CHECKPOINT_DECODING:
+        value = getattr(generation_config, name, None)
+        if value is not None and value != defaults.get(name):
+            dropped[name] = value
+        if value is not None:
+            setattr(generation_config, name, None)
+    return dropped
+
+
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (seed, key, rewrite index, attempt): same parts, same seed."""
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()

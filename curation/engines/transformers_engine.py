@@ -34,7 +34,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from curation.engines.base import ChatTokenizer, Generation, SamplingParams, check_paired, eos_ids, until_eos
-from curation.engines.seeding import SAMPLER_PEAK_BYTES_PER_LOGIT, SeededSampler, request_seeds
+from curation.engines.seeding import (SAMPLER_PEAK_BYTES_PER_LOGIT, SeededSampler, drop_checkpoint_decoding,
+                                      request_seeds)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,9 @@ class TransformersEngine(ChatTokenizer):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, **load).to(self.device).eval()
         self.name = f"transformers:{model}" + (f"/{gguf_file}" if gguf_file else "")
+        if dropped := drop_checkpoint_decoding(self.model.generation_config):
+            log.warning("%s: ignoring its generation_config's %s; outputs follow the stage's sampling settings "
+                        "alone, as on vLLM", self.name, dropped)
         self.batch_size, self.max_batch_size, self.memory_fraction = batch_size, max_batch_size, memory_fraction
         self.max_prompt_tokens, self.cache, self.compile = max_prompt_tokens, cache, compile
         self.enable_prefix_caching, self.min_prefix_tokens = enable_prefix_caching, min_prefix_tokens

@@ -19,12 +19,15 @@ BLIP-type captioners, plain otherwise. Rows are sampled with their own seed
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from PIL import Image
 
 from curation.engines.base import Generation, SamplingParams, check_paired, eos_ids, until_eos
-from curation.engines.seeding import SeededSampler, request_seeds
+from curation.engines.seeding import SeededSampler, drop_checkpoint_decoding, request_seeds
+
+log = logging.getLogger(__name__)
 
 PROMPT_MODES = ("auto", "chat", "plain", "none")
 CAPTION_ONLY_MODELS = ("blip", "blip-2", "vision-encoder-decoder")
@@ -77,6 +80,9 @@ class TransformersVisionEngine:
         self.prompt_mode = prompt_mode
         self.batch_size = batch_size or (GPU_BATCH if self.device.type == "cuda" else CPU_BATCH)
         self.name = f"transformers:{model}"
+        if dropped := drop_checkpoint_decoding(self.model.generation_config):
+            log.warning("%s: ignoring its generation_config's %s; captions follow the stage's sampling settings "
+                        "alone, as on vLLM", self.name, dropped)
 
     def format_prompt(self, prompt: str) -> str | None:
         """The text the processor gets for one image, or None for image-only captioning."""

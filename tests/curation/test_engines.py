@@ -39,6 +39,36 @@ def test_transformers_engine_loads_from_a_saved_folder(engine, tiny_model):  # n
     assert gens[0].completion_tokens <= 5 and gens[1].completion_tokens <= 3
 
 
+def test_a_checkpoints_own_decoding_settings_are_not_applied(tiny_model, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """A generation_config.json asking for a repetition penalty, n-gram blocking and beams (as hub checkpoints
+    do) changes no output: the manifest records the stage's sampling settings, and vLLM applies only those."""
+    import json
+    import shutil
+
+    from curation.engines import transformers_engine
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tiny_model, shipped)
+    config = json.loads((shipped / "generation_config.json").read_text())
+    config.update(repetition_penalty=1.5, no_repeat_ngram_size=2, num_beams=3)
+    (shipped / "generation_config.json").write_text(json.dumps(config))
+    prompts = ["a red circle on a plain white background", "two blue squares"]
+    params = [SamplingParams(max_new_tokens=12, temperature=t, seed=7) for t in (0.0, 0.9)]
+
+    def texts(path) -> list[str]:
+        engine = make_text_engine(EngineSpec(model=str(path), options={"batch_size": 4}))
+        return [g.text for p in params for g in engine.generate(prompts, [p] * len(prompts))]
+
+    clean = texts(tiny_model)
+    with caplog.at_level("WARNING"):
+        assert texts(shipped) == clean
+    assert "ignoring its generation_config's" in caplog.text and "'num_beams': 3" in caplog.text
+    # What the penalty and the n-gram blocking would have done (beams crashed the per-row sampler outright).
+    monkeypatch.setattr(transformers_engine, "drop_checkpoint_decoding",
+                        lambda config: setattr(config, "num_beams", None) or {})
+    assert texts(shipped) != clean
+
+
 def test_a_prompt_past_max_prompt_tokens_is_cut_and_said(tiny_model, caplog):  # noqa: F811
     cut = make_text_engine(EngineSpec(model=str(tiny_model), options={"batch_size": 4, "max_prompt_tokens": 8}))
     prompts = ["a red circle", "two blue squares on a plain white background, " * 3]

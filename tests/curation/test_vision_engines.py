@@ -69,6 +69,31 @@ def test_a_caption_does_not_depend_on_its_batch(engine, demo_images):
     assert len(set(batched)) > 1 and reseeded != batched[0]
 
 
+def test_a_checkpoints_own_decoding_settings_are_not_applied(tiny_vlm, tmp_path, demo_images, monkeypatch):
+    """A captioner's generation_config.json with beams, a repetition penalty and n-gram blocking changes no VeC:
+    the stage's greedy or seeded settings alone decide, as on vLLM."""
+    import shutil
+
+    from curation.engines import vision_transformers
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tiny_vlm, shipped)
+    config = json.loads((shipped / "generation_config.json").read_text())
+    config.update(repetition_penalty=1.5, no_repeat_ngram_size=1, num_beams=2)
+    (shipped / "generation_config.json").write_text(json.dumps(config))
+    params = [SamplingParams(16, 0.0, 1.0, 0), SamplingParams(16, 0.9, 0.95, 1)]
+
+    def captions(path) -> list[str]:
+        engine = make_vision_engine(EngineSpec("transformers", str(path), options={"cpu_threads": 1}))
+        return [g.text for g in engine.caption(demo_images[:2], "Describe.", params)]
+
+    clean = captions(tiny_vlm)
+    assert captions(shipped) == clean
+    monkeypatch.setattr(vision_transformers, "drop_checkpoint_decoding",
+                        lambda config: setattr(config, "num_beams", None) or {})
+    assert captions(shipped) != clean  # what the penalty and the blocking would have done
+
+
 def test_blip2_captions_from_the_image_alone(tmp_path, demo_images):
     from curation.engines.vision_tiny import build_tiny_blip2
 
