@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     tiny = make_params([(1,)] * len(llama_shapes(**LLAMA_350M)), device)
     for name, make in made.items():
         if not name.startswith("reference"):
-            print(f"  {name:24s} {time_steps(make(tiny).step, args.steps, device):7.2f} ms/step")
+            print(f"  {name:24s} {time_steps(make(tiny).step, args.steps, device):7.2f} ms/step floor")
 
     print("\nstate bytes/param on the Llama-350M shapes, from the optimizer's state spec (target 8-bit <= 2.1):")
     full = llama_shapes(**LLAMA_350M)

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from training.optim.multi_tensor import LOWBIT_BUCKET_ELEMENTS
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {  # label -> python constructing `opt` over `params`
     "AdamW (torch, foreach)": "torch.optim.AdamW(params, foreach=True)",
@@ -55,8 +57,13 @@ def main() -> None:
     n = args.tensors * 4096 * 1024
     floor = 8 * n  # the weights and their gradients, fp32
     print(f"{n / 1e6:.0f}M fp32 params; peak RSS of a step above weights and gradients, per parameter:")
+    runs = dict(RUNS)
+    if n <= LOWBIT_BUCKET_ELEMENTS:  # the whole model is one chunk already: the row would repeat the 8-bit one
+        del runs["StableSPAM 8-bit, one bucket"]
+        print(f"  (no 'one bucket' row: {n} params fit in one chunk of {LOWBIT_BUCKET_ELEMENTS}; "
+              f"pass --tensors {LOWBIT_BUCKET_ELEMENTS // (4096 * 1024) + 1} or more to compare)")
     results = {label: (peak_bytes(make, args.tensors, label.endswith("one bucket")) - floor) / n
-               for label, make in RUNS.items()}
+               for label, make in runs.items()}
     base = results["AdamW (torch, foreach)"]
     for label, per_param in results.items():
         print(f"  {label:30s} {per_param:6.1f} B/param   {per_param / base:5.2f}x AdamW")

@@ -39,6 +39,9 @@ section train 140 benchmarks/bench_train.py --compile            # ViT-B/32 bf16
 # The CUDA tests: the Triton kernels compiled (not interpreted) against the foreach path, no host sync, bf16 steps.
 section tests 100 -m pytest -q -rs -p no:cacheprovider -m "gpu or fused" tests/training
 
+# The lines the summary keeps: each script's headline figures (tests/benchmarks/test_device_suite.py runs
+# bench_optim through it), and how each section ended.
+SUMMARY="ratio|target|samples/s|tokens/s|bytes/param|ms/step|[0-9]x$|x faster$|-bit states:|passed|failed|error|exit [0-9]"
 echo
 echo "== summary (full outputs in $out/)"
-grep -h -E "ratio|target|samples/s|tokens/s|bytes/param|ms/step|passed|failed|error|exit [0-9]" "$out"/*.txt | cut -c1-160
+grep -h -E "$SUMMARY" "$out"/*.txt | cut -c1-160

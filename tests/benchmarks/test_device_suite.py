@@ -69,3 +69,20 @@ def suite_test_paths() -> list[str]:
 def test_suite_tests_collect_without_the_pipeline_stack(path: str) -> None:
     result = run_blocked(f"import pytest, sys; sys.exit(pytest.main(['--collect-only', '-q', {path!r}]))")
     assert result.returncode == 0, f"{path} fails to collect there:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+
+
+def test_the_suite_summary_keeps_the_optimizer_headlines() -> None:
+    """The summary is what a device session reads of the suite; it once dropped bench_optim's ratio to AdamW,
+    its Triton-vs-foreach figure and the 8-bit bytes/param, keeping only their headers."""
+    import re
+
+    pattern = re.search(r'^SUMMARY="([^"]+)"$', (ROOT / "benchmarks" / "gpu_suite.sh").read_text(), re.MULTILINE)
+    assert pattern, "gpu_suite.sh sets no SUMMARY pattern"
+    result = subprocess.run([sys.executable, "benchmarks/bench_optim.py", "--steps", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kept = [line for line in result.stdout.splitlines() if re.search(pattern.group(1), line)]
+    assert any(re.fullmatch(r"\s+StableSPAM fp32\s+[0-9.]+x", line) for line in kept), kept
+    assert any("8-bit states: 2.0" in line for line in kept), kept
+    # The CUDA-only line, as bench_optim prints it there.
+    assert re.search(pattern.group(1), "Triton kernels vs foreach, fp32 states: 1.50x faster")
