@@ -1,12 +1,15 @@
 """Which text a row trains on at a given visit: LaCLIP rewrites, VeCLIP fused captions, synthetic captions.
 
 One uniform draw per (seed, key, epoch) splits the unit interval:
-- [0, synthetic_ratio): the synthetic caption (ALIP / MetaCLIP 1.2 "syn_ratio");
+- [0, synthetic_ratio): the synthetic caption (MetaCLIP 1.2's "syn_ratio"; ALIP trains on both texts at
+  every step with consistency gates, which this trainer does not do);
 - next fused_ratio: the fused caption (VeCLIP's alt-text / VeCap mix);
 - the rest: uniform over the caption and its valid rewrites (LaCLIP), or the caption alone.
-A valid rewrite has two words or more (as LaCLIP keeps them) and differs from
-the caption: the rewrite stage writes the caption itself into a slot whose
-every attempt was refused, and such a copy is no rewrite. Repeats count once.
+A valid rewrite has two words or more and differs from the caption: the
+rewrite stage writes the caption itself into a slot whose every attempt was
+refused, and such a copy is no rewrite. Repeats count once. A row left with
+fewer valid rewrites draws among fewer texts, where LaCLIP, which always has
+k, gives the caption 1/(k+1).
 A row drawn for its fused or synthetic caption that has none trains on the
 alt-text under the source `fused_missing` or `synthetic_missing`, so a run
 says how often it trained on what it was asked to.
