@@ -39,7 +39,6 @@ def is_random_model(path: str | Path) -> bool:
 
 def build_tiny_vlm(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Build and save a random-weight LLaVA-style VLM with its processor under `path`; return the path."""
-    import torch
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -67,16 +66,7 @@ def build_tiny_vlm(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-1)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    (path / RANDOM_MODEL_MARKER).write_text(json.dumps(
-        {"size": size, "seed": seed, "note": "random weights built from a config; captions are meaningless"}))
-    return path
+    return _save_random(LlavaForConditionalGeneration, config, processor, tokenizer, path, seed, size)
 
 
 def _train_tokenizer(words: int, image_token_attribute: bool = True):
@@ -105,7 +95,6 @@ def build_tiny_blip2(path: str | Path, seed: int = 0) -> Path:
 
     Its attention heads are 64 wide, so vLLM's CPU kernels accept it too.
     """
-    import torch
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
                               Blip2VisionConfig, OPTConfig)
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
@@ -125,13 +114,21 @@ def build_tiny_blip2(path: str | Path, seed: int = 0) -> Path:
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id),
         num_query_tokens=queries, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    return _save_random(Blip2ForConditionalGeneration, config, processor, tokenizer, path, seed, "blip2-tiny")
+
+
+def _save_random(model_class, config, processor, tokenizer, path: Path, seed: int, size: str) -> Path:
+    """The model built from `config` with seeded random weights, saved with its processor and
+    RANDOM_MODEL_MARKER, so that `from_pretrained` loads it as users load theirs, and the demo says what it is."""
+    import torch
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Blip2ForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     (path / RANDOM_MODEL_MARKER).write_text(json.dumps(
-        {"size": "blip2-tiny", "seed": seed, "note": "random weights built from a config; captions are meaningless"}))
+        {"size": size, "seed": seed, "note": "random weights built from a config; captions are meaningless"}))
     return path
