@@ -8,6 +8,7 @@ so they never appear in run config or in the UI.
 """
 
 import argparse
+import fnmatch
 import importlib.util
 import json
 import math
@@ -20,7 +21,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.k8s_pod import spec_value
-from curation.shards import OVERWRITE_SENTINEL, atomic_write_bytes
+from curation.shards import OVERWRITE_SENTINEL, TEMP_GLOB, atomic_write_bytes
 
 RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PortableRunner")
 LAUNCHERS = ("auto", "in_process", "subprocess", "k8s")
@@ -145,9 +146,11 @@ class StorageResource(dg.ConfigurableResource):
 
 
 def _published_files(local: Path) -> list[Path]:
-    """The files of an output that are uploaded before its marker (manifest or file list)."""
+    """The files of an output that are uploaded before its marker (manifest or file list); never a temp
+    file a killed write left (the stage removes those when it runs again)."""
     return sorted(p for p in local.rglob("*") if p.is_file() and p.name not in ("manifest.json", FILE_LIST,
-                                                                               OVERWRITE_SENTINEL))
+                                                                               OVERWRITE_SENTINEL)
+                  and not any(fnmatch.fnmatch(part, TEMP_GLOB) for part in p.relative_to(local).parts))
 
 
 def _identities(marker: bytes | Path | None, name: str) -> dict[str, tuple]:

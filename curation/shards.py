@@ -80,6 +80,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# What `_temp_path` names: a write not finished yet, or left by a killed run.
+TEMP_GLOB = ".*.tmp-*"
+
+
 def _temp_path(path: Path) -> Path:
     """Unique per write, not per process: containerised workers on a shared filesystem often share a pid
     (1), and two retries of one shard must not write the same temp file."""
@@ -154,7 +158,7 @@ def remove_stale_temps(directory: str | Path) -> None:
     """Temp files of a killed run are garbage: nothing refers to them."""
     directory = Path(directory)
     if directory.is_dir():
-        for tmp in directory.glob(".*.tmp-*"):
+        for tmp in directory.glob(TEMP_GLOB):
             tmp.unlink(missing_ok=True)
 
 

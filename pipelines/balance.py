@@ -37,7 +37,7 @@ from curation.matching import MATCH_BATCH_ROWS, MATCHES_TYPE, matcher_for
 from curation.metadata import DEFAULT, MetadataFile, resolve_metadata
 from curation.schema import KeyTracker, SchemaError
 from curation.shards import (
-    STAGE_CONFIG, file_identity, finished_shards, is_complete, remove_stale_temps, shard_name, shard_paths,
+    STAGE_CONFIG, file_identity, finished_shards, is_complete, shard_name, shard_paths,
     write_table_atomic,
 )
 from pipelines.common import (
@@ -240,7 +240,6 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if finished:  # finished, yet work to do (a shard deleted since): still checked before any work
         _check_inputs(inputs)
     output = str(plan.output)
-    remove_stale_temps(plan.output / MATCHES_DIR)  # begin_stage cleans the output and its rejects only
     start = time.perf_counter()
     if not plan.up_to_date:
         matched = {p.name for p in finished_shards(plan.output / MATCHES_DIR)}

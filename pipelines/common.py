@@ -151,14 +151,15 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
         previous = with_new_options_off(previous, wanted)
         if previous != wanted:
             raise config_mismatch(output, previous, wanted)
-    finished = {p.name for p in finished_shards(output)}
+    # A shard is done with its rejects: a deleted rejects file is made again, not left out of the counts.
+    finished = {p.name for p in finished_shards(output)} & {p.name for p in finished_shards(output / REJECTS_DIR)}
     todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
     if deferred and todo:  # there is work after all: its bytes are checked before any, and before the record
         verify_manifest(input_dir)
     if not recorded.is_file() or json.loads(recorded.read_text()) != wanted:
         atomic_write_bytes(recorded, json.dumps(wanted, indent=2, default=str).encode())
-    remove_stale_temps(output)
-    remove_stale_temps(output / REJECTS_DIR)
+    for directory in (output, *(path for path in output.iterdir() if path.is_dir())):  # rejects, stats, matches...
+        remove_stale_temps(directory)
     return StagePlan(output, todo, len(inputs) - len(todo), up_to_date=is_complete(output) and not todo,
                      input_manifest=input_manifest)
 

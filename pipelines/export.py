@@ -30,7 +30,7 @@ from curation.export import (
 from curation.failed_checks import verify_input
 from curation.schema import SCHEMA_VERSION
 from curation.shards import (
-    ShardInfo, atomic_write_bytes, file_sha256, info_for, is_complete, remove_stale_temps, shard_paths,
+    ShardInfo, atomic_write_bytes, file_sha256, info_for, is_complete, shard_paths,
     write_manifest,
 )
 from pipelines.common import (
@@ -133,7 +133,6 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                         shardwise=False, verified=verified)  # the shards are cut from every input row
     output = stage.output
     _claim_plan(output, plan)
-    remove_stale_temps(output / WEBDATASET_DIR)
     todo = [i for i in range(plan.shards) if not shard_done(output, i, config)]
     # Up to date: the run that wrote the shards keeps its manifest, data card and figures.
     if not todo and (kept := manifest_listing(output, [parquet_name(i) for i in range(plan.shards)])) is not None:

@@ -138,6 +138,10 @@ def test_a_model_output_is_published_once_with_its_file_list_last(tmp_path, monk
     (model / "checkpoints" / "step-8").mkdir(parents=True)
     (model / "checkpoints" / "step-8" / "model.safetensors").write_bytes(b"x" * 1000)
     (model / "metrics.json").write_text("{}")
+    # What killed writes left: never uploaded (a stage or the trainer removes them when it runs again).
+    (model / ".metrics.json.tmp-7-0a1b2c").write_text("{")
+    (model / "checkpoints" / ".step-16.tmp-7").mkdir()
+    (model / "checkpoints" / ".step-16.tmp-7" / "model.safetensors").write_bytes(b"y" * 10)
     put = []
     real_put = fsspec.implementations.memory.MemoryFileSystem.put_file
     monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "put_file",

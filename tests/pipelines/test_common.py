@@ -1,12 +1,13 @@
 """The stage lifecycle: an up-to-date rerun reads no input byte; a run with work checks every one first."""
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import curation.shards
 from curation.schema import PAIR_SCHEMA
 from curation.shards import ManifestError, shard_name, write_manifest, write_table_atomic
-from pipelines.common import begin_stage, finish_stage
+from pipelines.common import REJECTS_DIR, begin_stage, finish_stage, write_stage_shard
 
 
 def _input(directory, n_shards: int = 3):
@@ -24,7 +25,7 @@ def _finished(tmp_path):
     source = _input(tmp_path / "in")
     plan = begin_stage(source, tmp_path / "out", "copy", {"x": 1})
     for i, path in plan.todo:
-        (tmp_path / "out" / shard_name(i)).write_bytes(open(path, "rb").read())
+        write_stage_shard(tmp_path / "out", i, pq.read_table(path))
     finish_stage(plan, "copy", {"x": 1})
     return source, tmp_path / "out"
 
@@ -75,3 +76,17 @@ def test_an_input_whose_checks_failed_is_refused_before_any_output_is_written(tm
     with pytest.raises(FailedChecksError, match="reject_ratio_under_threshold"):
         begin_stage(source, tmp_path / "out", "copy", {"x": 1})
     assert not (tmp_path / "out").exists()
+
+
+def test_a_deleted_rejects_shard_is_made_again_and_every_side_folder_loses_its_temps(tmp_path):
+    """The rejects of shard i are part of it: deleted, the shard is to do again (its rejects were out of the
+    manifest's counts, and the rerun said "up to date"). A killed run's temp files go from every folder of
+    the output, caption_stats and _rewrite_stats too, so that none is published with it."""
+    source, output = _finished(tmp_path)
+    (output / REJECTS_DIR / shard_name(1)).unlink()
+    stats = output / "caption_stats"
+    stats.mkdir()
+    (stats / ".part-00001.json.tmp-123-abc").write_text("{")
+    plan = begin_stage(source, output, "copy", {"x": 1})
+    assert not plan.up_to_date and [i for i, _ in plan.todo] == [1]
+    assert list(stats.iterdir()) == []
