@@ -196,9 +196,25 @@ def check_keep_probs(batch: pa.RecordBatch, file: str, row_offset: int) -> None:
                           row=row_offset + int(bad[0]) + 1)
 
 
+def check_matched_entries(batch: pa.RecordBatch, file: str, row_offset: int) -> None:
+    """An entry id is a place in the metadata: a null one crashed online curation mid-epoch, and -1 was
+    read as the last entry, curating by another entry's count, silently. The row (1-based) is named."""
+    if "matched_entries" not in batch.schema.names:
+        return
+    lists = batch.column(batch.schema.get_field_index("matched_entries"))
+    ids = pc.list_flatten(lists)
+    bad = pc.or_kleene(pc.is_null(ids), pc.less(ids, 0))
+    if pc.any(bad).as_py():
+        at = pc.index(bad, True).as_py()
+        ends = lists.offsets.to_numpy()[1:] - lists.offsets[0].as_py()  # a sliced batch's offsets start past 0
+        row = int(np.searchsorted(ends, at, side="right"))  # the list holding id `at`
+        raise SchemaError(f"matched entry id {ids[at].as_py()} is no metadata entry (ids are 0 and up)", file=file,
+                          column="matched_entries", row=row_offset + row + 1)
+
+
 def plan_export(input_dir: str | Path, config: ExportConfig, batch_rows: int = 1024) -> ExportPlan:
-    """Validate every input row (schema, nulls, duplicate keys, missing images, keep probabilities) and cut
-    the shards.
+    """Validate every input row (schema, nulls, duplicate keys, missing images, keep probabilities, entry
+    ids) and cut the shards.
 
     Raises SchemaError (or ManifestError from the caller's checksum check)
     before a single output byte is written. Keeps 24 bytes per row in memory: each row's shuffle hash and
@@ -210,6 +226,7 @@ def plan_export(input_dir: str | Path, config: ExportConfig, batch_rows: int = 1
         offset = offsets.get(path, 0)
         check_images(batch, str(path), offset)
         check_keep_probs(batch, str(path), offset)
+        check_matched_entries(batch, str(path), offset)
         offsets[path] = offset + batch.num_rows
         hashes.append(shuffle_hashes(batch.column(batch.schema.get_field_index("key")).to_pylist(), config.seed))
         sizes.append(estimated_row_bytes(conform(pa.Table.from_batches([batch])).select(config.columns)))

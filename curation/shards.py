@@ -272,9 +272,30 @@ def read_manifest(directory: str | Path) -> dict:
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST} in {directory}: the stage that writes it has not finished")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    _check_listing(path, manifest)
+    return manifest
+
+
+# What every reader of a manifest relies on, per listed shard.
+_SHARD_FIELDS = {"name": str, "rows": int, "bytes": int, "sha256": str}
+
+
+def _check_listing(path: Path, manifest: object) -> None:
+    """Refuse a manifest whose shard list is not one readers can use (edited by hand, or written by another
+    tool): it failed as a bare KeyError or TypeError, far from the file."""
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list):
+        raise ManifestError(f"{path} has no list of shards (a \"shards\" key): it is no manifest this "
+                            f"pipeline wrote; rerun the stage that made {path.parent}")
+    for i, shard in enumerate(shards):
+        bad = [name for name, kind in _SHARD_FIELDS.items()
+               if not isinstance(shard, dict) or not isinstance(shard.get(name), kind) or isinstance(shard.get(name), bool)]
+        if bad:
+            raise ManifestError(f"{path}: shard {i} of the manifest lacks a valid {', '.join(bad)}; rerun the stage "
+                                f"that made {path.parent}")
 
 
 def verify_manifest(directory: str | Path, checksums: bool = True) -> dict:
@@ -282,6 +303,11 @@ def verify_manifest(directory: str | Path, checksums: bool = True) -> dict:
     is false (a stat per file, where hashing would read every byte)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    listed = {shard["name"] for shard in manifest["shards"]}
+    if unlisted := [p.name for p in finished_shards(directory) if p.name not in listed]:
+        raise ManifestError(f"{directory} holds {', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''}, which "
+                            f"its manifest does not list: a run that has not finished, or files copied in since; "
+                            f"no reader would see their rows. Rerun the stage that made it, or remove them")
     for shard in manifest["shards"]:
         path = directory / shard["name"]
         if not path.is_file():
@@ -291,6 +317,8 @@ def verify_manifest(directory: str | Path, checksums: bool = True) -> dict:
                                 f"manifest checksum (copied only in part, or rewritten since)")
         if checksums and file_sha256(path) != shard["sha256"]:
             raise ManifestError(f"{path} does not match its manifest checksum")
+        if checksums and (rows := pq.ParquetFile(path).metadata.num_rows) != shard["rows"]:
+            raise ManifestError(f"{path} holds {rows} rows, its manifest {shard['rows']}")
     return manifest
 
 

@@ -32,19 +32,19 @@ from curation.balancing import (
     CAPTION_COLUMN, DEFAULT_T, LONG_CAPTION_CHARS, MATCHES_COLUMN, STAGE, BalanceConfig, balance_table, count_matches,
     count_summary, entry_count_table, entry_probabilities, plot_entry_counts,
 )
-from curation.failed_checks import verify_input
+from curation.input_check import InputCheck, is_text
 from curation.matching import MATCH_BATCH_ROWS, MATCHES_TYPE, matcher_for
 from curation.metadata import DEFAULT, MetadataFile, resolve_metadata
-from curation.schema import KeyTracker, SchemaError
+from curation.output_lock import output_lock
 from curation.shards import (
-    STAGE_CONFIG, file_identity, finished_shards, is_complete, shard_name, shard_paths,
-    write_table_atomic,
+    file_identity, finished_shards, shard_name, shard_paths, write_table_atomic,
 )
 from pipelines.common import (
     REJECTS_DIR, ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, finish_stage, kept_manifest,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
+INPUT_CHECK = InputCheck(STAGE, "pair shards (run ingest first)", {CAPTION_COLUMN: is_text})
 MATCHES_DIR = "entry_matches"
 COUNTS_FILE = "entry_counts.parquet"
 PLOT_FILE = "entry_counts.png"
@@ -175,40 +175,6 @@ class SampleBatch(beam.DoFn):
             yield index, ("rejects", rejects)
 
 
-def _check_inputs(paths: list[Path]) -> None:
-    """Refuse, before any work and naming the file, a shard without `key` or `caption` or whose keys are
-    not text, and any null or repeated key: every pair's draw hashes its key, so two rows of one key would
-    be kept or dropped together, and a null one crashed a worker, naming nothing."""
-    keys = KeyTracker.new()
-    for path in paths:
-        schema = pq.read_schema(path)
-        missing = [c for c in ("key", CAPTION_COLUMN) if c not in schema.names]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; balance reads pair shards (run ingest first)")
-        kind = schema.field("key").type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-            raise SchemaError(f"column holds {kind}, not text", file=str(path), column="key")
-        column = pq.read_table(path, columns=["key"]).column("key")
-        if column.null_count:
-            row = pc.index(pc.is_null(column), True).as_py()
-            raise SchemaError(f"row {row + 1} has no key ({column.null_count} in all)", file=str(path), column="key")
-        keys.add(column.cast(pa.string()).to_pylist(), str(path))
-    keys.check()
-
-
-def _may_be_up_to_date(output: str, overwrite: bool) -> bool:
-    """Whether the output is a finished run that a rerun may find up to date (begin_stage decides).
-
-    Such a rerun does nothing, and the run that made the output checked its
-    input, which begin_stage finds unchanged (by each shard's identity), so
-    the key scan of the whole pool can wait until begin_stage says there is
-    work. Any other output gets the scan first: begin_stage writes the stage
-    config, and bad input must leave no output behind (nor a recorded input
-    that the fixed one would be refused against).
-    """
-    return not overwrite and is_complete(output) and (Path(output) / STAGE_CONFIG).is_file()
-
-
 def config_from(options: BalanceOptions) -> tuple[BalanceConfig, MetadataFile]:
     """Validate t and the metadata (empty file, blank entry) before anything is read or written."""
     if options.t is None or options.t <= 0:
@@ -223,22 +189,21 @@ def config_from(options: BalanceOptions) -> tuple[BalanceConfig, MetadataFile]:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, BalanceOptions)
     options = BalanceOptions(argv)
+    with output_lock(options.output, STAGE):  # one run at a time writes an output
+        return _run(options, test_pipeline)
+
+
+def _run(options: BalanceOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
     config, metadata = config_from(options)
     n_entries = len(metadata.entries)
     if not options.input or not options.output:
         raise ValueError(f"{STAGE}: --input and --output are required")
     inputs = shard_paths(options.input)
-    finished = _may_be_up_to_date(options.output, options.overwrite)
-    if is_complete(options.input):  # a pool whose checks failed is refused before the scan of its keys
-        verify_input(options.input, checksums=False)
-    if not finished:
-        _check_inputs(inputs)
+    # Every pair's draw hashes its key: two rows of one key would be kept or dropped together.
     plan = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite,
-                       shardwise=False)  # counts over the whole pool
+                       shardwise=False, check=INPUT_CHECK)  # counts over the whole pool
     if (kept := kept_manifest(plan)) is not None:  # nothing to do: not even the counts and plot are rewritten
         return StageResult(kept, plan.output, up_to_date=True)
-    if finished:  # finished, yet work to do (a shard deleted since): still checked before any work
-        _check_inputs(inputs)
     output = str(plan.output)
     start = time.perf_counter()
     if not plan.up_to_date:

@@ -29,6 +29,8 @@ from curation.engines import resolve_model
 from curation.engines.vision_tiny import build_tiny_vlm, is_random_model
 from curation.fusion import Fuser, RowFusion
 from curation.images import ImageConfig, prepare_image
+from curation.input_check import InputCheck, is_bytes, is_text
+from curation.output_lock import output_lock
 from curation.records import Rejected
 from curation.rejects import reject, rejects_table
 from curation.rewrite import mixed_formats_warning
@@ -40,6 +42,8 @@ from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "caption_stats"
+# Captions are joined back to their rows by key: two rows of one key would share one VeC.
+INPUT_CHECK = InputCheck(STAGE, "pair shards with images and captions", {"caption": is_text, "image": is_bytes})
 RANDOM_MODEL_WARNING = ("WARNING: the captioner is a tiny VLM with RANDOM weights (built from a config, no real "
                         "model is available offline). Its synthetic and fused captions are meaningless word "
                         "salad that only exercises the pipeline. Pass --captioner_model with a real VLM.")
@@ -261,6 +265,11 @@ def _unfused(row: CaptionedRow):
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, CaptionOptions)
     options = CaptionOptions(argv)
+    with output_lock(options.output, STAGE):  # one run at a time writes an output
+        return _run(options, test_pipeline)
+
+
+def _run(options: CaptionOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
     config = config_from(options)
     random_model = is_random_model(config.captioner_model) if Path(config.captioner_model).is_dir() else False
     if random_model:
@@ -269,7 +278,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         resolve_model(config.fusion_model, config.fusion_gguf_file)
     # The seed and the prompts' texts decide the captions too: a resume under another one is refused.
     recorded = config.recorded() | {"seed": options.seed, "prompt_sha256": PROMPT_SHA256}
-    plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)
+    plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite, check=INPUT_CHECK)
     start = time.perf_counter()
     if plan.todo:
         # In runs of a few shards: every shard of one run is written only after its last image is captioned

@@ -106,8 +106,25 @@ def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, con
     return manifest if previous == wanted else None
 
 
+def refuse_overlap(stage: str, output_dir: str | Path, *reads: str | Path | None) -> None:
+    """Refuse an --output that is, holds or sits inside what the stage reads, before anything is written.
+
+    --overwrite deletes the output first: an output holding the input deleted
+    the input with it, and one equal to a manifest-less input labelled those
+    very shards as this stage's output. An output inside the input would be
+    published, and overwritten, with it.
+    """
+    output = Path(output_dir).resolve()
+    for read in filter(None, reads):
+        path = Path(read).resolve()
+        if path == output or output in path.parents or path in output.parents:
+            raise ValueError(f"{stage}: --output {output_dir} overlaps {read}, which this stage reads "
+                             f"(--overwrite would delete it); choose an --output outside it")
+
+
 def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False,
-                shardwise: bool = True, verified: dict | None = None) -> StagePlan:
+                shardwise: bool = True, verified: dict | None = None, staged: bool = False,
+                check: Callable[[list[Path]], None] | None = None) -> StagePlan:
     """Check the output against this run's config, clean stale temps, and list the shards left to do.
 
     A finished output with the same config is up to date; a finished or
@@ -118,19 +135,27 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     dedup decides over all rows, so their finished shards are stale then.
     `verified` is the input's manifest if the caller has already checked its files against it; else the
     input's sha256s are checked here, before any work (for a finished output, only if there is work).
+    `staged`: the input is the output's own staging copy (ingest checked what it was staged from).
+    `check(input shards)` (a curation.input_check.InputCheck) runs before anything is written, or, for a
+    finished output's rerun, once there is work: it reads every shard's key column.
     """
     if not input_dir or not output_dir:
         raise ValueError(f"{stage}: --input and --output are required")
+    if not staged:
+        refuse_overlap(stage, output_dir, input_dir)
     # Check the input before writing anything, so bad input leaves no output directory behind.
     refuse_unfinished(input_dir)
     # A finished output's rerun is most often up to date, and then reads no input byte: its sizes are checked
     # now and the sha256 of every byte only once there is work (hashing a large pool takes hours).
-    deferred = verified is None and is_complete(input_dir) and not overwrite and is_complete(output_dir)
+    rerun = not overwrite and is_complete(output_dir)  # of a finished output: most often up to date
+    deferred = verified is None and is_complete(input_dir) and rerun
     input_manifest = verified or (verify_input(input_dir, checksums=not deferred) if is_complete(input_dir)
                                   else None)
     inputs = shard_paths(input_dir)
     if not inputs:
         raise FileNotFoundError(f"no Parquet shards in {input_dir}")
+    if check is not None and not rerun:
+        check(inputs)
     output = Path(output_dir)
     if overwrite and output.exists():
         shutil.rmtree(output)
@@ -154,8 +179,11 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     # A shard is done with its rejects: a deleted rejects file is made again, not left out of the counts.
     finished = {p.name for p in finished_shards(output)} & {p.name for p in finished_shards(output / REJECTS_DIR)}
     todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
-    if deferred and todo:  # there is work after all: its bytes are checked before any, and before the record
-        verify_manifest(input_dir)
+    if rerun and todo:  # there is work after all: the input is checked before any, and before the record
+        if deferred:
+            verify_manifest(input_dir)
+        if check is not None:
+            check(inputs)
     if not recorded.is_file() or json.loads(recorded.read_text()) != wanted:
         atomic_write_bytes(recorded, json.dumps(wanted, indent=2, default=str).encode())
     for directory in (output, *(path for path in output.iterdir() if path.is_dir())):  # rejects, stats, matches...

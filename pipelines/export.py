@@ -28,6 +28,7 @@ from curation.export import (
     tar_name, verify_export, write_shard,
 )
 from curation.failed_checks import verify_input
+from curation.output_lock import output_lock
 from curation.schema import SCHEMA_VERSION
 from curation.shards import (
     ShardInfo, atomic_write_bytes, file_sha256, info_for, is_complete, shard_paths,
@@ -35,7 +36,7 @@ from curation.shards import (
 )
 from pipelines.common import (
     STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, begin_stage, finished_from,
-    manifest_listing,
+    manifest_listing, refuse_overlap,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -117,9 +118,15 @@ def _webdataset_section(output: Path, plan: ExportPlan) -> dict:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, ExportOptions)
     options = ExportOptions(argv)
+    with output_lock(options.output, STAGE):  # one run at a time writes an output
+        return _run(options, test_pipeline)
+
+
+def _run(options: ExportOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
     config = config_from(options)
     if not options.input or not options.output:
         raise ValueError(f"{STAGE}: --input and --output are required")
+    refuse_overlap(STAGE, options.output, options.input)  # before planning reads every input row
     start = time.perf_counter()
     # Up to date: planning would read every input row (and hashing every byte) only to find the shards made.
     if not options.overwrite and (kept := finished_from(options.input, options.output, STAGE, asdict(config),

@@ -40,12 +40,14 @@ from curation.ingest import (
     ERROR, IMG2DATASET_COLUMNS, INPUT_ROW, INTERNAL_COLUMNS, ORIGIN_FILE, ORIGIN_LINE, STAGE, STAGED_COLUMNS, STATUS,
     IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
 )
+from curation.output_lock import output_lock
 from curation.rejects import rejects_table
 from curation.schema import KeyTracker, SchemaError
 from curation.shards import file_identity, files_fingerprint, finished_shards, read_table, shard_paths
 from curation.url_lists import Layout, is_url_list, list_files
 from pipelines.common import (
-    REJECTS_DIR, ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, kept_manifest, write_stage_shard,
+    REJECTS_DIR, ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, kept_manifest, refuse_overlap,
+    write_stage_shard,
 )
 from pipelines.ingest_staging import STAGING, refuse_other_run, stage_missing
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
@@ -338,13 +340,19 @@ def _refuse_mixed_download(source: dict, staging: Path, plan) -> None:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, IngestOptions)
     options = IngestOptions(argv)
+    with output_lock(options.output, STAGE):  # one run at a time writes an output
+        return _run(options, test_pipeline)
+
+
+def _run(options: IngestOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
     if not options.output:
         raise ValueError(f"{STAGE}: --output is required")
     output = Path(options.output)
+    refuse_overlap(STAGE, output, options.input, options.url_list, options.captions_file)
     input_dir, config, recorded, source = _prepare_source(options, output)
     staged = source["kind"] in ("url_list", "images")  # their output was already wiped before staging
     plan = begin_stage(input_dir, output, STAGE, recorded, options.overwrite and not staged,
-                       shardwise=False)  # dedup (keys at least) decides over every shard
+                       shardwise=False, staged=staged)  # dedup (keys at least) decides over every shard
     if (kept := kept_manifest(plan)) is not None:  # nothing to do: the rejects are not even read again
         _drop_download(source, output, options.keep_download)
         return StageResult(kept, plan.output, up_to_date=True)

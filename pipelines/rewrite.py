@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from curation.engines import resolve_model
+from curation.input_check import InputCheck, is_text
+from curation.output_lock import output_lock
 from curation.rewrite import (PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, RowRewrite, mixed_formats_warning,
                               selected, summarise)
 from curation.shards import atomic_write_bytes, shard_name
@@ -37,6 +39,8 @@ from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
 STATS_DIR = "_rewrite_stats"
+# Rewrites are joined back to their rows by key: two rows of one key would get each other's.
+INPUT_CHECK = InputCheck(STAGE, "pair shards with captions", {"caption": is_text})
 # 4096 captions x k=4 is 16,384 requests: more than one memory-sized transformers batch of a small model on a
 # big GPU, and a long list for vLLM's scheduler, while the captions themselves take only a few MB.
 CAPTIONS_PER_BATCH = 4096
@@ -138,7 +142,7 @@ def _captions(item: tuple[int, str], seed: int, fraction: float, batch_rows: int
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["key", "caption"]):
         for key, caption in zip(batch.column("key").to_pylist(), batch.column("caption").to_pylist()):
             if selected(seed, key, fraction):
-                yield index, (key, caption)
+                yield index, (key, caption or "")  # a null one falls back as an empty one, counted
 
 
 def _build_shard(item, paths: dict[int, str], output: str, seed: int, fraction: float):
@@ -212,12 +216,17 @@ def _totals(output: Path) -> dict[str, Any]:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, RewriteOptions)
     options = RewriteOptions(argv)
+    with output_lock(options.output, STAGE):  # one run at a time writes an output
+        return _run(options, test_pipeline)
+
+
+def _run(options: RewriteOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
     config = config_from(options)
     model, gguf_file = resolve_model(config.model, config.gguf_file)
     # The seed and the prompts' texts decide the rewrites too: a resume under another one is refused.
     recorded = config.recorded() | {"resolved_model": model, "resolved_gguf_file": gguf_file, "seed": options.seed,
                                     "prompt_sha256": PROMPT_SHA256}
-    plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite)
+    plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite, check=INPUT_CHECK)
     start = time.perf_counter()
     if plan.todo:
         share = _share_model(options.rewrite_share_model)

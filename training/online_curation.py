@@ -120,6 +120,9 @@ def keep_probabilities_of(table: pa.Table, entry_p: np.ndarray | None, where: st
         return pc.fill_null(table.column("keep_prob"), 1.0).to_numpy()
     matched = table.column("matched_entries").combine_chunks()
     ids = pc.list_flatten(matched)
+    if ids.null_count or (len(ids) and pc.min(ids).as_py() < 0):
+        raise ValueError(f"{where}: matched_entries holds a null or negative entry id, which names no metadata "
+                         f"entry; balance these shards again")
     highest = pc.max(ids).as_py() if len(ids) else None
     if highest is not None and highest >= len(entry_p):
         raise ValueError(f"{where}: matched entry id {highest} is beyond the {len(entry_p)} entry counts; the "

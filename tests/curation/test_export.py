@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.export import (
-    MB, ExportConfig, cut_shards, estimated_row_bytes, export_schema, image_extension, order_shard, parquet_bytes,
-    route_batch, row_group_slices, shard_of, shuffle_hashes, validate_training_table, webdataset_bytes,
-    webdataset_key,
+    MB, ExportConfig, check_matched_entries, cut_shards, estimated_row_bytes, export_schema, image_extension,
+    order_shard, parquet_bytes, route_batch, row_group_slices, shard_of, shuffle_hashes, validate_training_table,
+    webdataset_bytes, webdataset_key,
 )
 from curation.schema import SchemaError
 
@@ -123,3 +123,16 @@ def test_image_extension_and_key_sanitising():
     assert image_extension(b"GIF89a") == "gif"
     assert webdataset_key("demo-0-0000001") == "demo-0-0000001"
     assert webdataset_key("a.b") != webdataset_key("a_b") and "." not in webdataset_key("a.b")
+
+
+def test_an_entry_id_that_names_no_metadata_entry_is_refused_with_its_row():
+    """A null id crashed online curation mid-epoch; -1 was read as the last entry, silently."""
+    lists = pa.array([[1, 2], [], None, [3, -1]], pa.list_(pa.int32()))
+    batch = pa.RecordBatch.from_pydict({"matched_entries": lists})
+    with pytest.raises(SchemaError, match=r"entry id -1 is no metadata entry.*row 14"):
+        check_matched_entries(batch, "f.parquet", 10)
+    sliced = pa.RecordBatch.from_pydict({"matched_entries": pa.array([[5], [1, 2], [None]], pa.list_(pa.int32()))})
+    with pytest.raises(SchemaError, match=r"entry id None .*row 2"):  # rows of a slice count from the slice
+        check_matched_entries(sliced.slice(1), "f.parquet", 0)
+    check_matched_entries(pa.RecordBatch.from_pydict({"matched_entries": pa.array([[0], None], pa.list_(pa.int32()))}),
+                          "f.parquet", 0)

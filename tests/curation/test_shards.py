@@ -79,6 +79,38 @@ def test_tampered_shard_fails_checksum(tmp_path):
         verify_manifest(tmp_path)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("shards"), r"no list of shards"),
+    (lambda m: m.update(shards={"part-00000.parquet": {}}), r"no list of shards"),
+    (lambda m: m["shards"][1].pop("bytes"), r"shard 1 of the manifest lacks a valid bytes"),
+    (lambda m: m["shards"][0].update(sha256=None, name=3), r"shard 0 of the manifest lacks a valid name, sha256"),
+    (lambda m: m["shards"].__setitem__(0, ["part-00000.parquet"]), r"shard 0 .* lacks a valid name, rows, bytes"),
+])
+def test_a_manifest_a_reader_cannot_use_is_named_with_what_it_lacks(tmp_path, edit, message):
+    """A hand-edited or foreign manifest failed as a bare KeyError or TypeError that named no file."""
+    write_manifest(tmp_path, stage="unit", config={}, shards=write_all(tmp_path, rows(20), rows_per_shard=10))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    edit(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=rf"manifest.json.*{message}|{message}"):
+        read_table(tmp_path)
+
+
+def test_an_unlisted_shard_and_a_wrong_row_count_are_refused(tmp_path):
+    """A shard beside the manifest that it does not list was never read, silently; nor were row counts checked."""
+    shards = write_all(tmp_path, rows(20), rows_per_shard=10)
+    write_manifest(tmp_path, stage="unit", config={}, shards=shards[:1])
+    with pytest.raises(ManifestError, match="holds part-00001.parquet, which its manifest does not list"):
+        verify_manifest(tmp_path, checksums=False)
+    write_manifest(tmp_path, stage="unit", config={}, shards=shards)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][1]["rows"] = 12
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    verify_manifest(tmp_path, checksums=False)  # sizes only: no footer is read
+    with pytest.raises(ManifestError, match="part-00001.parquet holds 10 rows, its manifest 12"):
+        verify_manifest(tmp_path)
+
+
 def test_reader_refuses_duplicate_keys_across_shards(tmp_path):
     write_all(tmp_path, rows(10) + rows(5, start=3), rows_per_shard=10)
     with pytest.raises(SchemaError) as err:

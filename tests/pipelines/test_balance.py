@@ -220,7 +220,7 @@ def test_keys_are_text_unique_and_present_and_large_strings_are_text(tmp_path):
                       "caption": pa.array(["a red dog", "red"], pa.large_string())})
     pq.write_table(large, source / "part-00000.parquet")
     assert balance.run([*argv, "--output", str(tmp_path / "large")]).rows == 2
-    for keys, message in (([None, "b"], "row 1 has no key"), (["a", "a"], "'a'"), ([1, 2], "int64, not text")):
+    for keys, message in (([None, "b"], r"no key .*row 1"), (["a", "a"], "'a'"), ([1, 2], "column holds int64")):
         pq.write_table(pa.table({"key": keys, "caption": ["a red dog", "red"]}), source / "part-00000.parquet")
         with pytest.raises(SchemaError, match=message):
             balance.run([*argv, "--output", str(tmp_path / "out")])
@@ -246,7 +246,7 @@ def test_missing_caption_column_names_the_file(tmp_path):
     source = tmp_path / "pairs"
     source.mkdir()
     pq.write_table(pa.table({"key": ["a"], "alt": ["red"]}), source / "part-00000.parquet")
-    with pytest.raises(ValueError, match=r"part-00000.parquet: missing column\(s\) \['caption'\]"):
+    with pytest.raises(ValueError, match=r"missing column\(s\) caption; balance reads pair shards.*part-00000.parquet"):
         balance.run(["--input", str(source), "--output", str(tmp_path / "out"),
                      "--metadata", _write_metadata(tmp_path, ["red"])])
 

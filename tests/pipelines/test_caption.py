@@ -186,3 +186,24 @@ def test_a_failing_captioner_is_retried_and_a_persistent_failure_keeps_finished_
     monkeypatch.setattr(TransformersVisionEngine, "caption", real)
     again = caption.run(flags)
     assert again.manifest["stats"]["resumed_shards"] == 1 and again.rows == 118
+
+
+def test_a_repeated_key_or_a_caption_of_another_type_is_refused_before_anything_is_written(pairs, tmp_path):
+    """Captions are joined back by key: a key in two rows gave both one VeC; an int64 caption column ran
+    through and left its type in the output."""
+    from curation.schema import SchemaError
+
+    table = pq.read_table(sorted(pairs.glob("part-*.parquet"))[0]).slice(0, 4)
+    flags = caption.demo_flags(tmp_path)
+    doubled = tmp_path / "doubled"
+    doubled.mkdir()
+    pq.write_table(pa.concat_tables([table, table.slice(2, 1)]), doubled / "part-00000.parquet")
+    with pytest.raises(SchemaError, match=rf"duplicate key {table.column('key')[2].as_py()!r}.*row 5"):
+        caption.run(["--input", str(doubled), "--output", str(tmp_path / "out"), *flags])
+    numbers = tmp_path / "numbers"
+    numbers.mkdir()
+    pq.write_table(table.set_column(table.column_names.index("caption"), "caption", pa.array(range(4))),
+                   numbers / "part-00000.parquet")
+    with pytest.raises(SchemaError, match="column holds int64, which caption cannot read.*caption"):
+        caption.run(["--input", str(numbers), "--output", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()

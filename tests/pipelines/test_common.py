@@ -90,3 +90,29 @@ def test_a_deleted_rejects_shard_is_made_again_and_every_side_folder_loses_its_t
     plan = begin_stage(source, output, "copy", {"x": 1})
     assert not plan.up_to_date and [i for i, _ in plan.todo] == [1]
     assert list(stats.iterdir()) == []
+
+
+def test_an_output_overlapping_the_input_is_refused_before_overwrite_deletes_anything(tmp_path):
+    """--overwrite wiped an --output equal to (or holding) the --input, the input with it; without it, an
+    output equal to a manifest-less input was labelled as this stage's output over the input's own shards."""
+    source = _input(tmp_path / "in")
+    before = sorted(p.name for p in source.iterdir())
+    for output in (source, source / "out", tmp_path):
+        with pytest.raises(ValueError, match="overlaps .* which this stage reads"):
+            begin_stage(source, output, "copy", {"x": 1}, overwrite=True)
+    assert sorted(p.name for p in source.iterdir()) == before and not (source / "out").exists()
+    assert begin_stage(source, tmp_path / "out", "copy", {"x": 1}, overwrite=True).todo  # a sibling is fine
+
+
+def test_a_stage_on_an_output_another_run_is_writing_is_refused_before_it_touches_it(tmp_path):
+    """The second run deleted the first one's temp files (it crashed), or with --overwrite the whole output
+    while the first went on writing."""
+    from curation.output_lock import OutputBusy, output_lock
+    from pipelines import balance
+
+    source = _input(tmp_path / "in", n_shards=1)
+    with output_lock(tmp_path / "out", "balance"):
+        with pytest.raises(OutputBusy, match="being written by another run"):
+            balance.run(["--input", str(source), "--output", str(tmp_path / "out"), "--overwrite"])
+        assert not (tmp_path / "out").exists()
+    assert balance.run(["--input", str(source), "--output", str(tmp_path / "out")]).manifest["stats"]["rows_in"] == 4

@@ -178,8 +178,12 @@ def test_a_broken_url_list_stops_before_anything_is_written(tmp_path, text, mess
         ingest.run(["--url_list", str(tmp_path / "list.csv"), "--output", str(tmp_path / "raw")])
     assert not (tmp_path / "raw").exists()
     with pytest.raises(ValueError, match="not both"):
-        ingest.run(["--url_list", str(tmp_path / "list.csv"), "--input", str(tmp_path),
+        ingest.run(["--url_list", str(tmp_path / "list.csv"), "--input", str(tmp_path / "shards"),
                     "--output", str(tmp_path / "r")])
+    # An --output holding the list: --overwrite would delete it before staging it.
+    with pytest.raises(ValueError, match="overlaps .*list.csv, which this stage reads"):
+        ingest.run(["--url_list", str(tmp_path / "list.csv"), "--output", str(tmp_path), "--overwrite"])
+    assert (tmp_path / "list.csv").read_text() == text
 
 
 def test_a_mistyped_column_is_named_and_a_zero_key_is_a_key(tmp_path):

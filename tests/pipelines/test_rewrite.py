@@ -1,14 +1,13 @@
 """The rewrite stage end to end on a tiny saved model: column, manifest, resume, failure keeps shards."""
 
 import json
-import shutil
 
 import pyarrow as pa
 import pytest
 
 from curation.rewrite import PROMPT_SHA256, PROMPT_VERSION, RewriteConfig
 from curation.schema import conform
-from curation.shards import ShardWriter, finished_shards, read_table, verify_manifest
+from curation.shards import ShardWriter, finished_shards, read_table, verify_manifest, write_table_atomic
 from pipelines import rewrite
 from pipelines.common import StageConfigMismatch
 from tests.curation.tiny_llm import tiny_model  # noqa: F401 - fixture
@@ -84,7 +83,10 @@ def test_a_rebuilt_input_under_the_same_path_is_not_resumed_into(pairs, tmp_path
     out = tmp_path / "rewritten"
     rewrite.run(_flags(pairs, out, tiny_model, "--rewrite_max_attempts", "1"))
     # An input that grew by a shard, its others unchanged, resumes: only the new shard is done.
-    shutil.copy(pairs / "part-00000.parquet", pairs / "part-00003.parquet")
+    first = read_table(pairs / "part-00000.parquet")
+    renamed = pa.array([f"new-{key}" for key in first.column("key").to_pylist()])  # keys stay unique
+    write_table_atomic(first.set_column(first.schema.get_field_index("key"), "key", renamed),
+                       pairs / "part-00003.parquet")
     grown = rewrite.run(_flags(pairs, out, tiny_model, "--rewrite_max_attempts", "1"))
     assert grown.manifest["stats"]["resumed_shards"] == 3 and grown.manifest["stats"]["shards_processed"] == 1
     (out / "part-00000.parquet").unlink()
@@ -170,3 +172,24 @@ def test_row_fraction_rewrites_a_fixed_share(pairs, tmp_path, tiny_model):  # no
     assert result.manifest["stats"]["rows_not_selected"] == chosen.count(False)
     stats = result.manifest["stats"]  # the rate counts the captions rewritten, not the rows left out
     assert stats["captions_per_s_this_run"] == pytest.approx(sum(chosen) / stats["seconds"], rel=0.02)
+
+
+def test_a_repeated_key_is_refused_before_anything_is_written_and_a_null_caption_falls_back(pairs, tmp_path,
+                                                                                          tiny_model):  # noqa: F811
+    """Rewrites are joined back by key: a key in two rows gave one row the other's rewrites, silently. A
+    null caption crashed a worker after the model loaded; it falls back as an empty one, counted."""
+    from curation.schema import SchemaError
+
+    table = read_table(pairs)
+    doubled = tmp_path / "doubled"
+    write_table_atomic(table.slice(0, 2), doubled / "part-00000.parquet")
+    write_table_atomic(table.slice(1, 2), doubled / "part-00001.parquet")  # r001 again
+    with pytest.raises(SchemaError, match=r"duplicate key 'r001'.*part-00001.parquet.*row 1"):
+        rewrite.run(_flags(doubled, tmp_path / "out", tiny_model))
+    assert not (tmp_path / "out").exists()
+    nulls = tmp_path / "nulls"
+    captions = pa.array([None, "two red circles"], pa.string())
+    write_table_atomic(table.slice(0, 2).set_column(table.schema.get_field_index("caption"), "caption", captions),
+                       nulls / "part-00000.parquet")
+    stats = rewrite.run(_flags(nulls, tmp_path / "rewritten", tiny_model)).manifest["stats"]
+    assert stats["rows"] == 2 and stats["fallback.empty_caption"] == 2  # k=2 for the null one

@@ -179,3 +179,16 @@ def test_a_shard_without_the_curation_column_is_refused(online, raw_pairs, tmp_p
         with pytest.raises(SchemaError, match=f"online curation reads {column} from every shard, and 1 of 2 lack it"):
             check_curation_column(shards, t)
     check_curation_column(inspect_shards(online, ["keep_prob"]), 5.0)
+
+
+def test_an_entry_id_that_names_no_entry_is_refused_not_read_from_the_end():
+    """-1 was read as the last entry's probability, and a null id crashed the reader mid-epoch."""
+    import pyarrow as pa
+
+    p = np.array([1.0, 0.5, 0.25])
+    for ids in ([[0], [-1]], [[1], [None]]):
+        table = pa.table({"matched_entries": pa.array(ids, pa.list_(pa.int32()))})
+        with pytest.raises(ValueError, match="shard.parquet: matched_entries holds a null or negative entry id"):
+            keep_probabilities_of(table, p, "shard.parquet")
+    table = pa.table({"matched_entries": pa.array([[0], [1, 2]], pa.list_(pa.int32()))})
+    assert np.allclose(keep_probabilities_of(table, p, "shard.parquet"), [1.0, 1 - 0.5 * 0.75])
