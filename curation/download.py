@@ -225,13 +225,33 @@ def unfinished_shards(fetch_dir: Path, found: dict[int, Path]) -> list[str]:
     return [p.name for p in finished_shards(fetch_dir) if int(p.stem.split("-")[1]) not in found]
 
 
+def drop_torn_shards(download_dir: Path) -> list[str]:
+    """Delete every file of each img2dataset shard whose `_stats.json` a kill cut short, and return their ids.
+
+    img2dataset writes the stats file in place, last; its incremental resume skips every shard that has one,
+    so a torn one was never downloaded again, and its counts could not be read. Such a shard belongs to a
+    download that was killed, before any ingest shard was made from it: fetching it again mixes nothing.
+    """
+    torn = []
+    for stats in sorted(download_dir.glob("*_stats.json")) if download_dir.is_dir() else []:
+        try:
+            json.loads(stats.read_text())
+            continue
+        except json.JSONDecodeError:
+            shard = stats.name.split("_")[0]
+        for path in download_dir.glob(f"{shard}[._]*"):  # 00003.parquet, 00003_stats.json; not 000030.parquet
+            path.unlink()
+        torn.append(shard)
+    return torn
+
+
 def download_stats(download_dir: Path) -> dict:
     """img2dataset's own counts, summed over its finished shards, with the success rate."""
     totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "duration": 0.0}
     for stats in sorted(download_dir.glob("*_stats.json")) if download_dir.is_dir() else []:
         try:
             data = json.loads(stats.read_text())
-        except json.JSONDecodeError as exc:  # img2dataset writes it in place: a kill can cut it short
+        except json.JSONDecodeError as exc:  # cut short by a kill (drop_torn_shards), or damaged since
             raise ValueError(f"{stats} is not valid JSON ({exc}); delete it and its .parquet, then rerun to "
                              f"download that shard again") from exc
         for name in totals:

@@ -163,21 +163,23 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     (output / REJECTS_DIR).mkdir(exist_ok=True)
     recorded = output / STAGE_CONFIG
     wanted = recorded_run(input_dir, stage, config, inputs, input_manifest)
+    # A shard is done with its rejects: a deleted rejects file is made again, not left out of the counts.
+    finished = {p.name for p in finished_shards(output)} & {p.name for p in finished_shards(output / REJECTS_DIR)}
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
         before, now = previous.get("input_shards"), wanted["input_shards"]
         if before and all(len(shard) == 2 for shard in before) and [s[:2] for s in now[:len(before)]] == before:
             before = now[:len(before)]  # recorded as [name, size] by earlier versions, and those still match
-        # Recorded before input identities were, or an input that has since grown by new shards (its
-        # earlier ones unchanged): compared without them, and the grown input recorded.
-        grown = shardwise and before is not None and len(now) > len(before) and now[:len(before)] == before
-        if before is None or grown or before == now:
+        # Recorded before input identities were, or, for a shardwise stage, an input whose shards with a
+        # finished output are unchanged (it grew by new shards, or a shard not done yet was rebuilt: the one
+        # that stopped the run, say): compared without the others, and the input as it is now recorded.
+        resumable = shardwise and before is not None and len(now) >= len(before) and all(
+            now[i] == before[i] for i in range(len(before)) if shard_name(i) in finished)
+        if before is None or resumable or before == now:
             previous = {**previous, "input_shards": now}
         previous = with_new_options_off(previous, wanted)
         if previous != wanted:
             raise config_mismatch(output, previous, wanted)
-    # A shard is done with its rejects: a deleted rejects file is made again, not left out of the counts.
-    finished = {p.name for p in finished_shards(output)} & {p.name for p in finished_shards(output / REJECTS_DIR)}
     todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
     if rerun and todo:  # there is work after all: the input is checked before any, and before the record
         if deferred:

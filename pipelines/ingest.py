@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 from curation.dedup import (RENAMED_COLUMN, DedupConfig, decide_key, drop_duplicates, losers_in_group, renamed,
                             row_fingerprints, strongest)
 from curation.download import (
-    DownloadConfig, ListConfig, download_stats, downloads_by_list_shard, join_downloads, read_downloads,
-    run_img2dataset, stage_url_list, unfinished_shards,
+    DownloadConfig, ListConfig, download_stats, downloads_by_list_shard, drop_torn_shards, join_downloads,
+    read_downloads, run_img2dataset, stage_url_list, unfinished_shards,
 )
 from curation.folders import check_img2dataset_folder, image_files, input_kind, stage_image_folder, tar_images
 from curation.ingest import (
@@ -303,6 +303,8 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
 
 def _download(source: dict, staging: Path) -> dict:
     """Run img2dataset over the staged list; refuse to go on while some of its shards are unfinished."""
+    if torn := drop_torn_shards(staging / "download"):
+        print(f"[{STAGE}] img2dataset shard(s) {', '.join(torn)} were cut short by a kill: downloading them again")
     before = download_stats(staging / "download")["download_succeeded"]  # a resumed download's earlier part
     start = time.perf_counter()
     run_img2dataset(staging / "fetch", staging / "download", source["download"], source["shard_rows"])

@@ -267,7 +267,7 @@ def test_opencv_refuses_a_decompression_bomb_before_decoding_it_and_cut_stats_ar
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curation.download import DownloadConfig, download_stats, run_img2dataset
+    from curation.download import DownloadConfig, download_stats, drop_torn_shards, run_img2dataset
 
     seen = {}
     monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS", raising=False)
@@ -281,3 +281,27 @@ def test_opencv_refuses_a_decompression_bomb_before_decoding_it_and_cut_stats_ar
     (tmp_path / "download" / "00000_stats.json").write_text(json_module.dumps({"count": 3})[:-3])
     with pytest.raises(ValueError, match=r"00000_stats.json is not valid JSON.*delete it and its .parquet"):
         download_stats(tmp_path / "download")
+    # A resumed download deletes the torn shard, which img2dataset's incremental mode then fetches again.
+    for name in ("00000.parquet", "00001.parquet", "000010.parquet"):
+        (tmp_path / "download" / name).write_bytes(b"PAR1")
+    (tmp_path / "download" / "00001_stats.json").write_text(json_module.dumps({"count": 1, "successes": 1}))
+    assert drop_torn_shards(tmp_path / "download") == ["00000"]
+    assert {p.name for p in (tmp_path / "download").iterdir()} == {
+        "000010.parquet", "00001.parquet", "00001_stats.json"}
+    assert download_stats(tmp_path / "download")["download_succeeded"] == 1
+
+
+def test_a_resumed_download_fetches_a_torn_shard_again(tmp_path, monkeypatch):
+    """Killed while img2dataset wrote a shard's stats, the rerun stopped at the torn file, asking for a delete."""
+    from curation.download import DownloadConfig
+    from pipelines import ingest
+
+    download = tmp_path / "download"
+    download.mkdir(parents=True)
+    (download / "00000.parquet").write_bytes(b"PAR1")
+    (download / "00000_stats.json").write_text('{"count": 3, "succ')
+    fetched = []
+    monkeypatch.setattr(ingest, "run_img2dataset", lambda fetch, out, config, rows: fetched.append(
+        sorted(p.name for p in out.iterdir())))
+    ingest._download({"download": DownloadConfig(), "shard_rows": 10}, tmp_path)
+    assert fetched == [[]]  # img2dataset saw no trace of the torn shard, so it downloads it again

@@ -116,3 +116,34 @@ def test_a_stage_on_an_output_another_run_is_writing_is_refused_before_it_touche
             balance.run(["--input", str(source), "--output", str(tmp_path / "out"), "--overwrite"])
         assert not (tmp_path / "out").exists()
     assert balance.run(["--input", str(source), "--output", str(tmp_path / "out")]).manifest["stats"]["rows_in"] == 4
+
+
+def test_a_shardwise_stage_resumes_once_a_shard_it_had_not_done_is_rebuilt(tmp_path):
+    """The shard that stopped a run (a bad row, say), rebuilt upstream, made the rerun refused as another
+    input, and --overwrite threw the finished shards away; a finished shard's input rebuilt is still refused."""
+    from pipelines.common import StageConfigMismatch
+
+    source = _input(tmp_path / "in")
+    output = tmp_path / "out"
+    plan = begin_stage(source, output, "copy", {"x": 1})
+    write_stage_shard(output, 0, pq.read_table(plan.todo[0][1]))  # then the run stopped at shard 1
+
+    def rebuild(index: int) -> None:
+        manifest = curation.shards.read_manifest(source)
+        table = pq.read_table(source / shard_name(index))
+        write_table_atomic(table.slice(0, 2), source / shard_name(index))
+        infos = [curation.shards.info_for(source / s["name"]) for s in manifest["shards"]]
+        write_manifest(source, stage="test", config={}, shards=infos)
+
+    rebuild(1)
+    assert [i for i, _ in begin_stage(source, output, "copy", {"x": 1}).todo] == [1, 2]
+    rebuild(0)
+    with pytest.raises(StageConfigMismatch, match=r"input_shards differ"):
+        begin_stage(source, output, "copy", {"x": 1})
+    # A stage over the whole pool (balance, dedup) resumes no rebuilt shard, done or not.
+    whole = tmp_path / "whole"
+    plan = begin_stage(source, whole, "pool", {"x": 1}, shardwise=False)
+    write_stage_shard(whole, 0, pq.read_table(plan.todo[0][1]))
+    rebuild(2)
+    with pytest.raises(StageConfigMismatch, match=r"input_shards differ"):
+        begin_stage(source, whole, "pool", {"x": 1}, shardwise=False)
