@@ -41,6 +41,7 @@ from curation.shards import (
 )
 from pipelines.common import (
     REJECTS_DIR, ReadShardBatches, ShardStageOptions, WriteShards, begin_stage, finish_stage, kept_manifest,
+    refuse_overlap,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -189,15 +190,17 @@ def config_from(options: BalanceOptions) -> tuple[BalanceConfig, MetadataFile]:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, BalanceOptions)
     options = BalanceOptions(argv)
-    with output_lock(options.output, STAGE):  # one run at a time writes an output
-        return _run(options, test_pipeline)
-
-
-def _run(options: BalanceOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
     config, metadata = config_from(options)
-    n_entries = len(metadata.entries)
     if not options.input or not options.output:
         raise ValueError(f"{STAGE}: --input and --output are required")
+    refuse_overlap(STAGE, options.output, options.input, metadata.path)
+    with output_lock(options.output, STAGE):  # one run at a time writes an output
+        return _run(options, config, metadata, test_pipeline)
+
+
+def _run(options: BalanceOptions, config: BalanceConfig, metadata: MetadataFile,
+         test_pipeline: beam.Pipeline | None) -> StageResult:
+    n_entries = len(metadata.entries)
     inputs = shard_paths(options.input)
     # Every pair's draw hashes its key: two rows of one key would be kept or dropped together.
     plan = begin_stage(options.input, options.output, STAGE, asdict(config), options.overwrite,

@@ -36,8 +36,8 @@ from curation.rejects import reject, rejects_table
 from curation.rewrite import mixed_formats_warning
 from curation.schema import PAIR_SCHEMA, conform
 from curation.shards import atomic_write_bytes, finished_shards, shard_name
-from pipelines.common import (ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, shard_runs,
-                              write_stage_shard)
+from pipelines.common import (ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, refuse_overlap,
+                              shard_runs, write_stage_shard)
 from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -265,12 +265,14 @@ def _unfused(row: CaptionedRow):
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, CaptionOptions)
     options = CaptionOptions(argv)
-    with output_lock(options.output, STAGE):  # one run at a time writes an output
-        return _run(options, test_pipeline)
-
-
-def _run(options: CaptionOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
     config = config_from(options)
+    refuse_overlap(STAGE, options.output, options.input, config.captioner_model,
+                   *([config.fusion_model] if config.fuse else []))
+    with output_lock(options.output, STAGE):  # one run at a time writes an output
+        return _run(options, config, test_pipeline)
+
+
+def _run(options: CaptionOptions, config: CaptionConfig, test_pipeline: beam.Pipeline | None) -> StageResult:
     random_model = is_random_model(config.captioner_model) if Path(config.captioner_model).is_dir() else False
     if random_model:
         print(RANDOM_MODEL_WARNING)

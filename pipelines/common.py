@@ -107,7 +107,8 @@ def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, con
 
 
 def refuse_overlap(stage: str, output_dir: str | Path, *reads: str | Path | None) -> None:
-    """Refuse an --output that is, holds or sits inside what the stage reads, before anything is written.
+    """Refuse an --output that is, holds or sits inside what the stage reads (its input, metadata, local
+    models), before anything is written.
 
     --overwrite deletes the output first: an output holding the input deleted
     the input with it, and one equal to a manifest-less input labelled those
@@ -117,6 +118,8 @@ def refuse_overlap(stage: str, output_dir: str | Path, *reads: str | Path | None
     output = Path(output_dir).resolve()
     for read in filter(None, reads):
         path = Path(read).resolve()
+        if not path.exists():  # a hub model id, or an input the stage refuses itself
+            continue
         if path == output or output in path.parents or path in output.parents:
             raise ValueError(f"{stage}: --output {output_dir} overlaps {read}, which this stage reads "
                              f"(--overwrite would delete it); choose an --output outside it")

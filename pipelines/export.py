@@ -118,15 +118,15 @@ def _webdataset_section(output: Path, plan: ExportPlan) -> dict:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, ExportOptions)
     options = ExportOptions(argv)
-    with output_lock(options.output, STAGE):  # one run at a time writes an output
-        return _run(options, test_pipeline)
-
-
-def _run(options: ExportOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
     config = config_from(options)
     if not options.input or not options.output:
         raise ValueError(f"{STAGE}: --input and --output are required")
     refuse_overlap(STAGE, options.output, options.input)  # before planning reads every input row
+    with output_lock(options.output, STAGE):  # one run at a time writes an output
+        return _run(options, config, test_pipeline)
+
+
+def _run(options: ExportOptions, config: ExportConfig, test_pipeline: beam.Pipeline | None) -> StageResult:
     start = time.perf_counter()
     # Up to date: planning would read every input row (and hashing every byte) only to find the shards made.
     if not options.overwrite and (kept := finished_from(options.input, options.output, STAGE, asdict(config),

@@ -342,15 +342,15 @@ def _refuse_mixed_download(source: dict, staging: Path, plan) -> None:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, IngestOptions)
     options = IngestOptions(argv)
+    if not options.output:
+        raise ValueError(f"{STAGE}: --output is required")
+    refuse_overlap(STAGE, options.output, options.input, options.url_list, options.captions_file)
     with output_lock(options.output, STAGE):  # one run at a time writes an output
         return _run(options, test_pipeline)
 
 
 def _run(options: IngestOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
-    if not options.output:
-        raise ValueError(f"{STAGE}: --output is required")
     output = Path(options.output)
-    refuse_overlap(STAGE, output, options.input, options.url_list, options.captions_file)
     input_dir, config, recorded, source = _prepare_source(options, output)
     staged = source["kind"] in ("url_list", "images")  # their output was already wiped before staging
     plan = begin_stage(input_dir, output, STAGE, recorded, options.overwrite and not staged,

@@ -34,7 +34,7 @@ from curation.rewrite import (PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, Row
                               selected, summarise)
 from curation.shards import atomic_write_bytes, shard_name
 from curation.validation import ValidationConfig
-from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage, shard_runs
+from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage, refuse_overlap, shard_runs
 from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -216,12 +216,13 @@ def _totals(output: Path) -> dict[str, Any]:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> StageResult:
     refuse_unknown_flags(argv, RewriteOptions)
     options = RewriteOptions(argv)
-    with output_lock(options.output, STAGE):  # one run at a time writes an output
-        return _run(options, test_pipeline)
-
-
-def _run(options: RewriteOptions, test_pipeline: beam.Pipeline | None) -> StageResult:
     config = config_from(options)
+    refuse_overlap(STAGE, options.output, options.input, config.model)
+    with output_lock(options.output, STAGE):  # one run at a time writes an output
+        return _run(options, config, test_pipeline)
+
+
+def _run(options: RewriteOptions, config: RewriteConfig, test_pipeline: beam.Pipeline | None) -> StageResult:
     model, gguf_file = resolve_model(config.model, config.gguf_file)
     # The seed and the prompts' texts decide the rewrites too: a resume under another one is refused.
     recorded = config.recorded() | {"resolved_model": model, "resolved_gguf_file": gguf_file, "seed": options.seed,

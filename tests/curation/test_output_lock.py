@@ -36,3 +36,33 @@ def test_a_second_run_is_refused_while_the_first_lives_and_may_run_once_it_is_ki
 def test_no_output_runs_unlocked():
     with output_lock(None, "ingest"):
         pass
+
+
+def test_a_lock_file_this_user_cannot_open_or_lock_runs_unlocked_and_says_so(tmp_path, monkeypatch, capsys):
+    """A read-only parent folder, another user's lock file, a mount without locks: the run goes on as before
+    the lock existed, and an error of the stage itself is not reported as one of the lock."""
+    import errno
+    import fcntl
+    import os
+
+    real_open = os.open
+
+    def no_create(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    lock_path(tmp_path / "out").write_text("")  # another user's, read-only to this one
+    monkeypatch.setattr(os, "open", no_create)
+    with output_lock(tmp_path / "out", "balance"):  # locked through a read-only descriptor
+        with pytest.raises(OutputBusy):
+            with output_lock(tmp_path / "out", "balance"):
+                pass
+    with output_lock(tmp_path / "elsewhere" / "out", "balance"):  # cannot be created at all
+        pass
+    assert "cannot be locked here" in capsys.readouterr().out
+    monkeypatch.setattr(fcntl, "flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks")))
+    with pytest.raises(ValueError, match="--t must be positive") as info:
+        with output_lock(tmp_path / "nfs", "balance"):
+            raise ValueError("--t must be positive")
+    assert info.value.__context__ is None

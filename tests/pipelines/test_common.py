@@ -147,3 +147,25 @@ def test_a_shardwise_stage_resumes_once_a_shard_it_had_not_done_is_rebuilt(tmp_p
     rebuild(2)
     with pytest.raises(StageConfigMismatch, match=r"input_shards differ"):
         begin_stage(source, whole, "pool", {"x": 1}, shardwise=False)
+
+
+def test_a_refused_run_writes_nothing_and_an_output_holding_the_metadata_is_refused(tmp_path):
+    """The lock is taken after the config and overlap checks: a refused run left a folder and a lock file,
+    inside the input for an output there. --overwrite of an output holding the metadata deleted it, and the
+    run died in a Beam worker."""
+    from pipelines import balance
+
+    source = _input(tmp_path / "in", n_shards=1)
+    with pytest.raises(ValueError, match="--t must be positive"):
+        balance.run(["--input", str(source), "--output", str(tmp_path / "new" / "out"), "--t", "0"])
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="overlaps"):
+        balance.run(["--input", str(source), "--output", str(source / "inside")])
+    assert sorted(p.name for p in source.iterdir()) == ["manifest.json", shard_name(0)]
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "metadata.json").write_text('["caption"]')
+    with pytest.raises(ValueError, match=r"overlaps .*metadata.json, which this stage reads"):
+        balance.run(["--input", str(source), "--output", str(output), "--metadata", str(output / "metadata.json"),
+                     "--overwrite"])
+    assert (output / "metadata.json").is_file()
