@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from curation.dedup import DedupConfig
+from curation.input_check import is_bytes, is_text
 from curation.records import MAX_CAPTION_CHARS, Rejected, make_pair
 from curation.rejects import Reason, reject, rejects_table
 from curation.schema import CORE_FIELDS, PAIR_FIELDS, SchemaError, conform
@@ -89,10 +90,8 @@ class IngestConfig:
         if missing:
             raise ValueError(f"{file}: missing column(s) {missing}; found {names}. "
                              f"Name them with --caption_column / --image_column.")
-        text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
-        data = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)
-        for column, allowed, what in ((self.caption_column, text + data, "text"), (self.url_column, text, "text"),
-                                      (self.image_column, data, "bytes")):
+        for column, allowed, what in ((self.caption_column, (is_text, is_bytes), "text"),
+                                      (self.url_column, (is_text,), "text"), (self.image_column, (is_bytes,), "bytes")):
             if column in names:
                 kind = schema.field(column).type
                 if pa.types.is_dictionary(kind):  # pandas' categorical columns
