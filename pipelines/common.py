@@ -108,7 +108,7 @@ def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, con
 
 def refuse_overlap(stage: str, output_dir: str | Path, *reads: str | Path | None) -> None:
     """Refuse an --output that is, holds or sits inside what the stage reads (its input, metadata, local
-    models), before anything is written.
+    models), before anything is written: each stage's `run` calls it before taking the output's lock.
 
     --overwrite deletes the output first: an output holding the input deleted
     the input with it, and one equal to a manifest-less input labelled those
@@ -126,7 +126,7 @@ def refuse_overlap(stage: str, output_dir: str | Path, *reads: str | Path | None
 
 
 def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict, overwrite: bool = False,
-                shardwise: bool = True, verified: dict | None = None, staged: bool = False,
+                shardwise: bool = True, verified: dict | None = None,
                 check: Callable[[list[Path]], None] | None = None) -> StagePlan:
     """Check the output against this run's config, clean stale temps, and list the shards left to do.
 
@@ -138,14 +138,11 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     dedup decides over all rows, so their finished shards are stale then.
     `verified` is the input's manifest if the caller has already checked its files against it; else the
     input's sha256s are checked here, before any work (for a finished output, only if there is work).
-    `staged`: the input is the output's own staging copy (ingest checked what it was staged from).
     `check(input shards)` (a curation.input_check.InputCheck) runs before anything is written, or, for a
     finished output's rerun, once there is work: it reads every shard's key column.
     """
     if not input_dir or not output_dir:
         raise ValueError(f"{stage}: --input and --output are required")
-    if not staged:
-        refuse_overlap(stage, output_dir, input_dir)
     # Check the input before writing anything, so bad input leaves no output directory behind.
     refuse_unfinished(input_dir)
     # A finished output's rerun is most often up to date, and then reads no input byte: its sizes are checked

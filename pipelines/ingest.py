@@ -354,7 +354,7 @@ def _run(options: IngestOptions, test_pipeline: beam.Pipeline | None) -> StageRe
     input_dir, config, recorded, source = _prepare_source(options, output)
     staged = source["kind"] in ("url_list", "images")  # their output was already wiped before staging
     plan = begin_stage(input_dir, output, STAGE, recorded, options.overwrite and not staged,
-                       shardwise=False, staged=staged)  # dedup (keys at least) decides over every shard
+                       shardwise=False)  # dedup (keys at least) decides over every shard
     if (kept := kept_manifest(plan)) is not None:  # nothing to do: the rejects are not even read again
         _drop_download(source, output, options.keep_download)
         return StageResult(kept, plan.output, up_to_date=True)

@@ -95,11 +95,13 @@ def test_a_deleted_rejects_shard_is_made_again_and_every_side_folder_loses_its_t
 def test_an_output_overlapping_the_input_is_refused_before_overwrite_deletes_anything(tmp_path):
     """--overwrite wiped an --output equal to (or holding) the --input, the input with it; without it, an
     output equal to a manifest-less input was labelled as this stage's output over the input's own shards."""
+    from pipelines import balance
+
     source = _input(tmp_path / "in")
     before = sorted(p.name for p in source.iterdir())
     for output in (source, source / "out", tmp_path):
         with pytest.raises(ValueError, match="overlaps .* which this stage reads"):
-            begin_stage(source, output, "copy", {"x": 1}, overwrite=True)
+            balance.run(["--input", str(source), "--output", str(output), "--overwrite"])
     assert sorted(p.name for p in source.iterdir()) == before and not (source / "out").exists()
     assert begin_stage(source, tmp_path / "out", "copy", {"x": 1}, overwrite=True).todo  # a sibling is fine
 
