@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.export import TRAINING_COLUMNS, validate_training_table
@@ -73,7 +74,9 @@ def column_has_values(parquet: pq.ParquetFile, column: str) -> bool:
     """Whether a column holds any non-null value, judged from the footer's statistics (no data read).
 
     A row group without statistics counts as having values: better to read a
-    null column than to drop a filled one.
+    null column than to drop a filled one. The test is the count of non-null leaf values, not
+    `null_count < num_rows`: a list column's null count also counts null elements, so
+    `[["a rewrite", None, None], None]` has 3 nulls in 2 rows and one value.
     """
     if column not in parquet.schema_arrow.names:
         return False
@@ -82,7 +85,7 @@ def column_has_values(parquet: pq.ParquetFile, column: str) -> bool:
         group = metadata.row_group(g)
         for leaf in _leaves(parquet, column):
             stats = group.column(leaf).statistics
-            if stats is None or not stats.has_null_count or stats.null_count < group.num_rows:
+            if stats is None or not stats.has_null_count or stats.num_values > 0:
                 return True
     return False
 
@@ -141,8 +144,9 @@ def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
                               file=str(path), column=missing[0])
         for name in ("key", "caption"):  # a row trains on its caption and draws on its key
             if nulls := null_count(parquet, name):
+                first = pc.index(pc.is_null(parquet.read(columns=[name]).column(name)), True).as_py()
                 raise SchemaError(f"{nulls} row(s) have no {name}; every training row needs a key and a caption",
-                                  file=str(path), column=name)
+                                  file=str(path), column=name, row=first + 1)
         for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
             if name in schema.names:
                 actual, expected = schema.field(name).type, PAIR_FIELDS[name].type

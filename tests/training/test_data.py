@@ -290,6 +290,14 @@ def test_bad_shards_are_refused_before_training(raw_pairs, tmp_path):
         inspect_shards(tmp_path / "typed")
     with pytest.raises(SchemaError, match="fused_caption"):
         inspect_shards(raw_pairs, ["fused_caption"])
+
+    def null_caption(table, shard):
+        captions = table.column("caption").to_pylist()
+        return _set_column(table, "caption", captions[:5] + [None] + captions[6:]) if shard == 1 else table
+
+    _write_variant(raw_pairs, tmp_path / "nullcaption", null_caption)
+    with pytest.raises(SchemaError, match=r"1 row\(s\) have no caption.*part-00001\.parquet, column 'caption', row 6"):
+        inspect_shards(tmp_path / "nullcaption")
     # A stage's output without its manifest is unfinished: part of its rows.
     shutil.copytree(raw_pairs, tmp_path / "unfinished")
     (tmp_path / "unfinished" / "manifest.json").unlink()
@@ -335,3 +343,15 @@ def test_has_values_reads_the_footers_of_every_shard(raw_pairs, tmp_path):
     assert has_values(tmp_path / "fused", "fused_caption")
     _write_variant(raw_pairs, tmp_path / "gone", lambda t, i: t.drop_columns(["fused_caption"]))
     assert not has_values(tmp_path / "gone", "fused_caption")
+
+
+def test_a_list_column_with_null_elements_still_has_values(raw_pairs, tmp_path):
+    """A list column's footer null count also counts null elements: one rewrite beside two nulls in the
+    first row, and null lists elsewhere, give more nulls than rows; the rewrite must still be read."""
+    _write_variant(raw_pairs, tmp_path / "sparse", lambda t, i: _set_column(
+        t, "rewrites", [["a good rewrite", None, None]] + [None] * (t.num_rows - 1)))
+    assert has_values(tmp_path / "sparse", "rewrites")
+    assert "rewrites" in inspect_shards(tmp_path / "sparse", ["rewrites"]).columns
+    _write_variant(raw_pairs, tmp_path / "empty", lambda t, i: _set_column(
+        t, "rewrites", [[None, None], []] + [None] * (t.num_rows - 2)))
+    assert not has_values(tmp_path / "empty", "rewrites")
