@@ -35,7 +35,7 @@ from training.evaluate import check_eval_inputs, evaluate_all
 from training.image_transforms import image_processor_config
 from training.metrics_log import CURVES_PNG, METRICS_CSV, MetricsLog, plot_curves
 from training.model import PRESETS, ClipTowers, build_model, clip_config
-from training.online_curation import check_curation_column, curation_probabilities
+from training.online_curation import check_curation_column, check_entry_ids, curation_probabilities
 from training.optimization import make_optimizer, rescale_schedule, warmup_cosine
 from training.run_dir import TRAIN_CONFIG, curation_fingerprint, prepare_output, resume_checkpoint, trained_to_the_end
 from training.shard_set import ShardSet, input_fingerprint, inspect_shards, iter_texts
@@ -123,6 +123,8 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     if config.online_curation:
         check_curation_column(shards, config.t)
     entry_p = curation_probabilities(config)
+    if entry_p is not None:
+        check_entry_ids(shards, entry_p)
     # A resume uses the tokenizer saved with the run: the named one need not load any more.
     resumable = config.resume and not config.overwrite and latest_checkpoint(output) is not None
     named = load_tokenizer(config.tokenizer, context_length) if config.tokenizer and not resumable else None

@@ -25,6 +25,7 @@ the user states with `--assume_online_balanced` that they were balanced online.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,12 @@ from curation.shards import STAGE_CONFIG, is_complete, read_manifest
 from training.config import TrainConfig
 from training.shard_set import ShardSet
 
+if TYPE_CHECKING:
+    from curation.datacard import StageRecord
+
 BALANCE = "balance"
+# The balance settings entry ids and counts depend on: another metadata list numbers other entries.
+MATCHING = ("metadata_sha256", "case_fold", "metaclip2_padding")
 
 
 def balance_configs(source: str | Path) -> list[dict]:
@@ -74,6 +80,7 @@ def find_entry_counts(source: str | Path) -> Path:
     records = upstream_stages(source, STAGE_CONFIG)
     for record in reversed(records):
         if record.stage == BALANCE:
+            _check_same_matching(source, record)
             name = record.stats.get("entry_counts")
             if name and (record.directory / str(name)).is_file():
                 return record.directory / str(name)
@@ -84,6 +91,22 @@ def find_entry_counts(source: str | Path) -> Path:
                             f"{source} through the stages' recorded inputs (stages found: {seen}). Pass "
                             f"--entry_counts PATH/entry_counts.parquet, or train with the shards' own keep_prob "
                             f"(no --t).")
+
+
+def _check_same_matching(source: str | Path, record: StageRecord) -> None:
+    """Refuse a balance output rebuilt since `source` was made from it (`--overwrite` with another metadata
+    list): its counts belong to other entry ids, and would curate every row by the wrong entries, silently."""
+    recorded = balance_configs(source)
+    if not recorded:
+        return
+    made_with = {k: recorded[-1].get(k) for k in MATCHING}
+    found = {k: (record.manifest.get("config") or {}).get(k) for k in MATCHING}
+    differ = [k for k in MATCHING if made_with[k] != found[k]]
+    if differ:
+        changes = "; ".join(f"{k} {found[k]!r}, the shards' lineage {made_with[k]!r}" for k in differ)
+        raise ValueError(f"the balance output at {record.directory} was rebuilt since {source} was made from it "
+                         f"({changes}), so its entry counts number other entries. Pass --entry_counts with the "
+                         f"counts of the balance run that made these shards, or rebuild the stages after balance.")
 
 
 def entry_probabilities_for(source: str | Path, t: float, entry_counts: str = "") -> np.ndarray:
@@ -112,6 +135,31 @@ def check_curation_column(shards: ShardSet, t: float) -> None:
     if lacking:
         raise SchemaError(f"online curation reads {column} from every shard, and {len(lacking)} of {shards.shards} "
                           f"lack it; curate them with the balance stage first", file=lacking[0], column=column)
+
+
+def check_entry_ids(shards: ShardSet, entry_p: np.ndarray) -> None:
+    """Every shard's entry ids name an entry of the counts, checked before training from the footers'
+    min and max (a row group without them has the column read): a counts file of other metadata is
+    refused here, and not mid-epoch, hours and checkpoints in. (keep_probabilities_of checks each batch too.)"""
+    for path in shards.file_columns:
+        if "matched_entries" not in shards.file_values[path]:
+            continue
+        parquet = pq.ParquetFile(path)
+        (leaf,) = [i for i in range(parquet.metadata.num_columns)
+                   if parquet.schema.column(i).path.split(".")[0] == "matched_entries"]
+        for g in range(parquet.metadata.num_row_groups):
+            stats = parquet.metadata.row_group(g).column(leaf).statistics
+            if stats is not None and stats.has_min_max:
+                low, high = stats.min, stats.max
+            elif (ids := pc.list_flatten(parquet.read_row_group(g, columns=["matched_entries"])
+                                         .column("matched_entries"))).length() - ids.null_count:
+                low, high = pc.min(ids).as_py(), pc.max(ids).as_py()
+            else:
+                continue
+            if low < 0 or high >= len(entry_p):
+                raise SchemaError(f"matched_entries holds entry id {low if low < 0 else high}, which is not one of "
+                                  f"the {len(entry_p)} entry counts; the counts belong to other metadata than "
+                                  f"these shards", file=path, column="matched_entries")
 
 
 def keep_probabilities_of(table: pa.Table, entry_p: np.ndarray | None, where: str) -> np.ndarray:

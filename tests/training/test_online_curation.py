@@ -3,6 +3,7 @@
 import shutil
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -192,3 +193,55 @@ def test_an_entry_id_that_names_no_entry_is_refused_not_read_from_the_end():
             keep_probabilities_of(table, p, "shard.parquet")
     table = pa.table({"matched_entries": pa.array([[0], [1, 2]], pa.list_(pa.int32()))})
     assert np.allclose(keep_probabilities_of(table, p, "shard.parquet"), [1.0, 1 - 0.5 * 0.75])
+
+
+def test_entry_ids_beyond_the_counts_are_refused_before_training(online, tmp_path):
+    """A counts file of other metadata was found only when the stream reached the row, checkpoints in."""
+    from curation.schema import SchemaError
+    from training.online_curation import check_entry_ids
+
+    shards = inspect_shards(online, ["matched_entries"])
+    highest = pc.max(pc.list_flatten(read_table(online, columns=["matched_entries"]).column("matched_entries")))
+    check_entry_ids(shards, np.ones(highest.as_py() + 1))
+    with pytest.raises(SchemaError, match=rf"entry id {highest.as_py()}, which is not one of the "
+                                          rf"{highest.as_py()} entry counts.*part-0000\d\.parquet"):
+        check_entry_ids(shards, np.ones(highest.as_py()))
+    # Without footer statistics the column is read.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for shard in sorted(online.glob("part-*.parquet")):
+        pq.write_table(pq.read_table(shard), bare / shard.name, write_statistics=False)
+    with pytest.raises(SchemaError, match=rf"entry id {highest.as_py()}"):
+        check_entry_ids(inspect_shards(bare, ["matched_entries"]), np.ones(highest.as_py()))
+    with pytest.raises(SchemaError, match="entry counts"):
+        loop.train(TrainConfig(input=str(online), output=str(tmp_path / "run"), online_curation=True, t=5,
+                               entry_counts=str(_short_counts(online, tmp_path, highest.as_py())), steps=2))
+    assert not (tmp_path / "run").exists()
+
+
+def _short_counts(online, tmp_path, entries):
+    path = tmp_path / "short_counts.parquet"
+    pq.write_table(pq.read_table(online / "entry_counts.parquet").slice(0, entries), path)
+    return path
+
+
+def test_counts_of_a_balance_output_rebuilt_with_other_metadata_are_refused(raw_pairs, demo_dir, tmp_path):
+    """The stage chain leads to the balance output as it is now; rebalanced with --overwrite and another
+    metadata list, its counts number other entries, and were used without a word."""
+    import json
+
+    from pipelines import export
+
+    balanced = _balance(raw_pairs, demo_dir, tmp_path / "balanced_pairs", "--online_curation")
+    export.run(["--input", str(balanced), "--output", str(tmp_path / "export"), "--allow_small_shards"])
+    assert find_entry_counts(tmp_path / "export") == balanced / "entry_counts.parquet"
+    reversed_metadata = tmp_path / "reversed.json"
+    reversed_metadata.write_text(json.dumps(json.loads((demo_dir / "metadata.json").read_text())[::-1]))
+    from pipelines import balance
+
+    balance.run(["--input", str(raw_pairs), "--output", str(balanced), "--metadata", str(reversed_metadata),
+                 "--t", str(BALANCE_T), "--online_curation", "--overwrite"])
+    with pytest.raises(ValueError, match=r"was rebuilt since .*export was made from it \(metadata_sha256 "):
+        find_entry_counts(tmp_path / "export")
+    p = curation_probabilities(_config(tmp_path / "export", t=5, entry_counts=str(balanced / "entry_counts.parquet")))
+    assert len(p) == len(json.loads(reversed_metadata.read_text()))  # a named file is the user's word
