@@ -17,7 +17,12 @@ DEMO_SOURCE = "demo"
 def env_default(name: str, fallback, kind=int):
     """A launchpad default a deployment may change through the environment of its code location."""
     value = os.environ.get(name, "")
-    return kind(value) if value.strip() else fallback
+    if not value.strip():
+        return fallback
+    try:
+        return kind(value)
+    except ValueError:  # raised while the code location loads: say which variable, not just the literal
+        raise ValueError(f"${name}={value!r} is not a valid {kind.__name__}; fix or unset it") from None
 
 
 class StageConfig(dg.Config):
@@ -42,9 +47,9 @@ def _opt(flag: str, value) -> list[str]:
 
 class IngestRunConfig(StageConfig):
     source: str = Field(default=DEMO_SOURCE, description="Raw Parquet shards directory, a URL list, or 'demo'.")
-    demo_pairs: int = Field(default=env_default("CLIP_CURATION_DEMO_PAIRS", 3000),
+    demo_pairs: int = Field(default=env_default("CLIP_CURATION_DEMO_PAIRS", 3000), gt=0,
                             description="Pairs generated when source is 'demo' (default: $CLIP_CURATION_DEMO_PAIRS or 3000).")
-    demo_shard_rows: int = Field(default=500, description="Rows per raw shard of the generated demo pool.")
+    demo_shard_rows: int = Field(default=500, gt=0, description="Rows per raw shard of the generated demo pool.")
 
 
 class BalanceRunConfig(StageConfig):

@@ -155,10 +155,15 @@ def _source(config: IngestRunConfig, build_dir: Path, seed: int) -> Path:
     wanted = {"n_pairs": config.demo_pairs, "seed": seed, "rows_per_shard": config.demo_shard_rows}
     recorded = demo / DEMO_PARAMS
     if not (demo / "classes.json").is_file() or not recorded.is_file() or json.loads(recorded.read_text()) != wanted:
-        shutil.rmtree(demo, ignore_errors=True)
-        generate(demo, n_pairs=config.demo_pairs, n_eval=max(config.demo_pairs // 10, 100), seed=seed,
+        # Generated beside it and swapped in whole: a generation that fails (or is killed) leaves the
+        # demo that the finished raw_pairs was made from, and the later stages read, as it was.
+        partial = build_dir / ".demo.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        generate(partial, n_pairs=config.demo_pairs, n_eval=max(config.demo_pairs // 10, 100), seed=seed,
                  rows_per_shard=config.demo_shard_rows)
-        recorded.write_text(json.dumps(wanted))
+        (partial / DEMO_PARAMS).write_text(json.dumps(wanted))
+        shutil.rmtree(demo, ignore_errors=True)
+        partial.rename(demo)
     return demo / "pool"
 
 

@@ -3,6 +3,7 @@
 import json
 
 import dagster as dg
+import pydantic
 import pytest
 
 from assets.definitions import stage_assets
@@ -258,3 +259,34 @@ def test_a_corrupt_upstream_shard_fails_the_step_before_anything_is_written(inst
     with pytest.raises(Exception, match="does not match its manifest checksum"):
         _materialize(instance, tmp_path, "b1", balance_only, selection=["balanced_pairs", "entry_counts"])
     assert not list((tmp_path / "b1" / "balanced_pairs").glob("part-*.parquet"))
+
+
+def test_a_demo_that_fails_to_generate_leaves_the_builds_demo_as_it_was(instance, tmp_path, monkeypatch):
+    """The old demo was deleted before the new one was generated: a failure left raw_pairs without its
+    input, and a later downstream-only run failed on the missing metadata."""
+    from curation import demo_data
+
+    add_builds(instance, "b1")
+    assert _materialize(instance, tmp_path, "b1", {"ops": {"raw_pairs": {"config": {"demo_pairs": 60}}}},
+                        selection=["raw_pairs"]).success
+    before = _files(tmp_path / "b1" / "demo")
+    real = demo_data.generate
+
+    def dies_midway(out_dir, **kw):
+        real(out_dir, **{**kw, "n_pairs": 5})
+        raise MemoryError("killed while generating")
+
+    monkeypatch.setattr(demo_data, "generate", dies_midway)
+    with pytest.raises(MemoryError):
+        _materialize(instance, tmp_path, "b1", {"ops": {"raw_pairs": {"config": {"demo_pairs": 70, "overwrite": True}}}},
+                     selection=["raw_pairs"])
+    assert _files(tmp_path / "b1" / "demo") == before
+    monkeypatch.setattr(demo_data, "generate", real)
+    for bad in ({"demo_pairs": 0}, {"demo_shard_rows": -1}):  # refused before the step does anything
+        with pytest.raises(pydantic.ValidationError, match=rf"{next(iter(bad))}\n.*greater than 0"):
+            _materialize(instance, tmp_path, "b1", {"ops": {"raw_pairs": {"config": bad}}}, selection=["raw_pairs"])
+    assert _files(tmp_path / "b1" / "demo") == before
+    assert _materialize(instance, tmp_path, "b1", {"ops": {"raw_pairs": {"config": {"demo_pairs": 70, "overwrite": True}}}},
+                        selection=["raw_pairs"]).success
+    assert not (tmp_path / "b1" / ".demo.partial").exists()
+    assert json.loads((tmp_path / "b1" / "demo" / "demo_params.json").read_text())["n_pairs"] == 70

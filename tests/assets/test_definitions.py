@@ -5,6 +5,7 @@ import tomllib
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from assets import checks
 from assets.definitions import defs
@@ -86,3 +87,16 @@ def test_runner_flags_carry_shared_and_per_stage_options():
     assert "--machine_type=n2" not in beam.flags("rewrite")
     assert beam.effective_launcher() == "subprocess"
     assert BeamRunnerResource().effective_launcher() == "in_process"
+
+
+def test_a_malformed_launchpad_default_names_its_variable(monkeypatch):
+    """Read while the code location loads: a bare int() error named no variable, and the UI showed only that."""
+    from assets.config import env_default
+
+    monkeypatch.setenv("CLIP_CURATION_TRAIN_STEPS", "200steps")
+    with pytest.raises(ValueError, match=r"\$CLIP_CURATION_TRAIN_STEPS='200steps' is not a valid int"):
+        env_default("CLIP_CURATION_TRAIN_STEPS", None)
+    monkeypatch.setenv("CLIP_CURATION_FUSED_RATIO", " 0.25 ")
+    assert env_default("CLIP_CURATION_FUSED_RATIO", None, float) == 0.25
+    monkeypatch.setenv("CLIP_CURATION_FUSED_RATIO", " ")
+    assert env_default("CLIP_CURATION_FUSED_RATIO", 0.5, float) == 0.5
