@@ -15,6 +15,8 @@ from curation.failed_checks import failed_checks, manifest_fingerprint, record_f
 from curation.shards import OVERWRITE_SENTINEL, atomic_write_bytes
 
 UPSTREAM_MARKER = ".upstream"
+# Recorded as an output's failed check while its checks run (see record_checks).
+CHECKS_NOT_FINISHED = "checks_not_finished"
 
 
 def upstream_changed(build_dir: Path, asset: str, input_manifest: Optional[dict]) -> bool:

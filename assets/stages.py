@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from assets import checks
 from assets.build_records import (
-    failed_upstream_checks, overwrite_pending, record_checks, record_upstream, upstream_changed,
+    CHECKS_NOT_FINISHED, failed_upstream_checks, overwrite_pending, record_checks, record_upstream, upstream_changed,
 )
 from assets.config import (
     DEMO_SOURCE, BalanceRunConfig, CaptionRunConfig, ExportRunConfig, IngestRunConfig, RewriteRunConfig,
@@ -373,6 +373,10 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
         yield dg.MaterializeResult(asset_key=stage.asset, metadata=metadata)
         return
     manifest = read_manifest(output)
+    # Unjudged until its checks return: a step killed while they read every shard (the longest part of a
+    # no-op step; a Terminate in the UI, an evicted pod) leaves an output no downstream run or CLI stage
+    # reads as finished.
+    record_checks(build_dir, stage.asset, manifest, [CHECKS_NOT_FINISHED])
     # A no-op step keeps the manifest (and figures) of the run that made the output: say so beside them.
     metadata = {**stage_metadata(manifest, output, str(output)), "step_duration_s": round(elapsed, 3),
                 "up_to_date": up_to_date}

@@ -226,6 +226,35 @@ def test_a_failing_blocking_check_stops_the_assets_downstream(instance, tmp_path
     assert verify_input(tmp_path / "b1" / "raw_pairs")
 
 
+def test_an_output_whose_checks_never_finished_is_not_read_as_finished(instance, tmp_path, monkeypatch):
+    """A step that died while its checks ran recorded nothing, so a downstream run and the CLI read the
+    never-judged output as a finished dataset."""
+    from assets import checks
+
+    stages = available_stages()
+    if len(stages) < 2:
+        pytest.skip("needs a second stage after ingest")
+    add_builds(instance, "b1")
+    raw_only = {"ops": {"raw_pairs": demo_run_config(pairs=60)["ops"]["raw_pairs"]}}
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("terminated while the checks read the shards")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checks, "schema_valid", killed)
+        with pytest.raises(RuntimeError, match="terminated"):
+            _materialize(instance, tmp_path, "b1", raw_only, selection=["raw_pairs"])
+    assert read_manifest(tmp_path / "b1" / "raw_pairs")["rows"]  # the job itself finished
+    with pytest.raises(FailedChecksError, match=r"\(checks_not_finished\)"):
+        verify_input(tmp_path / "b1" / "raw_pairs")
+    downstream = {"ops": {stages[1].asset: demo_run_config(pairs=60)["ops"][stages[1].asset]}}
+    with pytest.raises(dg.Failure, match=r"upstream raw_pairs of build 'b1' failed its checks \(checks_not_finished\)"):
+        _materialize(instance, tmp_path, "b1", downstream, selection=[stages[1].asset, *stages[1].extra_assets])
+    # Judged by the next materialisation (nothing to redo), the output is read again.
+    assert _materialize(instance, tmp_path, "b1", raw_only, selection=["raw_pairs"]).success
+    assert verify_input(tmp_path / "b1" / "raw_pairs")
+
+
 def test_failed_checks_recorded_by_an_earlier_version_are_still_honoured(tmp_path):
     """Versions before the record moved into the output kept it under B/.upstream: a build made by one
     must not become readable by the upgrade; the next judgement moves the record into the output."""
