@@ -183,19 +183,24 @@ def _captioner_model_missing(context: dg.AssetExecutionContext, build_dir: Path)
     caption = next(stage for stage in STAGES if stage.name == "caption")
     steps = context.run.step_keys_to_execute  # a re-execution's remaining steps; None: the job's
     selected = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
-    in_run = caption.asset in steps if steps is not None else dg.AssetKey(caption.asset) in selected
-    if context.resources.captioner.model or not in_run:
+
+    def in_run(asset: str) -> bool:
+        return asset in steps if steps is not None else dg.AssetKey(asset) in selected
+
+    if context.resources.captioner.model or not in_run(caption.asset):
         return False
     ops = context.run.run_config.get("ops") or {}
     config = (ops.get(caption.asset) or {}).get("config") or {}
     if any(flag.split("=", 1)[0] == "--captioner_model" for flag in config.get("extra_flags") or []):
         return False
     demo_sized = config.get("demo_sized")
-    if demo_sized is None and (build_dir / "raw_pairs" / STAGE_CONFIG).is_file():
-        demo_sized = is_demo_build(build_dir)
-    if demo_sized is None:  # before ingest has run: what its config asks for
+    # The raw pairs the caption step will see: those this run's ingest makes (what its config asks for)
+    # before those on disk, which it replaces.
+    if demo_sized is None and (in_run("raw_pairs") or not (build_dir / "raw_pairs" / STAGE_CONFIG).is_file()):
         ingest = (ops.get("raw_pairs") or {}).get("config") or {}
         demo_sized = ingest.get("source", IngestRunConfig().source) == DEMO_SOURCE
+    if demo_sized is None:
+        demo_sized = is_demo_build(build_dir)
     return not demo_sized
 
 

@@ -74,6 +74,30 @@ def test_a_run_whose_caption_step_has_no_model_fails_at_its_first_step(instance,
     assert "CaptionerResource" not in _failure_message(ingest_only)  # a run without the caption step is fine
 
 
+def test_the_captioner_guard_judges_the_raw_pairs_this_run_makes_not_those_on_disk(instance, tmp_path, monkeypatch):
+    """The guard read "demo build" from the raw_pairs already on disk: a build switched to the demo source
+    was refused at its first step, and one switched away from it ran until its caption step failed."""
+    from curation.demo_data import generate
+
+    generate(tmp_path / "mine", n_pairs=40, n_eval=10)
+    add_builds(instance, "b1")
+    resources = stage_resources(tmp_path / "root")
+    own = {"source": str(tmp_path / "mine" / "pool")}
+    assert dg.materialize(stage_assets, instance=instance, partition_key="b1", selection=["raw_pairs"],
+                          resources=resources, run_config={"ops": {"raw_pairs": {"config": own}}}).success
+    with monkeypatch.context() as patch:
+        failing_reject_ratio(patch)  # stops the run after raw_pairs: only its first step matters here
+        to_demo = dg.materialize(stage_assets, instance=instance, partition_key="b1", raise_on_error=False,
+                                 resources=resources, run_config={"ops": {"raw_pairs": {"config": {
+                                     "demo_pairs": 40, "overwrite": True}}}})
+    assert "CaptionerResource" not in _failure_message(to_demo)
+    assert to_demo.asset_materializations_for_node("raw_pairs")
+    back = dg.materialize(stage_assets, instance=instance, partition_key="b1", raise_on_error=False,
+                          resources=resources, run_config={"ops": {"raw_pairs": {"config": {**own, "overwrite": True}}}})
+    assert "CaptionerResource.model is empty" in _failure_message(back)
+    assert not back.get_asset_materialization_events()
+
+
 def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_path, monkeypatch):
     """fsspec's in-memory file system stands in for s3:// or gs://: the same code path as a bucket."""
     add_builds(instance, "b1")
