@@ -168,6 +168,39 @@ def expected_kept_per_entry(output: Path, counts: np.ndarray, t: float,
     return mean, var
 
 
+def kept_rows(output: Path, p: np.ndarray, online: bool) -> dict:
+    """Each kept row against its pool row's matches (`entry_matches/part-i` beside output shard i): the
+    same entries, the keep_prob they give, and (online curation, which keeps every matched pair) none
+    missing. Also the kept total against the sum of the pool's keep probabilities, the offline draw's mean.
+
+    Counted per entry alone, rows whose `matched_entries` were lost counted for nothing, and the trainer's
+    `keep_prob` was never read: a balance that kept all (or half) of an online pool at 1.0 passed.
+    """
+    from curation.balancing import keep_probabilities
+    from pipelines.balance import MATCHES_COLUMN, MATCHES_DIR
+
+    found = collections.Counter(kept=0, expected=0.0, variance=0.0)
+    for matches, shard in zip(finished_shards(output / MATCHES_DIR), shard_paths(output)):
+        pool = pq.read_table(matches, columns=["key", MATCHES_COLUMN])
+        matched = pool.column(MATCHES_COLUMN).combine_chunks()
+        q = keep_probabilities(matched, p)
+        rows = pq.read_table(shard, columns=["key", MATCHES_COLUMN, "keep_prob"])
+        at = pc.fill_null(pc.index_in(rows.column("key"), value_set=pool.column("key")), -1).to_numpy()
+        known = at >= 0
+        found["not_in_the_pool_matches"] += int((~known).sum())
+        own, pools = rows.column(MATCHES_COLUMN).to_pylist(), matched.take(pa.array(at[known])).to_pylist()
+        found["with_other_matched_entries"] += sum(a != b for a, b in zip((o for o, k in zip(own, known) if k), pools))
+        keep_prob = pc.fill_null(rows.column("keep_prob"), -1.0).to_numpy()[known]
+        found["with_a_wrong_keep_prob"] += int((np.abs(keep_prob - q[at[known]]) > 1e-5).sum()
+                                               + (q[at[known]] <= 0).sum())
+        if online:
+            found["matched_pairs_missing"] += int(len(np.setdiff1d(np.flatnonzero(q > 0), at[known])))
+        found["kept"] += rows.num_rows
+        found["expected"] += float(q.sum())
+        found["variance"] += float((q * (1 - q)).sum())
+    return dict(found)
+
+
 def entries_balanced(asset: str, output: Path, t: float, slack: float, online: bool = False) -> dg.AssetCheckResult:
     """After balancing no entry keeps many more pairs than its keep probabilities promise.
 
@@ -187,6 +220,8 @@ def entries_balanced(asset: str, output: Path, t: float, slack: float, online: b
     except FileNotFoundError as exc:
         return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=False,
                                    metadata={"error": f"balance left no entry counts to check: {exc}"})
+    from curation.balancing import entry_probabilities
+
     mean, var = expected_kept_per_entry(output, entries.column("count").to_numpy(), t, online)
     names = entries.column("entry").to_pylist()
     kept = kept_per_entry(output)
@@ -198,10 +233,19 @@ def entries_balanced(asset: str, output: Path, t: float, slack: float, online: b
 
     over = dict(described(e, n) for e, n in kept.items() if e >= len(limit) or n > limit[e])
     worst = kept.most_common(5)
-    return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=not over, metadata={
+    rows = kept_rows(output, entry_probabilities(entries.column("count").to_numpy(), t), online)
+    wrong = {k: v for k, v in rows.items() if k not in ("kept", "expected", "variance") and v}
+    # Online, every matched pair is kept (a missing one is counted in `wrong`); offline the total is a sum
+    # of independent draws, held to its mean as each entry is.
+    spread = slack * rows["expected"] + 4 * float(np.sqrt(rows["variance"])) + 1
+    total_as_expected = online or abs(rows["kept"] - rows["expected"]) <= spread
+    passed = bool(not over and not wrong and total_as_expected)
+    return dg.AssetCheckResult(asset_key=asset, check_name=BALANCED, passed=passed, metadata={
         "t": t, "online_curation": online, "max_kept": worst[0][1] if worst else 0,
         "top_entries": dg.MetadataValue.json(dict(described(e, n) for e, n in worst)),
         "entries_over_limit": dg.MetadataValue.json(over),
+        "rows_kept": rows["kept"], "rows_expected": round(rows["expected"], 1),
+        "kept_rows_wrong": dg.MetadataValue.json(wrong),
     })
 
 

@@ -1,6 +1,7 @@
 """Each data-quality check fails on the bad data it exists for, and passes on good data."""
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from assets import checks
 from curation.schema import PAIR_SCHEMA
@@ -177,3 +178,46 @@ def test_an_export_s_metadata_counts_its_webdataset_twin(tmp_path):
     assert metadata["bytes"] == manifest["bytes"] and metadata["webdataset_bytes"] == 2048
     assert metadata["webdataset_shards"] == 2 and metadata["webdataset_pattern"].endswith("{00000..00001}.tar")
     assert "webdataset_bytes" not in stage_metadata(read_manifest(data), data, str(data))
+
+
+def test_balance_check_reads_each_kept_rows_entries_and_keep_prob(demo_dir, tmp_path):
+    """Counted per entry alone, rows whose matched_entries were nulled counted for nothing, and keep_prob
+    (what the trainer draws with under online curation) was never read: an online output with every
+    keep_prob at 1.0, or half its rows gone, passed."""
+    import shutil
+
+    from pipelines import balance, ingest
+
+    raw = ingest.run(["--input", str(demo_dir / "pool"), "--output", str(tmp_path / "raw")]).output
+
+    def balanced(name, *flags):
+        return balance.run(["--input", str(raw), "--output", str(tmp_path / name), "--t", "5", *flags]).output
+
+    def damaged(source, name, change):
+        target = tmp_path / name
+        shutil.copytree(source, target)
+        for path in sorted(target.glob("part-*.parquet")):
+            pq.write_table(change(pq.read_table(path)), path)
+        return target
+
+    def nulled(table, column):
+        i = table.schema.get_field_index(column)
+        return table.set_column(i, table.schema.field(i), pa.nulls(table.num_rows, table.schema.field(i).type))
+
+    def wrong(output, online):
+        result = checks.entries_balanced("a", output, 5.0, slack=0.1, online=online)
+        return None if result.passed else result.metadata
+
+    for online, flags in ((True, ["--online_curation"]), (False, [])):
+        good = balanced(f"good{online}", *flags)
+        assert wrong(good, online) is None
+        lost = wrong(damaged(good, f"lost{online}", lambda t: nulled(nulled(t, "matched_entries"), "keep_prob")), online)
+        assert lost["kept_rows_wrong"].value.keys() == {"with_other_matched_entries", "with_a_wrong_keep_prob"}
+        half = wrong(damaged(good, f"half{online}", lambda t: t.slice(0, t.num_rows // 2)), online)
+        if online:
+            assert half["kept_rows_wrong"].value["matched_pairs_missing"] > 0
+        else:  # within every entry's limit, but far fewer rows than the draw keeps
+            assert half["rows_kept"].value < half["rows_expected"].value / 1.5
+    ones = damaged(balanced("online", "--online_curation"), "ones", lambda t: t.set_column(
+        t.schema.get_field_index("keep_prob"), "keep_prob", pa.array([1.0] * t.num_rows, pa.float32())))
+    assert wrong(ones, True)["kept_rows_wrong"].value["with_a_wrong_keep_prob"] > 0
