@@ -23,19 +23,33 @@ def rows_in(manifest: dict) -> int:
     return manifest["rows"] + manifest.get("rejects", {}).get("rows", 0)
 
 
-def stage_metadata(manifest: dict, output: Path, published: str) -> dict:
+def located(where: str, name: str) -> str:
+    """A file of an output at `where`: a local directory, or its published URI (s3://, gs://)."""
+    return f"{where.rstrip('/')}/{name}"
+
+
+def location_metadata(manifest: dict, where: str) -> dict:
+    """Where the output and its files are: the local directory until it is published, then the published
+    URI, so that the UI never shows a bucket path beside a node-local staging path."""
+    metadata = {"path": dg.MetadataValue.path(where),
+                "shard_paths": dg.MetadataValue.json([located(where, s["name"]) for s in manifest["shards"]])}
+    if (twin := manifest.get("webdataset")) and twin.get("pattern"):
+        metadata["webdataset_pattern"] = located(where, twin["pattern"])
+    return metadata
+
+
+def stage_metadata(manifest: dict, output: Path, where: str) -> dict:
     """Rows in and out, rejects by reason, shards, bytes, duration, throughput, plots and sample rows."""
     stats = manifest.get("stats", {})
     n_in = rows_in(manifest)
     seconds = float(stats.get("seconds") or 0.0)
     metadata: dict = {
-        "path": dg.MetadataValue.path(published),
+        **location_metadata(manifest, where),
         "rows_in": n_in,
         "rows_out": manifest["rows"],
         "rejects_by_reason": dg.MetadataValue.json(manifest.get("rejects", {}).get("by_reason", {})),
         "reject_ratio": manifest.get("rejects", {}).get("rows", 0) / max(n_in, 1),
         "shards": len(manifest["shards"]),
-        "shard_paths": dg.MetadataValue.json([str(output / s["name"]) for s in manifest["shards"]]),
         "bytes": manifest["bytes"],
         "duration_s": seconds,
         "stats": dg.MetadataValue.json({k: v for k, v in stats.items() if k != "plots"}),
@@ -43,7 +57,6 @@ def stage_metadata(manifest: dict, output: Path, published: str) -> dict:
     if twin := manifest.get("webdataset"):  # export's tar twin: about as many bytes again, beside the Parquet
         metadata["webdataset_bytes"] = twin["bytes"]
         metadata["webdataset_shards"] = len(twin["shards"])
-        metadata["webdataset_pattern"] = str(output / twin["pattern"]) if twin.get("pattern") else ""
     if seconds > 0 and not stats.get("resumed_shards"):  # a resumed run's seconds cover only some of the rows
         metadata["rows_per_s"] = round(n_in / seconds, 2)
     for name in stats.get("plots", []):

@@ -28,7 +28,7 @@ from assets.config import (
     StageConfig, TrainRunConfig,
 )
 from assets.launch import load_stage_module, run_stage
-from assets.report import plot_markdown, stage_metadata
+from assets.report import located, location_metadata, plot_markdown, stage_metadata
 from assets.resources import QualityGatesResource
 from curation.shards import (
     OVERWRITE_SENTINEL, ManifestError, is_complete, read_manifest,
@@ -293,12 +293,14 @@ def stage_checks(stage: Stage, output: Path, manifest: dict, metadata: dict, con
     return results
 
 
-def _extra_results(stage: Stage, output: Path, manifest: dict) -> Iterator[dg.MaterializeResult]:
-    """Materialisations of a job's side outputs: balance's entry counts (the file named in its stats)."""
+def _extra_results(stage: Stage, output: Path, manifest: dict, where: str) -> Iterator[dg.MaterializeResult]:
+    """Materialisations of a job's side outputs: balance's entry counts (the file named in its stats), at
+    `where` the output is (published or local)."""
     stats = manifest.get("stats", {})
     for asset in stage.extra_assets:
-        path = output / str(stats.get(asset, f"{asset}.parquet"))
-        metadata: dict = {"path": dg.MetadataValue.path(str(path))}
+        name = str(stats.get(asset, f"{asset}.parquet"))
+        path = output / name
+        metadata: dict = {"path": dg.MetadataValue.path(located(where, name))}
         if path.is_file():
             metadata["entries"] = pq.ParquetFile(path).metadata.num_rows
         metadata.update({k: v for k, v in stats.items() if k.startswith(("before_", "after_", "t", "metadata_"))
@@ -394,9 +396,9 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
     if failed:  # published, a failed output would look like a finished dataset to whatever reads the storage
         context.log.warning(f"{stage.asset} is not published to the storage root: {', '.join(failed)} failed")
     else:
-        metadata["path"] = dg.MetadataValue.path(resources.storage.publish(build, stage.asset))
+        metadata.update(location_metadata(manifest, resources.storage.publish(build, stage.asset)))
     yield dg.MaterializeResult(asset_key=stage.asset, metadata=metadata, check_results=results)
-    yield from _extra_results(stage, output, manifest)
+    yield from _extra_results(stage, output, manifest, metadata["path"].value)
 
 
 def stage_asset(stage: Stage) -> dg.AssetsDefinition:

@@ -115,6 +115,9 @@ def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_pat
     for shard in local["shards"]:
         assert fs.size(f"/clip-curation-test/builds/b1/raw_pairs/{shard['name']}") == shard["bytes"]
     assert metadata["up_to_date"].value is False
+    # Every path shown is the published one, not a node-local staging path beside the bucket's.
+    assert metadata["shard_paths"].value == [f"memory://clip-curation-test/builds/b1/raw_pairs/{shard['name']}"
+                                             for shard in local["shards"]]
 
     # A no-op rerun says so and uploads nothing; an overwrite with fewer shards leaves no stale one remote.
     put = []
@@ -148,8 +151,9 @@ def test_a_remote_root_gets_the_stage_output_with_its_manifest(instance, tmp_pat
                                                                              "demo_shard_rows": 20}}}})
     assert not failed.success and (tmp_path / "staging" / "b2" / "raw_pairs" / "manifest.json").is_file()
     assert not fs.exists("/clip-curation-test/builds/b2")
-    assert failed.asset_materializations_for_node("raw_pairs")[0].metadata["path"].value == str(
-        tmp_path / "staging" / "b2" / "raw_pairs")
+    kept_local = failed.asset_materializations_for_node("raw_pairs")[0].metadata
+    assert kept_local["path"].value == str(tmp_path / "staging" / "b2" / "raw_pairs")
+    assert all(path.startswith(str(tmp_path / "staging" / "b2")) for path in kept_local["shard_paths"].value)
 
 
 def test_a_model_output_is_published_once_with_its_file_list_last(tmp_path, monkeypatch):
