@@ -2,7 +2,9 @@
 
 Each stage module defines `demo_flags(workdir) -> list[str]` with the flags
 that make it demo-sized; the demo chains the stages, feeding each the
-previous stage's output.
+previous stage's output. A `--stages` subset feeds each of its stages the
+output of the stage before it in the pipeline where that output exists (from
+an earlier demo run), else the newest one before that, down to the pool.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 from curation.demo_data import generate
+from curation.shards import is_complete
 from pipelines.common import StageConfigMismatch
 from training.config import RunMismatch
 
@@ -34,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval", type=int, default=500, help="Labelled held-out images.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", default=",".join(s for s, _, _ in STEPS),
-                        help="Comma-separated stages to run (default: all).")
+                        help="Comma-separated stages to run (default: all); each reads the newest finished "
+                             "output of the stages before it in the pipeline, else the generated pool.")
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(",")) - {stage for stage, _, _ in STEPS}
     if unknown:
@@ -54,10 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     wanted = set(args.stages.split(","))
     current = data / "pool"
     for stage, module_name, out_name in STEPS:
+        output = workdir / out_name
         if stage not in wanted:
+            if is_complete(output):  # a stage left out: the one after it reads what an earlier run made
+                current = output
             continue
         module = importlib.import_module(module_name)
-        output = workdir / out_name
         flags = ["--input", str(current), "--output", str(output), "--seed", str(args.seed), *module.demo_flags(workdir)]
         start = time.perf_counter()
         print(f"[demo] {stage}: {' '.join(flags)}")

@@ -86,3 +86,31 @@ def test_the_demo_starts_training_over_when_its_run_was_made_from_other_data(tmp
     (tmp_path / "demo" / "classes.json").write_text("[]")
     demo.main(["--workdir", str(tmp_path), "--stages", "train"])
     assert [c[-1] for c in calls] == ["2", "--overwrite"] and "redoing it" in capsys.readouterr().out
+
+
+def test_a_demo_stage_subset_reads_the_output_of_the_stage_before_it(tmp_path, monkeypatch):
+    """`--stages caption` captioned the raw pool, not the finished outputs of the stages before it."""
+    import sys
+    import types
+
+    from pipelines import demo
+
+    inputs = {}
+
+    def stage(name):
+        job = types.ModuleType(f"fake_{name}")
+        job.demo_flags = lambda workdir: []
+        job.main = lambda flags: inputs.setdefault(name, flags[flags.index("--input") + 1])
+        monkeypatch.setitem(sys.modules, job.__name__, job)
+        return name, job.__name__, f"{name}_out"
+
+    monkeypatch.setattr(demo, "STEPS", tuple(stage(name) for name in ("a", "b", "c", "d")))
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "classes.json").write_text("[]")
+    (tmp_path / "a_out").mkdir()
+    (tmp_path / "a_out" / "manifest.json").write_text("{}")
+    (tmp_path / "b_out").mkdir()  # unfinished: no manifest
+    demo.main(["--workdir", str(tmp_path), "--stages", "c"])
+    assert inputs == {"c": str(tmp_path / "a_out")}
+    demo.main(["--workdir", str(tmp_path), "--stages", "a"])
+    assert inputs["a"] == str(tmp_path / "demo" / "pool")
