@@ -314,7 +314,8 @@ def plot_contact_sheet(samples: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _counts_table(rows: list[dict]) -> list[str]:
+def _counts_table(rows: list[dict], exported: int) -> list[str]:
+    """The upstream stages' counts, then export's own row (it refuses bad input: nothing rejected or dropped)."""
     if not rows:
         return [f"Stage counts: {NOT_AVAILABLE} (no upstream manifest reachable from the input)."]
     lines = ["| stage | rows in | rows out | rejected | dropped, no reject | rejected by reason |",
@@ -323,6 +324,7 @@ def _counts_table(rows: list[dict]) -> list[str]:
         reasons = ", ".join(f"{k}: {v}" for k, v in row["by_reason"].items()) or "-"
         lines.append(f"| {row['stage']} | {row['rows_in']} | {row['rows_out']} | {row['rejected']} | "
                      f"{row['dropped']} | {reasons} |")
+    lines.append(f"| export | {exported} | {exported} | 0 | 0 | - |")
     return lines + ["", "Dropped, no reject: for balance, the pairs MetaCLIP's draw did not keep (the curation "
                         "itself); for any other stage it should be 0, and anything else is rows the stage "
                         "manifests do not account for."]
@@ -342,8 +344,7 @@ def write_datacard(output: str | Path, *, records: list[StageRecord], export_sum
              "", "## Counts at every stage", "",
              "Read from the manifest of each upstream stage (followed through each stage's recorded input): "
              + (", ".join(f"`{r.directory}`" for r in records) or "none") + ".", ""]
-    lines += _counts_table(counts)
-    lines += [f"| export | {export_summary['rows']} | {export_summary['rows']} | 0 | - |"] if counts else []
+    lines += _counts_table(counts, export_summary["rows"])
 
     lines += ["", "## Entry counts before and after balancing", ""]
     curves = entry_count_curves(records)

@@ -91,6 +91,8 @@ def test_write_datacard_with_every_section_available(tmp_path):
         assert (out / plot).is_file() and f"]({plot})" in text
     assert "| ingest | 100 | 90 | 10 | 0 | empty_caption: 6, undecodable_image: 4 |" in text
     assert "| balance | 90 | 40 | 0 | 50 | - |" in text
+    # Export's row ends the table (it sat below the footnote, outside it, one cell short).
+    assert "| caption | 40 | 40 | 0 | 0 | - |\n| export | 20 | 20 | 0 | 0 | - |\n\nDropped, no reject" in text
     assert "top before: [50, 30, 2], top after: [10, 10, 2]" in text
     assert "Accepted 60 of 80 generated rewrites (75.0%)" in text and "| echo | 15 | 18.8% |" in text
     assert card["caption_lengths"]["alt_text"] == {"count": 20, "mean": 5.7, "median": 6.0, "p95": 9.0}
