@@ -32,7 +32,7 @@ FIGURES: dict[str, Figure] = {
     "export_mb_per_core_s": Figure(10.0, "MB/s/core",
                                    "measured: benchmarks/bench_export.py, whole stage incl. data card"),
     "rewrites_per_caption": Figure(4, "rewrites", "LaCLIP's k"),
-    "rewrite_new_tokens": Figure(25, "tokens/rewrite", "demo: 24 new tokens at most; alt-text length"),
+    "rewrite_new_tokens": Figure(25, "tokens/rewrite", "demo: 20 new tokens at most; alt-text length"),
     "rewrite_tokens_per_gpu_s": Figure(3000, "new tokens/s/GPU",
                                        "assumption: vLLM 0.32, 8B instruct model, H100, batched, prefix cache"),
     "caption_images_per_gpu_s": Figure(40, "images/s/GPU", "assumption: vLLM 0.32, ~7B VLM, H100, 48-token captions"),

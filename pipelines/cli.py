@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"clip-curation: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if argv is None:
+        # Beam's options classes parse with argparse's default prog, sys.argv[0]: this way the usage line
+        # of `clip-curation balance --help` names the stage, as demo's and train's own parsers do.
+        sys.argv[0] = f"clip-curation {stage}"
     importlib.import_module(STAGES[stage][0]).main(rest)
     return 0
 

@@ -38,7 +38,9 @@ class ShardStageOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
         # Not argparse-required: Beam parses every options class against every pipeline's flags.
-        parser.add_argument("--input", help="Directory of input Parquet shards (required).")
+        parser.add_argument("--input", help="Directory of the previous stage's Parquet shards (required); for "
+                                            "ingest, raw Parquet shards, an img2dataset output folder or an "
+                                            "image folder (or --url_list instead).")
         parser.add_argument("--output", help="Directory for this stage's shards and manifest (required).")
         parser.add_argument("--seed", type=int, default=0, help="Seed for every random choice of the stage.")
         parser.add_argument("--batch_rows", type=int, default=512, help="Rows per record batch between steps.")

@@ -79,7 +79,7 @@ class TrainConfig:
     fused_optimizer: bool = opt(False, "stable_spam's Triton kernels, or torch's fused AdamW, instead of foreach "
                                        "ops; fused AdamW skips a non-finite step on the GPU without a host sync")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
-    max_bad_steps: int = opt(5, "NaN/inf losses in a row before the run stops")
+    max_bad_steps: int = opt(5, "steps in a row with a NaN/inf loss or gradient norm before the run stops")
 
     # Checkpoints and resume.
     checkpoint_every: int = opt(100, "steps between checkpoints")

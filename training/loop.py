@@ -48,7 +48,8 @@ EVAL_SECONDS = "eval_seconds"
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many non-finite losses in a row; the message names the checkpoint of the last good weights."""
+    """Too many steps in a row with a non-finite loss or gradient norm; the message names the checkpoint of
+    the last good weights."""
 
 
 @dataclass
@@ -315,7 +316,8 @@ class _Run:
                 progress.close()
                 first, late = report.stopped_at - config.max_bad_steps + 1, at > report.stopped_at
                 raise TrainingDiverged(
-                    f"{config.max_bad_steps} non-finite losses in a row (steps {first}..{report.stopped_at}); "
+                    f"{config.max_bad_steps} steps in a row with a non-finite loss or gradient norm "
+                    f"(steps {first}..{report.stopped_at}); "
                     f"training stopped{f' at step {at}, the steps after skipped' if late else ''}. No bad step "
                     f"changed the weights; the last good weights are in {path or last_checkpoint}. "
                     f"Lower --lr, raise --warmup_steps or --grad_clip, or check the data, then resume: a resume "

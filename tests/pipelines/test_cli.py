@@ -26,6 +26,14 @@ def test_entry_point_runs_demo_ingest(tmp_path):
     assert verify_manifest(tmp_path / "raw_pairs")["rows"] > 100
 
 
+def test_a_stages_help_names_the_stage_in_its_usage_line():
+    """It said `usage: clip-curation [-h] ...`, which fails when copied."""
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "balance", "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: clip-curation balance [-h]") and "--metadata" in proc.stdout
+
+
 def test_a_misspelt_flag_is_refused_before_any_work(tmp_path):
     """Beam keeps a flag it does not know: --rewrite_modle ran the default model, without a word."""
     import pytest

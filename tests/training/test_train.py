@@ -89,7 +89,8 @@ def _nan_at(monkeypatch, calls: set[int]) -> None:
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(raw_pairs, tmp_path, monkeypatch):
     _nan_at(monkeypatch, {2, 4, 5, 6})
-    with pytest.raises(loop.TrainingDiverged, match=r"3 non-finite losses in a row .*steps 4\.\.6") as info:
+    with pytest.raises(loop.TrainingDiverged,
+                       match=r"3 steps in a row with a non-finite loss or gradient norm .*steps 4\.\.6") as info:
         loop.train(_config(raw_pairs, tmp_path / "nan", steps=20, max_bad_steps=3, gradient_checkpointing=True))
     checkpoint = tmp_path / "nan" / "checkpoints" / "step-0000006"
     assert str(checkpoint) in str(info.value)
@@ -230,8 +231,9 @@ def test_a_late_stop_still_keeps_the_last_good_weights(raw_pairs, tmp_path, monk
     """Counters are read every 4 steps: the run learns at step 8 of a stop at step 5, and steps 6..8 changed nothing."""
     reference = loop.train(_config(raw_pairs, tmp_path / "two", steps=20, stop_after_steps=2))
     _nan_at(monkeypatch, {3, 4, 5})
-    with pytest.raises(loop.TrainingDiverged, match=r"3 non-finite losses in a row \(steps 3\.\.5\); training stopped "
-                                                    r"at step 8") as info:
+    with pytest.raises(loop.TrainingDiverged,
+                       match=r"3 steps in a row with a non-finite loss or gradient norm \(steps 3\.\.5\); "
+                             r"training stopped at step 8") as info:
         loop.train(_config(raw_pairs, tmp_path / "late", steps=20, max_bad_steps=3, log_every=4))
     checkpoint = tmp_path / "late" / "checkpoints" / "step-0000008"
     assert str(checkpoint) in str(info.value)
