@@ -291,9 +291,11 @@ def test_bad_shards_are_refused_before_training(raw_pairs, tmp_path):
     with pytest.raises(SchemaError, match="fused_caption"):
         inspect_shards(raw_pairs, ["fused_caption"])
 
-    def null_caption(table, shard):
+    def null_caption(table, shard):  # as another tool writes it: a nullable caption column with a null
         captions = table.column("caption").to_pylist()
-        return _set_column(table, "caption", captions[:5] + [None] + captions[6:]) if shard == 1 else table
+        index = table.schema.get_field_index("caption")
+        return table.set_column(index, pa.field("caption", pa.string()),
+                                pa.array(captions[:5] + [None] + captions[6:], pa.string())) if shard == 1 else table
 
     _write_variant(raw_pairs, tmp_path / "nullcaption", null_caption)
     with pytest.raises(SchemaError, match=r"1 row\(s\) have no caption.*part-00001\.parquet, column 'caption', row 6"):
