@@ -13,6 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OPTIMIZERS = ("adamw", "stable_spam", "spam")
+QUANTIZE = ("none", "int4", "fp4_e2m1", "fp4_e1m2")  # training.optim.quant.FORMATS, without importing torch here
+
+# What 0 ("the optimizer's own") resolves to. Stable-SPAM and SPAM take their paper's (../shared/spec): betas
+# (0.9, 0.999) and eps 1e-8 (Stable-SPAM) or 1e-6 (SPAM); AdamW takes CLIP's recipe (beta2 0.98, eps 1e-6).
+OWN_BETA2 = {"stable_spam": 0.999, "spam": 0.999, "adamw": 0.98}
+OWN_EPS = {"stable_spam": 1e-8, "spam": 1e-6, "adamw": 1e-6}
+# Stable-SPAM's two settings from the paper: its 4-bit runs and its BF16 (full-precision) runs.
+STABLE_SPAM_4BIT = {"spam_gamma1": 0.7, "spam_gamma2": 0.9, "spam_theta": 0.999, "momentum_reset_interval": 500}
+STABLE_SPAM_BF16 = {"spam_gamma1": 0.85, "spam_gamma2": 0.99999, "spam_theta": 0.999, "momentum_reset_interval": 1000}
+SPAM_RESET_INTERVAL = 500
 
 
 class RunMismatch(ValueError):
@@ -70,14 +80,23 @@ class TrainConfig:
     lr: float = opt(5e-4, "peak learning rate")
     weight_decay: float = opt(0.2, "decoupled weight decay (not on gains, biases, logit scale)")
     beta1: float = opt(0.9, "Adam beta1")
-    beta2: float = opt(0.98, "Adam beta2")
-    eps: float = opt(1e-6, "Adam epsilon")
+    beta2: float = opt(0.0, "Adam beta2; 0: the optimizer's own (stable_spam and spam 0.999, their paper's; "
+                            "adamw 0.98, CLIP's)")
+    eps: float = opt(0.0, "Adam epsilon; 0: the optimizer's own (stable_spam 1e-8, spam and adamw 1e-6)")
     warmup_steps: int = opt(20, "linear warmup steps before the cosine decay")
     grad_clip: float = opt(1.0, "0 disables clipping")
     optimizer: str = opt("stable_spam", "from training.optim; adamw is torch's own")
     optimizer_state_bits: int = opt(32, "stable_spam/spam moments stored in 32, 8 or 4 bits (blockwise)")
     fused_optimizer: bool = opt(False, "stable_spam's Triton kernels, or torch's fused AdamW, instead of foreach "
                                        "ops; fused AdamW skips a non-finite step on the GPU without a host sync")
+    quantize: str = opt("none", "4-bit training, as Stable-SPAM's paper: none | int4 | fp4_e2m1 | fp4_e1m2 for the "
+                                "weights and activations of both towers' linear layers (the projections stay in "
+                                "full precision; the saved model holds the full-precision master weights)")
+    spam_gamma1: float = opt(0.0, "stable_spam's AdaClip EMA; 0: the paper's, 0.7 with --quantize, else 0.85")
+    spam_gamma2: float = opt(0.0, "stable_spam's AdaGN EMA; 0: the paper's, 0.9 with --quantize, else 0.99999")
+    spam_theta: float = opt(0.0, "stable_spam's EMA of the clipping threshold (gamma3); 0: the paper's 0.999")
+    momentum_reset_interval: int = opt(0, "steps between momentum resets (stable_spam, spam); 0: the paper's, "
+                                          "500 for spam and for stable_spam with --quantize, else 1000")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
     max_bad_steps: int = opt(5, "steps in a row with a NaN/inf loss or gradient norm before the run stops")
 
@@ -112,7 +131,9 @@ class TrainConfig:
             # A negative clip norm would flip the gradient's sign in clip_grad_norm_: gradient ascent.
             "grad_clip": self.grad_clip >= 0 and math.isfinite(self.grad_clip),
             "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1,
-            "eps": self.eps > 0,
+            "eps": self.eps >= 0 and math.isfinite(self.eps), "quantize": self.quantize in QUANTIZE,
+            "spam_gamma1": 0 <= self.spam_gamma1 < 1, "spam_gamma2": 0 <= self.spam_gamma2 < 1,
+            "spam_theta": 0 <= self.spam_theta < 1, "momentum_reset_interval": self.momentum_reset_interval >= 0,
             "max_bad_steps": self.max_bad_steps >= 1, "checkpoint_every": self.checkpoint_every >= 1,
             "keep_checkpoints": self.keep_checkpoints >= 1, "stop_after_steps": self.stop_after_steps >= 0,
             "optimizer": self.optimizer in OPTIMIZERS, "precision": self.precision in ("auto", "bf16", "fp32"),
@@ -135,6 +156,20 @@ class TrainConfig:
                              "--online_curation --t T")
         if self.fused_ratio + self.synthetic_ratio > 1.0:
             raise ValueError(f"fused_ratio + synthetic_ratio must be <= 1, got {self.fused_ratio + self.synthetic_ratio}")
+        self._resolve_optimizer_settings()
+
+    def _resolve_optimizer_settings(self) -> None:
+        """Fill every 0 ("the optimizer's own") with its value, so the run's recorded config, and what a resume
+        compares, say what was trained with. A setting the chosen optimizer has not is refused, not ignored."""
+        own = {"stable_spam": STABLE_SPAM_4BIT if self.quantize != "none" else STABLE_SPAM_BF16,
+               "spam": {"momentum_reset_interval": SPAM_RESET_INTERVAL}, "adamw": {}}[self.optimizer]
+        foreign = [name for name in STABLE_SPAM_4BIT if name not in own and getattr(self, name)]
+        if foreign:
+            raise ValueError(f"--{', --'.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a setting of "
+                             f"--optimizer {self.optimizer}")
+        for name, value in {**own, "beta2": OWN_BETA2[self.optimizer], "eps": OWN_EPS[self.optimizer]}.items():
+            if not getattr(self, name):
+                setattr(self, name, value)
 
     @property
     def classes_path(self) -> Path | None:

@@ -138,7 +138,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     model_config = clip_config(config.preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                image_size=image_size, context_length=context_length)
-    model = build_model(model_config, config.seed).to(d.device)
+    model = build_model(model_config, config.seed, config.quantize).to(d.device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     towers = ClipTowers(model)

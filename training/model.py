@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
+from training.optim import QuantConfig, quantize_model
+
+# The towers' output heads: left out of 4-bit training.
+PROJECTIONS = ("visual_projection", "text_projection")
+
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
 
@@ -59,11 +64,20 @@ def clip_config(preset: str, *, vocab_size: int, bos_token_id: int, eos_token_id
                       logit_scale_init_value=LOGIT_SCALE_INIT)
 
 
-def build_model(config: CLIPConfig, seed: int) -> CLIPModel:
-    """A freshly initialised CLIPModel; the seed fixes the initial weights."""
+def build_model(config: CLIPConfig, seed: int, quantize: str = "none") -> CLIPModel:
+    """A freshly initialised CLIPModel; the seed fixes the initial weights.
+
+    `quantize` (int4, fp4_e2m1, fp4_e1m2) fake-quantizes the weights and activations of both towers' linear
+    layers in the forward pass, as Stable-SPAM's 4-bit training does (training.optim.quantize_model). The
+    projections stay in full precision, as the paper leaves a model's output head; patch and token
+    embeddings are no linear layers. The parameters stay the full-precision master weights, so checkpoints
+    and `save_pretrained` hold a plain CLIPModel's.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
+    if quantize != "none":
+        quantize_model(model, QuantConfig(weight_format=quantize, act_format=quantize, exclude=PROJECTIONS))
     return model
 
 

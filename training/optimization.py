@@ -30,7 +30,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     groups = param_groups(model, config.weight_decay)
     options = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
     if config.optimizer != "adamw":
-        options["state_bits"] = config.optimizer_state_bits
+        options.update(state_bits=config.optimizer_state_bits, reset_interval=config.momentum_reset_interval)
+    if config.optimizer == "stable_spam":
+        options.update(gamma1=config.spam_gamma1, gamma2=config.spam_gamma2, theta=config.spam_theta)
     if config.fused_optimizer:
         options["fused"] = True
     return build_optimizer(config.optimizer, groups, **options)

@@ -41,6 +41,37 @@ def test_unsupported_optimizer_settings_fail_before_training(settings):
         TrainConfig(**settings)
 
 
+def test_each_optimizer_gets_its_papers_settings_unless_given():
+    """The trainer gave Stable-SPAM AdamW's CLIP betas and eps (0.98, 1e-6), and the paper's 4-bit gamma1,
+    gamma2 and reset interval to a run in full precision, with no way to change them."""
+    def options(**kw):
+        group = make_optimizer(model(), TrainConfig(**kw)).param_groups[0]
+        return {k: group[k] for k in ("betas", "eps", "gamma1", "gamma2", "theta", "reset_interval") if k in group}
+
+    assert options() == dict(betas=(0.9, 0.999), eps=1e-8, gamma1=0.85, gamma2=0.99999, theta=0.999,
+                             reset_interval=1000)  # the spec's BF16 runs
+    assert options(quantize="int4") == dict(betas=(0.9, 0.999), eps=1e-8, gamma1=0.7, gamma2=0.9, theta=0.999,
+                                            reset_interval=500)  # its 4-bit runs
+    assert options(optimizer="spam") == dict(betas=(0.9, 0.999), eps=1e-6, reset_interval=500)
+    assert options(optimizer="adamw") == dict(betas=(0.9, 0.98), eps=1e-6)  # CLIP's recipe
+    assert options(beta2=0.95, eps=1e-7, spam_gamma1=0.5, spam_gamma2=0.6, spam_theta=0.7,
+                   momentum_reset_interval=9) == dict(betas=(0.9, 0.95), eps=1e-7, gamma1=0.5, gamma2=0.6,
+                                                       theta=0.7, reset_interval=9)
+    for settings in (dict(optimizer="adamw", spam_gamma1=0.5), dict(optimizer="spam", spam_theta=0.9),
+                     dict(optimizer="adamw", momentum_reset_interval=100)):
+        with pytest.raises(ValueError, match="not a setting of --optimizer"):
+            TrainConfig(**settings)
+    with pytest.raises(ValueError, match="quantize='int8'"):
+        TrainConfig(quantize="int8")
+
+
+def test_the_quantize_choices_are_the_quantizers_formats():
+    from training.config import QUANTIZE
+    from training.optim.quant import FORMATS
+
+    assert set(QUANTIZE) == {"none", *FORMATS}
+
+
 def test_param_groups_skip_frozen_parameters():
     net = model()
     net[0].weight.requires_grad_(False)

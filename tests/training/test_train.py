@@ -336,3 +336,29 @@ def test_the_bpe_learns_from_the_texts_the_run_samples_only(raw_pairs, tmp_path)
         loop.train(_config(variant, output, steps=1, use_rewrites=use_rewrites))
         vocabulary = AutoTokenizer.from_pretrained(output).get_vocab()
         assert any("zzqx" in token for token in vocabulary) == use_rewrites
+
+
+def test_quantize_trains_the_towers_in_4_bit_and_saves_full_precision_weights(raw_pairs, tmp_path, monkeypatch):
+    """Stable-SPAM is made for 4-bit training, and the trainer had no way to run it."""
+    from training import model as model_module
+    from training.optim import quantized_layers
+
+    built = []
+    real = model_module.build_model
+    monkeypatch.setattr(loop, "build_model", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    run = dict(steps=4, checkpoint_every=2, log_every=1)
+    full = loop.train(_config(raw_pairs, tmp_path / "full", **run))
+    four = loop.train(_config(raw_pairs, tmp_path / "int4", quantize="int4", **run))
+    layers = quantized_layers(built[-1])
+    assert not quantized_layers(built[0]) and layers
+    assert not any(name.endswith(("visual_projection", "text_projection")) for name in layers)
+    assert {name.split(".")[0] for name in layers} == {"vision_model", "text_model"}
+    assert math.isfinite(four.metrics["final_loss"]) and four.metrics["bad_steps"] == 0
+    losses = [MetricsLog.series(tmp_path / name / "metrics.csv", "loss")[0][1] for name in ("full", "int4")]
+    assert losses[0] != losses[1]  # the same first batch and weights: only the 4-bit forward differs
+    # The saved model is a plain CLIPModel with the master weights; the run continues only in 4 bits.
+    assert load_file(tmp_path / "int4" / "model.safetensors").keys() == load_file(
+        tmp_path / "full" / "model.safetensors").keys()
+    assert type(CLIPModel.from_pretrained(tmp_path / "int4").text_model.encoder.layers[0].mlp.fc1) is torch.nn.Linear
+    with pytest.raises(ValueError, match="quantize"):
+        loop.train(_config(raw_pairs, tmp_path / "int4", **{**run, "steps": 6}))

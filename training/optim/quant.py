@@ -211,7 +211,8 @@ class QuantLinear(nn.Linear):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config, device="meta")
         layer.weight = linear.weight
         layer.bias = linear.bias
-        return layer
+        # A model swapped while in eval mode stays there: stochastic rounding only while training.
+        return layer.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config

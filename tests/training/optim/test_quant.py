@@ -194,6 +194,16 @@ def test_the_output_head_is_quantized_only_when_asked():
     assert quantized_layers(quantize_model(plain(), QuantConfig(quantize_head=True, exclude=("body",)))) == ["lm_head"]
 
 
+def test_a_model_swapped_in_eval_mode_stays_deterministic():
+    """The new layers came up in training mode, so stochastic rounding stayed on in an evaluation."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)).eval()
+    quantize_model(model, QuantConfig(stochastic_round=True))
+    assert not any(layer.training for layer in model.modules())
+    x = torch.randn(8, 16)
+    assert torch.equal(model(x), model(x))
+    assert all(layer.training for layer in quantize_model(nn.Sequential(nn.Linear(16, 16)).train()).modules())
+
+
 @pytest.mark.parametrize("kwargs", [dict(weight_format="int8"), dict(act_format="fp8"), dict(weight_group=0),
                                     dict(act_rounding="ceil"),
                                     dict(outliers=-1), dict(outliers=300), dict(weight_group=256.0),
