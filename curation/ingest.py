@@ -11,6 +11,7 @@ keeps the screening verdict, and each quality filter says which one it was.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -133,8 +134,10 @@ def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str,
         row_number = row.get(ORIGIN_LINE, place) if control else place
         where = (row.get(ORIGIN_FILE) if control else None) or file
         given = row.get(config.key_column)
-        # A made key keeps the 0-based row it always had: counting it from 1 would rename every such pair.
-        key = str(given) if given not in (None, "") else f"{source}-{row_offset + i:09d}"
+        # A made key names its shard: row r of every shard of a keyless input made the same key, so all
+        # but the first shard's were renamed, and an identical row at the same index dropped as a repeat.
+        # The row stays 0-based, as it always was.
+        key = str(given) if given not in (None, "") else f"{source}-{Path(file).stem}-{row_offset + i:09d}"
         verdict = _early_reject(row, control)
         if verdict is not None:
             rejected.append(reject(key, STAGE, verdict[0], verdict[1], where, row_number))

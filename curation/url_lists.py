@@ -76,10 +76,28 @@ def list_files(path: str | Path, fmt: str | None = None) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise UrlListError(f"{path}: no such URL list")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
-                   and known_format(p) is not None and (fmt is None or known_format(p) == fmt))
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
     if not files:
         raise UrlListError(f"{path}: directory holds no URL list files")
+    # Every file is read, or the run is refused naming it: a skipped file (a .csv.gz beside the .csv, a .tsv
+    # under --url_list_format csv) lost its rows without a word. --url_list_format names the format of
+    # files whose extension does not say; one whose extension says another format is refused.
+    def read_as_list(p: Path) -> bool:
+        return known_format(p) is not None if fmt is None else known_format(p) in (None, fmt)
+
+    unread = [p.name for p in files if not read_as_list(p)]
+    if unread:
+        raise UrlListError(f"{path}: {', '.join(unread[:5])}{', ...' if len(unread) > 5 else ''}: "
+                           + (f"not {fmt} by its extension, and --url_list_format {fmt} reads every file of the "
+                              f"directory" if fmt else "the extension names no URL list format (csv, tsv, jsonl, "
+                              "parquet); pass --url_list_format, or move the file out") + " (names starting with "
+                           "'.' or '_' are left out)")
+    # A made key is <file stem>-<line>: a.csv and a.tsv would make the same keys.
+    stems: dict[str, str] = {}
+    for p in files:
+        if (other := stems.setdefault(p.stem, p.name)) != p.name:
+            raise UrlListError(f"{path}: {other} and {p.name} share the stem {p.stem!r}, from which keys of rows "
+                               f"without one are made; rename one")
     return files
 
 
@@ -170,9 +188,12 @@ def _read_delimited(path: Path, required: tuple[str, ...], delimiter: str, colum
             raise UrlListError(f"{path}: line 1: no header row")
         header = first[1]
     _missing(path, header, required, 0 if columns else 1)
+    if repeated := sorted({name for name in header if header.count(name) > 1}):  # dict(zip()) kept the last
+        where = "--url_list_columns" if columns else "line 1"
+        raise UrlListError(f"{path}: {where}: column name(s) {repeated} repeated; each column needs its own name")
     for line, fields in records:
-        if not fields:
-            continue  # a blank line
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue  # a blank line, or one of spaces
         if len(fields) != len(header):
             raise UrlListError(f"{path}: line {line}: {len(fields)} fields, but {len(header)} "
                                f"columns are named (broken quoting or a stray delimiter?)")
@@ -204,8 +225,12 @@ def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[ListRow]:
-    """Lines end at "\n" only, as JSON Lines has it: a bare "\r" is JSON whitespace, not a line end."""
-    first = True
+    """Lines end at "\n" only, as JSON Lines has it: a bare "\r" is JSON whitespace, not a line end.
+
+    A record without a required field is a row like any other (its pair is rejected as a blank URL or
+    caption); a list in which no record has one is refused, at its end."""
+    seen: set[str] = set()
+    first = 0
     with open(path, newline="\n", **TEXT_ENCODING) as f:
         for number, text in enumerate(f, start=1):
             if not text.strip():
@@ -216,10 +241,12 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[ListRow]:
                 raise UrlListError(f"{path}: line {number}: not valid JSON: {exc}") from exc
             if not isinstance(values, dict):
                 raise UrlListError(f"{path}: line {number}: expected a JSON object, got {type(values).__name__}")
-            if first:
-                _missing(path, list(values), required, number)
-                first = False
+            first = first or number
+            seen.update(values)
             yield ListRow(str(path), number, values)
+    if first and (never := [c for c in required if c not in seen]):
+        raise UrlListError(f"{path}: no record has column(s) {never}; found {sorted(seen)}. Name them with "
+                           f"--url_column / --caption_column.")
 
 
 def _read_parquet(path: Path, required: tuple[str, ...]) -> Iterator[ListRow]:

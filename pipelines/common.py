@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from curation.failed_checks import verify_input
 from curation.rejects import REJECT_SCHEMA, count_reasons
-from curation.schema import PAIR_SCHEMA
+from curation.schema import PAIR_SCHEMA, SchemaError
 from curation.shards import (
     STAGE_CONFIG, ManifestError, atomic_write_bytes, finished_shards, info_for, is_complete, read_manifest,
     refuse_unfinished, remove_stale_temps, shard_name, shard_paths, verify_manifest, write_manifest,
@@ -263,11 +263,21 @@ class ReadShardBatches(beam.PTransform):
 def _read_shard(item: tuple[int, str], batch_rows: int, columns: list[str] | None):
     """The shard's batches, of `columns` this file has (a stage column it lacks is the reader's to fill)."""
     index, path = item
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:  # Beam's own message names no file
+        raise SchemaError(f"not a readable Parquet file ({exc})", file=str(path)) from exc
     if columns is not None:
         columns = [c for c in columns if c in parquet.schema_arrow.names]
     offset = 0
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+    batches = parquet.iter_batches(batch_size=batch_rows, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as exc:  # a damaged page past the footer
+            raise SchemaError(f"unreadable after row {offset} ({exc})", file=str(path)) from exc
+        if batch is None:
+            break
         yield index, (path, offset, batch)
         offset += batch.num_rows
     if offset == 0:

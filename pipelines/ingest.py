@@ -43,7 +43,9 @@ from curation.ingest import (
 from curation.output_lock import output_lock
 from curation.rejects import rejects_table
 from curation.schema import KeyTracker, SchemaError
-from curation.shards import file_identity, files_fingerprint, finished_shards, read_table, shard_paths
+from curation.shards import (
+    file_identity, files_fingerprint, finished_shards, is_complete, read_table, shard_paths,
+)
 from curation.url_lists import Layout, is_url_list, list_files
 from pipelines.common import (
     REJECTS_DIR, ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, kept_manifest, refuse_overlap,
@@ -297,8 +299,23 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
             shard_rows=options.list_shard_rows, before_writing=record))
         return str(staging / "list"), config, recorded, {"kind": kind, "name": _named(options.input).name}
     config = config_from(options)
+    refuse_unread_parquet(Path(options.input))
     # A row's own `source` text wins; otherwise the directory's name, one value for the whole input.
     return options.input, config, asdict(config), {"kind": kind, "name": Path(options.input).resolve().name}
+
+
+def refuse_unread_parquet(folder: Path) -> None:
+    """A folder without a manifest, read by its part-NNNNN shards, that also holds other Parquet files: their
+    rows were never read, without a word. (A manifest names the shards: files beside them, such as balance's
+    entry counts, are no rows.)"""
+    if not folder.is_dir() or is_complete(folder):
+        return
+    read = {path.name for path in shard_paths(folder)}
+    unread = sorted(p.name for p in folder.glob("*.parquet") if not p.name.startswith(".") and p.name not in read)
+    if unread:
+        raise ValueError(f"{STAGE}: {folder} holds Parquet files beside its part-NNNNN.parquet shards that would "
+                         f"not be read ({', '.join(unread[:5])}{', ...' if len(unread) > 5 else ''}): name every "
+                         f"shard part-NNNNN.parquet, or move the others out")
 
 
 def _download(source: dict, staging: Path) -> dict:

@@ -40,7 +40,7 @@ def test_csv_tsv_jsonl_and_parquet_read_the_same_rows(tmp_path):
     ("fields.csv", "url,caption\nhttp://a/1,ok,extra\n", r"fields.csv: line 2: 3 fields, but 2 columns are named"),
     ("span.csv", 'url,caption\nhttp://a/1,"two\nlines",extra\n', r"span.csv: line 2: 3 fields, but 2 columns"),
     ("bad.jsonl", '{"url": "http://a/1", "caption": "x"}\n{"url": \n', r"bad.jsonl: line 2: not valid JSON"),
-    ("cols.jsonl", '{"link": "http://a/1", "caption": "x"}\n', r"cols.jsonl: line 1: missing column\(s\) \['url'\]"),
+    ("cols.jsonl", '{"link": "http://a/1", "caption": "x"}\n', r"cols.jsonl: no record has column\(s\) \['url'\]"),
 ])
 def test_broken_lists_name_the_file_and_line(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
@@ -203,3 +203,49 @@ def test_a_list_column_named_like_a_staged_one_is_refused(tmp_path):
     config = ListConfig(str(tmp_path / "list.csv"), url_column="URL", caption_column="TEXT")
     with pytest.raises(UrlListError, match=r"line 2: column\(s\) \['caption', 'status'\] would be overwritten"):
         stage_url_list(config, tmp_path / "list", tmp_path / "fetch")
+
+
+def test_a_repeated_header_name_and_a_line_of_spaces(tmp_path):
+    """url,caption,caption kept the last caption and lost the first; one stray space stopped the build."""
+    (tmp_path / "dup.csv").write_text("url,caption,caption\nhttp://a/1,first,second\n")
+    with pytest.raises(UrlListError, match=r"dup.csv: line 1: column name\(s\) \['caption'\] repeated"):
+        rows(tmp_path / "dup.csv")
+    (tmp_path / "spaces.tsv").write_text("url\tcaption\nhttp://a/1\tone\n  \nhttp://a/2\ttwo\n \n")
+    assert [(r.line, r.values["caption"]) for r in rows(tmp_path / "spaces.tsv")] == [(2, "one"), (4, "two")]
+
+
+def test_a_jsonl_record_without_a_field_is_a_row_and_a_list_without_it_is_refused(tmp_path):
+    """The first record alone decided: without a caption it refused the whole list, while the same gap on a
+    later record was one row's reject."""
+    (tmp_path / "l.jsonl").write_text('{"url": "http://a/1"}\n{"url": "http://a/2", "caption": "x"}\n')
+    assert [r.values.get("caption") for r in rows(tmp_path / "l.jsonl")] == [None, "x"]
+    (tmp_path / "none.jsonl").write_text('{"url": "http://a/1"}\n{"url": "http://a/2"}\n')
+    with pytest.raises(UrlListError, match=r"none.jsonl: no record has column\(s\) \['caption'\]"):
+        rows(tmp_path / "none.jsonl")
+
+
+def test_every_file_of_a_list_directory_is_read_or_the_run_is_refused(tmp_path):
+    """A .csv.gz beside the .csv, or a .tsv under --url_list_format csv, was skipped without a word; a
+    directory of .txt lists with the format given was refused as holding none; a.csv and a.tsv made the
+    same keys."""
+    from curation.url_lists import list_files
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "a.csv").write_text("url,caption\nhttp://a/1,x\n")
+    (lists / "_SUCCESS").write_text("")
+    assert [p.name for p in list_files(lists)] == ["a.csv"]
+    (lists / "b.csv.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(UrlListError, match=r"b.csv.gz: the extension names no URL list format"):
+        list_files(lists)
+    (lists / "b.csv.gz").unlink()
+    (lists / "c.txt").write_text("url,caption\nhttp://a/2,y\n")
+    assert [p.name for p in list_files(lists, "csv")] == ["a.csv", "c.txt"]
+    (lists / "d.tsv").write_text("url\tcaption\n")
+    with pytest.raises(UrlListError, match=r"d.tsv: not csv by its extension"):
+        list_files(lists, "csv")
+    (lists / "c.txt").unlink()
+    (lists / "a.tsv").write_text("url\tcaption\nhttp://a/3\tz\n")
+    (lists / "d.tsv").unlink()
+    with pytest.raises(UrlListError, match=r"a.csv and a.tsv share the stem 'a'"):
+        list_files(lists)

@@ -1,0 +1,57 @@
+"""Ingest over a user's own Parquet shards: keys made for keyless rows, files beside the shards, damaged files."""
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curation.schema import SchemaError
+from curation.shards import read_table
+from pipelines import ingest
+
+
+def _jpeg(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_keys_made_for_keyless_shards_name_their_shard(tmp_path):
+    """Row r of every shard made the same key: all but the first shard's were renamed, and an identical row
+    at the same index was dropped as a duplicate key even with content dedup off."""
+    (tmp_path / "in").mkdir()
+    red, blue, green = _jpeg((200, 0, 0)), _jpeg((0, 0, 200)), _jpeg((0, 200, 0))
+    pq.write_table(pa.table({"caption": ["a red cat", "a blue dog"], "image": [red, blue]}),
+                   tmp_path / "in" / "part-00000.parquet")
+    pq.write_table(pa.table({"caption": ["a red cat", "a green bird"], "image": [red, green]}),
+                   tmp_path / "in" / "part-00001.parquet")
+    result = ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                         "--no_dedup_sha256", "--no_dedup_url"])
+    assert result.rejects == {} and result.manifest["stats"]["renamed_keys"] == 0
+    assert read_table(result.output).column("key").to_pylist() == [
+        "in-part-00000-000000000", "in-part-00000-000000001", "in-part-00001-000000000", "in-part-00001-000000001"]
+
+
+def test_parquet_files_the_shards_leave_out_are_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    table = pa.table({"key": ["a"], "caption": ["a red square"], "image": [_jpeg((200, 0, 0))]})
+    pq.write_table(table, tmp_path / "in" / "part-00000.parquet")
+    pq.write_table(table, tmp_path / "in" / "extra-2024.parquet")
+    with pytest.raises(ValueError, match=r"beside its part-NNNNN.parquet shards that would not be read "
+                                         r"\(extra-2024.parquet\)"):
+        ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "in" / "part-00000.parquet").unlink()  # files named otherwise are all read
+    assert ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]).rows == 1
+
+
+def test_a_damaged_input_shard_is_named(tmp_path):
+    """Beam's error said only "Parquet magic bytes not found", naming no file."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"key": ["a"], "caption": ["a red square"], "image": [_jpeg((200, 0, 0))]}),
+                   tmp_path / "in" / "part-00000.parquet")
+    (tmp_path / "in" / "part-00001.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(SchemaError, match=r"not a readable Parquet file .*part-00001\.parquet"):
+        ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
