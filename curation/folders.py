@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from curation.ingest import ORIGIN_FILE, ORIGIN_LINE, SCREEN_DETAIL, SCREEN_REASON
 from curation.rejects import Reason
-from curation.shards import finished_shards, shard_name, write_parts_atomic
+from curation.schema import SchemaError
+from curation.shards import finished_shards, is_complete, shard_name, shard_paths, write_parts_atomic
 from curation.url_lists import UrlListError, read_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -157,3 +158,25 @@ def stage_image_folder(folder: Path, list_dir: Path, *, captions_file: Path | No
                 before_writing()
             write_parts_atomic(parts, schema, list_dir / name)
     return shards
+
+
+def refuse_unread_parquet(folder: Path) -> None:
+    """A folder without a manifest, read by its part-NNNNN shards, that also holds other Parquet files: their
+    rows were never read, without a word. (A manifest names the shards: files beside them, such as balance's
+    entry counts, are no rows.)"""
+    if not folder.is_dir() or is_complete(folder):
+        return
+    read = {path.name for path in shard_paths(folder)}
+    unread = sorted(p.name for p in folder.glob("*.parquet") if not p.name.startswith(".") and p.name not in read)
+    if unread:
+        raise ValueError(f"ingest: {folder} holds Parquet files beside its part-NNNNN.parquet shards that would "
+                         f"not be read ({', '.join(unread[:5])}{', ...' if len(unread) > 5 else ''}): name every "
+                         f"shard part-NNNNN.parquet, or move the others out")
+
+
+def readable_schema(path: str) -> pa.Schema:
+    """The file's Arrow schema, or a SchemaError naming it."""
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:  # before any work, naming the file pyarrow's message leaves out
+        raise SchemaError(f"not a readable Parquet file ({exc})", file=path) from exc

@@ -125,9 +125,7 @@ def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str,
     list line staging recorded. `control`: the columns staging and img2dataset wrote (their verdicts are
     honoured, and they are not carried); empty for a user's own shards."""
     config.check_columns(batch.schema, file)
-    own = {config.key_column, config.url_column, config.caption_column, config.image_column}
-    extras = [f for f in batch.schema if f.name not in own and f.name not in PAIR_FIELDS
-              and f.name not in control]
+    extras = extra_fields(batch.schema, config, control)
     pairs, rejected = [], []
     for i, row in enumerate(batch.to_pylist()):
         place = row_offset + i + 1
@@ -160,6 +158,48 @@ def normalise_batch(batch: pa.RecordBatch, config: IngestConfig, *, source: str,
     schema = pa.schema([*CORE_FIELDS, *extras, pa.field(INPUT_ROW, pa.int64()), pa.field(ORIGIN_FILE, pa.string()),
                         pa.field(ORIGIN_LINE, pa.int64())])
     return conform(pa.Table.from_pylist(pairs, schema=schema)), rejects_table(rejected)
+
+
+def extra_fields(schema: pa.Schema, config: IngestConfig, control: frozenset[str]) -> list[pa.Field]:
+    """The input columns that ride along: neither one a flag names, nor a pair column, nor staging's."""
+    own = {config.key_column, config.url_column, config.caption_column, config.image_column}
+    return [f for f in schema if f.name not in own and f.name not in PAIR_FIELDS and f.name not in control]
+
+
+def extras_schema(schemas: list[tuple[str, pa.Schema]], config: IngestConfig, control: frozenset[str],
+                  always: tuple[pa.Field, ...] = ()) -> pa.Schema:
+    """One type for each extra column over the whole input (file, schema), plus `always`.
+
+    Each output shard had the extras of its own input shard: a JSONL field only some rows have, or an extra
+    all null in one shard (type null), gave shards of other columns, and pyarrow.dataset, reading by the
+    first file's schema, dropped such columns without a word. Types Arrow can widen are widened; others
+    are refused, naming the column and two files."""
+    found: dict[str, tuple[pa.Field, str]] = {field.name: (field, "") for field in always}
+    for file, schema in schemas:
+        for field in extra_fields(schema, config, control):
+            if field.name not in found:
+                found[field.name] = (field, file)
+                continue
+            known, where = found[field.name]
+            try:
+                widened = pa.unify_schemas([pa.schema([known]), pa.schema([field])], promote_options="permissive")
+            except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+                raise SchemaError(f"extra column holds {known.type} in {where or 'this stage'} and {field.type} "
+                                  f"here; cast it to one type in every shard", file=file, column=field.name) from exc
+            kept = widened.field(0)
+            found[field.name] = (kept, where if kept.type.equals(known.type) else file)
+    return pa.schema([field for field, _ in found.values()])
+
+
+def with_extras(table: pa.Table, extras: pa.Schema) -> pa.Table:
+    """The table with every extra column of the input, in one order and type (missing ones as nulls)."""
+    for field in extras:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        elif not table.schema.field(field.name).type.equals(field.type):
+            index = table.column_names.index(field.name)
+            table = table.set_column(index, field, table.column(index).cast(field.type))
+    return table.select([c for c in table.column_names if c not in extras.names] + extras.names)
 
 
 def filter_counts(rejects: pa.Table) -> dict[str, int]:

@@ -35,16 +35,19 @@ from curation.download import (
     DownloadConfig, ListConfig, download_stats, downloads_by_list_shard, drop_torn_shards, join_downloads,
     read_downloads, run_img2dataset, stage_url_list, unfinished_shards,
 )
-from curation.folders import check_img2dataset_folder, image_files, input_kind, stage_image_folder, tar_images
+from curation.folders import (
+    check_img2dataset_folder, image_files, input_kind, readable_schema, refuse_unread_parquet, stage_image_folder,
+    tar_images,
+)
 from curation.ingest import (
     ERROR, IMG2DATASET_COLUMNS, INPUT_ROW, INTERNAL_COLUMNS, ORIGIN_FILE, ORIGIN_LINE, STAGE, STAGED_COLUMNS, STATUS,
-    IngestConfig, QualityFilters, duplicate_counts, filter_counts, normalise_batch,
+    IngestConfig, QualityFilters, duplicate_counts, extras_schema, filter_counts, normalise_batch, with_extras,
 )
 from curation.output_lock import output_lock
 from curation.rejects import rejects_table
 from curation.schema import KeyTracker, SchemaError
 from curation.shards import (
-    file_identity, files_fingerprint, finished_shards, is_complete, read_table, shard_paths,
+    file_identity, files_fingerprint, finished_shards, read_table, shard_paths,
 )
 from curation.url_lists import Layout, is_url_list, list_files
 from pipelines.common import (
@@ -201,7 +204,7 @@ def _content_losers(group, near_dup_bits: int):
         yield loser.shard, ("loser", loser)
 
 
-def _write_deduped(item, output: str) -> dict:
+def _write_deduped(item, output: str, extras: pa.Schema) -> dict:
     index, grouped = item
     pairs, rejects = [], []
     for kind, table in grouped["parts"]:
@@ -213,7 +216,7 @@ def _write_deduped(item, output: str) -> dict:
     # A duplicate's reject names the file and row it came from, as every other reject of ingest does.
     kept, duplicates = drop_duplicates(table, losers, stage=STAGE, source=None, order_by=INPUT_ROW,
                                        origin=(ORIGIN_FILE, ORIGIN_LINE))
-    return write_stage_shard(output, index, kept.drop_columns(list(INTERNAL_COLUMNS)),
+    return write_stage_shard(output, index, with_extras(kept.drop_columns(list(INTERNAL_COLUMNS)), extras),
                              pa.concat_tables([*rejects, duplicates]))
 
 
@@ -302,20 +305,6 @@ def _prepare_source(options: IngestOptions, output: Path) -> tuple[str, IngestCo
     refuse_unread_parquet(Path(options.input))
     # A row's own `source` text wins; otherwise the directory's name, one value for the whole input.
     return options.input, config, asdict(config), {"kind": kind, "name": Path(options.input).resolve().name}
-
-
-def refuse_unread_parquet(folder: Path) -> None:
-    """A folder without a manifest, read by its part-NNNNN shards, that also holds other Parquet files: their
-    rows were never read, without a word. (A manifest names the shards: files beside them, such as balance's
-    entry counts, are no rows.)"""
-    if not folder.is_dir() or is_complete(folder):
-        return
-    read = {path.name for path in shard_paths(folder)}
-    unread = sorted(p.name for p in folder.glob("*.parquet") if not p.name.startswith(".") and p.name not in read)
-    if unread:
-        raise ValueError(f"{STAGE}: {folder} holds Parquet files beside its part-NNNNN.parquet shards that would "
-                         f"not be read ({', '.join(unread[:5])}{', ...' if len(unread) > 5 else ''}): name every "
-                         f"shard part-NNNNN.parquet, or move the others out")
 
 
 def _download(source: dict, staging: Path) -> dict:
@@ -409,6 +398,9 @@ def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestC
     """Normalise every shard (dedup, keys included, is global), dedup, and write the missing shards."""
     todo = {index for index, _ in plan.todo}
     every = [(index, str(path)) for index, path in enumerate(shard_paths(input_dir))]
+    # Every output shard gets the same columns, original_key (set where a key was renamed) among them.
+    extras = extras_schema([(path, readable_schema(path)) for _, path in every], config,
+                           CONTROL_BY_KIND.get(source["kind"], STAGED_COLUMNS), (pa.field(RENAMED_COLUMN, pa.string()),))
     with pipeline_for(options, test_pipeline) as p:
         normalised = (p | ReadShardBatches(every, options.batch_rows)
                       | "Normalise" >> beam.FlatMap(_normalise, config, source))
@@ -426,7 +418,7 @@ def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestC
         parts = normalised | "PartsToWrite" >> beam.Filter(lambda kv: kv[0] in todo)
         _ = ({"parts": parts, "verdicts": verdicts}
              | "ByShard" >> beam.CoGroupByKey()
-             | "Write" >> beam.Map(_write_deduped, str(plan.output)))
+             | "Write" >> beam.Map(_write_deduped, str(plan.output), extras))
 
 
 def demo_flags(workdir: Path) -> list[str]:

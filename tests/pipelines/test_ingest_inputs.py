@@ -55,3 +55,29 @@ def test_a_damaged_input_shard_is_named(tmp_path):
     (tmp_path / "in" / "part-00001.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(SchemaError, match=r"not a readable Parquet file .*part-00001\.parquet"):
         ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+
+
+def test_every_output_shard_has_the_same_extra_columns(tmp_path):
+    """Each output shard carried its own input shard's extras: one without a column, or with it all null
+    (type null), gave shards of other schemas, and pyarrow.dataset dropped those columns without a word."""
+    import pyarrow.dataset as ds
+
+    (tmp_path / "in").mkdir()
+    colours = [(200, 0, 0), (0, 0, 200), (0, 200, 0)]
+    extras = [{"license": pa.nulls(1)}, {"license": pa.array(["cc-by"]), "score": pa.array([1], pa.int32())},
+              {"score": pa.array([2], pa.int64()), "original_key": pa.array(["k"])}]
+    for i, (colour, columns) in enumerate(zip(colours, extras)):
+        pq.write_table(pa.table({"key": [f"k{i}"], "caption": [f"caption {i}"], "image": [_jpeg(colour)],
+                                 **columns}), tmp_path / "in" / f"part-0000{i}.parquet")
+    result = ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    schemas = {str(pq.read_schema(p).remove_metadata()) for p in sorted((tmp_path / "out").glob("part-*.parquet"))}
+    assert len(schemas) == 1
+    table = ds.dataset(sorted(str(p) for p in (tmp_path / "out").glob("part-*.parquet"))).to_table()
+    assert table.column("license").to_pylist() == [None, "cc-by", None]
+    assert table.schema.field("score").type == pa.int64() and table.column("score").to_pylist() == [None, 1, 2]
+    assert table.column("original_key").to_pylist() == [None, None, "k"] and result.rows == 3
+    pq.write_table(pa.table({"key": ["k9"], "caption": ["caption 9"], "image": [_jpeg((9, 9, 9))],
+                             "score": pa.array([[1]])}), tmp_path / "in" / "part-00003.parquet")
+    with pytest.raises(SchemaError, match=r"extra column holds int64 in .*part-00002.parquet and list<element: "
+                                          r"int64> here.*part-00003.parquet, column 'score'"):
+        ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2")])
