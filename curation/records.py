@@ -19,6 +19,8 @@ from curation.rejects import Reason
 # Above this many pixels an image is treated as a decompression bomb, not decoded.
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default; kept explicit so it is one place to change.
 MAX_CAPTION_CHARS = 20_000
+EXIF_ORIENTATION = 0x0112
+QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that transpose the stored pixels
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,9 @@ class Rejected:
 
 
 def image_size(data: bytes | None) -> tuple[int, int] | Rejected:
-    """Width and height of an encoded image, after fully decoding it (a truncated JPEG fails here)."""
+    """Width and height of an encoded image as it is shown, after fully decoding it (a truncated JPEG fails
+    here): an EXIF orientation that turns it a quarter (5 to 8) swaps them, as the caption stage and the
+    trainer turn the image upright before they use it."""
     if not data:
         return Rejected(Reason.EMPTY_IMAGE, "no image bytes")
     try:
@@ -39,6 +43,8 @@ def image_size(data: bytes | None) -> tuple[int, int] | Rejected:
                 if width * height > MAX_IMAGE_PIXELS:
                     return Rejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
                 im.load()
+                if im.getexif().get(EXIF_ORIENTATION, 1) in QUARTER_TURNS:
+                    width, height = height, width
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return Rejected(Reason.IMAGE_TOO_LARGE, str(exc)[:200])
     except Exception as exc:  # Pillow raises many types for broken data; all mean the same here.

@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from training.randomness import unit_uniform
 
@@ -34,7 +34,10 @@ class CorruptImage(ValueError):
 
 
 def decode(data: bytes | None) -> Image.Image:
-    """RGB image from encoded bytes; a truncated or unreadable image raises CorruptImage."""
+    """Upright RGB image from encoded bytes; a truncated or unreadable image raises CorruptImage.
+
+    Upright: turned by its EXIF orientation, as the caption stage turns it for the VLM, so a phone photo
+    does not train sideways against a caption of the upright scene."""
     if not data:
         raise CorruptImage("no image bytes")
     try:
@@ -42,7 +45,7 @@ def decode(data: bytes | None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
-        return image.convert("RGB")
+        return ImageOps.exif_transpose(image).convert("RGB")
     except Exception as exc:  # Pillow raises many types for broken data; all mean the same here.
         raise CorruptImage(f"{type(exc).__name__}: {exc}"[:200]) from exc
 

@@ -43,3 +43,15 @@ def test_caption_rejects():
     assert clean_caption(b"caf\xe9").reason == Reason.NON_UTF8_CAPTION
     assert clean_caption("x" * 101, max_chars=100).reason == Reason.CAPTION_TOO_LONG
     assert clean_caption("café 🔥".encode()) == "café 🔥"
+
+
+def test_a_quarter_turned_photo_reports_its_upright_size():
+    """Ingest reported the stored 48x40 of a photo its EXIF turns upright to 40x48, the size every later
+    stage and the trainer see."""
+    for orientation, size in ((1, (48, 40)), (3, (48, 40)), (6, (40, 48)), (8, (40, 48))):
+        image = Image.new("RGB", (48, 40), (200, 0, 0))
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", exif=exif.tobytes())
+        assert image_size(buffer.getvalue()) == size, orientation

@@ -29,3 +29,20 @@ def test_normalisation_is_openai_clips():
     config = image_processor_config(224)
     assert config["image_mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     assert config["image_std"] == pytest.approx([0.26862954, 0.26130258, 0.27577711])
+
+
+def test_decode_turns_a_photo_upright_by_its_exif_orientation():
+    """The caption stage turned it for the VLM; the trainer trained on it sideways."""
+    import io
+
+    from training.image_transforms import decode
+
+    stored = Image.new("RGB", (48, 40), (0, 0, 200))
+    stored.paste((200, 0, 0), (0, 0, 8, 40))  # a red band down the stored image's left edge
+    exif = stored.getexif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: the band runs along the top
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif.tobytes())
+    upright = decode(buffer.getvalue())
+    assert upright.size == (40, 48)
+    assert upright.getpixel((20, 2))[0] > 150 and upright.getpixel((20, 45))[2] > 150
