@@ -92,7 +92,7 @@ def timed(step: Callable[[], int], steps: int, warmup: int, device: torch.device
 
 def adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """The comparison's optimizer on every side: AdamW with the trainer's groups and betas, fused on CUDA."""
-    defaults = TrainConfig()
+    defaults = TrainConfig(optimizer="adamw")
     return build_optimizer("adamw", param_groups(model, defaults.weight_decay), lr=defaults.lr,
                            betas=(defaults.beta1, defaults.beta2), eps=defaults.eps, weight_decay=defaults.weight_decay,
                            fused=device.type == "cuda")

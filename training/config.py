@@ -184,10 +184,10 @@ class TrainConfig:
 
 
 def argparse_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per TrainConfig field, typed and defaulted from the dataclass."""
-    defaults = TrainConfig()
+    """One `--flag` per TrainConfig field, typed and defaulted from the dataclass's fields (not from an
+    instance, whose __post_init__ has already put each optimizer's own settings in place of the 0s)."""
     for f in dataclasses.fields(TrainConfig):
-        default = getattr(defaults, f.name)
+        default = f.default
         flag = f"--{f.name}"
         text = f.metadata.get("help", "")
         if isinstance(default, bool):

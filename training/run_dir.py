@@ -102,8 +102,20 @@ def resume_checkpoint(config: TrainConfig, output: Path, fingerprint: str, devic
         changed.append("online-curation probabilities (the entry counts read for --t, rebuilt since)")
     if changed:
         raise RunMismatch(f"{output} holds a run with other settings or data ({', '.join(changed)} differ); resuming "
-                         f"would mix two runs. Pass --overwrite to start over there, or use another --output.")
+                         f"would mix two runs. Pass --overwrite to start over there, or use another --output."
+                         + _before_own_settings(saved["config"], changed))
     return checkpoint
+
+
+def _before_own_settings(saved: dict, changed: list[str]) -> str:
+    """How to continue a run made before each optimizer took its paper's settings (beta2 and eps were
+    AdamW's CLIP recipe for all three, and Stable-SPAM ran its 4-bit set): its checkpoint's optimizer
+    state holds those, and loads only into an optimizer built with them."""
+    if "spam_gamma1" in saved or not {"beta2", "eps"} & set(changed):
+        return ""
+    flags = "--beta2 0.98 --eps 1e-6" + {"stable_spam": " --spam_gamma1 0.7 --spam_gamma2 0.9 "
+                                                         "--momentum_reset_interval 500"}.get(saved.get("optimizer"), "")
+    return f" It was made by a version whose optimizer settings were others; to continue it, pass {flags}."
 
 
 def trained_to_the_end(config: TrainConfig, output: Path) -> bool:

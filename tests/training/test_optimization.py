@@ -65,6 +65,22 @@ def test_each_optimizer_gets_its_papers_settings_unless_given():
         TrainConfig(quantize="int8")
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ([], dict(beta2=0.999, eps=1e-8, spam_gamma1=0.85, momentum_reset_interval=1000)),
+    (["--quantize", "int4"], dict(beta2=0.999, eps=1e-8, spam_gamma1=0.7, momentum_reset_interval=500)),
+    (["--optimizer", "spam"], dict(beta2=0.999, eps=1e-6, spam_gamma1=0.0, momentum_reset_interval=500)),
+    (["--optimizer", "adamw"], dict(beta2=0.98, eps=1e-6, spam_gamma1=0.0, momentum_reset_interval=0)),
+])
+def test_the_command_line_leaves_each_optimizer_its_own_settings(flags, expected):
+    """The flags' defaults came from a resolved TrainConfig(): every run passed Stable-SPAM's BF16 set as if
+    typed, so --optimizer adamw and spam were refused and --quantize trained with the BF16 set."""
+    from training.cli import parse_args
+    from training.config import config_from_args
+
+    config = config_from_args(parse_args(["--input", "in", "--output", "out", *flags]))
+    assert {name: getattr(config, name) for name in expected} == expected
+
+
 def test_the_quantize_choices_are_the_quantizers_formats():
     from training.config import QUANTIZE
     from training.optim.quant import FORMATS

@@ -15,7 +15,7 @@ from curation.schema import SchemaError
 from curation.shards import shard_name
 from training import loop, step
 from training.cli import demo_flags, run, summary
-from training.config import TrainConfig
+from training.config import RunMismatch, TrainConfig
 from training.metrics_log import MetricsLog
 from tests.training.fast_runs import FAST, fast_config as _config
 
@@ -362,3 +362,19 @@ def test_quantize_trains_the_towers_in_4_bit_and_saves_full_precision_weights(ra
     assert type(CLIPModel.from_pretrained(tmp_path / "int4").text_model.encoder.layers[0].mlp.fc1) is torch.nn.Linear
     with pytest.raises(ValueError, match="quantize"):
         loop.train(_config(raw_pairs, tmp_path / "int4", **{**run, "steps": 6}))
+
+
+def test_a_run_made_before_the_optimizers_took_their_papers_settings_says_how_to_continue(raw_pairs, tmp_path):
+    """Such a run recorded beta2 0.98 and eps 1e-6 and ran Stable-SPAM's 4-bit set: the same command now
+    resolves to other settings, which its optimizer state does not load into."""
+    old = dict(beta2=0.98, eps=1e-6, spam_gamma1=0.7, spam_gamma2=0.9, momentum_reset_interval=500)
+    first = loop.train(_config(raw_pairs, tmp_path / "run", steps=4, checkpoint_every=2, stop_after_steps=2, **old))
+    state = first.checkpoint / "state.json"
+    saved = json.loads(state.read_text())
+    for name in ("spam_gamma1", "spam_gamma2", "spam_theta", "momentum_reset_interval", "quantize"):
+        del saved["config"][name]  # as that version wrote it
+    state.write_text(json.dumps(saved))
+    with pytest.raises(RunMismatch, match=r"beta2, eps differ.*to continue it, pass --beta2 0.98 --eps 1e-6 "
+                                               r"--spam_gamma1 0.7 --spam_gamma2 0.9 --momentum_reset_interval 500"):
+        loop.train(_config(raw_pairs, tmp_path / "run", steps=4, checkpoint_every=2))
+    assert loop.train(_config(raw_pairs, tmp_path / "run", steps=4, checkpoint_every=2, **old)).steps == 4
