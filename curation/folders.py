@@ -174,9 +174,9 @@ def refuse_unread_parquet(folder: Path) -> None:
                          f"shard part-NNNNN.parquet, or move the others out")
 
 
-def readable_schema(path: str) -> pa.Schema:
-    """The file's Arrow schema, or a SchemaError naming it."""
+def readable_parquet(path: str) -> pq.ParquetFile:
+    """The file opened (its footer read), or a SchemaError naming it."""
     try:
-        return pq.read_schema(path)
+        return pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as exc:  # before any work, naming the file pyarrow's message leaves out
         raise SchemaError(f"not a readable Parquet file ({exc})", file=path) from exc

@@ -166,17 +166,18 @@ def extra_fields(schema: pa.Schema, config: IngestConfig, control: frozenset[str
     return [f for f in schema if f.name not in own and f.name not in PAIR_FIELDS and f.name not in control]
 
 
-def extras_schema(schemas: list[tuple[str, pa.Schema]], config: IngestConfig, control: frozenset[str],
+def extras_schema(schemas: list[tuple[str, pa.Schema, int]], config: IngestConfig, control: frozenset[str],
                   always: tuple[pa.Field, ...] = ()) -> pa.Schema:
-    """One type for each extra column over the whole input (file, schema), plus `always`.
+    """One nullable type for each extra column over the whole input (file, schema, rows), plus `always`.
 
     Each output shard had the extras of its own input shard: a JSONL field only some rows have, or an extra
     all null in one shard (type null), gave shards of other columns, and pyarrow.dataset, reading by the
     first file's schema, dropped such columns without a word. Types Arrow can widen are widened; others
-    are refused, naming the column and two files."""
+    are refused, naming the column and two files (a shard without rows only adds columns)."""
     found: dict[str, tuple[pa.Field, str]] = {field.name: (field, "") for field in always}
-    for file, schema in schemas:
+    for file, schema, rows in sorted(schemas, key=lambda item: not item[2]):  # shards with rows decide types
         for field in extra_fields(schema, config, control):
+            field = field.with_nullable(True)  # a shard without the column gets nulls there
             if field.name not in found:
                 found[field.name] = (field, file)
                 continue
@@ -184,6 +185,8 @@ def extras_schema(schemas: list[tuple[str, pa.Schema]], config: IngestConfig, co
             try:
                 widened = pa.unify_schemas([pa.schema([known]), pa.schema([field])], promote_options="permissive")
             except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+                if not rows:
+                    continue
                 raise SchemaError(f"extra column holds {known.type} in {where or 'this stage'} and {field.type} "
                                   f"here; cast it to one type in every shard", file=file, column=field.name) from exc
             kept = widened.field(0)

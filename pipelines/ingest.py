@@ -36,7 +36,7 @@ from curation.download import (
     read_downloads, run_img2dataset, stage_url_list, unfinished_shards,
 )
 from curation.folders import (
-    check_img2dataset_folder, image_files, input_kind, readable_schema, refuse_unread_parquet, stage_image_folder,
+    check_img2dataset_folder, image_files, input_kind, readable_parquet, refuse_unread_parquet, stage_image_folder,
     tar_images,
 )
 from curation.ingest import (
@@ -399,7 +399,8 @@ def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestC
     todo = {index for index, _ in plan.todo}
     every = [(index, str(path)) for index, path in enumerate(shard_paths(input_dir))]
     # Every output shard gets the same columns, original_key (set where a key was renamed) among them.
-    extras = extras_schema([(path, readable_schema(path)) for _, path in every], config,
+    files = [(path, readable_parquet(path)) for _, path in every]
+    extras = extras_schema([(path, f.schema_arrow, f.metadata.num_rows) for path, f in files], config,
                            CONTROL_BY_KIND.get(source["kind"], STAGED_COLUMNS), (pa.field(RENAMED_COLUMN, pa.string()),))
     with pipeline_for(options, test_pipeline) as p:
         normalised = (p | ReadShardBatches(every, options.batch_rows)

@@ -76,8 +76,19 @@ def test_every_output_shard_has_the_same_extra_columns(tmp_path):
     assert table.column("license").to_pylist() == [None, "cc-by", None]
     assert table.schema.field("score").type == pa.int64() and table.column("score").to_pylist() == [None, 1, 2]
     assert table.column("original_key").to_pylist() == [None, None, "k"] and result.rows == 3
+    # A column another writer declared not null, which other shards lack; a shard without rows of another type.
+    pq.write_table(pa.table({"key": ["k3"], "caption": ["caption 3"], "image": [_jpeg((3, 3, 3))], "tag": ["x"]},
+                            schema=pa.schema([("key", pa.string()), ("caption", pa.string()), ("image", pa.binary()),
+                                              pa.field("tag", pa.string(), nullable=False)])),
+                   tmp_path / "in" / "part-00003.parquet")
+    pq.write_table(pa.table({"key": pa.array([], pa.string()), "caption": pa.array([], pa.string()),
+                             "image": pa.array([], pa.binary()), "score": pa.array([], pa.string())}),
+                   tmp_path / "in" / "part-00004.parquet")
+    again = ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out1")])
+    table = read_table(again.output)
+    assert table.column("tag").to_pylist() == [None, None, None, "x"] and table.schema.field("score").type == pa.int64()
     pq.write_table(pa.table({"key": ["k9"], "caption": ["caption 9"], "image": [_jpeg((9, 9, 9))],
-                             "score": pa.array([[1]])}), tmp_path / "in" / "part-00003.parquet")
+                             "score": pa.array([[1]])}), tmp_path / "in" / "part-00005.parquet")
     with pytest.raises(SchemaError, match=r"extra column holds int64 in .*part-00002.parquet and list<element: "
-                                          r"int64> here.*part-00003.parquet, column 'score'"):
+                                          r"int64> here.*part-00005.parquet, column 'score'"):
         ingest.run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2")])
