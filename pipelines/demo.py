@@ -2,9 +2,9 @@
 
 Each stage module defines `demo_flags(workdir) -> list[str]` with the flags
 that make it demo-sized; the demo chains the stages, feeding each the
-previous stage's output. A `--stages` subset feeds each of its stages the
-output of the stage before it in the pipeline where that output exists (from
-an earlier demo run), else the newest one before that, down to the pool.
+previous stage's output. A `--stages` subset feeds its first stage the
+finished output (from an earlier demo run) of the nearest stage before it,
+else the pool, and each later one the output of the stage it ran before it.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval", type=int, default=500, help="Labelled held-out images.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", default=",".join(s for s, _, _ in STEPS),
-                        help="Comma-separated stages to run (default: all); each reads the newest finished "
-                             "output of the stages before it in the pipeline, else the generated pool.")
+                        help="Comma-separated stages to run (default: all); the first reads the finished "
+                             "output of the nearest stage before it, else the generated pool, and each later "
+                             "one the output of the stage run before it.")
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(",")) - {stage for stage, _, _ in STEPS}
     if unknown:
@@ -57,12 +58,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[demo] head concepts: {ranked[:3]}; tail: {ranked[-3:]}")
     wanted = set(args.stages.split(","))
     current = data / "pool"
+    ran = False
     for stage, module_name, out_name in STEPS:
         output = workdir / out_name
         if stage not in wanted:
-            if is_complete(output):  # a stage left out: the one after it reads what an earlier run made
+            # A stage left out before this run's first: the next reads what an earlier run made. After one
+            # has run, a left-out stage's output is of the data before it, and is passed over.
+            if not ran and is_complete(output):
                 current = output
             continue
+        ran = True
         module = importlib.import_module(module_name)
         flags = ["--input", str(current), "--output", str(output), "--seed", str(args.seed), *module.demo_flags(workdir)]
         start = time.perf_counter()

@@ -120,5 +120,7 @@ def test_a_demo_stage_subset_reads_the_output_of_the_stage_before_it(tmp_path, m
     (tmp_path / "b_out").mkdir()  # unfinished: no manifest
     demo.main(["--workdir", str(tmp_path), "--stages", "c"])
     assert inputs == {"c": str(tmp_path / "a_out")}
-    demo.main(["--workdir", str(tmp_path), "--stages", "a"])
-    assert inputs["a"] == str(tmp_path / "demo" / "pool")
+    inputs.clear()
+    (tmp_path / "b_out" / "manifest.json").write_text("{}")  # finished, but made from a's earlier output
+    demo.main(["--workdir", str(tmp_path), "--stages", "a,c"])
+    assert inputs == {"a": str(tmp_path / "demo" / "pool"), "c": str(tmp_path / "a_out")}
