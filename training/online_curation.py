@@ -140,7 +140,8 @@ def check_curation_column(shards: ShardSet, t: float) -> None:
 def check_entry_ids(shards: ShardSet, entry_p: np.ndarray) -> None:
     """Every shard's entry ids name an entry of the counts, checked before training from the footers'
     min and max (a row group without them has the column read): a counts file of other metadata is
-    refused here, and not mid-epoch, hours and checkpoints in. (keep_probabilities_of checks each batch too.)"""
+    refused here, and not mid-epoch, hours and checkpoints in. A null id, which no footer shows, is still
+    refused only per batch, by keep_probabilities_of."""
     for path in shards.file_columns:
         if "matched_entries" not in shards.file_values[path]:
             continue
