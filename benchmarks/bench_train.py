@@ -17,7 +17,9 @@ tensors for both models. Rows:
 3. the eager step with Stable-SPAM (the trainer's default optimizer), for reference;
 4. open_clip's ViT-B-32 (CUDA, when importable), eager, through the same step,
    timed right after the eager row: trainer / open_clip is the speed target (>= 1.3),
-   printed for each trainer row.
+   printed for each trainer row;
+5. the eager step with `--quantize int4` (Stable-SPAM's 4-bit training: weights and
+   activations fake-quantized in the forward pass), same AdamW: its cost against row 1.
 The demo shards are written without the pipeline (`training.demo_shards`),
 sized so that each loader worker gets several batches per epoch. Nothing
 here needs Beam or Dagster.
@@ -106,12 +108,13 @@ def make_step(towers: nn.Module, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def trainer_model(preset_name: str, vocab: int, eos: int, device: torch.device,
-                  compiled: bool) -> tuple[nn.Module, nn.Module]:
-    """(towers, model): the trainer's CLIPModel for the preset, its towers compiled if asked (as --compile does)."""
+                  compiled: bool, quantize: str = "none") -> tuple[nn.Module, nn.Module]:
+    """(towers, model): the trainer's CLIPModel for the preset, its towers compiled if asked (as --compile does),
+    4-bit if asked (as --quantize does)."""
     preset = PRESETS[preset_name]
     config = clip_config(preset_name, vocab_size=vocab, bos_token_id=0, eos_token_id=eos, pad_token_id=eos,
                          image_size=preset.image_size, context_length=preset.context_length)
-    model = build_model(config, seed=0).to(device)
+    model = build_model(config, seed=0, quantize=quantize).to(device)
     towers = ClipTowers(model)
     return (torch.compile(towers) if compiled else towers), model
 
@@ -218,6 +221,12 @@ def main() -> None:
         row("trainer eager, Stable-SPAM, synthetic", timed(lambda: spam(fetch), args.steps, args.warmup, device),
             note="the trainer's default optimizer; not part of the comparison")
         del towers, model, spam
+        towers, model = trainer_model(args.preset, vocab, eos, device, compiled=False, quantize="int4")
+        four_bit = make_step(towers, model, adamw(model, device), device, total)
+        rate = timed(lambda: four_bit(fetch), args.steps, args.warmup, device)
+        row("trainer eager, --quantize int4, synthetic", rate, note="INT4 weights and activations, same AdamW")
+        row("ratio int4 / full precision (eager)", rate / rates["eager"], "x")
+        del towers, model, four_bit
     if device.type != "cuda":
         print("no CUDA: GPU figures (ViT-B/32 batch 256 bf16, open_clip comparison) not measured")
 
