@@ -11,22 +11,16 @@ rebuilt since is judged afresh.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from curation.shards import ManifestError, atomic_write_bytes, read_manifest, verify_manifest
+from curation.shards import ManifestError, atomic_write_bytes, manifest_fingerprint, read_manifest, verify_manifest
 
 FAILED_CHECKS = "failed_checks.json"
 
 
 class FailedChecksError(ManifestError):
     """A dataset whose own quality checks failed, read as an input."""
-
-
-def manifest_fingerprint(manifest: dict) -> str:
-    """One hash of a stage output's shard checksums: the same files give the same fingerprint."""
-    return hashlib.sha256(json.dumps([s["sha256"] for s in manifest["shards"]]).encode()).hexdigest()
 
 
 def record_failed_checks(directory: str | Path, manifest: dict, failed: list[str]) -> None:

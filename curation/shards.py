@@ -246,11 +246,21 @@ class ShardWriter:
         return list(self.shards)
 
 
+def manifest_fingerprint(manifest: dict) -> str:
+    """One hash of a stage output's shard checksums: the same files give the same fingerprint."""
+    return hashlib.sha256(json.dumps([s["sha256"] for s in manifest["shards"]]).encode()).hexdigest()
+
+
 def write_manifest(directory: str | Path, *, stage: str, config: dict, shards: list[ShardInfo],
                    lineage: list[dict] | None = None, **extra) -> dict:
-    """Write manifest.json last, atomically: its presence means the stage finished."""
+    """Write manifest.json last, atomically: its presence means the stage finished.
+
+    The stage's lineage record names its shards by fingerprint, so a later stage can tell the output it
+    was made from from one rebuilt since under the same path (training's entry counts, say)."""
     directory = Path(directory)
-    own = {"stage": stage, "config": config, "code_version": __version__}
+    listed = [asdict(s) for s in shards]
+    own = {"stage": stage, "config": config, "code_version": __version__,
+           "shards_fingerprint": manifest_fingerprint({"shards": listed})}
     manifest = {
         "schema_version": PAIR_SCHEMA.metadata[b"clip_curation.schema_version"].decode(),
         "stage": stage,
@@ -259,7 +269,7 @@ def write_manifest(directory: str | Path, *, stage: str, config: dict, shards: l
         "config": config,
         "rows": sum(s.rows for s in shards),
         "bytes": sum(s.bytes for s in shards),
-        "shards": [asdict(s) for s in shards],
+        "shards": listed,
         "lineage": [*(lineage or []), own],
         **extra,
     }

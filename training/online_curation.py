@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from curation.balancing import entry_probabilities, keep_probabilities
 from curation.schema import SchemaError
-from curation.shards import STAGE_CONFIG, is_complete, read_manifest
+from curation.shards import STAGE_CONFIG, is_complete, manifest_fingerprint, read_manifest
 from training.config import TrainConfig
 from training.shard_set import ShardSet
 
@@ -46,9 +46,14 @@ BALANCE = "balance"
 MATCHING = ("metadata_sha256", "case_fold", "metaclip2_padding")
 
 
+def balance_records(source: str | Path) -> list[dict]:
+    """The balance stages' records in the input manifest's lineage."""
+    return [r for r in read_manifest(source).get("lineage", []) if r.get("stage") == BALANCE]
+
+
 def balance_configs(source: str | Path) -> list[dict]:
     """The configs of the balance stages in the input manifest's lineage."""
-    return [r.get("config") or {} for r in read_manifest(source).get("lineage", []) if r.get("stage") == BALANCE]
+    return [r.get("config") or {} for r in balance_records(source)]
 
 
 def check_not_subsampled(source: str | Path, assume_online_balanced: bool = False) -> None:
@@ -95,18 +100,24 @@ def find_entry_counts(source: str | Path) -> Path:
 
 def _check_same_matching(source: str | Path, record: StageRecord) -> None:
     """Refuse a balance output rebuilt since `source` was made from it (`--overwrite` with another metadata
-    list): its counts belong to other entry ids, and would curate every row by the wrong entries, silently."""
-    recorded = balance_configs(source)
+    list, or over another pool): its counts belong to other entry ids or other pairs, and would curate every
+    row by them, silently. The lineage names the balance output's shards by fingerprint; a lineage written
+    before it did is held to the settings the ids depend on."""
+    recorded = balance_records(source)
     if not recorded:
         return
-    made_with = {k: recorded[-1].get(k) for k in MATCHING}
-    found = {k: (record.manifest.get("config") or {}).get(k) for k in MATCHING}
-    differ = [k for k in MATCHING if made_with[k] != found[k]]
-    if differ:
-        changes = "; ".join(f"{k} {found[k]!r}, the shards' lineage {made_with[k]!r}" for k in differ)
+    if (made := recorded[-1].get("shards_fingerprint")) and made != manifest_fingerprint(record.manifest):
+        changes = "its shards are not the ones the lineage names"
+    else:
+        made_with = {k: (recorded[-1].get("config") or {}).get(k) for k in MATCHING}
+        found = {k: (record.manifest.get("config") or {}).get(k) for k in MATCHING}
+        changes = "; ".join(f"{k} {found[k]!r}, the shards' lineage {made_with[k]!r}" for k in MATCHING
+                            if made_with[k] != found[k])
+    if changes:
         raise ValueError(f"the balance output at {record.directory} was rebuilt since {source} was made from it "
-                         f"({changes}), so its entry counts number other entries. Pass --entry_counts with the "
-                         f"counts of the balance run that made these shards, or rebuild the stages after balance.")
+                         f"({changes}), so its entry counts are not those these shards were balanced by. Pass "
+                         f"--entry_counts with the counts of the balance run that made these shards, or rebuild "
+                         f"the stages after balance.")
 
 
 def entry_probabilities_for(source: str | Path, t: float, entry_counts: str = "") -> np.ndarray:

@@ -241,7 +241,31 @@ def test_counts_of_a_balance_output_rebuilt_with_other_metadata_are_refused(raw_
 
     balance.run(["--input", str(raw_pairs), "--output", str(balanced), "--metadata", str(reversed_metadata),
                  "--t", str(BALANCE_T), "--online_curation", "--overwrite"])
+    with pytest.raises(ValueError, match=r"was rebuilt since .*export was made from it \(its shards are not the "
+                                         r"ones the lineage names\)"):
+        find_entry_counts(tmp_path / "export")
+    # A lineage written before it named the shards: held to the settings the entry ids depend on.
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    for record in manifest["lineage"]:
+        record.pop("shards_fingerprint")
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"was rebuilt since .*export was made from it \(metadata_sha256 "):
         find_entry_counts(tmp_path / "export")
     p = curation_probabilities(_config(tmp_path / "export", t=5, entry_counts=str(balanced / "entry_counts.parquet")))
     assert len(p) == len(json.loads(reversed_metadata.read_text()))  # a named file is the user's word
+
+
+def test_counts_of_a_balance_output_rebuilt_over_another_pool_are_refused(raw_pairs, demo_dir, tmp_path):
+    """Same metadata, other pairs: the entry ids agree, the counts do not."""
+    from pipelines import balance, export
+
+    balanced = _balance(raw_pairs, demo_dir, tmp_path / "balanced_pairs", "--online_curation")
+    export.run(["--input", str(balanced), "--output", str(tmp_path / "export"), "--allow_small_shards"])
+    smaller = tmp_path / "smaller"
+    smaller.mkdir()
+    for shard in sorted(raw_pairs.glob("part-*.parquet"))[:2]:
+        shutil.copy(shard, smaller / shard.name)
+    balance.run(["--input", str(smaller), "--output", str(balanced), "--metadata", str(demo_dir / "metadata.json"),
+                 "--t", str(BALANCE_T), "--online_curation", "--overwrite"])
+    with pytest.raises(ValueError, match=r"its shards are not the ones the lineage names"):
+        curation_probabilities(_config(tmp_path / "export", t=5))
