@@ -150,8 +150,14 @@ class Captioner:
 
     def __init__(self, engine: VisionEngine, config: CaptionConfig):
         self.engine, self.config = engine, config
+        self.start_run()
+
+    def start_run(self) -> "Captioner":
+        """Forget the error counts of an earlier run: the captioner outlives a run in its process (a retry,
+        a notebook), and a run stopped for failing images failed the resume at its first batch."""
         self.errors_in_row = 0  # across batches: whether an image fails alone must not depend on its batch
         self.recent_errors: collections.deque[bool] = collections.deque(maxlen=ERROR_WINDOW)
+        return self
 
     def caption(self, keys: Sequence[str], images: Sequence[Image.Image], seed: int) -> list[RowCaption]:
         if len(keys) != len(images):

@@ -38,6 +38,7 @@ class InputCheck:
     stage: str
     reads: str
     columns: dict[str, Callable[[pa.DataType], bool]] = field(default_factory=dict)
+    not_null: tuple[str, ...] = ()  # columns every row must fill (read whole: text, not the image bytes)
 
     def __call__(self, paths: Iterable[Path]) -> None:
         """Raise, naming the file (and column and row), at the first shard the stage cannot read as it
@@ -63,4 +64,10 @@ class InputCheck:
                 raise SchemaError(f"no key ({column.null_count} null in all)", file=str(path), column="key",
                                   row=row + 1)
             keys.add(column.cast(pa.string()).to_pylist(), str(path))
+            for name in self.not_null:
+                values = pq.read_table(path, columns=[name]).column(name)
+                if values.null_count:
+                    row = pc.index(pc.is_null(values), True).as_py()
+                    raise SchemaError(f"no {name} ({values.null_count} null in all); {self.stage} needs one in "
+                                      f"every row", file=str(path), column=name, row=row + 1)
         keys.check()

@@ -43,7 +43,9 @@ from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_un
 
 STATS_DIR = "caption_stats"
 # Captions are joined back to their rows by key: two rows of one key would share one VeC.
-INPUT_CHECK = InputCheck(STAGE, "pair shards with images and captions", {"caption": is_text, "image": is_bytes})
+# A null alt-text crashed fusion after every image was captioned, naming no row.
+INPUT_CHECK = InputCheck(STAGE, "pair shards with images and captions", {"caption": is_text, "image": is_bytes},
+                         not_null=("caption",))
 RANDOM_MODEL_WARNING = ("WARNING: the captioner is a tiny VLM with RANDOM weights (built from a config, no real "
                         "model is available offline). Its synthetic and fused captions are meaningless word "
                         "salad that only exercises the pipeline. Pass --captioner_model with a real VLM.")
@@ -125,7 +127,7 @@ class CaptionModelHandler(ModelHandler):
         from curation.engines.vision import make_vision_engine
 
         return reused("captioner", self.config,
-                       lambda: Captioner(make_vision_engine(self.config.captioner_spec()), self.config))
+                      lambda: Captioner(make_vision_engine(self.config.captioner_spec()), self.config)).start_run()
 
     def run_inference(self, batch: Sequence[ImageRow], model: Captioner,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:

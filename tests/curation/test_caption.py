@@ -6,8 +6,8 @@ import collections
 import pytest
 from PIL import Image
 
-from curation.caption import (ERROR_WINDOW_MIN, IMAGE_ERRORS_IN_ROW, VEC_PROMPT, VLLM_SHARED_GPU, CaptionConfig,
-                              Captioner, summarise)
+from curation.caption import (ERROR_WINDOW, ERROR_WINDOW_MIN, IMAGE_ERRORS_IN_ROW, VEC_PROMPT, VLLM_SHARED_GPU,
+                              CaptionConfig, Captioner, summarise)
 from curation.engines.base import CaptionsFailed, Generation
 
 
@@ -89,6 +89,26 @@ def test_an_engine_failing_every_other_image_stops_the_run_instead_of_nulling_ha
             assert captioner.caption([f"r{row}"], images(1), seed=0)[0].stats["vec.engine_error"] == (row % 2 == 0)
     steady = Captioner(Flaky({}), CaptionConfig(captioner_model="x", engine_retries=1, engine_backoff_s=0))
     assert all(steady.caption([f"r{row}"], images(1), seed=0)[0].text for row in range(2 * ERROR_WINDOW_MIN))
+    # The captioner outlives its run in the process (pipelines.model_cache): the resume's run starts its
+    # counts afresh. Carried over, the stopped run's failures failed the resume at its first image.
+    class Healthy(ScriptedVision):
+        def caption(self, images, prompt, params):
+            return [Generation("a red circle on white", 3, 5)] * len(images)
+
+    captioner.engine = Healthy({})
+    with pytest.raises(RuntimeError, match="of the last"):
+        captioner.caption(["after"], images(1), seed=0)
+    assert captioner.start_run().caption(["after"], images(1), seed=0)[0].stats["vec.engine_error"] == 0
+
+
+def test_each_run_of_the_caption_stage_starts_the_cached_captioners_error_counts_afresh(monkeypatch):
+    from pipelines import caption as stage
+
+    dirty = Captioner(ScriptedVision({}), CaptionConfig(captioner_model="x"))
+    dirty.errors_in_row, dirty.recent_errors = 5, collections.deque([True] * 40, maxlen=ERROR_WINDOW)
+    monkeypatch.setattr(stage, "reused", lambda kind, config, load: dirty)
+    loaded = stage.CaptionModelHandler(CaptionConfig(captioner_model="x"), seed=0).load_model()
+    assert loaded is dirty and loaded.errors_in_row == 0 and not loaded.recent_errors
 
 
 def test_captions_a_failed_call_did_finish_are_kept_and_only_its_unsent_images_go_again_as_a_batch():

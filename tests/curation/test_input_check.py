@@ -41,3 +41,19 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path):
     (tmp_path / "empty.parquet").write_bytes(b"")
     with pytest.raises(SchemaError, match=r"not a readable Parquet file.*empty.parquet"):
         CHECK([tmp_path / "empty.parquet"])
+
+
+def test_a_column_every_row_must_fill_is_checked_for_nulls():
+    """The caption stage's fusion crashed on a null alt-text after every image was captioned, naming no row."""
+    import tempfile
+    from pathlib import Path
+
+    from pipelines.caption import INPUT_CHECK
+
+    with tempfile.TemporaryDirectory() as tmp:
+        good = _shard(Path(tmp) / "good.parquet", ["k1"])
+        bad = _shard(Path(tmp) / "bad.parquet", ["k2", "k3", "k4"], captions=["c", None, None])
+        CHECK([bad])  # a check without not_null lets it through
+        with pytest.raises(SchemaError, match=r"no caption \(2 null in all\); caption needs one in every row "
+                                              r"\(file .*bad.parquet, column 'caption', row 2\)"):
+            INPUT_CHECK([good, bad])
