@@ -43,7 +43,7 @@ RESOURCE_KEYS = ("storage", "beam_runner", "llm", "captioner", "gates")
 FUSION_KEY_ENV = "CLIP_CURATION_FUSION_API_KEY"
 
 
-def gpu_k8s_config(cpu: str, memory: str, gpus: int = 1) -> dict:
+def gpu_k8s_config(cpu: str, memory: str, gpus: int = 1, accelerator: str = "nvidia-l4") -> dict:
     """The dagster-k8s/config tag of a GPU step: a GPU request and a GPU node pool."""
     return {
         "container_config": {"resources": {
@@ -51,7 +51,7 @@ def gpu_k8s_config(cpu: str, memory: str, gpus: int = 1) -> dict:
             "limits": {"memory": memory, "nvidia.com/gpu": str(gpus)},
         }},
         "pod_spec_config": {
-            "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+            "node_selector": {"cloud.google.com/gke-accelerator": accelerator},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         },
     }
@@ -105,7 +105,9 @@ STAGES: tuple[Stage, ...] = (
           "Synthetic captions by the vision-language captioner, fused with the alt-text (VeCLIP).",
           engine="captioner",
           extra_checks=((checks.CAPTIONS, "Share of rows with a synthetic caption over the threshold.", True),),
-          gpu=True, k8s=gpu_k8s_config("8", "48Gi")),
+          # Two models on one device (a 7B VLM and an 8B fusion LLM, 0.45 of it each): an L4's 24 GB holds
+          # neither, an A100's 80 GB both.
+          gpu=True, k8s=gpu_k8s_config("8", "48Gi", accelerator="nvidia-a100-80gb")),
     Stage("export", "training_shards", "pipelines.export", "captioned_pairs", ExportRunConfig,
           "The training shards, their manifest (the contract with training) and a data card.", rejects=False,
           extra_checks=((checks.ROWS_CONSERVED, "The shards (and tar twins) hold every row of the upstream.", True),),

@@ -122,6 +122,9 @@ def test_helm_values_match_the_instance_and_the_code(tmp_path):
     retries = values["dagsterDaemon"]["runRetries"]
     assert {"enabled": retries["enabled"], "max_retries": retries["maxRetries"],
             "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"]} == instance["run_retries"]
+    # The chart writes storage's scheme only when postgresqlScheme is set; dagster-postgres's default,
+    # "postgresql", means psycopg 3 under SQLAlchemy 2.1, which it does not install.
+    assert values["postgresql"].get("postgresqlScheme") == instance["storage"]["postgres"]["postgres_db"]["scheme"]
 
 
 def test_gpu_stages_get_gpu_pods_through_their_k8s_tags():
@@ -157,6 +160,13 @@ def test_runner_configs_are_valid_resource_config(runner):
         assert any("worker_accelerator" in f for f in flags)
         assert any(f.startswith("--sdk_container_image=") and "gpu" in f for f in flags)
         assert not any("worker_accelerator" in f for f in BeamRunnerResource(**resource).flags("balance"))
+        # One SDK process per GPU worker (Runner v2 starts one per vCPU, each loading the model).
+        from pipelines.runner import beam_parser
+
+        for stage in ("rewrite", "caption"):
+            parsed, _ = beam_parser().parse_known_args(BeamRunnerResource(**resource).flags(stage))
+            experiments = ",".join(parsed.experiments or []).split(",")
+            assert {"use_runner_v2", "no_use_multiple_sdk_containers"} <= set(experiments), stage
 
 
 def test_images_pin_what_pyproject_and_the_makefile_pin():
@@ -179,6 +189,8 @@ def test_images_pin_what_pyproject_and_the_makefile_pin():
         images = re.findall(r"clip-curation-(?:cpu|gpu)[\w-]*:", (DEPLOY / "runners" / f"{runner}.yaml").read_text())
         assert images and all(image.endswith("-worker:") for image in images)
     assert "download.pytorch.org/whl/cpu" in cpu
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".venv-vllm", ".git"} <= set(ignored)  # 7 GB of build context after `make test`
     readme = (REPO / "README.md").read_text()
     for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
         assert f"deploy/docker/{name}" in readme
