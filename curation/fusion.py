@@ -20,7 +20,7 @@ from curation.languages import dominant_script
 from curation.names import names_in
 from curation.rewrite import clean_caption as clean_prompt_text
 from curation.validation import OutputReason, changed_fact, check_output, in_other_language, normalise
-from curation.vlm_output import WORDS, clean_vlm_output
+from curation.vlm_output import WORDS, clean_vlm_output, has_loop
 
 if TYPE_CHECKING:  # caption.py imports this module's prompts for its config and prompt hash
     from curation.caption import CaptionConfig
@@ -109,6 +109,10 @@ class Fuser:
                               echo_texts=(FUSION_INSTRUCTION, FUSION_COMPLETION_HEADER))
         if reason is not None:
             return reason
+        # The VeC's loop check: check_output catches a text that loops as a whole, not "at night at night
+        # at night" at the end of a good sentence.
+        if has_loop([w.casefold() for w in WORDS.findall(fused)]):
+            return OutputReason.REPETITIVE
         script = dominant_script(fused)
         same = [text for text in (alt_text, vec) if dominant_script(text) in (script, None)]
         if cfg.validation.check_script and script and not same:

@@ -91,7 +91,7 @@ def prepare_image(data: bytes | None, config: ImageConfig = ImageConfig()) -> Pr
                 notes.append(DECODED_AT_REDUCED_SCALE)
         im.load()
         im = _orient(im, notes)
-        im = _to_rgb(im, config.background, notes)
+        im = to_rgb(im, config.background, notes)
         im = _fit(im, config, notes)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return Rejected(Reason.IMAGE_TOO_LARGE, str(exc)[:200])
@@ -122,13 +122,21 @@ def _orient(im: Image.Image, notes: list[str]) -> Image.Image:
     return ImageOps.exif_transpose(im)
 
 
-def _to_rgb(im: Image.Image, background: tuple[int, int, int], notes: list[str]) -> Image.Image:
-    """RGB from any mode; transparent pixels are laid on `background` rather than turning black."""
-    if im.mode == "RGB":
+def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255),
+           notes: list[str] | None = None) -> Image.Image:
+    """RGB from any mode; transparent pixels are laid on `background` rather than turning black (the trainer
+    decodes this way too, so CLIP trains on the picture the VLM captioned).
+
+    A transparency colour (PNG's tRNS) counts in every mode that has one: greyscale and RGB ones turned black."""
+    notes = [] if notes is None else notes
+    transparent = "transparency" in im.info
+    if im.mode == "RGB" and not transparent:
         return im
     notes.append(MODE_CONVERTED)
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if transparent and im.mode in ("P", "L", "RGB"):
+        im = im.convert("RGBA")
+    elif im.mode == "P":
+        im = im.convert("RGB")
     elif im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit or float greyscale: scale to 8 bits by its range instead of clipping (above 255 to white;
         # a float image in [0, 1] to black).

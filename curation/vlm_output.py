@@ -57,30 +57,46 @@ def degenerate_reason(text: str, prompt: str, min_words: int = 2) -> str | None:
     words = [w.casefold() for w in WORDS.findall(text)]
     if not words:
         return Degenerate.EMPTY
-    plain, prompt_plain = " ".join(words), " ".join(w.casefold() for w in WORDS.findall(prompt))
-    prompt_head = " ".join(prompt_plain.split()[:6])
-    # As whole words: "Hat is visible" is no echo of "...what is visible".
-    if (prompt_head and f" {prompt_head} " in f" {plain} ") or (
-            len(words) >= 3 and f" {plain} " in f" {prompt_plain} "):
+    plain, prompt_words = " ".join(words), [w.casefold() for w in WORDS.findall(prompt)]
+    # As whole words: "Hat is visible" is no echo of "...what is visible". Any run of ECHO_RUN prompt words
+    # counts, not only its head: "Only mention what is visible. A dog on a beach." echoes the second sentence.
+    runs = {" ".join(prompt_words[i:i + ECHO_RUN]) for i in range(len(prompt_words) - ECHO_RUN + 1)}
+    if any(f" {run} " in f" {plain} " for run in runs) or (
+            len(words) >= 3 and f" {plain} " in f" {' '.join(prompt_words)} "):
         return Degenerate.ECHO
     if _TEMPLATE_ROLE.search(text):
         return Degenerate.ECHO
-    if _has_loop(words):
+    if has_loop(words):
         return Degenerate.REPEATED
     if len(words) < min_words:
         return Degenerate.TOO_SHORT
-    if chatter(text):
+    if chatter(text) or _NO_PICTURE.search(text):
         return Degenerate.CHATTER
     return None
 
 
-def _has_loop(words: list[str]) -> bool:
-    """A word or a 2-4 word phrase three times in a row, or a long text of few distinct words.
+# Prompt words in a row that make an output an echo of the prompt.
+ECHO_RUN = 5
+# A VLM saying it has no usable picture: an answer, not a caption ("There is no image provided.").
+_NO_PICTURE = re.compile(
+    rf"\b(?:no|without an?|not an?)\s+{_PICTURE}\s+(?:was\s+|is\s+|has been\s+)?(?:provided|given|attached|shown|"
+    rf"uploaded|included)\b|\b{_PICTURE}\s+is\s+(?:not|too)\s+(?:clear|visible|blurry|dark|small)\b|"
+    rf"\b(?:cannot|can't|unable to)\s+(?:see|view|access|open|describe)\s+(?:the|this|an?|your)\s+{_PICTURE}\b",
+    re.IGNORECASE)
+
+
+def has_loop(words: list[str]) -> bool:
+    """A word or a 2-4 word phrase three times in a row, a phrase of 5 or more words twice in a row, or a
+    long text of few distinct words.
 
     In a row only: "a red roof, a red door and a red fence" names three red things, it does not loop.
     """
     for n in (1, 2, 3, 4):
         for i in range(len(words) - 3 * n + 1):
             if words[i:i + n] == words[i + n:i + 2 * n] == words[i + 2 * n:i + 3 * n]:
+                return True
+    for n in range(5, len(words) // 2 + 1):  # "a red car parked on a street. A red car parked on a street."
+        for i in range(len(words) - 2 * n + 1):
+            if words[i:i + n] == words[i + n:i + 2 * n]:
                 return True
     return len(words) >= 10 and len(set(words)) / len(words) < 0.4

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from curation.images import to_rgb
 from training.randomness import unit_uniform
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,8 +37,8 @@ class CorruptImage(ValueError):
 def decode(data: bytes | None) -> Image.Image:
     """Upright RGB image from encoded bytes; a truncated or unreadable image raises CorruptImage.
 
-    Upright: turned by its EXIF orientation, as the caption stage turns it for the VLM, so a phone photo
-    does not train sideways against a caption of the upright scene."""
+    Upright: turned by its EXIF orientation, and transparent pixels on white, as the caption stage prepares it
+    for the VLM: a phone photo does not train sideways, nor a logo on black, against a caption of the other."""
     if not data:
         raise CorruptImage("no image bytes")
     try:
@@ -45,7 +46,7 @@ def decode(data: bytes | None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
     except Exception as exc:  # Pillow raises many types for broken data; all mean the same here.
         raise CorruptImage(f"{type(exc).__name__}: {exc}"[:200]) from exc
 

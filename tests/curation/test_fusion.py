@@ -33,6 +33,9 @@ class ScriptedText:
     ("a rusty red truck next to a wooden barn", False, OutputReason.IDENTICAL),  # the VeC unchanged
     ("Old Ford truck on our farm in Texas", False, OutputReason.IDENTICAL),  # the alt-text unchanged
     ("Sure! Here is the caption you asked for", False, OutputReason.CHATTER),
+    # A loop at the end of a good merge: the VeC's check refuses it, the fusion's own (whole-text) did not.
+    ("A rusty red Ford pickup by a barn in Texas at night at night at night at night", False,
+     OutputReason.REPETITIVE),
 ])
 def test_fusion_keeps_a_valid_merge_and_falls_back_to_the_vec_otherwise(answer, kept, reason):
     alt, vec = "Old Ford truck on our farm in Texas", "a rusty red truck next to a wooden barn"

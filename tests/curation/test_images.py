@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from curation.images import (ALPHA_FLATTENED, DECODED_AT_REDUCED_SCALE, DOWNSCALED, EXIF_ROTATED, ImageConfig,
-                             PreparedImage, prepare_image)
+                             PreparedImage, prepare_image, to_rgb)
 from curation.records import Rejected
 from curation.rejects import Reason
 
@@ -132,3 +132,21 @@ def test_every_prepared_image_fits_both_side_bounds():
     assert isinstance(out, Rejected) and out.reason == Reason.EXTREME_ASPECT_RATIO and "aspect ratio 48" in out.detail
     widest = prepared(encode(Image.new("RGB", (4800, 100)), "PNG"), config)
     assert widest.image.size == (768, 16)
+
+
+def test_a_transparency_colour_is_laid_on_the_background_in_every_mode():
+    """Only palette images read PNG's tRNS colour: transparent pixels of greyscale and RGB ones turned black,
+    and the trainer turned every transparent pixel black."""
+    from training.image_transforms import decode
+
+    for mode, colour in (("L", 0), ("RGB", (0, 0, 0)), ("P", 0)):
+        image = Image.new(mode, (32, 32), colour)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", transparency=colour)
+        assert to_rgb(Image.open(io.BytesIO(buffer.getvalue()))).getpixel((5, 5)) == (255, 255, 255), mode
+        assert decode(buffer.getvalue()).getpixel((5, 5)) == (255, 255, 255), mode
+    rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    assert decode(buffer.getvalue()).getpixel((1, 1)) == (255, 255, 255)
+    assert to_rgb(Image.new("RGB", (4, 4), (1, 2, 3))).getpixel((0, 0)) == (1, 2, 3)

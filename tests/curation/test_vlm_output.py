@@ -45,6 +45,16 @@ def test_clean_vlm_output(raw, clean):
     ("I\u2019m sorry, I can\u2019t identify the people in this image.", Degenerate.CHATTER),  # typographic quotes
     ("I'm not able to see any details in this picture", Degenerate.CHATTER),
     ("Hat is visible", None),  # "...what is visible" of the prompt holds "hat is visible", but not as words
+    # The prompt's later sentence echoed before a caption; a sentence of five or more words said twice; a
+    # VLM saying it has no usable picture: all were kept as VeCs.
+    ("Only mention what is visible. A dog on a beach.", Degenerate.ECHO),
+    ("A red car parked on a street. A red car parked on a street.", Degenerate.REPEATED),
+    ("a dog on the beach with a ball a dog on the beach with a ball", Degenerate.REPEATED),
+    ("There is no image provided.", Degenerate.CHATTER),
+    ("The image is not clear enough to describe.", Degenerate.CHATTER),
+    ("I cannot see the picture you sent.", Degenerate.CHATTER),
+    ("No photo frames hang on the bare white wall", None),
+    ("A red car parked on a street next to a red car parked on a driveway", None),  # no phrase twice in a row
 ])
 def test_degenerate_reason(text, reason):
     assert degenerate_reason(text, VEC_PROMPT) == reason
