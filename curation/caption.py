@@ -16,6 +16,7 @@ the VeCap. Both stay null when the captioner produced nothing usable.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -137,6 +138,8 @@ class RowCaption:
 
 # Each vLLM engine's share of the GPU when the captioner and the fusion LLM both run on vLLM.
 VLLM_SHARED_GPU = 0.45
+log = logging.getLogger(__name__)
+
 # Images in a row that each failed on their own: past this the captioner, not an image, is what fails.
 IMAGE_ERRORS_IN_ROW = 8
 # Over this share of the last ERROR_WINDOW images (once ERROR_WINDOW_MIN are in) failing on their own, the
@@ -176,9 +179,11 @@ class Captioner:
             still = []
             for i, out in zip(pending, outputs):
                 stats = rows[i].stats
-                if out is None:
+                if out is None:  # its request failed on its own: counted, and named for whoever asks which
                     stats["vec.engine_error"] += 1
                     stats["vec.null"] += 1
+                    log.warning("captioner %s: no VeC for key %r, its request failed after its retries; the row "
+                                "keeps a null synthetic_caption", self.engine.name, keys[i])
                     continue
                 stats["vec.requests"] += 1
                 stats["vec.prompt_tokens"] += out.prompt_tokens

@@ -101,6 +101,22 @@ def test_an_engine_failing_every_other_image_stops_the_run_instead_of_nulling_ha
     assert captioner.start_run().caption(["after"], images(1), seed=0)[0].stats["vec.engine_error"] == 0
 
 
+def test_an_image_whose_request_failed_on_its_own_is_named_in_the_log(caplog):
+    """It was only counted (vec.engine_error): which row kept a null VeC, nothing said."""
+    class FailsOnce(ScriptedVision):
+        def caption(self, images, prompt, params):
+            self.calls.append(len(images))
+            if len(self.calls) == 1:
+                raise RuntimeError("timed out")
+            return [Generation("a red circle on white", 3, 5)] * len(images)
+
+    captioner = Captioner(FailsOnce({}), CaptionConfig(captioner_model="x", engine_retries=0))
+    with caplog.at_level("WARNING", logger="curation.caption"):
+        rows = captioner.caption(["lost-key"], images(1), seed=0)
+    assert rows[0].text is None and rows[0].stats["vec.engine_error"] == 1
+    assert "no VeC for key 'lost-key'" in caplog.text
+
+
 def test_each_run_of_the_caption_stage_starts_the_cached_captioners_error_counts_afresh(monkeypatch):
     from pipelines import caption as stage
 
