@@ -149,25 +149,33 @@ def check_curation_column(shards: ShardSet, t: float) -> None:
 
 
 def check_entry_ids(shards: ShardSet, entry_p: np.ndarray) -> None:
-    """Every shard's entry ids name an entry of the counts, checked before training from the footers'
-    min and max (a row group without them has the column read): a counts file of other metadata is
-    refused here, and not mid-epoch, hours and checkpoints in. A null id, which no footer shows, is still
-    refused only per batch, by keep_probabilities_of."""
+    """Every shard's entry ids name an entry of the counts, checked before training: a counts file of other
+    metadata, or a null id, is refused here, and not mid-epoch, hours and checkpoints in. The footers'
+    min and max suffice for a row group without nulls; one with nulls (a null list or a null id, which a
+    footer does not tell apart) or without statistics has the column read."""
     for path in shards.file_columns:
         if "matched_entries" not in shards.file_values[path]:
             continue
         parquet = pq.ParquetFile(path)
         (leaf,) = [i for i in range(parquet.metadata.num_columns)
                    if parquet.schema.column(i).path.split(".")[0] == "matched_entries"]
+        first_row = 0
         for g in range(parquet.metadata.num_row_groups):
-            stats = parquet.metadata.row_group(g).column(leaf).statistics
-            if stats is not None and stats.has_min_max:
+            group = parquet.metadata.row_group(g)
+            stats = group.column(leaf).statistics
+            if stats is not None and stats.has_min_max and stats.has_null_count and not stats.null_count:
                 low, high = stats.min, stats.max
-            elif (ids := pc.list_flatten(parquet.read_row_group(g, columns=["matched_entries"])
-                                         .column("matched_entries"))).length() - ids.null_count:
-                low, high = pc.min(ids).as_py(), pc.max(ids).as_py()
             else:
-                continue
+                lists = parquet.read_row_group(g, columns=["matched_entries"]).column("matched_entries")
+                lists = lists.combine_chunks()
+                ids = pc.list_flatten(lists)
+                if ids.null_count:
+                    parent = pc.list_parent_indices(lists).to_numpy()[pc.index(pc.is_null(ids), True).as_py()]
+                    raise SchemaError("matched_entries holds a null entry id, which names no entry; balance these "
+                                      "shards again", file=path, column="matched_entries",
+                                      row=first_row + int(parent) + 1)
+                low, high = (pc.min(ids).as_py(), pc.max(ids).as_py()) if len(ids) else (0, -1)
+            first_row += group.num_rows
             if low < 0 or high >= len(entry_p):
                 raise SchemaError(f"matched_entries holds entry id {low if low < 0 else high}, which is not one of "
                                   f"the {len(entry_p)} entry counts; the counts belong to other metadata than "

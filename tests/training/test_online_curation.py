@@ -217,6 +217,22 @@ def test_entry_ids_beyond_the_counts_are_refused_before_training(online, tmp_pat
         loop.train(TrainConfig(input=str(online), output=str(tmp_path / "run"), online_curation=True, t=5,
                                entry_counts=str(_short_counts(online, tmp_path, highest.as_py())), steps=2))
     assert not (tmp_path / "run").exists()
+    # A null id (which footers do not tell from a null list) is refused here too, naming its row; a null
+    # list alone is no id at all.
+    import pyarrow as pa
+
+    nulled = tmp_path / "nulled"
+    nulled.mkdir()
+    for i, shard in enumerate(sorted(online.glob("part-*.parquet"))):
+        table = pq.read_table(shard)
+        if i == 1:
+            lists = table.column("matched_entries").to_pylist()
+            lists[0], lists[2] = None, [lists[2][0], None]
+            index = table.schema.get_field_index("matched_entries")
+            table = table.set_column(index, table.schema.field(index), pa.array(lists, table.schema.field(index).type))
+        pq.write_table(table, nulled / shard.name)
+    with pytest.raises(SchemaError, match=r"null entry id.*part-00001\.parquet, column 'matched_entries', row 3"):
+        check_entry_ids(inspect_shards(nulled, ["matched_entries"]), np.ones(highest.as_py() + 1))
 
 
 def _short_counts(online, tmp_path, entries):
