@@ -136,69 +136,55 @@ def _column_values(output: Path, column: str):
             yield from batch.column(0).to_pylist()
 
 
-def kept_per_entry(output: Path) -> collections.Counter:
-    counts: collections.Counter = collections.Counter()
-    for entries in _column_values(output, "matched_entries"):
-        counts.update(set(entries or ()))
-    return counts
+def balance_tally(output: Path, p: np.ndarray,
+                  online: bool) -> tuple[np.ndarray, np.ndarray, collections.Counter, dict]:
+    """One read of each output shard and of its pool rows' matches (`entry_matches/part-i` beside shard i):
 
-
-def expected_kept_per_entry(output: Path, counts: np.ndarray, t: float,
-                            online: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per entry, the mean and variance of how many pairs balancing keeps, from the pool's matches and the
-    entries' pool `counts`.
-
-    A pair matching entries E is kept with probability q = 1 - prod(1 - min(1, t/count_e)) (every
-    matched pair, q = 1, under online curation), and it counts for each entry in E once.
-    """
-    from curation.balancing import entry_probabilities, keep_probabilities
-    from pipelines.balance import MATCHES_COLUMN, MATCHES_DIR
-
-    p = entry_probabilities(counts, t)
-    mean, var = np.zeros(len(counts)), np.zeros(len(counts))
-    for path in finished_shards(output / MATCHES_DIR):
-        matched = pq.read_table(path, columns=[MATCHES_COLUMN]).column(MATCHES_COLUMN).combine_chunks()
-        q = np.ones(len(matched)) if online else keep_probabilities(matched, p)
-        rows = pc.list_parent_indices(matched).to_numpy(zero_copy_only=False).astype(np.int64)
-        ids = pc.list_flatten(matched).to_numpy(zero_copy_only=False).astype(np.int64)
-        pairs = np.unique(rows * len(counts) + ids)  # an entry named twice in one caption counts once
-        rows, ids = pairs // len(counts), pairs % len(counts)
-        mean += np.bincount(ids, weights=q[rows], minlength=len(counts))
-        var += np.bincount(ids, weights=q[rows] * (1 - q[rows]), minlength=len(counts))
-    return mean, var
-
-
-def kept_rows(output: Path, p: np.ndarray, online: bool) -> dict:
-    """Each kept row against its pool row's matches (`entry_matches/part-i` beside output shard i): the
-    same entries, the keep_prob they give, and (online curation, which keeps every matched pair) none
-    missing. Also the kept total against the sum of the pool's keep probabilities, the offline draw's mean.
-
-    Counted per entry alone, rows whose `matched_entries` were lost counted for nothing, and the trainer's
-    `keep_prob` was never read: a balance that kept all (or half) of an online pool at 1.0 passed.
+    - per entry, the mean and variance of how many pairs balancing keeps: a pair matching entries E is kept
+      with probability q = 1 - prod(1 - min(1, t/count_e)) (every matched pair, q = 1, under online
+      curation), and it counts for each entry in E once;
+    - per entry, how many pairs it kept;
+    - each kept row against its pool row: the same entries, the keep_prob they give, and (online curation,
+      which keeps every matched pair) none missing; and the kept total against the sum of the pool's keep
+      probabilities, the offline draw's mean. Counted per entry alone, rows whose `matched_entries` were
+      lost counted for nothing, and the trainer's `keep_prob` was never read: a balance that kept all (or
+      half) of an online pool at 1.0 passed.
     """
     from curation.balancing import keep_probabilities
     from pipelines.balance import MATCHES_COLUMN, MATCHES_DIR
 
+    mean, var, kept = np.zeros(len(p)), np.zeros(len(p)), collections.Counter()
     found = collections.Counter(kept=0, expected=0.0, variance=0.0)
     for matches, shard in zip(finished_shards(output / MATCHES_DIR), shard_paths(output)):
         pool = pq.read_table(matches, columns=["key", MATCHES_COLUMN])
         matched = pool.column(MATCHES_COLUMN).combine_chunks()
         q = keep_probabilities(matched, p)
-        rows = pq.read_table(shard, columns=["key", MATCHES_COLUMN, "keep_prob"])
-        at = pc.fill_null(pc.index_in(rows.column("key"), value_set=pool.column("key")), -1).to_numpy()
+        drawn = np.ones(len(matched)) if online else q
+        rows = pc.list_parent_indices(matched).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = pc.list_flatten(matched).to_numpy(zero_copy_only=False).astype(np.int64)
+        pairs = np.unique(rows * len(p) + ids)  # an entry named twice in one caption counts once
+        rows, ids = pairs // len(p), pairs % len(p)
+        mean += np.bincount(ids, weights=drawn[rows], minlength=len(p))
+        var += np.bincount(ids, weights=drawn[rows] * (1 - drawn[rows]), minlength=len(p))
+
+        out = pq.read_table(shard, columns=["key", MATCHES_COLUMN, "keep_prob"])
+        own = out.column(MATCHES_COLUMN).to_pylist()
+        for entries in own:
+            kept.update(set(entries or ()))
+        at = pc.fill_null(pc.index_in(out.column("key"), value_set=pool.column("key")), -1).to_numpy()
         known = at >= 0
         found["not_in_the_pool_matches"] += int((~known).sum())
-        own, pools = rows.column(MATCHES_COLUMN).to_pylist(), matched.take(pa.array(at[known])).to_pylist()
+        pools = matched.take(pa.array(at[known])).to_pylist()
         found["with_other_matched_entries"] += sum(a != b for a, b in zip((o for o, k in zip(own, known) if k), pools))
-        keep_prob = pc.fill_null(rows.column("keep_prob"), -1.0).to_numpy()[known]
+        keep_prob = pc.fill_null(out.column("keep_prob"), -1.0).to_numpy()[known]
         found["with_a_wrong_keep_prob"] += int((np.abs(keep_prob - q[at[known]]) > 1e-5).sum()
                                                + (q[at[known]] <= 0).sum())
         if online:
             found["matched_pairs_missing"] += int(len(np.setdiff1d(np.flatnonzero(q > 0), at[known])))
-        found["kept"] += rows.num_rows
+        found["kept"] += out.num_rows
         found["expected"] += float(q.sum())
         found["variance"] += float((q * (1 - q)).sum())
-    return dict(found)
+    return mean, var, kept, dict(found)
 
 
 def entries_balanced(asset: str, output: Path, t: float, slack: float, online: bool = False) -> dg.AssetCheckResult:
@@ -222,9 +208,8 @@ def entries_balanced(asset: str, output: Path, t: float, slack: float, online: b
                                    metadata={"error": f"balance left no entry counts to check: {exc}"})
     from curation.balancing import entry_probabilities
 
-    mean, var = expected_kept_per_entry(output, entries.column("count").to_numpy(), t, online)
+    mean, var, kept, rows = balance_tally(output, entry_probabilities(entries.column("count").to_numpy(), t), online)
     names = entries.column("entry").to_pylist()
-    kept = kept_per_entry(output)
     limit = mean * (1 + slack) + 4 * np.sqrt(var) + 1
 
     def described(e: int, n: int) -> tuple[str, dict]:
@@ -233,7 +218,6 @@ def entries_balanced(asset: str, output: Path, t: float, slack: float, online: b
 
     over = dict(described(e, n) for e, n in kept.items() if e >= len(limit) or n > limit[e])
     worst = kept.most_common(5)
-    rows = kept_rows(output, entry_probabilities(entries.column("count").to_numpy(), t), online)
     wrong = {k: v for k, v in rows.items() if k not in ("kept", "expected", "variance") and v}
     # Online, every matched pair is kept (a missing one is counted in `wrong`); offline the total is a sum
     # of independent draws, held to its mean as each entry is.
