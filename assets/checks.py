@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.schema import KeyTracker, SchemaError
-from curation.shards import ManifestError, finished_shards, iter_batches, shard_paths, verify_manifest
+from curation.shards import ManifestError, finished_shards, iter_batches, open_parquet, shard_paths, verify_manifest
 
 SCHEMA_VALID = "schema_valid"
 CHECKSUMS_MATCH = "manifest_checksums_match"
@@ -51,10 +51,7 @@ def _training_rows(output: Path) -> int:
     from curation.export import validate_training_table
     keys, rows = KeyTracker.new(), 0
     for path in shard_paths(output):
-        try:
-            parquet = pq.ParquetFile(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise SchemaError(f"not a readable Parquet file: {exc}", file=str(path)) from exc
+        parquet = open_parquet(path)
         validate_training_table(parquet.schema_arrow, file=str(path))
         offset = 0
         for batch in parquet.iter_batches(columns=["key"]):

@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 
 from curation.ingest import ORIGIN_FILE, ORIGIN_LINE, SCREEN_DETAIL, SCREEN_REASON
 from curation.rejects import Reason
-from curation.schema import SchemaError
 from curation.shards import finished_shards, is_complete, shard_name, shard_paths, write_parts_atomic
 from curation.url_lists import UrlListError, read_list
 
@@ -172,11 +171,3 @@ def refuse_unread_parquet(folder: Path) -> None:
         raise ValueError(f"ingest: {folder} holds Parquet files beside its part-NNNNN.parquet shards that would "
                          f"not be read ({', '.join(unread[:5])}{', ...' if len(unread) > 5 else ''}): name every "
                          f"shard part-NNNNN.parquet, or move the others out")
-
-
-def readable_parquet(path: str) -> pq.ParquetFile:
-    """The file opened (its footer read), or a SchemaError naming it."""
-    try:
-        return pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as exc:  # before any work, naming the file pyarrow's message leaves out
-        raise SchemaError(f"not a readable Parquet file ({exc})", file=path) from exc

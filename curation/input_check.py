@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.schema import KeyTracker, SchemaError
+from curation.shards import open_parquet
 
 
 def is_text(kind: pa.DataType) -> bool:
@@ -45,10 +46,7 @@ class InputCheck:
         should; then at the first key seen twice, across shards too."""
         keys = KeyTracker.new()
         for path in paths:
-            try:
-                schema = pq.read_schema(path)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise SchemaError(f"not a readable Parquet file ({exc})", file=str(path)) from exc
+            schema = open_parquet(path).schema_arrow
             wanted = {"key": is_text, **self.columns}
             missing = [name for name in wanted if name not in schema.names]
             if missing:

@@ -357,16 +357,21 @@ def shard_paths(source: str | Path | Iterable[str | Path]) -> list[Path]:
     return [Path(p) for p in source]
 
 
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    """The file opened (its footer read), or a SchemaError naming it: pyarrow's own message names no file."""
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise SchemaError(f"not a readable Parquet file ({exc})", file=str(path)) from exc
+
+
 def iter_batches(source: str | Path | Iterable[str | Path], *, columns: list[str] | None = None,
                  batch_rows: int = DEFAULT_ROW_GROUP_ROWS, check: bool = True) -> Iterator[tuple[Path, pa.RecordBatch]]:
     """Stream (shard path, record batch); with `check`, validate schema, nulls and key uniqueness on the way."""
     check = check and columns is None  # a projection cannot be checked against the whole schema
     keys = KeyTracker.new() if check else None
     for path in shard_paths(source):
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as exc:
-            raise SchemaError(f"not a readable Parquet file: {exc}", file=str(path)) from exc
+        parquet = open_parquet(path)
         offset = 0
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             if check:

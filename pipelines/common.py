@@ -24,8 +24,8 @@ from curation.failed_checks import verify_input
 from curation.rejects import REJECT_SCHEMA, count_reasons
 from curation.schema import PAIR_SCHEMA, SchemaError
 from curation.shards import (
-    STAGE_CONFIG, ManifestError, atomic_write_bytes, finished_shards, info_for, is_complete, read_manifest,
-    refuse_unfinished, remove_stale_temps, shard_name, shard_paths, verify_manifest, write_manifest,
+    STAGE_CONFIG, ManifestError, atomic_write_bytes, finished_shards, info_for, is_complete, open_parquet,
+    read_manifest, refuse_unfinished, remove_stale_temps, shard_name, shard_paths, verify_manifest, write_manifest,
     write_table_atomic,
 )
 
@@ -263,10 +263,7 @@ class ReadShardBatches(beam.PTransform):
 def _read_shard(item: tuple[int, str], batch_rows: int, columns: list[str] | None):
     """The shard's batches, of `columns` this file has (a stage column it lacks is the reader's to fill)."""
     index, path = item
-    try:
-        parquet = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as exc:  # Beam's own message names no file
-        raise SchemaError(f"not a readable Parquet file ({exc})", file=str(path)) from exc
+    parquet = open_parquet(path)  # Beam's own message names no file
     if columns is not None:
         columns = [c for c in columns if c in parquet.schema_arrow.names]
     offset = 0

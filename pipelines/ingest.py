@@ -36,8 +36,7 @@ from curation.download import (
     read_downloads, run_img2dataset, stage_url_list, unfinished_shards,
 )
 from curation.folders import (
-    check_img2dataset_folder, image_files, input_kind, readable_parquet, refuse_unread_parquet, stage_image_folder,
-    tar_images,
+    check_img2dataset_folder, image_files, input_kind, refuse_unread_parquet, stage_image_folder, tar_images,
 )
 from curation.ingest import (
     ERROR, IMG2DATASET_COLUMNS, INPUT_ROW, INTERNAL_COLUMNS, ORIGIN_FILE, ORIGIN_LINE, STAGE, STAGED_COLUMNS, STATUS,
@@ -46,9 +45,7 @@ from curation.ingest import (
 from curation.output_lock import output_lock
 from curation.rejects import rejects_table
 from curation.schema import KeyTracker, SchemaError
-from curation.shards import (
-    file_identity, files_fingerprint, finished_shards, read_table, shard_paths,
-)
+from curation.shards import file_identity, files_fingerprint, finished_shards, open_parquet, read_table, shard_paths
 from curation.url_lists import Layout, is_url_list, list_files
 from pipelines.common import (
     REJECTS_DIR, ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, kept_manifest, refuse_overlap,
@@ -399,9 +396,10 @@ def write_pipeline(options: IngestOptions, plan, input_dir: str, config: IngestC
     todo = {index for index, _ in plan.todo}
     every = [(index, str(path)) for index, path in enumerate(shard_paths(input_dir))]
     # Every output shard gets the same columns, original_key (set where a key was renamed) among them.
-    files = [(path, readable_parquet(path)) for _, path in every]
+    files = [(path, open_parquet(path)) for _, path in every]
     extras = extras_schema([(path, f.schema_arrow, f.metadata.num_rows) for path, f in files], config,
-                           CONTROL_BY_KIND.get(source["kind"], STAGED_COLUMNS), (pa.field(RENAMED_COLUMN, pa.string()),))
+                           CONTROL_BY_KIND.get(source["kind"], STAGED_COLUMNS),
+                           (pa.field(RENAMED_COLUMN, pa.string()),))
     with pipeline_for(options, test_pipeline) as p:
         normalised = (p | ReadShardBatches(every, options.batch_rows)
                       | "Normalise" >> beam.FlatMap(_normalise, config, source))

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from curation.export import TRAINING_COLUMNS, validate_training_table
 from curation.schema import PAIR_FIELDS, SCHEMA_VERSION_KEY, SchemaError
 from curation.failed_checks import verify_input
-from curation.shards import is_complete, read_manifest, refuse_unfinished, shard_paths
+from curation.shards import is_complete, open_parquet, read_manifest, refuse_unfinished, shard_paths
 from training.randomness import unit_uniform
 
 REQUIRED_COLUMNS = ("key", "image", "caption")
@@ -132,10 +132,7 @@ def inspect_shards(source: str | Path, needed: Iterable[str] = ()) -> ShardSet:
     units, present, file_columns, file_values = [], set(), {}, {}
     for path in paths:
         filled: set[str] = set()
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as exc:
-            raise SchemaError(f"not a readable Parquet file: {exc}", file=str(path)) from exc
+        parquet = open_parquet(path)
         schema = parquet.schema_arrow
         check_schema_version(schema.metadata, str(path))
         missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
