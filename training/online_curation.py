@@ -36,7 +36,7 @@ from curation.balancing import entry_probabilities, keep_probabilities
 from curation.schema import SchemaError
 from curation.shards import STAGE_CONFIG, is_complete, manifest_fingerprint, read_manifest
 from training.config import TrainConfig
-from training.shard_set import ShardSet
+from training.shard_set import ShardSet, column_leaves
 
 if TYPE_CHECKING:
     from curation.datacard import StageRecord
@@ -157,8 +157,7 @@ def check_entry_ids(shards: ShardSet, entry_p: np.ndarray) -> None:
         if "matched_entries" not in shards.file_values[path]:
             continue
         parquet = pq.ParquetFile(path)
-        (leaf,) = [i for i in range(parquet.metadata.num_columns)
-                   if parquet.schema.column(i).path.split(".")[0] == "matched_entries"]
+        (leaf,) = column_leaves(parquet, "matched_entries")
         first_row = 0
         for g in range(parquet.metadata.num_row_groups):
             group = parquet.metadata.row_group(g)

@@ -83,14 +83,14 @@ def column_has_values(parquet: pq.ParquetFile, column: str) -> bool:
     metadata = parquet.metadata
     for g in range(metadata.num_row_groups):
         group = metadata.row_group(g)
-        for leaf in _leaves(parquet, column):
+        for leaf in column_leaves(parquet, column):
             stats = group.column(leaf).statistics
             if stats is None or not stats.has_null_count or stats.num_values > 0:
                 return True
     return False
 
 
-def _leaves(parquet: pq.ParquetFile, column: str) -> list[int]:
+def column_leaves(parquet: pq.ParquetFile, column: str) -> list[int]:
     """The footer's column chunks that hold `column` (one for a flat column, several for a nested one)."""
     metadata = parquet.metadata
     leaves = [i for i in range(metadata.num_columns)
@@ -101,7 +101,7 @@ def _leaves(parquet: pq.ParquetFile, column: str) -> list[int]:
 def null_count(parquet: pq.ParquetFile, column: str) -> int:
     """Nulls in a flat column, from the footer's statistics; a row group written without them (pyarrow's
     `write_statistics=False`) has that column read, so a null is found here and not mid-epoch in a worker."""
-    (leaf,) = _leaves(parquet, column)
+    (leaf,) = column_leaves(parquet, column)
     nulls = 0
     for g in range(parquet.metadata.num_row_groups):
         stats = parquet.metadata.row_group(g).column(leaf).statistics
