@@ -56,16 +56,12 @@ class InputCheck:
                 if not test(kind := schema.field(name).type):
                     raise SchemaError(f"column holds {kind}, which {self.stage} cannot read", file=str(path),
                                       column=name)
-            column = pq.read_table(path, columns=["key"]).column("key")
-            if column.null_count:
-                row = pc.index(pc.is_null(column), True).as_py()
-                raise SchemaError(f"no key ({column.null_count} null in all)", file=str(path), column="key",
-                                  row=row + 1)
-            keys.add(column.cast(pa.string()).to_pylist(), str(path))
-            for name in self.not_null:
+            for name in ("key", *self.not_null):  # each column read once, alone
                 values = pq.read_table(path, columns=[name]).column(name)
                 if values.null_count:
                     row = pc.index(pc.is_null(values), True).as_py()
                     raise SchemaError(f"no {name} ({values.null_count} null in all); {self.stage} needs one in "
                                       f"every row", file=str(path), column=name, row=row + 1)
+                if name == "key":
+                    keys.add(values.cast(pa.string()).to_pylist(), str(path))
         keys.check()
