@@ -230,7 +230,7 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[ListRow]:
     A record without a required field is a row like any other (its pair is rejected as a blank URL or
     caption); a list in which no record has one is refused, at its end."""
     seen: set[str] = set()
-    first = 0
+    any_record = False
     with open(path, newline="\n", **TEXT_ENCODING) as f:
         for number, text in enumerate(f, start=1):
             if not text.strip():
@@ -241,10 +241,10 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[ListRow]:
                 raise UrlListError(f"{path}: line {number}: not valid JSON: {exc}") from exc
             if not isinstance(values, dict):
                 raise UrlListError(f"{path}: line {number}: expected a JSON object, got {type(values).__name__}")
-            first = first or number
+            any_record = True
             seen.update(values)
             yield ListRow(str(path), number, values)
-    if first and (never := [c for c in required if c not in seen]):
+    if any_record and (never := [c for c in required if c not in seen]):
         raise UrlListError(f"{path}: no record has column(s) {never}; found {sorted(seen)}. Name them with "
                            f"--url_column / --caption_column.")
 
