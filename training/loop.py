@@ -16,6 +16,7 @@ an earlier run left there.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from curation.output_lock import output_lock
 from curation.shards import atomic_write_bytes, is_complete, verify_manifest
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, restore_interrupted_save, save_checkpoint
@@ -98,7 +100,11 @@ def train(config: TrainConfig) -> TrainResult:
         raise ValueError("train: --input and --output are required")
     d = distributed.setup(timedelta(minutes=config.dist_timeout_minutes))
     try:
-        return _train(config, d)
+        with contextlib.ExitStack() as held:
+            # A second run on the same output would interleave checkpoints and metrics rows with this one's,
+            # or wipe them (--overwrite) while this one writes: rank 0 holds the output for the whole run.
+            distributed.on_main(d, lambda: held.enter_context(output_lock(config.output, "train")))
+            return _train(config, d)
     finally:
         distributed.teardown(d)
 

@@ -123,3 +123,16 @@ def test_a_folder_holding_only_the_orchestrators_sentinel_is_the_trainers_to_ove
     assert run_dir.is_trainer_output(tmp_path)
     (tmp_path / "notes.txt").write_text("someone's")
     assert not run_dir.is_trainer_output(tmp_path)
+
+
+def test_a_second_run_on_a_live_runs_output_is_refused_and_touches_nothing(demo_pairs, tmp_path):
+    from curation.output_lock import OutputBusy, output_lock
+
+    first = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, checkpoint_every=2))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with output_lock(tmp_path / "run", "train"):  # as a live run holds it
+        with pytest.raises(OutputBusy, match=r"run is being written by another run \(train, pid"):
+            loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True))
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+    assert first.checkpoint.exists()
+    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2  # released
