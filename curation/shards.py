@@ -306,6 +306,13 @@ def _check_listing(path: Path, manifest: object) -> None:
         if bad:
             raise ManifestError(f"{path}: shard {i} of the manifest lacks a valid {', '.join(bad)}; rerun the stage "
                                 f"that made {path.parent}")
+    names = [shard["name"] for shard in shards]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise ManifestError(f"{path} lists {', '.join(repeated[:3])} more than once: every reader would see its rows "
+                            f"twice; rerun the stage that made {path.parent}")
+    if isinstance(manifest.get("rows"), int) and manifest["rows"] != sum(shard["rows"] for shard in shards):
+        raise ManifestError(f"{path} says {manifest['rows']} rows, its shards {sum(s['rows'] for s in shards)}: it was "
+                            f"edited or written by another tool; rerun the stage that made {path.parent}")
 
 
 def verify_manifest(directory: str | Path, checksums: bool = True) -> dict:

@@ -31,7 +31,9 @@ def list_checkpoints(output: str | Path) -> list[Path]:
     root = Path(output) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
+    found = [p for p in root.glob("step-*") if (p / STATE).is_file() and p.name[5:].isdigit()]
+    # By step, not by name: step-10000000 sorts before step-9999999 as text (pruning deleted the newest).
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def restore_interrupted_save(output: str | Path) -> list[Path]:

@@ -85,6 +85,8 @@ def test_tampered_shard_fails_checksum(tmp_path):
     (lambda m: m["shards"][1].pop("bytes"), r"shard 1 of the manifest lacks a valid bytes"),
     (lambda m: m["shards"][0].update(sha256=None, name=3), r"shard 0 of the manifest lacks a valid name, sha256"),
     (lambda m: m["shards"].__setitem__(0, ["part-00000.parquet"]), r"shard 0 .* lacks a valid name, rows, bytes"),
+    (lambda m: m["shards"].append(dict(m["shards"][0])), r"lists part-00000.parquet more than once"),
+    (lambda m: m.update(rows=19), r"says 19 rows, its shards 20"),
 ])
 def test_a_manifest_a_reader_cannot_use_is_named_with_what_it_lacks(tmp_path, edit, message):
     """A hand-edited or foreign manifest failed as a bare KeyError or TypeError that named no file."""
@@ -105,6 +107,7 @@ def test_an_unlisted_shard_and_a_wrong_row_count_are_refused(tmp_path):
     write_manifest(tmp_path, stage="unit", config={}, shards=shards)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["shards"][1]["rows"] = 12
+    manifest["rows"] = 22  # an edit that kept the total in step
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     verify_manifest(tmp_path, checksums=False)  # sizes only: no footer is read
     with pytest.raises(ManifestError, match="part-00001.parquet holds 10 rows, its manifest 12"):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import list_checkpoints, load_checkpoint, restore_interrupted_save, save_checkpoint
+from training.checkpoint import (STATE, checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                 restore_interrupted_save, save_checkpoint)
 
 
 def _parts(seed: int):
@@ -105,3 +106,11 @@ def test_a_copy_left_aside_after_its_save_took_its_place_is_deleted_not_restored
     assert restore_interrupted_save(tmp_path) == []
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005"]
     assert json.loads((tmp_path / "checkpoints" / "step-0000005" / "state.json").read_text())["run"] == "five again"
+
+
+def test_checkpoints_are_ordered_by_step_past_seven_digits(tmp_path):
+    for step in (9_999_000, 9_999_999, 10_000_000):
+        checkpoint_dir(tmp_path, step).mkdir(parents=True)
+        (checkpoint_dir(tmp_path, step) / STATE).write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-9999000", "step-9999999", "step-10000000"]
+    assert latest_checkpoint(tmp_path).name == "step-10000000"
