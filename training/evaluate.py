@@ -91,6 +91,18 @@ def _check_labels(eval_dir: str | Path, labels: list, classes: list[str]) -> Non
                          f"({len(classes)} classes)")
 
 
+def _check_captions(path: Path) -> None:
+    """A caption column (retrieval's texts) has a text on every row: the tokenizer failed on a null at the
+    first evaluation, with a message that named no file or row."""
+    if "caption" not in pq.read_schema(path).names:
+        return
+    captions = pq.read_table(path, columns=["caption"]).column("caption")
+    if captions.null_count:
+        row = captions.to_pylist().index(None) + 1
+        raise ValueError(f"eval split file {path}: row {row} has no caption ({captions.null_count} row(s) in all); "
+                         f"retrieval needs a text for every image")
+
+
 def check_eval_inputs(eval_dir: str, classes_path: Path | None) -> None:
     """The labelled split's files, columns and labels and its classes.json, before training (the label
     column only, no image): found wrong at the final evaluation, they would stop the run at its end."""
@@ -103,6 +115,7 @@ def check_eval_inputs(eval_dir: str, classes_path: Path | None) -> None:
         raise FileNotFoundError(f"eval split {eval_dir} holds no Parquet shards")
     for path in paths:
         _missing_columns(path, pq.read_schema(path).names)
+        _check_captions(path)
     if classes_path is None or not classes_path.is_file():
         raise FileNotFoundError(f"zero-shot needs a classes.json; none at {classes_path} (--classes names one)")
     labels = [label for path in paths for label in pq.read_table(path, columns=["label"]).column("label").to_pylist()]
@@ -242,6 +255,9 @@ def load_classes(path: str | Path) -> list[str]:
     classes = json.loads(Path(path).read_text())
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{path} must hold a non-empty JSON list of class names")
+    if repeated := sorted({c for c in classes if classes.count(c) > 1}):
+        # Two rows of weights for one name: a label matches the first, and chance is read as 1/len(list).
+        raise ValueError(f"{path} names {repeated[:5]} more than once; each class must be listed once")
     return classes
 
 

@@ -120,3 +120,26 @@ def test_an_eval_split_whose_checks_failed_is_refused_before_training(tmp_path):
     record_failed_checks(tmp_path, manifest, ["schema_valid"])
     with pytest.raises(FailedChecksError, match="schema_valid"):
         check_eval_inputs(str(tmp_path), tmp_path / "classes.json")
+
+
+def test_a_null_eval_caption_and_a_class_listed_twice_are_refused_before_training(tmp_path):
+    """Found at the first evaluation, a null caption stopped the run in the tokenizer naming no file or row,
+    and a repeated class halved zero-shot's reported chance."""
+    import pyarrow as pa
+
+    from curation.shards import write_table_atomic
+    from training.evaluate import check_eval_inputs
+
+    (tmp_path / "classes.json").write_text('["dog", "cat"]')
+    table = pa.table({"key": ["a", "b", "c"], "image": [b"x", b"y", b"z"], "label": ["dog", "cat", "dog"],
+                      "caption": ["a dog", "a cat", "another dog"]})
+    write_table_atomic(table, tmp_path / "part-00000.parquet")
+    check_eval_inputs(str(tmp_path), tmp_path / "classes.json")
+    write_table_atomic(table.set_column(3, "caption", pa.array(["a dog", None, None], pa.string())),
+                       tmp_path / "part-00000.parquet")
+    with pytest.raises(ValueError, match=r"part-00000.parquet: row 2 has no caption \(2 row\(s\) in all\)"):
+        check_eval_inputs(str(tmp_path), tmp_path / "classes.json")
+    write_table_atomic(table, tmp_path / "part-00000.parquet")
+    (tmp_path / "classes.json").write_text('["dog", "cat", "dog"]')
+    with pytest.raises(ValueError, match=r"names \['dog'\] more than once"):
+        check_eval_inputs(str(tmp_path), tmp_path / "classes.json")
