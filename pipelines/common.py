@@ -167,6 +167,8 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
     wanted = recorded_run(input_dir, stage, config, inputs, input_manifest)
     # A shard is done with its rejects: a deleted rejects file is made again, not left out of the counts.
     finished = {p.name for p in finished_shards(output)} & {p.name for p in finished_shards(output / REJECTS_DIR)}
+    say_remade(stage, damaged := resized_since_manifest(output) & finished)
+    finished -= damaged
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
         before, now = previous.get("input_shards"), wanted["input_shards"]
@@ -308,6 +310,29 @@ def _write_group(group: tuple[int, Iterable[tuple[str, pa.Table | pa.RecordBatch
     pair_table = pa.concat_tables(pairs, promote_options="default") if pairs else schema.empty_table()
     reject_table = pa.concat_tables(rejects) if rejects else None
     return write_stage_shard(output, index, pair_table, reject_table, schema)
+
+
+def resized_since_manifest(output: Path, section: str | None = None) -> set[str]:
+    """The files the output's manifest lists (in its `section`, such as export's tar twins, if given) that
+    exist but no longer have the size it recorded: a bad copy, a disk error, a hand edit. A rerun makes
+    them again, where it found every file there, called the output up to date and left the next stage to
+    refuse it. Sizes only, a stat per file: a sha256 of every byte on each rerun would take hours."""
+    try:
+        manifest = read_manifest(output)
+    except ManifestError:
+        return set()
+    listing = manifest.get(section) if section else manifest
+    if not isinstance(listing, dict) or not isinstance(listing.get("shards"), list):
+        return set()
+    directory = output / listing.get("directory", "")
+    return {s["name"] for s in listing["shards"]
+            if (directory / s["name"]).is_file() and (directory / s["name"]).stat().st_size != s["bytes"]}
+
+
+def say_remade(stage: str, names: Iterable[str]) -> None:
+    if names := sorted(names):
+        print(f"[{stage}] {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} no longer match(es) the "
+              f"manifest's sizes: making them again")
 
 
 def manifest_listing(output: Path, names: list[str]) -> dict | None:

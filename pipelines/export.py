@@ -21,6 +21,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
 from curation.datacard import write_datacard, upstream_stages
 from curation.export import (
@@ -36,7 +37,7 @@ from curation.shards import (
 )
 from pipelines.common import (
     STAGE_CONFIG, ReadShardBatches, ShardStageOptions, StageConfigMismatch, begin_stage, finished_from,
-    manifest_listing, refuse_overlap,
+    manifest_listing, refuse_overlap, resized_since_manifest, say_remade,
 )
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -99,7 +100,11 @@ def _check_written(output: Path, plan: ExportPlan, config: ExportConfig) -> list
     for index, rows in enumerate(plan.shard_rows):
         if not shard_done(output, index, config):
             raise RuntimeError(f"export shard {index} was not written to {output}")
-        info = info_for(output / parquet_name(index))
+        try:
+            info = info_for(output / parquet_name(index))
+        except (OSError, pa.ArrowInvalid) as exc:  # damaged since it was written, with no manifest to tell
+            raise RuntimeError(f"{output / parquet_name(index)} cannot be read ({exc}); delete it and rerun to make "
+                               f"it again") from exc
         if info.rows != rows:
             raise RuntimeError(f"{output / parquet_name(index)} has {info.rows} rows, the plan says {rows}")
         infos.append(info)
@@ -140,7 +145,10 @@ def _run(options: ExportOptions, config: ExportConfig, test_pipeline: beam.Pipel
                         shardwise=False, verified=verified)  # the shards are cut from every input row
     output = stage.output
     _claim_plan(output, plan)
-    todo = [i for i in range(plan.shards) if not shard_done(output, i, config)]
+    resized, resized_tars = resized_since_manifest(output), resized_since_manifest(output, "webdataset")
+    say_remade(STAGE, resized | {f"{WEBDATASET_DIR}/{name}" for name in resized_tars})
+    todo = [i for i in range(plan.shards) if not shard_done(output, i, config) or parquet_name(i) in resized
+            or (config.webdataset and tar_name(i) in resized_tars)]
     # Up to date: the run that wrote the shards keeps its manifest, data card and figures.
     if not todo and (kept := manifest_listing(output, [parquet_name(i) for i in range(plan.shards)])) is not None:
         return StageResult(kept, output, up_to_date=True)

@@ -45,6 +45,17 @@ def test_an_up_to_date_rerun_hashes_no_input_and_a_rerun_with_work_hashes_it_fir
     assert sorted(hashed) == [shard_name(i) for i in range(3)]
 
 
+def test_a_finished_shard_whose_size_no_longer_matches_the_manifest_is_made_again(tmp_path, capsys):
+    """A bad copy or disk error left every file there: the rerun called the output up to date, and the next
+    stage refused it each time."""
+    source, output = _finished(tmp_path)
+    with open(output / shard_name(1), "ab") as f:
+        f.write(b"\0" * 10)
+    plan = begin_stage(source, output, "copy", {"x": 1})
+    assert not plan.up_to_date and [i for i, _ in plan.todo] == [1]
+    assert f"[copy] {shard_name(1)} no longer match(es) the manifest's sizes: making them again" in capsys.readouterr().out
+
+
 def test_a_grown_input_whose_new_shard_is_corrupt_is_refused_before_the_record_names_it(tmp_path):
     """The record was rewritten with the new shard before its bytes were checked: once upstream rebuilt that
     shard, the output (which never read a byte of it) was refused as made from another input."""
