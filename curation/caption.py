@@ -23,7 +23,8 @@ from typing import Any
 
 from PIL import Image
 
-from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, VisionEngine, output_options
+from curation.engines import (DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, VisionEngine, check_options,
+                              output_options)
 from curation.engines.base import CaptionsFailed, prompt_sha256
 from curation.engines.recovery import attempts_for, with_retries
 from curation.engines.seeding import derive_seed
@@ -100,6 +101,9 @@ class CaptionConfig:
         SamplingParams(self.max_new_tokens, self.temperature)
         SamplingParams(self.max_new_tokens, self.retry_temperature, self.retry_top_p)
         SamplingParams(self.fusion_max_new_tokens, self.fusion_temperature, self.fusion_top_p)
+        check_options("vision", self.captioner_engine, self.captioner_options, "captioner options")
+        if self.fuse:
+            check_options("text", self.fusion_engine, self.fusion_options, "fusion options")
         if self.fuse and self.fusion_temperature == 0 and self.fusion_attempts > 1:
             raise ValueError("with fusion_temperature 0 a fusion retry repeats the refused output (greedy decoding "
                              "ignores its seed): set fusion_attempts to 1 or a fusion_temperature above 0")

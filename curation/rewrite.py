@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from curation.engines import DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, output_options
+from curation.engines import (DEFAULT_MODEL, EngineSpec, Generation, SamplingParams, TextEngine, check_options,
+                              output_options)
 from curation.engines.base import prompt_sha256
 from curation.engines.recovery import generate_with_recovery
 from curation.engines.seeding import derive_seed
@@ -128,6 +129,7 @@ class RewriteConfig:
             raise ValueError(f"examples_per_prompt must be in 0..{len(EXAMPLES_BY_KIND)}")
         # Here, not in a Beam worker after the model has loaded and the stage has recorded this config.
         SamplingParams(self.max_new_tokens, self.temperature, self.top_p)
+        check_options("text", self.engine, self.engine_options, "rewrite engine options")
         if self.temperature == 0 and self.max_attempts > 1:
             raise ValueError("with temperature 0 a retry repeats the refused output (greedy decoding ignores its "
                              "seed): set max_attempts to 1 or a temperature above 0")

@@ -36,8 +36,8 @@ from curation.rejects import reject, rejects_table
 from curation.rewrite import mixed_formats_warning
 from curation.schema import PAIR_SCHEMA, conform
 from curation.shards import atomic_write_bytes, finished_shards, shard_name
-from pipelines.common import (ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, refuse_overlap,
-                              shard_runs, write_stage_shard)
+from pipelines.common import (ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, json_object_flag,
+                              refuse_overlap, shard_runs, write_stage_shard)
 from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -90,23 +90,16 @@ def config_from(options: CaptionOptions) -> CaptionConfig:
         raise ValueError("caption: --captioner_model is required (a VLM hub id or local folder)")
     return CaptionConfig(
         captioner_engine=options.captioner_engine, captioner_model=options.captioner_model,
-        captioner_dtype=options.captioner_dtype, captioner_options=_json_object(options.captioner_options,
+        captioner_dtype=options.captioner_dtype, captioner_options=json_object_flag(options.captioner_options,
                                                                                  "--captioner_options"),
         max_new_tokens=options.vec_max_new_tokens, temperature=options.vec_temperature, retries=options.vec_retries,
         images_per_batch=options.images_per_batch, image=ImageConfig(max_side=options.max_image_side),
         fuse=not options.no_fusion, fusion_engine=options.fusion_engine, fusion_model=options.fusion_model,
         fusion_gguf_file=options.fusion_gguf_file, fusion_dtype=options.fusion_dtype,
-        fusion_options=_json_object(options.fusion_options, "--fusion_options"),
+        fusion_options=json_object_flag(options.fusion_options, "--fusion_options"),
         fusion_prompt_format=options.fusion_prompt_format, fusion_temperature=options.fusion_temperature,
         fusion_attempts=options.fusion_attempts, fusion_per_batch=options.fusion_per_batch,
         engine_retries=options.caption_engine_retries, engine_backoff_s=options.caption_engine_backoff_s)
-
-
-def _json_object(text: str, flag: str) -> dict:
-    value = json.loads(text or "{}")
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
-    return value
 
 
 # A row on its way to the captioner: (shard index, key, alt-text, PIL image); and after it, with

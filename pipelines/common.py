@@ -83,6 +83,17 @@ def recorded_run(input_dir: str | Path, stage: str, config: dict, inputs: list[P
                                  default=str))
 
 
+def json_object_flag(text: str | None, flag: str) -> dict:
+    """A flag that holds a JSON object (engine options), or an error naming the flag."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
 def finished_from(input_dir: str | Path, output_dir: str | Path, stage: str, config: dict,
                   verify_output: Callable[..., dict] = verify_manifest) -> dict | None:
     """The output's manifest if it is finished and recorded from this very input and config, else None.

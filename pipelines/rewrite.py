@@ -34,7 +34,8 @@ from curation.rewrite import (PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, Row
                               selected, summarise)
 from curation.shards import atomic_write_bytes, shard_name
 from curation.validation import ValidationConfig
-from pipelines.common import ShardStageOptions, WriteShards, begin_stage, finish_stage, refuse_overlap, shard_runs
+from pipelines.common import (ShardStageOptions, WriteShards, begin_stage, finish_stage, json_object_flag,
+                              refuse_overlap, shard_runs)
 from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -88,9 +89,7 @@ class RewriteOptions(ShardStageOptions):
 
 
 def config_from(options: RewriteOptions) -> RewriteConfig:
-    engine_options = json.loads(options.rewrite_engine_options or "{}")
-    if not isinstance(engine_options, dict):
-        raise ValueError("--rewrite_engine_options must be a JSON object")
+    engine_options = json_object_flag(options.rewrite_engine_options, "--rewrite_engine_options")
     return RewriteConfig(
         engine=options.rewrite_engine, model=options.rewrite_model, gguf_file=options.rewrite_gguf_file,
         dtype=options.rewrite_dtype, engine_options=engine_options, prompt_format=options.rewrite_prompt_format,

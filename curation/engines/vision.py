@@ -7,7 +7,7 @@ never needs vllm or a server client.
 
 from __future__ import annotations
 
-from curation.engines import DEFAULT_MODEL, EngineSpec
+from curation.engines import DEFAULT_MODEL, EngineSpec, backend
 from curation.engines.base import VisionEngine
 
 
@@ -18,12 +18,5 @@ def make_vision_engine(spec: EngineSpec) -> VisionEngine:
                          "(the default text model cannot see images)")
     if spec.gguf_file:
         raise ValueError("GGUF files are not supported for captioners; pass a transformers model folder")
-    options = dict(spec.options)
-    if spec.engine == "transformers":
-        from curation.engines.vision_transformers import TransformersVisionEngine
-        return TransformersVisionEngine(spec.model, dtype=spec.dtype, **options)
-    if spec.engine == "vllm":
-        from curation.engines.vision_vllm import VLLMVisionEngine
-        return VLLMVisionEngine(spec.model, dtype=spec.dtype, **options)
-    from curation.engines.vision_openai import OpenAIVisionEngine
-    return OpenAIVisionEngine(spec.model, **options)
+    fixed = {} if spec.engine == "openai" else {"dtype": spec.dtype}
+    return backend("vision", spec.engine)(spec.model, **fixed, **dict(spec.options))

@@ -171,6 +171,11 @@ def test_config_refuses_nonsense():
         CaptionConfig(fusion_prompt_format="poem")
     with pytest.raises(ValueError):
         CaptionConfig(prompt="  ")
+    with pytest.raises(ValueError, match="captioner options: the transformers captioner has no option max_num_seqs"):
+        CaptionConfig(captioner_options={"max_num_seqs": 4})
+    with pytest.raises(ValueError, match="fusion options: the openai engine has no option threads"):
+        CaptionConfig(fusion_engine="openai", fusion_options={"threads": 2})
+    assert CaptionConfig(fuse=False, fusion_options={"threads": 2}).fusion_options  # no fusion engine is built
 
 
 def test_two_vllm_engines_in_one_caption_run_share_the_gpu():

@@ -24,6 +24,9 @@ def test_spec_and_default_model():
     folder, gguf = resolve_model(DEFAULT_MODEL, None)
     assert gguf.endswith(".gguf") and (__import__("pathlib").Path(folder) / gguf).is_file()
     assert resolve_model("some/model", None) == ("some/model", None)
+    with pytest.raises(FileNotFoundError, match=rf"no SmolLM2-135M-Instruct.Q8_0.gguf in .* it holds {gguf}"):
+        resolve_model(DEFAULT_MODEL, "SmolLM2-135M-Instruct.Q8_0.gguf")  # loaded the Q4_1 in its place, unsaid
+    assert resolve_model(DEFAULT_MODEL, gguf) == (folder, gguf)
 
 
 def test_transformers_engine_loads_from_a_saved_folder(engine, tiny_model):  # noqa: F811

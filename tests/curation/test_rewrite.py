@@ -327,6 +327,9 @@ def test_turn_markup_of_other_templates_is_removed_without_the_model_s_tokenizer
     (dict(top_p=0), "top_p must be in"), (dict(temperature=-1), "temperature must be >= 0"),
     (dict(max_new_tokens=0), "max_new_tokens must be positive"),
     (dict(temperature=0), "with temperature 0 a retry repeats the refused output"),
+    (dict(engine_options={"enable_prefix_cache": False}),
+     r"transformers engine has no option enable_prefix_cache; it takes device, batch_size"),
+    (dict(engine="vllm", engine_options={"batch_size": 8}), r"vllm engine has no option batch_size; it takes .*max_num_seqs"),
 ])
 def test_sampling_settings_are_refused_with_the_config_not_in_a_worker(settings, message):
     """Found in a Beam worker, they stopped the run after the model loaded and the stage recorded the config,
@@ -334,6 +337,15 @@ def test_sampling_settings_are_refused_with_the_config_not_in_a_worker(settings,
     with pytest.raises(ValueError, match=message):
         RewriteConfig(**settings)
     assert RewriteConfig(temperature=0, max_attempts=1).temperature == 0  # greedy, without retries: fine
+
+
+def test_speed_only_engine_options_are_not_recorded_so_a_resume_may_change_them():
+    """Recorded, a fallback from a static cache and compile after a crash was refused as another config, and
+    --overwrite discarded the finished shards."""
+    faster = RewriteConfig(engine_options={"enable_prefix_caching": False, "cache": "static", "compile": True,
+                                           "min_prefix_tokens": 8})
+    assert faster.recorded() == RewriteConfig().recorded()
+    assert RewriteConfig(engine_options={"max_prompt_tokens": 512}).recorded() != RewriteConfig().recorded()
 
 
 def test_min_similarity_is_recorded_only_where_the_meaning_check_uses_it():

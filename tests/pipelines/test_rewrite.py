@@ -152,6 +152,10 @@ def test_a_server_failing_one_request_stops_the_run_naming_it_and_keeps_finished
 def test_engine_options_must_be_a_json_object(pairs, tmp_path):
     with pytest.raises(ValueError, match="JSON object"):
         rewrite.run(["--input", str(pairs), "--output", str(tmp_path / "x"), "--rewrite_engine_options", "[1]"])
+    with pytest.raises(ValueError, match=r"--rewrite_engine_options is not valid JSON .*'\{max_num_seqs: 8\}'"):
+        rewrite.run(["--input", str(pairs), "--output", str(tmp_path / "x"), "--rewrite_engine_options",
+                     "{max_num_seqs: 8}"])
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_demo_flags_parse():
