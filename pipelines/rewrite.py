@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from curation.engines import resolve_model
+from curation.engines.model_files import model_fingerprint
 from curation.input_check import InputCheck, is_text
 from curation.output_lock import output_lock
 from curation.rewrite import (PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, RowRewrite, mixed_formats_warning,
@@ -113,8 +114,9 @@ class RewriteModelHandler(ModelHandler[tuple[str, str], RowRewrite, Rewriter]):
     def load_model(self) -> Rewriter:
         from curation.engines import make_text_engine
 
-        return reused("rewriter", self._config, lambda: Rewriter(make_text_engine(self._config.engine_spec()),
-                                                                 self._config))
+        files = [model_fingerprint(*resolve_model(self._config.model, self._config.gguf_file))]
+        return reused("rewriter", self._config,
+                      lambda: Rewriter(make_text_engine(self._config.engine_spec()), self._config), files)
 
     def run_inference(self, batch: Sequence[tuple[str, str]], model: Rewriter,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
@@ -223,9 +225,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
 def _run(options: RewriteOptions, config: RewriteConfig, test_pipeline: beam.Pipeline | None) -> StageResult:
     model, gguf_file = resolve_model(config.model, config.gguf_file)
-    # The seed and the prompts' texts decide the rewrites too: a resume under another one is refused.
+    # The seed, the prompts' texts and the model's files decide the rewrites too: a resume under others is refused.
     recorded = config.recorded() | {"resolved_model": model, "resolved_gguf_file": gguf_file, "seed": options.seed,
-                                    "prompt_sha256": PROMPT_SHA256}
+                                    "prompt_sha256": PROMPT_SHA256, "model_files": model_fingerprint(model, gguf_file)}
     plan = begin_stage(options.input, options.output, STAGE, recorded, options.overwrite, check=INPUT_CHECK)
     start = time.perf_counter()
     if plan.todo:

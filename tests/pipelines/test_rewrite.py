@@ -96,6 +96,22 @@ def test_a_rebuilt_input_under_the_same_path_is_not_resumed_into(pairs, tmp_path
         rewrite.run(_flags(pairs, out, tiny_model, "--rewrite_max_attempts", "1"))
 
 
+def test_a_model_rebuilt_in_place_is_neither_resumed_into_nor_kept_loaded(pairs, tmp_path):
+    """Recorded by path alone, other weights under the same folder resumed the old output (two models' rewrites
+    in one dataset), and the process that had loaded the old model went on using it."""
+    from tests.curation.tiny_llm import build_tiny_chat_model
+
+    model, out = tmp_path / "model", tmp_path / "rewritten"
+    build_tiny_chat_model(model, seed=0)
+    first = read_table(rewrite.run(_flags(pairs, out, model)).output).column("rewrites").to_pylist()
+    build_tiny_chat_model(model, seed=1)  # same files, same sizes, other weights
+    (out / "part-00001.parquet").unlink()
+    with pytest.raises(StageConfigMismatch, match=r"\(config\.model_files differ\)"):
+        rewrite.run(_flags(pairs, out, model))
+    again = rewrite.run([*_flags(pairs, out, model), "--overwrite"])
+    assert read_table(again.output).column("rewrites").to_pylist() != first  # the new weights, loaded afresh
+
+
 def test_persistent_engine_failure_keeps_finished_shards(pairs, tmp_path, tiny_model, monkeypatch):  # noqa: F811
     """A real engine that fails on one caption: retried, split down to that request, then a clear error."""
     from curation.engines.transformers_engine import TransformersEngine
