@@ -218,6 +218,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     refuse_unknown_flags(argv, RewriteOptions)
     options = RewriteOptions(argv)
     config = config_from(options)
+    if not options.input or not options.output:
+        raise ValueError(f"{STAGE}: --input and --output are required")
     refuse_overlap(STAGE, options.output, options.input, config.model)
     with output_lock(options.output, STAGE):  # one run at a time writes an output
         return _run(options, config, test_pipeline)

@@ -124,3 +124,17 @@ def test_a_demo_stage_subset_reads_the_output_of_the_stage_before_it(tmp_path, m
     (tmp_path / "b_out" / "manifest.json").write_text("{}")  # finished, but made from a's earlier output
     demo.main(["--workdir", str(tmp_path), "--stages", "a,c"])
     assert inputs == {"a": str(tmp_path / "demo" / "pool"), "c": str(tmp_path / "a_out")}
+
+
+def test_a_stage_without_its_input_or_output_says_which_flag_it_needs(tmp_path):
+    """Without --output, rewrite and caption failed in the overlap check with a bare TypeError."""
+    import pytest
+
+    from pipelines import balance, caption, export, rewrite
+
+    for run, needs in ((rewrite.run, []), (caption.run, ["--captioner_model", str(tmp_path / "vlm")]),
+                       (balance.run, []), (export.run, [])):
+        for argv in (["--input", str(tmp_path)], ["--output", str(tmp_path / "out")]):
+            with pytest.raises(ValueError, match=r": --input and --output are required"):
+                run([*argv, *needs])
+    assert not (tmp_path / "out").exists()
