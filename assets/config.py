@@ -45,11 +45,21 @@ def _opt(flag: str, value) -> list[str]:
     return [] if value is None else [f"--{flag}={value}"]
 
 
+DEMO_PAIRS_DEFAULT = env_default("CLIP_CURATION_DEMO_PAIRS", 3000)
+DEMO_SHARD_ROWS_DEFAULT = 500
+
+
 class IngestRunConfig(StageConfig):
-    source: str = Field(default=DEMO_SOURCE, description="Raw Parquet shards directory, a URL list, or 'demo'.")
-    demo_pairs: int = Field(default=env_default("CLIP_CURATION_DEMO_PAIRS", 3000), gt=0,
-                            description="Pairs generated when source is 'demo' (default: $CLIP_CURATION_DEMO_PAIRS or 3000).")
-    demo_shard_rows: int = Field(default=500, gt=0, description="Rows per raw shard of the generated demo pool.")
+    """Empty fields mean the build's own source (assets/build_source.py): a new build's is the demo."""
+
+    source: Optional[str] = Field(default=None, description="Raw Parquet shards directory, a URL list, or 'demo'. "
+                                                            "Empty: the build's own; a new build: 'demo'.")
+    demo_pairs: Optional[int] = Field(default=None, gt=0, description=(
+        f"Pairs generated when source is 'demo'. Empty: the build's own; a new build: $CLIP_CURATION_DEMO_PAIRS "
+        f"or 3000 (now {DEMO_PAIRS_DEFAULT})."))
+    demo_shard_rows: Optional[int] = Field(default=None, gt=0, description=(
+        f"Rows per raw shard of the generated demo pool. Empty: the build's own; a new build: "
+        f"{DEMO_SHARD_ROWS_DEFAULT}."))
 
 
 class BalanceRunConfig(StageConfig):

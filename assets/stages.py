@@ -27,6 +27,7 @@ from assets.config import (
     DEMO_SOURCE, BalanceRunConfig, CaptionRunConfig, ExportRunConfig, IngestRunConfig, RewriteRunConfig,
     StageConfig, TrainRunConfig,
 )
+from assets.build_source import build_source, is_demo_build, recorded_source
 from assets.launch import load_stage_module, run_stage
 from assets.report import located, location_metadata, plot_markdown, stage_metadata
 from assets.resources import QualityGatesResource
@@ -38,7 +39,6 @@ from pipelines.common import STAGE_CONFIG
 builds = dg.DynamicPartitionsDefinition(name="builds")
 DEFAULT_BUILD = "default"
 GPU_POOL = "gpu"
-DEMO_PARAMS = "demo_params.json"
 RESOURCE_KEYS = ("storage", "beam_runner", "llm", "captioner", "gates")
 FUSION_KEY_ENV = "CLIP_CURATION_FUSION_API_KEY"
 
@@ -141,42 +141,6 @@ def _stamp(path: Path) -> Optional[tuple[int, int, int]]:
     return info.st_ino, info.st_mtime_ns, info.st_size
 
 
-def _source(config: IngestRunConfig, build_dir: Path, seed: int) -> Path:
-    """The raw input of the build; for the demo, a pool generated once per build under `B/demo`.
-
-    The demo lives at `B/demo` because the later stages' demo flags look for
-    its eval split and classes there. A demo of other size or seed replaces it.
-    """
-    if config.source != DEMO_SOURCE:
-        source = Path(config.source).expanduser()
-        if not source.exists():
-            raise dg.Failure(description=f"IngestRunConfig.source: {source} does not exist")
-        return source
-    from curation.demo_data import generate
-    demo = build_dir / "demo"
-    wanted = {"n_pairs": config.demo_pairs, "seed": seed, "rows_per_shard": config.demo_shard_rows}
-    recorded = demo / DEMO_PARAMS
-    if not (demo / "classes.json").is_file() or not recorded.is_file() or json.loads(recorded.read_text()) != wanted:
-        # Generated beside it and swapped in whole: a generation that fails (or is killed) leaves the
-        # demo that the finished raw_pairs was made from, and the later stages read, as it was.
-        partial = build_dir / ".demo.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        generate(partial, n_pairs=config.demo_pairs, n_eval=max(config.demo_pairs // 10, 100), seed=seed,
-                 rows_per_shard=config.demo_shard_rows)
-        (partial / DEMO_PARAMS).write_text(json.dumps(wanted))
-        shutil.rmtree(demo, ignore_errors=True)
-        partial.rename(demo)
-    return demo / "pool"
-
-
-def is_demo_build(build_dir: Path) -> bool:
-    """A build whose raw pairs came from the generated demo pool."""
-    recorded = build_dir / "raw_pairs" / STAGE_CONFIG
-    if not recorded.is_file():
-        return False
-    return json.loads(recorded.read_text()).get("input") == str((build_dir / "demo" / "pool").resolve())
-
-
 def _captioner_model_missing(context: dg.AssetExecutionContext, build_dir: Path) -> bool:
     """True when this run's caption step will refuse to start for want of a captioner model: no model in
     the CaptionerResource, none in the caption step's extra_flags, and a build that is not demo-sized (only
@@ -200,7 +164,7 @@ def _captioner_model_missing(context: dg.AssetExecutionContext, build_dir: Path)
     # before those on disk, which it replaces.
     if demo_sized is None and (in_run("raw_pairs") or not (build_dir / "raw_pairs" / STAGE_CONFIG).is_file()):
         ingest = (ops.get("raw_pairs") or {}).get("config") or {}
-        demo_sized = ingest.get("source", IngestRunConfig().source) == DEMO_SOURCE
+        demo_sized = (ingest.get("source") or recorded_source(build_dir) or DEMO_SOURCE) == DEMO_SOURCE
     if demo_sized is None:
         demo_sized = is_demo_build(build_dir)
     return not demo_sized
@@ -340,7 +304,7 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
                                      "--captioner_model in the caption step's extra_flags)")
     input_manifest = None
     if stage.upstream is None:
-        input_dir = _source(config, build_dir, config.seed)
+        input_dir = build_source(config, build_dir)
         input_manifest = read_manifest(input_dir) if input_dir.is_dir() and is_complete(input_dir) else None
     else:
         input_dir = build_dir / stage.upstream
@@ -360,7 +324,8 @@ def materialise(stage: Stage, context: dg.AssetExecutionContext, config: StageCo
                                          f"checks ({', '.join(failed)}); fix it (or the QualityGatesResource) and "
                                          f"materialise it again first")
     if upstream_changed(build_dir, stage.asset, input_manifest):
-        context.log.warning(f"{stage.upstream} of build {build!r} changed since {stage.asset} was made: rebuilding it")
+        changed = stage.upstream or "the source"
+        context.log.warning(f"{changed} of build {build!r} changed since {stage.asset} was made: rebuilding it")
         shutil.rmtree(output, ignore_errors=True)
     # Recorded before the run: a retry after a failure then resumes the shards made from this upstream.
     record_upstream(build_dir, stage.asset, input_manifest)

@@ -319,3 +319,44 @@ def test_a_demo_that_fails_to_generate_leaves_the_builds_demo_as_it_was(instance
                         selection=["raw_pairs"]).success
     assert not (tmp_path / "b1" / ".demo.partial").exists()
     assert json.loads((tmp_path / "b1" / "demo" / "demo_params.json").read_text())["n_pairs"] == 70
+
+
+def _refusal(instance, root, build, config) -> str:
+    result = dg.materialize(stage_assets, instance=instance, partition_key=build, selection=["raw_pairs"],
+                            resources=stage_resources(root), run_config={"ops": {"raw_pairs": {"config": config}}},
+                            raise_on_error=False)
+    assert not result.success
+    events = [e for e in result.all_events if e.is_failure and hasattr(e.event_specific_data, "error")]
+    return "\n".join(str(e.event_specific_data.error) for e in events)
+
+
+def test_a_default_config_run_keeps_the_builds_own_source_and_another_needs_overwrite(instance, tmp_path):
+    """A build recorded nothing of its source and the config's default named the demo: a plain Materialize
+    (or a backfill) of a build made from a crawl replaced its raw pairs, and so every stage, with demo data."""
+    from curation.demo_data import generate
+
+    generate(tmp_path / "crawl", n_pairs=40, n_eval=10)
+    add_builds(instance, "b1", "b2")
+    root = tmp_path / "root"
+    crawl = {"source": str(tmp_path / "crawl" / "pool")}
+    assert _materialize(instance, root, "b1", {"ops": {"raw_pairs": {"config": crawl}}}, selection=["raw_pairs"]).success
+    made = _files(root / "b1" / "raw_pairs")
+    again = _materialize(instance, root, "b1", {}, selection=["raw_pairs"])  # the launchpad's defaults
+    assert again.success and _files(root / "b1" / "raw_pairs") == made and not (root / "b1" / "demo").exists()
+    message = _refusal(instance, root, "b1", {"source": "demo"})
+    assert f"build 'b1' was made from {tmp_path / 'crawl' / 'pool'}; IngestRunConfig source asks for another" in message
+    assert "set overwrite: true" in message and _files(root / "b1" / "raw_pairs") == made
+    # A demo build keeps its own size and seed; another is refused, naming the fields, unless overwritten.
+    assert _materialize(instance, root, "b2", {"ops": {"raw_pairs": {"config": {"demo_pairs": 60}}}},
+                        selection=["raw_pairs"]).success
+    demo = (_files(root / "b2" / "demo"), _files(root / "b2" / "raw_pairs"))
+    assert _materialize(instance, root, "b2", {}, selection=["raw_pairs"]).success
+    assert (_files(root / "b2" / "demo"), _files(root / "b2" / "raw_pairs")) == demo
+    message = _refusal(instance, root, "b2", {"demo_pairs": 70, "seed": 3})
+    assert "made from a demo of 60 pairs, seed 0 and 500 rows per shard; IngestRunConfig demo_pairs/seed" in message
+    assert (_files(root / "b2" / "demo"), _files(root / "b2" / "raw_pairs")) == demo
+    # A build from before the record, not from the demo: its source must be named once.
+    (root / "b1" / ".upstream" / "source.json").unlink()
+    assert "ingested before builds recorded their source" in _refusal(instance, root, "b1", {})
+    assert _materialize(instance, root, "b1", {"ops": {"raw_pairs": {"config": crawl}}}, selection=["raw_pairs"]).success
+    assert _files(root / "b1" / "raw_pairs") == made

@@ -89,7 +89,7 @@ def test_the_captioner_guard_judges_the_raw_pairs_this_run_makes_not_those_on_di
         failing_reject_ratio(patch)  # stops the run after raw_pairs: only its first step matters here
         to_demo = dg.materialize(stage_assets, instance=instance, partition_key="b1", raise_on_error=False,
                                  resources=resources, run_config={"ops": {"raw_pairs": {"config": {
-                                     "demo_pairs": 40, "overwrite": True}}}})
+                                     "source": "demo", "demo_pairs": 40, "overwrite": True}}}})
     assert "CaptionerResource" not in _failure_message(to_demo)
     assert to_demo.asset_materializations_for_node("raw_pairs")
     back = dg.materialize(stage_assets, instance=instance, partition_key="b1", raise_on_error=False,
