@@ -5,13 +5,18 @@ scheduled or sensed build never overwrites another. The sensor keys each run
 by the file's content hash (`run_key`), so the same list never starts two
 builds, even when it is copied in again under another name; it takes a file
 only once it has stopped changing, and hashes each file once (the cursor
-keeps its size, mtime and digest).
+keeps its size, mtime and digest). The build reads a copy the sensor took,
+`inbox/.taken/<digest>/<name>`, not the inbox file: a list re-exported under
+the same name while its build waited in the queue (or before a retry) was
+read in its new form, the list that started the build was never built, and
+the new one started a second build of the same content.
 """
 
 import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -83,6 +88,33 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+TAKEN_DIR = ".taken"
+
+
+def _take(path: Path, digest: str) -> Path | None:
+    """The list as it was hashed, kept for its build under `.taken/<digest>/` (hidden: no tick reads it as
+    a new list): a copy, checked against the digest (None if the list changed meanwhile: the next tick
+    sees it anew); a list over FULL_HASH_BYTES is hard-linked, as copying it could outlast the tick (a
+    re-export that replaces the file leaves the link as it was; one that rewrites it in place does not)."""
+    taken = path.parent / TAKEN_DIR / digest[:16] / path.name
+    if taken.is_file():
+        return taken
+    taken.parent.mkdir(parents=True, exist_ok=True)
+    partial = taken.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        if path.stat().st_size <= FULL_HASH_BYTES:
+            raise OSError("copied")
+        os.link(path, partial)
+    except OSError:  # small, or a file system without hard links
+        shutil.copyfile(path, partial)
+    if _digest(partial) != digest:
+        partial.unlink()
+        return None
+    os.replace(partial, taken)
+    return taken
+
+
 def inbox_dir() -> Path:
     return Path(os.environ.get(INBOX_ENV, "./inbox")).expanduser().resolve()
 
@@ -122,12 +154,16 @@ def url_list_sensor(job) -> dg.SensorDefinition:
             files[path.name] = [info.st_size, info.st_mtime_ns, digest]
             if digest in known:
                 continue
+            taken = _take(path, digest)
+            if taken is None:
+                files.pop(path.name)  # changed since it was hashed: hashed anew on a later tick
+                continue
             known.add(digest)
             seen.append(digest)
             key = f"{path.stem}-{digest[:8]}"
             keys.append(key)
             requests.append(dg.RunRequest(run_key=f"url-list-{digest}", partition_key=key,
-                                          run_config=source_run_config(str(path)),
+                                          run_config=source_run_config(str(taken)),
                                           tags={"clip-curation/trigger": "sensor", "clip-curation/url_list": path.name}))
         next_cursor = json.dumps({"digests": seen[-MAX_REMEMBERED:], "files": files})
         if deferred:

@@ -40,7 +40,15 @@ def test_a_dropped_url_list_starts_exactly_one_build(instance, tmp_path, monkeyp
     (request,) = first.run_requests
     assert request.run_key.startswith("url-list-")
     assert request.partition_key.startswith("crawl-2026-11-")
-    assert request.run_config["ops"]["raw_pairs"]["config"]["source"] == str(inbox / "crawl-2026-11.csv")
+    # The build reads the list as the sensor saw it, not the inbox file, which may be re-exported meanwhile.
+    taken = request.run_config["ops"]["raw_pairs"]["config"]["source"]
+    digest = request.run_key.removeprefix("url-list-")
+    assert taken == str(inbox / ".taken" / digest[:16] / "crawl-2026-11.csv")
+    original = (inbox / "crawl-2026-11.csv").read_bytes()
+    (inbox / "crawl-2026-11.csv").write_text("url,caption\nhttps://example.com/z.jpg,a re-export\n")
+    assert open(taken, "rb").read() == original
+    (inbox / "crawl-2026-11.csv").write_bytes(original)
+    _settled(inbox)
     (added,) = first.dynamic_partitions_requests
     assert added.partition_keys == [request.partition_key] and added.partitions_def_name == builds.name
 
@@ -81,7 +89,12 @@ def test_a_file_is_hashed_once_and_a_list_still_arriving_waits(instance, tmp_pat
     _settled(inbox)
     hashed = []
     real = assets.automation._digest
-    monkeypatch.setattr(assets.automation, "_digest", lambda path: hashed.append(path.name) or real(path))
+
+    def counted(path):  # the inbox's lists; not the check of the copy taken for a build
+        if not path.name.startswith("."):
+            hashed.append(path.name)
+        return real(path)
+    monkeypatch.setattr(assets.automation, "_digest", counted)
     first = _tick(instance)
     (inbox / "b.csv").write_text("url,caption\n")  # half copied: this tick leaves it alone
     later = _tick(instance, first.cursor)
@@ -133,3 +146,16 @@ def test_a_huge_list_is_named_by_its_size_and_ends(tmp_path, monkeypatch):
     path.write_bytes(b"h" * 50)  # under the limit: the whole file
     import hashlib
     assert assets.automation._digest(path) == hashlib.sha256(b"h" * 50).hexdigest()
+
+
+def test_a_list_that_changed_since_it_was_hashed_is_not_taken(tmp_path):
+    from assets.automation import _digest, _take
+
+    path = tmp_path / "crawl.csv"
+    path.write_text("url,caption\nhttps://example.com/a.jpg,a red circle\n")
+    stale = _digest(path)
+    path.write_text("url,caption\nhttps://example.com/b.jpg,another list\n")
+    assert _take(path, stale) is None
+    assert not [p for p in (tmp_path / ".taken").rglob("*") if p.is_file()]  # no partial copy left
+    taken = _take(path, _digest(path))
+    assert taken.read_bytes() == path.read_bytes() and _take(path, _digest(path)) == taken
