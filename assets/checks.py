@@ -10,6 +10,7 @@ import collections
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import dagster as dg
 import numpy as np
@@ -108,9 +109,18 @@ def rows_conserved(asset: str, output: Path, manifest: dict, input_rows: int) ->
     return dg.AssetCheckResult(asset_key=asset, check_name=ROWS_CONSERVED, passed=passed, metadata=metadata)
 
 
-def reject_ratio(asset: str, ratio: float, threshold: float) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(asset_key=asset, check_name=REJECT_RATIO, passed=ratio <= threshold,
-                               metadata={"reject_ratio": round(ratio, 4), "threshold": threshold})
+def reject_ratio(asset: str, ratio: float, threshold: float,
+                 download: Optional[tuple[float, float]] = None) -> dg.AssetCheckResult:
+    """The share of its input a stage rejected, against its limit. For ingest, `ratio` counts the rows that
+    downloaded and `download` is the dead links' share of the list with its own, looser limit: web lists
+    lose a third of their links within a few years, which says nothing of the rows that remain, and one
+    limit for both failed an ordinary crawl."""
+    metadata = {"reject_ratio": round(ratio, 4), "threshold": threshold}
+    passed = ratio <= threshold
+    if download is not None:
+        metadata |= {"download_failure_ratio": round(download[0], 4), "download_failure_threshold": download[1]}
+        passed = passed and download[0] <= download[1]
+    return dg.AssetCheckResult(asset_key=asset, check_name=REJECT_RATIO, passed=passed, metadata=metadata)
 
 
 def judged(asset: str, check_name: str, judge: Callable[[], dg.AssetCheckResult]) -> dg.AssetCheckResult:

@@ -400,6 +400,9 @@ class QualityGatesResource(dg.ConfigurableResource):
     """Thresholds of the asset checks; a failing blocking check stops the data flowing downstream."""
 
     max_reject_ratio: float = Field(default=0.2, description="Share of a stage's input it may reject.")
+    max_download_failure_ratio: float = Field(
+        default=0.5, description="Share of a URL list ingest may lose to dead links (download_failed); the "
+                                 "other rejects count against max_reject_ratio over the rows that downloaded.")
     max_balance_reject_ratio: float = Field(
         default=0.6, description="Share balance may reject: captions that match no metadata entry are a curation "
                                  "outcome, not broken data, so the limit is looser.")
@@ -412,7 +415,8 @@ class QualityGatesResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Shares in [0, 1] and a slack >= 0, checked at the run's first step: a gate given as a percent
         (min_rewrite_share=50) failed good data after the GPU stage, and max_reject_ratio=20 passed any."""
-        for name in ("max_reject_ratio", "max_balance_reject_ratio", "min_rewrite_share", "min_caption_share"):
+        for name in ("max_reject_ratio", "max_download_failure_ratio", "max_balance_reject_ratio", "min_rewrite_share",
+                     "min_caption_share"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 <= value <= 1):
                 raise misconfigured("QualityGatesResource", name, f"a share in [0, 1], got {value}")

@@ -29,8 +29,9 @@ from assets.config import (
 )
 from assets.build_source import build_source, is_demo_build, recorded_source
 from assets.launch import load_stage_module, run_stage
-from assets.report import located, location_metadata, plot_markdown, stage_metadata
+from assets.report import located, location_metadata, plot_markdown, rows_in, stage_metadata
 from assets.resources import QualityGatesResource
+from curation.rejects import Reason
 from curation.shards import (
     OVERWRITE_SENTINEL, ManifestError, is_complete, read_manifest,
 )
@@ -240,7 +241,12 @@ def stage_checks(stage: Stage, output: Path, manifest: dict, metadata: dict, con
     export = stage.name == "export"
     results = [checks.schema_valid(stage.asset, output, training=export),
                checks.checksums_match(stage.asset, output, export=export)]
-    if stage.rejects:
+    if stage.name == "ingest":
+        rejected, n_in = manifest.get("rejects", {}).get("rows", 0), rows_in(manifest)
+        dead = manifest.get("rejects", {}).get("by_reason", {}).get(Reason.DOWNLOAD_FAILED, 0)
+        results.append(checks.reject_ratio(stage.asset, (rejected - dead) / max(n_in - dead, 1), gates.max_reject_ratio,
+                                           download=(dead / max(n_in, 1), gates.max_download_failure_ratio)))
+    elif stage.rejects:
         results.append(checks.reject_ratio(stage.asset, metadata["reject_ratio"], gates.max_balance_reject_ratio
                                            if stage.name == "balance" else gates.max_reject_ratio))
     if export:

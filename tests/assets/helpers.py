@@ -50,4 +50,4 @@ def failing_reject_ratio(monkeypatch) -> None:
     from assets import checks
 
     real = checks.reject_ratio
-    monkeypatch.setattr(checks, "reject_ratio", lambda asset, ratio, threshold: real(asset, 1.0, 0.0))
+    monkeypatch.setattr(checks, "reject_ratio", lambda asset, ratio, threshold, download=None: real(asset, 1.0, 0.0))

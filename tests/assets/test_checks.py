@@ -1,5 +1,7 @@
 """Each data-quality check fails on the bad data it exists for, and passes on good data."""
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -164,6 +166,28 @@ def test_balance_check_holds_each_entry_to_what_its_keep_probabilities_promise(d
 def test_reject_ratio_check_compares_with_the_threshold():
     assert checks.reject_ratio("a", 0.1, 0.2).passed
     assert not checks.reject_ratio("a", 0.3, 0.2).passed
+    assert checks.reject_ratio("a", 0.1, 0.2, download=(0.35, 0.5)).passed  # dead links have their own limit
+    failed = checks.reject_ratio("a", 0.1, 0.2, download=(0.6, 0.5))
+    assert not failed.passed and failed.metadata["download_failure_ratio"].value == 0.6
+
+
+def test_ingest_judges_dead_links_apart_from_the_rows_that_downloaded():
+    """A URL list that lost 35% of its links to dead URLs failed the one 20% limit: an ordinary crawl."""
+    from assets.resources import QualityGatesResource
+    from assets.stages import STAGES, stage_checks
+
+    ingest = next(stage for stage in STAGES if stage.name == "ingest")
+    manifest = {"rows": 585, "stats": {"rows_in": 1000},
+                "rejects": {"rows": 415, "by_reason": {"download_failed": 350, "empty_caption": 65}}}
+
+    def judge(gates):
+        return next(r for r in stage_checks(ingest, Path("/nonexistent"), manifest, {}, None, gates, None)
+                    if r.check_name == checks.REJECT_RATIO)
+    result = judge(QualityGatesResource())
+    assert result.passed and result.metadata["reject_ratio"].value == 0.1  # 65 of the 650 that downloaded
+    assert result.metadata["download_failure_ratio"].value == 0.35
+    assert not judge(QualityGatesResource(max_download_failure_ratio=0.3)).passed
+    assert not judge(QualityGatesResource(max_reject_ratio=0.05)).passed
 
 
 def test_an_export_s_metadata_counts_its_webdataset_twin(tmp_path):
