@@ -38,7 +38,7 @@ from curation.rewrite import mixed_formats_warning
 from curation.schema import PAIR_SCHEMA, conform
 from curation.shards import atomic_write_bytes, finished_shards, shard_name
 from pipelines.common import (ReadShardBatches, ShardStageOptions, begin_stage, finish_stage, json_object_flag,
-                              refuse_overlap, shard_runs, write_stage_shard)
+                              positive_int, refuse_overlap, shard_runs, write_stage_shard)
 from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -82,7 +82,7 @@ class CaptionOptions(ShardStageOptions):
         parser.add_argument("--caption_engine_retries", type=int, default=d.engine_retries,
                             help="Retries of a failed engine call (both models), with a doubling pause.")
         parser.add_argument("--caption_engine_backoff_s", type=float, default=d.engine_backoff_s)
-        parser.add_argument("--caption_shards_per_run", type=int, default=2,
+        parser.add_argument("--caption_shards_per_run", type=positive_int, default=2,
                             help="Shards per pipeline run; finished runs are kept if a later one fails.")
 
 

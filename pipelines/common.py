@@ -9,6 +9,7 @@ the order in which elements arrived.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from collections.abc import Callable, Iterable
@@ -32,6 +33,18 @@ from curation.shards import (
 REJECTS_DIR = "rejects"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: 0 or less was taken (a batch of no rows read nothing; shards
+    per run of 0 ran one) or failed deep in Beam, far from the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 class ShardStageOptions(PipelineOptions):
     """Flags every stage takes. Each stage subclasses this with its own flags."""
 
@@ -43,7 +56,7 @@ class ShardStageOptions(PipelineOptions):
                                             "image folder (or --url_list instead).")
         parser.add_argument("--output", help="Directory for this stage's shards and manifest (required).")
         parser.add_argument("--seed", type=int, default=0, help="Seed for every random choice of the stage.")
-        parser.add_argument("--batch_rows", type=int, default=512, help="Rows per record batch between steps.")
+        parser.add_argument("--batch_rows", type=positive_int, default=512, help="Rows per record batch between steps.")
         parser.add_argument("--overwrite", action="store_true",
                             help="Delete a previous output instead of resuming or refusing it.")
 

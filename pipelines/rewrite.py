@@ -36,7 +36,7 @@ from curation.rewrite import (PROMPT_SHA256, STAGE, Rewriter, RewriteConfig, Row
 from curation.shards import atomic_write_bytes, shard_name
 from curation.validation import ValidationConfig
 from pipelines.common import (ShardStageOptions, WriteShards, begin_stage, finish_stage, json_object_flag,
-                              refuse_overlap, shard_runs)
+                              positive_int, refuse_overlap, shard_runs)
 from pipelines.model_cache import reused
 from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_unknown_flags
 
@@ -80,10 +80,10 @@ class RewriteOptions(ShardStageOptions):
                                  "check off (captions in a language wordfreq does not know).")
         parser.add_argument("--rewrite_row_fraction", type=float, default=d.row_fraction,
                             help="Rewrite only this share of rows (fixed by seed and key); others keep null rewrites.")
-        parser.add_argument("--rewrite_captions_per_batch", type=int, default=CAPTIONS_PER_BATCH,
+        parser.add_argument("--rewrite_captions_per_batch", type=positive_int, default=CAPTIONS_PER_BATCH,
                             help="Captions per RunInference batch (fixed size, fewer only at a bundle's end); "
                                  "big enough that k rewrites of them fill a GPU's engine calls.")
-        parser.add_argument("--rewrite_shards_per_run", type=int, default=2,
+        parser.add_argument("--rewrite_shards_per_run", type=positive_int, default=2,
                             help="Shards per pipeline run; finished runs are kept if a later one fails.")
         parser.add_argument("--rewrite_share_model", choices=("auto", "yes", "no"), default="auto",
                             help="Share one engine across worker processes (auto: when CUDA is present).")

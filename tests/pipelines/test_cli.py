@@ -138,3 +138,17 @@ def test_a_stage_without_its_input_or_output_says_which_flag_it_needs(tmp_path):
             with pytest.raises(ValueError, match=r": --input and --output are required"):
                 run([*argv, *needs])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_count_flag_below_one_is_refused_naming_it(tmp_path, capsys):
+    """0 was taken: a batch of no rows, or shards per run of 0 silently made 1."""
+    import pytest
+
+    from pipelines import caption, rewrite
+
+    for run, flag in ((rewrite.run, "--rewrite_captions_per_batch"), (rewrite.run, "--rewrite_shards_per_run"),
+                      (caption.run, "--caption_shards_per_run"), (rewrite.run, "--batch_rows")):
+        with pytest.raises(SystemExit):
+            run(["--input", str(tmp_path), "--output", str(tmp_path / "out"), flag, "0"])
+        assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
