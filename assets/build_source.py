@@ -61,7 +61,7 @@ def build_source(config: IngestRunConfig, build_dir: Path) -> Path:
     build = build_dir.name
     ingested = (build_dir / "raw_pairs" / STAGE_CONFIG).is_file()
     recorded = recorded_source(build_dir)
-    if recorded is None and ingested and config.source is None and not config.overwrite:
+    if recorded is None and ingested and not config.source:  # overwrite or not: which source is it to be?
         raise dg.Failure(description=f"build {build!r} was ingested before builds recorded their source: name it "
                                      f"once in IngestRunConfig.source (a shards folder, a URL list or 'demo')")
     source = config.source or recorded or DEMO_SOURCE
