@@ -23,6 +23,11 @@ def rows_in(manifest: dict) -> int:
     return manifest["rows"] + manifest.get("rejects", {}).get("rows", 0)
 
 
+# Shard paths an event's metadata lists: every one, at 160,000 shards an output (SCALING.md), put some 10 MB
+# into each materialisation's event, in the event log's database and the UI.
+SHARD_PATHS_SHOWN = 1000
+
+
 def located(where: str, name: str) -> str:
     """A file of an output at `where`: a local directory, or its published URI (s3://, gs://)."""
     return f"{where.rstrip('/')}/{name}"
@@ -31,8 +36,11 @@ def located(where: str, name: str) -> str:
 def location_metadata(manifest: dict, where: str) -> dict:
     """Where the output and its files are: the local directory until it is published, then the published
     URI, so that the UI never shows a bucket path beside a node-local staging path."""
+    shards = manifest["shards"]
     metadata = {"path": dg.MetadataValue.path(where),
-                "shard_paths": dg.MetadataValue.json([located(where, s["name"]) for s in manifest["shards"]])}
+                "shard_paths": dg.MetadataValue.json([located(where, s["name"]) for s in shards[:SHARD_PATHS_SHOWN]])}
+    if len(shards) > SHARD_PATHS_SHOWN:  # the manifest lists them all; the rest would weigh on the event log
+        metadata["shard_paths_not_shown"] = len(shards) - SHARD_PATHS_SHOWN
     if (twin := manifest.get("webdataset")) and twin.get("pattern"):
         metadata["webdataset_pattern"] = located(where, twin["pattern"])
     return metadata

@@ -245,3 +245,15 @@ def test_balance_check_reads_each_kept_rows_entries_and_keep_prob(demo_dir, tmp_
     ones = damaged(balanced("online", "--online_curation"), "ones", lambda t: t.set_column(
         t.schema.get_field_index("keep_prob"), "keep_prob", pa.array([1.0] * t.num_rows, pa.float32())))
     assert wrong(ones, True)["kept_rows_wrong"].value["with_a_wrong_keep_prob"] > 0
+
+
+def test_an_output_of_many_shards_lists_the_first_thousand_paths_in_its_metadata():
+    """Every path went into each materialisation's event: some 10 MB at 160,000 shards."""
+    from assets.report import SHARD_PATHS_SHOWN, location_metadata
+
+    manifest = {"shards": [{"name": f"part-{i:05d}.parquet"} for i in range(SHARD_PATHS_SHOWN + 5)]}
+    metadata = location_metadata(manifest, "s3://bucket/b1/raw_pairs")
+    assert len(metadata["shard_paths"].value) == SHARD_PATHS_SHOWN
+    assert metadata["shard_paths"].value[0] == "s3://bucket/b1/raw_pairs/part-00000.parquet"
+    assert metadata["shard_paths_not_shown"] == 5
+    assert "shard_paths_not_shown" not in location_metadata({"shards": manifest["shards"][:3]}, "/b1/raw_pairs")
