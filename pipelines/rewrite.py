@@ -42,7 +42,8 @@ from pipelines.runner import StageResult, pipeline_for, print_summary, refuse_un
 
 STATS_DIR = "_rewrite_stats"
 # Rewrites are joined back to their rows by key: two rows of one key would get each other's.
-INPUT_CHECK = InputCheck(STAGE, "pair shards with captions", {"caption": is_text})
+# A null caption was written back with k empty rewrites, a row the trainer then refused for its null caption.
+INPUT_CHECK = InputCheck(STAGE, "pair shards with captions", {"caption": is_text}, not_null=("caption",))
 # 4096 captions x k=4 is 16,384 requests: more than one memory-sized transformers batch of a small model on a
 # big GPU, and a long list for vLLM's scheduler, while the captions themselves take only a few MB.
 CAPTIONS_PER_BATCH = 4096
@@ -143,7 +144,7 @@ def _captions(item: tuple[int, str], seed: int, fraction: float, batch_rows: int
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["key", "caption"]):
         for key, caption in zip(batch.column("key").to_pylist(), batch.column("caption").to_pylist()):
             if selected(seed, key, fraction):
-                yield index, (key, caption or "")  # a null one falls back as an empty one, counted
+                yield index, (key, caption)  # never null: INPUT_CHECK refused the shard
 
 
 def _build_shard(item, paths: dict[int, str], output: str, seed: int, fraction: float):

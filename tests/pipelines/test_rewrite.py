@@ -194,10 +194,11 @@ def test_row_fraction_rewrites_a_fixed_share(pairs, tmp_path, tiny_model):  # no
     assert stats["captions_per_s_this_run"] == pytest.approx(sum(chosen) / stats["seconds"], rel=0.02)
 
 
-def test_a_repeated_key_is_refused_before_anything_is_written_and_a_null_caption_falls_back(pairs, tmp_path,
-                                                                                          tiny_model):  # noqa: F811
+def test_a_repeated_key_or_a_null_caption_is_refused_before_anything_is_written(pairs, tmp_path,
+                                                                                tiny_model):  # noqa: F811
     """Rewrites are joined back by key: a key in two rows gave one row the other's rewrites, silently. A
-    null caption crashed a worker after the model loaded; it falls back as an empty one, counted."""
+    null caption crashed a worker after the model loaded, then was rewritten as "" k times (an output the
+    trainer refuses, for its null caption): it is refused naming its row, as the caption stage does."""
     from curation.schema import SchemaError
 
     table = read_table(pairs)
@@ -211,5 +212,6 @@ def test_a_repeated_key_is_refused_before_anything_is_written_and_a_null_caption
     captions = pa.array([None, "two red circles"], pa.string())
     write_table_atomic(table.slice(0, 2).set_column(table.schema.get_field_index("caption"), "caption", captions),
                        nulls / "part-00000.parquet")
-    stats = rewrite.run(_flags(nulls, tmp_path / "rewritten", tiny_model)).manifest["stats"]
-    assert stats["rows"] == 2 and stats["fallback.empty_caption"] == 2  # k=2 for the null one
+    with pytest.raises(SchemaError, match=r"no caption \(1 null in all\).*part-00000.parquet.*row 1"):
+        rewrite.run(_flags(nulls, tmp_path / "rewritten", tiny_model))
+    assert not (tmp_path / "rewritten").exists()
