@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-format", choices=FORMATS, default="int4")
     parser.add_argument("--act-format", choices=FORMATS, default="int4")
     parser.add_argument("--outliers", type=int, default=2, help="largest |values| per group kept exact")
-    parser.add_argument("--act-rounding", choices=ACT_ROUNDING, default="floor")
+    parser.add_argument("--act-rounding", choices=ACT_ROUNDING, default="nearest",
+                        help="INT4 activations: nearest (unbiased), or floor as the reference code ran")
     parser.add_argument("--stochastic-round", action="store_true", help="stochastic rounding of INT4 activations")
     parser.add_argument("--reset-interval", type=int, default=None, help="momentum reset period (default steps // 3)")
     parser.add_argument("--spam-warmup", type=int, default=None,

@@ -92,9 +92,12 @@ class TrainConfig:
     quantize: str = opt("none", "4-bit training, as Stable-SPAM's paper: none | int4 | fp4_e2m1 | fp4_e1m2 for the "
                                 "weights and activations of both towers' linear layers (the projections stay in "
                                 "full precision; the saved model holds the full-precision master weights)")
-    spam_gamma1: float = opt(0.0, "stable_spam's AdaClip EMA; 0: the paper's, 0.7 with --quantize, else 0.85")
-    spam_gamma2: float = opt(0.0, "stable_spam's AdaGN EMA; 0: the paper's, 0.9 with --quantize, else 0.99999")
-    spam_theta: float = opt(0.0, "stable_spam's EMA of the clipping threshold (gamma3); 0: the paper's 0.999")
+    spam_gamma1: float = opt(0.0, "stable_spam's AdaGN EMA of the gradient norm (gamma1); 0: the paper's, 0.7 "
+                                  "with --quantize, else 0.85")
+    spam_gamma2: float = opt(0.0, "stable_spam's AdaGN EMA of the squared gradient norm (gamma2); 0: the paper's, "
+                                  "0.9 with --quantize, else 0.99999")
+    spam_theta: float = opt(0.0, "stable_spam's AdaClip EMA of the largest gradient, its clipping threshold "
+                                 "(theta, gamma3); 0: the paper's 0.999")
     momentum_reset_interval: int = opt(0, "steps between momentum resets (stable_spam, spam); 0: the paper's, "
                                           "500 for spam and for stable_spam with --quantize, else 1000")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")

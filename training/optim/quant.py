@@ -9,9 +9,11 @@
 - INT4 activations: the input of each quantized linear, in groups along the feature dimension
   (default 256: what the reference code actually ran, not the 64 its scripts ask for); the top-k (2)
   absolute values per group stay in full precision; the rest symmetric absmax signed 4-bit
-  (x * 7 / absmax). `act_rounding="floor"` (the default) is what the reference code ran: it truncates,
-  floor(x), and with stochastic rounding floor(x + U - 0.5), so codes are biased half a step down;
-  "nearest" rounds to nearest, and floor(x + U) (unbiased) when stochastic.
+  (x * 7 / absmax). `act_rounding="nearest"` (the default) rounds to nearest, and floor(x + U)
+  (unbiased) when stochastic; "floor" is what the reference code ran, to compare with it: it truncates,
+  floor(x), and with stochastic rounding floor(x + U - 0.5), so codes are biased half a step down
+  (measured on N(0, 1) activations, groups of 256: mean error -0.18 against +0.001), which shifts every
+  quantized layer's output, and stochastic rounding does not remove it.
 - FP4: per-group absmax scale onto an FP4 grid with the top-k outliers kept, for weights and
   activations alike. "fp4_e1m2" is the grid the reference code's E1M2 fake-quantizer (1 exponent bit,
   2 mantissa bits, bias 1) actually produces: its exponent always lands on the lowest binade, so every
@@ -54,7 +56,7 @@ class QuantConfig:
 
     `outliers` is the top-k kept per group for activations (both formats) and for FP4 weights;
     INT4 weights are plain asymmetric min-max, as in the paper. `act_rounding` applies to INT4
-    activations ("floor": as the reference code ran; "nearest"). The model's output head
+    activations ("nearest"; "floor": as the reference code ran, biased). The model's output head
     (`get_output_embeddings()`, or a layer named in HEAD_NAMES for models without that method) is
     skipped unless `quantize_head` is set. `exclude` names (full or last component) are never swapped;
     `include`, when given, restricts swapping to those names.
@@ -66,7 +68,7 @@ class QuantConfig:
     act_group: int = 256
     outliers: int = 2
     stochastic_round: bool = False
-    act_rounding: str = "floor"
+    act_rounding: str = "nearest"
     exclude: tuple[str, ...] = ()
     include: tuple[str, ...] | None = None
     quantize_head: bool = False
@@ -134,11 +136,11 @@ def int_asym_groups(groups: torch.Tensor, bits: int = 4) -> torch.Tensor:
 
 
 def int_sym_groups(groups: torch.Tensor, bits: int = 4, outliers: int = 2, stochastic: bool = False,
-                   rounding: str = "floor") -> torch.Tensor:
+                   rounding: str = "nearest") -> torch.Tensor:
     """Symmetric absmax signed quantize-dequantize of each row, its top-`outliers` |values| kept exact.
 
-    rounding "floor" (the reference code): floor(x), or floor(x + U - 0.5) when stochastic;
-    "nearest": round(x), or floor(x + U) when stochastic.
+    rounding "nearest": round(x), or floor(x + U) when stochastic; "floor" (the reference code): floor(x),
+    or floor(x + U - 0.5) when stochastic.
     """
     mask = _outlier_mask(groups, outliers)
     rest = groups.masked_fill(mask, 0.0)
@@ -179,7 +181,7 @@ def quantize_weight(w: torch.Tensor, fmt: str, group: int = 256, outliers: int =
 
 
 def quantize_activation(x: torch.Tensor, fmt: str, group: int = 256, outliers: int = 2,
-                        stochastic: bool = False, rounding: str = "floor") -> torch.Tensor:
+                        stochastic: bool = False, rounding: str = "nearest") -> torch.Tensor:
     """Quantize-dequantize an activation in feature groups (no gradient; see `ste`)."""
     groups = _last_dim_groups(x.detach(), group)
     if fmt == "int4":

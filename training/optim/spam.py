@@ -77,6 +77,10 @@ class SPAM(MomentOptimizer):
         if threshold > 0 and since_reset >= group["clip_delay"]:
             bound = torch._foreach_mul(exp_avg_sq, threshold)
             torch._foreach_sqrt_(bound)
+            # An element with no second moment yet (its first gradient came after the clip delay: a token
+            # not seen since the reset) has no scale to spike against: the spec's bound sqrt(theta * 0) = 0
+            # zeroed every gradient it got, so it never trained until a reset let it in early enough.
+            bound = [torch.where(b > 0, b, math.inf) for b in bound]
             torch._foreach_minimum_(clean, bound)
             torch._foreach_neg_(bound)
             torch._foreach_maximum_(clean, bound)

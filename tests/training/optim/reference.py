@@ -118,7 +118,7 @@ class ReferenceSPAM:
                 s["m"].zero_()
                 s["v"].zero_()
             if self.threshold > 0 and since >= self.delay:
-                spike = g ** 2 > self.threshold * s["v"]
+                spike = (g ** 2 > self.threshold * s["v"]) & (s["v"] > 0)  # no v yet: nothing to spike against
                 g[spike] = g[spike].sign() * (self.threshold * s["v"][spike]).sqrt()
                 self.clip_events += int(spike.any())
             s["t"] += 1

@@ -37,6 +37,21 @@ def test_the_smallest_delay_trains_from_the_first_step():
     assert (w.detach() < 0).all()
 
 
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_an_element_first_seen_after_the_clip_delay_trains(state_bits):
+    """Its v is still 0, so the spec's bound sqrt(theta * v) clipped each of its gradients to 0: an embedding
+    row of a token first seen after the delay stayed frozen until a reset let it in early enough."""
+    w = torch.nn.Parameter(torch.zeros(512, 8))
+    opt = SPAM([w], reset_interval=None, warmup_steps=0, clip_delay=2, state_bits=state_bits)
+    for step in range(10):
+        grad = torch.ones(512, 8)
+        if step < 5:
+            grad[256:] = 0  # rows 256 and up get their first gradient at step 6, past the delay
+        w.grad = grad
+        opt.step()
+    assert (w.detach()[256:] < 0).all() and (w.detach()[:256] < 0).all()
+
+
 def test_spike_is_clipped_to_the_boundary_after_the_delay():
     w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     opt = SPAM([w], threshold=1e4, reset_interval=None, warmup_steps=0, clip_delay=3)
