@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 from pathlib import Path
 
 from curation.shards import atomic_write_bytes, atomic_write_figure
@@ -36,8 +37,12 @@ class MetricsLog:
                 SummaryWriter = None
             if SummaryWriter is not None:
                 # Events from the resume step on go: the CSV keeps its rows up to that step, and so does this.
-                self.writer = SummaryWriter(str(Path(output) / "tensorboard"),
-                                            purge_step=resume_step + 1 if resume_step else None)
+                # A fresh start (a run killed before its first checkpoint, run again) keeps none: its events
+                # file stayed beside the new one, and the curves showed both runs' steps 1, 2, ...
+                events = Path(output) / "tensorboard"
+                if not resume_step:
+                    shutil.rmtree(events, ignore_errors=True)
+                self.writer = SummaryWriter(str(events), purge_step=resume_step + 1 if resume_step else None)
 
     def _write_all(self, rows: list[dict]) -> None:
         text = io.StringIO(newline="")

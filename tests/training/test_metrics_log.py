@@ -53,3 +53,21 @@ def test_tensorboard_keeps_the_checkpoint_steps_events_on_resume(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_a_fresh_start_keeps_no_tensorboard_events_of_the_attempt_before(tmp_path):
+    """A run killed before its first checkpoint and run again reset the CSV but left the old events file
+    beside the new one: the curves held both attempts' steps 1, 2, ..."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path)
+    for step in (1, 2):
+        log.log(step, {"loss": float(step)})
+    log.close()
+    again = MetricsLog(tmp_path)
+    again.log(1, {"loss": 10.0})
+    again.close()
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 10.0)]
