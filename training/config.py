@@ -157,6 +157,12 @@ class TrainConfig:
         if (self.t or self.entry_counts) and not (self.online_curation and self.t):
             raise ValueError("--t (and --entry_counts with it) sets the cap of online curation: pass "
                              "--online_curation --t T")
+        # Taken and then unused, silently: no zero-shot ran, or the named tokenizer's vocabulary was used.
+        if self.classes and not self.eval:
+            raise ValueError("--classes names the eval split's classes: pass --eval too")
+        if self.vocab_size and self.tokenizer:
+            raise ValueError("--vocab_size sizes the BPE trained when no --tokenizer is given: the named "
+                             "tokenizer has its own vocabulary; drop one of them")
         if self.fused_ratio + self.synthetic_ratio > 1.0:
             raise ValueError(f"fused_ratio + synthetic_ratio must be <= 1, got {self.fused_ratio + self.synthetic_ratio}")
         self._resolve_optimizer_settings()

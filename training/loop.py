@@ -32,7 +32,7 @@ from curation.shards import atomic_write_bytes, is_complete, verify_manifest
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, restore_interrupted_save, save_checkpoint
 from training.config import RETRY_AFTER_DIVERGENCE, TrainConfig, resolve_precision
-from training.data import DATA_ORDER, LoaderState, StreamSpec, counts_summary, train_batches
+from training.data import DATA_ORDER, LoaderState, StreamSpec, counts_summary, readers_for, train_batches
 from training.evaluate import check_eval_inputs, evaluate_all
 from training.image_transforms import image_processor_config
 from training.metrics_log import CURVES_PNG, METRICS_CSV, MetricsLog, plot_curves
@@ -95,6 +95,22 @@ def _tokenizer(config: TrainConfig, shards: ShardSet, output: Path, context_leng
     return tokenizer if d.main else load_tokenizer(output, context_length)
 
 
+def _refuse_late_failures(config: TrainConfig, d: distributed.Dist, shards) -> str:
+    """The settings found wrong only once the model is built or the first batch drawn, checked before
+    --overwrite clears the output (they cost the earlier run there); the run's precision.
+
+    A batch of one pair over every rank has no negatives: its contrastive loss is exactly 0 and nothing
+    learns."""
+    precision = resolve_precision(config.precision, d.device.type)
+    readers_for(shards, config.workers, d.world_size, config.batch_size)
+    if config.batch_size * d.world_size < 2:
+        raise ValueError(f"--batch_size {config.batch_size} on {d.world_size} rank(s) gives a contrastive batch of "
+                         f"one pair, whose loss is 0: use 2 or more")
+    if config.fused_optimizer:  # the fused kernels refuse a device (CPU without Triton's interpreter) here
+        make_optimizer(torch.nn.Linear(8, 8, device=d.device), config)
+    return precision
+
+
 def train(config: TrainConfig) -> TrainResult:
     if not config.input or not config.output:
         raise ValueError("train: --input and --output are required")
@@ -136,6 +152,7 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
     resumable = config.resume and not config.overwrite and latest_checkpoint(output) is not None
     named = load_tokenizer(config.tokenizer, context_length) if config.tokenizer and not resumable else None
     check_eval_inputs(config.eval, config.classes_path)
+    precision = _refuse_late_failures(config, d, shards)
     fingerprint = input_fingerprint(config.input)
     curation = curation_fingerprint(entry_p)
     distributed.on_main(d, lambda: prepare_output(config, output))
@@ -155,7 +172,6 @@ def _train(config: TrainConfig, d: distributed.Dist) -> TrainResult:
         step_module = torch.compile(step_module)
     optimizer = make_optimizer(model, config)
     scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps)
-    precision = resolve_precision(config.precision, d.device.type)
 
     step, health, elapsed_before = 0, {}, 0.0
     loader_state = LoaderState()

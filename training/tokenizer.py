@@ -116,7 +116,24 @@ def load_tokenizer(name_or_path: str | Path, context_length: int | None = None) 
                       f"hub id available offline ({exc})") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _check_end_token(tokenizer, name_or_path)
     return tokenizer
+
+
+def _check_end_token(tokenizer: PreTrainedTokenizerBase, name: str | Path) -> None:
+    """The text tower pools at the end token, so a tokenizer must have one, append it, and not give it id 2:
+    transformers' CLIP text model then keeps its legacy rule, pooling at the highest token id, and a
+    RoBERTa- or BART-style tokenizer (`</s>` = 2) trained a tower that ignored every token after that one."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"the tokenizer at {name} has no end token: the text tower pools there")
+    if eos == 2:
+        raise ValueError(f"the tokenizer at {name} gives its end token id 2, for which transformers' CLIP text "
+                         f"model pools at the highest token id instead (its legacy rule): use a tokenizer whose "
+                         f"end token has another id")
+    if tokenizer("a", add_special_tokens=True)["input_ids"][-1] != eos:
+        raise ValueError(f"the tokenizer at {name} does not end a text with its end token "
+                         f"{tokenizer.eos_token!r}: the text tower pools there")
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], context_length: int) -> tuple[dict, int]:

@@ -41,3 +41,12 @@ def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu_and_bf16_needs_cuda():
     assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cuda") == "bf16"
     with pytest.raises(ValueError, match="bf16 autocast is for CUDA"):
         resolve_precision("bf16", "cpu")
+
+
+def test_a_flag_that_its_companion_would_leave_unused_is_refused():
+    """--classes without --eval ran no zero-shot, and --vocab_size beside --tokenizer sized nothing."""
+    with pytest.raises(ValueError, match="--classes names the eval split's classes: pass --eval too"):
+        TrainConfig(input="in", output="out", classes="classes.json")
+    with pytest.raises(ValueError, match="--vocab_size sizes the BPE trained when no --tokenizer is given"):
+        TrainConfig(input="in", output="out", tokenizer="tok", vocab_size=1234)
+    assert TrainConfig(input="in", output="out", eval="eval", classes="classes.json").classes_path.name == "classes.json"

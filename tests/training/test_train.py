@@ -182,11 +182,14 @@ def test_wrong_settings_and_eval_inputs_fail_before_overwrite_clears_anything(ra
     pq.write_table(pa.table({"key": ["a"], "image": [b"x"]}), tmp_path / "eval" / shard_name(0))
     wrong = [
         (dict(preset="vit-b32"), r"unknown model preset 'vit-b32'"),
-        (dict(tokenizer=str(tmp_path / "nowhere")), r"no tokenizer at .*nowhere: it is neither a folder"),
+        (dict(tokenizer=str(tmp_path / "nowhere"), vocab_size=0), r"no tokenizer at .*nowhere: it is neither a"),
         (dict(eval=str(tmp_path / "missing")), r"no shards at .*missing"),
         (dict(eval=str(tmp_path / "eval")), r"lacks column\(s\) \['label'\]"),
         (dict(grad_clip=-1.0), r"invalid training settings: grad_clip=-1.0"),
-    ]
+        # Found once the model was built or the first batch drawn: after the overwrite.
+        (dict(batch_size=5000), r"fewer than a batch of 5000"),
+        (dict(batch_size=1), r"a contrastive batch of one pair"),
+    ] + ([] if torch.cuda.is_available() else [(dict(precision="bf16"), r"bf16 autocast is for CUDA")])
     for settings, message in wrong:
         with pytest.raises((ValueError, OSError), match=message):
             loop.train(_config(raw_pairs, tmp_path / "run", steps=2, overwrite=True, **settings))
@@ -213,7 +216,7 @@ def test_a_resume_needs_no_longer_the_tokenizer_the_run_was_started_with(raw_pai
 
     named = tmp_path / "tokenizer"
     train_bpe(["a red circle", "two blue squares"] * 50, 300, 16).save_pretrained(named)
-    settings = dict(steps=4, checkpoint_every=2, tokenizer=str(named))
+    settings = dict(steps=4, checkpoint_every=2, tokenizer=str(named), vocab_size=0)
     assert loop.train(_config(raw_pairs, tmp_path / "run", stop_after_steps=2, **settings)).stopped_early
     shutil.rmtree(named)
     assert loop.train(_config(raw_pairs, tmp_path / "run", **settings)).steps == 4
