@@ -122,7 +122,7 @@ def test_each_run_of_the_caption_stage_starts_the_cached_captioners_error_counts
 
     dirty = Captioner(ScriptedVision({}), CaptionConfig(captioner_model="x"))
     dirty.errors_in_row, dirty.recent_errors = 5, collections.deque([True] * 40, maxlen=ERROR_WINDOW)
-    monkeypatch.setattr(stage, "reused", lambda kind, config, load: dirty)
+    monkeypatch.setattr(stage, "reused", lambda kind, config, load, files=None: dirty)
     loaded = stage.CaptionModelHandler(CaptionConfig(captioner_model="x"), seed=0).load_model()
     assert loaded is dirty and loaded.errors_in_row == 0 and not loaded.recent_errors
 
