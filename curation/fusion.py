@@ -120,7 +120,8 @@ class Fuser:
         same = [text for text in same if not in_other_language(text, fused)]
         if cfg.validation.check_language and not same:
             return OutputReason.LANGUAGE
-        if cfg.validation.keep_numbers_and_colours and any(changed_fact(text, fused) for text in same):
+        both = f"{alt_text} {vec}"  # a count or colour either input states is no invention
+        if cfg.validation.keep_numbers_and_colours and any(changed_fact(text, fused, both) for text in same):
             return OutputReason.CHANGED_FACT
         if cfg.fusion_keep_proper_nouns and names_in(alt_text, seen=vec).lost_in(fused):
             return FusionReason.LOST_PROPER_NOUN

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from curation.facts import lost_fact, stated_colours, stated_counts
+from curation.facts import added_fact, lost_fact, stated_colours, stated_counts
 from curation.languages import (UNSPACED, dominant_script, is_function_word, language_shares, languages_of,
                                 likely_languages, main_language, word_count, words_of)
 
@@ -30,8 +30,8 @@ from curation.languages import (UNSPACED, dominant_script, is_function_word, lan
 # 3: labels with an article or a verb ("The new caption is:", "Rewritten:", "A:"), refusals ("unable to
 # describe"), small talk in a VeC, the fusion prompt's own labels in a VeCap. 4: "I'm" and "I'll" openers,
 # typographic apostrophes ("Here’s", "dog’s") read as "'", a fusion that pastes the VeC before the alt-text,
-# a caption written out twice.
-VALIDATION_VERSION = 4
+# a caption written out twice. 5: a count or colour the input does not state is refused too.
+VALIDATION_VERSION = 5
 
 
 class OutputReason:
@@ -71,8 +71,9 @@ class ValidationConfig:
     # "pwned" an obedient model pulls out of a steering caption) covers at least this share of them.
     min_shared_words: int = 1
     min_excerpt_share: float = 0.34
-    # Every number and colour of the input is in the output ("3 red circles" is not "5 blue circles"): the
-    # instruction asks to keep them, and a trainer learns counts and colours from these texts.
+    # Every number and colour of the input is in the output ("3 red circles" is not "5 blue circles"), and
+    # none the input does not state ("a red circle" is not "three red circles"): the instruction asks to keep
+    # them, and a trainer learns counts and colours from these texts.
     keep_numbers_and_colours: bool = True
     # A run of this many words of the instruction or an example, absent from the input, is an echo (five
     # took everyday phrases for echoes: "as the sun goes down", "on a plain white background").
@@ -316,10 +317,11 @@ def chatter(text: str, source: str = "") -> bool:
     return any(f" {normalise(m.group(0))} " not in padded for m in _CHATTER_ANYWHERE.finditer(text))
 
 
-def changed_fact(source: str, output: str) -> bool:
-    """Whether `output` lost a number or a colour of `source` (OutputReason.CHANGED_FACT)."""
+def changed_fact(source: str, output: str, allowed: str | None = None) -> bool:
+    """Whether `output` lost a number or a colour of `source`, or states one that `allowed` (the source, or
+    for a fusion both its inputs) does not (OutputReason.CHANGED_FACT)."""
     facts = _source(source)
-    return lost_fact(facts.counts, facts.colours, output)
+    return lost_fact(facts.counts, facts.colours, output) or added_fact(source if allowed is None else allowed, output)
 
 
 def in_other_language(source: str, output: str) -> bool:

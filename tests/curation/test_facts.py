@@ -55,3 +55,27 @@ def test_colours_and_counts_may_be_said_in_other_words():
     assert check_output("a black cat on a sofa", "a greyscale photo of a cat on a sofa") == OutputReason.CHANGED_FACT
     assert check_output("Nike Air Max 90 shoes", "a pair of Nike Air Max ninety sneakers") is None
     assert check_output("Nike Air Max 90 shoes", "a pair of Nike Air Max sneakers") == OutputReason.CHANGED_FACT
+
+
+@pytest.mark.parametrize("source, output, added", [
+    # Seen in a SmolLM2 demo run: a quarter of its kept rewrites invented a colour or a count.
+    ("one yellow pentagon on a plain background", "a sky blue triangle of one yellow pentagon", True),
+    ("Photo by Marco Rossi | red crosses", "white, red cross draped over a path to the sea.", True),
+    ("brown hexagon - DSC07636", "a brown hexagon with 2 x 2, a 3 x 3 square", True),
+    ("a red circle", "three red circles", True),
+    ("a man riding a horse", "two men riding horses", True),
+    ("children playing in a park", "two children playing in a park", True),
+    # Said in other words, or held by the source in its digits: no invention.
+    ("a red circle", "one crimson circle", False),
+    ("a dozen eggs in a box", "twelve eggs in a carton", False),
+    ("black and white photo of a street", "a monochrome shot of a city street", False),
+    ("monochrome photo of a street", "a black and white picture of a street", False),
+    ("Meeting at 10:30", "a meeting at half past ten", False),
+    ("An orange on a table", "an orange fruit on a golden plate", False),  # colour words as often things
+    ("a cat sleeping on a sofa", "cats asleep on sofas", False),
+])
+def test_a_count_or_colour_the_source_does_not_state_is_invented(source, output, added):
+    from curation.facts import added_fact
+
+    assert added_fact(source, output) is added
+    assert (check_output(source, output) == OutputReason.CHANGED_FACT) is added

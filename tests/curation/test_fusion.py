@@ -73,6 +73,17 @@ def test_fusion_of_alt_text_and_vec_in_two_languages_is_judged_against_each(fuse
                        fused) == reason
 
 
+@pytest.mark.parametrize("fused, reason", [
+    ("a red car parked near two trees", None),  # the alt-text's colour, the VeC's count
+    ("a red car parked near two trees and a blue van", OutputReason.CHANGED_FACT),  # a colour neither states
+    ("three red cars parked near two trees", OutputReason.CHANGED_FACT),  # "a red car" is one
+])
+def test_a_fusion_may_state_what_either_input_does_and_nothing_else(fused, reason):
+    fuser = Fuser(ScriptedText(lambda prompt, p: fused), CaptionConfig(captioner_model="x",
+                                                                       fusion_keep_proper_nouns=False))
+    assert fuser.check("a red car for sale", "a car parked near two trees", fused) == reason
+
+
 @pytest.mark.parametrize("alt, fused, reason", [
     ("Красная площадь зимой, Москва, фото из архива семьи", "Red Square under snow, a red brick building", None),
     ("Москва зимой", "Москва зимой: большая площадь с красным кирпичным зданием под снегом", None),

@@ -30,7 +30,7 @@ class SizedStub(StubEngine):
 
 
 def good_reply(prompt, seed):
-    return f"a fresh wording of {last_user_turn(prompt)} number {seed % 7}"
+    return f"a fresh wording of {last_user_turn(prompt)} take {'abcdefg'[seed % 7]}"
 
 
 KEYS = [f"k{i}" for i in range(6)]
