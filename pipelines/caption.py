@@ -173,7 +173,7 @@ def _prepare(item, image_config: ImageConfig):
         notes.update(f"image.{note}" for note in prepared.notes)
         yield beam.pvalue.TaggedOutput("images", (index, key, alt, prepared.image))
     notes["image.prepared"] += len(kept)
-    yield index, ("pairs", table.take(kept))
+    yield index, ("pairs", table.take(pa.array(kept, pa.int64())))  # typed: an empty list is null-typed, untakeable
     yield index, ("stats", notes)
     if rejected:
         yield index, ("rejects", rejects_table(rejected))

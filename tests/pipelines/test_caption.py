@@ -156,6 +156,21 @@ def test_without_fusion_and_demo_flags(pairs, tmp_path, capsys):
     assert manifest["stats"]["fusion"] == "skipped"
 
 
+def test_an_empty_shard_and_a_shard_of_broken_images_are_captioned_as_empty(pairs, tmp_path):
+    """Arrow could not take an empty (null-typed) index list: the run died on an empty shard, or on a batch
+    whose every image was rejected."""
+    source = tmp_path / "edge"
+    source.mkdir()
+    table = pq.read_table(sorted(pairs.glob("part-*.parquet"))[0])
+    pq.write_table(table.slice(0, 0), source / "part-00000.parquet")
+    broken = table.slice(0, 3).set_column(table.column_names.index("image"), table.schema.field("image"),
+                                          pa.array([b"not an image"] * 3, pa.binary()))
+    pq.write_table(broken, source / "part-00001.parquet")
+    result = caption.run(["--input", str(source), "--output", str(tmp_path / "out"), *caption.demo_flags(tmp_path)])
+    assert result.manifest["rows"] == 0 and result.manifest["rejects"]["rows"] == 3
+    assert [s["rows"] for s in result.manifest["shards"]] == [0, 0]
+
+
 def test_a_failing_captioner_is_retried_and_a_persistent_failure_keeps_finished_shards(pairs, models, tmp_path,
                                                                                       monkeypatch):
     """A VLM server restarting fails one call: retried, not split. One that stays down stops the run; the
