@@ -99,16 +99,25 @@ class MetadataFile:
 
 
 def validate_entries(entries: object, origin: str) -> list[str]:
-    """Refuse an empty list or an entry that is not a non-blank string, naming the entry's index."""
+    """Refuse an empty list, or an entry that is not a non-blank, valid string or repeats one, naming its index."""
     if not isinstance(entries, list):
         raise MetadataError(f"{origin}: metadata must be a JSON list of strings, got {type(entries).__name__}")
     if not entries:
         raise MetadataError(f"{origin}: metadata is empty; it needs at least one entry")
+    first: dict[str, int] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, str):
             raise MetadataError(f"{origin}: entry {i} is {type(entry).__name__}, not a string: {entry!r}")
         if not entry.strip():
             raise MetadataError(f"{origin}: entry {i} is empty or whitespace: {entry!r}")
+        try:  # JSON allows a lone surrogate ("\ud83d"); it failed at the stage's end, when the counts were written
+            entry.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MetadataError(f"{origin}: entry {i} is not valid Unicode (a lone surrogate): {entry!r}") from None
+        # Each copy was matched and capped on its own: a caption kept with 1 - (1 - t/n)^copies, not t/n.
+        if (seen := first.setdefault(entry, i)) != i:
+            raise MetadataError(f"{origin}: entries {seen} and {i} are both {entry!r}; MetaCLIP's metadata is a set "
+                                f"of strings, each capped once: remove the repeat")
     return entries
 
 

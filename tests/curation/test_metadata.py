@@ -46,6 +46,10 @@ def test_loads_metaclip_format_and_checksums_it(tmp_path):
     (["dog", 3], r"entry 1 is int"),
     ({"dog": 1}, "must be a JSON list of strings"),
     ("[\"dog\",", "not valid UTF-8 JSON"),
+    # A repeat was capped once per copy (a caption of "cat" kept with 1 - (1 - t/n)^2); a lone surrogate
+    # failed when the counts were written, after the whole match, on every rerun.
+    (["cat", "dog", "cat"], r"entries 0 and 2 are both 'cat'"),
+    ('["red", "\\ud83d", "cat"]', r"entry 1 is not valid Unicode \(a lone surrogate\)"),
 ])
 def test_bad_metadata_is_refused_naming_file_and_entry(tmp_path, content, message):
     path = _write(tmp_path, content)
