@@ -25,7 +25,7 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from curation.caption import PROMPT_SHA256, STAGE, CaptionConfig, Captioner, RowCaption, summarise
-from curation.engines import resolve_model
+from curation.engines import refuse_missing_folder, resolve_model
 from curation.engines.model_files import model_fingerprint
 from curation.engines.vision_tiny import build_tiny_vlm, is_random_model
 from curation.fusion import Fuser, RowFusion
@@ -266,6 +266,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     config = config_from(options)
     if not options.input or not options.output:
         raise ValueError(f"{STAGE}: --input and --output are required")
+    refuse_missing_folder(config.captioner_model, "--captioner_model")
+    if config.fuse:
+        refuse_missing_folder(config.fusion_model, "--fusion_model")
     refuse_overlap(STAGE, options.output, options.input, config.captioner_model,
                    *([config.fusion_model] if config.fuse else []))
     with output_lock(options.output, STAGE):  # one run at a time writes an output

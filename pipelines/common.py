@@ -10,6 +10,7 @@ the order in which elements arrived.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import shutil
 from collections.abc import Callable, Iterable
@@ -25,7 +26,7 @@ from curation.failed_checks import verify_input
 from curation.rejects import REJECT_SCHEMA, count_reasons
 from curation.schema import PAIR_SCHEMA, SchemaError
 from curation.shards import (
-    STAGE_CONFIG, ManifestError, atomic_write_bytes, finished_shards, info_for, is_complete, open_parquet,
+    STAGE_CONFIG, TEMP_GLOB, ManifestError, atomic_write_bytes, finished_shards, info_for, is_complete, open_parquet,
     read_manifest, refuse_unfinished, remove_stale_temps, shard_name, shard_paths, verify_manifest, write_manifest,
     write_table_atomic,
 )
@@ -206,7 +207,9 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
         if before is None or resumable or before == now:
             previous = {**previous, "input_shards": now}
         previous = with_new_options_off(previous, wanted)
-        if previous != wanted:
+        # A run that made nothing (it failed before its first shard: a mistyped model path, say) holds no
+        # work to protect: its record is replaced, where its corrected rerun was refused as another config.
+        if previous != wanted and _made_anything(output):
             raise config_mismatch(output, previous, wanted)
     todo = [(i, str(p)) for i, p in enumerate(inputs) if shard_name(i) not in finished]
     if rerun and todo:  # there is work after all: the input is checked before any, and before the record
@@ -220,6 +223,13 @@ def begin_stage(input_dir: str | Path, output_dir: str | Path, stage: str, confi
         remove_stale_temps(directory)
     return StagePlan(output, todo, len(inputs) - len(todo), up_to_date=is_complete(output) and not todo,
                      input_manifest=input_manifest)
+
+
+def _made_anything(output: Path) -> bool:
+    """Whether the output holds a file a run wrote besides its record (a shard, a reject, a match, a download);
+    temp files of a killed write do not count."""
+    return any(path.is_file() and path.name != STAGE_CONFIG and not fnmatch.fnmatch(path.name, TEMP_GLOB)
+               for path in output.rglob("*"))
 
 
 def shard_runs(todo: list[tuple[int, str]], per_run: int,

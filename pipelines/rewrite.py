@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from curation.engines import resolve_model
+from curation.engines import refuse_missing_folder, resolve_model
 from curation.engines.model_files import model_fingerprint
 from curation.input_check import InputCheck, is_text
 from curation.output_lock import output_lock
@@ -221,6 +221,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     config = config_from(options)
     if not options.input or not options.output:
         raise ValueError(f"{STAGE}: --input and --output are required")
+    refuse_missing_folder(config.model, "--rewrite_model")
     refuse_overlap(STAGE, options.output, options.input, config.model)
     with output_lock(options.output, STAGE):  # one run at a time writes an output
         return _run(options, config, test_pipeline)

@@ -44,7 +44,8 @@ _FIXED = ("self", "model", "gguf_file", "dtype")
 
 __all__ = [
     "DEFAULT_MODEL", "ENGINES", "RUN_OPTIONS", "EngineSpec", "Generation", "SamplingParams", "TextEngine",
-    "VisionEngine", "backend", "check_options", "make_text_engine", "output_options", "resolve_model",
+    "VisionEngine", "backend", "check_options", "make_text_engine", "output_options", "refuse_missing_folder",
+    "resolve_model",
 ]
 
 
@@ -121,6 +122,13 @@ def resolve_model(model: str, gguf_file: str | None) -> tuple[str, str | None]:
             raise FileNotFoundError(f"no .gguf file in {folder}")
         return str(folder), found[0]
     return str(folder), gguf_file or DEFAULT_GGUF
+
+
+def refuse_missing_folder(model: str, flag: str) -> None:
+    """A model named by a path (absolute, ./, ../ or ~) must be there: read as a hub id, a mistyped folder
+    failed offline in a Beam worker, after the stage had recorded its config."""
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise FileNotFoundError(f"{flag} {model}: no such model folder")
 
 
 def make_text_engine(spec: EngineSpec) -> TextEngine:

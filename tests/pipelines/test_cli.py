@@ -152,3 +152,20 @@ def test_a_count_flag_below_one_is_refused_naming_it(tmp_path, capsys):
             run(["--input", str(tmp_path), "--output", str(tmp_path / "out"), flag, "0"])
         assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_named_by_a_missing_path_is_refused_before_anything_is_written(tmp_path):
+    """Read as a hub id, a mistyped folder failed offline in a Beam worker after the stage had recorded its
+    config (and the corrected rerun was refused as another one)."""
+    import pytest
+
+    from pipelines import caption, rewrite
+
+    base = ["--input", str(tmp_path), "--output", str(tmp_path / "out")]
+    with pytest.raises(FileNotFoundError, match=r"--rewrite_model /models/typo: no such model folder"):
+        rewrite.run([*base, "--rewrite_model", "/models/typo"])
+    with pytest.raises(FileNotFoundError, match=r"--captioner_model \./vlm-typo: no such model folder"):
+        caption.run([*base, "--captioner_model", "./vlm-typo"])
+    with pytest.raises(FileNotFoundError, match=r"--fusion_model ~/lm-typo: no such model folder"):
+        caption.run([*base, "--captioner_model", str(tmp_path), "--fusion_model", "~/lm-typo"])
+    assert not (tmp_path / "out").exists()

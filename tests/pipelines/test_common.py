@@ -182,3 +182,20 @@ def test_a_refused_run_writes_nothing_and_an_output_holding_the_metadata_is_refu
         balance.run(["--input", str(source), "--output", str(output), "--metadata", str(output / "metadata.json"),
                      "--overwrite"])
     assert (output / "metadata.json").is_file()
+
+
+def test_a_run_that_made_nothing_does_not_block_its_corrected_rerun(tmp_path):
+    """A run that failed before its first shard (a mistyped model path) left its record, and the rerun with
+    the path fixed was refused as another config, --overwrite its only way on."""
+    import json
+
+    from pipelines.common import STAGE_CONFIG, StageConfigMismatch
+
+    source = _input(tmp_path / "in")
+    begin_stage(source, tmp_path / "out", "copy", {"model": "/models/typo"})
+    (tmp_path / "out" / ".part-00000.parquet.tmp-123").write_bytes(b"half")  # a killed write is no work
+    plan = begin_stage(source, tmp_path / "out", "copy", {"model": "/models/right"})
+    assert json.loads((tmp_path / "out" / STAGE_CONFIG).read_text())["config"] == {"model": "/models/right"}
+    write_stage_shard(tmp_path / "out", 0, pq.read_table(plan.todo[0][1]))
+    with pytest.raises(StageConfigMismatch, match=r"config\.model differ"):
+        begin_stage(source, tmp_path / "out", "copy", {"model": "/models/other"})
