@@ -30,7 +30,8 @@ from curation.languages import (UNSPACED, dominant_script, is_function_word, lan
 # 3: labels with an article or a verb ("The new caption is:", "Rewritten:", "A:"), refusals ("unable to
 # describe"), small talk in a VeC, the fusion prompt's own labels in a VeCap. 4: "I'm" and "I'll" openers,
 # typographic apostrophes ("Here’s", "dog’s") read as "'", a fusion that pastes the VeC before the alt-text,
-# a caption written out twice. 5: a count or colour the input does not state is refused too.
+# a caption written out twice. 5: a count or colour the input does not state is refused too; "Sure-footed" is no
+# "Sure" opener.
 VALIDATION_VERSION = 5
 
 
@@ -88,7 +89,7 @@ class ValidationConfig:
 # Assistant small talk around or instead of a caption; matched at the start of the output. A phrase the
 # input holds is no evidence ("Sure Foot boots", "I Can Only Imagine"): see `chatter`.
 _CHATTER = re.compile(
-    r"^\W*(sure\b|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are| you go)\b|"
+    r"^\W*(sure\b(?!-)|certainly\b|of course\b|absolutely\b|okay\b|ok,|here('s| is| are| you go)\b|"
     r"i( (can|cannot|can't|will|am|apologi[sz]e|hope|would)|'ll|'m|'d)\b|as an ai\b|sorry\b|unfortunately\b|"
     r"great (question|idea|choice)\b|great\s*[!,.]|unable to\b|"
     # A labelled answer: "New caption:", "The new caption is:", "Caption 2:", "Rewritten:", "A:", "Assistant:".

@@ -33,9 +33,13 @@ _OPENER = re.compile(
     rf"^\s*(?:in (?:this|the)\s+{_PICTURE}\s*,\s*(?:there (?:is|are)\s+)?|"  # "In this photo, ..."
     rf"(?:this|the|in this|in the)\s+{_PICTURE}\s*(?::\s*|(?:shows|depicts|features|contains|displays|presents|"
     r"is of|of|captures|there (?:is|are))\b\s*:?\s*)|"
+    # "This image is a close-up of ...": the picture named as such (a scene is a caption's own subject).
+    r"(?:this|the)\s+(?:image|photo|photograph|picture)\s+is\s+(?=an?\s)|"
     r"(?:caption|description)\s*:\s*|(?:assistant)\s*:\s*)",
     re.IGNORECASE)
-_TEMPLATE_ROLE = re.compile(r"\b(?:USER|ASSISTANT|SYSTEM)\s*:", re.IGNORECASE)
+# The next chat turn a model went on to write: a template's upper-case role ("USER:", LLaVA's and Vicuna's), or
+# one in other case where a sentence ends before it; not the words of a sign in the picture ("says 'System: on'").
+_TEMPLATE_ROLE = re.compile(r"\b(?:USER|ASSISTANT|SYSTEM)\s*:|(?<=[.!?])\s+(?i:user|assistant|system)\s*:")
 # Words as the VeC checks count them, and what tells an alt-text with something to merge.
 WORDS = re.compile(r"\w+(?:'\w+)?", re.UNICODE)
 

@@ -17,6 +17,10 @@ from curation.vlm_output import Degenerate, clean_vlm_output, degenerate_reason
     ("The picture frame hangs on a white wall", "The picture frame hangs on a white wall"),
     ("The scene is a busy street market at dusk", "The scene is a busy street market at dusk"),
     ("The photo booth at a wedding party", "The photo booth at a wedding party"),
+    # Refused as small talk before: a common VLM opening, and a sign's words cut as a chat turn.
+    ("This image is a close-up of a pink flower.", "A close-up of a pink flower."),
+    ("A man holding a sign that says 'System: online'.", "A man holding a sign that says 'System: online'."),
+    ("A dog on a beach. User: describe it more", "A dog on a beach."),
 ])
 def test_clean_vlm_output(raw, clean):
     assert clean_vlm_output(raw) == clean
@@ -54,6 +58,9 @@ def test_clean_vlm_output(raw, clean):
     ("The image is not clear enough to describe.", Degenerate.CHATTER),
     ("I cannot see the picture you sent.", Degenerate.CHATTER),
     ("No photo frames hang on the bare white wall", None),
+    ("Sure-footed mountain goats on a rocky cliff.", None),  # "sure" as a word of the caption, not an answer
+    ("Sure, a dog on a beach.", Degenerate.CHATTER),
+    ("A man holding a sign that says 'System: online'.", None),
     ("A red car parked on a street next to a red car parked on a driveway", None),  # no phrase twice in a row
 ])
 def test_degenerate_reason(text, reason):
