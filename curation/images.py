@@ -116,7 +116,7 @@ def _check_size(width: int, height: int, fmt: str | None, config: ImageConfig) -
 def _orient(im: Image.Image, notes: list[str]) -> Image.Image:
     """Apply the EXIF orientation tag, so a phone photo is captioned the right way up."""
     orientation = im.getexif().get(0x0112, 1)
-    if orientation in (None, 1):
+    if orientation not in range(2, 9):  # 1 is upright; 0, 9 and others are no orientation EXIF defines
         return im
     notes.append(EXIF_ROTATED)
     return ImageOps.exif_transpose(im)

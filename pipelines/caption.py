@@ -63,6 +63,9 @@ class CaptionOptions(ShardStageOptions):
         parser.add_argument("--captioner_dtype", default=d.captioner_dtype)
         parser.add_argument("--captioner_options", default="{}",
                             help="JSON object of backend options (batch_size, prompt_mode, max_pixels, base_url, ...).")
+        parser.add_argument("--vec_prompt", default=d.prompt,
+                            help="The VeC instruction (the alt-text is never shown); a model that wants a short "
+                                 "task prefix (PaliGemma's 'caption en') needs its own.")
         parser.add_argument("--vec_max_new_tokens", type=int, default=d.max_new_tokens)
         parser.add_argument("--vec_temperature", type=float, default=d.temperature)
         parser.add_argument("--vec_retries", type=int, default=d.retries)
@@ -93,7 +96,8 @@ def config_from(options: CaptionOptions) -> CaptionConfig:
         captioner_engine=options.captioner_engine, captioner_model=options.captioner_model,
         captioner_dtype=options.captioner_dtype, captioner_options=json_object_flag(options.captioner_options,
                                                                                  "--captioner_options"),
-        max_new_tokens=options.vec_max_new_tokens, temperature=options.vec_temperature, retries=options.vec_retries,
+        prompt=options.vec_prompt, max_new_tokens=options.vec_max_new_tokens, temperature=options.vec_temperature,
+        retries=options.vec_retries,
         images_per_batch=options.images_per_batch, image=ImageConfig(max_side=options.max_image_side),
         fuse=not options.no_fusion, fusion_engine=options.fusion_engine, fusion_model=options.fusion_model,
         fusion_gguf_file=options.fusion_gguf_file, fusion_dtype=options.fusion_dtype,

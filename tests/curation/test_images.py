@@ -62,6 +62,10 @@ def test_exif_orientation_is_applied():
     out = prepared(encode(im, "JPEG", exif=exif.tobytes()))
     assert EXIF_ROTATED in out.notes
     assert out.image.size == (20, 40)
+    for undefined in (0, 9):  # no orientation EXIF defines: nothing turns, and nothing is counted
+        exif[0x0112] = undefined
+        out = prepared(encode(im, "JPEG", exif=exif.tobytes()))
+        assert EXIF_ROTATED not in out.notes and out.image.size == (40, 20)
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale_and_capped():

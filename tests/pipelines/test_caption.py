@@ -140,6 +140,13 @@ def test_captions_fusion_rejects_manifest_and_resume(pairs, models, tmp_path, ca
         caption.run([*_flags(pairs, output, models), "--seed", "7"])
 
 
+def test_the_vec_prompt_is_a_flag_and_part_of_the_recorded_config():
+    """It could not be set: a model that wants a short task prefix got the 27-word instruction."""
+    options = caption.CaptionOptions(["--captioner_model", "m", "--vec_prompt", "caption en"])
+    assert caption.config_from(options).prompt == "caption en"
+    assert caption.config_from(options).recorded()["prompt"] == "caption en"
+
+
 def test_without_fusion_and_demo_flags(pairs, tmp_path, capsys):
     flags = caption.demo_flags(tmp_path)
     assert "--no_fusion" in flags and (tmp_path / "models" / "tiny-vlm" / "config.json").is_file()
