@@ -58,6 +58,17 @@ def count_matches(matched: pa.ListArray | pa.ChunkedArray, n_entries: int) -> np
     return np.bincount(values, minlength=n_entries).astype(np.uint64)
 
 
+def expected_matches(matched: pa.ListArray | pa.ChunkedArray, keep_prob: np.ndarray, n_entries: int) -> np.ndarray:
+    """float64 per entry id: the sum of the keep probabilities of the captions containing it, i.e. the count
+    a draw keeps on average (online curation's "after", whose output holds every matched pair)."""
+    if isinstance(matched, pa.ChunkedArray):
+        matched = matched.combine_chunks() if matched.num_chunks else pa.array([], matched.type)
+    values = pc.list_flatten(matched).to_numpy(zero_copy_only=False).astype(np.int64)
+    weights = np.repeat(np.asarray(keep_prob, dtype=np.float64),
+                        pc.list_value_length(matched).fill_null(0).to_numpy(zero_copy_only=False))
+    return np.bincount(values, weights=weights, minlength=n_entries)
+
+
 def entry_probabilities(counts: np.ndarray, t: float) -> np.ndarray:
     """p[e] = t / max(count[e], t): exactly 1 for tail entries and entries never matched."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -162,7 +173,8 @@ def entry_count_table(entries: list[str], counts: np.ndarray, kept: np.ndarray, 
     })
 
 
-def plot_entry_counts(counts: np.ndarray, kept: np.ndarray, t: float, path: str) -> None:
+def plot_entry_counts(counts: np.ndarray, kept: np.ndarray, t: float, path: str,
+                      after: str = "after (kept)") -> None:
     """Sorted entry-count curve before and after balancing (log-log), with t marked: the flattened head."""
     import matplotlib
 
@@ -170,7 +182,7 @@ def plot_entry_counts(counts: np.ndarray, kept: np.ndarray, t: float, path: str)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for values, label in ((counts, "before (pool)"), (kept, "after (kept)")):
+    for values, label in ((counts, "before (pool)"), (kept, after)):
         ordered = np.sort(np.asarray(values, dtype=np.float64))[::-1]
         ordered = ordered[ordered > 0]
         if len(ordered):

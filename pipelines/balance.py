@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.balancing import (
-    CAPTION_COLUMN, DEFAULT_T, LONG_CAPTION_CHARS, MATCHES_COLUMN, STAGE, BalanceConfig, balance_table, count_matches,
-    count_summary, entry_count_table, entry_probabilities, plot_entry_counts,
+    CAPTION_COLUMN, DEFAULT_T, LONG_CAPTION_CHARS, MATCHES_COLUMN, PROB_COLUMN, STAGE, BalanceConfig, balance_table,
+    count_matches, count_summary, entry_count_table, entry_probabilities, expected_matches, plot_entry_counts,
 )
 from curation.input_check import InputCheck, is_text
 from curation.matching import MATCH_BATCH_ROWS, MATCHES_TYPE, matcher_for
@@ -250,12 +250,20 @@ def summarise(output: Path, config: BalanceConfig, entries: list[str]) -> dict:
     matches = [pq.read_table(p, columns=["caption_chars"]) for p in finished_shards(output / MATCHES_DIR)]
     chars = pa.concat_tables(matches).column("caption_chars") if matches else pa.chunked_array([], pa.int64())
     out_paths = finished_shards(output)
-    kept_lists = [pq.read_table(p, columns=[MATCHES_COLUMN]).column(MATCHES_COLUMN) for p in out_paths]
-    kept = sum((count_matches(c, n_entries) for c in kept_lists), np.zeros(n_entries, np.uint64))
+    # Online, the output holds every matched pair: its "after" is what a draw keeps on average, else the
+    # kept counts, figures and plot showed the unbalanced pool.
+    kept = np.zeros(n_entries, np.float64)
+    columns = [MATCHES_COLUMN, PROB_COLUMN] if config.online_curation else [MATCHES_COLUMN]
+    for path in out_paths:
+        shard = pq.read_table(path, columns=columns)
+        kept += (expected_matches(shard.column(MATCHES_COLUMN), shard.column(PROB_COLUMN).to_numpy(), n_entries)
+                 if config.online_curation else count_matches(shard.column(MATCHES_COLUMN), n_entries))
+    kept = np.rint(kept).astype(np.uint64)
     counts = pq.read_table(output / COUNTS_FILE, columns=["count"]).column("count").to_numpy()
     table = entry_count_table(entries, counts, kept, config.t)
     write_table_atomic(table, output / COUNTS_FILE)
-    plot_entry_counts(counts, kept, config.t, str(output / PLOT_FILE))
+    plot_entry_counts(counts, kept, config.t, str(output / PLOT_FILE),
+                      after="after (expected, online)" if config.online_curation else "after (kept)")
     rows_in = len(chars)
     rows_out = sum(pq.ParquetFile(p).metadata.num_rows for p in out_paths)
     rejected = sum(pq.ParquetFile(p).metadata.num_rows for p in finished_shards(output / REJECTS_DIR))
@@ -269,6 +277,7 @@ def summarise(output: Path, config: BalanceConfig, entries: list[str]) -> dict:
         "metadata_entries": n_entries,
         **count_summary(counts, config.t, "before_"),
         **count_summary(kept, config.t, "after_"),
+        **({"after_is_expected": True} if config.online_curation else {}),
         "entry_counts": COUNTS_FILE,
         "plots": [PLOT_FILE],
     }

@@ -156,6 +156,12 @@ def test_online_curation_keeps_every_matched_pair(balanced, tmp_path):
     assert out.rows == result.manifest["stats"]["rows_in"] - result.manifest["stats"]["rows_rejected"]
     probs = np.array(read_table(out.output).column("keep_prob").to_pylist())
     assert (probs > 0).all() and (probs < 1).any()
+    # Its "after" is what a draw keeps on average: the offline run's figures, to sampling noise, not the pool's.
+    stats, offline = out.manifest["stats"], result.manifest["stats"]
+    assert stats["after_is_expected"] and stats["after_matches"] < stats["before_matches"]
+    assert abs(stats["after_matches"] - offline["after_matches"]) < 0.1 * offline["after_matches"]
+    counts = pq.read_table(out.output / "entry_counts.parquet")
+    assert counts.column("kept").to_numpy().max() <= counts.column("count").to_numpy().max()
 
 
 def _write_metadata(tmp_path, content) -> str:
