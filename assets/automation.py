@@ -102,11 +102,14 @@ def _take(path: Path, digest: str) -> Path | None:
     taken.parent.mkdir(parents=True, exist_ok=True)
     partial = taken.with_name(f".{path.name}.partial")
     partial.unlink(missing_ok=True)
-    try:
-        if path.stat().st_size <= FULL_HASH_BYTES:
-            raise OSError("copied")
-        os.link(path, partial)
-    except OSError:  # small, or a file system without hard links
+    linked = False
+    if path.stat().st_size > FULL_HASH_BYTES:
+        try:
+            os.link(path, partial)
+            linked = True
+        except OSError:  # a file system without hard links: copied, as a small list is
+            pass
+    if not linked:
         shutil.copyfile(path, partial)
     if _digest(partial) != digest:
         partial.unlink()
