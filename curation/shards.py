@@ -12,6 +12,7 @@ Invariants every stage relies on:
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import io
@@ -306,8 +307,9 @@ def _check_listing(path: Path, manifest: object) -> None:
         if bad:
             raise ManifestError(f"{path}: shard {i} of the manifest lacks a valid {', '.join(bad)}; rerun the stage "
                                 f"that made {path.parent}")
-    names = [shard["name"] for shard in shards]
-    if repeated := sorted({name for name in names if names.count(name) > 1}):
+    # Counted once each: list.count per name took 14 s for a 40,000-shard manifest, read on every stage.
+    names = collections.Counter(shard["name"] for shard in shards)
+    if repeated := sorted(name for name, n in names.items() if n > 1):
         raise ManifestError(f"{path} lists {', '.join(repeated[:3])} more than once: every reader would see its rows "
                             f"twice; rerun the stage that made {path.parent}")
     if isinstance(manifest.get("rows"), int) and manifest["rows"] != sum(shard["rows"] for shard in shards):

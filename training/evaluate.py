@@ -16,12 +16,14 @@ there are enough, and scored in row chunks rather than one N x N matrix.
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -98,7 +100,7 @@ def _check_captions(path: Path) -> None:
         return
     captions = pq.read_table(path, columns=["caption"]).column("caption")
     if captions.null_count:
-        row = captions.to_pylist().index(None) + 1
+        row = pc.index(pc.is_null(captions), True).as_py() + 1
         raise ValueError(f"eval split file {path}: row {row} has no caption ({captions.null_count} row(s) in all); "
                          f"retrieval needs a text for every image")
 
@@ -255,7 +257,7 @@ def load_classes(path: str | Path) -> list[str]:
     classes = json.loads(Path(path).read_text())
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{path} must hold a non-empty JSON list of class names")
-    if repeated := sorted({c for c in classes if classes.count(c) > 1}):
+    if repeated := sorted(c for c, n in collections.Counter(classes).items() if n > 1):
         # Two rows of weights for one name: a label matches the first, and chance is read as 1/len(list).
         raise ValueError(f"{path} names {repeated[:5]} more than once; each class must be listed once")
     return classes
