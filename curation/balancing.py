@@ -50,23 +50,26 @@ class BalanceConfig:
             raise ValueError(f"t must be a positive number of pairs per entry, got {self.t!r}")
 
 
-def count_matches(matched: pa.ListArray | pa.ChunkedArray, n_entries: int) -> np.ndarray:
-    """uint64 count per entry id: how many captions of `matched` contain it (ids are unique per caption)."""
+def _ids_by_row(matched: pa.ListArray | pa.ChunkedArray) -> tuple[pa.ListArray, np.ndarray, np.ndarray]:
+    """The lists as one array, their entry ids flattened, and the row of each id."""
     if isinstance(matched, pa.ChunkedArray):
         matched = matched.combine_chunks() if matched.num_chunks else pa.array([], matched.type)
-    values = pc.list_flatten(matched).to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.bincount(values, minlength=n_entries).astype(np.uint64)
+    ids = pc.list_flatten(matched).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = pc.list_parent_indices(matched).to_numpy(zero_copy_only=False).astype(np.int64)
+    return matched, ids, rows
+
+
+def count_matches(matched: pa.ListArray | pa.ChunkedArray, n_entries: int) -> np.ndarray:
+    """uint64 count per entry id: how many captions of `matched` contain it (ids are unique per caption)."""
+    _, ids, _ = _ids_by_row(matched)
+    return np.bincount(ids, minlength=n_entries).astype(np.uint64)
 
 
 def expected_matches(matched: pa.ListArray | pa.ChunkedArray, keep_prob: np.ndarray, n_entries: int) -> np.ndarray:
     """float64 per entry id: the sum of the keep probabilities of the captions containing it, i.e. the count
     a draw keeps on average (online curation's "after", whose output holds every matched pair)."""
-    if isinstance(matched, pa.ChunkedArray):
-        matched = matched.combine_chunks() if matched.num_chunks else pa.array([], matched.type)
-    values = pc.list_flatten(matched).to_numpy(zero_copy_only=False).astype(np.int64)
-    weights = np.repeat(np.asarray(keep_prob, dtype=np.float64),
-                        pc.list_value_length(matched).fill_null(0).to_numpy(zero_copy_only=False))
-    return np.bincount(values, weights=weights, minlength=n_entries)
+    _, ids, rows = _ids_by_row(matched)
+    return np.bincount(ids, weights=np.asarray(keep_prob, dtype=np.float64)[rows], minlength=n_entries)
 
 
 def entry_probabilities(counts: np.ndarray, t: float) -> np.ndarray:
@@ -81,10 +84,8 @@ def keep_probabilities(matched: pa.ListArray, p: np.ndarray) -> np.ndarray:
     The product is a sum of logs per row, accumulated in a fixed order
     (`np.bincount` over rows in order), so the value is the same on every worker.
     """
-    matched = matched.combine_chunks() if isinstance(matched, pa.ChunkedArray) else matched
+    matched, ids, rows = _ids_by_row(matched)
     n = len(matched)
-    ids = pc.list_flatten(matched).to_numpy(zero_copy_only=False).astype(np.int64)
-    rows = pc.list_parent_indices(matched).to_numpy(zero_copy_only=False).astype(np.int64)
     with np.errstate(divide="ignore"):
         log_miss = np.log1p(-p[ids])  # -inf where p == 1
     log_all_miss = np.bincount(rows, weights=log_miss, minlength=n)
