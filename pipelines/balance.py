@@ -247,8 +247,12 @@ def summarise(output: Path, config: BalanceConfig, entries: list[str]) -> dict:
     Also adds the kept count per entry to `entry_counts.parquet` and draws the plot.
     """
     n_entries = len(entries)
-    matches = [pq.read_table(p, columns=["caption_chars"]) for p in finished_shards(output / MATCHES_DIR)]
-    chars = pa.concat_tables(matches).column("caption_chars") if matches else pa.chunked_array([], pa.int64())
+    # A shard at a time: one column of the whole pool in the driver is 8 bytes a row, 3 GB at 400M pairs.
+    rows_in = long_captions = 0
+    for path in finished_shards(output / MATCHES_DIR):
+        chars = pq.read_table(path, columns=["caption_chars"]).column("caption_chars")
+        rows_in += len(chars)
+        long_captions += int(pc.sum(pc.greater(chars, LONG_CAPTION_CHARS)).as_py() or 0)
     out_paths = finished_shards(output)
     # Online, the output holds every matched pair: its "after" is what a draw keeps on average, else the
     # kept counts, figures and plot showed the unbalanced pool.
@@ -264,7 +268,6 @@ def summarise(output: Path, config: BalanceConfig, entries: list[str]) -> dict:
     write_table_atomic(table, output / COUNTS_FILE)
     plot_entry_counts(counts, kept, config.t, str(output / PLOT_FILE),
                       after="after (expected, online)" if config.online_curation else "after (kept)")
-    rows_in = len(chars)
     rows_out = sum(pq.ParquetFile(p).metadata.num_rows for p in out_paths)
     rejected = sum(pq.ParquetFile(p).metadata.num_rows for p in finished_shards(output / REJECTS_DIR))
     return {
@@ -272,7 +275,7 @@ def summarise(output: Path, config: BalanceConfig, entries: list[str]) -> dict:
         "rows_out": rows_out,
         "rows_rejected": rejected,
         "rows_dropped_by_sampling": rows_in - rows_out - rejected,
-        "long_captions": int(pc.sum(pc.greater(chars, LONG_CAPTION_CHARS)).as_py() or 0),
+        "long_captions": long_captions,
         "t": config.t,
         "metadata_entries": n_entries,
         **count_summary(counts, config.t, "before_"),
