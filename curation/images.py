@@ -15,6 +15,7 @@ import io
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from curation.records import MAX_IMAGE_PIXELS, Rejected
@@ -133,16 +134,21 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255),
     if im.mode == "RGB" and not transparent:
         return im
     notes.append(MODE_CONVERTED)
-    if transparent and im.mode in ("P", "L", "RGB"):
+    if transparent and im.mode in ("P", "L", "RGB", "1"):
         im = im.convert("RGBA")
     elif im.mode == "P":
         im = im.convert("RGB")
     elif im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit or float greyscale: scale to 8 bits by its range instead of clipping (above 255 to white;
-        # a float image in [0, 1] to black).
+        # a float image in [0, 1] to black). Its tRNS grey becomes an alpha channel first: Pillow's own
+        # conversion drops it, and a 16-bit PNG's transparent pixels were captioned in grey.
+        alpha = (Image.fromarray(np.where(np.asarray(im) == im.info["transparency"], 0, 255).astype(np.uint8))
+                 if transparent else None)
         low, high = im.getextrema()
         span = (high - low) or 1
         im = im.point(lambda v: (v - low) * 255 / span).convert("L")
+        if alpha is not None:
+            im = Image.merge("LA", (im, alpha))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         notes.append(ALPHA_FLATTENED)
         rgba = im.convert("RGBA")

@@ -4,6 +4,7 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -149,6 +150,19 @@ def test_a_transparency_colour_is_laid_on_the_background_in_every_mode():
         image.save(buffer, format="PNG", transparency=colour)
         assert to_rgb(Image.open(io.BytesIO(buffer.getvalue()))).getpixel((5, 5)) == (255, 255, 255), mode
         assert decode(buffer.getvalue()).getpixel((5, 5)) == (255, 255, 255), mode
+    # 16-bit and 1-bit greyscale PNGs carry a tRNS grey too: their transparent pixels were grey and black.
+    grey16 = Image.fromarray(np.full((8, 8), 500, np.uint16))
+    grey16.putpixel((1, 1), 1000)
+    for image, colour, opaque in ((grey16, 500, 0), (Image.new("1", (8, 8), 0), 0, 1)):
+        image.putpixel((0, 0), opaque)  # an opaque pixel: black in 16 bits, white in 1 bit
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", transparency=colour)
+        opened = Image.open(io.BytesIO(buffer.getvalue()))
+        assert opened.mode in ("I;16", "1") and "transparency" in opened.info, opened.mode
+        rgb = to_rgb(opened)
+        assert rgb.getpixel((5, 5)) == (255, 255, 255), opened.mode
+        assert rgb.getpixel((0, 0)) == ((0, 0, 0) if opened.mode == "I;16" else (255, 255, 255)), opened.mode
+        assert decode(buffer.getvalue()).getpixel((5, 5)) == (255, 255, 255), opened.mode
     rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
     buffer = io.BytesIO()
     rgba.save(buffer, format="PNG")
