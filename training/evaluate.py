@@ -225,32 +225,38 @@ def _first_of_each(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def retrieval_on_table(model, tokenizer, image_features: torch.Tensor, kept: list[int], captions: list[str], *,
                        context_length: int, device: torch.device, precision: str = "fp32", prefix: str,
                        batch_size: int = EVAL_BATCH) -> dict:
-    """Retrieval between the `kept` images' features and their captions."""
+    """Retrieval between the `kept` images' features and their captions, and how many of those were cut to
+    the context (a long caption's tail is no part of what was retrieved by)."""
     texts = [captions[i] for i in kept]
-    text_features, token_ids = [], []
+    text_features, token_ids, truncated = [], [], 0
     for chunk in _batches(texts, batch_size):
-        tokens, _ = encode(tokenizer, chunk, context_length)
+        tokens, cut = encode(tokenizer, chunk, context_length)
+        truncated += cut
         token_ids.append(tokens["input_ids"])
         with _autocast(device, precision):
             text_features.append(encode_texts(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)))
     if not kept:
         return {f"{prefix}_pairs": 0}
-    return recall_at_k(image_features, torch.cat(text_features), prefix, text_groups(torch.cat(token_ids)))
+    return {**recall_at_k(image_features, torch.cat(text_features), prefix, text_groups(torch.cat(token_ids))),
+            f"{prefix}_truncated_texts": truncated}
 
 
 @torch.no_grad()
 def holdout_retrieval(model, tokenizer, spec: StreamSpec, *, device: torch.device, precision: str = "fp32",
                       batch_size: int = EVAL_BATCH) -> dict:
-    """Retrieval over the shards' first `spec.max_rows` held-out rows (alt-text as the text, centre crop)."""
-    image_features, text_features, token_ids = [], [], []
+    """Retrieval over the shards' first `spec.max_rows` held-out rows (alt-text as the text, centre crop), and
+    how many of those texts were cut to the context."""
+    image_features, text_features, token_ids, truncated = [], [], [], 0
     for batch in ShardStream(spec, tokenizer, batch_size):
         token_ids.append(batch["input_ids"])
+        truncated += batch["counts"].get("truncated_texts", 0)
         with _autocast(device, precision):
             image_features.append(encode_images(model, normalise(batch["pixel_values"].to(device))))
             text_features.append(encode_texts(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
     if not image_features:
         return {"holdout_pairs": 0}
-    return recall_at_k(torch.cat(image_features), torch.cat(text_features), "holdout", text_groups(torch.cat(token_ids)))
+    return {**recall_at_k(torch.cat(image_features), torch.cat(text_features), "holdout",
+                          text_groups(torch.cat(token_ids))), "holdout_truncated_texts": truncated}
 
 
 def load_classes(path: str | Path) -> list[str]:

@@ -143,3 +143,20 @@ def test_a_null_eval_caption_and_a_class_listed_twice_are_refused_before_trainin
     (tmp_path / "classes.json").write_text('["dog", "cat", "dog"]')
     with pytest.raises(ValueError, match=r"names \['dog'\] more than once"):
         check_eval_inputs(str(tmp_path), tmp_path / "classes.json")
+
+
+def test_retrieval_counts_the_texts_it_cut_to_the_context(raw_pairs):
+    """A caption longer than the context is retrieved by its head alone: the metrics say how many were."""
+    tokenizer = train_bpe(read_table(raw_pairs, columns=["caption"]).column("caption").to_pylist(), 300, 8)
+    model = build_model(clip_config("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                    image_size=32, context_length=8), seed=0).eval()
+    captions = ["a dog", "a red circle " * 10, "two cats", "a blue square on a white table beside a green cup"]
+    features = F.normalize(torch.randn(len(captions), model.config.projection_dim), dim=-1)
+    with torch.no_grad():
+        metrics = evaluate.retrieval_on_table(model, tokenizer, features, list(range(len(captions))), captions,
+                                              context_length=8, device=torch.device("cpu"), prefix="eval")
+    assert metrics["eval_pairs"] == 4 and metrics["eval_truncated_texts"] == 2
+    spec = StreamSpec(inspect_shards(raw_pairs), 0, 32, 8, holdout_fraction=0.2, train=False, max_rows=20)
+    held = holdout_retrieval(model, tokenizer, spec, device=torch.device("cpu"), batch_size=8)
+    assert 0 < held["holdout_truncated_texts"] <= held["holdout_pairs"], held
