@@ -391,12 +391,16 @@ def usable_text(text: object, min_words: int = 1) -> bool:
     return isinstance(text, str) and bool(text.strip()) and word_count(text) >= min_words
 
 
+def is_rewrite(caption: str, text: object) -> bool:
+    """A slot LaCLIP trains on as a rewrite: two words or more, and not the caption again (the copy the
+    rewrite stage writes where it fell back). A slot that is not is the caption, as LaCLIP's own draw has it."""
+    return usable_text(text, min_words=2) and text.strip() != caption.strip()
+
+
 def valid_rewrites(caption: str, rewrites: list | None) -> list[str]:
-    """The distinct rewrites LaCLIP samples from, for the trainer and the data card that describes them: two
-    words or more, and not the caption again (a fallback copy). Whitespace around one does not make it
-    another rewrite (each would get its own share of the draws)."""
-    plain = caption.strip()
-    return list(dict.fromkeys(t.strip() for t in rewrites or () if usable_text(t, min_words=2) and t.strip() != plain))
+    """The distinct rewrites of a row, for the data card that describes them. Whitespace around one does not
+    make it another rewrite."""
+    return list(dict.fromkeys(t.strip() for t in rewrites or () if is_rewrite(caption, t)))
 
 
 def validate_training_table(table: pa.Table | pa.RecordBatch | pa.Schema, *, file: str | None = None) -> None:

@@ -4,12 +4,12 @@ One uniform draw per (seed, key, epoch) splits the unit interval:
 - [0, synthetic_ratio): the synthetic caption (MetaCLIP 1.2's "syn_ratio"; ALIP trains on both texts at
   every step with consistency gates, which this trainer does not do);
 - next fused_ratio: the fused caption (VeCLIP's alt-text / VeCap mix);
-- the rest: uniform over the caption and its valid rewrites (LaCLIP), or the caption alone.
-A valid rewrite has two words or more and differs from the caption: the
-rewrite stage writes the caption itself into a slot whose every attempt was
-refused, and such a copy is no rewrite. Repeats count once. A row left with
-fewer valid rewrites draws among fewer texts, where LaCLIP, which always has
-k, gives the caption 1/(k+1).
+- the rest: uniform over the caption and the row's k rewrite slots (LaCLIP), or the caption alone.
+As in LaCLIP, a drawn slot under two words is replaced by the caption, and so
+is a null slot; a slot holding the caption itself (where the rewrite stage
+fell back) is the caption too. The caption is drawn (1 + such slots)/(k + 1)
+of the time, and a rewrite in two slots twice as often as one in one, as
+LaCLIP draws them.
 A row drawn for its fused or synthetic caption that has none trains on the
 alt-text under the source `fused_missing` or `synthetic_missing`, so a run
 says how often it trained on what it was asked to.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from curation.export import usable_text, valid_rewrites
+from curation.export import is_rewrite, usable_text
 from training.randomness import unit_uniform
 
 SOURCES = ("caption", "rewrite", "fused", "synthetic", "fused_missing", "synthetic_missing")
@@ -55,8 +55,8 @@ def choose_text(row: dict, sampling: TextSampling, seed: int, epoch: int) -> tup
     if u < sampling.synthetic_ratio + sampling.fused_ratio:
         text = row.get("fused_caption")
         return (text, "fused") if usable_text(text) else (caption, "fused_missing")
-    pool = [caption, *valid_rewrites(caption, row.get("rewrites"))] if sampling.use_rewrites else [caption]
-    # Rescale the rest of the interval onto the pool, so the choice uses the same single draw.
+    slots = [caption, *(row.get("rewrites") or ())] if sampling.use_rewrites else [caption]
+    # Rescale the rest of the interval onto the slots, so the choice uses the same single draw.
     low = sampling.synthetic_ratio + sampling.fused_ratio
-    index = min(int((u - low) / max(1.0 - low, 1e-12) * len(pool)), len(pool) - 1)
-    return (caption, "caption") if index == 0 else (pool[index], "rewrite")
+    drawn = slots[min(int((u - low) / max(1.0 - low, 1e-12) * len(slots)), len(slots) - 1)]
+    return (drawn.strip(), "rewrite") if is_rewrite(caption, drawn) else (caption, "caption")
