@@ -61,7 +61,8 @@ def prepare_output(config: TrainConfig, output: Path) -> None:
         for path in output.iterdir():
             if path.name != RUN_MARKER:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        shutil.rmtree(output)
+        # The folder itself stays: it may be a link to another disk, which rmtree refuses (after the rest).
+        (output / RUN_MARKER).unlink(missing_ok=True)
     elif not config.resume and list_checkpoints(output):
         raise RunMismatch(f"{output} holds checkpoints of an earlier run, which a later resume would mix with this "
                          f"one's; pass --overwrite to start over there, or choose another --output")

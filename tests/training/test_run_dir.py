@@ -68,20 +68,31 @@ def test_a_checkpoint_of_another_data_order_is_refused(demo_pairs, tmp_path):
 def test_an_overwrite_killed_mid_delete_is_still_an_overwrite_of_a_run(demo_pairs, tmp_path, monkeypatch):
     """The marker goes last: killed before it, the folder is still the trainer's, and --overwrite clears it."""
     assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2)).steps == 2
-    real_rmtree, kept = shutil.rmtree, []
+    real_unlink, kept = Path.unlink, []
 
     def killed_before_the_marker(path, *args, **kwargs):
-        if Path(path) == tmp_path / "run":  # what is left for the last delete
-            kept.append(sorted(p.name for p in Path(path).iterdir()))
+        if path.name == run_dir.RUN_MARKER:  # the last delete
+            kept.append(sorted(p.name for p in path.parent.iterdir()))
             raise KeyboardInterrupt
-        return real_rmtree(path, *args, **kwargs)
+        return real_unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(run_dir.shutil, "rmtree", killed_before_the_marker)
+    monkeypatch.setattr(run_dir.Path, "unlink", killed_before_the_marker)
     with pytest.raises(KeyboardInterrupt):
         loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True))
     monkeypatch.undo()
     assert kept == [[run_dir.RUN_MARKER]]  # everything else was gone first
     assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, overwrite=True)).steps == 2
+
+
+def test_overwrite_clears_a_run_in_an_output_linked_to_another_disk(demo_pairs, tmp_path):
+    """rmtree refuses a symbolic link: the earlier run was deleted, then --overwrite failed, every time."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "run").symlink_to(tmp_path / "disk")
+    assert loop.train(_config(demo_pairs[0], tmp_path / "run", steps=4, checkpoint_every=2)).steps == 4
+    again = loop.train(_config(demo_pairs[0], tmp_path / "run", steps=2, checkpoint_every=2, overwrite=True))
+    assert again.steps == 2 and (tmp_path / "run").is_symlink()
+    assert [p.name for p in (tmp_path / "disk" / "checkpoints").iterdir()] == ["step-0000002"]
+    assert [s for s, _ in MetricsLog.series(tmp_path / "run" / "metrics.csv", "loss")] == [1, 2]
 
 
 def test_overwrite_clears_a_run_that_died_after_saving_its_tokenizer(demo_pairs, tmp_path, monkeypatch):
